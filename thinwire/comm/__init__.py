@@ -1,0 +1,2 @@
+"""The comm layer: wire-byte accounting, compressors, error feedback, collectives, DDP hooks,
+and the sync strategies that decide when workers talk."""

@@ -1,0 +1,175 @@
+"""Wire-byte accounting: every collective thinwire issues goes through this module.
+
+Each wrapper calls the torch.distributed collective and charges the bytes *this rank
+sends* under the standard algorithm of that collective (what NCCL and gloo implement
+for large messages), with n the element count of the local input and b its element
+size, p the group size:
+
+=================  ==========================================  ============================
+collective         algorithm                                    bytes sent per rank
+=================  ==========================================  ============================
+all_reduce         ring: reduce-scatter + all-gather            2 (p-1)/p * n * b
+all_gather         ring; each rank contributes n elements       (p-1) * n * b
+reduce_scatter     ring; n = the full (unscattered) input       (p-1)/p * n * b
+all_to_all         direct; n = the full input, p equal chunks   (p-1)/p * n * b
+broadcast          pipelined ring/tree, averaged over ranks     (p-1)/p * n * b
+=================  ==========================================  ============================
+
+With p == 1 nothing crosses the wire and every formula gives 0.  Control traffic
+(non-finite flags, metric reductions) goes through the same wrappers with
+``kind="control"`` so it is counted too; setup traffic (DDP's initial parameter
+broadcast) is charged with ``kind="setup"`` and kept out of the per-step totals.
+
+``dense_bytes`` is the reference every report compares against: what an fp32 ring
+all-reduce of ``numel`` gradient elements would have sent, 2 (p-1)/p * numel * 4.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``numel`` elements."""
+    if world_size <= 1:
+        return 0
+    return int(round(2 * (world_size - 1) / world_size * numel * element_size))
+
+
+def dense_reference_bytes(numel: int, world_size: int) -> int:
+    """What an fp32 ring all-reduce of ``numel`` gradient elements sends per rank."""
+    return ring_allreduce_bytes(numel, 4, world_size)
+
+
+def collective_bytes(kind: str, numel: int, element_size: int, world_size: int) -> int:
+    """Bytes sent per rank by collective ``kind`` (see the module table)."""
+    p = world_size
+    if p <= 1:
+        return 0
+    n_bytes = numel * element_size
+    if kind == "all_reduce":
+        return ring_allreduce_bytes(numel, element_size, p)
+    if kind == "all_gather":
+        return (p - 1) * n_bytes
+    if kind in ("reduce_scatter", "all_to_all", "broadcast"):
+        return int(round((p - 1) / p * n_bytes))
+    raise ValueError(f"unknown collective kind {kind!r}")
+
+
+class WireMeter:
+    """Per-rank counters of bytes sent, split by traffic kind, reset every step.
+
+    ``take_step()`` returns and clears the counters of the step just finished;
+    ``totals`` accumulates over the whole run (and is checkpointed).
+    """
+
+    def __init__(self) -> None:
+        self.step_bytes: dict[str, int] = defaultdict(int)
+        self.totals: dict[str, int] = defaultdict(int)
+        self.calls = 0
+
+    def charge(self, nbytes: int, kind: str = "data") -> None:
+        self.step_bytes[kind] += int(nbytes)
+        self.totals[kind] += int(nbytes)
+        self.calls += 1
+
+    def take_step(self) -> dict[str, int]:
+        out = dict(self.step_bytes)
+        self.step_bytes.clear()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.totals = defaultdict(int, state.get("totals", {}))
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def _local_only() -> bool:
+    """No process group (library use of a collective in a single process): nothing to send."""
+    return not dist.is_initialized()
+
+
+def all_reduce(meter: WireMeter, tensor: torch.Tensor, *, group=None, op=dist.ReduceOp.SUM,
+               async_op: bool = False, kind: str = "data"):
+    """``dist.all_reduce`` charged as a ring all-reduce."""
+    p = _group_size(group)
+    meter.charge(collective_bytes("all_reduce", tensor.numel(), tensor.element_size(), p), kind)
+    if _local_only():
+        return _done(tensor) if async_op else None
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def all_gather_into(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
+                    async_op: bool = False, kind: str = "data"):
+    """Gather equal-sized 1-D ``tensor`` from every rank into flat ``output`` (p * n)."""
+    p = _group_size(group)
+    meter.charge(collective_bytes("all_gather", tensor.numel(), tensor.element_size(), p), kind)
+    if _local_only():
+        output.copy_(tensor.reshape(-1))
+        return _done(output) if async_op else None
+    return dist.all_gather_into_tensor(output, tensor.reshape(-1), group=group, async_op=async_op)
+
+
+def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
+                      async_op: bool = False, kind: str = "data"):
+    """Equal-split all-to-all of flat ``tensor`` (p chunks) into ``output``."""
+    p = _group_size(group)
+    meter.charge(collective_bytes("all_to_all", tensor.numel(), tensor.element_size(), p), kind)
+    if _local_only():
+        output.copy_(tensor)
+        return _done(output) if async_op else None
+    return dist.all_to_all_single(output, tensor, group=group, async_op=async_op)
+
+
+def broadcast(meter: WireMeter, tensor: torch.Tensor, *, src: int = 0, group=None,
+              async_op: bool = False, kind: str = "data"):
+    p = _group_size(group)
+    meter.charge(collective_bytes("broadcast", tensor.numel(), tensor.element_size(), p), kind)
+    if _local_only():
+        return _done(tensor) if async_op else None
+    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+
+
+class _done:
+    """A finished work handle for the world-size-1 path, so callers need no special case."""
+
+    def __init__(self, value: torch.Tensor):
+        self._value = value
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result([self._value])
+        return fut
+
+
+class Stopwatch:
+    """Accumulates wall time spent blocked on communication (``comm_wait_s``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += max(0.0, seconds)
+
+    def wait(self, work) -> None:
+        t0 = time.perf_counter()
+        work.wait()
+        self.add(time.perf_counter() - t0)
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s

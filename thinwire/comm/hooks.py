@@ -1,0 +1,141 @@
+"""DDP communication hooks: a State object plus a pure ``(state, bucket) -> Future``
+function, the pattern of torch's ``powerSGD_hook``.
+
+What we keep from that pattern and what we change:
+
+- the State holds hyperparameters, buffers and statistics and drops its process group
+  when pickled, so it can be checkpointed;
+- per-parameter buffers are keyed by *parameter name*, never by ``bucket.index()``:
+  DDP runs its first iteration on initial buckets and rebuilds them afterwards, so after
+  a restart a bucket index names other parameters;
+- buffer updates computed during backward are *staged* and only committed once the step
+  is accepted (the trainer calls ``commit()``; a skipped non-finite step calls
+  ``discard()``). Used from a plain user loop, ``auto_commit=True`` commits when the last
+  bucket of an iteration finishes;
+- every collective goes through ``thinwire.comm.accounting`` so wire bytes are counted;
+- no ``fut.wait()`` inside callbacks: work is chained with ``Future.then``.
+"""
+# no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..registry import Registry
+from . import accounting
+from .accounting import WireMeter
+
+HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
+
+
+class HookState:
+    """Base state of every thinwire comm hook (see the module docstring)."""
+
+    def __init__(self, process_group=None, meter: Optional[WireMeter] = None, model=None,
+                 warmup_steps: int = 0, min_numel: int = 0, auto_commit: bool = True,
+                 second_group=None):
+        self.process_group = process_group
+        self.second_group = second_group
+        self.meter = meter if meter is not None else WireMeter()
+        self.warmup_steps = warmup_steps
+        self.min_numel = min_numel
+        self.auto_commit = auto_commit
+        self.iteration = 0            # accepted steps so far
+        self.last_launch_s = 0.0      # perf_counter() of the latest bucket launch
+        self.param_names: dict[int, str] = {}
+        self.staged: dict[str, dict[str, torch.Tensor]] = {}
+        self.stats: dict[str, float] = {}
+        if model is not None:
+            self.bind(model)
+
+    # -- naming ------------------------------------------------------------------
+    def bind(self, model: torch.nn.Module) -> None:
+        """Learn parameter names (``module.`` prefix of DDP stripped)."""
+        self.param_names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
+
+    def bucket_names(self, bucket) -> list[str]:
+        if not self.param_names:
+            raise RuntimeError("comm hook state has no parameter names: pass model= to comm_hook "
+                               "or call state.bind(model)")
+        return [self.param_names[id(p)] for p in bucket.parameters()]
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+
+    def in_warmup(self) -> bool:
+        return self.iteration < self.warmup_steps
+
+    # -- staged updates ----------------------------------------------------------
+    def stage(self, name: str, **buffers: torch.Tensor) -> None:
+        self.staged.setdefault(name, {}).update(buffers)
+
+    def commit(self) -> None:
+        """Accept the step: apply staged buffer updates and advance the iteration."""
+        self._apply_staged(self.staged)
+        self.staged = {}
+        self.iteration += 1
+
+    def discard(self) -> None:
+        """Reject the step (non-finite gradients): buffers stay exactly as they were."""
+        self.staged = {}
+
+    def _apply_staged(self, staged: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Subclasses with buffers move staged tensors into their stores here."""
+
+    def _bucket_done(self, bucket) -> None:
+        if self.auto_commit and bucket.is_last():
+            self.commit()
+
+    # -- checkpointing -----------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["process_group"] = None
+        d["second_group"] = None
+        return d
+
+
+def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Plain fp32 all-reduce of the bucket, averaged over ranks (``comm=none``)."""
+    state.last_launch_s = time.perf_counter()
+    buf = bucket.buffer()
+    work = accounting.all_reduce(state.meter, buf, group=state.process_group, async_op=True)
+    world = state.world_size
+
+    def average(fut: torch.futures.Future) -> torch.Tensor:
+        out = fut.value()[0].div_(world)
+        state._bucket_done(bucket)
+        return out
+
+    return work.get_future().then(average)
+
+
+STATE_KEYS = ("process_group", "second_group", "meter", "model", "warmup_steps", "min_numel", "auto_commit")
+
+
+def state_kwargs(cfg: dict) -> dict:
+    """The HookState fields of a comm config; compression fields go to the compressor."""
+    return {k: v for k, v in cfg.items() if k in STATE_KEYS}
+
+
+@HOOKS.register("none")
+def _plain(**cfg) -> tuple[HookState, Callable]:
+    """Uncompressed: compression fields (ratio, feedback, ...) do not apply; validation
+    rejects a feedback other than none."""
+    return HookState(**state_kwargs(cfg)), allreduce_hook
+
+
+def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
+    """``(state, hook)`` for ``ddp_model.register_comm_hook(state, hook)``.
+
+    ``name`` is a ``comm`` config name; ``cfg`` takes the same fields as the config
+    group plus ``process_group``, ``meter`` and ``model`` (for parameter names).
+    """
+    return HOOKS.get(name, "comm")(**cfg)

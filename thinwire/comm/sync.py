@@ -1,0 +1,47 @@
+"""Sync strategies: when workers synchronise. A closed registry, extensible through the
+``thinwire.sync`` entry-point group.
+
+A strategy declares what the engine must do for it:
+
+- ``needs_grad_allreduce``: gradients are averaged every step (DDP + comm hook). When
+  False (local updates, zeroth order) the model is not wrapped in DDP at all, so there
+  is no per-step gradient sync and no buffer broadcast the accounting cannot see;
+- ``ranks_diverge``: ranks hold different parameters between synchronisations, so the
+  checkpoint stores model and optimizer per rank.
+"""
+from __future__ import annotations
+
+from ..registry import Registry
+
+SYNC_STRATEGIES: Registry[type] = Registry("sync", "thinwire.sync")
+
+
+class SyncStrategy:
+    needs_grad_allreduce = True
+    ranks_diverge = False
+
+    def __init__(self, cfg, world, meter, model, comm_cfg=None):
+        self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """Called after every accepted optimizer step; returns metrics to log."""
+        return {}
+
+    def eval_model(self):
+        """The model evaluated and exported (identical on all ranks)."""
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@SYNC_STRATEGIES.register("ddp")
+class EveryStep(SyncStrategy):
+    """Gradients averaged every step by DDP's comm hook; nothing to do after the step."""
+
+
+def build_sync(cfg, world, meter, model, comm_cfg=None) -> SyncStrategy:
+    return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg)

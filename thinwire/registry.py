@@ -1,0 +1,49 @@
+"""Closed name -> class registries, extensible through Python entry points.
+
+Names in checkpoints and dashboards must stay stable, so each registry is a fixed
+dict; third-party packages add entries through an entry-point group (e.g.
+``[project.entry-points."thinwire.optim"] myopt = "pkg.mod:MyPlugin"``), loaded the
+first time a name is not found. Unknown names raise one line listing valid ones.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, entry_point_group: str | None = None):
+        self.kind = kind
+        self.group = entry_point_group
+        self._items: dict[str, T] = {}
+        self._loaded_entry_points = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            self._items[name] = obj
+            return obj
+        return deco
+
+    def _load_entry_points(self) -> None:
+        if self._loaded_entry_points or not self.group:
+            return
+        self._loaded_entry_points = True
+        for ep in entry_points(group=self.group):
+            self._items.setdefault(ep.name, ep.load())
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._items)
+
+    def get(self, name: str, key: str | None = None) -> T:
+        if name not in self._items:
+            self._load_entry_points()
+        if name not in self._items:
+            raise ValueError(f"{key or self.kind}={name!r}: unknown {self.kind}; valid: {', '.join(self.names())}")
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._items

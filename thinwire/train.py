@@ -1,0 +1,82 @@
+"""``thinwire-train`` / ``python -m thinwire.train``: compose, validate, then run.
+
+Under torchrun (RANK and WORLD_SIZE set) this process is one worker. Run alone, it
+starts ``dist.nproc`` local workers itself through torch's elastic launcher (the
+engine behind torchrun) on 127.0.0.1 and a free port; they receive the resolved
+config and do not compose again.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: thinwire-train [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
+Runs under torchrun, or starts dist.nproc local workers itself. See README.md."""
+
+
+def fail(msg: str) -> None:
+    print(f"thinwire-train: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def worker(cfg_yaml: str) -> None:
+    """Entry point of every rank (self-started or torchrun)."""
+    from .trainer.config import from_yaml
+    from .trainer.loop import train
+    from .trainer.world import init_world, shutdown
+
+    cfg = from_yaml(cfg_yaml)
+    world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
+    try:
+        train(cfg, world)
+    finally:
+        shutdown()
+
+
+def launch_local(cfg, cfg_yaml: str) -> int:
+    """Start ``dist.nproc`` workers like ``torchrun --standalone`` would."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from .trainer.world import free_port
+
+    n = cfg.dist.nproc
+    threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by workers: no oversubscription
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
+                      rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{free_port()}",
+                      rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.1,
+                      start_method="spawn")
+    try:
+        elastic_launch(lc, worker)(cfg_yaml)
+    except ChildFailedError as e:
+        first = next(iter(e.failures.values()))
+        print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
+              f"see the traceback above", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    from .trainer.config import ConfigError, compose, to_yaml
+    from .trainer.validate import validate
+
+    try:
+        cfg = compose(argv)
+        validate(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    cfg_yaml = to_yaml(cfg)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        worker(cfg_yaml)
+        return 0
+    return launch_local(cfg, cfg_yaml)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Checkpoints: atomic, sharded by rank, resumable bitwise on CPU.
+
+Layout under ``<run dir>/checkpoints/``::
+
+    step_00000200/
+        common.pt        rank 0: step, config, world size, model + optimizer (when ranks agree)
+        rank00000.pt     every rank: RNG states, comm-hook / sync / plugin state, and model +
+        rank00001.pt     optimizer when ranks hold different parameters (local updates, CO2)
+        COMPLETE         written last; a directory without it is not a checkpoint
+
+Every rank writes its file to ``step_X.partial/`` (temp file + ``os.replace``); after a
+barrier rank 0 writes ``COMPLETE`` and renames the directory to ``step_X``. A crash at
+any point leaves either the previous checkpoint or a ``.partial`` directory that resume
+ignores. The data position is the step itself (batches are a pure function of it).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(run_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    dirs = [d for d in glob.glob(os.path.join(run_dir, "checkpoints", "step_*"))
+            if not d.endswith(".partial") and os.path.exists(os.path.join(d, "COMPLETE"))]
+    return sorted(dirs)
+
+
+def read_manifest(path: str) -> dict:
+    """The COMPLETE manifest of a checkpoint directory; raises ValueError if unusable."""
+    try:
+        with open(os.path.join(path, "COMPLETE")) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"trainer.resume={path}: not a readable thinwire checkpoint ({e.__class__.__name__})") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"trainer.resume={path}: checkpoint format {manifest.get('version')} "
+                         f"is not {FORMAT_VERSION}")
+    return manifest
+
+
+def check_loadable(path: str) -> dict:
+    """Validate a checkpoint before any process starts: manifest and common file load."""
+    manifest = read_manifest(path)
+    try:
+        torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means unreadable
+        raise ValueError(f"trainer.resume={path}: common.pt is unreadable ({e.__class__.__name__})") from None
+    return manifest
+
+
+def find_resume(run_dir: str, resume: str) -> str | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        dirs = checkpoint_dirs(run_dir)
+        return dirs[-1] if dirs else None
+    return resume
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, world):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.world = world
+
+    def save(self, step: int, common: dict, shard: dict) -> str:
+        final = os.path.join(self.root, f"step_{step:08d}")
+        partial = final + ".partial"
+        if self.world.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial, exist_ok=True)
+        self._barrier()
+        _atomic_save(shard, os.path.join(partial, f"rank{self.world.rank:05d}.pt"))
+        if self.world.is_main:
+            _atomic_save({"version": FORMAT_VERSION, "step": step, **common}, os.path.join(partial, "common.pt"))
+        self._barrier()
+        if self.world.is_main:
+            with open(os.path.join(partial, "COMPLETE"), "w") as fh:
+                json.dump({"version": FORMAT_VERSION, "step": step, "world_size": self.world.world_size}, fh)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+        self._barrier()
+        return final
+
+    def load(self, path: str) -> tuple[dict, dict]:
+        manifest = read_manifest(path)
+        if manifest["world_size"] != self.world.world_size:
+            raise ValueError(f"trainer.resume={path}: saved with world size {manifest['world_size']}, "
+                             f"running with {self.world.world_size}")
+        common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+        shard = torch.load(os.path.join(path, f"rank{self.world.rank:05d}.pt"), map_location="cpu",
+                           weights_only=False)
+        return common, shard
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.world.world_size > 1:
+            dist.barrier()

@@ -1,0 +1,212 @@
+"""The training loop of one worker, top to bottom.
+
+    build:  data shard -> model (same init on every rank) -> optimizer plugin -> sync strategy
+            -> engine (DDP + comm hook when gradients are synced every step) -> resume
+    step:   batch(step) -> plugin.compute (forward, backward; DDP buckets -> comm hook)
+            -> agree across ranks: mean loss + non-finite flag (one control all-reduce)
+            -> accepted: plugin.apply, commit comm state, sync.after_step
+               rejected: plugin.discard, discard comm state (buffers untouched)
+            -> metrics line -> eval every N -> checkpoint every N / at stop_after / at the end
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ..comm import accounting
+from ..comm.accounting import Stopwatch, WireMeter
+from ..comm.sync import SYNC_STRATEGIES, build_sync
+from ..optim.plugins import OPTIMIZERS
+from .checkpoint import Checkpointer, find_resume, rng_state, set_rng_state
+from .engine import build_engine
+from .loggers import MetricsFile, NullLogger
+from .world import World
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> float:
+    """Mean loss over the fixed validation batches, split across ranks (eval mode: no
+    dropout, so the training RNG stream is untouched)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    for batch in data.eval_batches_for_rank():
+        total[0] += model(**to_device(batch, world.device)).double()
+        total[1] += 1
+    accounting.all_reduce(meter, total, kind="control")
+    model.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, world: World):
+        self.cfg, self.world = cfg, world
+        t = cfg.trainer
+        self.meter, self.watch = WireMeter(), Stopwatch()
+        self.data = instantiate(cfg.data, seed=t.seed, rank=world.rank, world_size=world.world_size)
+        torch.manual_seed(t.seed)  # identical initial parameters on every rank
+        self.model = instantiate(cfg.model, info=self.data.info).to(world.device)
+        plugin_cls = OPTIMIZERS.get(cfg.optim.name, "optim")
+        sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
+        grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce
+        self.engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm, grad_sync=grad_sync)
+        self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
+        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm)
+        self.ckpt = Checkpointer(cfg.run_dir, world)
+        self.start_step = 0
+        path = find_resume(cfg.run_dir, t.resume)
+        if path is not None:
+            self.start_step = self.load(path)
+        if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
+            torch.manual_seed(t.seed * 1_000_003 + world.rank)
+        self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
+        self.logger = self._logger()
+        self.unit = self.data.info.unit
+
+    def _logger(self):
+        if not self.world.is_main:
+            return NullLogger()
+        kwargs = OmegaConf.to_container(self.cfg.logger, resolve=True)
+        logger_cls = get_class(kwargs.pop("_target_"))
+        return logger_cls(**kwargs, run_dir=self.cfg.run_dir,
+                          run_config=OmegaConf.to_container(self.cfg, resolve=True))
+
+    # -- checkpoint --------------------------------------------------------------
+    def save(self, step: int) -> str:
+        per_rank = self.sync.ranks_diverge
+        model_state = {"model": self.model.state_dict(), "optim": self.plugin.state_dict()}
+        common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
+        shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
+        (shard if per_rank else common).update(model_state)
+        return self.ckpt.save(step, common, shard)
+
+    def load(self, path: str) -> int:
+        common, shard = self.ckpt.load(path)
+        src = shard if "model" in shard else common
+        self.model.load_state_dict(src["model"])
+        self.plugin.load_state_dict(src["optim"])
+        self.engine.load_comm_state_dict(shard["comm"])
+        self.sync.load_state_dict(shard["sync"])
+        self.meter.load_state_dict(common["meter"])
+        set_rng_state(shard["rng"])
+        if self.world.is_main:
+            print(f"thinwire: resumed from {path} at step {common['step']}", flush=True)
+        return int(common["step"])
+
+    # -- one step ------------------------------------------------------------------
+    def agree(self, loss: torch.Tensor, finite: bool) -> tuple[float, bool]:
+        """One control all-reduce carries both the loss (for logging) and the non-finite
+        flag, so every rank skips a step together."""
+        packet = torch.tensor([float(loss), 0.0 if finite else 1.0], dtype=torch.float64,
+                              device=self.world.device)
+        t0 = time.perf_counter()
+        accounting.all_reduce(self.meter, packet, kind="control")
+        self.watch.add(time.perf_counter() - t0)
+        loss_mean = float(packet[0]) / self.world.world_size
+        return loss_mean, bool(packet[1] == 0) and torch.isfinite(packet[0]).item()
+
+    def train_step(self, step: int) -> dict:
+        batch = to_device(self.data.train_batch(step), self.world.device)
+        t0 = time.perf_counter()
+        loss = self.plugin.compute(self.engine.forward_model, batch)
+        self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
+        loss_mean, ok = self.agree(loss, self.plugin.local_finite())
+        record: dict = {"step": step + 1, "loss": loss_mean}
+        if ok:
+            record.update(self.plugin.apply(step))
+            self.engine.commit()
+            record.update(self.sync.after_step(step))
+            self.skipped = 0
+        else:
+            self.plugin.discard()
+            self.engine.discard()
+            self.skipped += 1
+            self.skipped_total += 1
+            record["lr"] = self.plugin.lr(step)
+        dt = time.perf_counter() - t0
+        sent = self.meter.take_step()
+        record.update({
+            "step_time_s": dt,
+            "comm_wait_s": self.watch.take(),
+            "wire_bytes": sum(v for k, v in sent.items() if k != "setup"),
+            "control_bytes": sent.get("control", 0),
+            "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
+            f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
+            "skipped_steps": self.skipped_total,
+        })
+        return record
+
+    def run(self) -> dict:
+        t = self.cfg.trainer
+        last = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
+        self.skipped, self.skipped_total = 0, 0
+        bar = tqdm(total=t.max_steps, initial=self.start_step, disable=not (self.world.is_main and t.progress),
+                   dynamic_ncols=True, mininterval=0.5)
+        record: dict = {}
+        for step in range(self.start_step, last):
+            record = self.train_step(step)
+            if self.skipped > t.max_skipped_steps:
+                raise NonFiniteError(f"trainer.max_skipped_steps={t.max_skipped_steps}: {self.skipped} "
+                                     f"consecutive steps had non-finite gradients (step {step + 1})")
+            done = step + 1
+            if done % t.eval_every == 0 or done == t.max_steps:
+                record["val_loss"] = evaluate(self.sync.eval_model(), self.data, self.world, self.meter)
+                record["wire_bytes"] += self.meter.take_step().get("control", 0)
+            self.log(record)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {record['loss']:.3f} | {record[f'{self.unit}_per_s']:.0f} {self.unit}/s "
+                                f"| wire {record['wire_bytes'] / 1e6:.3f} MB/step", refresh=False)
+            if done % t.checkpoint_every == 0 or done == last:
+                self.save(done)
+        bar.close()
+        return record
+
+    def log(self, record: dict) -> None:
+        if self.metrics is not None and (record["step"] % self.cfg.trainer.log_every == 0 or "val_loss" in record):
+            self.metrics.log(record)
+            self.logger.log(record, step=record["step"])
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        self.logger.finish()
+
+    def sample(self, n_chars: int) -> str | None:
+        """A short generated continuation from rank 0 (char LM only), with its own generator."""
+        model, info = self.sync.eval_model(), self.data.info
+        if not (n_chars > 0 and hasattr(model, "generate") and info.encode is not None):
+            return None
+        model.eval()
+        prompt = torch.tensor([info.encode("\n")], device=self.world.device)
+        gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.trainer.seed)
+        out = model.generate(prompt, n_chars, generator=gen)[0].tolist()
+        return info.decode(out[1:])
+
+
+def train(cfg: DictConfig, world: World) -> dict:
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    trainer = Trainer(cfg, world)
+    try:
+        record = trainer.run()
+        if world.is_main:
+            if "val_loss" in record:
+                print(f"thinwire: step {record['step']} val_loss {record['val_loss']:.4f}", flush=True)
+            text = trainer.sample(cfg.trainer.sample_chars) if record.get("step") == cfg.trainer.max_steps else None
+            if text:
+                print("thinwire: sample:\n" + text, flush=True)
+    finally:
+        trainer.close()
+    return record

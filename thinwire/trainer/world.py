@@ -1,0 +1,78 @@
+"""The distributed world: one frozen object built once and passed explicitly.
+
+Under torchrun (env://) the rank and world size come from the environment; workers
+that ``thinwire-train`` starts itself get the same variables from its launcher, so
+there is one code path, world size 1 included. NCCL when CUDA is available (device
+= LOCAL_RANK), gloo otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    # collectives launched asynchronously next to others (second phases from future
+    # callbacks, CO2's outer all-reduce) run on their own group, so every rank issues
+    # them in the same order
+    async_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return requested
+
+
+def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0) -> World:
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if threads <= 0:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+    torch.set_num_threads(threads)
+    backend = choose_backend(backend)
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set: launch with torchrun or thinwire-train")
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    async_group = dist.new_group(backend=backend) if world_size > 1 else None
+    return World(rank, world_size, local_rank, device, backend, async_group)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
