@@ -1,0 +1,47 @@
+"""Shared helpers: run a function on p gloo ranks (torch.multiprocessing), run the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entry(rank: int, fn, world_size: int, init_file: str, out_dir: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, tmp_path, *args) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+    import torch
+
+    init_file = str(tmp_path / f"init-{world_size}")
+    mp.start_processes(_entry, args=(fn, world_size, init_file, str(tmp_path), args), nprocs=world_size,
+                       join=True, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def run_cli(*overrides: str, env: dict | None = None, timeout: int = 180, launcher: list | None = None,
+            cwd: str | None = None):
+    """Run ``thinwire-train`` (or ``launcher`` + the module) in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = (launcher or [sys.executable, "-m", "thinwire.train"]) + list(overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
