@@ -128,7 +128,9 @@ class Trainer:
         if ok:
             record.update(self.plugin.apply(step))
             self.engine.commit()
-            record.update(self.sync.after_step(step))
+            sync_metrics = self.sync.after_step(step)
+            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+            record.update(sync_metrics)
             self.skipped = 0
         else:
             self.plugin.discard()
