@@ -1,6 +1,12 @@
 """The comm layer: wire-byte accounting, compressors, error feedback, collectives, DDP hooks,
-and the sync strategies that decide when workers talk."""
+and the sync strategies that decide when workers talk.
 
-from .hooks import HookState, comm_hook
+Public API (DESIGN.md)::
 
-__all__ = ["HookState", "comm_hook"]
+    from thinwire.comm import build_compressor, comm_hook
+"""
+
+from .compressors import COMPRESSORS, build_compressor
+from .hooks import HookState, comm_hook, comm_names
+
+__all__ = ["COMPRESSORS", "HookState", "build_compressor", "comm_hook", "comm_names"]

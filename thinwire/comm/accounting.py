@@ -88,7 +88,7 @@ class WireMeter:
         self.totals = defaultdict(int, state.get("totals", {}))
 
 
-def _group_size(group) -> int:
+def group_size(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
@@ -100,7 +100,7 @@ def _local_only() -> bool:
 def all_reduce(meter: WireMeter, tensor: torch.Tensor, *, group=None, op=dist.ReduceOp.SUM,
                async_op: bool = False, kind: str = "data"):
     """``dist.all_reduce`` charged as a ring all-reduce."""
-    p = _group_size(group)
+    p = group_size(group)
     meter.charge(collective_bytes("all_reduce", tensor.numel(), tensor.element_size(), p), kind)
     if _local_only():
         return _done(tensor) if async_op else None
@@ -110,18 +110,19 @@ def all_reduce(meter: WireMeter, tensor: torch.Tensor, *, group=None, op=dist.Re
 def all_gather_into(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
                     async_op: bool = False, kind: str = "data"):
     """Gather equal-sized 1-D ``tensor`` from every rank into flat ``output`` (p * n)."""
-    p = _group_size(group)
+    p = group_size(group)
     meter.charge(collective_bytes("all_gather", tensor.numel(), tensor.element_size(), p), kind)
     if _local_only():
         output.copy_(tensor.reshape(-1))
         return _done(output) if async_op else None
-    return dist.all_gather_into_tensor(output, tensor.reshape(-1), group=group, async_op=async_op)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    return gather(output, tensor.reshape(-1), group=group, async_op=async_op)
 
 
 def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
                       async_op: bool = False, kind: str = "data"):
     """Equal-split all-to-all of flat ``tensor`` (p chunks) into ``output``."""
-    p = _group_size(group)
+    p = group_size(group)
     meter.charge(collective_bytes("all_to_all", tensor.numel(), tensor.element_size(), p), kind)
     if _local_only():
         output.copy_(tensor)
@@ -131,7 +132,7 @@ def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tens
 
 def broadcast(meter: WireMeter, tensor: torch.Tensor, *, src: int = 0, group=None,
               async_op: bool = False, kind: str = "data"):
-    p = _group_size(group)
+    p = group_size(group)
     meter.charge(collective_bytes("broadcast", tensor.numel(), tensor.element_size(), p), kind)
     if _local_only():
         return _done(tensor) if async_op else None

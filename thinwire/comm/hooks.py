@@ -132,10 +132,28 @@ def _plain(**cfg) -> tuple[HookState, Callable]:
     return HookState(**state_kwargs(cfg)), allreduce_hook
 
 
+def comm_names() -> list[str]:
+    """Every valid ``comm`` name: the registered hooks and every compressor."""
+    from .compressors import COMPRESSORS
+
+    return sorted(set(HOOKS.names()) | set(COMPRESSORS))
+
+
 def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     """``(state, hook)`` for ``ddp_model.register_comm_hook(state, hook)``.
 
-    ``name`` is a ``comm`` config name; ``cfg`` takes the same fields as the config
-    group plus ``process_group``, ``meter`` and ``model`` (for parameter names).
+    ``name`` is a ``comm`` config name (a hook registered in ``HOOKS``, or any compressor:
+    built-in or from the ``thinwire.compressors`` entry points); ``cfg`` takes the same
+    fields as the config group plus ``process_group``, ``second_group`` (needed by the
+    two-phase collective at world size > 1), ``meter`` and ``model`` (parameter names).
     """
-    return HOOKS.get(name, "comm")(**cfg)
+    if name in HOOKS:
+        return HOOKS.get(name, "comm")(**cfg)
+    from .compressed_hook import compressed_factory
+    from .compressors import compressor_class
+
+    try:
+        compressor_class(name)
+    except ValueError:
+        raise ValueError(f"comm={name!r}: unknown; valid: {', '.join(comm_names())}") from None
+    return compressed_factory(name)(**cfg)

@@ -56,6 +56,15 @@ class DDPEngine:
             return 0.0
         return max(0.0, backward_end - self.hook_state.last_launch_s)
 
+    def set_lr(self, lr: float) -> None:
+        """Tell the hook this step's learning rate (error-feedback residual rescaling)."""
+        if hasattr(self.hook_state, "set_lr"):
+            self.hook_state.set_lr(lr)
+
+    def take_comm_stats(self) -> dict:
+        """Compression ratio and residual norm of the step just finished."""
+        return self.hook_state.take_stats() if hasattr(self.hook_state, "take_stats") else {}
+
     def commit(self) -> None:
         if self.hook_state is not None:
             self.hook_state.commit()

@@ -121,6 +121,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
+        self.engine.set_lr(self.plugin.lr(step))
         loss = self.plugin.compute(self.engine.forward_model, batch)
         self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
         loss_mean, ok = self.agree(loss, self.plugin.local_finite())
@@ -128,6 +129,7 @@ class Trainer:
         if ok:
             record.update(self.plugin.apply(step))
             self.engine.commit()
+            record.update(self.engine.take_comm_stats())
             sync_metrics = self.sync.after_step(step)
             self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
             record.update(sync_metrics)
@@ -135,6 +137,7 @@ class Trainer:
         else:
             self.plugin.discard()
             self.engine.discard()
+            self.engine.take_comm_stats()
             self.skipped += 1
             self.skipped_total += 1
             record["lr"] = self.plugin.lr(step)

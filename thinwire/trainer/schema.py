@@ -78,9 +78,12 @@ class CommSchema:
     feedback: str = "none"           # none | ef | ef21 | econtrol
     ratio: float = 0.01              # density for topk / randk / ternary
     eta: float = 0.1                 # EControl feedback strength
+    init: str = "dense"              # EF21 initialisation: dense (first round uncompressed) | zero
     block_size: int = 2048           # int8 / dynamic8 / sign1 blocks
     stochastic: bool = False         # stochastic rounding for int8
     approximate: bool = False        # sampled-threshold Top-K
+    value_dtype: str = "fp16"        # Top-K values on the wire: fp16 | bf16 | fp32
+    index_coding: str = "none"       # Top-K indices: none (int32) | offset16
     warmup_steps: int = 0            # plain all-reduce for the first steps (DDP rebuilds buckets)
     min_numel: int = 0               # buckets smaller than this are sent uncompressed
     collective: str = "auto"         # auto | allreduce | allgather | two_phase

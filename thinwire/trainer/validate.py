@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ..comm.hooks import HOOKS
+from ..comm.aggregator import check_combination
+from ..comm.hooks import comm_names
 from ..comm.sync import SYNC_STRATEGIES
 from ..optim.plugins import OPTIMIZERS
 from .checkpoint import check_loadable
@@ -81,7 +82,7 @@ def validate(cfg: DictConfig) -> None:
           "must be two numbers in [0, 1)")
 
     c = cfg.comm
-    _registry(HOOKS, c.name, "comm")
+    _need(c.name in comm_names(), "comm", c.name, f"unknown; valid: {', '.join(comm_names())}")
     _in(c.feedback, FEEDBACKS, "comm.feedback")
     _need(c.name != "none" or c.feedback == "none", "comm.feedback", c.feedback,
           "needs a compressor (comm=none sends exact gradients)")
@@ -91,6 +92,12 @@ def validate(cfg: DictConfig) -> None:
     _need(c.warmup_steps >= 0, "comm.warmup_steps", c.warmup_steps, "must be >= 0")
     _need(c.min_numel >= 0, "comm.min_numel", c.min_numel, "must be >= 0")
     _in(c.collective, COLLECTIVES, "comm.collective")
+    _in(c.init, ("dense", "zero"), "comm.init")
+    if c.name != "none":
+        try:
+            check_combination(c.name, OmegaConf.to_container(c, resolve=True))
+        except ValueError as e:
+            raise ConfigError(_comm_error(str(e))) from None
 
     s = cfg.sync
     _registry(SYNC_STRATEGIES, s.name, "sync")
@@ -148,3 +155,13 @@ def _check_resume(cfg: DictConfig) -> None:
         check_loadable(r)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _comm_error(msg: str) -> str:
+    """Compressor errors say ``<name>: key=value ...``; name the config key instead."""
+    import re
+
+    if msg.startswith("comm."):
+        return msg
+    m = re.match(r"^\w+: (\w+)=", msg)
+    return f"comm.{msg.split(': ', 1)[1]}" if m else f"comm: {msg}"

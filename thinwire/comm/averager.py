@@ -1,0 +1,66 @@
+"""Averaging one flat vector over ranks through the comm layer (compressor + error
+feedback + collective), for strategies that synchronise parameters or pseudo-gradients
+rather than DDP buckets (local updates, CO2). The flat vector concatenates named
+parameters, so compression is layer-wise and feedback buffers are keyed by name.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from . import accounting
+from .aggregator import CompressedAggregator, check_combination
+
+
+class CompressedAverager:
+    """``average(names, sizes, flat, step)`` -> mean over ranks (fp32, same length).
+
+    ``comm=none`` is an exact fp32 all-reduce. Otherwise every named piece is compressed
+    on its own; the two-phase collective gets a second process group of its own, created
+    here (all ranks construct the averager in the same order).
+    """
+
+    def __init__(self, comm_cfg, meter: accounting.WireMeter, group=None, group2=None):
+        fields = OmegaConf.to_container(comm_cfg, resolve=True) if isinstance(comm_cfg, DictConfig) \
+            else dict(comm_cfg)
+        self.name = fields.pop("name")
+        self.meter, self.group = meter, group
+        self.aggregator = None
+        if self.name != "none":
+            if (check_combination(self.name, fields) == "two_phase" and group2 is None
+                    and dist.is_initialized() and dist.get_world_size(group) > 1):
+                group2 = dist.new_group(ranks=dist.get_process_group_ranks(group) if group else None)
+            self.aggregator = CompressedAggregator(self.name, fields, meter, group, group2)
+
+    def average_async(self, names: list[str], sizes: list[int], flat: torch.Tensor,
+                      step: int) -> torch.futures.Future:
+        if self.aggregator is None:
+            buf = flat.detach().float().clone()
+            work = accounting.all_reduce(self.meter, buf, group=self.group, async_op=True)
+            p = accounting.group_size(self.group)
+            return work.get_future().then(lambda f: f.value()[0].div_(p))
+        pieces = list(flat.detach().float().split(sizes))
+        fut = self.aggregator.launch(names, pieces, step)
+        return fut.then(lambda f: torch.cat(f.value()))
+
+    def average(self, names: list[str], sizes: list[int], flat: torch.Tensor, step: int) -> torch.Tensor:
+        return self.average_async(names, sizes, flat, step).wait()
+
+    def commit(self) -> None:
+        if self.aggregator is not None:
+            self.aggregator.commit()
+
+    def discard(self) -> None:
+        if self.aggregator is not None:
+            self.aggregator.discard()
+
+    def take_stats(self) -> dict:
+        return self.aggregator.take_stats() if self.aggregator is not None else {}
+
+    def state_dict(self) -> dict:
+        return self.aggregator.state_dict() if self.aggregator is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.aggregator is not None and state:
+            self.aggregator.load_state_dict(state)

@@ -1,0 +1,143 @@
+"""Error feedback: what each rank sends, and what the optimizer sees, given a compressor C.
+
+Per-rank buffers are keyed by parameter name (never by DDP bucket index) and live in a
+``Feedback`` object. Every rule here is a pure function of (buffers, gradient, what
+this rank sent, the aggregated mean) that *returns* the new buffers; the hook stages
+them and they are committed only when the step is accepted, so a skipped step leaves
+them bit-for-bit untouched.
+
+Notation (ALGORITHMS.md): g = this rank's gradient for one parameter, C(x) the
+compressed-then-decompressed x as this rank sent it ("local"), mean = mean over ranks
+of what was sent (exact for allreduce/allgather).
+
+- ``none``: send C(g); the optimizer sees mean_i C(g_i).
+- ``ef`` (Seide et al. 2014; EF-SGD, Karimireddy et al. 2019, Alg. 2 in gradient form):
+  q = g + e;  send C(q);  e <- q - C(q);  optimizer sees mean_i C(q_i).
+  Karimireddy compresses lr * g + e; we keep e in gradient units instead, so when the
+  learning rate changes from lr_{t-1} to lr_t the residual is rescaled by
+  lr_{t-1} / lr_t (``lr_ratio``), which makes the two forms identical for SGD.
+- ``ef21`` (Richtarik, Sokolov, Fatkhullin 2021, Alg. 1; "EF Reloaded" 2024):
+  c_i = C(g - g_i);  g_i <- g_i + c_i;  G <- G + mean_i c_i;  optimizer sees G.
+  Initialisation (``init``): ``dense`` (the paper's practical choice and ours by
+  default: g_i = g and G = mean g from one uncompressed round, the warm-up rounds) or
+  ``zero`` (g_i = G = 0, the variant analysed with g_i^0 = 0).
+- ``econtrol`` (Gao, Islamov, Stich 2023, Alg. 1, "EControl"):
+  d_i = C(eta * e_i + g - h_i);  e_i <- e_i + g - h_i - d_i;  h_i <- h_i + d_i;
+  H <- H + mean_i d_i;  optimizer sees H.  eta = 0 gives EF21 (e never feeds back); the
+  theory wants eta of the order of C's contraction (about k/d for Top-K).  h_i and H
+  start from one dense round, like EF21 with ``init=dense``.
+
+EF21 and EControl need every rank to receive exactly mean_i C(x_i) (G must equal
+mean_i g_i on every rank), so they are rejected with the two-phase collective, whose
+re-quantisation breaks that equality.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..registry import Registry
+
+FEEDBACKS: Registry[type] = Registry("comm.feedback")
+
+
+class Feedback:
+    """``none``: no memory; the optimizer sees the mean of the compressed gradients."""
+
+    needs_exact_aggregation = False
+    dense_init = False          # whether warm-up (uncompressed) rounds initialise buffers
+
+    def __init__(self, eta: float = 0.0, init: str = "dense"):
+        self.eta = eta
+        self.init = init
+        self.store: dict[str, dict[str, torch.Tensor]] = {}
+
+    def buf(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+        b = self.store.get(name, {}).get(key)
+        return torch.zeros_like(like) if b is None else b
+
+    def message(self, name: str, g: torch.Tensor, lr_ratio: float = 1.0) -> torch.Tensor:
+        """The vector this rank compresses and sends for parameter ``name``."""
+        return g
+
+    def result(self, name: str, g, q, local, mean) -> tuple[torch.Tensor, dict]:
+        """(what the optimizer sees, new buffers to stage) after aggregation."""
+        return mean, {}
+
+    def dense(self, name: str, g, mean) -> dict:
+        """Buffers after an uncompressed round (warm-up)."""
+        return {}
+
+    def residual_sq(self, staged: dict) -> float:
+        """Squared norm of the error this rank still owes (for the metrics)."""
+        e = staged.get("e")
+        return float(e.double().pow(2).sum()) if e is not None else 0.0
+
+    def state_dict(self) -> dict:
+        return {n: {k: v.clone() for k, v in bufs.items()} for n, bufs in self.store.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.store = {n: {k: v.clone() for k, v in bufs.items()} for n, bufs in state.items()}
+
+    def commit(self, staged: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, bufs in staged.items():
+            self.store.setdefault(name, {}).update(bufs)
+
+
+FEEDBACKS.register("none")(Feedback)
+
+
+@FEEDBACKS.register("ef")
+class ClassicEF(Feedback):
+    def message(self, name, g, lr_ratio=1.0):
+        e = self.store.get(name, {}).get("e")
+        if e is None:
+            return g.clone()
+        return g + e * lr_ratio if lr_ratio != 1.0 else g + e
+
+    def result(self, name, g, q, local, mean):
+        return mean, {"e": q - local}
+
+
+@FEEDBACKS.register("ef21")
+class EF21(Feedback):
+    needs_exact_aggregation = True
+
+    @property
+    def dense_init(self) -> bool:
+        return self.init == "dense"
+
+    def message(self, name, g, lr_ratio=1.0):
+        return g - self.buf(name, "g_i", g)
+
+    def result(self, name, g, q, local, mean):
+        g_i = self.buf(name, "g_i", g) + local
+        G = self.buf(name, "G", g) + mean
+        return G, {"g_i": g_i, "G": G}
+
+    def dense(self, name, g, mean):
+        return {"g_i": g.clone(), "G": mean.clone()}
+
+    def residual_sq(self, staged):
+        return 0.0
+
+
+@FEEDBACKS.register("econtrol")
+class EControl(Feedback):
+    needs_exact_aggregation = True
+    dense_init = True
+
+    def message(self, name, g, lr_ratio=1.0):
+        return self.eta * self.buf(name, "e", g) + g - self.buf(name, "h_i", g)
+
+    def result(self, name, g, q, local, mean):
+        h_i = self.buf(name, "h_i", g)
+        e = self.buf(name, "e", g) + g - h_i - local
+        H = self.buf(name, "H", g) + mean
+        return H, {"e": e, "h_i": h_i + local, "H": H}
+
+    def dense(self, name, g, mean):
+        return {"e": torch.zeros_like(g), "h_i": g.clone(), "H": mean.clone()}
+
+
+def build_feedback(name: str, eta: float = 0.0, init: str = "dense") -> Feedback:
+    return FEEDBACKS.get(name, "comm.feedback")(eta=eta, init=init)
