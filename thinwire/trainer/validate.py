@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..comm.aggregator import check_combination
 from ..comm.hooks import comm_names
 from ..comm.sync import SYNC_STRATEGIES
+from ..optim.peft import PEFT_METHODS
 from ..optim.plugins import OPTIMIZERS
 from .checkpoint import check_loadable
 from .config import ConfigError
@@ -105,7 +106,7 @@ def validate(cfg: DictConfig) -> None:
 
     _registry(ENGINES, cfg.engine.name, "engine")
     _positive(cfg, "engine", "bucket_cap_mb")
-    _in(cfg.peft.name, ("none",), "peft")
+    _registry(PEFT_METHODS, cfg.peft.name, "peft")
     if "mode" in cfg.logger:
         _in(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
 
