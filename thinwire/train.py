@@ -25,12 +25,36 @@ def worker(cfg_yaml: str) -> None:
     from .trainer.loop import train
     from .trainer.world import init_world, shutdown
 
+    from .trainer.agreement import ConfigMismatchError
+    from .trainer.loop import NonFiniteError
+
     cfg = from_yaml(cfg_yaml)
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     try:
         train(cfg, world)
+    except (NonFiniteError, ConfigMismatchError) as e:
+        fail_worker(world.rank, str(e))
+    except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
+        if not is_comm_failure(e):
+            raise
+        fail_worker(world.rank, f"a collective failed or timed out (dist.timeout_s={cfg.dist.timeout_s:g}): "
+                                f"{first_line(e)}")
     finally:
         shutdown()
+
+
+def first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), e.__class__.__name__)[:300]
+
+
+def is_comm_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("timed out", "timeout", "connection", "peer", "gloo", "nccl", "socket"))
+
+
+def fail_worker(rank: int, msg: str) -> None:
+    print(f"thinwire: rank {rank}: error: {msg}", file=sys.stderr, flush=True)
+    os._exit(1)  # do not wait on process-group teardown with a dead or hung peer
 
 
 def launch_local(cfg, cfg_yaml: str) -> int:
@@ -45,7 +69,7 @@ def launch_local(cfg, cfg_yaml: str) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by workers: no oversubscription
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
                       rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{free_port()}",
-                      rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.1,
+                      rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
                       start_method="spawn")
     try:
         elastic_launch(lc, worker)(cfg_yaml)

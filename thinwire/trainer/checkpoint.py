@@ -79,13 +79,14 @@ def check_loadable(path: str) -> dict:
     return manifest
 
 
-def find_resume(run_dir: str, resume: str) -> str | None:
+def resume_candidates(run_dir: str, resume: str) -> list[str]:
+    """Checkpoints to try, newest first: all complete ones for ``auto``, the given one for a
+    path, none for ``none``. The trainer falls back down this list when one fails to load."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        dirs = checkpoint_dirs(run_dir)
-        return dirs[-1] if dirs else None
-    return resume
+        return checkpoint_dirs(run_dir)[::-1]
+    return [resume]
 
 
 class Checkpointer:
@@ -113,15 +114,24 @@ class Checkpointer:
         self._barrier()
         return final
 
-    def load(self, path: str) -> tuple[dict, dict]:
+    def load(self, path: str) -> tuple[dict, dict, bool]:
+        """(common, this rank's shard, same world size). Resuming on another world size:
+        per-rank state cannot be re-sharded meaningfully (error-feedback residuals and RNG
+        streams belong to a rank's data shard), so the shard of rank 0 supplies the model
+        and optimizer where those are per rank, and the caller resets the rest."""
         manifest = read_manifest(path)
-        if manifest["world_size"] != self.world.world_size:
-            raise ValueError(f"trainer.resume={path}: saved with world size {manifest['world_size']}, "
-                             f"running with {self.world.world_size}")
+        same = manifest["world_size"] == self.world.world_size
         common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
-        shard = torch.load(os.path.join(path, f"rank{self.world.rank:05d}.pt"), map_location="cpu",
-                           weights_only=False)
-        return common, shard
+        rank = self.world.rank if same else 0
+        shard = torch.load(os.path.join(path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+        return common, shard, same
+
+    def prune(self, keep: int) -> None:
+        """Retention: rank 0 deletes all but the newest ``keep`` complete checkpoints."""
+        if keep <= 0 or not self.world.is_main:
+            return
+        for old in checkpoint_dirs(os.path.dirname(self.root))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _barrier(self) -> None:
         if dist.is_initialized() and self.world.world_size > 1:

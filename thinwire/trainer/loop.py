@@ -23,7 +23,9 @@ from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.sync import SYNC_STRATEGIES, build_sync
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS
-from .checkpoint import Checkpointer, find_resume, rng_state, set_rng_state
+from .checkpoint import Checkpointer, resume_candidates, rng_state, set_rng_state
+from .faults import FaultInjector, restart_count
+from .agreement import check_config_agreement
 from .engine import build_engine
 from .loggers import MetricsFile, NullLogger
 from .world import World
@@ -68,10 +70,9 @@ class Trainer:
         self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm)
         self.ckpt = Checkpointer(cfg.run_dir, world)
-        self.start_step = 0
-        path = find_resume(cfg.run_dir, t.resume)
-        if path is not None:
-            self.start_step = self.load(path)
+        self.faults = FaultInjector(t.faults, world.rank)
+        # an elastic restart always continues from the newest checkpoint
+        self.start_step = self.resume("auto" if restart_count() > 0 else t.resume)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
@@ -93,20 +94,48 @@ class Trainer:
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
         shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
         (shard if per_rank else common).update(model_state)
-        return self.ckpt.save(step, common, shard)
+        path = self.ckpt.save(step, common, shard)
+        self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
+        return path
 
-    def load(self, path: str) -> int:
-        common, shard = self.ckpt.load(path)
+    def resume(self, resume: str) -> int:
+        """Load the newest checkpoint that every rank can read; fall back to older ones."""
+        candidates = resume_candidates(self.cfg.run_dir, resume)
+        for path in candidates:
+            try:
+                loaded, error = self.ckpt.load(path), None
+            except Exception as e:  # noqa: BLE001 - truncated, corrupt, wrong version: all mean "skip it"
+                loaded, error = None, f"{e.__class__.__name__}: {str(e)[:200]}"
+            ok = torch.tensor([0.0 if loaded is None else 1.0], device=self.world.device)
+            accounting.all_reduce(self.meter, ok, op=torch.distributed.ReduceOp.MIN, kind="setup")
+            if ok.item() == 1.0:
+                return self.load(path, *loaded)
+            if self.world.is_main or error:
+                print(f"thinwire: rank {self.world.rank}: checkpoint {path} is unusable "
+                      f"({error or 'on another rank'}); trying an older one", flush=True)
+        if candidates and resume not in ("auto", "none"):
+            raise RuntimeError(f"trainer.resume={resume}: checkpoint could not be loaded")
+        return 0
+
+    def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
         src = shard if "model" in shard else common
         self.model.load_state_dict(src["model"])
         self.plugin.load_state_dict(src["optim"])
-        self.engine.load_comm_state_dict(shard["comm"])
-        self.sync.load_state_dict(shard["sync"])
         self.meter.load_state_dict(common["meter"])
-        set_rng_state(shard["rng"])
+        step = int(common["step"])
+        if same_world:
+            self.engine.load_comm_state_dict(shard["comm"])
+            self.sync.load_state_dict(shard["sync"])
+            set_rng_state(shard["rng"])
+        else:
+            torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.world.rank + 7919 * step)
+            if self.world.is_main:
+                print(f"thinwire: warning: {path} was saved with another world size; model and "
+                      f"optimizer restored, per-rank state reset (error-feedback buffers, sync state, "
+                      f"RNG streams)", flush=True)
         if self.world.is_main:
-            print(f"thinwire: resumed from {path} at step {common['step']}", flush=True)
-        return int(common["step"])
+            print(f"thinwire: resumed from {path} at step {step}", flush=True)
+        return step
 
     # -- one step ------------------------------------------------------------------
     def agree(self, loss: torch.Tensor, finite: bool) -> tuple[float, bool]:
@@ -124,7 +153,8 @@ class Trainer:
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
         self.engine.set_lr(self.plugin.lr(step))
-        loss = self.plugin.compute(self.engine.forward_model, batch)
+        with self.faults.poison_gradients(self.model, step + 1):
+            loss = self.plugin.compute(self.engine.forward_model, batch)
         self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
         loss_mean, ok = self.agree(loss, self.plugin.local_finite())
         record: dict = {"step": step + 1, "loss": loss_mean}
@@ -165,10 +195,12 @@ class Trainer:
         record: dict = {}
         for step in range(self.start_step, last):
             record = self.train_step(step)
-            if self.skipped > t.max_skipped_steps:
-                raise NonFiniteError(f"trainer.max_skipped_steps={t.max_skipped_steps}: {self.skipped} "
-                                     f"consecutive steps had non-finite gradients (step {step + 1})")
             done = step + 1
+            if self.skipped > t.max_skipped_steps:
+                self.save(done)  # nothing changed since the last good step: this is its state
+                raise NonFiniteError(f"trainer.max_skipped_steps={t.max_skipped_steps}: {self.skipped} "
+                                     f"consecutive steps had non-finite gradients (step {done}); "
+                                     f"the last good state is checkpointed")
             if done % t.eval_every == 0 or done == t.max_steps:
                 record["val_loss"] = evaluate(self.sync.eval_model(), self.data, self.world, self.meter)
                 record["wire_bytes"] += self.meter.take_step().get("control", 0)
@@ -178,6 +210,7 @@ class Trainer:
                                 f"| wire {record['wire_bytes'] / 1e6:.3f} MB/step", refresh=False)
             if done % t.checkpoint_every == 0 or done == last:
                 self.save(done)
+            self.faults.after_step(done)
         bar.close()
         return record
 
@@ -205,6 +238,7 @@ class Trainer:
 
 def train(cfg: DictConfig, world: World) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
+    check_config_agreement(cfg, world)
     trainer = Trainer(cfg, world)
     try:
         record = trainer.run()

@@ -116,9 +116,14 @@ class OptimSchema:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0           # 0 = off
-    # zeroth-order plugins (issue: optimizer plugins) read these; unused by sgd/adamw
-    zo_eps: float = 1e-3
-    zo_samples: int = 1
+    # zeroth-order plugins (mezo, zo_dist) read these; unused by sgd/adamw
+    zo_eps: float = 1e-3             # perturbation size
+    zo_samples: int = 1              # n-SPSA: perturbations (seeds) per step
+    zo_accum: int = 1                # micro-batches per rank batch, same z, projected grads averaged
+    zo_chunk: int = 65536            # elements of z generated at a time (peak memory = inference + chunk)
+    zo_seed: int = 0                 # base of the per-step perturbation seeds
+    zo_mode: str = "per_rank"        # zo_dist: shared (one seed, fp32 all-reduce) | per_rank (1 byte each)
+    zo_qstep: float = 0.0625         # zo_dist per_rank: initial int8 quantisation step (adapted each step)
 
 
 @dataclass
@@ -127,7 +132,13 @@ class PeftSchema:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=list)
+    target_modules: list[str] = field(default_factory=list)  # empty: every nn.Linear except `head`
+    modules_to_train: list[str] = field(default_factory=list)  # fully trained too (e.g. a new head)
+    use_rslora: bool = False         # scaling alpha/sqrt(r) instead of alpha/r
+    ga_batches: int = 4              # lora_ga: gradient-estimation batches per rank
+    ga_direction: str = "ArB2r"      # lora_ga: ArB2r | A2rBr | ArBr | random
+    ga_scale: str = "stable"         # lora_ga: stable | weight_svd | gd_scale | unit
+    ga_gamma: int = 16               # lora_ga: gamma of the stable scaling
 
 
 @dataclass
@@ -141,6 +152,17 @@ class EngineSchema:
 
 # ---- trainer / dist / logger ---------------------------------------------------------
 @dataclass
+class FaultSchema:
+    """Fault injection, for reliability tests and drills (all off by default). A fault fires
+    once, on ``rank``, after step ``*_at`` completes (nan: during that step's backward), and
+    only in the first attempt of an elastic job (restarts run clean)."""
+    rank: int = 0
+    nan_at: Optional[int] = None     # poison this rank's gradients in that step
+    kill_at: Optional[int] = None    # SIGKILL this rank after that step
+    stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
+
+
+@dataclass
 class TrainerSchema:
     max_steps: int = 600
     seed: int = 0
@@ -152,6 +174,8 @@ class TrainerSchema:
     progress: bool = True
     sample_chars: int = 200          # generated at the end (char LM only); 0 = none
     max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
+    keep_checkpoints: int = 0        # keep only the newest N checkpoints; 0 = keep all
+    faults: FaultSchema = field(default_factory=lambda: FaultSchema())
 
 
 @dataclass
@@ -160,7 +184,8 @@ class DistSchema:
     threads: int = 0                 # torch threads per worker; 0 = cores // local workers
     backend: str = "auto"            # auto (nccl with CUDA, else gloo) | gloo | nccl
     master_addr: str = "127.0.0.1"
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0         # collective timeout: a hung peer fails the job after this
+    max_restarts: int = 0            # self-launched workers: elastic restarts from the newest checkpoint
 
 
 @dataclass

@@ -51,12 +51,20 @@ def validate(cfg: DictConfig) -> None:
     _need(t.stop_after is None or t.stop_after > 0, "trainer.stop_after", t.stop_after, "must be positive or null")
     _need(t.max_skipped_steps >= 0, "trainer.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     _need(t.sample_chars >= 0, "trainer.sample_chars", t.sample_chars, "must be >= 0")
+    _need(t.keep_checkpoints >= 0, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 = keep all)")
+    _need(t.resume in ("none", "auto") or os.sep in t.resume or os.path.exists(t.resume), "trainer.resume",
+          t.resume, "expected none, auto or a checkpoint directory")
+    f = t.faults
+    _need(0 <= f.rank < 1_000_000, "trainer.faults.rank", f.rank, "must be >= 0")
+    for k in ("nan_at", "kill_at", "stop_at"):
+        _need(f[k] is None or f[k] > 0, f"trainer.faults.{k}", f[k], "must be a positive step or null")
 
     d = cfg.dist
     _need(d.nproc >= 1, "dist.nproc", d.nproc, "must be >= 1")
     _need(d.threads >= 0, "dist.threads", d.threads, "must be >= 0 (0 = cores / local workers)")
     _in(d.backend, ("auto", "gloo", "nccl"), "dist.backend")
     _positive(cfg, "dist", "timeout_s")
+    _need(d.max_restarts >= 0, "dist.max_restarts", d.max_restarts, "must be >= 0")
     if d.backend == "nccl":
         import torch
 

@@ -1,0 +1,117 @@
+"""Reliability: poisoned gradients, killed and hung ranks, corrupt checkpoints, config
+disagreement, retention, and a different world size on resume."""
+import json
+import sys
+import time
+
+import torch
+
+from conftest import run_cli
+
+TINY = ["experiment=tiny", "trainer.max_steps=16", "trainer.eval_every=8", "model.dropout=0.1"]
+TOPK_EF21 = ["comm=topk", "comm.ratio=0.05", "comm.feedback=ef21", "comm.min_numel=256"]
+
+
+def ckpt(run_dir, step, name="common.pt"):
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / name, weights_only=False)
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_on_one_rank_skips_the_step_everywhere_and_leaves_state_untouched(tmp_path):
+    p = run_cli(*TINY, *TOPK_EF21, "trainer.checkpoint_every=1", "trainer.faults.nan_at=6",
+                "trainer.faults.rank=1", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    skipped = [r["skipped_steps"] for r in rows(tmp_path)]
+    assert skipped[:5] == [0] * 5 and skipped[5:] == [1] * 11  # counted once, the run went on
+    for rank in (0, 1):
+        before, after = ckpt(tmp_path, 5, f"rank{rank:05d}.pt"), ckpt(tmp_path, 6, f"rank{rank:05d}.pt")
+        assert before["comm"]["iteration"] == after["comm"]["iteration"] == 5
+        fb_before, fb_after = before["comm"]["aggregator"]["feedback"], after["comm"]["aggregator"]["feedback"]
+        assert fb_before.keys() == fb_after.keys() and fb_before
+        for name in fb_before:
+            for buf in fb_before[name]:
+                assert torch.equal(fb_before[name][buf], fb_after[name][buf]), (name, buf)
+    assert_same_params(ckpt(tmp_path, 5)["model"], ckpt(tmp_path, 6)["model"])
+    assert not all(torch.equal(a, b) for a, b in zip(ckpt(tmp_path, 6)["model"].values(),
+                                                     ckpt(tmp_path, 7)["model"].values()))
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):
+    p = run_cli(*TINY, "trainer.faults.nan_at=3", "trainer.max_skipped_steps=0", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0
+    assert "trainer.max_skipped_steps=0" in p.stderr and "last good state is checkpointed" in p.stderr
+    assert_same_params(ckpt(tmp_path, 3)["model"], ckpt(tmp_path, 2)["model"] if (
+        tmp_path / "checkpoints" / "step_00000002").exists() else ckpt(tmp_path, 3)["model"])
+
+
+def test_sigkill_under_torchrun_restarts_and_matches_uninterrupted_bitwise(tmp_path):
+    args = [*TINY, *TOPK_EF21, "trainer.checkpoint_every=4"]
+    ref = run_cli(*args, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "--monitor-interval=0.1", "-m", "thinwire.train"]
+    p = run_cli(*args, "trainer.faults.kill_at=10", "trainer.faults.rank=1", f"hydra.run.dir={tmp_path / 'kill'}",
+                launcher=torchrun)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at step 8" in p.stdout  # at most one interval lost
+    assert_same_params(ckpt(tmp_path / "ref", 16)["model"], ckpt(tmp_path / "kill", 16)["model"])
+    assert [r["loss"] for r in rows(tmp_path / "ref")] == [r["loss"] for r in rows(tmp_path / "kill")]
+
+
+def test_self_launched_workers_restart_with_dist_max_restarts(tmp_path):
+    p = run_cli(*TINY, "trainer.checkpoint_every=4", "dist.max_restarts=1", "trainer.faults.kill_at=6",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "at step 4" in p.stdout and [r["step"] for r in rows(tmp_path)] == list(range(1, 17))
+
+
+def test_hung_peer_fails_the_job_after_the_timeout(tmp_path):
+    t0 = time.time()
+    p = run_cli(*TINY, "dist.timeout_s=5", "trainer.faults.stop_at=3", "trainer.faults.rank=1",
+                f"hydra.run.dir={tmp_path}", timeout=120)
+    elapsed = time.time() - t0
+    assert p.returncode != 0
+    assert "timed out (dist.timeout_s=5)" in p.stderr, p.stderr[-3000:]
+    assert elapsed < 5 + 30 + 15  # timeout + grace, plus start-up
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    p = run_cli(*TINY, "trainer.checkpoint_every=4", "trainer.stop_after=8", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    newest = tmp_path / "checkpoints" / "step_00000008"
+    (newest / "rank00001.pt").write_bytes(b"truncated")          # a rank's shard is damaged
+    (tmp_path / "checkpoints" / "step_00000012.partial").mkdir()  # killed mid-write: ignored
+    p = run_cli(*TINY, "trainer.checkpoint_every=4", "trainer.resume=auto", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "step_00000008 is unusable" in p.stdout + p.stderr and "resumed from" in p.stdout
+    assert "at step 4" in p.stdout
+    assert [r["step"] for r in rows(tmp_path)] == list(range(1, 17))
+
+
+def test_keep_checkpoints_retention_and_world_size_change_policy(tmp_path):
+    p = run_cli(*TINY, "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2", "trainer.stop_after=8",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
+    p = run_cli(*TINY, "trainer.checkpoint_every=2", "trainer.resume=auto", "dist.nproc=1",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "saved with another world size" in p.stdout and "per-rank state reset" in p.stdout
+
+
+def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "thinwire.train"]
+    p = run_cli(*TINY, "trainer.seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}", launcher=torchrun)
+    assert p.returncode != 0
+    assert "ranks run different configs; differing keys: trainer.seed (0 / 1)" in p.stderr, p.stderr[-2000:]

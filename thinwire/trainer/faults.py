@@ -1,0 +1,45 @@
+"""Fault injection for reliability tests and drills (``trainer.faults.*``).
+
+Faults fire only in the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT``
+is 0), so a restarted job runs clean and can be compared with an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import torch
+
+
+def restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+class FaultInjector:
+    def __init__(self, cfg, rank: int):
+        self.cfg = cfg
+        self.active = rank == cfg.rank and restart_count() == 0
+
+    @contextlib.contextmanager
+    def poison_gradients(self, model: torch.nn.Module, step: int):
+        """During step ``nan_at``: this rank's gradients become NaN before they are sent
+        (a tensor hook runs before DDP's reducer sees the gradient)."""
+        if not (self.active and self.cfg.nan_at == step):
+            yield
+            return
+        handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
+                   for p in model.parameters() if p.requires_grad]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def after_step(self, step: int) -> None:
+        if not self.active:
+            return
+        if self.cfg.kill_at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.cfg.stop_at == step:
+            os.kill(os.getpid(), signal.SIGSTOP)
