@@ -54,3 +54,16 @@ def test_torchrun_default_run_dir_is_shared_by_ranks(tmp_path):
     assert len(run_dirs) == 1, run_dirs
     ckpt = run_dirs[0] / "checkpoints" / "step_00000004"
     assert (ckpt / "rank00000.pt").exists() and (ckpt / "rank00001.pt").exists()
+
+
+def test_multirun_sweep_gives_one_run_dir_per_combination(tmp_path):
+    p = run_cli("--multirun", "experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2",
+                "comm=none,bf16", f"hydra.sweep.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for n in ("0", "1"):
+        with open(tmp_path / n / "metrics.jsonl") as fh:
+            assert [json.loads(line)["step"] for line in fh] == [1, 2, 3, 4]
+    # bf16 halves the gradient bytes of the fp32 run (control traffic aside)
+    first = [json.loads(line) for line in open(tmp_path / "0" / "metrics.jsonl")][1]
+    second = [json.loads(line) for line in open(tmp_path / "1" / "metrics.jsonl")][1]
+    assert second["wire_bytes"] - 16 == (first["wire_bytes"] - 16) // 2

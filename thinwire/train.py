@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: thinwire-train [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
-Runs under torchrun, or starts dist.nproc local workers itself. See README.md."""
+USAGE = """usage: thinwire-train [--multirun] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
+Runs under torchrun, or starts dist.nproc local workers itself. --multirun sweeps comma-separated
+values (comm=topk,int8 sync.local_steps=4,8), one run dir per combination. See README.md."""
 
 
 def fail(msg: str) -> None:
@@ -19,19 +20,20 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def worker(cfg_yaml: str) -> None:
-    """Entry point of every rank (self-started or torchrun)."""
+def worker(cfg_yamls: list[str]) -> None:
+    """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
+    sequence on one process group."""
+    from .trainer.agreement import ConfigMismatchError
     from .trainer.config import from_yaml
-    from .trainer.loop import train
+    from .trainer.loop import NonFiniteError, train
     from .trainer.world import init_world, shutdown
 
-    from .trainer.agreement import ConfigMismatchError
-    from .trainer.loop import NonFiniteError
-
-    cfg = from_yaml(cfg_yaml)
+    cfgs = [from_yaml(y) for y in cfg_yamls]
+    cfg = cfgs[0]
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     try:
-        train(cfg, world)
+        for cfg in cfgs:
+            train(cfg, world)
     except (NonFiniteError, ConfigMismatchError) as e:
         fail_worker(world.rank, str(e))
     except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
@@ -57,7 +59,7 @@ def fail_worker(rank: int, msg: str) -> None:
     os._exit(1)  # do not wait on process-group teardown with a dead or hung peer
 
 
-def launch_local(cfg, cfg_yaml: str) -> int:
+def launch_local(cfg, cfg_yamls: list[str]) -> int:
     """Start ``dist.nproc`` workers like ``torchrun --standalone`` would."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -72,7 +74,7 @@ def launch_local(cfg, cfg_yaml: str) -> int:
                       rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
                       start_method="spawn")
     try:
-        elastic_launch(lc, worker)(cfg_yaml)
+        elastic_launch(lc, worker)(cfg_yamls)
     except ChildFailedError as e:
         first = next(iter(e.failures.values()))
         print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
@@ -87,19 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     from .trainer.config import ConfigError, compose, to_yaml
+    from .trainer.sweep import expand_sweep
     from .trainer.validate import validate
 
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    argv = [a for a in argv if a not in ("-m", "--multirun")]
     try:
-        cfg = compose(argv)
-        validate(cfg)
+        jobs = expand_sweep(argv) if multirun else [argv]
+        cfgs = [compose(job) for job in jobs]
+        for cfg in cfgs:
+            validate(cfg)
     except ConfigError as e:
         fail(str(e))
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    cfg_yaml = to_yaml(cfg)
+    for cfg in cfgs:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    yamls = [to_yaml(cfg) for cfg in cfgs]
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        worker(cfg_yaml)
+        worker(yamls)
         return 0
-    return launch_local(cfg, cfg_yaml)
+    return launch_local(cfgs[0], yamls)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ of what was sent (exact for allreduce/allgather).
   Initialisation (``init``): ``dense`` (the paper's practical choice and ours by
   default: g_i = g and G = mean g from one uncompressed round, the warm-up rounds) or
   ``zero`` (g_i = G = 0, the variant analysed with g_i^0 = 0).
+- ``ef21m``: EF21-SGDM, momentum inside the estimator (see ``EF21Momentum``).
 - ``econtrol`` (Gao, Islamov, Stich 2023, Alg. 1, "EControl"):
   d_i = C(eta * e_i + g - h_i);  e_i <- e_i + g - h_i - d_i;  h_i <- h_i + d_i;
   H <- H + mean_i d_i;  optimizer sees H.  eta = 0 gives EF21 (e never feeds back); the
@@ -119,6 +120,29 @@ class EF21(Feedback):
 
     def residual_sq(self, staged):
         return 0.0
+
+
+@FEEDBACKS.register("ef21m")
+class EF21Momentum(EF21):
+    """EF21-SGDM (Fatkhullin, Tyurin, Richtarik 2023, "Momentum provably improves error
+    feedback!", Alg. 2): the compressed estimator tracks a momentum of the stochastic
+    gradient instead of the gradient itself, which removes EF21's need for large batches:
+        v_i <- (1 - eta) v_i + eta g;  c_i = C(v_i - g_i);  g_i <- g_i + c_i;  G <- G + mean c_i.
+    ``eta`` is ``comm.eta`` (the paper's momentum parameter; 0.1 is a good start). The
+    optimizer sees G; use it with plain SGD (momentum 0), the momentum lives here."""
+
+    def message(self, name, g, lr_ratio=1.0):
+        v = (1 - self.eta) * self.buf(name, "v", g) + self.eta * g
+        self._v = getattr(self, "_v", {})
+        self._v[name] = v
+        return v - self.buf(name, "g_i", g)
+
+    def result(self, name, g, q, local, mean):
+        G, bufs = super().result(name, g, q, local, mean)
+        return G, {**bufs, "v": self._v.pop(name)}
+
+    def dense(self, name, g, mean):
+        return {**super().dense(name, g, mean), "v": g.clone()}
 
 
 @FEEDBACKS.register("econtrol")

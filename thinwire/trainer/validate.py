@@ -19,7 +19,7 @@ from .checkpoint import check_loadable
 from .config import ConfigError
 from .engine import ENGINES
 
-FEEDBACKS = ("none", "ef", "ef21", "econtrol")
+FEEDBACKS = ("none", "ef", "ef21", "ef21m", "econtrol")
 COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
 
 
