@@ -26,6 +26,7 @@ METHODS = {
     "none": ["comm.feedback=none"],
     "ef": ["comm.feedback=ef"],
     "ef21": ["comm.feedback=ef21"],
+    "ef21m": ["comm.feedback=ef21m", "comm.eta=0.1"],
     "econtrol": ["comm.feedback=econtrol", "comm.eta=0.05"],
 }
 
@@ -47,10 +48,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--quick", action="store_true", help="only density 1%% and AdamW")
+    ap.add_argument("--optims", default="adamw,sgd")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
     densities = [0.01] if args.quick else [0.01, 0.1]
-    optims = ["adamw"] if args.quick else ["adamw", "sgd"]
+    optims = ["adamw"] if args.quick else args.optims.split(",")
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     rows = []
     for opt in optims:
         t0 = time.time()
@@ -58,13 +63,13 @@ def main() -> None:
         rows.append({"optim": opt, "method": "dense", "density": 1.0, "val": dense, "s": time.time() - t0})
         print(f"{opt} dense {dense}", flush=True)
         for density in densities:
-            for method, extra in METHODS.items():
+            for method, extra in methods.items():
                 t0 = time.time()
                 val = run([*OPTIMIZERS[opt], "comm=topk", f"comm.ratio={density}", *extra], args.steps)
                 rows.append({"optim": opt, "method": method, "density": density, "val": val, "s": time.time() - t0})
                 print(f"{opt} {method} {density} {val}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "ef_quality.json"), "w") as fh:
+    with open(os.path.join(args.out, f"ef_quality{args.tag}.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     steps = sorted({s for r in rows for s in r["val"]})
     lines = ["| optimizer | feedback | density | " + " | ".join(f"val@{s}" for s in steps) + " |",
@@ -76,7 +81,7 @@ def main() -> None:
         dens = "-" if r["method"] == "dense" else f"{r['density']:.0%}"
         lines.append(f"| {r['optim']} | {r['method']} | {dens} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, "ef_quality.md"), "w") as fh:
+    with open(os.path.join(args.out, f"ef_quality{args.tag}.md"), "w") as fh:
         fh.write(table + "\n")
     print(table)
 

@@ -33,6 +33,8 @@ def user_loop(rank, world_size, factory_name, cfg):
     ddp = DDP(model, bucket_cap_mb=0.01)
     if factory_name == "plain":
         state, hook = comm_hook("none", model=model)
+    elif factory_name == "library":  # DESIGN.md's snippet: no model, default process group
+        state, hook = comm_hook("topk", **cfg)
     else:
         state, hook = compressed_factory(factory_name)(model=model, second_group=dist.new_group(), **cfg)
     ddp.register_comm_hook(state, hook)
@@ -69,6 +71,14 @@ def test_topk_ef_in_user_loop_trains_and_ranks_stay_in_sync(tmp_path):
     e0 = buffers["blocks.0.attn.qkv.weight"]["e"]
     e1 = res[1]["state"]["aggregator"]["feedback"]["blocks.0.attn.qkv.weight"]["e"]
     assert e0.numel() == 16 * 48 and not torch.equal(e0, e1)
+
+
+def test_library_hook_without_model_names_parameters_stably(tmp_path):
+    res = run_ranks(user_loop, 2, tmp_path, "library", {"ratio": 0.05, "feedback": "ef21"})
+    names = set(res[0]["state"]["aggregator"]["feedback"])
+    assert names == {f"param{k}" for k in range(len(names))} and len(names) == len(list(make_model().parameters()))
+    for k, v in res[0]["params"].items():
+        assert torch.equal(v, res[1]["params"][k])
 
 
 def test_ef_invariant_sent_plus_residual_equals_sum_of_gradients():

@@ -83,17 +83,18 @@ class CompressedAggregator:
             for i in small:
                 sent[i] = msgs[i]
 
-        def finish(_f) -> list[torch.Tensor]:
+        def finish(all_done) -> list[torch.Tensor]:
+            done = all_done.value()  # raises the collective's own error if one failed
             means: list = [None] * len(msgs)
             k = 0
             if big:
-                for i, m in zip(big, futs[0].value()):
+                for i, m in zip(big, done[0].value()):
                     means[i] = m
                     if extra is not None and extra.server_errors[big.index(i)] is not None:
                         self._stage(names[i], server_e=extra.server_errors[big.index(i)])
                 k = 1
             if small:
-                for i, m in zip(small, futs[k].value()):
+                for i, m in zip(small, done[k].value()):
                     means[i] = m
             outs = []
             for i, n in enumerate(names):

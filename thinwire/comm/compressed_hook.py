@@ -10,7 +10,6 @@ one collective -> decompress -> what the optimizer sees, written back into the b
   when the trainer reports a new learning rate (``set_lr``), see feedback.py.
 """
 # no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
-import time
 from typing import Callable, Optional
 
 import torch
@@ -53,7 +52,8 @@ class CompressedState(HookState):
         return self.aggregator.take_stats()
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "lr_prev": self.lr_prev, "aggregator": self.aggregator.state_dict()}
+        base = super().state_dict()  # flushes a pending auto-commit first
+        return {**base, "lr_prev": self.lr_prev, "aggregator": self.aggregator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -62,7 +62,7 @@ class CompressedState(HookState):
 
 
 def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torch.Tensor]:
-    state.last_launch_s = time.perf_counter()
+    state.begin_bucket(bucket)
     buf = bucket.buffer()
     names = state.bucket_names(bucket)
     sizes = [p.numel() for p in bucket.parameters()]
@@ -75,7 +75,6 @@ def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torc
     def write_back(f: torch.futures.Future) -> torch.Tensor:
         for view, out in zip(views, f.value()):
             view.copy_(out)
-        state._bucket_done(bucket)
         return buf
 
     return fut.then(write_back)

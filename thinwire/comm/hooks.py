@@ -10,8 +10,10 @@ What we keep from that pattern and what we change:
   a restart a bucket index names other parameters;
 - buffer updates computed during backward are *staged* and only committed once the step
   is accepted (the trainer calls ``commit()``; a skipped non-finite step calls
-  ``discard()``). Used from a plain user loop, ``auto_commit=True`` commits when the last
-  bucket of an iteration finishes;
+  ``discard()``). Used from a plain user loop, ``auto_commit=True`` commits an iteration's
+  updates when the next iteration's first bucket arrives (DDP has waited for every bucket
+  of the previous one by then; committing from a callback would race with the other
+  buckets' callbacks) or when ``state_dict()`` is taken;
 - every collective goes through ``thinwire.comm.accounting`` so wire bytes are counted;
 - no ``fut.wait()`` inside callbacks: work is chained with ``Future.then``.
 """
@@ -46,6 +48,7 @@ class HookState:
         self.param_names: dict[int, str] = {}
         self.staged: dict[str, dict[str, torch.Tensor]] = {}
         self.stats: dict[str, float] = {}
+        self._iteration_done = False  # auto_commit: the last bucket of an iteration was launched
         if model is not None:
             self.bind(model)
 
@@ -55,10 +58,16 @@ class HookState:
         self.param_names = {id(p): n.removeprefix("module.") for n, p in model.named_parameters()}
 
     def bucket_names(self, bucket) -> list[str]:
-        if not self.param_names:
-            raise RuntimeError("comm hook state has no parameter names: pass model= to comm_hook "
-                               "or call state.bind(model)")
-        return [self.param_names[id(p)] for p in bucket.parameters()]
+        """Names of the bucket's parameters. Without ``model=``, parameters are named
+        ``param<k>`` in order of first appearance: bucket by bucket (DDP launches buckets
+        in index order) on the first iteration, which always runs on DDP's initial buckets,
+        so the names are the same after a restart."""
+        names = []
+        for p in bucket.parameters():
+            if id(p) not in self.param_names:
+                self.param_names[id(p)] = f"param{len(self.param_names)}"
+            names.append(self.param_names[id(p)])
+        return names
 
     @property
     def world_size(self) -> int:
@@ -84,12 +93,23 @@ class HookState:
     def _apply_staged(self, staged: dict[str, dict[str, torch.Tensor]]) -> None:
         """Subclasses with buffers move staged tensors into their stores here."""
 
-    def _bucket_done(self, bucket) -> None:
-        if self.auto_commit and bucket.is_last():
+    def begin_bucket(self, bucket) -> None:
+        """Called by every hook when it launches a bucket (main thread)."""
+        self.last_launch_s = time.perf_counter()
+        if self.auto_commit and self._iteration_done:
+            self._iteration_done = False
+            self.commit()
+        if bucket.is_last():
+            self._iteration_done = True
+
+    def _flush(self) -> None:
+        if self.auto_commit and self._iteration_done:
+            self._iteration_done = False
             self.commit()
 
     # -- checkpointing -----------------------------------------------------------
     def state_dict(self) -> dict:
+        self._flush()
         return {"iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,15 +124,13 @@ class HookState:
 
 def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     """Plain fp32 all-reduce of the bucket, averaged over ranks (``comm=none``)."""
-    state.last_launch_s = time.perf_counter()
+    state.begin_bucket(bucket)
     buf = bucket.buffer()
     work = accounting.all_reduce(state.meter, buf, group=state.process_group, async_op=True)
     world = state.world_size
 
     def average(fut: torch.futures.Future) -> torch.Tensor:
-        out = fut.value()[0].div_(world)
-        state._bucket_done(bucket)
-        return out
+        return fut.value()[0].div_(world)
 
     return work.get_future().then(average)
 

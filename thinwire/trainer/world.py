@@ -58,11 +58,25 @@ def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0
             if world_size > 1:
                 raise RuntimeError("MASTER_PORT is not set: launch with torchrun or thinwire-train")
             os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=attempt_store(rank, world_size, timeout),
                                 device_id=device if backend == "nccl" else None)
     async_group = dist.new_group(backend=backend) if world_size > 1 else None
     return World(rank, world_size, local_rank, device, backend, async_group)
+
+
+def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The env:// store, with keys scoped to this restart attempt.
+
+    torchrun (2.x) keeps one rendezvous TCPStore for the whole job and hands it to every
+    restart of the workers without a per-attempt prefix, so after a restart gloo can read
+    a dead peer's listening address left by the previous attempt ("connectFullMesh ...
+    Connection refused"). A prefix per ``TORCHELASTIC_RESTART_COUNT`` keeps attempts apart.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"thinwire/attempt_{attempt}/", store)
 
 
 def free_port() -> int:
