@@ -24,8 +24,32 @@ class NullLogger:
         pass
 
 
+def wandb_names(run_config: dict | None) -> dict:
+    """Group, run name and tags of a run, derived from its comm / sync / optim config, so that
+    dashboards sort runs by what they compare. E.g. ``comm=topk comm.ratio=0.01
+    comm.feedback=ef21 sync=co2 sync.local_steps=8 optim=adamw optim.lr=1e-3`` gives group
+    ``topk+ef21_co2_adamw`` (the method, so seeds and ratios of one method group together),
+    name ``topk0.01+ef21_co2-H8_adamw-lr0.001`` (plus the knobs that change results) and tags
+    ``comm:topk feedback:ef21 sync:co2 optim:adamw``."""
+    cfg = run_config or {}
+    comm, sync, optim = cfg.get("comm") or {}, cfg.get("sync") or {}, cfg.get("optim") or {}
+    c, fb = comm.get("name", "none"), comm.get("feedback", "none")
+    s, o = sync.get("name", "ddp"), optim.get("name", "adamw")
+    feedback = f"+{fb}" if fb != "none" else ""
+    ratio = f"{comm['ratio']:g}" if c in ("topk", "randk", "ternary") and "ratio" in comm else ""
+    local = f"-H{sync['local_steps']}" if s != "ddp" and "local_steps" in sync else ""
+    lr = f"-lr{optim['lr']:g}" if "lr" in optim else ""
+    return {"group": f"{c}{feedback}_{s}_{o}",
+            "name": f"{c}{ratio}{feedback}_{s}{local}_{o}{lr}",
+            "tags": [f"comm:{c}", f"feedback:{fb}", f"sync:{s}", f"optim:{o}"]}
+
+
 class WandbLogger:
-    """wandb, offline by default (``logger.mode=online`` to stream, ``disabled`` to skip)."""
+    """wandb, offline by default (``logger.mode=online`` to stream, ``disabled`` to skip).
+
+    Unset ``group`` / ``name`` are derived from comm / sync / optim (``wandb_names``; a
+    ``--multirun`` sweep sets the group to the sweep), the derived tags are added to
+    ``tags``, and the whole resolved config is the run's wandb config."""
 
     def __init__(self, project: str = "thinwire", mode: str = "offline", entity=None, group=None,
                  name=None, tags=(), *, run_dir: str, run_config: dict | None = None):
@@ -33,17 +57,24 @@ class WandbLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        self.mode = mode
-        self.run = wandb.init(project=project, mode=mode, entity=entity, group=group, name=name,
-                              tags=list(tags), dir=run_dir, config=run_config, reinit="finish_previous")
+        derived = wandb_names(run_config)
+        tags = list(dict.fromkeys([*tags, *derived["tags"]]))  # user tags first, no duplicates
+        self.mode, self.wandb = mode, wandb
+        self.run = wandb.init(project=project, mode=mode, entity=entity, group=group or derived["group"],
+                              name=name or derived["name"], tags=tags, dir=run_dir, config=run_config,
+                              reinit="finish_previous")
 
     def log(self, record: dict, step: int) -> None:
         self.run.log(record, step=step)
 
     def finish(self) -> None:
+        sync_dir = self.run.settings.sync_dir  # <run dir>/wandb/offline-run-<time>-<id>
         self.run.finish()
+        # wandb's service process buffers the run file until it shuts down: flush it now, so
+        # the run is on disk when we say so (and survives a later crash of this process)
+        self.wandb.teardown()
         if self.mode == "offline":
-            print(f"wandb: offline run saved; upload it with 'wandb sync {self.run.dir}/..'", flush=True)
+            print(f"wandb: offline run saved in {sync_dir}; upload it with: wandb sync {sync_dir}", flush=True)
 
 
 class MetricsFile:
