@@ -11,6 +11,8 @@ A strategy declares what the engine must do for it:
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..registry import Registry
 
 SYNC_STRATEGIES: Registry[type] = Registry("sync", "thinwire.sync")
@@ -27,9 +29,13 @@ class SyncStrategy:
         """Called after every accepted optimizer step; returns metrics to log."""
         return {}
 
+    @contextlib.contextmanager
     def eval_model(self):
-        """The model evaluated and exported (identical on all ranks)."""
-        return self.model
+        """The model evaluated and sampled from (identical on all ranks), as a context."""
+        yield self.model
+
+    def close(self) -> None:
+        """Finish any communication still in flight."""
 
     def state_dict(self) -> dict:
         return {}
@@ -45,3 +51,6 @@ class EveryStep(SyncStrategy):
 
 def build_sync(cfg, world, meter, model, comm_cfg=None) -> SyncStrategy:
     return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg)
+
+
+from . import outer  # noqa: E402,F401  registers local and co2 (after the base class exists)

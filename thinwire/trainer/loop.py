@@ -202,7 +202,8 @@ class Trainer:
                                      f"consecutive steps had non-finite gradients (step {done}); "
                                      f"the last good state is checkpointed")
             if done % t.eval_every == 0 or done == t.max_steps:
-                record["val_loss"] = evaluate(self.sync.eval_model(), self.data, self.world, self.meter)
+                with self.sync.eval_model() as model:
+                    record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
                 record["wire_bytes"] += self.meter.take_step().get("control", 0)
             self.log(record)
             bar.update(1)
@@ -220,20 +221,24 @@ class Trainer:
             self.logger.log(record, step=record["step"])
 
     def close(self) -> None:
+        self.sync.close()
         if self.metrics is not None:
             self.metrics.close()
         self.logger.finish()
 
     def sample(self, n_chars: int) -> str | None:
         """A short generated continuation from rank 0 (char LM only), with its own generator."""
-        model, info = self.sync.eval_model(), self.data.info
-        if not (n_chars > 0 and hasattr(model, "generate") and info.encode is not None):
-            return None
-        model.eval()
-        prompt = torch.tensor([info.encode("\n")], device=self.world.device)
-        gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.trainer.seed)
-        out = model.generate(prompt, n_chars, generator=gen)[0].tolist()
-        return info.decode(out[1:])
+        info = self.data.info
+        with self.sync.eval_model() as model:  # collective: every rank enters
+            if not (n_chars > 0 and hasattr(model, "generate") and info.encode is not None):
+                return None
+            if not self.world.is_main:
+                return None
+            model.eval()
+            prompt = torch.tensor([info.encode("\n")], device=self.world.device)
+            gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.trainer.seed)
+            out = model.generate(prompt, n_chars, generator=gen)[0].tolist()
+            return info.decode(out[1:])
 
 
 def train(cfg: DictConfig, world: World) -> dict:
@@ -242,12 +247,11 @@ def train(cfg: DictConfig, world: World) -> dict:
     trainer = Trainer(cfg, world)
     try:
         record = trainer.run()
-        if world.is_main:
-            if "val_loss" in record:
-                print(f"thinwire: step {record['step']} val_loss {record['val_loss']:.4f}", flush=True)
-            text = trainer.sample(cfg.trainer.sample_chars) if record.get("step") == cfg.trainer.max_steps else None
-            if text:
-                print("thinwire: sample:\n" + text, flush=True)
+        if world.is_main and "val_loss" in record:
+            print(f"thinwire: step {record['step']} val_loss {record['val_loss']:.4f}", flush=True)
+        text = trainer.sample(cfg.trainer.sample_chars) if record.get("step") == cfg.trainer.max_steps else None
+        if text:
+            print("thinwire: sample:\n" + text, flush=True)
     finally:
         trainer.close()
     return record

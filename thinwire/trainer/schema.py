@@ -94,13 +94,13 @@ class CommSchema:
 class SyncSchema:
     """When workers synchronise: every step (ddp), every H steps (local), or async (co2)."""
     name: str = "ddp"
-    local_steps: int = 1
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.0
-    nesterov: bool = False
-    staleness_penalty: float = 1.0
-    clip: float = 0.0
-    clip_mode: str = "norm"
+    local_steps: int = 1             # H: inner steps per round (local, co2)
+    outer_lr: float = 1.0            # alpha of the outer SGD on the anchor
+    outer_momentum: float = 0.0      # beta, in [0, 1)
+    nesterov: bool = False           # Nesterov outer momentum (needs outer_momentum > 0)
+    staleness_penalty: float = 1.0   # co2: Lambda = 1 + s * ||anchor move|| / ||pseudo-gradient||, per layer
+    clip: float = 1.0e6              # outer-momentum clipping threshold (> 0)
+    clip_mode: str = "norm"          # norm (global L2 norm of the pseudo-gradient) | value (per element)
 
 
 @dataclass

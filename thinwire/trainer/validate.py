@@ -14,7 +14,7 @@ from ..comm.aggregator import check_combination
 from ..comm.hooks import comm_names
 from ..comm.sync import SYNC_STRATEGIES
 from ..optim.peft import PEFT_METHODS
-from ..optim.plugins import OPTIMIZERS
+from ..optim.plugins import OPTIMIZERS, check_plugin_config
 from .checkpoint import check_loadable
 from .config import ConfigError
 from .engine import ENGINES
@@ -111,10 +111,18 @@ def validate(cfg: DictConfig) -> None:
     s = cfg.sync
     _registry(SYNC_STRATEGIES, s.name, "sync")
     _need(s.local_steps >= 1, "sync.local_steps", s.local_steps, "must be >= 1")
+    _need(s.outer_lr > 0, "sync.outer_lr", s.outer_lr, "must be positive")
+    _need(0 <= s.outer_momentum < 1, "sync.outer_momentum", s.outer_momentum, "must be in [0, 1)")
+    _need(not s.nesterov or s.outer_momentum > 0, "sync.nesterov", s.nesterov,
+          "Nesterov needs sync.outer_momentum > 0")
+    _need(s.clip > 0, "sync.clip", s.clip, "must be positive (outer-momentum clipping threshold)")
+    _in(s.clip_mode, ("norm", "value"), "sync.clip_mode")
+    _need(s.staleness_penalty >= 0, "sync.staleness_penalty", s.staleness_penalty, "must be >= 0 (0 = off)")
 
     _registry(ENGINES, cfg.engine.name, "engine")
     _positive(cfg, "engine", "bucket_cap_mb")
     _registry(PEFT_METHODS, cfg.peft.name, "peft")
+    check_plugin_config(cfg)  # zo_* and peft adapter fields (thinwire.optim)
     if "mode" in cfg.logger:
         _in(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
 

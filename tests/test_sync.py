@@ -1,0 +1,219 @@
+"""Local updates and CO2 against independent references: plain DDP (local, H=1), a
+single-process simulation of p workers (co2, one round stale), bitwise resume, real
+overlap of the outer all-reduce, and convergence on the tiny char-GPT."""
+import json
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from thinwire.comm.accounting import WireMeter
+from thinwire.data.base import DataInfo
+from thinwire.models.gpt import build_gpt
+
+from conftest import run_cli, run_ranks
+
+VOCAB, BLOCK, B = 20, 8, 4
+
+
+def make_model():
+    torch.manual_seed(0)
+    return build_gpt(DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
+
+
+def batch(step: int, rank: int, world_size: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, VOCAB, (B * world_size, BLOCK), generator=g)[rank * B:(rank + 1) * B]
+    return {"x": x, "y": torch.roll(x, -1, dims=1)}
+
+
+def sgd_cfg(lr, momentum=0.0):
+    return OmegaConf.create({"lr": lr, "momentum": momentum, "nesterov": False, "weight_decay": 0.0,
+                             "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0})
+
+
+def sync_cfg(name, **kw):
+    base = {"name": name, "local_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False,
+            "staleness_penalty": 0.0, "clip": 1e6, "clip_mode": "norm"}
+    return OmegaConf.create({**base, **kw})
+
+
+def world_of(rank, world_size):
+    from thinwire.trainer.world import World
+
+    return World(rank, world_size, 0, torch.device("cpu"), "gloo", dist.new_group())
+
+
+def run_strategy(rank, world_size, sync, steps, lr, momentum, comm=None, delay_s=0.0, compute_s=0.0):
+    """The trainer's calls, by hand: compute, apply, (engine commit), sync.after_step."""
+    from thinwire.comm.sync import build_sync
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import DDPEngine
+
+    world = world_of(rank, world_size)
+    model, meter = make_model(), WireMeter()
+    engine_cfg = OmegaConf.create({"bucket_cap_mb": 25, "gradient_as_bucket_view": True,
+                                   "find_unused_parameters": False})
+    grad_sync = sync.name == "ddp"
+    engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=grad_sync)
+    plugin = SGDPlugin(sgd_cfg(lr, momentum), model, max_steps=steps)
+    strategy = build_sync(sync, world, meter, model, OmegaConf.create(comm or {"name": "none"}))
+    if delay_s:  # a slow link: the outer average completes delay_s after launch
+        real = strategy.averager.average_async
+
+        def slow(*args):
+            fut, inner = torch.futures.Future(), real(*args)
+            threading.Timer(delay_s, lambda: fut.set_result(inner.wait())).start()
+            return fut
+        strategy.averager.average_async = slow
+    waits, metrics = [], []
+    for step in range(steps):
+        plugin.compute(engine.forward_model, batch(step, rank, world_size))
+        time.sleep(compute_s)
+        plugin.apply(step)
+        engine.commit()
+        m = strategy.after_step(step)
+        waits.append(m.get("comm_wait_s", 0.0))
+        metrics.append(m)
+    with strategy.eval_model() as m:
+        mean = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    strategy.close()
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "mean": mean,
+            "waits": waits, "metrics": metrics, "clipped": getattr(getattr(strategy, "outer", None), "clipped", 0)}
+
+
+def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
+    steps = 6
+    ddp = run_ranks(run_strategy, 2, tmp_path, sync_cfg("ddp"), steps, 0.3, 0.0)
+    local = run_ranks(run_strategy, 2, tmp_path, sync_cfg("local"), steps, 0.3, 0.0)
+    for r in range(2):
+        for k, v in ddp[0]["params"].items():
+            torch.testing.assert_close(local[r]["params"][k], v, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(local[0]["params"][k], local[1]["params"][k]) for k in local[0]["params"])
+
+
+# -- co2 against a single-process simulation of p workers ------------------------------
+def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip):
+    """p workers with their own SGD; the outer average of round t is applied at the end of
+    round t+1 (Nesterov outer SGD, layer-wise gap penalty, global-norm clip), written out
+    from ALGORITHMS.md with plain tensors."""
+    workers = [make_model() for _ in range(p)]
+    opts = [torch.optim.SGD(w.parameters(), lr=lr, momentum=momentum) for w in workers]
+    params = [list(w.parameters()) for w in workers]
+    anchor = [x.detach().clone() for x in params[0]]
+    mom = [torch.zeros_like(a) for a in anchor]
+    in_flight, snaps, last = None, None, None
+    for step in range(steps):
+        for i in range(p):
+            opts[i].zero_grad()
+            workers[i](**batch(step, i, p)).backward()
+            opts[i].step()
+        if (step + 1) % H:
+            continue
+        with torch.no_grad():
+            if in_flight is not None:
+                d = [x.clone() for x in in_flight]
+                if last is not None and penalty > 0:
+                    d = [x / (1 + penalty * s.norm() / x.norm()) for x, s in zip(d, last)]
+                norm = torch.sqrt(sum((x.double() ** 2).sum() for x in d))
+                if norm > clip:
+                    d = [x * (clip / (float(norm) + 1e-12)) for x in d]
+                for m, x in zip(mom, d):
+                    m.mul_(beta).add_(x)
+                last = [-outer_lr * (x + beta * m) for x, m in zip(d, mom)]
+                for a, s in zip(anchor, last):
+                    a.add_(s)
+                for i in range(p):
+                    for w, s, y in zip(params[i], last, snaps[i]):
+                        w.add_(s).add_(y)
+            snaps = [[a - w for a, w in zip(anchor, params[i])] for i in range(p)]
+            in_flight = [sum(s[j] for s in snaps) / p for j in range(len(anchor))]
+    return [{k: v.detach() for k, v in w.state_dict().items()} for w in workers]
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_co2_equals_single_process_one_round_stale_reference(tmp_path, p):
+    steps, H, lr, mom, outer_lr, beta, penalty, clip = 14, 3, 0.2, 0.5, 0.8, 0.6, 1.0, 0.05
+    cfg = sync_cfg("co2", local_steps=H, outer_lr=outer_lr, outer_momentum=beta, nesterov=True,
+                   staleness_penalty=penalty, clip=clip)
+    results = run_ranks(run_strategy, p, tmp_path, cfg, steps, lr, mom)
+    ref = co2_reference(p, steps, H, lr, mom, outer_lr, beta, penalty, clip)
+    for r in range(p):
+        for k, v in ref[r].items():
+            torch.testing.assert_close(results[r]["params"][k], v, rtol=1e-4, atol=1e-5)
+    assert results[0]["clipped"] > 0  # the clip was exercised
+    # the evaluated model is the mean of the ranks' live parameters, the same on every rank
+    for k, v in results[0]["mean"].items():
+        torch.testing.assert_close(v, sum(ref[r][k] for r in range(p)) / p, rtol=1e-4, atol=1e-5)
+        assert torch.equal(v, results[-1]["mean"][k])
+    rounds = [m for m in results[0]["metrics"] if "outer_round" in m]
+    assert len(rounds) == steps // H and "staleness_gap_norm" not in rounds[0]
+    assert all(m["staleness_penalty_mean"] > 1.0 for m in rounds[2:])  # the penalty acts
+
+
+def test_co2_hides_a_slow_outer_all_reduce_that_local_waits_for(tmp_path):
+    """Outer average delayed 0.15 s (a slow link); a round computes 4 x 0.06 s. local
+    blocks for the whole delay every round; co2 consumes it a round later, already done."""
+    args = (12, 0.1, 0.0, None, 0.15, 0.06)
+    local = run_ranks(run_strategy, 2, tmp_path, sync_cfg("local", local_steps=4), *args)
+    co2 = run_ranks(run_strategy, 2, tmp_path, sync_cfg("co2", local_steps=4), *args)
+    for r in range(2):
+        local_wait, co2_wait = sum(local[r]["waits"]), sum(co2[r]["waits"])
+        assert local_wait > 3 * 0.15 * 0.9, local_wait
+        assert co2_wait < 0.2 * local_wait, (co2_wait, local_wait)
+        consumed = [m for m in co2[r]["metrics"] if "overlap_fraction" in m]
+        assert consumed and min(m["overlap_fraction"] for m in consumed) > 0.9
+
+
+# -- through the CLI: resume and convergence --------------------------------------------
+TINY = ["experiment=tiny", "trainer.max_steps=16", "trainer.checkpoint_every=8", "trainer.eval_every=8",
+        "model.dropout=0.1", "sync.local_steps=4"]
+RESUME_CASES = {
+    "local": ["sync=local"],
+    "local-topk-ef": ["sync=local", "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
+    "co2": ["sync=co2", "sync.outer_momentum=0.5", "sync.nesterov=true"],
+    "co2-int8-two-phase": ["sync=co2", "comm=int8", "comm.collective=two_phase", "comm.min_numel=256"],
+}
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def rank_params(run_dir, step, rank):
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / f"rank{rank:05d}.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES), ids=list(RESUME_CASES))
+def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(tmp_path, case):
+    """Stopped at step 6: mid-round, and for co2 with round 1's average in flight."""
+    args = [*TINY, *RESUME_CASES[case]]
+    full, split = tmp_path / "full", tmp_path / "split"
+    p = run_cli(*args, f"hydra.run.dir={full}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli(*args, "trainer.stop_after=6", f"hydra.run.dir={split}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli(*args, "trainer.resume=auto", f"hydra.run.dir={split}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "at step 6" in p.stdout
+    key = ("step", "loss", "val_loss")
+    assert [[r.get(k) for k in key] for r in rows(full)] == [[r.get(k) for k in key] for r in rows(split)]
+    for rank in (0, 1):
+        a, b = rank_params(full, 16, rank), rank_params(split, 16, rank)
+        assert all(torch.equal(a[k], b[k]) for k in a), (case, rank)
+
+
+def test_co2_converges_within_5_percent_of_local(tmp_path):
+    """2 ranks, tiny char-GPT, 1000 steps, AdamW 3e-3, H=4 (see CALIBRATION.md)."""
+    common = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000",
+              "trainer.checkpoint_every=1000", "optim.lr=3e-3", "sync.local_steps=4"]
+    final = {}
+    for name in ("local", "co2"):
+        p = run_cli(*common, f"sync={name}", f"hydra.run.dir={tmp_path / name}", timeout=400)
+        assert p.returncode == 0, p.stderr[-3000:]
+        final[name] = rows(tmp_path / name)[-1]["val_loss"]
+    assert final["co2"] <= 1.05 * final["local"], final

@@ -1,0 +1,313 @@
+"""Local updates and CO2: an outer loop over rounds of H local steps.
+
+``sync=local`` (Local SGD / DiLoCo outer loop, Lin et al. 2020; Douillard et al. 2023)::
+
+    every rank runs H inner steps on its own optimizer, no gradient all-reduce;
+    Delta_t^i = a_t - w_i                      (this rank's pseudo-gradient)
+    d_t = mean_i Delta_t^i                     (one all-reduce, through the comm layer)
+    a_{t+1} = OuterSGD(a_t, d_t)               (Nesterov momentum, outer lr)
+    w_i = a_{t+1}                              (all ranks identical after the round)
+
+``sync=co2`` (Sun et al. 2024, "CO2", Algorithm 1): the all-reduce of round t runs
+while round t+1 computes and is consumed at the end of round t+1, one round stale::
+
+    end of round t+1:  d_t = mean_i Delta_t^i            (wait for the in-flight average)
+                       d_t <- d_t / Lambda_t             (staleness-gap penalty)
+                       a_{t+1} = OuterSGD(a_t, clip(d_t))
+                       w_i += a_{t+1} - y_t^i            (keep round t+1's own progress)
+                       Delta_{t+1}^i = a_{t+1} - w_i     (snapshot, then launch its average)
+
+with y_t^i = a_t - Delta_t^i the rank's parameters at the end of round t. The snapshot is
+a copy: the collective never touches live parameters (the reference code all-reduces
+them in place from a Python thread). Pseudo-gradients, not parameters, are averaged, so
+any compressor + error feedback of the comm layer applies to them unchanged, with its own
+per-rank state (``CompressedAverager``).
+
+Overlap: on gloo the average is an async work on ``world.async_group`` (a process group
+of its own, so its order never interleaves with the per-step control all-reduce); its
+``Future`` callbacks decompress on gloo's thread while the main thread computes. On NCCL
+the snapshot is taken and the collective launched from a side CUDA stream that first
+waits for the compute stream; before consuming, the compute stream waits for the side
+stream, and the snapshot buffer is recorded on it so the allocator cannot reuse it early.
+
+While ranks differ (mid-round for ``local``, always for ``co2``), the model evaluated,
+sampled from and reported is the *mean of the ranks' live parameters* (one exact fp32
+all-reduce per evaluation, counted as control traffic); checkpoints keep every rank's own
+parameters, inner optimizer, anchor, outer momentum and round state.
+
+A checkpoint taken while an average is in flight first completes it (waits, commits the
+error-feedback update) and stores the finished mean; the resumed run consumes that mean
+at the end of the round exactly as the uninterrupted run does, so resume is bitwise exact
+on CPU. Waiting early changes only timing, never values.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+
+from . import accounting
+from .averager import CompressedAverager
+from .sync import SYNC_STRATEGIES, SyncStrategy
+
+
+class OuterSGD:
+    """The outer optimizer on the anchor ``a`` (one tensor per parameter)::
+
+        u_t = clip(d_t)                                  (norm clip by default, or per element)
+        m_t = beta * m_{t-1} + u_t                       (CO2 paper Eq. 3: outer momentum)
+        a_{t+1} = a_t - alpha * (u_t + beta * m_t)       (Nesterov, as torch.optim.SGD)
+        a_{t+1} = a_t - alpha * m_t                      (heavy ball)
+
+    CO2's "outer momentum clipping" bounds what enters the momentum buffer. The public
+    reference computes an element-wise ``torch.clamp`` and discards the result (a no-op);
+    here the clip is applied: by default the global L2 norm of ``d_t`` is scaled down to
+    ``clip`` when larger (``clip_mode=norm``), or each element is clamped to
+    ``[-clip, clip]`` (``clip_mode=value``).
+    """
+
+    def __init__(self, params: list[torch.Tensor], cfg):
+        self.lr, self.beta, self.nesterov = cfg.outer_lr, cfg.outer_momentum, cfg.nesterov
+        self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
+        self.momentum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.clipped = 0
+
+    def clip_(self, d: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.clip_mode == "value":
+            self.clipped += 1 if any(bool((x.abs() > self.clip).any()) for x in d) else 0
+            return [x.clamp_(-self.clip, self.clip) for x in d]
+        norm = global_norm(d)
+        if norm > self.clip:
+            self.clipped += 1
+            scale = self.clip / (norm + 1e-12)
+            for x in d:
+                x.mul_(scale)
+        return d
+
+    def step(self, anchor: list[torch.Tensor], d: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Update ``anchor`` in place; returns the applied step (a_{t+1} - a_t) per tensor."""
+        u = self.clip_(d)
+        steps = []
+        for a, m, g in zip(anchor, self.momentum, u):
+            m.mul_(self.beta).add_(g)
+            upd = g.add(m, alpha=self.beta) if self.nesterov else m.clone()
+            upd.mul_(-self.lr)
+            a.add_(upd)
+            steps.append(upd)
+        return steps
+
+    def state_dict(self) -> dict:
+        return {"momentum": [m.clone() for m in self.momentum], "clipped": self.clipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self.momentum, state["momentum"]):
+            m.copy_(s)
+        self.clipped = state["clipped"]
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def staleness_penalty(d: list[torch.Tensor], last_step: list[torch.Tensor] | None,
+                      strength: float) -> list[float]:
+    """Layer-wise staleness-gap penalty Lambda_t >= 1 (CO2 paper Sec. 3.2, Eq. 4, in the
+    Gap-Aware form of Barkai et al. 2020 that it builds on)::
+
+        Lambda_t^(l) = 1 + strength * ||a_t^(l) - a_{t-1}^(l)|| / ||d_t^(l)||
+
+    The stale pseudo-gradient d_t was computed by ranks that had not yet seen the anchor
+    move from a_{t-1} to a_t; the gap is that move, measured in units of the update
+    itself, so a layer whose anchor moved by a whole pseudo-gradient since is damped by
+    1 + strength. Both norms are identical on every rank (the anchor and the mean are),
+    so the anchor stays identical. ``strength=0`` or the first round: Lambda = 1.
+    """
+    if strength <= 0 or last_step is None:
+        return [1.0] * len(d)
+    out = []
+    for g, s in zip(d, last_step):
+        gn = float(g.norm())
+        out.append(1.0 + strength * float(s.norm()) / gn if gn > 0 else 1.0)
+    return out
+
+
+class _Round:
+    """Parameters, names, and flat views for averaging."""
+
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.sizes = [p.numel() for p in self.params]
+
+    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
+
+
+@SYNC_STRATEGIES.register("local")
+class LocalUpdates(SyncStrategy):
+    """``sync=local``: H local steps, then a synchronous outer step (see module doc)."""
+    needs_grad_allreduce = False
+    ranks_diverge = True
+
+    def __init__(self, cfg, world, meter, model, comm_cfg=None):
+        super().__init__(cfg, world, meter, model, comm_cfg)
+        self.H = cfg.local_steps
+        self.round = 0
+        self.r = _Round(model)
+        self.anchor = [p.detach().float().clone() for p in self.r.params]
+        self.outer = OuterSGD(self.anchor, cfg)
+        group = world.async_group if world.world_size > 1 else None
+        self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
+                                           meter, group=group)
+        self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
+
+    # -- pieces shared with CO2 ----------------------------------------------------
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot)."""
+        return self.r.flat([a - p.detach().float() for a, p in zip(self.anchor, self.r.params)])
+
+    def launch(self, delta: torch.Tensor) -> torch.futures.Future:
+        return self.averager.average_async(self.r.names, self.r.sizes, delta, self.round)
+
+    def outer_step(self, mean_delta: torch.Tensor, penalty: list[float] | None = None) -> list[torch.Tensor]:
+        d = [x.clone() for x in self.r.split(mean_delta)]
+        if penalty is not None:
+            for x, lam in zip(d, penalty):
+                x.div_(lam)
+        return self.outer.step(self.anchor, d)
+
+    def metrics(self, wait_s: float, **extra) -> dict[str, float]:
+        return {"comm_wait_s": wait_s, "outer_round": self.round,
+                "outer_momentum_norm": global_norm(self.outer.momentum), **extra}
+
+    # -- the strategy ----------------------------------------------------------------
+    def after_step(self, step: int) -> dict[str, float]:
+        if (step + 1) % self.H != 0:
+            return {}
+        t0 = time.perf_counter()
+        mean = self.averager.average(self.r.names, self.r.sizes, self.pseudo_gradient(), self.round)
+        self.averager.commit()
+        wait = time.perf_counter() - t0
+        self.outer_step(mean)
+        with torch.no_grad():
+            for p, a in zip(self.r.params, self.anchor):
+                p.copy_(a)
+        self.round += 1
+        stats = self.averager.take_stats()
+        return self.metrics(wait, overlap_fraction=0.0, **stats)
+
+    @contextlib.contextmanager
+    def eval_model(self):
+        """The mean of the ranks' live parameters, swapped in for the duration."""
+        if self.world.world_size == 1:
+            yield self.model
+            return
+        live = self.r.flat(self.r.params)
+        mean = live.clone()
+        accounting.all_reduce(self.meter, mean, kind="control")
+        mean.div_(self.world.world_size)
+        with torch.no_grad():
+            for p, m in zip(self.r.params, self.r.split(mean)):
+                p.copy_(m)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, x in zip(self.r.params, self.r.split(live)):
+                    p.copy_(x)
+
+    def state_dict(self) -> dict:
+        return {"round": self.round, "anchor": [a.clone() for a in self.anchor],
+                "outer": self.outer.state_dict(), "averager": self.averager.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round = state["round"]
+        for a, s in zip(self.anchor, state["anchor"]):
+            a.copy_(s)
+        self.outer.load_state_dict(state["outer"])
+        self.averager.load_state_dict(state["averager"])
+
+
+@SYNC_STRATEGIES.register("co2")
+class CO2(LocalUpdates):
+    """``sync=co2``: the outer average of round t overlaps round t+1 (see module doc)."""
+
+    def __init__(self, cfg, world, meter, model, comm_cfg=None):
+        super().__init__(cfg, world, meter, model, comm_cfg)
+        self.penalty_strength = cfg.staleness_penalty
+        self.snapshot: torch.Tensor | None = None    # Delta_t^i of the round in flight
+        self.future: torch.futures.Future | None = None
+        self.mean: torch.Tensor | None = None         # its result, once waited for
+        self.launched_s = self.done_s = 0.0
+        self.last_step: list[torch.Tensor] | None = None  # a_t - a_{t-1}, for the gap penalty
+
+    def _launch(self) -> None:
+        self.snapshot = self.pseudo_gradient()
+        self.launched_s, self.done_s = time.perf_counter(), 0.0  # done_s: set on gloo's thread
+        if self.cuda_stream is not None:  # NCCL: launch from the side stream
+            self.cuda_stream.wait_stream(torch.cuda.current_stream(self.world.device))
+            with torch.cuda.stream(self.cuda_stream):
+                self.snapshot.record_stream(self.cuda_stream)
+                fut = self.launch(self.snapshot)
+        else:
+            fut = self.launch(self.snapshot)
+        self.future = fut.then(self._mark_done)
+
+    def _mark_done(self, fut: torch.futures.Future) -> torch.Tensor:
+        self.done_s = time.perf_counter()
+        return fut.value()
+
+    def _complete(self) -> float:
+        """Wait for the in-flight average (if any); returns the seconds spent blocked."""
+        if self.future is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.mean = self.future.wait()
+        if self.cuda_stream is not None:
+            torch.cuda.current_stream(self.world.device).wait_stream(self.cuda_stream)
+        self.averager.commit()
+        self.future = None
+        return time.perf_counter() - t0
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if (step + 1) % self.H != 0:
+            return {}
+        consume_s = time.perf_counter()
+        wait = self._complete()
+        out: dict[str, float] = {}
+        if self.mean is not None:
+            if self.done_s and self.launched_s:  # not known for a mean restored from a checkpoint
+                hidden = max(0.0, min(self.done_s, consume_s) - self.launched_s)
+                out["overlap_fraction"] = min(1.0, hidden / max(self.done_s - self.launched_s, 1e-9))
+            gap = global_norm(self.last_step) if self.last_step is not None else 0.0
+            penalty = staleness_penalty(self.r.split(self.mean), self.last_step, self.penalty_strength)
+            self.last_step = self.outer_step(self.mean, penalty)
+            with torch.no_grad():  # w_i += a_{t+1} - y_t^i, with y_t^i = a_t - Delta_t^i
+                for p, s, delta in zip(self.r.params, self.last_step, self.r.split(self.snapshot)):
+                    p.add_(s.to(p.dtype)).add_(delta.to(p.dtype))
+            self.mean, self.snapshot = None, None
+            out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
+        self.round += 1
+        self._launch()
+        return self.metrics(wait, **out, **self.averager.take_stats())
+
+    def close(self) -> None:
+        self._complete()
+
+    def state_dict(self) -> dict:
+        self._complete()  # a checkpoint holds the finished mean, never a live handle
+        state = super().state_dict()
+        state.update({"snapshot": self.snapshot, "mean": self.mean,
+                      "last_step": None if self.last_step is None else [s.clone() for s in self.last_step]})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.snapshot, self.mean, self.last_step = state["snapshot"], state["mean"], state["last_step"]
+        self.future, self.launched_s, self.done_s = None, 0.0, 0.0
