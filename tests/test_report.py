@@ -95,14 +95,14 @@ def test_sweep_directory_expands(tmp_path):
     sweep = tmp_path / "multirun" / "2024-01-01" / "12-00-00"
     for n, ratio in enumerate((1.0, 0.5, 0.25)):
         write_run(sweep / str(n), losses=[2.0, 1.5], step_time=[1.0, 1.0], wire=[int(1000 * ratio)] * 2,
-                  overrides=[f"comm.ratio={ratio}"])
+                  overrides=["comm=topk", f"comm.ratio={ratio}", "trainer.max_steps=2"])
     os.makedirs(sweep / ".hydra")  # the sweep's own Hydra files are not a run
     out = tmp_path / "rep"
     assert main([str(tmp_path / "multirun"), "--out", str(out)]) == 0
     rows = md_rows(out / "summary.md")
     assert list(rows) == ["0", "1", "2"]
     assert [float(r["wire vs first"]) for r in rows.values()] == pytest.approx([1.0, 0.5, 0.25])
-    assert rows["1"]["overrides"] == "comm.ratio=0.5"
+    assert rows["1"]["overrides"] == "comm.ratio=0.5"  # what the runs share is left out
 
 
 def test_colliding_names_get_parent(tmp_path):

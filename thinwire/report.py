@@ -186,9 +186,12 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
 
 
 def _with_overrides(runs: list[Run], columns, rows):
+    """An ``overrides`` column: what each run was started with, less what all runs share."""
     if not any(r.overrides for r in runs):
         return list(columns), rows
-    return list(columns) + ["overrides"], [row + [" ".join(r.overrides)] for row, r in zip(rows, runs)]
+    common = set.intersection(*(set(r.overrides) for r in runs)) if len(runs) > 1 else set()
+    cells = [" ".join(o for o in r.overrides if o not in common) for r in runs]
+    return list(columns) + ["overrides"], [row + [c] for row, c in zip(rows, cells)]
 
 
 def markdown_table(columns, rows) -> str:
