@@ -104,8 +104,6 @@ def test_optimizer_plugin_steps_at_half_the_rate(site):
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="trainer validation checks comm.name against thinwire.comm.hooks."
-                   "comm_names(), which omits entry-point compressors (library use works)")
 def test_compressor_plugin_in_trainer_config(site):
     p = run_py(site, """
         from thinwire.trainer.config import compose

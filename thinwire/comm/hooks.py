@@ -151,10 +151,11 @@ def _plain(**cfg) -> tuple[HookState, Callable]:
 
 
 def comm_names() -> list[str]:
-    """Every valid ``comm`` name: the registered hooks and every compressor."""
-    from .compressors import COMPRESSORS
+    """Every valid ``comm`` name: the registered hooks and every compressor, built in or
+    from the ``thinwire.compressors`` entry points."""
+    from .compressors import COMPRESSORS, _plugins
 
-    return sorted(set(HOOKS.names()) | set(COMPRESSORS))
+    return sorted(set(HOOKS.names()) | set(COMPRESSORS) | set(_plugins()))
 
 
 def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:

@@ -183,7 +183,7 @@ class LocalUpdates(SyncStrategy):
         return self.outer.step(self.anchor, d)
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
-        return {"comm_wait_s": wait_s, "outer_round": self.round,
+        return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
                 "outer_momentum_norm": global_norm(self.outer.momentum), **extra}
 
     # -- the strategy ----------------------------------------------------------------
