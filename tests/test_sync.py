@@ -217,3 +217,16 @@ def test_co2_converges_within_5_percent_of_local(tmp_path):
         assert p.returncode == 0, p.stderr[-3000:]
         final[name] = rows(tmp_path / name)[-1]["val_loss"]
     assert final["co2"] <= 1.05 * final["local"], final
+
+
+def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(tmp_path):
+    """Ranks step independently within a round: no per-step collective; rank 0 skips its
+    poisoned step, counts it, and the outer rounds go on with finite parameters."""
+    p = run_cli(*TINY, "sync=co2", "trainer.faults.nan_at=6", "trainer.faults.rank=0",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = rows(tmp_path)
+    assert [x["skipped_steps"] for x in r] == [0] * 5 + [1] * 11
+    assert all(x["control_bytes"] == 0 for x in r if "val_loss" not in x)  # nothing agreed per step
+    for rank in (0, 1):
+        assert all(torch.isfinite(v).all() for v in rank_params(tmp_path, 16, rank).values())

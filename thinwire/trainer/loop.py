@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -140,7 +141,15 @@ class Trainer:
     # -- one step ------------------------------------------------------------------
     def agree(self, loss: torch.Tensor, finite: bool) -> tuple[float, bool]:
         """One control all-reduce carries both the loss (for logging) and the non-finite
-        flag, so every rank skips a step together."""
+        flag, so every rank skips a step together.
+
+        Under local updates / CO2 (``sync.ranks_diverge``) ranks step independently within a
+        round, so there is nothing to agree on per step: a rank skips its own non-finite
+        step, no per-step collective adds a link round trip, and the loss logged is rank
+        0's own."""
+        if self.sync.ranks_diverge:
+            value = float(loss)
+            return value, finite and math.isfinite(value)
         packet = torch.tensor([float(loss), 0.0 if finite else 1.0], dtype=torch.float64,
                               device=self.world.device)
         t0 = time.perf_counter()
@@ -197,10 +206,12 @@ class Trainer:
             record = self.train_step(step)
             done = step + 1
             if self.skipped > t.max_skipped_steps:
-                self.save(done)  # nothing changed since the last good step: this is its state
+                if not self.sync.ranks_diverge:  # ranks agreed: all of them save together
+                    self.save(done)  # nothing changed since the last good step: this is its state
+                where = (f"on rank {self.world.rank}; resume from the newest checkpoint"
+                         if self.sync.ranks_diverge else "the last good state is checkpointed")
                 raise NonFiniteError(f"trainer.max_skipped_steps={t.max_skipped_steps}: {self.skipped} "
-                                     f"consecutive steps had non-finite gradients (step {done}); "
-                                     f"the last good state is checkpointed")
+                                     f"consecutive steps had non-finite gradients (step {done}); {where}")
             if done % t.eval_every == 0 or done == t.max_steps:
                 with self.sync.eval_model() as model:
                     record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
