@@ -83,6 +83,15 @@ BAD = [
     (["experiment=minilm_genre", "model.path=/nonexistent/model"], "model.path=/nonexistent/model"),
     (["trainer.resume=/nonexistent/ckpt"], "trainer.resume=/nonexistent/ckpt"),
     (["trainer.max_steps=ten"], "trainer.max_steps"),
+    (["optim=mezo", "optim.zo_eps=0"], "optim.zo_eps=0"),
+    (["optim=mezo", "optim.zo_accum=3"], "optim.zo_accum=3"),
+    (["optim=zo_dist", "optim.zo_mode=ring"], "optim.zo_mode=ring"),
+    (["optim=zo_dist", "optim.zo_samples=-1"], "optim.zo_samples=-1"),
+    (["optim=mezo", "comm=topk"], "comm=topk"),
+    (["optim=zo_dist", "sync=co2"], "sync=co2"),
+    (["peft=lora_ga", "peft.ga_batches=0"], "peft.ga_batches=0"),
+    (["peft=lora_ga", "peft.ga_direction=BrAr"], "peft.ga_direction=BrAr"),
+    (["peft=lora_ga", "peft.ga_init=magic"], "peft.ga_init=magic"),
 ]
 
 

@@ -21,3 +21,6 @@ def no_adapter(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None
 
 def apply_peft(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None) -> torch.nn.Module:
     return PEFT_METHODS.get(cfg.name, "peft")(cfg, model, data=data, world=world, meter=meter)
+
+
+from . import lora  # noqa: E402,F401  registers lora and lora_ga (PEFT imported on use)

@@ -126,3 +126,15 @@ class AdamWPlugin(BackpropPlugin):
 
 def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
     return OPTIMIZERS.get(cfg.name, "optim")(cfg, model, **kw)
+
+
+def check_plugin_config(cfg) -> None:
+    """Range checks of the zeroth-order and adapter fields (called from ``trainer.validate``)."""
+    from . import lora, mezo
+
+    mezo.check_config(cfg)
+    lora.check_config(cfg)
+
+
+# built-in forward-only plugins register themselves on import (after the base classes exist)
+from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)

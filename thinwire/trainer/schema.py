@@ -139,6 +139,7 @@ class PeftSchema:
     ga_direction: str = "ArB2r"      # lora_ga: ArB2r | A2rBr | ArBr | random
     ga_scale: str = "stable"         # lora_ga: stable | weight_svd | gd_scale | unit
     ga_gamma: int = 16               # lora_ga: gamma of the stable scaling
+    ga_init: str = "paper"           # lora_ga: paper (authors' reference) | peft (PEFT 0.21's variant)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""Data-parallel zeroth-order optimisation with shared randomness ("Just One Byte",
+Zelikman et al. 2023, extending MeZO): ranks exchange scalars, never gradients.
+
+``optim.zo_mode``:
+
+- ``shared``: every rank perturbs along the same z(s(step)) on its own batch and the
+  projected gradients are all-reduced (mean): one fp32 per sample, 4 bytes in, the same
+  as ``optim=mezo`` on p ranks.
+- ``per_rank`` (default): rank i perturbs along its own z(s(step, i)); the p projected
+  gradients are all-gathered as one int8 each and every rank, the sender included,
+  applies ``theta -= lr/p * sum_i q(g_i) z(s(step, i))`` with the same dequantised q(g_i)
+  (Zelikman et al., Algorithm 1 with the seed-and-scalar exchange of Section 3).
+  Each rank's message is 3 bytes: its int8 q and its loss as fp16 (for logging: the
+  trainer's control packet is not needed, see ``MeZOPlugin.agreement``); a ring
+  all-gather sends 3 (p-1) bytes per rank (3 at p = 2, 6 at p = 3).
+
+Quantisation scale, agreed without sending it: q(g) = clamp(round(g / delta), -127, 127)
+with delta a power of two held in the plugin state. After each step every rank sees the
+same gathered bytes, so every rank updates delta by the same rule: the largest |q| hit
+the clamp -> delta *= 2; it used fewer than 5 bits (< 32) -> delta /= 2. The largest
+value of the next step then keeps 5-7 bits, and no byte is spent on the scale. A
+non-finite g is sent as -128, so every rank sees it and skips the step together.
+
+Bitwise identity: adding then removing eps z is not exactly reversible in floating
+point, and with per-rank seeds every rank would be left with a different rounding
+residue. So every rank replays the parameter arithmetic of every rank's perturbation
+cycle, in rank order, and evaluates the model only inside its own: the parameters
+follow the same float operations everywhere (cost: p noise passes, no extra forwards).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..comm import accounting
+from .mezo import MeZOPlugin, add_noise, decay, perturbation_cycle, split_batch, zo_seed
+from .plugins import OPTIMIZERS
+
+QMAX = 127
+NONFINITE = -128
+
+
+def quantise(g: torch.Tensor, delta: float) -> torch.Tensor:
+    """fp32 projected gradients -> int8 multiples of ``delta`` (-128 marks non-finite)."""
+    q = torch.clamp(torch.round(g.double() / delta), -QMAX, QMAX)
+    q = torch.where(torch.isfinite(g), q, torch.full_like(q, NONFINITE))
+    return q.to(torch.int8)
+
+
+def dequantise(q: torch.Tensor, delta: float) -> torch.Tensor:
+    return q.to(torch.float32) * delta
+
+
+def next_delta(q: torch.Tensor, delta: float) -> float:
+    """The scale rule every rank applies to the same gathered bytes (see the module doc)."""
+    finite = q[q != NONFINITE]
+    if finite.numel() == 0:
+        return delta
+    m = int(finite.abs().max())
+    if m >= QMAX:
+        return delta * 2.0
+    if m < 32 and delta > 2.0 ** -100:
+        return delta * 0.5
+    return delta
+
+
+@OPTIMIZERS.register("zo_dist")
+class ZODistPlugin(MeZOPlugin):
+    """``optim=zo_dist``; state = step counter + quantisation scale, identical on all ranks."""
+
+    def __init__(self, cfg, model, **kw):
+        super().__init__(cfg, model, **kw)
+        self.shared_seed = cfg.zo_mode == "shared"
+        self.delta = float(cfg.zo_qstep)
+        self.q: torch.Tensor | None = None      # gathered bytes of this step, [p, samples]
+
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        if self.shared_seed:
+            return super().compute(forward_model, batch)
+        c = self.cfg
+        micro = split_batch(batch, c.zo_accum)
+        was_training = forward_model.training
+        forward_model.eval()
+        g, losses = [], []
+        for k in range(c.zo_samples):
+            for j in range(self.world_size):
+                seed = zo_seed(c.zo_seed, self.t, k, j)
+                out = perturbation_cycle(forward_model, self.params, seed, c.zo_eps, c.zo_chunk,
+                                         micro if j == self.rank else None)
+                if out is not None:
+                    g.append((out[0] - out[1]) / (2 * c.zo_eps))
+                    losses.append((out[0] + out[1]) / 2)
+        forward_model.train(was_training)
+        loss = torch.stack(losses).mean()
+        # message = [q_1 .. q_n, loss as the 2 bytes of an fp16], int8 throughout
+        mine = torch.cat([quantise(torch.stack(g).float(), self.delta),
+                          loss.detach().to(torch.float16).reshape(1).view(torch.int8)])
+        n = mine.numel()
+        gathered = torch.empty(self.world_size * n, dtype=torch.int8, device=mine.device)
+        accounting.all_gather_into(self.meter, gathered, mine, kind="data")
+        rows = gathered.view(self.world_size, n).cpu()
+        self.q = rows[:, :c.zo_samples].contiguous()
+        self.grads = dequantise(self.q, self.delta)
+        losses_all = rows[:, c.zo_samples:].contiguous().view(torch.float16).float()
+        self.loss_mean = float(losses_all.double().sum()) / self.world_size
+        return loss
+
+    def local_finite(self) -> bool:
+        if self.shared_seed:
+            return super().local_finite()
+        return self.q is not None and bool((self.q != NONFINITE).all())
+
+    def apply(self, step: int) -> dict[str, float]:
+        if self.shared_seed:
+            return super().apply(step)
+        lr, c, p = self.lr(step), self.cfg, self.world_size
+        decay(self.params, self.mask, 1.0 - lr * c.weight_decay)
+        for k in range(c.zo_samples):
+            for j in range(p):
+                coeff = float(self.grads[j, k])
+                if coeff != 0.0:
+                    add_noise(self.params, zo_seed(c.zo_seed, self.t, k, j), -lr * coeff / (p * c.zo_samples),
+                              c.zo_chunk)
+        out = {"lr": lr, "zo_grad": float(self.grads.mean()), "zo_qstep": self.delta}
+        self.delta = next_delta(self.q, self.delta)
+        self.end_step()
+        return out
+
+    def end_step(self) -> None:
+        super().end_step()
+        self.q = None
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "qstep": self.delta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t = int(state["t"])
+        self.delta = float(state.get("qstep", self.cfg.zo_qstep))
