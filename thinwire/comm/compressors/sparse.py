@@ -127,10 +127,12 @@ class TopKCompressor(Compressor):
     """Top-K sparsification (Stich et al. 2018; Aji & Heafield 2017): keep the
     k = ceil(ratio * n) entries of largest |x|, send (values, indices).
 
-    ``value_dtype`` defaults to ``"fp16"``: the kept entries are the *largest*
-    magnitudes, so fp16's narrow range only matters above 65504 - values are saturated
-    there rather than sent as inf - and its 11-bit significand (rel. error <= 2^-11)
-    is far below the error the dropped 1 - ratio of the tensor already makes; it cuts
+    ``value_dtype`` defaults to ``"fp16"``, *scaled*: values are divided by the largest
+    kept |value| (one fp32 scale per tensor, 4 bytes), so neither fp16's overflow at
+    65504 nor its underflow below 6e-8 can bite - unscaled fp16 made Top-K 10% + EF
+    diverge under SGD momentum (docs/comm.md) - and its 11-bit significand (rel. error
+    <= 2^-11 of the largest entry) is far below the error the dropped 1 - ratio of the
+    tensor already makes; it cuts
     bytes per entry from 8 to 6 (4 with ``index_coding="offset16"``), the difference
     between 1/12.5 and 1/16.7 (1/25) of a bf16 all-reduce at 4 ranks and 1 %.
     ``approximate=True``: DGC-style sampled threshold, see :func:`approx_topk_indices`.
@@ -158,20 +160,29 @@ class TopKCompressor(Compressor):
     def _compress(self, flat, shape, dtype, step):
         idx = _sorted_if_coded(self.select(flat, step), self.index_coding)
         vdt = _VALUE_DTYPES[self.value_dtype]
-        vals = flat[idx]
-        if vdt == torch.float16:
-            vals = vals.float().clamp_(-65504.0, 65504.0)
-        t = {"values": vals.to(vdt)}
+        vals = flat[idx].float()
+        t = {}
+        if vdt == torch.float16:  # scaled: the largest |value| maps to 1
+            scale = vals.abs().max().clamp_min(torch.finfo(torch.float32).tiny) if vals.numel() else \
+                torch.ones((), device=vals.device)
+            vals = vals / scale
+            t["scale"] = scale.reshape(1)
+        t["values"] = vals.to(vdt)
         t.update(encode_indices(idx, flat.numel(), self.index_coding))
         return Payload(t, shape, dtype)
 
+    @staticmethod
+    def _values(p) -> torch.Tensor:
+        vals = p.tensors["values"].float()
+        return vals * p.tensors["scale"] if "scale" in p.tensors else vals
+
     def _decompress(self, p):
         out = torch.zeros(p.numel, dtype=torch.float32, device=p.tensors["values"].device)
-        out[decode_indices(p.tensors)] = p.tensors["values"].float()
+        out[decode_indices(p.tensors)] = self._values(p)
         return out
 
     def accumulate(self, p, out):
-        return out.index_add_(0, decode_indices(p.tensors), p.tensors["values"].float())
+        return out.index_add_(0, decode_indices(p.tensors), self._values(p))
 
 
 class RandKCompressor(Compressor):
