@@ -11,6 +11,7 @@ compress tensors of the same shape in the same order).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -112,7 +113,7 @@ def blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.view(-1, block_size)
 
 
-class Compressor:
+class Compressor(ABC):
     """Base class.  Subclasses set ``name`` and the algebra flags the collective reads:
 
     * ``summable``: payloads of different ranks add elementwise in the compressed domain
@@ -170,11 +171,13 @@ class Compressor:
         return out.add_(self._decompress(p).reshape(-1).float())
 
     # subclasses implement these on the flattened tensor
-    def _compress(self, flat, shape, dtype, step) -> Payload:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _compress(self, flat, shape, dtype, step) -> Payload:
+        """The payload of the flattened tensor ``flat`` (of ``shape``/``dtype``) at ``step``."""
 
-    def _decompress(self, p: Payload) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _decompress(self, p: Payload) -> torch.Tensor:
+        """The flat fp32 tensor that payload ``p`` stands for."""
 
     def _check_input(self, t: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
