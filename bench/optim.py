@@ -1,6 +1,7 @@
 """Optimizer-plugin benchmarks on the pretrained MiniLM + Shakespeare comedy/tragedy lines.
 
     python bench/optim.py memory              # (1) peak tensor bytes: inference / MeZO / AdamW step
+    python bench/optim.py align               # (2a) first-step alignment with full fine-tuning
     python bench/optim.py lora  --steps 60    # (2) LoRA-GA vs LoRA: steps to LoRA's final loss
     python bench/optim.py quality --seconds 120   # (3) MeZO vs AdamW at equal wall time
     python bench/optim.py all                 # everything; writes bench/results/optim.md
@@ -11,6 +12,9 @@ CPU allocations and frees that torch.profiler(profile_memory=True) records durin
 (leaf ``self_cpu_memory_usage`` of every op and the ``[memory]`` events, in time
 order). The AdamW step is the first one, so gradients and both moment buffers are
 allocated inside the measured window. Allocator caching and Python objects do not count.
+
+(2a) runs in-process on the same model: the cosine between the first plain-SGD step's change of the effective weights W + s B A and minus the full fine-tuning
+gradient, on a batch the LoRA-GA estimate did not see, averaged over adapted layers.
 
 (2) and (3) run the real trainer (``python -m thinwire.train``) on one process and read
 its metrics.jsonl.
@@ -91,6 +95,53 @@ def memory_table() -> list[str]:
     return lines
 
 
+# ---- (2a) first-step alignment ------------------------------------------------------------
+def first_step_cosine(variant: str) -> float:
+    import copy
+
+    import torch
+
+    from thinwire.data.shakespeare import ShakespeareLines
+    from thinwire.models.hf import build_hf_classifier
+    from thinwire.optim.peft import apply_peft
+    from thinwire.trainer.config import compose
+
+    name, ga_init = {"lora": ("lora", "paper"), "lora_ga": ("lora_ga", "paper"),
+                     "lora_ga (PEFT init)": ("lora_ga", "peft")}[variant]
+    cfg = compose(BASE + [f"peft={name}", "peft.r=8", "peft.modules_to_train=[head]", f"peft.ga_init={ga_init}"])
+    data = ShakespeareLines(cfg.data.batch_size, cfg.data.max_length, tokenizer=cfg.data.tokenizer)
+    torch.manual_seed(0)
+    base = build_hf_classifier(data.info, cfg.model.path, dropout=0.0)
+    batch = data.train_batch(0)  # the first training batch; the estimate uses batches -1, -2, ...
+    full = copy.deepcopy(base)
+    full(**batch).backward()
+    grads = {n[: -len(".weight")]: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    torch.manual_seed(1)
+    model = apply_peft(cfg.peft, base, data=data)
+    layers = {n[: -len(".base_layer")]: model.get_submodule(n[: -len(".base_layer")])
+              for n, _ in model.named_modules() if n.endswith(".base_layer")}
+
+    def effective():
+        return {n: (lm.base_layer.weight + lm.scaling["default"] * lm.lora_B["default"].weight
+                    @ lm.lora_A["default"].weight).detach().clone() for n, lm in layers.items()}
+
+    before = effective()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model(**batch).backward()
+    opt.step()
+    after = effective()
+    cos = [torch.nn.functional.cosine_similarity((after[n] - before[n]).flatten(), -grads[n].flatten(), dim=0)
+           for n in layers]
+    return float(torch.stack(cos).mean())
+
+
+def align_table() -> list[str]:
+    rows = ["| adapter | cosine(first step, full FT gradient) |", "|---|---:|"]
+    for variant in ("lora", "lora_ga", "lora_ga (PEFT init)"):
+        rows.append(f"| {variant} | {first_step_cosine(variant):.3f} |")
+    return rows
+
+
 # ---- (2), (3): trainer runs ------------------------------------------------------------
 def train(*overrides: str) -> list[dict]:
     run_dir = tempfile.mkdtemp(prefix="thinwire-bench-")
@@ -125,7 +176,8 @@ def quality_table(seconds: float, probe_steps: int = 5) -> list[str]:
     time, then each runs as many steps as fit; the table reports the val loss at the end."""
     rows = ["| optimizer | steps in budget | s/step | final val loss |", "|---|---:|---:|---:|"]
     for name, extra in (("mezo", ["optim=mezo", "optim.lr=1e-5", "optim.zo_eps=1e-3"]),
-                        ("adamw", ["optim=adamw", "optim.lr=5e-5"])):
+                        # the encoder's pooler is unused (mean pooling): DDP must be told
+                        ("adamw", ["optim=adamw", "optim.lr=5e-5", "engine.find_unused_parameters=true"])):
         probe = train(*extra, f"trainer.max_steps={probe_steps}", f"trainer.eval_every={probe_steps}")
         per_step = sum(r["step_time_s"] for r in probe[1:]) / max(1, len(probe) - 1)
         steps = max(1, int(seconds / per_step))
@@ -137,7 +189,7 @@ def quality_table(seconds: float, probe_steps: int = 5) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["memory", "lora", "quality", "all", "_measure"])
+    ap.add_argument("what", choices=["memory", "align", "lora", "quality", "all", "_measure"])
     ap.add_argument("mode", nargs="?")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seconds", type=float, default=120.0)
@@ -148,6 +200,9 @@ def main() -> None:
     parts = []
     if a.what in ("memory", "all"):
         parts += ["### (1) Peak tensor memory, MiniLM, batch 16 x 48 tokens", "", *memory_table(), ""]
+    if a.what in ("align", "all"):
+        parts += ["### (2a) First-step alignment with full fine-tuning, MiniLM, r 8, held-out batch", "",
+                  *align_table(), ""]
     if a.what in ("lora", "all"):
         parts += [f"### (2) LoRA-GA vs LoRA, AdamW lr 1e-3, r 8, {a.steps} steps", "", *lora_table(a.steps), ""]
     if a.what in ("quality", "all"):
