@@ -85,6 +85,8 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

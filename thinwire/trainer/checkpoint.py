@@ -94,7 +94,9 @@ class Checkpointer:
         self.root = os.path.join(run_dir, "checkpoints")
         self.world = world
 
-    def save(self, step: int, common: dict, shard: dict) -> str:
+    def save(self, step: int, common: dict, shard: dict, extra=None) -> str:
+        """``extra(dir)``, when given, is called on every rank to add its own files (DeepSpeed's
+        sharded checkpoint) before the directory is marked complete."""
         final = os.path.join(self.root, f"step_{step:08d}")
         partial = final + ".partial"
         if self.world.is_main:
@@ -102,6 +104,8 @@ class Checkpointer:
             os.makedirs(partial, exist_ok=True)
         self._barrier()
         _atomic_save(shard, os.path.join(partial, f"rank{self.world.rank:05d}.pt"))
+        if extra is not None:
+            extra(partial)
         if self.world.is_main:
             _atomic_save({"version": FORMAT_VERSION, "step": step, **common}, os.path.join(partial, "common.pt"))
         self._barrier()

@@ -49,6 +49,16 @@ class DDPEngine:
                                           meter=meter, model=model, auto_commit=False, **fields)
         self.forward_model.register_comm_hook(self.hook_state, hook)
 
+    def attach(self, plugin, batch_size: int):
+        """The plugin the loop drives (DeepSpeed wraps it; DDP leaves it as it is)."""
+        return plugin
+
+    def save_extra(self, directory: str) -> None:
+        """Engine-owned files written into the checkpoint directory (DeepSpeed's shards)."""
+
+    def load_extra(self, directory: str, same_world: bool) -> None:
+        pass
+
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
         """Time backward spent waiting for buckets after the last one was launched: the part
         of the gradient communication that compute did not hide."""
@@ -87,3 +97,8 @@ def build_engine(cfg, model, world, meter, comm_cfg, *, grad_sync: bool):
 
 def now() -> float:
     return time.perf_counter()
+
+
+from .deepspeed_engine import DeepSpeedEngine  # noqa: E402  (deepspeed itself is imported on use)
+
+ENGINES.register("deepspeed")(DeepSpeedEngine)

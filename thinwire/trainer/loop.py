@@ -69,6 +69,7 @@ class Trainer:
         grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce
         self.engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm, grad_sync=grad_sync)
         self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
+        self.plugin = self.engine.attach(self.plugin, cfg.data.batch_size)  # DeepSpeed takes over the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
@@ -95,7 +96,7 @@ class Trainer:
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
         shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
         (shard if per_rank else common).update(model_state)
-        path = self.ckpt.save(step, common, shard)
+        path = self.ckpt.save(step, common, shard, extra=self.engine.save_extra)
         self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
         return path
 
@@ -122,6 +123,7 @@ class Trainer:
         src = shard if "model" in shard else common
         self.model.load_state_dict(src["model"])
         self.plugin.load_state_dict(src["optim"])
+        self.engine.load_extra(path, same_world)
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])
         if same_world:

@@ -121,12 +121,21 @@ def validate(cfg: DictConfig) -> None:
 
     _registry(ENGINES, cfg.engine.name, "engine")
     _positive(cfg, "engine", "bucket_cap_mb")
+    _check_engine(cfg)
     _registry(PEFT_METHODS, cfg.peft.name, "peft")
     check_plugin_config(cfg)  # zo_* and peft adapter fields (thinwire.optim)
     if "mode" in cfg.logger:
         _in(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
 
     _check_resume(cfg)
+
+
+def _check_engine(cfg: DictConfig) -> None:
+    """engine=deepspeed: the combinations it supports (thinwire.trainer.deepspeed_engine)."""
+    if cfg.engine.name == "deepspeed":
+        from .deepspeed_engine import check_config
+
+        check_config(cfg)
 
 
 def _check_model(cfg: DictConfig) -> None:
