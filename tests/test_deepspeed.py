@@ -1,0 +1,192 @@
+"""engine=deepspeed: ZeRO-1/2 under thinwire's loop (CPU, gloo, a torch optimizer, so
+nothing JIT-compiles): equals engine=ddp, skips non-finite steps like it, resumes from
+its own sharded checkpoint, and rejects what it does not support with exit status 2."""
+import json
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import run_cli, run_ranks
+
+pytest.importorskip("deepspeed")
+
+VOCAB, BLOCK, B, STEPS, NAN_STEP = 20, 8, 4, 6, 3
+
+
+def make_model():
+    from thinwire.data.base import DataInfo
+    from thinwire.models.gpt import build_gpt
+
+    torch.manual_seed(0)
+    return build_gpt(DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
+
+
+def batch(step, rank):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, VOCAB, (2 * B, BLOCK), generator=g)[rank * B:(rank + 1) * B]
+    return {"x": x, "y": torch.roll(x, -1, dims=1)}
+
+
+def train(rank, world_size, engine_name, stage):
+    """What the loop does per step, with rank 0's gradients poisoned in step NAN_STEP."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.optim.plugins import AdamWPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", None)
+    model, meter = make_model(), WireMeter()
+    cfg = OmegaConf.create({"name": engine_name, "bucket_cap_mb": 0.01, "gradient_as_bucket_view": True,
+                            "find_unused_parameters": False,
+                            "deepspeed": {"zero_optimization": {"stage": stage}}})
+    optim = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
+                              "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "grad_clip": 0.5})
+    engine = build_engine(cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=True)
+    plugin = engine.attach(AdamWPlugin(optim, model, max_steps=STEPS), B)
+    meter.take_step()
+    losses, wire, norms = [], [], []
+    for step in range(STEPS):
+        handles = [p.register_hook(lambda g: torch.full_like(g, float("nan"))) for p in model.parameters()] \
+            if (rank == 0 and step == NAN_STEP) else []
+        loss = plugin.compute(engine.forward_model, batch(step, rank))
+        for h in handles:
+            h.remove()
+        flag = torch.tensor([0.0 if plugin.local_finite() else 1.0])
+        dist.all_reduce(flag)
+        if flag.item() == 0:
+            norms.append(plugin.apply(step)["grad_norm"])
+            engine.commit()
+        else:
+            plugin.discard()
+            engine.discard()
+        losses.append(float(loss))
+        wire.append(meter.take_step().get("data", 0))
+    # ZeRO shards AdamW's state: this rank holds moments for about half of the elements
+    state = sum(s["exp_avg"].numel() for s in (engine.ds.optimizer.optimizer.state.values()
+                                                if engine_name == "deepspeed" else plugin.optimizer.state.values()))
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses,
+            "wire": wire, "norms": norms, "numel": engine.numel, "state_numel": state}
+
+
+def ddp_and_zero(rank, world_size):
+    """One spawn for the three runs: process start and imports dominate on a busy CPU."""
+    return {name: train(rank, world_size, engine, stage)
+            for name, engine, stage in [("ddp", "ddp", 0), ("zero1", "deepspeed", 1), ("zero2", "deepspeed", 2)]}
+
+
+def test_zero1_and_zero2_match_ddp_and_skip_nonfinite_steps(tmp_path):
+    from thinwire.comm.accounting import ring_allreduce_bytes
+
+    results = run_ranks(ddp_and_zero, 2, tmp_path)
+    for stage in ("zero1", "zero2"):
+        for r in results:
+            d, z = r["ddp"], r[stage]
+            assert len(z["norms"]) == STEPS - 1  # the poisoned step was skipped on both ranks
+            torch.testing.assert_close(z["losses"], d["losses"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(z["norms"], d["norms"], rtol=1e-4, atol=1e-6)
+            for k, v in d["params"].items():
+                torch.testing.assert_close(z["params"][k], v, rtol=1e-5, atol=1e-6)
+            # fp32 reduce-scatter + all-gather = one fp32 ring all-reduce; the skipped step
+            # reduced its gradients but gathered no parameters
+            full = ring_allreduce_bytes(z["numel"], 4, 2)
+            assert z["wire"] == [full if s != NAN_STEP else full // 2 for s in range(STEPS)], stage
+        assert results[0]["ddp"]["state_numel"] == results[0]["ddp"]["numel"]
+        assert all(abs(r[stage]["state_numel"] - r[stage]["numel"] / 2) < 64 for r in results)
+        for k in results[0][stage]["params"]:
+            assert torch.equal(results[0][stage]["params"][k], results[1][stage]["params"][k])
+
+
+BASE = ["engine=deepspeed", "experiment=tiny", "trainer.max_steps=12", "trainer.checkpoint_every=4",
+        "trainer.eval_every=6", "model.dropout=0.1", "optim.grad_clip=0.5"]
+
+
+def metrics(run_dir):
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def stop_and_resume(rank, world_size, root, stage):
+    """The trainer in-process, three times on one process group: the whole run, a run stopped
+    after step 6, and its continuation from the newest checkpoint (trainer.resume=auto)."""
+    from thinwire.trainer.config import compose
+    from thinwire.trainer.loop import train
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", None)
+    base = [*BASE, f"engine.deepspeed.zero_optimization.stage={stage}"]
+    train(compose([*base, f"hydra.run.dir={root}/full"]), world)
+    train(compose([*base, f"hydra.run.dir={root}/split", "trainer.stop_after=6"]), world)
+    train(compose([*base, f"hydra.run.dir={root}/split", "trainer.resume=auto"]), world)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_from_deepspeed_checkpoint_continues_bitwise(tmp_path, stage):
+    run_ranks(stop_and_resume, 2, tmp_path, str(tmp_path), stage)
+    full, split = tmp_path / "full", tmp_path / "split"
+    ckpt = split / "checkpoints" / "step_00000006"
+    assert (ckpt / "COMPLETE").exists()
+    assert {f.name for f in (ckpt / "deepspeed").iterdir()} >= {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    a, b = metrics(full), metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for key in ("loss", "val_loss", "grad_norm", "lr"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    pa = torch.load(full / "checkpoints" / "step_00000012" / "common.pt", weights_only=False)["model"]
+    pb = torch.load(split / "checkpoints" / "step_00000012" / "common.pt", weights_only=False)["model"]
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+CONTRACT = {"step", "loss", "lr", "step_time_s", "comm_wait_s", "wire_bytes", "dense_bytes", "tokens_per_s"}
+
+
+def test_self_launched_then_resumed_under_torchrun(tmp_path):
+    """Both launchers: thinwire-train starts its workers and stops after step 4 (bf16
+    gradients on the wire); torchrun continues the run from that checkpoint."""
+    args = [*BASE, "trainer.max_steps=8", "engine.deepspeed.communication_data_type=bf16",
+            f"hydra.run.dir={tmp_path}"]
+    p = run_cli(*args, "dist.nproc=2", "trainer.stop_after=4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "thinwire.train"]
+    p = run_cli(*args, "trainer.resume=auto", launcher=torchrun)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at step 4" in p.stdout
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        assert CONTRACT <= r.keys(), CONTRACT - r.keys()
+        # bf16 reduce-scatter + fp32 all-gather: 3/4 of the fp32 all-reduce, plus the control
+        # packet (and the evaluation's 16-byte reduction on eval steps)
+        data = r["wire_bytes"] - r["control_bytes"] - (16 if "val_loss" in r else 0)
+        assert data == pytest.approx(0.75 * r["dense_bytes"], abs=2)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+REJECTED = [
+    (["comm=int8"], "comm=int8"),
+    (["comm=topk", "comm.feedback=ef"], "comm=topk"),
+    (["sync=local"], "sync=local"),
+    (["sync=co2"], "sync=co2"),
+    (["optim=mezo"], "optim=mezo"),
+    (["engine.deepspeed.zero_optimization.stage=3"], "engine.deepspeed.zero_optimization.stage=3"),
+    (["+engine.deepspeed.optimizer.type=Adam"], "engine.deepspeed.optimizer="),
+    (["engine.deepspeed.gradient_clipping=2.0", "optim.grad_clip=1.0"], "engine.deepspeed.gradient_clipping=2.0"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", REJECTED, ids=[" ".join(o) for o, _ in REJECTED])
+def test_unsupported_combinations_exit_2_with_one_line(overrides, needle, capsys, tmp_path):
+    from thinwire.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["engine=deepspeed", "experiment=tiny", *overrides, f"hydra.run.dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err and "engine=deepspeed works with sync=ddp, comm=none" in err, err
