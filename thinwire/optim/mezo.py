@@ -1,5 +1,6 @@
 """MeZO: zeroth-order SGD in place (Malladi et al. 2023, "Fine-Tuning Language Models
-with Just Forward Passes", Algorithm 1), as a forward-only optimizer plugin.
+with Just Forward Passes": the SPSA estimate of Definition 1 applied in place as in
+Algorithm 1), as a forward-only optimizer plugin.
 
 Per step and per SPSA sample k, with seed s = seed(step, k)::
 

@@ -9,7 +9,8 @@ Zelikman et al. 2023, extending MeZO): ranks exchange scalars, never gradients.
 - ``per_rank`` (default): rank i perturbs along its own z(s(step, i)); the p projected
   gradients are all-gathered as one int8 each and every rank, the sender included,
   applies ``theta -= lr/p * sum_i q(g_i) z(s(step, i))`` with the same dequantised q(g_i)
-  (Zelikman et al., Algorithm 1 with the seed-and-scalar exchange of Section 3).
+  (Zelikman et al. 2023: seeds from a (machine, sample) identifier, so every machine
+  regenerates every other's perturbation; one-byte projected gradients).
   Each rank's message is 3 bytes: its int8 q and its loss as fp16 (for logging: the
   trainer's control packet is not needed, see ``MeZOPlugin.agreement``); a ring
   all-gather sends 3 (p-1) bytes per rank (3 at p = 2, 6 at p = 3).
