@@ -181,6 +181,9 @@ class DeepSpeedEngine:
         world size re-shards nothing: the module is loaded, the optimizer state starts fresh."""
         self.ds.load_checkpoint(directory, tag="deepspeed", load_optimizer_states=same_world,
                                 load_lr_scheduler_states=False, load_module_only=not same_world)
+        if not same_world and self.world.is_main:
+            print(f"thinwire: warning: {directory}: DeepSpeed's optimizer state is sharded for another "
+                  f"world size; only the model is restored, the optimizer state starts fresh", flush=True)
 
 
 class ZeroStep:
