@@ -327,3 +327,20 @@ def test_zo_resume_is_bitwise(tmp_path, nproc, extra):
     for r in _metrics(full):  # the trainer's own control packet is counted apart
         if "val_loss" not in r:  # eval steps add the evaluation's all-reduce to wire_bytes
             assert r["wire_bytes"] - r["control_bytes"] == plugin_bytes
+
+
+def test_zo_dist_sends_at_most_8_bytes_per_rank_per_step_control_included(tmp_path):
+    """Through the real trainer: the loss and the non-finite flag ride on the plugin's own
+    exchange, so nothing else crosses the wire on a training step (evals aside)."""
+    import json
+
+    from conftest import run_cli
+
+    for mode in ("per_rank", "shared"):
+        run = tmp_path / mode
+        p = run_cli("experiment=tiny", "optim=zo_dist", f"optim.zo_mode={mode}", "trainer.max_steps=6",
+                    "trainer.eval_every=6", f"hydra.run.dir={run}")
+        assert p.returncode == 0, p.stderr[-3000:]
+        rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        train_rows = [r for r in rows if "val_loss" not in r]
+        assert train_rows and all(0 < r["wire_bytes"] <= 8 and r["control_bytes"] == 0 for r in train_rows), rows

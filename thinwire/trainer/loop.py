@@ -149,6 +149,8 @@ class Trainer:
         round, so there is nothing to agree on per step: a rank skips its own non-finite
         step, no per-step collective adds a link round trip, and the loss logged is rank
         0's own."""
+        if hasattr(self.plugin, "agreement"):  # zeroth order: agreed inside the plugin's own exchange
+            return self.plugin.agreement()
         if self.sync.ranks_diverge:
             value = float(loss)
             return value, finite and math.isfinite(value)
