@@ -120,8 +120,7 @@ class OptimSchema:
     zo_eps: float = 1e-3             # perturbation size
     zo_samples: int = 1              # n-SPSA: perturbations (seeds) per step
     zo_accum: int = 1                # micro-batches per rank batch, same z, projected grads averaged
-    zo_chunk: int = 1048576          # elements of z drawn at a time: peak = inference + one chunk (4 MB fp32);
-                                     # smaller chunks cost one parallel region each (slow on busy CPUs)
+    zo_chunk: int = 1048576          # elements of z drawn at a time: peak memory = inference + one chunk
     zo_seed: int = 0                 # base of the per-step perturbation seeds
     zo_mode: str = "per_rank"        # zo_dist: shared (one seed, fp32 all-reduce) | per_rank (1 byte each)
     zo_qstep: float = 0.0625         # zo_dist per_rank: initial int8 quantisation step (adapted each step)
