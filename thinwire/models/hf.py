@@ -37,7 +37,8 @@ class HFClassifier(nn.Module):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel  # optional dependency, imported on use
 
-        self.encoder = AutoModel.from_pretrained(resolve_model_path(path))
+        # no BERT pooler: it is unused (we mean-pool) and DDP would wait for its gradients
+        self.encoder = AutoModel.from_pretrained(resolve_model_path(path), add_pooling_layer=False)
         hidden = self.encoder.config.hidden_size
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_labels)
