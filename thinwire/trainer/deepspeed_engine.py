@@ -10,16 +10,19 @@ optimizer, gradient clipping from ``optim.grad_clip``) and rejects them if set.
 The loop drives the plugin as usual; :meth:`DeepSpeedEngine.attach` wraps the plugin in
 :class:`ZeroStep`, which routes forward/backward/step through the DeepSpeed engine.
 
-Wire bytes (DeepSpeed's collectives bypass thinwire's accounting wrappers, so they are
-estimated per accepted step from ZeRO's communication volume, n = trainable elements,
-p = world size, b_grad = ``communication_data_type`` size (default: the parameter dtype),
-b_param = 2 with bf16 else 4)::
+Wire bytes: DeepSpeed's collectives bypass thinwire's accounting wrappers, so the bytes
+of each step are computed from what ZeRO-1/2 sends in DeepSpeed 0.19.8 (checked against
+DeepSpeed's own comms logger in tests/test_deepspeed.py), with n = trainable elements,
+p = world size, b_grad = ``communication_data_type`` size (default: the parameter dtype's),
+b_param = 2 with bf16 else 4::
 
-    ZeRO-1/2, reduce_scatter: true    (p-1)/p * n * b_grad  +  (p-1)/p * n * b_param
-    ZeRO-1/2, reduce_scatter: false   2 (p-1)/p * n * b_grad  +  (p-1)/p * n * b_param
+    gradients, in backward (default: use_multi_rank_bucket_allreduce: true,
+      or reduce_scatter: false)      all-reduce of every bucket    2 (p-1)/p * n * b_grad
+    gradients, reduce_scatter: true and use_multi_rank_bucket_allreduce: false
+                                     reduce of each slice to its owner  (p-1)/p * n * b_grad
+    parameters, after the step       all-gather of the updated shards   (p-1)/p * n * b_param
 
-i.e. a reduce-scatter (or all-reduce) of the gradients plus an all-gather of the updated
-parameter shards; the scalar all-reduce of the gradient norm (clipping) is left out.
+The scalar all-reduces of overflow flags and gradient norms (4-12 bytes) are left out.
 """
 from __future__ import annotations
 
@@ -110,7 +113,9 @@ def wire_bytes_per_step(ds: dict, numel: int, world_size: int) -> tuple[int, int
     b_param = 2 if bf16 else 4
     b_grad = DTYPE_BYTES[ds["communication_data_type"]] if ds.get("communication_data_type") else b_param
     zero = ds.get("zero_optimization", {})
-    grads = "reduce_scatter" if zero.get("reduce_scatter", True) else "all_reduce"
+    to_owners = zero.get("reduce_scatter", True) and not zero.get("use_multi_rank_bucket_allreduce", True)
+    # a reduce of each 1/p slice to its owner sends what a reduce-scatter sends
+    grads = "reduce_scatter" if to_owners else "all_reduce"
     return (accounting.collective_bytes(grads, numel, b_grad, world_size),
             accounting.collective_bytes("reduce_scatter", numel, b_param, world_size))  # = the all-gather
 
