@@ -1,5 +1,6 @@
-"""Sync strategies at equal wall time: throughput and val loss of ddp, local, co2 and
-torch's PostLocalSGDOptimizer (same H), 2 gloo ranks on this machine, with a
+"""Sync strategies at equal wall time: throughput and val loss of ddp, local, co2,
+torch's PostLocalSGDOptimizer (same H) and, when installed, DeepSpeed ZeRO-2 with bf16
+communication, 2 gloo ranks on this machine, with a
 compute-only row (local updates that never synchronise) measured in the same run as the
 reference for "communication hidden".
 
@@ -12,6 +13,7 @@ what synchronisation costs in compute and CPU contention; bench/cluster.py shape
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -155,6 +157,9 @@ def main() -> None:
         "co2": [*base, "sync=co2", H],
         "compute-only": [*base, "sync=local", f"sync.local_steps={10 ** 9}"],
     }
+    if importlib.util.find_spec("deepspeed") is not None:  # peer row: ZeRO-2, bf16 gradients on the wire
+        configs["deepspeed zero2 bf16"] = [*base, "engine=deepspeed",
+                                           "engine.deepspeed.communication_data_type=bf16"]
     results = {}
     for name, ov in configs.items():
         results[name] = thinwire_row(ov, args.steps, every)
