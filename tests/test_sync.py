@@ -155,14 +155,15 @@ def test_co2_equals_single_process_one_round_stale_reference(tmp_path, p):
 
 
 def test_co2_hides_a_slow_outer_all_reduce_that_local_waits_for(tmp_path):
-    """Outer average delayed 0.15 s (a slow link); a round computes 4 x 0.06 s. local
+    """Outer average delayed 0.4 s (a slow link); a round computes 4 x 0.15 s. local
     blocks for the whole delay every round; co2 consumes it a round later, already done."""
-    args = (12, 0.1, 0.0, None, 0.15, 0.06)
+    delay = 0.4
+    args = (12, 0.1, 0.0, None, delay, 0.15)
     local = run_ranks(run_strategy, 2, tmp_path, sync_cfg("local", local_steps=4), *args)
     co2 = run_ranks(run_strategy, 2, tmp_path, sync_cfg("co2", local_steps=4), *args)
     for r in range(2):
         local_wait, co2_wait = sum(local[r]["waits"]), sum(co2[r]["waits"])
-        assert local_wait > 3 * 0.15 * 0.9, local_wait
+        assert local_wait > 3 * delay * 0.9, local_wait
         assert co2_wait < 0.2 * local_wait, (co2_wait, local_wait)
         consumed = [m for m in co2[r]["metrics"] if "overlap_fraction" in m]
         assert consumed and min(m["overlap_fraction"] for m in consumed) > 0.9

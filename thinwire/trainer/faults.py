@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 import torch
 
@@ -42,4 +43,6 @@ class FaultInjector:
         if self.cfg.kill_at == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.cfg.stop_at == step:
+            print(f"thinwire: fault: rank {self.cfg.rank} stops (SIGSTOP) after step {step} at "
+                  f"t={time.time():.3f}", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)
