@@ -1,25 +1,32 @@
-"""thinwire against dense DDP on a bandwidth-shaped cluster simulated on one machine.
+"""thinwire against DDP and its peers on a bandwidth-shaped cluster simulated on one machine.
 
-Every row runs the trainer with one rank per network namespace (launch/netsim: a bridge,
-tc tbf on both ends of every link, torchrun with c10d rendezvous) and reports
+Every row runs with one rank per network namespace (launch/netsim: a bridge, tc tbf on
+both ends of every link, torchrun with c10d rendezvous) through bench/cluster_peer.py,
+which drives thinwire's own Trainer (same model, data, AdamW plugin, schedule, step,
+evaluation and metrics keys for every row) and, for the peer rows, swaps thinwire's comm
+hook for torch's (fp16 compress hook, PowerSGD, PostLocalSGDOptimizer). DeepSpeed ZeRO-2
+with bf16 communication is thinwire's ``engine=deepspeed``.
 
-  * time to target: cumulative training step time (evaluations and start-up excluded)
-    at the first evaluation whose val loss is <= the target, the val loss DDP fp32
-    reaches at the end of its run (measured in the same invocation);
-  * throughput (tokens/s over all ranks, steady state: steps after the first 10%);
-  * val loss at the end (every row runs the same number of steps with the same schedule);
-  * accounted wire bytes per step (rank 0's ``wire_bytes``, data + control) and measured
-    tx bytes per step per host, from the hosts' eth0 tx_bytes counters. Start-up traffic
-    (rendezvous, connection set-up, DDP's initial broadcast) is removed by a baseline run
-    of the same row with few steps: measured/step = (tx(run) - tx(baseline)) /
-    (hosts * (steps - baseline steps)), and the same difference of accounted bytes.
-    The baseline has a multiple of every row's local_steps so sync rounds cancel.
+Per rate:
+  1. DDP fp32 runs S steps ("dense's steps"); its val loss at step S is the target.
+  2. Every other row runs until it reaches the target at an evaluation at or after step S,
+     or 3S steps, or the wall-time budget (training step time, the same for every row,
+     DDP fp32 included), whichever comes first. All rows share one LR schedule: cosine
+     over 3S steps (so stopping at S or at the target does not change the schedule).
+  3. Reported per row: time to target (cumulative training step time, start-up and
+     evaluations excluded, at the first evaluation at or below the target), throughput
+     (tokens/s over all ranks, steps after the first 10%), val loss at step S (equal steps),
+     accounted wire bytes per training step (thinwire's ``wire_bytes``: data + control this
+     rank sends; for the torch peers the documented formula in bench/cluster_peer.py),
+     and measured bytes: each rank reads its own eth0 tx_bytes before its first step and
+     at the end (after a barrier, so set-up traffic is excluded), and the check is
+     measured / accounted over the same window (training steps + evaluations), per rank.
 
-    sudo python bench/cluster.py --quick          # 4 rows at 100 Mbit/s, 2 ranks, 200 steps, < 10 min
-    sudo python bench/cluster.py --rates 100mbit,1gbit --ranks 4 --steps 300
+    sudo python bench/cluster.py --quick        # 2 ranks, 100 Mbit/s, 5 rows, < 10 min
+    sudo python bench/cluster.py                # 4 ranks, 100 Mbit/s + 1 Gbit/s, 14 rows
 
 Needs root and network namespaces (launch/netsim check); exits 0 with a message otherwise.
-Writes bench/results/cluster.{json,md} (--out to change the stem).
+Writes bench/results/cluster.{json,md} and cluster_<rate>.png (--out to change the stem).
 """
 from __future__ import annotations
 
@@ -36,83 +43,111 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NETSIM = os.path.join(ROOT, "launch", "netsim")
+PEER = os.path.join(HERE, "cluster_peer.py")
 
-# (label, overrides, local_steps or 1)
-QUICK_ROWS = [
-    ("ddp fp32", ["comm=none", "sync=ddp"], 1),
-    ("comm=bf16", ["comm=bf16", "sync=ddp"], 1),
-    ("topk 1% + ef", ["comm=topk", "comm.ratio=0.01", "comm.feedback=ef", "sync=ddp"], 1),
-    ("co2 H=8", ["comm=none", "sync=co2", "sync.local_steps=8"], 8),
+# label, group, peer args, thinwire overrides
+DENSE = ("ddp fp32", "baseline", [], ["comm=none", "sync=ddp"])
+BF16 = ("thinwire comm=bf16", "thinwire", [], ["comm=bf16", "sync=ddp"])
+TOPK = ["comm=topk", "comm.ratio=0.01", "sync=ddp"]
+ROWS = [
+    DENSE,
+    ("torch fp16 hook", "peer", ["--peer", "fp16"], ["comm=none", "sync=ddp"]),
+    ("torch PowerSGD r2", "peer", ["--peer", "powersgd", "--rank-r", "2"], ["comm=none", "sync=ddp"]),
+    ("torch PowerSGD r4", "peer", ["--peer", "powersgd", "--rank-r", "4"], ["comm=none", "sync=ddp"]),
+    ("torch PostLocalSGD H=8", "peer", ["--peer", "postlocal", "--H", "8"], ["comm=none", "sync=ddp"]),
+    ("DeepSpeed ZeRO-2 bf16", "peer", [], ["comm=none", "sync=ddp", "engine=deepspeed",
+                                           "engine.deepspeed.zero_optimization.stage=2",
+                                           "engine.deepspeed.communication_data_type=bf16"]),
+    BF16,
+    ("thinwire topk 1% + ef", "thinwire", [], [*TOPK, "comm.feedback=ef"]),
+    ("thinwire topk 1% + ef21", "thinwire", [], [*TOPK, "comm.feedback=ef21"]),
+    ("thinwire topk 1% + econtrol", "thinwire", [], [*TOPK, "comm.feedback=econtrol", "comm.eta=0.05"]),
+    ("thinwire int8 two-phase + ef", "thinwire", [], ["comm=int8", "comm.collective=two_phase", "sync=ddp"]),
+    ("thinwire sign1 + ef", "thinwire", [], ["comm=sign1", "comm.feedback=ef", "sync=ddp"]),
+    ("thinwire co2 H=8", "thinwire", [], ["comm=none", "sync=co2", "sync.local_steps=8"]),
+    ("thinwire co2 H=8 + int8", "thinwire", [], ["comm=int8", "sync=co2", "sync.local_steps=8"]),
 ]
-FULL_EXTRA_ROWS = [
-    ("topk 1% + ef21", ["comm=topk", "comm.ratio=0.01", "comm.feedback=ef21", "sync=ddp"], 1),
-    ("topk 1% + econtrol", ["comm=topk", "comm.ratio=0.01", "comm.feedback=econtrol", "sync=ddp"], 1),
-    ("int8 two-phase", ["comm=int8", "sync=ddp"], 1),
-    ("sign1 + ef", ["comm=sign1", "sync=ddp"], 1),
-    ("co2 H=8 + int8", ["comm=int8", "sync=co2", "sync.local_steps=8"], 8),
-]
-BASE_STEPS = 8
-# --quick: a small per-rank batch (8 sequences of 32 characters) on the default char-GPT
-# (4 layers, d=128, 0.8 M params), so that on this 2-core machine one step's compute is
-# well below one dense fp32 all-reduce at 100 Mbit/s (the regime the benchmark is about).
-QUICK_MODEL = ["data.batch_size=8", "model.block_size=32"]
+QUICK_LABELS = ["ddp fp32", "thinwire comm=bf16", "thinwire topk 1% + ef", "thinwire co2 H=8", "torch PowerSGD r2"]
+# a small per-rank batch (8 sequences of 32 characters) on the default char-GPT (4 layers,
+# d=128, 0.8 M params): one step's compute is well below one dense fp32 all-reduce at
+# 100 Mbit/s on this 2-core machine (the regime the benchmark is about)
+MODEL = ["data.batch_size=8", "model.block_size=32"]
+EVAL_EVERY = 8  # a multiple of H=8: co2 and PostLocalSGD are evaluated right after an average
 
 
-def netsim_run(hosts: int, rate: str, overrides: list[str], steps: int, eval_every: int, workdir: str,
-               tag: str, threads: int) -> dict:
-    run_dir = os.path.join(workdir, f"{tag}-{steps}")
-    stats = os.path.join(workdir, f"{tag}-{steps}.json")
-    env = {**os.environ, "PYTHON": sys.executable, "NETSIM_PREFIX": "twc", "WANDB_MODE": "disabled"}
-    cmd = ["bash", NETSIM, "run", str(hosts), rate, "--stats", stats, "--",
-           "-m", "thinwire.train", f"trainer.max_steps={steps}", f"trainer.eval_every={eval_every}",
-           f"trainer.checkpoint_every={steps}", "trainer.sample_chars=0", "trainer.progress=false",
-           "logger=none", "dist.backend=gloo", f"dist.threads={threads}", f"hydra.run.dir={run_dir}", *overrides]
+def netsim_run(hosts: int, rate: str, row: tuple, horizon: int, stop_steps: int, min_steps: int,
+               target: float | None, budget: float, workdir: str, tag: str, threads: int) -> dict:
+    label, _group, peer_args, overrides = row
+    run_dir = os.path.join(workdir, tag)
+    stats = os.path.join(workdir, f"{tag}.net.json")
+    env = {**os.environ, "PYTHON": sys.executable, "NETSIM_PREFIX": "twc", "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": str(threads)}
+    cmd = ["bash", NETSIM, "run", str(hosts), rate, "--stats", stats, "--", PEER, *peer_args,
+           "--stop-steps", str(stop_steps), "--min-steps", str(min_steps), "--budget-s", str(budget),
+           "--eval-every", str(EVAL_EVERY), "--out", run_dir,
+           *(["--target", repr(target)] if target is not None else []), "--",
+           f"trainer.max_steps={horizon}", "trainer.sample_chars=0", "trainer.progress=false",
+           "logger=none", "dist.backend=gloo", f"dist.threads={threads}", *overrides, *MODEL]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    with open(os.path.join(workdir, f"{tag}.log"), "w") as log:
+        p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=workdir,
+                           timeout=budget + 600)
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(overrides)} ({steps} steps) failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        with open(os.path.join(workdir, f"{tag}.log")) as fh:
+            raise RuntimeError(f"{label} failed (rc {p.returncode}):\n{fh.read()[-4000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+        lines = [json.loads(line) for line in fh if line.strip()]
+    ranks = [json.load(open(os.path.join(run_dir, f"rank{r}.json"))) for r in range(hosts)]
     with open(stats) as fh:
         net = json.load(fh)
-    return {"rows": rows, "net": net, "wall_s": time.perf_counter() - t0}
+    return {"lines": lines, "ranks": ranks, "net": net, "wall_s": time.perf_counter() - t0,
+            "cmd": " ".join(cmd[cmd.index(PEER):]).replace(ROOT + "/", "")}
 
 
-def summarise(label: str, overrides: list[str], main: dict, base: dict, steps: int, hosts: int) -> dict:
-    rows = main["rows"]
-    t, curve = 0.0, []
-    for r in rows:
+def summarise(row: tuple, run: dict, hosts: int, dense_steps: int) -> dict:
+    label, group, peer_args, overrides = row
+    lines = run["lines"]
+    if not any("val_loss" in r for r in lines):
+        raise ValueError(f"stopped ({run['ranks'][0]['stop']}) at step {lines[-1]['step'] if lines else 0} "
+                         f"before any evaluation")
+    t, cum, curve = 0.0, 0, []
+    for r in lines:
         t += r["step_time_s"]
-        if "val_loss" in r:
-            curve.append({"step": r["step"], "train_s": round(t, 3), "val_loss": r["val_loss"],
-                          "wire_bytes_cum": None})
-    cum = 0
-    for r in rows:
         cum += r["wire_bytes"]
-        for c in curve:
-            if c["step"] == r["step"]:
-                c["wire_bytes_cum"] = cum
-    steady = rows[max(1, len(rows) // 10):]
-    unit = next(k for k in rows[0] if k.endswith("_per_s"))
+        if "val_loss" in r:
+            curve.append({"step": r["step"], "train_s": round(t, 3), "val_loss": round(r["val_loss"], 5),
+                          "wire_bytes_cum": cum})
+    steps = lines[-1]["step"]
+    steady = lines[max(1, len(lines) // 10):]
+    unit = next(k for k in lines[0] if k.endswith("_per_s"))
     items = sum(r[unit] * r["step_time_s"] for r in steady)
-    acc_main = sum(r["wire_bytes"] for r in rows)
-    acc_base = sum(r["wire_bytes"] for r in base["rows"])
-    dsteps = steps - len(base["rows"])
-    meas_main, meas_base = main["net"]["total_tx_bytes"], base["net"]["total_tx_bytes"]
-    accounted = (acc_main - acc_base) / dsteps
-    measured = (meas_main - meas_base) / (hosts * dsteps)
+    st = sum(r["step_time_s"] for r in steady)
+    per_rank = []
+    for rk in run["ranks"]:
+        acc = rk["accounted"]["train"] + rk["accounted"]["eval"]
+        mea = rk["measured"]["train"] + rk["measured"]["eval"]
+        per_rank.append({"rank": rk["rank"], "accounted": acc, "measured": mea,
+                         "ratio": round(mea / acc, 4) if acc else None})
+    acc_all = sum(r["accounted"] for r in per_rank)
+    mea_all = sum(r["measured"] for r in per_rank)
+    ratios = [r["ratio"] for r in per_rank if r["ratio"] is not None]
+    at_s = next((c for c in curve if c["step"] == dense_steps), None)
+    r0 = run["ranks"][0]
     return {
-        "label": label, "overrides": overrides, "steps": steps,
-        "train_s": round(t, 3), "run_wall_s": round(main["wall_s"], 1),
-        f"{unit}": round(items / sum(r["step_time_s"] for r in steady), 1),
-        "s_per_step": round(sum(r["step_time_s"] for r in steady) / len(steady), 4),
+        "label": label, "group": group, "peer_args": peer_args, "overrides": overrides, "command": run["cmd"],
+        "steps": steps, "stop": r0["stop"], "train_s": round(t, 2), "run_wall_s": round(run["wall_s"], 1),
+        unit: round(items / st, 1), "s_per_step": round(st / len(steady), 4),
         "comm_wait_s_per_step": round(sum(r.get("comm_wait_s", 0.0) for r in steady) / len(steady), 4),
+        "val_at_dense_steps": at_s["val_loss"] if at_s else None,
         "final_val_loss": curve[-1]["val_loss"], "curve": curve,
-        "accounted_bytes_per_step": round(accounted), "measured_bytes_per_step": round(measured),
-        "measured_over_accounted": round(measured / accounted, 4) if accounted else None,
-        "dense_bytes_per_step": rows[-1]["dense_bytes"],
-        "setup_tx_bytes": meas_main - hosts * acc_main,
-        "per_host_tx_bytes": [h["tx_bytes"] for h in main["net"]["per_host"]],
+        "accounted_train_B_per_step": round(r0["accounted"]["train"] / steps),
+        "accounted_B_per_step": round(acc_all / (hosts * steps)),
+        "measured_B_per_step": round(mea_all / (hosts * steps)),
+        "measured_over_accounted": round(mea_all / acc_all, 4) if acc_all else None,
+        "measured_over_accounted_per_rank": ratios,
+        "agree_10pct": bool(ratios) and all(abs(x - 1) <= 0.10 for x in ratios),
+        "dense_B_per_step": lines[-1]["dense_bytes"],
+        "netsim_total_tx_bytes": run["net"]["total_tx_bytes"],
     }
 
 
@@ -123,85 +158,208 @@ def time_to(curve: list[dict], target: float) -> tuple[float | None, int | None]
     return None, None
 
 
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if (a and b) else "-"
+
+
 def markdown(res: dict) -> str:
-    out = [f"Rate {res['rate']}, {res['hosts']} ranks (one per namespace), {res['steps']} steps per row, "
-           f"eval every {res['eval_every']}; target val loss {res['target']:.4f} (DDP fp32 at step {res['steps']}).",
+    rows = res["rows"]
+    by = {r["label"]: r for r in rows}
+    dense = by["ddp fp32"]
+    out = [f"### {res['rate']}: {res['hosts']} ranks, dense's steps S = {res['dense_steps']}, "
+           f"budget {res['budget_s']:.0f} s of training step time per row",
            "",
-           "| row | time to target (s) | speed-up vs ddp fp32 | tokens/s | s/step (comm wait) | val loss @ end | "
-           "accounted B/step | measured B/step | measured/accounted |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    dense_t = res["rows"][0]["time_to_target_s"]
-    for r in res["rows"]:
+           f"Target val loss {res['target']:.4f} (DDP fp32 at step {res['dense_steps']}); other rows run "
+           f"until the target (at or after step S), 3S = {3 * res['dense_steps']} steps, or the budget; "
+           f"cosine LR over {3 * res['dense_steps']} steps for every row; eval every {EVAL_EVERY} steps.",
+           "",
+           "| row | time to target (s) | speed-up vs ddp fp32 | tokens/s | s/step (comm wait) | "
+           f"val loss @ step {res['dense_steps']} | steps run (stop) | accounted train B/step | "
+           "measured B/step | accounted B/step | measured/accounted (worst rank) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
         tt = r["time_to_target_s"]
-        tt_s = f"{tt:.1f} (step {r['step_to_target']})" if tt is not None else f"not reached in {r['steps']} steps"
-        sp = f"{dense_t / tt:.2f}x" if (tt and dense_t) else "-"
-        unit = next(k for k in r if k.endswith("_per_s"))
-        out.append(f"| {r['label']} | {tt_s} | {sp} | {r[unit]:.0f} | {r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f}) | {r['final_val_loss']:.4f} | "
-                   f"{r['accounted_bytes_per_step']:,} | {r['measured_bytes_per_step']:,} | "
-                   f"{r['measured_over_accounted']:.3f} |")
+        tt_s = f"{tt:.1f} (step {r['step_to_target']})" if tt is not None else "not reached"
+        unit = next(k for k in r if k.endswith("_per_s") and k != "comm_wait_s_per_step")
+        v = r["val_at_dense_steps"]
+        v_s = f"{v:.4f} ({(v / dense['val_at_dense_steps'] - 1) * 100:+.1f}%)" if v is not None else \
+            f"- (last: {r['final_val_loss']:.4f} @ {r['steps']})"
+        worst = max(r["measured_over_accounted_per_rank"], key=lambda x: abs(x - 1))
+        out.append(f"| {r['label']} | {tt_s} | {ratio(dense['time_to_target_s'], tt)} | {r[unit]:.0f} | "
+                   f"{r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f}) | {v_s} | {r['steps']} ({r['stop']}) | "
+                   f"{r['accounted_train_B_per_step']:,} | {r['measured_B_per_step']:,} | "
+                   f"{r['accounted_B_per_step']:,} | {r['measured_over_accounted']:.3f} ({worst:.3f}) |")
+    for f in res.get("failed", []):
+        out.append(f"| {f['label']} | failed: {f['error'].strip().splitlines()[-1][:200]} | | | | | | | | | |")
     return "\n".join(out) + "\n"
+
+
+def headline(res: dict) -> dict:
+    """The issue's goals at this rate, computed from the table."""
+    rows = res["rows"]
+    by = {r["label"]: r for r in rows}
+    tw = [r for r in rows if r["group"] == "thinwire" and r["time_to_target_s"]]
+    peers = [r for r in rows if r["group"] == "peer" and r["time_to_target_s"]]
+    best_tw = min(tw, key=lambda r: r["time_to_target_s"]) if tw else None
+    best_peer = min(peers, key=lambda r: r["time_to_target_s"]) if peers else None
+    bf16 = by.get(BF16[0])
+    h = {"best_thinwire": best_tw["label"] if best_tw else None,
+         "best_peer": best_peer["label"] if best_peer else None}
+    if best_tw:
+        t = best_tw["time_to_target_s"]
+        h["speedup_vs_ddp_fp32"] = round(by["ddp fp32"]["time_to_target_s"] / t, 3)
+        if bf16 and bf16["time_to_target_s"]:
+            h["speedup_vs_bf16"] = round(bf16["time_to_target_s"] / t, 3)
+        if best_peer:
+            h["speedup_vs_best_peer"] = round(best_peer["time_to_target_s"] / t, 3)
+    if bf16:
+        b = bf16["accounted_train_B_per_step"]
+        h["bytes_vs_bf16"] = {r["label"]: round(r["accounted_train_B_per_step"] / b, 4) for r in rows}
+    dv = by["ddp fp32"]["val_at_dense_steps"]
+    h["val_vs_dense_at_S"] = {r["label"]: (round(r["val_at_dense_steps"] / dv - 1, 4)
+                                           if r["val_at_dense_steps"] is not None else None) for r in rows}
+    return h
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    cmap = plt.get_cmap("tab10")
+    k = {"peer": 0, "thinwire": 0}
+    for r in res["rows"]:
+        xs = [c["train_s"] for c in r["curve"]]
+        ys = [c["val_loss"] for c in r["curve"]]
+        wb = [c["wire_bytes_cum"] / 1e6 for c in r["curve"]]
+        style = "-" if r["group"] == "thinwire" else ("--" if r["group"] == "peer" else "-")
+        lw = 2.2 if r["group"] == "baseline" else 1.3
+        if r["group"] == "baseline":
+            color = "black"
+        else:
+            color = cmap(k[r["group"]] % 10)
+            k[r["group"]] += 1
+        a1.plot(xs, ys, style, color=color, lw=lw, label=r["label"])
+        a2.plot(wb, ys, style, color=color, lw=lw, label=r["label"])
+    for a in (a1, a2):
+        a.axhline(res["target"], color="gray", lw=0.8, ls=":")
+        a.set_ylabel("val loss")
+        a.grid(alpha=0.3)
+    a1.set_xlabel("training step time (s, cumulative; start-up and evaluation excluded)")
+    a2.set_xlabel("wire bytes sent per rank (MB, cumulative, accounted; log scale)")
+    a2.set_xscale("log")
+    a1.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{res['hosts']} ranks at {res['rate']} (tc tbf), char-GPT 0.8M params; "
+                 f"target {res['target']:.3f} = DDP fp32 at step {res['dense_steps']} (dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def per_rate(values: str, rates: list[str], cast) -> dict:
+    vals = [cast(v) for v in str(values).split(",")]
+    if len(vals) == 1:
+        vals *= len(rates)
+    if len(vals) != len(rates):
+        raise SystemExit(f"bench/cluster.py: {values!r}: give one value or one per rate")
+    return dict(zip(rates, vals))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="4 rows, one rate, 2 ranks (< 10 minutes)")
-    ap.add_argument("--rates", default="100mbit", help="comma-separated tbf rates")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=None, help="steps per row (default 160 quick, 400 full)")
-    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="2 ranks, 100mbit, 5 rows (< 10 minutes)")
+    ap.add_argument("--rates", default=None, help="comma-separated tbf rates (default 100mbit,1gbit)")
+    ap.add_argument("--ranks", type=int, default=None, help="default 4 (2 with --quick)")
+    ap.add_argument("--steps", default=None, help="dense's steps S, one or one per rate (multiple of 8)")
+    ap.add_argument("--budget", default=None, help="training-time budget per row in s, one or one per rate")
+    ap.add_argument("--rows", default=None, help="comma-separated row labels (default: all, or the quick set)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--model", nargs="*", default=None,
-                    help=f"extra overrides for every row (default with --quick: {' '.join(QUICK_MODEL)})")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cluster"))
+    ap.add_argument("--report", action="store_true", help="only rewrite <out>.md and the plots from <out>.json")
     a = ap.parse_args()
+    if a.report:
+        with open(a.out + ".json") as fh:
+            write_report(json.load(fh), a.out)
+        return 0
 
     chk = subprocess.run(["bash", NETSIM, "check"], capture_output=True, text=True)
     if chk.stdout.strip() != "ok":
         print(f"bench/cluster.py: launch/netsim {chk.stdout.strip() or chk.stderr.strip()}; nothing measured")
         return 0
-    steps = a.steps or (200 if a.quick else 400)
-    if a.model is None:
-        a.model = QUICK_MODEL if a.quick else []
-    if steps % BASE_STEPS:
-        ap.error(f"--steps must be a multiple of {BASE_STEPS}")
-    rows_def = QUICK_ROWS if a.quick else QUICK_ROWS + FULL_EXTRA_ROWS
-    rates = a.rates.split(",")
+    rates = (a.rates or ("100mbit" if a.quick else "100mbit,1gbit")).split(",")
+    hosts = a.ranks or (2 if a.quick else 4)
+    steps = per_rate(a.steps or ("96" if a.quick else "160"), rates, int)
+    budget = per_rate(a.budget or ("40" if a.quick else "90"), rates, float)
+    if any(s % EVAL_EVERY for s in steps.values()):
+        ap.error(f"--steps must be multiples of {EVAL_EVERY}")
+    labels = a.rows.split(",") if a.rows else (QUICK_LABELS if a.quick else [r[0] for r in ROWS])
+    rows_def = [r for r in ROWS if r[0] in labels]
+    if not rows_def or rows_def[0] is not DENSE:
+        ap.error("the rows must include 'ddp fp32' (the target comes from it)")
     results = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="twcluster") as work:
-        for rate in rates:
-            rows = []
-            for i, (label, ov, _h) in enumerate(rows_def):
-                ov = [*ov, *a.model]
-                tag = f"r{i}-{rate}"
-                main_run = netsim_run(a.ranks, rate, ov, steps, a.eval_every, work, tag, a.threads)
-                base_run = netsim_run(a.ranks, rate, ov, BASE_STEPS, BASE_STEPS, work, tag, a.threads)
-                row = summarise(label, ov, main_run, base_run, steps, a.ranks)
-                rows.append(row)
-                print(f"[{rate}] {label}: {row['s_per_step']:.3f} s/step, val {row['final_val_loss']:.4f}, "
-                      f"accounted {row['accounted_bytes_per_step']:,} B/step, measured "
-                      f"{row['measured_bytes_per_step']:,} B/step ({time.perf_counter() - t_start:.0f} s so far)",
-                      flush=True)
-            target = rows[0]["final_val_loss"]
-            for r in rows:
-                r["time_to_target_s"], r["step_to_target"] = time_to(r["curve"], target)
-            results.append({"rate": rate, "hosts": a.ranks, "steps": steps, "eval_every": a.eval_every,
-                            "target": target, "rows": rows})
-    doc = {"command": " ".join(["python", "bench/cluster.py", *sys.argv[1:]]), "overrides_all_rows": a.model,
+    work = tempfile.mkdtemp(prefix="twcluster")
+    print(f"bench/cluster.py: work dir {work}", flush=True)
+    for rate in rates:
+        S, B = steps[rate], budget[rate]
+        res = {"rate": rate, "hosts": hosts, "dense_steps": S, "budget_s": B, "eval_every": EVAL_EVERY,
+               "target": None, "rows": [], "failed": [], "complete": False}
+        results.append(res)
+        for i, row in enumerate(rows_def):
+            dense = row is DENSE
+            try:
+                run = netsim_run(hosts, rate, row, 3 * S, S if dense else 3 * S, S,
+                                 None if dense else res["target"], B, work, f"{rate}-r{i}", a.threads)
+                r = summarise(row, run, hosts, S)
+            except (RuntimeError, OSError, ValueError, KeyError, StopIteration, IndexError,
+                    subprocess.TimeoutExpired) as e:
+                if dense:
+                    raise
+                res["failed"].append({"label": row[0], "error": str(e)[-1500:]})
+                print(f"[{rate}] {row[0]}: FAILED: {str(e)[-600:]}", flush=True)
+                continue
+            if dense:
+                res["target"] = r["final_val_loss"]
+            r["time_to_target_s"], r["step_to_target"] = time_to(r["curve"], res["target"])
+            res["rows"].append(r)
+            print(f"[{rate}] {r['label']}: {r['steps']} steps ({r['stop']}), {r['s_per_step']:.3f} s/step, "
+                  f"val@S {r['val_at_dense_steps']}, to target {r['time_to_target_s']} s, accounted "
+                  f"{r['accounted_train_B_per_step']:,} B/step, measured/accounted {r['measured_over_accounted']} "
+                  f"{r['measured_over_accounted_per_rank']} ({time.perf_counter() - t_start:.0f} s so far)",
+                  flush=True)
+            res["headline"] = headline(res)
+            with open(a.out + ".json", "w") as fh:  # partial results survive an interruption
+                json.dump(document(a, results, t_start), fh, indent=1)
+        res["complete"] = True
+    write_report(document(a, results, t_start), a.out)
+    return 0
+
+
+def document(a, results: list, t_start: float) -> dict:
+    return {"command": " ".join(["python", "bench/cluster.py", *sys.argv[1:]]), "overrides_all_rows": MODEL,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads/rank {a.threads}",
            "total_s": round(time.perf_counter() - t_start, 1), "results": results}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as fh:
+
+
+def write_report(doc: dict, out: str) -> None:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as fh:
         json.dump(doc, fh, indent=1)
-    md = [f"`{doc['command']}` ({doc['date']}, {doc['machine']}, {doc['total_s']:.0f} s)", "",
-          f"Overrides on every row: `{' '.join(a.model) or '(none)'}`.", ""]
-    for res in results:
-        md += [markdown(res)]
-    with open(a.out + ".md", "w") as fh:
+    md = [f"`{doc['command']}` ({doc['date']}, {doc['machine']}, {doc['total_s']:.0f} s in all)", "",
+          f"Overrides on every row: `{' '.join(MODEL)}` (char-GPT 4 layers, d=128, 0.8 M params, "
+          "AdamW 3e-3). Budgets were chosen so the whole matrix fits its time slot on this machine.", ""]
+    for res in doc["results"]:
+        md.append(markdown(res))
+        if not res.get("complete", True):
+            md.append(f"(partial: {len(res['rows'])} rows measured so far)\n")
+        png = f"{out}_{res['rate']}.png"
+        plot(res, png)
+        md.append(f"![val loss vs time and bytes at {res['rate']}]({os.path.basename(png)})\n")
+    with open(out + ".md", "w") as fh:
         fh.write("\n".join(md))
-    print("\n".join(md))
-    return 0
+    print("\n".join(md), flush=True)
 
 
 if __name__ == "__main__":
