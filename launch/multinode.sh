@@ -20,6 +20,8 @@
 #   DRY_RUN=1      print the command instead of running it
 # Arguments are Hydra overrides for the trainer, passed through unchanged.
 set -euo pipefail
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 die() { echo "multinode.sh: error: $*" >&2; exit 2; }
 
@@ -30,10 +32,7 @@ if [[ -z "${RDZV_ID:-}" ]]; then
     [[ -n "${NODE_RANK:-}" ]] || die "set RDZV_ID (the same job id on every node) or NODE_RANK"
     RDZV_ID="thinwire-${MASTER_ADDR}-${MASTER_PORT}"
 fi
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || NPROC=1
-fi
+NPROC=${NPROC:-$(default_nproc)}
 PYTHON=${PYTHON:-python}
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
 if [[ -n "${NODE_RANK:-}" ]]; then
@@ -45,9 +44,4 @@ cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NP
      --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID"
      "${extra[@]}" -m thinwire.train "$@")
 
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    line=$(printf '%q ' "${cmd[@]}")
-    echo "${line% }"
-else
-    exec "${cmd[@]}"
-fi
+run_or_print "${cmd[@]}"

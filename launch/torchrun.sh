@@ -13,20 +13,14 @@
 #   TORCHRUN_ARGS  extra torchrun options, space-separated (e.g. "--max-restarts=3")
 #   DRY_RUN=1      print the command instead of running it
 set -euo pipefail
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-if [[ -z "${NPROC:-}" ]]; then
-    NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || NPROC=1
-fi
+NPROC=${NPROC:-$(default_nproc)}
 PYTHON=${PYTHON:-python}
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
 
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC"
      "${extra[@]}" -m thinwire.train "$@")
 
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-    line=$(printf '%q ' "${cmd[@]}")
-    echo "${line% }"
-else
-    exec "${cmd[@]}"
-fi
+run_or_print "${cmd[@]}"

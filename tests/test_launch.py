@@ -97,6 +97,13 @@ def test_slurm_outside_allocation():
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST" in proc.stderr
 
 
+def test_common_is_shared():
+    """torchrun.sh and multinode.sh take DRY_RUN and the NPROC default from launch/_common.sh."""
+    for script in ("launch/torchrun.sh", "launch/multinode.sh"):
+        text = open(os.path.join(REPO, script)).read()
+        assert "_common.sh" in text and "run_or_print" in text and "printf '%q '" not in text
+
+
 def test_sbatch_directives():
     text = open(os.path.join(REPO, "launch/slurm.sbatch")).read()
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --nodes=" in text
@@ -104,6 +111,7 @@ def test_sbatch_directives():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
-    proc = subprocess.run(["shellcheck", "--shell=bash", *SCRIPTS], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run(["shellcheck", "--shell=bash", "--external-sources", *SCRIPTS, "launch/_common.sh"],
+                          cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
