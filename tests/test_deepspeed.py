@@ -126,6 +126,97 @@ def test_zero1_and_zero2_match_ddp_and_skip_nonfinite_steps(tmp_path):
             assert torch.equal(results[0][stage]["params"][k], results[1][stage]["params"][k])
 
 
+# -- local / co2 across ZeRO replica groups: 4 ranks, ZeRO inside {0,1} and {2,3} ------------
+def outer_on_zero(rank, world_size, runs):
+    """The loop's calls by hand on engine=deepspeed with replica groups of 2: compute, agree
+    within the group, apply, sync.after_step; then the evaluated mean."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.comm.sync import build_sync
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    from test_sync import batch as world_batch  # B sequences per rank, world_size * B drawn per step
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    out = {}
+    for name, (stage, sync, steps, comm) in runs.items():
+        model, meter = make_model(), WireMeter()
+        cfg = OmegaConf.create({"name": "deepspeed", "zero_group_size": 2,
+                                "deepspeed": {"zero_optimization": {"stage": stage}}})
+        comm = OmegaConf.create(comm)
+        engine = build_engine(cfg, model, world, meter, comm, grad_sync=False)
+        plugin = engine.attach(SGDPlugin(OmegaConf.create(OUTER_SGD), model, max_steps=steps), B)
+        strategy = build_sync(OmegaConf.create(sync), world, meter, model, comm, replicas=engine.replicas)
+        outer_bytes = []
+        for step in range(steps):
+            plugin.compute(engine.forward_model, world_batch(step, rank, world_size))
+            assert plugin.local_finite()
+            plugin.apply(step)
+            strategy.after_step(step)
+            # ZeRO's own traffic in the group (the estimate of wire_bytes_per_step) left out
+            outer_bytes.append(meter.take_step().get("data", 0) - plugin.grad_bytes - plugin.param_bytes)
+        strategy.close()
+        outer_bytes.append(meter.take_step().get("data", 0))
+        with strategy.eval_model() as m:
+            mean = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        master = strategy.io.read_flat()
+        out[name] = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "mean": mean,
+                     "master": master, "live": strategy.r.flat(strategy.r.params), "outer_bytes": outer_bytes,
+                     "numel": engine.numel}
+    return out
+
+
+OUTER_SGD = {"lr": 0.2, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0, "schedule": "constant",
+             "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0}
+OUTER = {"local_steps": 3, "outer_lr": 0.8, "outer_momentum": 0.6, "nesterov": True, "clip": 0.05,
+         "clip_mode": "norm"}
+
+
+def test_local_and_co2_across_zero_replica_groups_equal_two_worker_reference(tmp_path):
+    """ZeRO-1 + local and ZeRO-2 + co2 at 4 ranks (2 groups x 2) against the single-process
+    2-worker reference of tests/test_sync.py, where worker i's batch is its group's two
+    batches together (ZeRO averages the group's gradients); int8 two-phase pseudo-gradients
+    across groups exercise the comm layer on the cross-group links."""
+    from test_sync import batch as world_batch, co2_reference
+
+    steps = 9
+    runs = {"local": (1, {"name": "local", **OUTER, "staleness_penalty": 0.0}, steps, {"name": "none"}),
+            "co2": (2, {"name": "co2", **OUTER, "staleness_penalty": 1.0}, steps, {"name": "none"}),
+            "co2-int8": (2, {"name": "co2", **OUTER, "staleness_penalty": 0.0}, 6,
+                         {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64})}
+    results = run_ranks(outer_on_zero, 4, tmp_path, runs)
+
+    def group_batch(step, i):
+        parts = [world_batch(step, r, 4) for r in (2 * i, 2 * i + 1)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    for name, stale, penalty in (("local", False, 0.0), ("co2", True, 1.0)):
+        ref = co2_reference(2, steps, OUTER["local_steps"], OUTER_SGD["lr"], OUTER_SGD["momentum"],
+                            OUTER["outer_lr"], OUTER["outer_momentum"], penalty, OUTER["clip"], stale=stale,
+                            batch_of=group_batch)
+        for rank in range(4):
+            for k, v in ref[rank // 2].items():
+                torch.testing.assert_close(results[rank][name]["params"][k], v, rtol=1e-4, atol=1e-5)
+            # the module's parameters are the fp32 master weights (fp32 training)
+            assert torch.equal(results[rank][name]["master"], results[rank][name]["live"])
+        for k in ref[0]:  # evaluated: the mean over the replicas, identical on every rank
+            torch.testing.assert_close(results[0][name]["mean"][k], (ref[0][k] + ref[1][k]) / 2,
+                                       rtol=1e-4, atol=1e-5)
+            assert all(torch.equal(results[r][name]["mean"][k], results[0][name]["mean"][k]) for r in range(4))
+    # int8 pseudo-gradients: replicas of a group stay identical; a round sends the intra-group
+    # all-gather of the fp32 master shards (n/2 elements, 2n bytes) and the int8 two-phase average
+    # across the 2 groups (about n bytes: half in the reduce-scatter, half in the all-gather)
+    for rank in (1, 3):
+        p0, p1 = results[rank - 1]["co2-int8"]["params"], results[rank]["co2-int8"]["params"]
+        assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    n = results[0]["co2-int8"]["numel"]
+    total = sum(results[0]["co2-int8"]["outer_bytes"])
+    assert 2 * (2 * n + n) <= total <= 2 * (2 * n + 1.1 * n), (total, n, results[0]["co2-int8"]["outer_bytes"])
+
+
 BASE = ["engine=deepspeed", "experiment=tiny", "trainer.max_steps=12", "trainer.checkpoint_every=4",
         "trainer.eval_every=6", "model.dropout=0.1", "optim.grad_clip=0.5"]
 
@@ -135,15 +226,17 @@ def metrics(run_dir):
         return [json.loads(line) for line in fh]
 
 
-def stop_and_resume(rank, world_size, root, stage):
+def stop_and_resume(rank, world_size, root, stage, extra=()):
     """The trainer in-process, three times on one process group: the whole run, a run stopped
     after step 6, and its continuation from the newest checkpoint (trainer.resume=auto)."""
+    import torch.distributed as dist
+
     from thinwire.trainer.config import compose
     from thinwire.trainer.loop import train
     from thinwire.trainer.world import World
 
-    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", None)
-    base = [*BASE, f"engine.deepspeed.zero_optimization.stage={stage}"]
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group() if extra else None)
+    base = [*BASE, f"engine.deepspeed.zero_optimization.stage={stage}", *extra]
     train(compose([*base, f"hydra.run.dir={root}/full"]), world)
     train(compose([*base, f"hydra.run.dir={root}/split", "trainer.stop_after=6"]), world)
     train(compose([*base, f"hydra.run.dir={root}/split", "trainer.resume=auto"]), world)
@@ -166,6 +259,31 @@ def test_resume_from_deepspeed_checkpoint_continues_bitwise(tmp_path, stage):
     pb = torch.load(split / "checkpoints" / "step_00000012" / "common.pt", weights_only=False)["model"]
     for k in pa:
         assert torch.equal(pa[k], pb[k]), k
+
+
+def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path):
+    """4 ranks, ZeRO-2 inside {0,1} and {2,3}, co2 across them (H=4, so step 6 is mid-round
+    with round 1's average in flight), AdamW: each group's DeepSpeed files in its own
+    directory, every rank's parameters and the metrics equal to the uninterrupted run."""
+    extra = ("sync=co2", "sync.local_steps=4", "engine.zero_group_size=2")
+    run_ranks(stop_and_resume, 4, tmp_path, str(tmp_path), 2, extra)
+    full, split = tmp_path / "full", tmp_path / "split"
+    ckpt = split / "checkpoints" / "step_00000006"
+    for g in (0, 1):
+        assert {f.name for f in (ckpt / f"replica{g}" / "deepspeed").iterdir()} >= {
+            "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    a, b = metrics(full), metrics(split)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for key in ("loss", "val_loss", "lr", "wire_bytes"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    last = [torch.load(full / "checkpoints" / "step_00000012" / f"rank{r:05d}.pt", weights_only=False)["model"]
+            for r in range(4)]
+    for r in range(4):
+        pb = torch.load(split / "checkpoints" / "step_00000012" / f"rank{r:05d}.pt", weights_only=False)["model"]
+        assert all(torch.equal(last[r][k], pb[k]) for k in pb), r
+    assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])       # one replica
+    assert not all(torch.equal(last[0][k], last[2][k]) for k in last[0])   # two replicas
 
 
 CONTRACT = {"step", "loss", "lr", "step_time_s", "comm_wait_s", "wire_bytes", "dense_bytes", "tokens_per_s"}
@@ -197,8 +315,9 @@ def test_self_launched_then_resumed_under_torchrun(tmp_path):
 REJECTED = [
     (["comm=int8"], "comm=int8"),
     (["comm=topk", "comm.feedback=ef"], "comm=topk"),
-    (["sync=local"], "sync=local"),
-    (["sync=co2"], "sync=co2"),
+    (["sync=co2", "dist.nproc=2", "engine.zero_group_size=2"], "engine.zero_group_size=2"),
+    (["sync=local", "dist.nproc=4", "engine.zero_group_size=3"], "engine.zero_group_size=3"),
+    (["sync=ddp", "dist.nproc=4", "engine.zero_group_size=2"], "engine.zero_group_size=2"),
     (["optim=mezo"], "optim=mezo"),
     (["engine.deepspeed.zero_optimization.stage=3"], "engine.deepspeed.zero_optimization.stage=3"),
     (["+engine.deepspeed.optimizer.type=Adam"], "engine.deepspeed.optimizer="),
@@ -215,4 +334,4 @@ def test_unsupported_combinations_exit_2_with_one_line(overrides, needle, capsys
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert needle in err and "engine=deepspeed works with sync=ddp, comm=none" in err, err
+    assert needle in err and "engine=deepspeed works with sync=ddp and comm=none" in err, err

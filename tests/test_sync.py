@@ -96,24 +96,33 @@ def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
 
 
 # -- co2 against a single-process simulation of p workers ------------------------------
-def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip):
+def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip, stale=True, batch_of=None):
     """p workers with their own SGD; the outer average of round t is applied at the end of
     round t+1 (Nesterov outer SGD, layer-wise gap penalty, global-norm clip), written out
-    from ALGORITHMS.md with plain tensors."""
+    from ALGORITHMS.md with plain tensors. ``stale=False``: sync=local, the average of a
+    round is applied at its own end. ``batch_of(step, i)``: worker i's batch."""
+    batch_of = batch_of or (lambda step, i: batch(step, i, p))
     workers = [make_model() for _ in range(p)]
     opts = [torch.optim.SGD(w.parameters(), lr=lr, momentum=momentum) for w in workers]
     params = [list(w.parameters()) for w in workers]
     anchor = [x.detach().clone() for x in params[0]]
     mom = [torch.zeros_like(a) for a in anchor]
     in_flight, snaps, last = None, None, None
+
+    def snapshot():
+        s = [[a - w for a, w in zip(anchor, params[i])] for i in range(p)]
+        return s, [sum(x[j] for x in s) / p for j in range(len(anchor))]
+
     for step in range(steps):
         for i in range(p):
             opts[i].zero_grad()
-            workers[i](**batch(step, i, p)).backward()
+            workers[i](**batch_of(step, i)).backward()
             opts[i].step()
         if (step + 1) % H:
             continue
         with torch.no_grad():
+            if not stale:
+                snaps, in_flight = snapshot()
             if in_flight is not None:
                 d = [x.clone() for x in in_flight]
                 if last is not None and penalty > 0:
@@ -129,8 +138,8 @@ def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip):
                 for i in range(p):
                     for w, s, y in zip(params[i], last, snaps[i]):
                         w.add_(s).add_(y)
-            snaps = [[a - w for a, w in zip(anchor, params[i])] for i in range(p)]
-            in_flight = [sum(s[j] for s in snaps) / p for j in range(len(anchor))]
+            if stale:
+                snaps, in_flight = snapshot()
     return [{k: v.detach() for k, v in w.state_dict().items()} for w in workers]
 
 

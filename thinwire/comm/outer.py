@@ -149,28 +149,49 @@ class _Round:
         return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
 
 
+class ModuleParams:
+    """What the outer loop reads and writes: the module's trainable parameters as one
+    fresh fp32 flat vector. (Under ZeRO the fp32 master weights instead:
+    ``thinwire.trainer.zero_replicas.ZeroMasterParams``.)"""
+
+    def __init__(self, r: _Round):
+        self.r = r
+
+    def read_flat(self, kind: str = "data") -> torch.Tensor:
+        """``kind``: how traffic is accounted where reading communicates (ZeRO shards)."""
+        return self.r.flat(self.r.params)
+
+    @torch.no_grad()
+    def write_flat(self, flat: torch.Tensor) -> None:
+        for p, x in zip(self.r.params, self.r.split(flat)):
+            p.copy_(x)
+
+
 @SYNC_STRATEGIES.register("local")
 class LocalUpdates(SyncStrategy):
     """``sync=local``: H local steps, then a synchronous outer step (see module doc)."""
     needs_grad_allreduce = False
     ranks_diverge = True
 
-    def __init__(self, cfg, world, meter, model, comm_cfg=None):
-        super().__init__(cfg, world, meter, model, comm_cfg)
+    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
+        super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.H = cfg.local_steps
         self.round = 0
         self.r = _Round(model)
-        self.anchor = [p.detach().float().clone() for p in self.r.params]
+        # ZeRO replica groups: the fp32 master weights, averaged across the groups
+        self.io = replicas.params_io(self.r.params) if replicas is not None else ModuleParams(self.r)
+        group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
+                         else (world.async_group if world.world_size > 1 else None, None))
+        self.anchor = self.r.split(self.io.read_flat(kind="setup"))
         self.outer = OuterSGD(self.anchor, cfg)
-        group = world.async_group if world.world_size > 1 else None
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
-                                           meter, group=group)
+                                           meter, group=group, group2=group2)
         self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
 
     # -- pieces shared with CO2 ----------------------------------------------------
-    def pseudo_gradient(self) -> torch.Tensor:
-        """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot)."""
-        return self.r.flat([a - p.detach().float() for a, p in zip(self.anchor, self.r.params)])
+    def pseudo_gradient(self, live: torch.Tensor | None = None) -> torch.Tensor:
+        """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot); ``live``: w_i if at hand."""
+        return self.r.flat(self.anchor) - (self.io.read_flat() if live is None else live)
 
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
         return self.averager.average_async(self.r.names, self.r.sizes, delta, self.round)
@@ -195,9 +216,7 @@ class LocalUpdates(SyncStrategy):
         self.averager.commit()
         wait = time.perf_counter() - t0
         self.outer_step(mean)
-        with torch.no_grad():
-            for p, a in zip(self.r.params, self.anchor):
-                p.copy_(a)
+        self.io.write_flat(self.r.flat(self.anchor))
         self.round += 1
         stats = self.averager.take_stats()
         return self.metrics(wait, overlap_fraction=0.0, **stats)
@@ -208,19 +227,15 @@ class LocalUpdates(SyncStrategy):
         if self.world.world_size == 1:
             yield self.model
             return
-        live = self.r.flat(self.r.params)
+        live = self.io.read_flat(kind="control")
         mean = live.clone()
         accounting.all_reduce(self.meter, mean, kind="control")
-        mean.div_(self.world.world_size)
-        with torch.no_grad():
-            for p, m in zip(self.r.params, self.r.split(mean)):
-                p.copy_(m)
+        mean.div_(self.world.world_size)  # replica groups: every group counts as often as it has ranks
+        self.io.write_flat(mean)
         try:
             yield self.model
         finally:
-            with torch.no_grad():
-                for p, x in zip(self.r.params, self.r.split(live)):
-                    p.copy_(x)
+            self.io.write_flat(live)
 
     def state_dict(self) -> dict:
         return {"round": self.round, "anchor": [a.clone() for a in self.anchor],
@@ -238,8 +253,8 @@ class LocalUpdates(SyncStrategy):
 class CO2(LocalUpdates):
     """``sync=co2``: the outer average of round t overlaps round t+1 (see module doc)."""
 
-    def __init__(self, cfg, world, meter, model, comm_cfg=None):
-        super().__init__(cfg, world, meter, model, comm_cfg)
+    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
+        super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.penalty_strength = cfg.staleness_penalty
         self.snapshot: torch.Tensor | None = None    # Delta_t^i of the round in flight
         self.future: torch.futures.Future | None = None
@@ -247,8 +262,8 @@ class CO2(LocalUpdates):
         self.launched_s = self.done_s = 0.0
         self.last_step: list[torch.Tensor] | None = None  # a_t - a_{t-1}, for the gap penalty
 
-    def _launch(self) -> None:
-        self.snapshot = self.pseudo_gradient()
+    def _launch(self, live: torch.Tensor | None = None) -> None:
+        self.snapshot = self.pseudo_gradient(live)
         self.launched_s, self.done_s = time.perf_counter(), 0.0  # done_s: set on gloo's thread
         if self.cuda_stream is not None:  # NCCL: launch from the side stream
             self.cuda_stream.wait_stream(torch.cuda.current_stream(self.world.device))
@@ -281,6 +296,7 @@ class CO2(LocalUpdates):
         consume_s = time.perf_counter()
         wait = self._complete()
         out: dict[str, float] = {}
+        live = None
         if self.mean is not None:
             if self.done_s and self.launched_s:  # not known for a mean restored from a checkpoint
                 hidden = max(0.0, min(self.done_s, consume_s) - self.launched_s)
@@ -288,13 +304,13 @@ class CO2(LocalUpdates):
             gap = global_norm(self.last_step) if self.last_step is not None else 0.0
             penalty = staleness_penalty(self.r.split(self.mean), self.last_step, self.penalty_strength)
             self.last_step = self.outer_step(self.mean, penalty)
-            with torch.no_grad():  # w_i += a_{t+1} - y_t^i, with y_t^i = a_t - Delta_t^i
-                for p, s, delta in zip(self.r.params, self.last_step, self.r.split(self.snapshot)):
-                    p.add_(s.to(p.dtype)).add_(delta.to(p.dtype))
+            # w_i += a_{t+1} - y_t^i, with y_t^i = a_t - Delta_t^i
+            live = self.io.read_flat().add_(self.r.flat(self.last_step)).add_(self.snapshot)
+            self.io.write_flat(live)
             self.mean, self.snapshot = None, None
             out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
         self.round += 1
-        self._launch()
+        self._launch(live)
         return self.metrics(wait, **out, **self.averager.take_stats())
 
     def close(self) -> None:

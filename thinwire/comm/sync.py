@@ -22,7 +22,7 @@ class SyncStrategy:
     needs_grad_allreduce = True
     ranks_diverge = False
 
-    def __init__(self, cfg, world, meter, model, comm_cfg=None):
+    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
 
     def after_step(self, step: int) -> dict[str, float]:
@@ -49,8 +49,11 @@ class EveryStep(SyncStrategy):
     """Gradients averaged every step by DDP's comm hook; nothing to do after the step."""
 
 
-def build_sync(cfg, world, meter, model, comm_cfg=None) -> SyncStrategy:
-    return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg)
+def build_sync(cfg, world, meter, model, comm_cfg=None, replicas=None) -> SyncStrategy:
+    """``replicas``: the engine's replica groups when it shards state inside groups of ranks
+    (``engine=deepspeed`` with local/CO2: ``thinwire.trainer.zero_replicas``); strategies
+    that synchronise parameters then average across the groups, not across all ranks."""
+    return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg, replicas)
 
 
 from . import outer  # noqa: E402,F401  registers local and co2 (after the base class exists)

@@ -23,6 +23,11 @@ b_param = 2 with bf16 else 4::
     parameters, after the step       all-gather of the updated shards   (p-1)/p * n * b_param
 
 The scalar all-reduces of overflow flags and gradient norms (4-12 bytes) are left out.
+
+With ``sync=local|co2``, ZeRO runs inside replica groups of ``engine.zero_group_size``
+ranks (p above is then the group's size) and the outer loop averages across the groups
+(``thinwire.trainer.zero_replicas``); those averages go through thinwire's comm layer and
+are accounted there, like every outer average.
 """
 from __future__ import annotations
 
@@ -35,9 +40,12 @@ from unittest import mock
 import torch
 
 from ..comm import accounting
+from ..comm.aggregator import check_combination
+from . import zero_replicas
 from .config import ConfigError
 
-SUPPORTED = ("engine=deepspeed works with sync=ddp, comm=none, optim=sgd|adamw and "
+SUPPORTED = ("engine=deepspeed works with sync=ddp and comm=none, or sync=local|co2 across ZeRO replica groups "
+             "(engine.zero_group_size ranks each, any comm= for the outer average); optim=sgd|adamw; "
              "engine.deepspeed.zero_optimization.stage=1|2")
 # keys thinwire sets itself: the loop, the data and the optimizer plugin decide them
 OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
@@ -68,11 +76,19 @@ def check_config(cfg) -> None:
 
     if importlib.util.find_spec("deepspeed") is None:  # no import here: it takes seconds
         raise ConfigError("engine=deepspeed: DeepSpeed is not installed (pip install 'thinwire[deepspeed]')")
-    need(cfg.sync.name == "ddp", "sync", cfg.sync.name,
-         "local updates cannot run on ZeRO-sharded optimizer state")
-    need(cfg.comm.name == "none", "comm", cfg.comm.name,
-         "DeepSpeed reduces gradients itself and has no compression hook (engine.deepspeed."
-         "communication_data_type=bf16 halves gradient bytes)")
+    need(cfg.sync.name in ("ddp", "local", "co2"), "sync", cfg.sync.name)
+    world = int(os.environ.get("WORLD_SIZE", cfg.dist.nproc))
+    size = zero_replicas.group_size(cfg.engine.zero_group_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if cfg.sync.name == "ddp":
+        need(cfg.comm.name == "none", "comm", cfg.comm.name,
+             "DeepSpeed reduces gradients itself and has no compression hook (engine.deepspeed."
+             "communication_data_type=bf16 halves gradient bytes)")
+        need(cfg.engine.zero_group_size in (None, world), "engine.zero_group_size", cfg.engine.zero_group_size,
+             f"sync=ddp runs ZeRO over all {world} ranks; replica groups are for sync=local|co2")
+    else:
+        need(size >= 1 and world % size == 0 and world // size >= 2, "engine.zero_group_size", size,
+             f"sync={cfg.sync.name} averages across ZeRO replica groups: the group size must divide the "
+             f"world size ({world}) into at least 2 groups")
     need(cfg.optim.name in ("sgd", "adamw"), "optim", cfg.optim.name, "DeepSpeed steps a torch optimizer")
     need(_stage(ds) in (1, 2), "engine.deepspeed.zero_optimization.stage", _stage(ds),
          "stage 0 is plain data parallelism (use engine=ddp); stage 3 is not wired in")
@@ -120,6 +136,14 @@ def wire_bytes_per_step(ds: dict, numel: int, world_size: int) -> tuple[int, int
             accounting.collective_bytes("reduce_scatter", numel, b_param, world_size))  # = the all-gather
 
 
+def is_two_phase(comm_cfg) -> bool:
+    from omegaconf import OmegaConf
+
+    fields = OmegaConf.to_container(comm_cfg, resolve=True)
+    name = fields.pop("name")
+    return name != "none" and check_combination(name, fields) == "two_phase"
+
+
 class DeepSpeedEngine:
     """Same interface as ``DDPEngine``; ``forward_model`` is the DeepSpeed engine once
     :meth:`attach` has handed it the optimizer."""
@@ -130,6 +154,11 @@ class DeepSpeedEngine:
         self.forward_model = model
         self.ds = None
         self.ds_config: dict = {}
+        # no gradient sync across all ranks (sync=local|co2): ZeRO inside replica groups
+        self.replicas = None if grad_sync else zero_replicas.ReplicaGroups(
+            world, zero_replicas.group_size(cfg.zero_group_size, world.world_size), meter,
+            two_phase=is_two_phase(comm_cfg))
+        self.dp_size = self.replicas.size if self.replicas else world.world_size
 
     def attach(self, plugin, batch_size: int):
         """Build the DeepSpeed engine around the plugin's torch optimizer; the loop then
@@ -143,15 +172,17 @@ class DeepSpeedEngine:
         # compiler probing: every collective goes through torch.distributed (gloo / NCCL).
         deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})
         os.environ.setdefault("LOCAL_RANK", str(self.world.local_rank))
-        self.ds_config = deepspeed_config(self.cfg, plugin.cfg, batch_size, self.world.world_size)
+        self.ds_config = deepspeed_config(self.cfg, plugin.cfg, batch_size, self.dp_size)
         # ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates (once per process)
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
         self.ds, _, _, _ = deepspeed.initialize(model=self.module, optimizer=plugin.optimizer,
-                                                config=self.ds_config, dist_init_required=False)
+                                                config=self.ds_config, dist_init_required=False, mpu=self.replicas)
+        if self.replicas is not None:
+            self.replicas.optimizer = self.ds.optimizer
         # DeepSpeed broadcasts rank 0's parameters at initialisation: setup traffic
         self.meter.charge(accounting.collective_bytes(
             "broadcast", sum(p.numel() * p.element_size() for p in self.module.parameters()), 1,
-            self.world.world_size), kind="setup")
+            self.dp_size), kind="setup")
         self.forward_model = self.ds
         return ZeroStep(plugin, self)
 
@@ -178,13 +209,17 @@ class DeepSpeedEngine:
         pass
 
     # checkpoint: DeepSpeed's own sharded files inside thinwire's atomic checkpoint directory
+    def _ds_dir(self, directory: str) -> str:
+        """Replica groups each write DeepSpeed's files (same names) into a directory of their own."""
+        return directory if self.replicas is None else os.path.join(directory, f"replica{self.replicas.replica}")
+
     def save_extra(self, directory: str) -> None:
-        self.ds.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        self.ds.save_checkpoint(self._ds_dir(directory), tag="deepspeed", save_latest=False)
 
     def load_extra(self, directory: str, same_world: bool) -> None:
         """Model, ZeRO shards of the optimizer state and its fp32 master weights. Another
         world size re-shards nothing: the module is loaded, the optimizer state starts fresh."""
-        self.ds.load_checkpoint(directory, tag="deepspeed", load_optimizer_states=same_world,
+        self.ds.load_checkpoint(self._ds_dir(directory), tag="deepspeed", load_optimizer_states=same_world,
                                 load_lr_scheduler_states=False, load_module_only=not same_world)
         if not same_world and self.world.is_main:
             print(f"thinwire: warning: {directory}: DeepSpeed's optimizer state is sharded for another "
@@ -203,7 +238,7 @@ class ZeroStep:
     def __init__(self, plugin, engine: DeepSpeedEngine):
         self.plugin, self.engine, self.ds = plugin, engine, engine.ds
         self.cfg = plugin.cfg
-        self.grad_bytes, self.param_bytes = wire_bytes_per_step(engine.ds_config, engine.numel, engine.world.world_size)
+        self.grad_bytes, self.param_bytes = wire_bytes_per_step(engine.ds_config, engine.numel, engine.dp_size)
 
     def lr(self, step: int) -> float:
         return self.plugin.lr(step)
@@ -215,11 +250,18 @@ class ZeroStep:
         return loss.detach()
 
     def local_finite(self) -> bool:
-        """Finite gradients in this rank's shard (the loop agrees across ranks)."""
+        """Finite gradients in this rank's shard. The loop agrees across all ranks under
+        sync=ddp; replica groups step independently, so the ranks of a group agree here."""
         opt = self.ds.optimizer
-        if getattr(opt, "cpu_offload", False):
-            return not opt.local_overflow
-        return not bool(opt.has_overflow_partitioned_grads_serial())
+        finite = not (opt.local_overflow if getattr(opt, "cpu_offload", False)
+                      else bool(opt.has_overflow_partitioned_grads_serial()))
+        groups = self.engine.replicas
+        if groups is None or groups.size == 1:
+            return finite
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.engine.world.device)
+        accounting.all_reduce(self.engine.meter, flag, op=torch.distributed.ReduceOp.MIN, group=groups.zero_group,
+                              kind="control")
+        return bool(flag.item() == 1.0)
 
     def apply(self, step: int) -> dict[str, float]:
         lr = self.lr(step)

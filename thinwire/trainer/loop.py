@@ -70,7 +70,8 @@ class Trainer:
         self.engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm, grad_sync=grad_sync)
         self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin = self.engine.attach(self.plugin, cfg.data.batch_size)  # DeepSpeed takes over the step
-        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm)
+        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm,
+                               replicas=getattr(self.engine, "replicas", None))
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
         # an elastic restart always continues from the newest checkpoint

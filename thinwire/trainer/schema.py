@@ -149,6 +149,7 @@ class EngineSchema:
     gradient_as_bucket_view: bool = True
     find_unused_parameters: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)
+    zero_group_size: Optional[int] = None  # deepspeed + sync=local|co2: ranks per ZeRO replica group
 
 
 # ---- trainer / dist / logger ---------------------------------------------------------
