@@ -22,11 +22,12 @@ Per rate:
      at the end (after a barrier, so set-up traffic is excluded), and the check is
      measured / accounted over the same window (training steps + evaluations), per rank.
 
-    sudo python bench/cluster.py --quick        # 2 ranks, 100 Mbit/s, 5 rows, < 10 min
+    sudo python bench/cluster.py --quick        # 2 ranks, 100 Mbit/s, 6 rows, < 10 min
     sudo python bench/cluster.py                # 4 ranks, 100 Mbit/s + 1 Gbit/s, 14 rows
 
 Needs root and network namespaces (launch/netsim check); exits 0 with a message otherwise.
-Writes bench/results/cluster.{json,md} and cluster_<rate>.png (--out to change the stem).
+Writes bench/results/cluster.{json,md} and cluster_<rate>.png (cluster_quick.* with --quick;
+--out to change the stem; --report redraws the table and plots from the JSON).
 """
 from __future__ import annotations
 
@@ -66,8 +67,13 @@ ROWS = [
     ("thinwire sign1 + ef", "thinwire", [], ["comm=sign1", "comm.feedback=ef", "sync=ddp"]),
     ("thinwire co2 H=8", "thinwire", [], ["comm=none", "sync=co2", "sync.local_steps=8"]),
     ("thinwire co2 H=8 + int8", "thinwire", [], ["comm=int8", "sync=co2", "sync.local_steps=8"]),
+    # reference for "communication hidden": local steps that never synchronise (evaluation
+    # still averages the ranks' parameters)
+    ("compute only (no sync)", "reference", [], ["comm=none", "sync=local", f"sync.local_steps={10 ** 9}"]),
 ]
-QUICK_LABELS = ["ddp fp32", "thinwire comm=bf16", "thinwire topk 1% + ef", "thinwire co2 H=8", "torch PowerSGD r2"]
+FULL_LABELS = [r[0] for r in ROWS if r[1] != "reference"]
+QUICK_LABELS = ["ddp fp32", "thinwire comm=bf16", "thinwire topk 1% + ef", "thinwire co2 H=8", "torch PowerSGD r2",
+                "compute only (no sync)"]
 # a small per-rank batch (8 sequences of 32 characters) on the default char-GPT (4 layers,
 # d=128, 0.8 M params): one step's compute is well below one dense fp32 all-reduce at
 # 100 Mbit/s on this 2-core machine (the regime the benchmark is about)
@@ -221,6 +227,47 @@ def headline(res: dict) -> dict:
     return h
 
 
+def goals_md(res: dict) -> str:
+    """The issue's goals checked against this rate's table (computed, not typed in)."""
+    h = headline(res)
+    ok = {True: "met", False: "**missed**"}
+    out = [f"Goals at {res['rate']} ({res['hosts']} ranks):", ""]
+    if h.get("best_thinwire"):
+        out.append(f"- fastest thinwire row to the target: {h['best_thinwire']}: "
+                   f"{h.get('speedup_vs_ddp_fp32', 0):.2f}x vs DDP fp32 (goal >= 5x: "
+                   f"{ok[h.get('speedup_vs_ddp_fp32', 0) >= 5]}), "
+                   + (f"{h['speedup_vs_bf16']:.2f}x vs thinwire bf16 (goal >= 3x: {ok[h['speedup_vs_bf16'] >= 3]}), "
+                      if "speedup_vs_bf16" in h else "thinwire bf16 did not reach the target, ")
+                   + (f"{h['speedup_vs_best_peer']:.2f}x vs the fastest peer, {h['best_peer']} (goal >= 1.5x: "
+                      f"{ok[h['speedup_vs_best_peer'] >= 1.5]})" if "speedup_vs_best_peer" in h
+                      else "no peer row reached the target"))
+    else:
+        out.append("- no thinwire row reached the target within its budget")
+    bv = h.get("bytes_vs_bf16", {})
+    for label, bound, what in (("thinwire topk 1% + ef", 1 / 16, "<= 1/16 of bf16"),
+                               ("thinwire int8 two-phase + ef", 0.55, "<= 0.55x bf16")):
+        if label in bv:
+            out.append(f"- {label}: accounted bytes per training step = {bv[label]:.4f}x bf16's "
+                       f"(1/{1 / bv[label]:.1f}); goal {what}: {ok[bv[label] <= bound]}")
+    by = {r["label"]: r for r in res["rows"]}
+    if "compute only (no sync)" in by and "thinwire co2 H=8" in by:
+        c, co2 = by["compute only (no sync)"], by["thinwire co2 H=8"]
+        unit = next(k for k in c if k.endswith("_per_s") and k != "comm_wait_s_per_step")
+        f = co2[unit] / c[unit]
+        out.append(f"- thinwire co2 H=8 throughput = {f:.2f}x compute-only ({co2[unit]:.0f} vs {c[unit]:.0f} "
+                   f"{unit}, {res['hosts']} ranks); goal >= 0.9x: {ok[f >= 0.9]}")
+    vv = h["val_vs_dense_at_S"]
+    for label, bound in (("thinwire int8 two-phase + ef", 0.02), ("thinwire co2 H=8", 0.02),
+                         ("thinwire co2 H=8 + int8", 0.02), ("thinwire topk 1% + ef", 0.03),
+                         ("thinwire topk 1% + ef21", 0.03), ("thinwire topk 1% + econtrol", 0.03)):
+        if label in vv:
+            v = vv[label]
+            out.append(f"- {label}: val loss at step {res['dense_steps']} "
+                       + (f"{v * 100:+.1f}% vs DDP fp32; goal within {bound * 100:.0f}%: {ok[v <= bound]}"
+                          if v is not None else "not measured (stopped before that step)"))
+    return "\n".join(out) + "\n"
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -228,12 +275,12 @@ def plot(res: dict, path: str) -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 5.5))
     cmap = plt.get_cmap("tab10")
-    k = {"peer": 0, "thinwire": 0}
+    k = {"peer": 0, "thinwire": 0, "reference": 7}
     for r in res["rows"]:
         xs = [c["train_s"] for c in r["curve"]]
         ys = [c["val_loss"] for c in r["curve"]]
         wb = [c["wire_bytes_cum"] / 1e6 for c in r["curve"]]
-        style = "-" if r["group"] == "thinwire" else ("--" if r["group"] == "peer" else "-")
+        style = {"thinwire": "-", "peer": "--", "reference": ":"}.get(r["group"], "-")
         lw = 2.2 if r["group"] == "baseline" else 1.3
         if r["group"] == "baseline":
             color = "black"
@@ -268,16 +315,18 @@ def per_rate(values: str, rates: list[str], cast) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 ranks, 100mbit, 5 rows (< 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="2 ranks, 100mbit, 6 rows (< 10 minutes)")
     ap.add_argument("--rates", default=None, help="comma-separated tbf rates (default 100mbit,1gbit)")
     ap.add_argument("--ranks", type=int, default=None, help="default 4 (2 with --quick)")
     ap.add_argument("--steps", default=None, help="dense's steps S, one or one per rate (multiple of 8)")
     ap.add_argument("--budget", default=None, help="training-time budget per row in s, one or one per rate")
     ap.add_argument("--rows", default=None, help="comma-separated row labels (default: all, or the quick set)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "cluster"))
+    ap.add_argument("--out", default=None, help="output stem (default bench/results/cluster, "
+                    "bench/results/cluster_quick with --quick)")
     ap.add_argument("--report", action="store_true", help="only rewrite <out>.md and the plots from <out>.json")
     a = ap.parse_args()
+    a.out = a.out or os.path.join(HERE, "results", "cluster_quick" if a.quick else "cluster")
     if a.report:
         with open(a.out + ".json") as fh:
             write_report(json.load(fh), a.out)
@@ -293,7 +342,7 @@ def main() -> int:
     budget = per_rate(a.budget or ("40" if a.quick else "90"), rates, float)
     if any(s % EVAL_EVERY for s in steps.values()):
         ap.error(f"--steps must be multiples of {EVAL_EVERY}")
-    labels = a.rows.split(",") if a.rows else (QUICK_LABELS if a.quick else [r[0] for r in ROWS])
+    labels = a.rows.split(",") if a.rows else (QUICK_LABELS if a.quick else FULL_LABELS)
     rows_def = [r for r in ROWS if r[0] in labels]
     if not rows_def or rows_def[0] is not DENSE:
         ap.error("the rows must include 'ddp fp32' (the target comes from it)")
@@ -352,6 +401,7 @@ def write_report(doc: dict, out: str) -> None:
           "AdamW 3e-3). Budgets were chosen so the whole matrix fits its time slot on this machine.", ""]
     for res in doc["results"]:
         md.append(markdown(res))
+        md.append(goals_md(res))
         if not res.get("complete", True):
             md.append(f"(partial: {len(res['rows'])} rows measured so far)\n")
         png = f"{out}_{res['rate']}.png"
