@@ -263,16 +263,17 @@ def test_resume_from_deepspeed_checkpoint_continues_bitwise(tmp_path, stage):
 
 def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path):
     """4 ranks, ZeRO-2 inside {0,1} and {2,3}, co2 across them (H=4, so step 6 is mid-round
-    with round 1's average in flight), AdamW: each group's DeepSpeed files in its own
-    directory, every rank's parameters and the metrics equal to the uninterrupted run."""
-    extra = ("sync=co2", "sync.local_steps=4", "engine.zero_group_size=2")
+    with round 1's average in flight), AdamW, bf16 parameters (the outer loop works on the
+    fp32 master weights): each group's DeepSpeed files in its own directory, every rank's
+    parameters and the metrics equal to the uninterrupted run."""
+    extra = ("sync=co2", "sync.local_steps=4", "engine.zero_group_size=2", "engine.deepspeed.bf16.enabled=true")
     run_ranks(stop_and_resume, 4, tmp_path, str(tmp_path), 2, extra)
     full, split = tmp_path / "full", tmp_path / "split"
     ckpt = split / "checkpoints" / "step_00000006"
     for g in (0, 1):
         assert {f.name for f in (ckpt / f"replica{g}" / "deepspeed").iterdir()} >= {
-            "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+            "mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     a, b = metrics(full), metrics(split)
     assert [r["step"] for r in b] == list(range(1, 13))
     for key in ("loss", "val_loss", "lr", "wire_bytes"):
@@ -282,6 +283,7 @@ def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path):
     for r in range(4):
         pb = torch.load(split / "checkpoints" / "step_00000012" / f"rank{r:05d}.pt", weights_only=False)["model"]
         assert all(torch.equal(last[r][k], pb[k]) for k in pb), r
+    assert all(v.dtype == torch.bfloat16 for v in last[0].values() if v.is_floating_point())
     assert all(torch.equal(last[0][k], last[1][k]) for k in last[0])       # one replica
     assert not all(torch.equal(last[0][k], last[2][k]) for k in last[0])   # two replicas
 
