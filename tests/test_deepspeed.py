@@ -322,6 +322,8 @@ REJECTED = [
     (["sync=ddp", "dist.nproc=4", "engine.zero_group_size=2"], "engine.zero_group_size=2"),
     (["optim=mezo"], "optim=mezo"),
     (["engine.deepspeed.zero_optimization.stage=3"], "engine.deepspeed.zero_optimization.stage=3"),
+    (["engine.deepspeed.zero_optimization.stage=1", "engine.deepspeed.bf16.enabled=true"],
+     "engine.deepspeed.bf16.enabled=True"),
     (["+engine.deepspeed.optimizer.type=Adam"], "engine.deepspeed.optimizer="),
     (["engine.deepspeed.gradient_clipping=2.0", "optim.grad_clip=1.0"], "engine.deepspeed.gradient_clipping=2.0"),
 ]

@@ -95,6 +95,9 @@ def check_config(cfg) -> None:
     for key in OWNED:
         need(key not in ds, f"engine.deepspeed.{key}", ds.get(key),
              "set by thinwire (data.batch_size, optim=...); remove it")
+    need(not (ds.get("bf16", {}).get("enabled", False) and _stage(ds) == 1), "engine.deepspeed.bf16.enabled", True,
+         "with zero_optimization.stage=1 DeepSpeed switches to its BF16_Optimizer, which thinwire does not drive; "
+         "use stage 2")
     need(not ds.get("fp16", {}).get("enabled", False) or torch.cuda.is_available(),
          "engine.deepspeed.fp16.enabled", True, "fp16 needs a GPU; use bf16")
     clip = ds.get("gradient_clipping", 0.0)
