@@ -21,7 +21,9 @@ with y_t^i = a_t - Delta_t^i the rank's parameters at the end of round t. The sn
 a copy: the collective never touches live parameters (the reference code all-reduces
 them in place from a Python thread). Pseudo-gradients, not parameters, are averaged, so
 any compressor + error feedback of the comm layer applies to them unchanged, with its own
-per-rank state (``CompressedAverager``).
+per-rank state (``CompressedAverager``). Parameters are read and written through a space
+(``ModuleParams``: the module's parameters; under ZeRO replica groups this rank's shard of
+the fp32 master weights, ``thinwire.trainer.zero_replicas.ZeroShards``).
 
 Overlap: on gloo the average is an async work on ``world.async_group`` (a process group
 of its own, so its order never interleaves with the per-step control all-reduce); its
@@ -68,7 +70,8 @@ class OuterSGD:
     ``[-clip, clip]`` (``clip_mode=value``).
     """
 
-    def __init__(self, params: list[torch.Tensor], cfg):
+    def __init__(self, params: list[torch.Tensor], cfg, norm=None):
+        self.norm = norm or global_norm  # the global L2 norm (a sharded space reduces it over its group)
         self.lr, self.beta, self.nesterov = cfg.outer_lr, cfg.outer_momentum, cfg.nesterov
         self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
         self.momentum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -78,7 +81,7 @@ class OuterSGD:
         if self.clip_mode == "value":
             self.clipped += 1 if any(bool((x.abs() > self.clip).any()) for x in d) else 0
             return [x.clamp_(-self.clip, self.clip) for x in d]
-        norm = global_norm(d)
+        norm = self.norm(d)
         if norm > self.clip:
             self.clipped += 1
             scale = self.clip / (norm + 1e-12)
@@ -111,8 +114,7 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
-def staleness_penalty(d: list[torch.Tensor], last_step: list[torch.Tensor] | None,
-                      strength: float) -> list[float]:
+def staleness_penalty(d_norms: list[float], gap_norms: list[float] | None, strength: float) -> list[float]:
     """Layer-wise staleness-gap penalty Lambda_t >= 1 (CO2 paper Sec. 3.2, Eq. 4, in the
     Gap-Aware form of Barkai et al. 2020 that it builds on)::
 
@@ -123,18 +125,22 @@ def staleness_penalty(d: list[torch.Tensor], last_step: list[torch.Tensor] | Non
     itself, so a layer whose anchor moved by a whole pseudo-gradient since is damped by
     1 + strength. Both norms are identical on every rank (the anchor and the mean are),
     so the anchor stays identical. ``strength=0`` or the first round: Lambda = 1.
+    Arguments are the layers' norms (``ModuleParams.layer_norms``), one per piece.
     """
-    if strength <= 0 or last_step is None:
-        return [1.0] * len(d)
-    out = []
-    for g, s in zip(d, last_step):
-        gn = float(g.norm())
-        out.append(1.0 + strength * float(s.norm()) / gn if gn > 0 else 1.0)
-    return out
+    if strength <= 0 or gap_norms is None:
+        return [1.0] * len(d_norms)
+    return [1.0 + strength * sn / gn if gn > 0 else 1.0 for gn, sn in zip(d_norms, gap_norms)]
 
 
-class _Round:
-    """Parameters, names, and flat views for averaging."""
+class ModuleParams:
+    """The space the outer loop works in: the module's trainable parameters, one piece per
+    parameter, read and written as one fresh fp32 flat vector. Pieces are named (layer-wise
+    compression and error-feedback state are keyed by name); ``layer_norms`` gives each
+    piece its layer's L2 norm and ``global_norm`` the norm of all pieces.
+
+    Under ZeRO replica groups the space is this rank's shard of the fp32 master weights
+    instead (``thinwire.trainer.zero_replicas.ZeroShards``: pieces are the fragments of
+    the layers inside the shard, norms are reduced over the group)."""
 
     def __init__(self, model: torch.nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -148,23 +154,20 @@ class _Round:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
 
-
-class ModuleParams:
-    """What the outer loop reads and writes: the module's trainable parameters as one
-    fresh fp32 flat vector. (Under ZeRO the fp32 master weights instead:
-    ``thinwire.trainer.zero_replicas.ZeroMasterParams``.)"""
-
-    def __init__(self, r: _Round):
-        self.r = r
-
     def read_flat(self, kind: str = "data") -> torch.Tensor:
-        """``kind``: how traffic is accounted where reading communicates (ZeRO shards)."""
-        return self.r.flat(self.r.params)
+        """``kind``: how traffic is accounted where reading communicates."""
+        return self.flat(self.params)
 
     @torch.no_grad()
     def write_flat(self, flat: torch.Tensor) -> None:
-        for p, x in zip(self.r.params, self.r.split(flat)):
+        for p, x in zip(self.params, self.split(flat)):
             p.copy_(x)
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        return [float(t.norm()) for t in pieces]
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        return global_norm(pieces)
 
 
 @SYNC_STRATEGIES.register("local")
@@ -177,13 +180,13 @@ class LocalUpdates(SyncStrategy):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.H = cfg.local_steps
         self.round = 0
-        self.r = _Round(model)
-        # ZeRO replica groups: the fp32 master weights, averaged across the groups
-        self.io = replicas.params_io(self.r.params) if replicas is not None else ModuleParams(self.r)
+        self.module_params = ModuleParams(model)  # what is evaluated
+        # ZeRO replica groups: this rank's shard of the fp32 master weights, averaged across groups
+        self.r = replicas.shards(self.module_params) if replicas is not None else self.module_params
         group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
                          else (world.async_group if world.world_size > 1 else None, None))
-        self.anchor = self.r.split(self.io.read_flat(kind="setup"))
-        self.outer = OuterSGD(self.anchor, cfg)
+        self.anchor = self.r.split(self.r.read_flat(kind="setup"))
+        self.outer = OuterSGD(self.anchor, cfg, norm=self.r.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)
         self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
@@ -191,7 +194,7 @@ class LocalUpdates(SyncStrategy):
     # -- pieces shared with CO2 ----------------------------------------------------
     def pseudo_gradient(self, live: torch.Tensor | None = None) -> torch.Tensor:
         """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot); ``live``: w_i if at hand."""
-        return self.r.flat(self.anchor) - (self.io.read_flat() if live is None else live)
+        return self.r.flat(self.anchor) - (self.r.read_flat() if live is None else live)
 
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
         return self.averager.average_async(self.r.names, self.r.sizes, delta, self.round)
@@ -205,7 +208,7 @@ class LocalUpdates(SyncStrategy):
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
-                "outer_momentum_norm": global_norm(self.outer.momentum), **extra}
+                "outer_momentum_norm": self.r.global_norm(self.outer.momentum), **extra}
 
     # -- the strategy ----------------------------------------------------------------
     def after_step(self, step: int) -> dict[str, float]:
@@ -216,7 +219,7 @@ class LocalUpdates(SyncStrategy):
         self.averager.commit()
         wait = time.perf_counter() - t0
         self.outer_step(mean)
-        self.io.write_flat(self.r.flat(self.anchor))
+        self.r.write_flat(self.r.flat(self.anchor))
         self.round += 1
         stats = self.averager.take_stats()
         return self.metrics(wait, overlap_fraction=0.0, **stats)
@@ -227,15 +230,15 @@ class LocalUpdates(SyncStrategy):
         if self.world.world_size == 1:
             yield self.model
             return
-        live = self.io.read_flat(kind="control")
+        live = self.module_params.read_flat()
         mean = live.clone()
         accounting.all_reduce(self.meter, mean, kind="control")
         mean.div_(self.world.world_size)  # replica groups: every group counts as often as it has ranks
-        self.io.write_flat(mean)
+        self.module_params.write_flat(mean)
         try:
             yield self.model
         finally:
-            self.io.write_flat(live)
+            self.module_params.write_flat(live)
 
     def state_dict(self) -> dict:
         return {"round": self.round, "anchor": [a.clone() for a in self.anchor],
@@ -301,12 +304,14 @@ class CO2(LocalUpdates):
             if self.done_s and self.launched_s:  # not known for a mean restored from a checkpoint
                 hidden = max(0.0, min(self.done_s, consume_s) - self.launched_s)
                 out["overlap_fraction"] = min(1.0, hidden / max(self.done_s - self.launched_s, 1e-9))
-            gap = global_norm(self.last_step) if self.last_step is not None else 0.0
-            penalty = staleness_penalty(self.r.split(self.mean), self.last_step, self.penalty_strength)
+            gap = self.r.global_norm(self.last_step) if self.last_step is not None else 0.0
+            gap_norms = self.r.layer_norms(self.last_step) if self.last_step is not None else None
+            penalty = staleness_penalty(self.r.layer_norms(self.r.split(self.mean)), gap_norms,
+                                        self.penalty_strength)
             self.last_step = self.outer_step(self.mean, penalty)
             # w_i += a_{t+1} - y_t^i, with y_t^i = a_t - Delta_t^i
-            live = self.io.read_flat().add_(self.r.flat(self.last_step)).add_(self.snapshot)
-            self.io.write_flat(live)
+            live = self.r.read_flat().add_(self.r.flat(self.last_step)).add_(self.snapshot)
+            self.r.write_flat(live)
             self.mean, self.snapshot = None, None
             out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
         self.round += 1

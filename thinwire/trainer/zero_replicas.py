@@ -12,17 +12,19 @@ replicas over the slow link, once per round::
     world 4, zero_group_size 2:   ZeRO groups  {0,1} {2,3}     (DeepSpeed's data-parallel group)
                                   cross groups {0,2} {1,3}     (the outer average)
 
-All ranks of a group hold the same parameters after every ZeRO step, so rank j of every
-group averages with rank j of the others and all cross groups compute the same mean.
-
-The outer step reads and writes the fp32 master weights (the ZeRO shards of
-``single_partition_of_fp32_groups``), not the module's parameters, which with bf16 are
-only a rounded copy: reading gathers the shards of the group (one intra-group fp32
-all-gather per round, counted), writing updates the module parameters and this rank's
-shard of the master weights from the new full values every rank of the group holds.
+Rank j of every group holds the same ZeRO shard j of the fp32 master weights, so the
+outer loop runs on shards: rank j averages its shard's pseudo-gradient with rank j of the
+other groups, and anchor, outer momentum, CO2's snapshot and in-flight mean are 1/s of the
+model per rank, sharded like ZeRO's own optimizer state (the memory-efficient outer state of
+the CO2 reference, here falling out of ZeRO's layout). Per round and rank: the cross-group
+average of n/s elements, then the all-gather of the updated module parameters inside the
+group (as after every ZeRO step), plus two small norm all-reduces inside the group (clip and
+staleness penalty need norms over whole layers). With bf16 the outer loop still works on the
+fp32 masters, never on the rounded module copy.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -56,9 +58,9 @@ class ReplicaGroups:
         self.cross_group2, self.alone = cross2[self.index], alone[world.rank]
         self.zero_ranks = list(range(self.replica * size, (self.replica + 1) * size))
 
-    def params_io(self, params: list[torch.nn.Parameter]) -> "ZeroMasterParams":
-        """The outer loop's read/write view of ``params`` (fp32 master weights)."""
-        return ZeroMasterParams(params, self.optimizer, self, self.meter)
+    def shards(self, module_params) -> "ZeroShards":
+        """The outer loop's space: this rank's shard of the fp32 master weights."""
+        return ZeroShards(module_params, self.optimizer, self, self.meter)
 
     # DeepSpeed's mpu (Megatron's interface), as deepspeed.utils.groups queries it
     def get_data_parallel_group(self):
@@ -83,47 +85,77 @@ class ReplicaGroups:
         return 0
 
 
-class ZeroMasterParams:
-    """The outer loop's view of the parameters (``read_flat``/``write_flat`` over the
-    trainable parameters in ``named_parameters`` order, fp32) backed by ZeRO's fp32 master
-    weights; same interface as ``thinwire.comm.outer.ModuleParams``."""
+class ZeroShards:
+    """The outer loop's space under ZeRO (same interface as ``thinwire.comm.outer.ModuleParams``):
+    this rank's shard of the fp32 master weights. Rank j of every replica group holds the same
+    shard j, so averaging shards across the cross group is the replicas' mean, and anchor,
+    outer momentum, snapshot and mean are 1/s of the model per rank, like ZeRO's own state.
 
-    def __init__(self, params: list[torch.nn.Parameter], optimizer, groups: ReplicaGroups, meter):
-        self.params, self.opt, self.groups, self.meter = params, optimizer, groups, meter
-        self.where: list[tuple[int, int]] = []  # (ZeRO param group, offset in its flat buffer)
-        for p in params:
-            for i, flat in enumerate(optimizer.bit16_groups_flat):
-                if any(q is p for q in optimizer.bit16_groups[i]):
-                    self.where.append((i, (p.data_ptr() - flat.data_ptr()) // p.element_size()))
-                    break
-            else:
-                raise RuntimeError("a trainable parameter is not in DeepSpeed's ZeRO param groups")
-        for i, flat in enumerate(optimizer.bit16_groups_flat):
-            shard = optimizer.single_partition_of_fp32_groups[i]
-            if flat.numel() != shard.numel() * groups.size:
-                raise RuntimeError(f"ZeRO group {i}: {flat.numel()} elements in {groups.size} shards of "
-                                   f"{shard.numel()}: unequal shards are not supported")
+    Pieces are the fragments of the trainable parameters that fall inside the shard (named by
+    their parameter: compression stays layer-wise, error-feedback state keyed by name);
+    ``layer_norms``/``global_norm`` add the squares of all shards of the group (one small
+    all-reduce inside it). Reading is local; writing updates the shard, copies it into the
+    module's (bit16) partition and all-gathers the partitions inside the group, as ZeRO does
+    after its own step."""
 
-    def _gather(self, kind: str) -> list[torch.Tensor]:
-        """The full fp32 master flat of every ZeRO param group (intra-group all-gather)."""
-        fulls = []
-        for shard in self.opt.single_partition_of_fp32_groups:
-            full = torch.empty(shard.numel() * self.groups.size, dtype=torch.float32, device=shard.device)
-            accounting.all_gather_into(self.meter, full, shard.detach().float(), group=self.groups.zero_group,
-                                       kind=kind)
-            fulls.append(full)
-        return fulls
+    def __init__(self, module_params, optimizer, groups: ReplicaGroups, meter):
+        self.opt, self.groups, self.meter = optimizer, groups, meter
+        self.module_params = module_params
+        self.shards = optimizer.single_partition_of_fp32_groups
+        self.pieces: list[tuple[int, int, int]] = []  # (ZeRO param group, offset in shard, numel)
+        self.layer_of: list[int] = []
+        self.names: list[str] = []
+        for layer, (name, p) in enumerate(zip(module_params.names, module_params.params)):
+            i, offset = self._locate(p)
+            size = self.shards[i].numel()
+            lo, hi = max(offset, groups.index * size), min(offset + p.numel(), (groups.index + 1) * size)
+            if hi > lo:
+                self.pieces.append((i, lo - groups.index * size, hi - lo))
+                self.layer_of.append(layer)
+                self.names.append(name)
+        self.sizes = [n for _, _, n in self.pieces]
+        self.n_layers = len(module_params.params)
+        if not self.pieces:
+            raise RuntimeError(f"engine.zero_group_size={groups.size}: this rank's ZeRO shard holds no parameters")
+
+    def _locate(self, p) -> tuple[int, int]:
+        for i, flat in enumerate(self.opt.bit16_groups_flat):
+            if any(q is p for q in self.opt.bit16_groups[i]):
+                if flat.numel() != self.shards[i].numel() * self.groups.size:
+                    raise RuntimeError(f"ZeRO group {i}: {flat.numel()} elements in {self.groups.size} shards of "
+                                       f"{self.shards[i].numel()}: unequal shards are not supported")
+                return i, (p.data_ptr() - flat.data_ptr()) // p.element_size()
+        raise RuntimeError("a trainable parameter is not in DeepSpeed's ZeRO param groups")
+
+    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(flat.split(self.sizes))
 
     def read_flat(self, kind: str = "data") -> torch.Tensor:
-        fulls = self._gather(kind)
-        return torch.cat([fulls[i][o:o + p.numel()] for p, (i, o) in zip(self.params, self.where)])
+        return torch.cat([self.shards[i].detach()[o:o + n] for i, o, n in self.pieces]).float()
 
     @torch.no_grad()
     def write_flat(self, flat: torch.Tensor) -> None:
-        fulls = [torch.zeros(s.numel() * self.groups.size, dtype=torch.float32, device=s.device)
-                 for s in self.opt.single_partition_of_fp32_groups]
-        for p, (i, o), x in zip(self.params, self.where, flat.split([p.numel() for p in self.params])):
-            fulls[i][o:o + p.numel()].copy_(x)
-            p.copy_(x.view_as(p))
-        for shard, full in zip(self.opt.single_partition_of_fp32_groups, fulls):
-            shard.copy_(full.chunk(self.groups.size)[self.groups.index])
+        for (i, o, n), x in zip(self.pieces, self.split(flat)):
+            self.shards[i][o:o + n].copy_(x)
+        for i, shard in enumerate(self.shards):  # the module's parameters: ZeRO's post-step all-gather
+            flat_i = self.opt.bit16_groups_flat[i]
+            mine = flat_i.chunk(self.groups.size)[self.groups.index]
+            mine.copy_(shard)
+            accounting.all_gather_into(self.meter, flat_i, mine.clone(), group=self.groups.zero_group)
+
+    def _layer_squares(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        sq = torch.zeros(self.n_layers, dtype=torch.float64)
+        for layer, t in zip(self.layer_of, pieces):
+            sq[layer] += t.double().pow(2).sum()
+        accounting.all_reduce(self.meter, sq, group=self.groups.zero_group, kind="control")
+        return sq
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        norms = self._layer_squares(pieces).sqrt()
+        return [float(norms[layer]) for layer in self.layer_of]
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        return math.sqrt(float(self._layer_squares(pieces).sum()))
