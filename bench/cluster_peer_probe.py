@@ -1,0 +1,76 @@
+"""What one collective call costs on the wire beyond its payload, on launch/netsim hosts.
+
+Run with one rank per namespace (gloo over eth0):
+
+    PYTHON=$(which python) launch/netsim run 4 100mbit -- bench/cluster_peer_probe.py --out probe/
+
+Each rank reads its eth0 tx_bytes around K calls of: all_reduce of 1 fp32 element,
+all_gather of 1 element per rank, and all_reduce of 16,384 fp32 (64 KiB); a barrier comes
+before every counter read so the calls' traffic has left. Per call it writes what was
+measured, the payload thinwire's accounting charges (ring formulas,
+thinwire/comm/accounting.py) and their difference: the per-call overhead (Ethernet/IP/TCP
+headers of every message, the receiver's ACKs, gloo's own small messages) that the
+accounting leaves out by design. Rank r writes <out>/probe<r>.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from thinwire.comm.accounting import collective_bytes
+
+TX = "/sys/class/net/eth0/statistics/tx_bytes"
+
+
+def tx() -> int:
+    try:
+        with open(TX) as fh:
+            return int(fh.read())
+    except OSError:
+        return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--calls", type=int, default=200)
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    p, rank = dist.get_world_size(), dist.get_rank()
+    torch.set_num_threads(1)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    cases = {
+        "all_reduce 1 fp32": (lambda t: dist.all_reduce(t), torch.zeros(1), "all_reduce", 1),
+        "all_gather 1 fp32": (lambda t: gather(torch.zeros(p), t), torch.zeros(1), "all_gather", 1),
+        "all_reduce 64 KiB": (lambda t: dist.all_reduce(t), torch.zeros(16384), "all_reduce", 16384),
+    }
+    res = {}
+    for name, (fn, t, kind, n) in cases.items():
+        fn(t)  # connections and buffers set up
+        dist.barrier()
+        t0 = tx()
+        for _ in range(a.calls):
+            fn(t)
+        dist.barrier()
+        measured = tx() - t0
+        # the closing barrier is itself a small collective: measure it alone and subtract
+        b0 = tx()
+        dist.barrier()
+        dist.barrier()
+        barrier = (tx() - b0) / 2
+        payload = collective_bytes(kind, n, 4, p)
+        per_call = (measured - barrier) / a.calls
+        res[name] = {"calls": a.calls, "measured_per_call": round(per_call, 1), "payload_per_call": payload,
+                     "overhead_per_call": round(per_call - payload, 1)}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"probe{rank}.json"), "w") as fh:
+        json.dump({"rank": rank, "world_size": p, "cases": res}, fh, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
