@@ -23,7 +23,7 @@ Per rate:
      measured / accounted over the same window (training steps + evaluations), per rank.
 
     sudo python bench/cluster.py --quick        # 2 ranks, 100 Mbit/s, 6 rows, < 10 min
-    sudo python bench/cluster.py                # 4 ranks, 100 Mbit/s + 1 Gbit/s, 14 rows
+    sudo python bench/cluster.py                # 4 ranks, 100 Mbit/s + 1 Gbit/s, 14 rows, S=160, 135 s (~1 h)
 
 Needs root and network namespaces (launch/netsim check); exits 0 with a message otherwise.
 Writes bench/results/cluster.{json,md} and cluster_<rate>.png (cluster_quick.* with --quick;
@@ -339,7 +339,7 @@ def main() -> int:
     rates = (a.rates or ("100mbit" if a.quick else "100mbit,1gbit")).split(",")
     hosts = a.ranks or (2 if a.quick else 4)
     steps = per_rate(a.steps or ("96" if a.quick else "160"), rates, int)
-    budget = per_rate(a.budget or ("40" if a.quick else "90"), rates, float)
+    budget = per_rate(a.budget or ("40" if a.quick else "135"), rates, float)
     if any(s % EVAL_EVERY for s in steps.values()):
         ap.error(f"--steps must be multiples of {EVAL_EVERY}")
     labels = a.rows.split(",") if a.rows else (QUICK_LABELS if a.quick else FULL_LABELS)
