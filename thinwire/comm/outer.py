@@ -154,8 +154,7 @@ class ModuleParams:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
 
-    def read_flat(self, kind: str = "data") -> torch.Tensor:
-        """``kind``: how traffic is accounted where reading communicates."""
+    def read_flat(self) -> torch.Tensor:
         return self.flat(self.params)
 
     @torch.no_grad()
@@ -185,7 +184,7 @@ class LocalUpdates(SyncStrategy):
         self.r = replicas.shards(self.module_params) if replicas is not None else self.module_params
         group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
                          else (world.async_group if world.world_size > 1 else None, None))
-        self.anchor = self.r.split(self.r.read_flat(kind="setup"))
+        self.anchor = self.r.split(self.r.read_flat())
         self.outer = OuterSGD(self.anchor, cfg, norm=self.r.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)

@@ -133,7 +133,7 @@ class ZeroShards:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
 
-    def read_flat(self, kind: str = "data") -> torch.Tensor:
+    def read_flat(self) -> torch.Tensor:
         return torch.cat([self.shards[i].detach()[o:o + n] for i, o, n in self.pieces]).float()
 
     @torch.no_grad()
