@@ -170,9 +170,9 @@ def main() -> int:
 
     from thinwire.trainer import engine as engine_mod
     from thinwire.trainer.agreement import check_config_agreement
-    from thinwire.trainer.config import compose
+    from thinwire.config import compose
     from thinwire.trainer.loop import Trainer, evaluate
-    from thinwire.trainer.validate import validate
+    from thinwire.config import validate
     from thinwire.trainer.world import init_world, shutdown
 
     cfg = compose([*a.overrides, f"hydra.run.dir={a.out}"])

@@ -56,7 +56,7 @@ def measure(mode: str) -> dict:
     from thinwire.data.shakespeare import ShakespeareLines
     from thinwire.models.hf import build_hf_classifier
     from thinwire.optim.plugins import build_optimizer
-    from thinwire.trainer.config import compose
+    from thinwire.config import compose
 
     torch.manual_seed(0)
     cfg = compose(BASE + ([f"optim={mode}"] if mode in ("mezo", "adamw") else []))
@@ -104,7 +104,7 @@ def first_step_cosine(variant: str) -> float:
     from thinwire.data.shakespeare import ShakespeareLines
     from thinwire.models.hf import build_hf_classifier
     from thinwire.optim.peft import apply_peft
-    from thinwire.trainer.config import compose
+    from thinwire.config import compose
 
     name, ga_init = {"lora": ("lora", "paper"), "lora_ga": ("lora_ga", "paper"),
                      "lora_ga (PEFT init)": ("lora_ga", "peft")}[variant]

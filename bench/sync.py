@@ -83,7 +83,7 @@ def postlocal_worker(out: str, steps: int, eval_every: int, H: int, overrides: l
 
     from thinwire.comm.accounting import WireMeter, ring_allreduce_bytes
     from thinwire.optim.schedule import lr_at
-    from thinwire.trainer.config import compose
+    from thinwire.config import compose
     from thinwire.trainer.loop import evaluate
     from thinwire.trainer.world import init_world
 

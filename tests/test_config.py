@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from thinwire.train import main
-from thinwire.trainer.config import ConfigError, compose, config_dir
-from thinwire.trainer.validate import validate
+from thinwire.config import ConfigError, compose, config_dir
+from thinwire.config import validate
 
 
 def _options(group: str) -> list[str]:

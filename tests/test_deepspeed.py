@@ -239,7 +239,7 @@ def stop_and_resume(rank, world_size, root, stage, extra=()):
     after step 6, and its continuation from the newest checkpoint (trainer.resume=auto)."""
     import torch.distributed as dist
 
-    from thinwire.trainer.config import compose
+    from thinwire.config import compose
     from thinwire.trainer.loop import train
     from thinwire.trainer.world import World
 

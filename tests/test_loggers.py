@@ -11,9 +11,9 @@ import struct
 
 from omegaconf import OmegaConf
 
-from thinwire.trainer.config import compose
+from thinwire.config import compose
 from thinwire.trainer.loggers import NullLogger, WandbLogger, wandb_names
-from thinwire.trainer.validate import validate
+from thinwire.config import validate
 
 TOPK_CO2 = ["comm=topk", "comm.ratio=0.01", "comm.feedback=ef21", "sync.name=co2", "sync.local_steps=8",
             "optim=adamw", "optim.lr=1e-3"]

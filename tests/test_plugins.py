@@ -75,8 +75,8 @@ def test_optimizer_plugin_steps_at_half_the_rate(site):
     p = run_py(site, """
         import torch
         from thinwire.optim.plugins import OPTIMIZERS
-        from thinwire.trainer.config import compose
-        from thinwire.trainer.validate import validate
+        from thinwire.config import compose
+        from thinwire.config import validate
 
         cfg = compose(["experiment=tiny", "optim=sgd", "optim.name=halfsgd", "optim.lr=0.3",
                        "optim.schedule=constant", "optim.warmup_steps=0", "optim.grad_clip=0",
@@ -106,8 +106,8 @@ def test_optimizer_plugin_steps_at_half_the_rate(site):
 
 def test_compressor_plugin_in_trainer_config(site):
     p = run_py(site, """
-        from thinwire.trainer.config import compose
-        from thinwire.trainer.validate import validate
+        from thinwire.config import compose
+        from thinwire.config import validate
 
         validate(compose(["comm=none", "comm.name=half"]))
         print("ok")

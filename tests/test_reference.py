@@ -5,7 +5,7 @@ import dataclasses
 import os
 
 from thinwire.trainer import reference
-from thinwire.trainer.config import config_dir
+from thinwire.config import config_dir
 from thinwire.trainer.schema import SCHEMAS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from thinwire import hydra_app
-from thinwire.trainer.config import config_dir
+from thinwire.config import config_dir
 
 SLURM_YAML = os.path.join(config_dir(), "hydra", "launcher", "slurm.yaml")
 TINY = ["experiment=tiny", "trainer.max_steps=2", "trainer.eval_every=2", "dist.nproc=1"]
@@ -114,7 +114,7 @@ def test_slurm_launcher_submits_one_array_job(tmp_path, fake_slurm, monkeypatch)
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from thinwire.trainer.schema import register_schemas
+    from thinwire.config import register_schemas
 
     register_schemas()
     sweep = tmp_path / "sweep"

@@ -25,10 +25,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .trainer.config import ConfigError, compose
-from .trainer.schema import register_schemas
-from .trainer.sweep import expand_sweep
-from .trainer.validate import validate
+from .config import ConfigError, compose
+from .config import register_schemas
+from .config import expand_sweep
+from .config import validate
 
 PROG = "thinwire-sweep"
 SUBMITIT = ("slurm", "submitit_slurm", "submitit_local")

@@ -44,6 +44,14 @@ class Registry(Generic[T]):
             raise ValueError(f"{key or self.kind}={name!r}: unknown {self.kind}; valid: {', '.join(self.names())}")
         return self._items[name]
 
+    def items(self) -> dict[str, T]:
+        """Every entry, built in and from entry points, by name."""
+        self._load_entry_points()
+        return dict(sorted(self._items.items()))
+
+    def __iter__(self):
+        return iter(self.names())
+
     def __contains__(self, name: str) -> bool:
         self._load_entry_points()
         return name in self._items

@@ -24,7 +24,7 @@ def worker(cfg_yamls: list[str]) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
-    from .trainer.config import from_yaml
+    from .config import from_yaml
     from .trainer.loop import NonFiniteError, train
     from .trainer.world import init_world, shutdown
 
@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
-    from .trainer.config import ConfigError, compose, to_yaml
-    from .trainer.sweep import expand_sweep
-    from .trainer.validate import validate
+    from .config import ConfigError, compose, to_yaml
+    from .config import expand_sweep
+    from .config import validate
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = [a for a in argv if a not in ("-m", "--multirun")]

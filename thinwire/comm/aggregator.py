@@ -9,25 +9,20 @@ leaves every buffer exactly as it was.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 
 from . import accounting, segmented
 from .collectives import chunk_numel, select_collective
-from .compressors import build_compressor, compressor_class
+from .compressors import build_compressor, compressor_options
 from .feedback import build_feedback
-
-# comm config fields that are not compressor options
-NON_COMPRESSOR_FIELDS = {"name", "feedback", "eta", "init", "warmup_steps", "min_numel", "collective"}
 
 
 def compressor_from_config(name: str, fields: dict):
-    """Build compressor ``name`` from the comm config, passing only the options it takes."""
-    accepted = inspect.signature(compressor_class(name).__init__).parameters
-    return build_compressor(name, **{k: v for k, v in fields.items()
-                                     if k in accepted and k not in NON_COMPRESSOR_FIELDS})
+    """Build compressor ``name`` from a comm config: its own options and the group-wide seed."""
+    accepted = compressor_options(name)
+    return build_compressor(name, **{k: v for k, v in fields.items() if k in accepted})
 
 
 def check_combination(name: str, fields: dict) -> str:
@@ -46,8 +41,8 @@ class CompressedAggregator:
     def __init__(self, name: str, fields: dict, meter: accounting.WireMeter, group=None, group2=None):
         self.compressor = compressor_from_config(name, fields)
         self.collective = check_combination(name, fields)
-        self.feedback = build_feedback(fields.get("feedback", "none"), eta=fields.get("eta", 0.0),
-                                       init=fields.get("init", "dense"))
+        self.feedback = build_feedback(fields.get("feedback", "none"),
+                                       **{k: v for k, v in fields.items() if k != "name"})
         self.min_numel = int(fields.get("min_numel", 0))
         self.meter, self.group, self.group2 = meter, group, group2
         self.server_errors: dict[str, torch.Tensor] = {}

@@ -34,22 +34,58 @@ re-quantisation breaks that equality.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
+from ..errors import need, one_of
+from ..options import defaults, option_keys
 from ..registry import Registry
 
-FEEDBACKS: Registry[type] = Registry("comm.feedback")
+FEEDBACKS: Registry[type] = Registry("comm.feedback", "thinwire.feedback")
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+@dataclass
+class EF21Options:
+    init: str = "dense"              # EF21 initialisation: dense (first round uncompressed) | zero
+
+    def check(self):
+        one_of(self.init, ("dense", "zero"), "init")
+
+
+@dataclass
+class EF21MOptions(EF21Options):
+    eta: float = 0.1                 # momentum parameter of the estimator (the paper's eta)
+
+    def check(self):
+        super().check()
+        need(0 < self.eta <= 1, "eta", self.eta, "must be in (0, 1]")
+
+
+@dataclass
+class EControlOptions:
+    eta: float = 0.1                 # strength of the fed-back error (0 = EF21)
+
+    def check(self):
+        need(0 <= self.eta <= 1, "eta", self.eta, "must be in [0, 1]")
 
 
 class Feedback:
     """``none``: no memory; the optimizer sees the mean of the compressed gradients."""
 
+    Config = NoOptions
     needs_exact_aggregation = False
     dense_init = False          # whether warm-up (uncompressed) rounds initialise buffers
 
-    def __init__(self, eta: float = 0.0, init: str = "dense"):
-        self.eta = eta
-        self.init = init
+    def __init__(self, options=None):
+        for key, value in vars(options if options is not None else self.Config()).items():
+            setattr(self, key, value)
         self.store: dict[str, dict[str, torch.Tensor]] = {}
 
     def buf(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
@@ -101,6 +137,7 @@ class ClassicEF(Feedback):
 
 @FEEDBACKS.register("ef21")
 class EF21(Feedback):
+    Config = EF21Options
     needs_exact_aggregation = True
 
     @property
@@ -131,6 +168,8 @@ class EF21Momentum(EF21):
     ``eta`` is ``comm.eta`` (the paper's momentum parameter; 0.1 is a good start). The
     optimizer sees G; use it with plain SGD (momentum 0), the momentum lives here."""
 
+    Config = EF21MOptions
+
     def message(self, name, g, lr_ratio=1.0):
         v = (1 - self.eta) * self.buf(name, "v", g) + self.eta * g
         self._v = getattr(self, "_v", {})
@@ -147,6 +186,7 @@ class EF21Momentum(EF21):
 
 @FEEDBACKS.register("econtrol")
 class EControl(Feedback):
+    Config = EControlOptions
     needs_exact_aggregation = True
     dense_init = True
 
@@ -163,5 +203,39 @@ class EControl(Feedback):
         return {"e": torch.zeros_like(g), "h_i": g.clone(), "H": mean.clone()}
 
 
-def build_feedback(name: str, eta: float = 0.0, init: str = "dense") -> Feedback:
-    return FEEDBACKS.get(name, "comm.feedback")(eta=eta, init=init)
+def feedback_options() -> type:
+    """The options of every feedback rule, as one dataclass: these keys are group-wide in
+    ``comm`` (any compressor can be combined with any rule); a rule's defaults are written
+    once, in its options, and two rules sharing a key must agree on its default."""
+    merged: dict[str, dataclasses.Field] = {}
+    seen: dict[str, object] = {}
+    for name, cls in FEEDBACKS.items().items():
+        for f in dataclasses.fields(cls.Config):
+            d = defaults(cls.Config)[f.name]
+            if f.name in seen and seen[f.name] != d:
+                raise TypeError(f"comm.feedback={name}: default {f.name}={d!r} disagrees with "
+                                f"another rule's {seen[f.name]!r}")
+            seen[f.name] = d
+            merged[f.name] = (f.name, f.type, dataclasses.field(default=d))
+    return dataclasses.make_dataclass("FeedbackOptions", list(merged.values()))
+
+
+def check_feedback_options(name: str, values) -> None:
+    """Feedback keys of other rules must keep their defaults (they would do nothing); the
+    rule's own keys are checked by its options."""
+    cls = FEEDBACKS.get(name, "comm.feedback")
+    own = option_keys(cls.Config)
+    for key, default in defaults(feedback_options()).items():
+        if key not in own and values[key] != default:
+            has = [n for n, c in FEEDBACKS.items().items() if key in option_keys(c.Config)]
+            raise ValueError(f"{key}={values[key]}: not an option of comm.feedback={name} "
+                             f"({', '.join(has)} {'has' if len(has) == 1 else 'have'} it)")
+    check = getattr(cls.Config, "check", None)
+    if check is not None:
+        check(cls.Config(**{k: values[k] for k in own}))
+
+
+def build_feedback(name: str, **options) -> Feedback:
+    """Feedback rule ``name``; ``options`` may hold any feedback key, each rule takes its own."""
+    cls = FEEDBACKS.get(name, "comm.feedback")
+    return cls(cls.Config(**{k: v for k, v in options.items() if k in option_keys(cls.Config)}))

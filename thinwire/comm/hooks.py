@@ -19,16 +19,55 @@ What we keep from that pattern and what we change:
 """
 # no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..errors import need, non_negative, one_of
 from ..registry import Registry
 from . import accounting
 from .accounting import WireMeter
 
 HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
+COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
+
+
+@dataclass
+class CommConfig:
+    """The group-wide keys of ``comm`` (valid whatever the compressor); each compressor adds
+    its own (``ratio``, ``block_size``, ...: its ``__init__``'s parameters) and each feedback
+    rule its own (``eta``, ``init``)."""
+    name: str = "none"
+    feedback: str = "none"           # none | ef | ef21 | ef21m | econtrol
+    warmup_steps: int = 0            # plain all-reduce for the first steps (DDP rebuilds buckets)
+    min_numel: int = 0               # tensors smaller than this are sent uncompressed
+    collective: str = "auto"         # auto | allreduce | allgather | two_phase
+    seed: int = 0                    # of the compressor's randomness (rand-k indices, stochastic rounding)
+
+    def check(self) -> None:
+        check_comm(vars(self))
+
+
+def check_comm(values: dict) -> None:
+    """Group-wide checks of a comm config (``values``: every key of the chosen option)."""
+    from .aggregator import check_combination
+    from .feedback import FEEDBACKS, check_feedback_options
+
+    one_of(values["feedback"], FEEDBACKS.names(), "feedback")
+    need(values["name"] != "none" or values["feedback"] == "none", "feedback", values["feedback"],
+         "needs a compressor (comm=none sends exact gradients)")
+    non_negative(_Values(values), "warmup_steps", "min_numel")
+    one_of(values["collective"], COLLECTIVES, "collective")
+    check_feedback_options(values["feedback"], values)
+    if values["name"] != "none" and values["name"] not in HOOKS:
+        check_combination(values["name"], values)
+
+
+class _Values:
+    def __init__(self, values: dict):
+        self.__dict__.update(values)
 
 
 class HookState:
@@ -153,9 +192,9 @@ def _plain(**cfg) -> tuple[HookState, Callable]:
 def comm_names() -> list[str]:
     """Every valid ``comm`` name: the registered hooks and every compressor, built in or
     from the ``thinwire.compressors`` entry points."""
-    from .compressors import COMPRESSORS, _plugins
+    from .compressors import COMPRESSORS
 
-    return sorted(set(HOOKS.names()) | set(COMPRESSORS) | set(_plugins()))
+    return sorted(set(HOOKS.names()) | set(COMPRESSORS.names()))
 
 
 def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
@@ -169,10 +208,16 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     if name in HOOKS:
         return HOOKS.get(name, "comm")(**cfg)
     from .compressed_hook import compressed_factory
-    from .compressors import compressor_class
+    from .compressors import compressor_options
+    from .feedback import feedback_options
+    from ..options import option_keys
 
     try:
-        compressor_class(name)
+        valid = set(compressor_options(name))
     except ValueError:
         raise ValueError(f"comm={name!r}: unknown; valid: {', '.join(comm_names())}") from None
+    valid |= set(option_keys(CommConfig)) | set(option_keys(feedback_options())) | set(STATE_KEYS)
+    for key in cfg:
+        if key not in valid:
+            raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
     return compressed_factory(name)(**cfg)

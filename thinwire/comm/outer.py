@@ -5,7 +5,7 @@
     every rank runs H inner steps on its own optimizer, no gradient all-reduce;
     Delta_t^i = a_t - w_i                      (this rank's pseudo-gradient)
     d_t = mean_i Delta_t^i                     (one all-reduce, through the comm layer)
-    a_{t+1} = OuterSGD(a_t, d_t)               (Nesterov momentum, outer lr)
+    a_{t+1} = OuterOpt(a_t, d_t)               (any torch optimizer; SGD by default)
     w_i = a_{t+1}                              (all ranks identical after the round)
 
 ``sync=co2`` (Sun et al. 2024, "CO2", Algorithm 1): the all-reduce of round t runs
@@ -13,7 +13,7 @@ while round t+1 computes and is consumed at the end of round t+1, one round stal
 
     end of round t+1:  d_t = mean_i Delta_t^i            (wait for the in-flight average)
                        d_t <- d_t / Lambda_t             (staleness-gap penalty)
-                       a_{t+1} = OuterSGD(a_t, clip(d_t))
+                       a_{t+1} = OuterOpt(a_t, clip(d_t))
                        w_i += a_{t+1} - y_t^i            (keep round t+1's own progress)
                        Delta_{t+1}^i = a_{t+1} - w_i     (snapshot, then launch its average)
 
@@ -47,34 +47,95 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError, need, one_of
 from . import accounting
 from .averager import CompressedAverager
 from .sync import SYNC_STRATEGIES, SyncStrategy
 
 
-class OuterSGD:
-    """The outer optimizer on the anchor ``a`` (one tensor per parameter)::
+def default_outer_optim(momentum: float = 0.0, nesterov: bool = False) -> dict:
+    return {"_target_": "torch.optim.SGD", "lr": 1.0, "momentum": momentum, "nesterov": nesterov}
 
-        u_t = clip(d_t)                                  (norm clip by default, or per element)
-        m_t = beta * m_{t-1} + u_t                       (CO2 paper Eq. 3: outer momentum)
-        a_{t+1} = a_t - alpha * (u_t + beta * m_t)       (Nesterov, as torch.optim.SGD)
-        a_{t+1} = a_t - alpha * m_t                      (heavy ball)
 
-    CO2's "outer momentum clipping" bounds what enters the momentum buffer. The public
-    reference computes an element-wise ``torch.clamp`` and discards the result (a no-op);
-    here the clip is applied: by default the global L2 norm of ``d_t`` is scaled down to
-    ``clip`` when larger (``clip_mode=norm``), or each element is clamped to
-    ``[-clip, clip]`` (``clip_mode=value``).
+@dataclass
+class LocalConfig:
+    """Options of ``sync=local`` (and, with the staleness penalty, ``sync=co2``)."""
+    local_steps: int = 4             # H: inner steps per round
+    # the outer optimizer on the anchor: any torch optimizer (``_target_`` + its keyword
+    # arguments), as torchft's DiLoCo takes one. lr 1, no momentum = parameter averaging;
+    # DiLoCo: lr 0.7, momentum 0.9, nesterov (``sync=diloco``)
+    outer_optim: dict = field(default_factory=default_outer_optim)
+    clip: float = 1.0                # pseudo-gradient clipping threshold (> 0), before the outer step
+    clip_mode: str = "norm"          # norm (global L2 norm of the pseudo-gradient) | value (per element)
+
+    def check(self) -> None:
+        need(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
+        need(self.clip > 0, "clip", self.clip, "must be positive (pseudo-gradient clipping threshold)")
+        one_of(self.clip_mode, ("norm", "value"), "clip_mode")
+        build_outer_optimizer([torch.zeros(1)], self.outer_optim)
+
+
+@dataclass
+class CO2Config(LocalConfig):
+    outer_optim: dict = field(default_factory=lambda: default_outer_optim(momentum=0.5, nesterov=True))
+    # Lambda = 1 + s * ||anchor move|| / ||pseudo-gradient||, per layer (0 = off)
+    staleness_penalty: float = 0.5
+
+    def check(self) -> None:
+        super().check()
+        need(self.staleness_penalty >= 0, "staleness_penalty", self.staleness_penalty, "must be >= 0 (0 = off)")
+
+
+def build_outer_optimizer(params: list[torch.Tensor], spec) -> torch.optim.Optimizer:
+    """The torch optimizer ``spec`` (``{"_target_": "torch.optim.SGD", "lr": 0.7, ...}``)
+    over ``params``; a bad target or argument raises ConfigError naming ``outer_optim``."""
+    from hydra.utils import get_class
+
+    spec = dict(spec)
+    target = spec.pop("_target_", None)
+    need(target is not None, "outer_optim._target_", target, "name a torch optimizer class, e.g. torch.optim.SGD")
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise ConfigError(f"outer_optim._target_={target}: not an importable class") from None
+    need(isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer), "outer_optim._target_", target,
+         "must be a torch.optim.Optimizer subclass")
+    try:
+        return cls(params, **spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"outer_optim={dict(spec, _target_=target)}: {e}") from None
+
+
+class OuterOptimizer:
+    """The outer step on the anchor ``a`` (one fp32 tensor per piece of the space)::
+
+        u_t = clip(d_t)                   (norm clip by default, or per element)
+        a_{t+1} = Opt(a_t, grad = u_t)    (any torch optimizer; default torch.optim.SGD)
+
+    With SGD this is the CO2 paper's outer momentum (Eq. 3): m_t = beta m_{t-1} + u_t,
+    a_{t+1} = a_t - alpha (u_t + beta m_t) with Nesterov, a_t - alpha m_t without, and
+    DiLoCo's outer optimizer (Douillard et al. 2023: SGD, Nesterov 0.9, lr 0.7); torchft's
+    ``DiLoCo`` likewise takes the outer optimizer from the user. CO2's staleness penalty
+    (``staleness_penalty``) and clipping are pre-steps on d_t, so they compose with any
+    optimizer. CO2's "outer momentum clipping": the public reference computes an element-wise
+    ``torch.clamp`` and discards the result (a no-op); here the clip is applied: by default
+    the global L2 norm of ``d_t`` is scaled down to ``clip`` when larger (``clip_mode=norm``),
+    or each element is clamped to ``[-clip, clip]`` (``clip_mode=value``).
+
+    ``step`` returns the move a_{t+1} - a_t that the optimizer made (CO2 adds it to the
+    live parameters). With the shipped SGD settings (lr 1) the anchor is bit-for-bit what
+    the hand-written outer SGD of earlier versions computed.
     """
 
     def __init__(self, params: list[torch.Tensor], cfg, norm=None):
         self.norm = norm or global_norm  # the global L2 norm (a sharded space reduces it over its group)
-        self.lr, self.beta, self.nesterov = cfg.outer_lr, cfg.outer_momentum, cfg.nesterov
         self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
-        self.momentum = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.params = params
+        self.optimizer = build_outer_optimizer(params, cfg.outer_optim)
         self.clipped = 0
 
     def clip_(self, d: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -89,24 +150,32 @@ class OuterSGD:
                 x.mul_(scale)
         return d
 
+    @torch.no_grad()
     def step(self, anchor: list[torch.Tensor], d: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Update ``anchor`` in place; returns the applied step (a_{t+1} - a_t) per tensor."""
-        u = self.clip_(d)
-        steps = []
-        for a, m, g in zip(anchor, self.momentum, u):
-            m.mul_(self.beta).add_(g)
-            upd = g.add(m, alpha=self.beta) if self.nesterov else m.clone()
-            upd.mul_(-self.lr)
-            a.add_(upd)
-            steps.append(upd)
-        return steps
+        """Update ``anchor`` (the tensors this optimizer was built on) in place with the
+        pseudo-gradient ``d``; returns the applied step (a_{t+1} - a_t) per tensor."""
+        before = [a.clone() for a in anchor]
+        for a, g in zip(anchor, self.clip_(d)):
+            a.grad = g
+        self.optimizer.step()
+        for a in anchor:
+            a.grad = None
+        return [a - b for a, b in zip(anchor, before)]
+
+    def momentum(self) -> list[torch.Tensor]:
+        """The optimizer's first-moment buffers (SGD's ``momentum_buffer``, Adam's ``exp_avg``)."""
+        out = []
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            buf = st.get("momentum_buffer", st.get("exp_avg"))
+            out.append(buf if buf is not None else torch.zeros_like(p))
+        return out
 
     def state_dict(self) -> dict:
-        return {"momentum": [m.clone() for m in self.momentum], "clipped": self.clipped}
+        return {"optimizer": self.optimizer.state_dict(), "clipped": self.clipped}
 
     def load_state_dict(self, state: dict) -> None:
-        for m, s in zip(self.momentum, state["momentum"]):
-            m.copy_(s)
+        self.optimizer.load_state_dict(state["optimizer"])
         self.clipped = state["clipped"]
 
 
@@ -172,8 +241,10 @@ class ModuleParams:
 @SYNC_STRATEGIES.register("local")
 class LocalUpdates(SyncStrategy):
     """``sync=local``: H local steps, then a synchronous outer step (see module doc)."""
+    Config = LocalConfig
     needs_grad_allreduce = False
     ranks_diverge = True
+    supports_replica_groups = True   # averages parameters, so it can run across ZeRO replica groups
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
@@ -185,7 +256,7 @@ class LocalUpdates(SyncStrategy):
         group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
                          else (world.async_group if world.world_size > 1 else None, None))
         self.anchor = self.r.split(self.r.read_flat())
-        self.outer = OuterSGD(self.anchor, cfg, norm=self.r.global_norm)
+        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.r.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)
         self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
@@ -207,7 +278,7 @@ class LocalUpdates(SyncStrategy):
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
-                "outer_momentum_norm": self.r.global_norm(self.outer.momentum), **extra}
+                "outer_momentum_norm": self.r.global_norm(self.outer.momentum()), **extra}
 
     # -- the strategy ----------------------------------------------------------------
     def after_step(self, step: int) -> dict[str, float]:
@@ -254,6 +325,7 @@ class LocalUpdates(SyncStrategy):
 @SYNC_STRATEGIES.register("co2")
 class CO2(LocalUpdates):
     """``sync=co2``: the outer average of round t overlaps round t+1 (see module doc)."""
+    Config = CO2Config
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)

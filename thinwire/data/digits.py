@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import EVAL, TRAIN, DataInfo, shard_bounds, step_generator
+from .base import EVAL, TRAIN, DataInfo, check_common_options, shard_bounds, step_generator
 
 
 class Digits:
-    def __init__(self, batch_size: int, val_fraction: float = 0.2, eval_batches: int = 4, *,
+    check_options = staticmethod(check_common_options)
+
+    def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, eval_batches: int = 4, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         from sklearn.datasets import load_digits
 

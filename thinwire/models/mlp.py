@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import one_of, positive
+
 
 class DigitsNet(nn.Module):
     def __init__(self, n_features: int, n_classes: int, arch: str, hidden: int):
@@ -33,6 +35,14 @@ class DigitsNet(nn.Module):
         return F.cross_entropy(self.logits(x), y)
 
 
-def build_digits_net(info, arch: str = "mlp", hidden: int = 128) -> DigitsNet:
-    """Hydra ``_target_`` of ``model=mlp_digits``."""
+def build_digits_net(arch: str = "mlp", hidden: int = 128, *, info) -> DigitsNet:
+    """Hydra ``_target_`` of ``model=mlp_digits``: ``arch`` mlp | cnn, ``hidden`` units."""
     return DigitsNet(info.n_features, info.num_classes, arch, hidden)
+
+
+def _check_digits_options(o) -> None:
+    positive(o, "hidden")
+    one_of(o.arch, ("mlp", "cnn"), "arch")
+
+
+build_digits_net.check_options = _check_digits_options

@@ -36,16 +36,48 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from ..comm import accounting
+from ..errors import need, one_of, positive
 from .peft import PEFT_METHODS
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 GA_INITS = ("paper", "peft")
+
+
+@dataclass
+class LoraOptions:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)    # empty: every nn.Linear except `head`
+    modules_to_train: list[str] = field(default_factory=list)  # fully trained too (e.g. a new head)
+    use_rslora: bool = False         # scaling alpha/sqrt(r) instead of alpha/r
+
+    def check(self) -> None:
+        positive(self, "r", "alpha")
+        need(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class LoraGAOptions(LoraOptions):
+    ga_batches: int = 4              # gradient-estimation batches per rank
+    ga_direction: str = "ArB2r"      # ArB2r | A2rBr | ArBr | random
+    ga_scale: str = "stable"         # stable | weight_svd | gd_scale | unit
+    ga_gamma: int = 16               # gamma of the stable scaling
+    ga_init: str = "paper"           # paper (authors' reference) | peft (PEFT 0.21's variant)
+
+    def check(self) -> None:
+        super().check()
+        positive(self, "ga_batches", "ga_gamma")
+        one_of(self.ga_direction, DIRECTIONS, "ga_direction")
+        one_of(self.ga_scale, SCALES, "ga_scale")
+        one_of(self.ga_init, GA_INITS, "ga_init")
 # never adapted by default: the output head (tied to the embedding in the char-GPT) and
 # HF encoders' pooler, which HFClassifier's mean pooling leaves unused (DDP would then
 # wait for gradients of parameters that never get one)
@@ -200,19 +232,5 @@ def lora_ga(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.M
     return model
 
 
-def check_config(cfg) -> None:
-    """Range checks of the adapter fields (called from ``trainer.validate``)."""
-    from ..trainer.config import ConfigError
-
-    p = cfg.peft
-    for key in ("r", "alpha", "ga_batches", "ga_gamma"):
-        if not p[key] > 0:
-            raise ConfigError(f"peft.{key}={p[key]}: must be positive")
-    if not 0 <= p.dropout < 1:
-        raise ConfigError(f"peft.dropout={p.dropout}: must be in [0, 1)")
-    if p.ga_direction not in DIRECTIONS:
-        raise ConfigError(f"peft.ga_direction={p.ga_direction}: expected one of {', '.join(DIRECTIONS)}")
-    if p.ga_scale not in SCALES:
-        raise ConfigError(f"peft.ga_scale={p.ga_scale}: expected one of {', '.join(SCALES)}")
-    if p.ga_init not in GA_INITS:
-        raise ConfigError(f"peft.ga_init={p.ga_init}: expected one of {', '.join(GA_INITS)}")
+lora.Config = LoraOptions
+lora_ga.Config = LoraGAOptions

@@ -30,10 +30,13 @@ as one fp16 (``agreement()``). Per rank and step: a 4-byte fp32 all-reduce of g 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from ..comm import accounting
+from ..errors import need, positive
 from .plugins import OPTIMIZERS, OptimizerPlugin
 
 MASK64 = (1 << 63) - 1
@@ -113,14 +116,32 @@ def decay_mask(named: list[tuple[str, torch.Tensor]]) -> list[bool]:
     return [p.dim() >= 2 for _, p in named]
 
 
+@dataclass
+class MeZOOptions:
+    zo_eps: float = 1e-3             # perturbation size
+    zo_samples: int = 1              # n-SPSA: perturbations (seeds) per step
+    zo_accum: int = 1                # micro-batches per rank batch, same z, projected grads averaged
+    zo_chunk: int = 1048576          # elements of z drawn at a time: peak memory = inference + one chunk
+    zo_seed: int = 0                 # base of the per-step perturbation seeds
+
+    def check(self) -> None:
+        positive(self, "zo_eps", "zo_samples", "zo_accum", "zo_chunk")
+
+
 @OPTIMIZERS.register("mezo")
 class MeZOPlugin(OptimizerPlugin):
     """ZO-SGD in place. ``compute`` runs the perturbation cycles (the loss it returns is the
     mean of l+ and l-), ``apply`` the update; state = the step counter (seeds are a
     function of it), identical on every rank."""
 
+    Config = MeZOOptions
     needs_backprop = False
     shared_seed = True          # mezo: every rank perturbs along the same z
+
+    @classmethod
+    def check_run(cls, cfg) -> None:
+        need(cfg.data.batch_size % cfg.optim.zo_accum == 0, "optim.zo_accum", cfg.optim.zo_accum,
+             f"must divide data.batch_size={cfg.data.batch_size}")
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
@@ -193,28 +214,6 @@ class MeZOPlugin(OptimizerPlugin):
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
-
-
-def check_config(cfg) -> None:
-    """Range checks of the zo_* fields (called from ``trainer.validate``)."""
-    from ..trainer.config import ConfigError
-
-    o = cfg.optim
-    for key in ("zo_eps", "zo_samples", "zo_accum", "zo_chunk", "zo_qstep"):
-        if not o[key] > 0:
-            raise ConfigError(f"optim.{key}={o[key]}: must be positive")
-    if o.zo_mode not in ("shared", "per_rank"):
-        raise ConfigError(f"optim.zo_mode={o.zo_mode}: expected one of shared, per_rank")
-    if o.name not in ("mezo", "zo_dist"):
-        return
-    if cfg.data.batch_size % o.zo_accum:
-        raise ConfigError(f"optim.zo_accum={o.zo_accum}: must divide data.batch_size={cfg.data.batch_size}")
-    # forward-only: no gradients cross the wire, and the plugin exchanges its scalars every
-    # step itself; a compressor or a local-update strategy would be silently meaningless
-    if cfg.comm.name != "none":
-        raise ConfigError(f"comm={cfg.comm.name}: optim={o.name} sends no gradients; use comm=none")
-    if cfg.sync.name != "ddp":
-        raise ConfigError(f"sync={cfg.sync.name}: optim={o.name} synchronises every step itself; use sync=ddp")
 
 
 from . import zo_dist  # noqa: E402,F401  registers optim=zo_dist (a subclass, defined after MeZOPlugin)

@@ -7,11 +7,19 @@ average those estimates across ranks).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..registry import Registry
 
 PEFT_METHODS: Registry = Registry("peft", "thinwire.peft")
+
+
+@dataclass
+class PeftConfig:
+    """The group-wide keys of ``peft``; a method's own options are its ``Config`` attribute."""
+    name: str = "none"
 
 
 @PEFT_METHODS.register("none")

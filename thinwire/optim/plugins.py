@@ -7,6 +7,10 @@ A closed registry (``optim=<name>``), extended by third parties through the
   builds no DDP wrapper and no gradient buffers are all-reduced;
 - ``trainable(model)``: which parameters it updates.
 
+Its options are its ``Config`` dataclass (``optim.<key>``; the group-wide keys are
+``OptimConfig``'s); rules that involve other groups go in a ``check_run(cls, cfg)``
+classmethod (``thinwire.options``).
+
 The trainer drives a plugin through three calls per step::
 
     loss = plugin.compute(forward_model, batch)   # forward (+ backward: DDP hooks fire)
@@ -16,16 +20,71 @@ The trainer drives a plugin through three calls per step::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import need, non_negative, one_of, positive
 from ..registry import Registry
 from .schedule import lr_at
 
 OPTIMIZERS: Registry[type] = Registry("optim", "thinwire.optim")
 
 
+@dataclass
+class OptimConfig:
+    """The group-wide keys of ``optim``: the learning rate and its schedule, weight decay."""
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"         # constant | cosine (linear warm-up, cosine decay)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def check(self) -> None:
+        positive(self, "lr")
+        non_negative(self, "weight_decay", "warmup_steps")
+        one_of(self.schedule, ("constant", "cosine"), "schedule")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass
+class BackpropOptions:
+    grad_clip: float = 1.0           # global gradient-norm clip; 0 = off
+
+    def check(self) -> None:
+        need(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+
+
+@dataclass
+class SGDOptions(BackpropOptions):
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def check(self) -> None:
+        super().check()
+        need(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+
+
+@dataclass
+class AdamWOptions(BackpropOptions):
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+    def check(self) -> None:
+        super().check()
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
+             "must be two numbers in [0, 1)")
+        positive(self, "eps")
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
 class OptimizerPlugin(ABC):
+    Config = NoOptions           # the plugin's own options (``optim.<key>``)
     needs_backprop = True
 
     def __init__(self, cfg, model: torch.nn.Module, *, max_steps: int, world=None, meter=None):
@@ -63,6 +122,9 @@ class OptimizerPlugin(ABC):
 class BackpropPlugin(OptimizerPlugin):
     """A torch optimizer on backprop gradients; weight decay only on matrices (>= 2-D),
     never on biases, norm weights or embeddings' 1-D companions (nanoGPT's grouping)."""
+
+    Config = BackpropOptions
+    steps_torch_optimizer = True     # self.optimizer is a torch optimizer (engines like DeepSpeed step it)
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
@@ -112,6 +174,8 @@ class BackpropPlugin(OptimizerPlugin):
 
 @OPTIMIZERS.register("sgd")
 class SGDPlugin(BackpropPlugin):
+    Config = SGDOptions
+
     def make_optimizer(self, groups):
         c = self.cfg
         return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0)
@@ -119,6 +183,8 @@ class SGDPlugin(BackpropPlugin):
 
 @OPTIMIZERS.register("adamw")
 class AdamWPlugin(BackpropPlugin):
+    Config = AdamWOptions
+
     def make_optimizer(self, groups):
         c = self.cfg
         return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
@@ -126,14 +192,6 @@ class AdamWPlugin(BackpropPlugin):
 
 def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
     return OPTIMIZERS.get(cfg.name, "optim")(cfg, model, **kw)
-
-
-def check_plugin_config(cfg) -> None:
-    """Range checks of the zeroth-order and adapter fields (called from ``trainer.validate``)."""
-    from . import lora, mezo
-
-    mezo.check_config(cfg)
-    lora.check_config(cfg)
 
 
 # built-in forward-only plugins register themselves on import (after the base classes exist)

@@ -30,10 +30,13 @@ follow the same float operations everywhere (cost: p noise passes, no extra forw
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..comm import accounting
-from .mezo import MeZOPlugin, add_noise, decay, perturbation_cycle, split_batch, zo_seed
+from ..errors import one_of, positive
+from .mezo import MeZOOptions, MeZOPlugin, add_noise, decay, perturbation_cycle, split_batch, zo_seed
 from .plugins import OPTIMIZERS
 
 QMAX = 127
@@ -64,9 +67,22 @@ def next_delta(q: torch.Tensor, delta: float) -> float:
     return delta
 
 
+@dataclass
+class ZODistOptions(MeZOOptions):
+    zo_mode: str = "per_rank"        # shared (one seed, fp32 all-reduce) | per_rank (1 byte each)
+    zo_qstep: float = 0.0625         # per_rank: initial int8 quantisation step (adapted each step)
+
+    def check(self) -> None:
+        super().check()
+        one_of(self.zo_mode, ("shared", "per_rank"), "zo_mode")
+        positive(self, "zo_qstep")
+
+
 @OPTIMIZERS.register("zo_dist")
 class ZODistPlugin(MeZOPlugin):
     """``optim=zo_dist``; state = step counter + quantisation scale, identical on all ranks."""
+
+    Config = ZODistOptions
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)

@@ -35,14 +35,16 @@ import importlib.util
 import logging
 import os
 import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 from unittest import mock
 
 import torch
 
 from ..comm import accounting
 from ..comm.aggregator import check_combination
+from ..errors import ConfigError
 from . import zero_replicas
-from .config import ConfigError
 
 SUPPORTED = ("engine=deepspeed works with sync=ddp and comm=none, or sync=local|co2 across ZeRO replica groups "
              "(engine.zero_group_size ranks each, any comm= for the outer average); optim=sgd|adamw; "
@@ -64,9 +66,40 @@ def _stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def default_deepspeed_config() -> dict:
+    """DeepSpeed's own config (passed to ``deepspeed.initialize``; null entries are left out)."""
+    return {
+        "zero_optimization": {
+            "stage": 2,                         # 1: optimizer state sharded | 2: + gradients sharded
+            "reduce_scatter": True,             # false: gradients all-reduced
+            # false (with reduce_scatter): each gradient slice is reduced to its owner only:
+            # half the gradient bytes of an all-reduce
+            "use_multi_rank_bucket_allreduce": True,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 500000000,
+            "allgather_bucket_size": 500000000,
+            "offload_optimizer": {"device": "none"},  # cpu: optimizer state and step in host memory
+        },
+        "bf16": {"enabled": False},             # bf16 parameters and gradients, fp32 master weights
+        "communication_data_type": None,        # gradient reduction dtype: fp32 | bf16 (null = parameter dtype)
+        "gradient_clipping": None,              # null = optim.grad_clip
+    }
+
+
+@dataclass
+class DeepSpeedOptions:
+    deepspeed: dict = field(default_factory=default_deepspeed_config)
+    zero_group_size: Optional[int] = None  # sync=local|co2: ranks per ZeRO replica group (null = ranks per node)
+
+
 def check_config(cfg) -> None:
-    """Combinations ``engine=deepspeed`` supports; each failure is one ConfigError line."""
+    """Combinations ``engine=deepspeed`` supports, from the parts' capability flags; each
+    failure is one ConfigError line."""
     from omegaconf import OmegaConf
+
+    from ..comm.sync import SYNC_STRATEGIES
+    from ..optim.plugins import OPTIMIZERS
 
     ds = _clean(OmegaConf.to_container(cfg.engine.deepspeed, resolve=True))
 
@@ -76,10 +109,11 @@ def check_config(cfg) -> None:
 
     if importlib.util.find_spec("deepspeed") is None:  # no import here: it takes seconds
         raise ConfigError("engine=deepspeed: DeepSpeed is not installed (pip install 'thinwire[deepspeed]')")
-    need(cfg.sync.name in ("ddp", "local", "co2"), "sync", cfg.sync.name)
+    strategy = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
+    need(strategy.needs_grad_allreduce or getattr(strategy, "supports_replica_groups", False), "sync", cfg.sync.name)
     world = int(os.environ.get("WORLD_SIZE", cfg.dist.nproc))
     size = zero_replicas.group_size(cfg.engine.zero_group_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if cfg.sync.name == "ddp":
+    if strategy.needs_grad_allreduce:
         need(cfg.comm.name == "none", "comm", cfg.comm.name,
              "DeepSpeed reduces gradients itself and has no compression hook (engine.deepspeed."
              "communication_data_type=bf16 halves gradient bytes)")
@@ -89,7 +123,8 @@ def check_config(cfg) -> None:
         need(size >= 1 and world % size == 0 and world // size >= 2, "engine.zero_group_size", size,
              f"sync={cfg.sync.name} averages across ZeRO replica groups: the group size must divide the "
              f"world size ({world}) into at least 2 groups")
-    need(cfg.optim.name in ("sgd", "adamw"), "optim", cfg.optim.name, "DeepSpeed steps a torch optimizer")
+    need(getattr(OPTIMIZERS.get(cfg.optim.name, "optim"), "steps_torch_optimizer", False), "optim", cfg.optim.name,
+         "DeepSpeed steps a torch optimizer")
     need(_stage(ds) in (1, 2), "engine.deepspeed.zero_optimization.stage", _stage(ds),
          "stage 0 is plain data parallelism (use engine=ddp); stage 3 is not wired in")
     for key in OWNED:
@@ -150,6 +185,9 @@ def is_two_phase(comm_cfg) -> bool:
 class DeepSpeedEngine:
     """Same interface as ``DDPEngine``; ``forward_model`` is the DeepSpeed engine once
     :meth:`attach` has handed it the optimizer."""
+
+    Config = DeepSpeedOptions
+    check_run = staticmethod(check_config)
 
     def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool):
         self.cfg, self.module, self.world, self.meter = cfg, model, world, meter

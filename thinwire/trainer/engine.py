@@ -5,8 +5,8 @@ Engines form a closed registry (``engine=ddp``; DeepSpeed joins it as ``deepspee
 """
 from __future__ import annotations
 
-import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -14,14 +14,33 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..comm import accounting
 from ..comm.hooks import comm_hook
+from ..errors import positive
 from ..registry import Registry
 
 ENGINES: Registry[type] = Registry("engine", "thinwire.engines")
 
 
+@dataclass
+class EngineConfig:
+    """The group-wide keys of ``engine``; each engine's own options are its ``Config``."""
+    name: str = "ddp"
+
+
+@dataclass
+class DDPOptions:
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True
+    find_unused_parameters: bool = False
+
+    def check(self) -> None:
+        positive(self, "bucket_cap_mb")
+
+
 @ENGINES.register("ddp")
 class DDPEngine:
     """``forward_model`` is what the loop calls (DDP or the bare module); ``module`` the model."""
+
+    Config = DDPOptions
 
     def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool):
         self.module = model
@@ -95,8 +114,6 @@ def build_engine(cfg, model, world, meter, comm_cfg, *, grad_sync: bool):
     return ENGINES.get(cfg.name, "engine")(cfg, model, world, meter, comm_cfg, grad_sync=grad_sync)
 
 
-def now() -> float:
-    return time.perf_counter()
 
 
 from .deepspeed_engine import DeepSpeedEngine  # noqa: E402  (deepspeed itself is imported on use)

@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import one_of
+from ..registry import Registry
 
+LOGGERS = Registry("logger", "thinwire.loggers")
+MODES = ("offline", "online", "disabled")
+
+
+@LOGGERS.register("none")
 class NullLogger:
-    """The null object: ranks other than 0, and ``logger=none``."""
+    """The null object: ranks other than 0, and ``logger=none``. ``mode`` is accepted and
+    ignored, so a preset may set ``logger.mode`` (experiment=tiny does) whatever the logger."""
 
-    def __init__(self, **_ignored):
+    def __init__(self, mode: str = "disabled", *, run_dir: str = "", run_config: dict | None = None):
         pass
 
     def log(self, record: dict, step: int) -> None:
@@ -44,6 +52,7 @@ def wandb_names(run_config: dict | None) -> dict:
             "tags": [f"comm:{c}", f"feedback:{fb}", f"sync:{s}", f"optim:{o}"]}
 
 
+@LOGGERS.register("wandb")
 class WandbLogger:
     """wandb, offline by default (``logger.mode=online`` to stream, ``disabled`` to skip).
 
@@ -51,8 +60,13 @@ class WandbLogger:
     ``--multirun`` sweep sets the group to the sweep), the derived tags are added to
     ``tags``, and the whole resolved config is the run's wandb config."""
 
-    def __init__(self, project: str = "thinwire", mode: str = "offline", entity=None, group=None,
-                 name=None, tags=(), *, run_dir: str, run_config: dict | None = None):
+    @staticmethod
+    def check_options(o) -> None:
+        one_of(o.mode, MODES, "mode")
+
+    def __init__(self, project: str = "thinwire", mode: str = "offline", entity: str | None = None,
+                 group: str | None = None, name: str | None = None, tags: list[str] = (), *,
+                 run_dir: str, run_config: dict | None = None):
         os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")  # no system-monitor thread
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -22,14 +24,42 @@ from tqdm import tqdm
 from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.sync import SYNC_STRATEGIES, build_sync
+from ..errors import need, non_negative, positive
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS
 from .checkpoint import Checkpointer, resume_candidates, rng_state, set_rng_state
-from .faults import FaultInjector, restart_count
+from .faults import FaultConfig, FaultInjector, restart_count
 from .agreement import check_config_agreement
 from .engine import build_engine
 from .loggers import MetricsFile, NullLogger
 from .world import World
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: the run's length, evaluation, checkpoints and faults."""
+    max_steps: int = 600             # the run's length; fixes the LR schedule
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 200
+    resume: str = "none"             # none | auto | <path to a checkpoint directory>
+    stop_after: Optional[int] = None  # end the process after this step, with a checkpoint
+    log_every: int = 1
+    progress: bool = True
+    sample_chars: int = 200          # generated at the end (char LM only); 0 = none
+    max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
+    keep_checkpoints: int = 0        # keep only the newest N checkpoints; 0 = keep all
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def check(self) -> None:
+        positive(self, "max_steps", "eval_every", "checkpoint_every", "log_every")
+        need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
+        non_negative(self, "max_skipped_steps", "sample_chars")
+        need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
+        need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
+             self.resume, "expected none, auto or a checkpoint directory")
+        faults = self.faults if isinstance(self.faults, FaultConfig) else FaultConfig(**self.faults)
+        faults.check()
 
 
 class NonFiniteError(RuntimeError):

@@ -14,6 +14,28 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import need, non_negative, one_of, positive
+
+
+@dataclass
+class DistConfig:
+    """``dist``: how the processes of a run are started and connected."""
+    nproc: int = 2                   # workers thinwire-train starts when not under torchrun
+    threads: int = 0                 # torch threads per worker; 0 = cores // local workers
+    backend: str = "auto"            # auto (nccl with CUDA, else gloo) | gloo | nccl
+    master_addr: str = "127.0.0.1"
+    timeout_s: float = 300.0         # collective timeout: a hung peer fails the job after this
+    max_restarts: int = 0            # self-launched workers: elastic restarts from the newest checkpoint
+
+    def check(self) -> None:
+        need(self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
+        need(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = cores / local workers)")
+        one_of(self.backend, ("auto", "gloo", "nccl"), "backend")
+        positive(self, "timeout_s")
+        non_negative(self, "max_restarts")
+        need(self.backend != "nccl" or torch.cuda.is_available(), "backend", self.backend,
+             "needs CUDA, which is not available")
+
 
 @dataclass(frozen=True)
 class World:

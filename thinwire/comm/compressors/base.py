@@ -138,6 +138,11 @@ class Compressor(ABC):
     sparse: ClassVar[bool] = False
     server_error_default: ClassVar[bool] = False
 
+    @classmethod
+    def check_options(cls, options) -> None:
+        """Options are checked by building the compressor (``__init__`` raises ValueError)."""
+        cls(**{k: v for k, v in vars(options).items() if not k.startswith("_")})
+
     def __init__(self, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{self.name}: seed={seed!r} must be an int")

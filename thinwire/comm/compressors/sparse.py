@@ -142,7 +142,7 @@ class TopKCompressor(Compressor):
     sparse = True
 
     def __init__(self, ratio: float = 0.01, approximate: bool = False,
-                 value_dtype: str = "fp16", index_coding: str = "none", seed: int = 0):
+                 value_dtype: str = "fp32", index_coding: str = "offset16", seed: int = 0):
         super().__init__(seed)
         self.ratio = check_ratio(self.name, ratio)
         self.approximate = check_bool(self.name, "approximate", approximate)
@@ -261,7 +261,7 @@ class TernaryCompressor(Compressor):
     name = "ternary"
     sparse = True
 
-    def __init__(self, ratio: float = 0.01, alpha: float | None = None,
+    def __init__(self, ratio: float = 0.05, alpha: float | None = None,
                  approximate: bool = False, index_coding: str = "none", seed: int = 0):
         super().__init__(seed)
         self.ratio = check_ratio(self.name, ratio)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from .config import ConfigError, one_line
+from ..errors import ConfigError, one_line
 
 
 def expand_sweep(argv: list[str]) -> list[list[str]]:

@@ -1,0 +1,128 @@
+"""The config groups and the schema of every option, built by walking the registries.
+
+A group's schema for option ``o`` is the group-wide keys (valid for every option of the
+group) plus the keys of ``o``'s own options (``thinwire.options``), with ``name`` (or, for
+the ``_target_`` groups, ``_target_``) defaulting to the option. Registered with Hydra's
+ConfigStore as ``<group>/base_<o>`` (named in the option's YAML, if it has one) and, for
+options without a YAML (entry-point plugins), as ``<group>/<o>`` itself, so ``comm=myquant``
+works from the command line with nothing but the plugin's class.
+
+Group-wide keys, by group (everything else belongs to one option and fails with any other):
+
+- ``comm``: ``name feedback warmup_steps min_numel collective seed`` plus the options of the
+  error-feedback rules (``eta`` for ef21m/econtrol, ``init`` for ef21/ef21m), which must
+  keep their defaults unless ``comm.feedback`` names a rule that has them;
+- ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio``;
+- ``sync``, ``peft``, ``engine``: ``name``;
+- ``model``, ``data``, ``logger``: ``_target_`` (the builder; an option's default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import options as opts
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    base: type                                   # the group-wide keys
+    entries: Callable[[], dict[str, object]]     # option name -> its part (class or builder)
+    target: bool = False                         # options are built by hydra's instantiate(_target_)
+    skip: tuple[str, ...] = ()                   # builder parameters that are group-wide
+
+    def options(self) -> list[str]:
+        return sorted(self.entries())
+
+    def part(self, option: str):
+        entries = self.entries()
+        if option not in entries:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{self.name}={option}: unknown option; valid: {', '.join(sorted(entries))}")
+        return entries[option]
+
+    def own(self, option: str) -> type:
+        """The option's own keys (without the group-wide ones)."""
+        return opts.options_of(self.part(option), self.skip)
+
+    @functools.cache
+    def schema(self, option: str) -> type:
+        part = self.part(option)
+        own = self.own(option)
+        clash = [k for k in opts.option_keys(own) if k in _keys(self.base)]
+        if clash:
+            raise TypeError(f"{self.name}={option}: own option(s) {', '.join(clash)} clash with the "
+                            f"group-wide keys of {self.name}")
+        head = [("_target_", str, dataclasses.field(default=f"{part.__module__}.{part.__qualname__}"))] \
+            if self.target else [("name", str, dataclasses.field(default=option))]
+        cls_name = "".join(w.capitalize() for w in f"{option}_{self.name}".split("_")) + "Config"
+        return dataclasses.make_dataclass(cls_name, head, bases=(own, self.base))
+
+
+@dataclass
+class NoGroupKeys:
+    """The group-wide keys of the ``_target_`` groups: none besides ``_target_``."""
+
+
+def _keys(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def schema_keys(schema: type) -> dict[str, type | None]:
+    """Key -> nested schema (for dataclass-typed fields, e.g. ``trainer.faults``) or None."""
+    hints = {}
+    for f in dataclasses.fields(schema):
+        t = f.type
+        hints[f.name] = t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+    return hints
+
+
+# ---- the table -----------------------------------------------------------------------
+def _comm_entries() -> dict:
+    from ..comm.compressors import COMPRESSORS, compressor_class
+    from ..comm.hooks import HOOKS
+
+    return {**{n: HOOKS.get(n) for n in HOOKS.names()}, **{n: compressor_class(n) for n in COMPRESSORS.names()}}
+
+
+def _registry(path: str, attr: str) -> Callable[[], dict]:
+    def entries() -> dict:
+        import importlib
+
+        return getattr(importlib.import_module(path), attr).items()
+    return entries
+
+
+@functools.cache
+def groups() -> dict[str, Group]:
+    from ..comm.feedback import feedback_options
+    from ..comm.hooks import CommConfig
+    from ..comm.sync import SyncConfig
+    from ..optim.peft import PeftConfig
+    from ..optim.plugins import OptimConfig
+    from ..trainer.engine import EngineConfig
+
+    comm_base = dataclasses.make_dataclass("CommConfig", [], bases=(feedback_options(), CommConfig))
+    table = [
+        Group("model", NoGroupKeys, _registry("thinwire.models", "MODELS"), target=True),
+        Group("data", NoGroupKeys, _registry("thinwire.data", "DATASETS"), target=True),
+        Group("comm", comm_base, _comm_entries, skip=("seed",)),
+        Group("sync", SyncConfig, _registry("thinwire.comm.sync", "SYNC_STRATEGIES")),
+        Group("optim", OptimConfig, _registry("thinwire.optim.plugins", "OPTIMIZERS")),
+        Group("peft", PeftConfig, _registry("thinwire.optim.peft", "PEFT_METHODS")),
+        Group("engine", EngineConfig, _registry("thinwire.trainer.engine", "ENGINES")),
+        Group("logger", NoGroupKeys, _registry("thinwire.trainer.loggers", "LOGGERS"), target=True),
+    ]
+    return {g.name: g for g in table}
+
+
+def fixed_groups() -> dict[str, type]:
+    """Groups with one schema whatever the option (their YAMLs are presets of it)."""
+    from ..trainer.loop import TrainerConfig
+    from ..trainer.world import DistConfig
+
+    return {"trainer": TrainerConfig, "dist": DistConfig}
