@@ -61,7 +61,7 @@ def measure(mode: str) -> dict:
     torch.manual_seed(0)
     cfg = compose(BASE + ([f"optim={mode}"] if mode in ("mezo", "adamw") else []))
     data = ShakespeareLines(cfg.data.batch_size, cfg.data.max_length, tokenizer=cfg.data.tokenizer)
-    model = build_hf_classifier(data.info, cfg.model.path, dropout=cfg.model.dropout)
+    model = build_hf_classifier(cfg.model.path, info=data.info, dropout=cfg.model.dropout)
     batch = data.train_batch(0)
     base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     if mode == "inference":
@@ -111,7 +111,7 @@ def first_step_cosine(variant: str) -> float:
     cfg = compose(BASE + [f"peft={name}", "peft.r=8", "peft.modules_to_train=[head]", f"peft.ga_init={ga_init}"])
     data = ShakespeareLines(cfg.data.batch_size, cfg.data.max_length, tokenizer=cfg.data.tokenizer)
     torch.manual_seed(0)
-    base = build_hf_classifier(data.info, cfg.model.path, dropout=0.0)
+    base = build_hf_classifier(cfg.model.path, info=data.info, dropout=0.0)
     batch = data.train_batch(0)  # the first training batch; the estimate uses batches -1, -2, ...
     full = copy.deepcopy(base)
     full(**batch).backward()

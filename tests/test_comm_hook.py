@@ -19,7 +19,7 @@ VOCAB, BLOCK, B, STEPS, LR = 20, 8, 4, 6, 0.3
 
 def make_model():
     torch.manual_seed(0)
-    return build_gpt(DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
+    return build_gpt(info=DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
 
 
 def batch(step, rank):

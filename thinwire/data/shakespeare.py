@@ -57,7 +57,7 @@ class ShakespeareChars:
             raise ConfigError(str(e)) from None
         val_len = sum(len(x) - int(len(x) * (1 - o.val_fraction)) for x in texts.values())
         need(o.block_size + 1 < val_len, "block_size", o.block_size,
-             f"is larger than the validation text ({val_len} chars)")
+             f"is larger than the validation text ({val_len} chars; data.block_size follows model.block_size)")
 
     def __init__(self, batch_size: int = 16, block_size: int = 64, val_fraction: float = 0.05,
                  eval_batches: int = 8, *, seed: int = 0, rank: int = 0, world_size: int = 1):
