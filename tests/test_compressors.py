@@ -257,7 +257,11 @@ def test_entry_point_plugin(monkeypatch):
                     self.gain = gain
             return Mine
 
-    monkeypatch.setattr(mod, "entry_points", lambda group: [EP()] if group == mod.ENTRY_POINT_GROUP else [])
+    import thinwire.registry as registry
+
+    monkeypatch.setattr(registry, "entry_points", lambda group: [EP()] if group == mod.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(mod.COMPRESSORS, "_loaded_entry_points", False)
+    monkeypatch.setattr(mod.COMPRESSORS, "_items", dict(mod.COMPRESSORS._items))
     c = build_compressor("mine", gain=2.0)
     assert c.gain == 2.0
     with pytest.raises(ValueError, match="mine"):

@@ -175,8 +175,8 @@ def outer_on_zero(rank, world_size, runs):
 
 OUTER_SGD = {"lr": 0.2, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0, "schedule": "constant",
              "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0}
-OUTER = {"local_steps": 3, "outer_lr": 0.8, "outer_momentum": 0.6, "nesterov": True, "clip": 0.05,
-         "clip_mode": "norm"}
+OUTER = {"local_steps": 3, "clip": 0.05, "clip_mode": "norm",
+         "outer_optim": {"_target_": "torch.optim.SGD", "lr": 0.8, "momentum": 0.6, "nesterov": True}}
 
 
 def test_local_and_co2_across_zero_replica_groups_equal_two_worker_reference(tmp_path):
@@ -199,7 +199,7 @@ def test_local_and_co2_across_zero_replica_groups_equal_two_worker_reference(tmp
 
     for name, stale, penalty in (("local", False, 0.0), ("co2", True, 1.0)):
         ref = co2_reference(2, steps, OUTER["local_steps"], OUTER_SGD["lr"], OUTER_SGD["momentum"],
-                            OUTER["outer_lr"], OUTER["outer_momentum"], penalty, OUTER["clip"], stale=stale,
+                            OUTER["outer_optim"]["lr"], OUTER["outer_optim"]["momentum"], penalty, OUTER["clip"], stale=stale,
                             batch_of=group_batch)
         for rank in range(4):
             for k, v in ref[rank // 2].items():

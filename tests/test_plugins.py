@@ -78,10 +78,11 @@ def test_optimizer_plugin_steps_at_half_the_rate(site):
         from thinwire.config import compose
         from thinwire.config import validate
 
-        cfg = compose(["experiment=tiny", "optim=sgd", "optim.name=halfsgd", "optim.lr=0.3",
+        cfg = compose(["experiment=tiny", "optim=halfsgd", "optim.lr=0.3", "optim.momentum=0.9",
                        "optim.schedule=constant", "optim.warmup_steps=0", "optim.grad_clip=0",
                        "optim.weight_decay=0"])
         validate(cfg)
+        assert cfg.optim.name == "halfsgd" and cfg.optim.nesterov is False   # SGDOptions' keys
 
         class Quadratic(torch.nn.Module):
             def __init__(self):
@@ -109,7 +110,9 @@ def test_compressor_plugin_in_trainer_config(site):
         from thinwire.config import compose
         from thinwire.config import validate
 
-        validate(compose(["comm=none", "comm.name=half"]))
+        cfg = compose(["comm=half", "comm.feedback=ef"])
+        validate(cfg)
+        assert cfg.comm.name == "half" and cfg.comm.feedback == "ef"
         print("ok")
     """)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]

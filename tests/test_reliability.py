@@ -57,7 +57,7 @@ def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):
         tmp_path / "checkpoints" / "step_00000002").exists() else ckpt(tmp_path, 3)["model"])
 
 
-CO2 = ["sync=co2", "sync.local_steps=3", "sync.outer_momentum=0.5", "sync.nesterov=true"]
+CO2 = ["sync=co2", "sync.local_steps=3", "sync.outer_optim.momentum=0.5", "sync.outer_optim.nesterov=true"]
 
 
 def final_model(run_dir, co2: bool):

@@ -35,9 +35,11 @@ def sgd_cfg(lr, momentum=0.0):
                              "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0})
 
 
-def sync_cfg(name, **kw):
-    base = {"name": name, "local_steps": 1, "outer_lr": 1.0, "outer_momentum": 0.0, "nesterov": False,
-            "staleness_penalty": 0.0, "clip": 1e6, "clip_mode": "norm"}
+def sync_cfg(name, outer_lr=1.0, outer_momentum=0.0, nesterov=False, **kw):
+    """A sync config; the outer SGD's lr / momentum / nesterov given as in the paper's notation."""
+    base = {"name": name, "local_steps": 1, "staleness_penalty": 0.0, "clip": 1e6, "clip_mode": "norm",
+            "outer_optim": {"_target_": "torch.optim.SGD", "lr": outer_lr, "momentum": outer_momentum,
+                            "nesterov": nesterov}}
     return OmegaConf.create({**base, **kw})
 
 
@@ -184,7 +186,7 @@ TINY = ["experiment=tiny", "trainer.max_steps=16", "trainer.checkpoint_every=8",
 RESUME_CASES = {
     "local": ["sync=local"],
     "local-topk-ef": ["sync=local", "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
-    "co2": ["sync=co2", "sync.outer_momentum=0.5", "sync.nesterov=true"],
+    "co2": ["sync=co2", "sync.outer_optim.momentum=0.5", "sync.outer_optim.nesterov=true"],
     "co2-int8-two-phase": ["sync=co2", "comm=int8", "comm.collective=two_phase", "comm.min_numel=256"],
 }
 

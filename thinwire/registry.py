@@ -18,6 +18,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self.group = entry_point_group
         self._items: dict[str, T] = {}
+        self._broken: dict[str, str] = {}  # entry points that failed to load: name -> why
         self._loaded_entry_points = False
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -31,7 +32,12 @@ class Registry(Generic[T]):
             return
         self._loaded_entry_points = True
         for ep in entry_points(group=self.group):
-            self._items.setdefault(ep.name, ep.load())
+            if ep.name in self._items:
+                continue  # built-in names cannot be overridden
+            try:
+                self._items[ep.name] = ep.load()
+            except Exception as e:  # one broken plugin must not break runs that do not use it
+                self._broken[ep.name] = f"entry point {ep.value} failed to load: {type(e).__name__}: {e}"
 
     def names(self) -> list[str]:
         self._load_entry_points()
@@ -40,14 +46,19 @@ class Registry(Generic[T]):
     def get(self, name: str, key: str | None = None) -> T:
         if name not in self._items:
             self._load_entry_points()
+        if name in self._broken:
+            raise ValueError(f"{key or self.kind}={name}: {self._broken[name]}")
         if name not in self._items:
             raise ValueError(f"{key or self.kind}={name!r}: unknown {self.kind}; valid: {', '.join(self.names())}")
         return self._items[name]
 
-    def items(self) -> dict[str, T]:
+    def entries(self) -> dict[str, T]:
         """Every entry, built in and from entry points, by name."""
         self._load_entry_points()
         return dict(sorted(self._items.items()))
+
+    def items(self):
+        return self.entries().items()
 
     def __iter__(self):
         return iter(self.names())

@@ -209,7 +209,7 @@ def feedback_options() -> type:
     once, in its options, and two rules sharing a key must agree on its default."""
     merged: dict[str, dataclasses.Field] = {}
     seen: dict[str, object] = {}
-    for name, cls in FEEDBACKS.items().items():
+    for name, cls in FEEDBACKS.items():
         for f in dataclasses.fields(cls.Config):
             d = defaults(cls.Config)[f.name]
             if f.name in seen and seen[f.name] != d:
@@ -227,7 +227,7 @@ def check_feedback_options(name: str, values) -> None:
     own = option_keys(cls.Config)
     for key, default in defaults(feedback_options()).items():
         if key not in own and values[key] != default:
-            has = [n for n, c in FEEDBACKS.items().items() if key in option_keys(c.Config)]
+            has = [n for n, c in FEEDBACKS.items() if key in option_keys(c.Config)]
             raise ValueError(f"{key}={values[key]}: not an option of comm.feedback={name} "
                              f"({', '.join(has)} {'has' if len(has) == 1 else 'have'} it)")
     check = getattr(cls.Config, "check", None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import time
 import uuid
 
@@ -157,8 +158,25 @@ def compose(overrides: list[str]) -> DictConfig:
             _enforce_keys(cfg[name], schema, name, "", name, how)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(one_line(e)) from None
+        raise ConfigError(_explain(e, how)) from None
     return cfg
+
+
+def _explain(e: Exception, how: dict[str, str]) -> str:
+    """Hydra's message, with the reason of a failed override (a wrong type: OmegaConf's
+    ValidationError, chained below Hydra's) and the override as the user wrote it."""
+    msg = one_line(e)
+    m = re.match(r"Error merging override (\+\+)?([\w.]+)=(.*)$", msg)
+    if not m:
+        return msg
+    from omegaconf.errors import ValidationError
+
+    cause = e
+    while (cause.__cause__ or cause.__context__) and not isinstance(cause, ValidationError):
+        cause = cause.__cause__ or cause.__context__
+    reason = one_line(cause).split(" full_key:")[0] if cause is not e else "cannot be set"
+    key = m.group(2) if how.get(m.group(2)) == "plain" or not m.group(1) else f"++{m.group(2)}"
+    return f"{key}={m.group(3)}: {reason}"
 
 
 def _option(cfg: DictConfig, group, choice: str | None) -> str | None:

@@ -7,6 +7,10 @@ ConfigStore as ``<group>/base_<o>`` (named in the option's YAML, if it has one) 
 options without a YAML (entry-point plugins), as ``<group>/<o>`` itself, so ``comm=myquant``
 works from the command line with nothing but the plugin's class.
 
+A part may preset group-wide keys for itself with a class attribute ``group_defaults``
+(e.g. a lossy compressor: ``{"feedback": "ef", "min_numel": 1024}``), which an option YAML
+would otherwise have to hold.
+
 Group-wide keys, by group (everything else belongs to one option and fails with any other):
 
 - ``comm``: ``name feedback warmup_steps min_numel collective seed`` plus the options of the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +64,11 @@ class Group:
                             f"group-wide keys of {self.name}")
         head = [("_target_", str, dataclasses.field(default=f"{part.__module__}.{part.__qualname__}"))] \
             if self.target else [("name", str, dataclasses.field(default=option))]
+        base_fields = {f.name: f for f in dataclasses.fields(self.base)}
+        for key, value in getattr(part, "group_defaults", {}).items():  # the option's presets of group-wide keys
+            if key not in base_fields:
+                raise TypeError(f"{self.name}={option}: group_defaults key {key!r} is not group-wide in {self.name}")
+            head.append((key, base_fields[key].type, dataclasses.field(default=value)))
         cls_name = "".join(w.capitalize() for w in f"{option}_{self.name}".split("_")) + "Config"
         return dataclasses.make_dataclass(cls_name, head, bases=(own, self.base))
 
@@ -74,11 +84,15 @@ def _keys(cls) -> set[str]:
 
 def schema_keys(schema: type) -> dict[str, type | None]:
     """Key -> nested schema (for dataclass-typed fields, e.g. ``trainer.faults``) or None."""
-    hints = {}
+    try:
+        types = typing.get_type_hints(schema)
+    except Exception:
+        types = {}
+    out = {}
     for f in dataclasses.fields(schema):
-        t = f.type
-        hints[f.name] = t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
-    return hints
+        t = types.get(f.name, f.type)
+        out[f.name] = t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+    return out
 
 
 # ---- the table -----------------------------------------------------------------------
@@ -93,7 +107,7 @@ def _registry(path: str, attr: str) -> Callable[[], dict]:
     def entries() -> dict:
         import importlib
 
-        return getattr(importlib.import_module(path), attr).items()
+        return getattr(importlib.import_module(path), attr).entries()
     return entries
 
 

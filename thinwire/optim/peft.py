@@ -22,9 +22,17 @@ class PeftConfig:
     name: str = "none"
 
 
+@dataclass
+class NoOptions:
+    pass
+
+
 @PEFT_METHODS.register("none")
 def no_adapter(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None) -> torch.nn.Module:
     return model
+
+
+no_adapter.Config = NoOptions  # a method's options are its ``Config`` (never its call signature)
 
 
 def apply_peft(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None) -> torch.nn.Module:
