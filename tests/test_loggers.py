@@ -15,7 +15,7 @@ from thinwire.config import compose
 from thinwire.trainer.loggers import NullLogger, WandbLogger, wandb_names
 from thinwire.config import validate
 
-TOPK_CO2 = ["comm=topk", "comm.ratio=0.01", "comm.feedback=ef21", "sync.name=co2", "sync.local_steps=8",
+TOPK_CO2 = ["comm=topk", "comm.ratio=0.01", "comm.feedback=ef21", "sync=co2", "sync.local_steps=8",
             "optim=adamw", "optim.lr=1e-3"]
 
 

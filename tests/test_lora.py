@@ -52,7 +52,8 @@ def _first_step_cosine(name: str, seed: int, held_out: bool = False, **extra) ->
     base = tiny_gpt(seed)
     full = _full_grads(copy.deepcopy(base), batches)
     torch.manual_seed(seed)
-    model = apply_peft(peft_cfg(name=name, **CFG, **extra), base, data=data)
+    own = {k: v for k, v in CFG.items() if name == "lora_ga" or not k.startswith("ga_")}
+    model = apply_peft(peft_cfg(name=name, **own, **extra), base, data=data)
     layers = {n[: -len(".base_layer")]: m for n, m in model.named_modules() if n.endswith(".base_layer")}
 
     def effective():

@@ -271,7 +271,7 @@ def test_entry_point_plugin_is_found_and_trains(tmp_path):
                 return torch.optim.SGD(groups, lr=self.cfg.lr / 2)
     """))
     env = {"PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
-    p = run_cli("experiment=tiny", "optim=sgd", "optim.name=halfsgd", "trainer.max_steps=2", "dist.nproc=1",
+    p = run_cli("experiment=tiny", "optim=halfsgd", "trainer.max_steps=2", "dist.nproc=1",
                 f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "halfsgd: built" in p.stdout

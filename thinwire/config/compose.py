@@ -14,6 +14,9 @@ Key rules (a key is ``<group>.<key>``; the group's chosen option fixes its keys)
   keys (``--multirun comm=topk,int8 ++comm.ratio=0.1``): set where the chosen option has the
   key, ignored where it does not. A key that no option of the group has still fails.
 - ``+comm.foo=1`` is rejected: options have fixed keys, so adding one cannot be meant.
+  ``+engine.deepspeed.x=1`` / ``+sync.outer_optim.weight_decay=0.1`` add to an open dict
+  (a library's own config, an optimizer's keyword arguments); a ``+`` key inside a typed
+  sub-config (``trainer.faults``) still fails as not an option.
 - ``~comm`` and ``~comm.ratio`` are rejected: every run needs one option per group, and
   every option needs all of its keys.
 - ``comm.name=int8`` is rejected: the option is chosen with ``comm=int8`` (which also
@@ -81,6 +84,8 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
         if o.is_force_add():
             how[key] = "where_exists"
             out.append(o.input_line)
+        elif o.is_add() and key.count(".") >= 2:
+            out.append(o.input_line)  # into an open dict (engine.deepspeed, sync.outer_optim): checked after
         elif o.is_add():
             raise ConfigError(f"+{key}: options have fixed keys, so one cannot be added; set an existing key "
                               f"with {key}=..., or use ++{key}=... to set it where the chosen option has it")
