@@ -127,7 +127,7 @@ def test_options_from_the_command_line(site):
 
 
 @pytest.mark.parametrize("overrides, line", [
-    (["comm=qsgd", "comm.levels=200"], "comm.levels=200 must be an int in [1, 127]"),
+    (["comm=qsgd", "comm.levels=200"], "comm.levels=200: must be an int in [1, 127]"),
     (["sync=easgd", "sync.period=0"], "sync.period=0: must be >= 1"),
     (["optim=lion", "optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5]: must be two numbers in [0, 1)"),
 ])

@@ -53,7 +53,7 @@ def in_group(group: str, err: Exception) -> ConfigError:
     m = re.match(r"^[\w.-]+: (?=[\w.]+=)", msg)
     if m:
         msg = msg[m.end():]
-    msg = re.sub(r"^([\w.]+=\S+) (?=must |expected )", r"\1: ", msg)  # "key=v must ..." -> "key=v: must ..."
+    msg = re.sub(r"^([\w.]+=\S*[^:\s]) (?=must |expected )", r"\1: ", msg)  # "key=v must ..." -> "key=v: must ..."
     if msg.startswith(f"{group}.") or msg.startswith(f"{group}="):
         return ConfigError(msg)
     if re.match(r"^[\w.]+=", msg):
