@@ -51,7 +51,7 @@ def test_unknown_name_and_bad_kwargs():
 
 def test_algebra_flags():
     assert {n for n, c in COMPRESSORS.items() if c.summable} == {"none", "fp16", "bf16", "randk"}
-    assert {n for n, c in COMPRESSORS.items() if c.sparse} == {"topk", "ternary"}
+    assert {n for n, c in COMPRESSORS.items() if c.sparse} == {"topk", "ternary", "chunk_topk"}
     assert {n for n, c in COMPRESSORS.items() if not (c.sparse or c.summable)} == \
         {"int8", "dynamic8", "sign1"}
 

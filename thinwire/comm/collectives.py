@@ -5,11 +5,13 @@ Three ways to aggregate (ALGORITHMS.md, "Collectives"), chosen by the compressor
 * ``allreduce`` (``compressor.summable``: none/fp16/bf16/randk): divide the payload by p
   (before summing, as torch's ``fp16_compress_hook`` does, so fp16 cannot overflow),
   ring all-reduce (sum) each payload tensor, decompress.  Bytes/rank 2 (p-1)/p * nbytes.
-* ``allgather`` (``compressor.sparse``: topk/ternary): all-gather every rank's payload
-  (uniform size, packed into one uint8 buffer), scatter-add in fp32, divide by p.
-  Bytes/rank (p-1) * nbytes - they grow with p, as the sparse all-gather must.
-  Exact for every compressor, so also usable with quantisers (EF21 / EControl need
-  every rank to receive exactly mean_i C(x_i)).
+* ``allgather`` (``compressor.sparse``: topk/ternary/chunk_topk): all-gather every rank's
+  payload (uniform size, packed into one uint8 buffer), scatter-add in fp32 in rank order,
+  divide by p - or, for a compressor with ``contributors_mean`` (chunk_topk's default,
+  SparseLoCo), divide each coordinate by the number of ranks that sent it
+  (:func:`sparse_mean`). Bytes/rank (p-1) * nbytes - they grow with p, as the sparse
+  all-gather must. Exact for every compressor, so also usable with quantisers (EF21 /
+  EControl need every rank to receive exactly mean_i C(x_i)).
 * ``two_phase`` (quantisers: int8/dynamic8/sign1; 1-bit Adam, Tang et al. 2021, Sec. 4;
   ZeRO++ qgZ): pad and split into p chunks, compress each, one ``all_to_all_single`` of
   the packed chunks (rank r receives every rank's chunk r), decompress and average in
@@ -57,8 +59,18 @@ def _world(group) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+def contributors_mean(compressor: Compressor) -> bool:
+    """Whether ``compressor`` asks the sparse all-gather for the mean over contributing ranks
+    (an instance attribute, like the algebra flags; its ``accumulate`` then takes ``counts``)."""
+    return bool(getattr(compressor, "contributors_mean", False))
+
+
 def select_collective(compressor: Compressor, collective: str = "auto") -> str:
     """The collective for ``compressor``: by its algebra for ``"auto"``, else validated."""
+    if collective != "auto" and collective != "allgather" and contributors_mean(compressor):
+        raise ValueError(f"collective={collective!r} cannot average compressor {compressor.name!r} over "
+                         f"the ranks that sent each coordinate (mean=contributors): only 'allgather' sees "
+                         f"who sent what; use collective=auto or mean=all")
     if collective == "auto":
         if compressor.summable:
             return "allreduce"
@@ -150,12 +162,31 @@ def _allgather_launch(flat, compressor, meter, group, step, async_op):
     return payload, out, work
 
 
+def sparse_mean(compressor: Compressor, payloads, numel: int, p: int, device) -> torch.Tensor:
+    """The fp32 mean of ``payloads`` (one per rank, in rank order) as the sparse all-gather
+    computes it on every rank: scatter-added into one buffer in rank order, so the sum of
+    each coordinate is formed in the same order, from the same bytes, on every rank
+    (bitwise equal results); then divided by p, or, if the compressor asks for
+    ``contributors_mean``, by the number of ranks whose payload carries the coordinate
+    (SparseLoCo, arXiv 2508.15706; templar's ``scatter_reduce(..., "mean",
+    include_self=False)``, which sums in an unspecified order on GPUs). A coordinate
+    nobody sent is 0."""
+    acc = torch.zeros(numel, dtype=torch.float32, device=device)
+    if not contributors_mean(compressor):
+        for pl in payloads:
+            compressor.accumulate(pl, acc)
+        return acc.div_(p)
+    counts = torch.zeros(numel, dtype=torch.float32, device=device)
+    for pl in payloads:
+        compressor.accumulate(pl, acc, counts=counts)
+    return acc.div_(counts.clamp_(min=1))
+
+
 def _allgather_finish(flat, compressor, payload, out):
     p = out.numel() // max(1, payload.nbytes) if payload.nbytes else 1
-    acc = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
-    for r, buf in enumerate(out.chunk(p) if payload.nbytes else []):
-        compressor.accumulate(unpack(buf, payload), acc)
-    return acc.div_(p).reshape(flat.shape).to(flat.dtype)
+    rows = [unpack(buf, payload) for buf in out.chunk(p)] if payload.nbytes else []
+    acc = sparse_mean(compressor, rows, flat.numel(), p, flat.device)
+    return acc.reshape(flat.shape).to(flat.dtype)
 
 
 def allgather(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,

@@ -16,6 +16,11 @@ of what was sent (exact for allreduce/allgather).
   Karimireddy compresses lr * g + e; we keep e in gradient units instead, so when the
   learning rate changes from lr_{t-1} to lr_t the residual is rescaled by
   lr_{t-1} / lr_t (``lr_ratio``), which makes the two forms identical for SGD.
+  ``ef_decay`` = beta (default 1: the rule above, bit for bit) decays the residual first,
+  q = beta e + g, as SparseLoCo does with the pseudo-gradient (arXiv 2508.15706, Algorithm 1:
+  e <- beta e + Delta; send C(e); e <- e - C(e); beta = 0.95), where the decayed buffer is
+  the outer momentum (the outer step is plain SGD). Both factors apply to e in the same
+  step (q = g + beta * lr_ratio * e); the outer loop of sync=local|co2 passes lr_ratio = 1.
 - ``ef21`` (Richtarik, Sokolov, Fatkhullin 2021, Alg. 1; "EF Reloaded" 2024):
   c_i = C(g - g_i);  g_i <- g_i + c_i;  G <- G + mean_i c_i;  optimizer sees G.
   Initialisation (``init``): ``dense`` (the paper's practical choice and ours by
@@ -49,6 +54,14 @@ FEEDBACKS: Registry[type] = Registry("comm.feedback", "thinwire.feedback")
 @dataclass
 class NoOptions:
     pass
+
+
+@dataclass
+class EFOptions:
+    ef_decay: float = 1.0            # beta: e <- beta e + g before compressing (1 = classic EF)
+
+    def check(self):
+        need(0 <= self.ef_decay <= 1, "ef_decay", self.ef_decay, "must be in [0, 1]")
 
 
 @dataclass
@@ -125,10 +138,14 @@ FEEDBACKS.register("none")(Feedback)
 
 @FEEDBACKS.register("ef")
 class ClassicEF(Feedback):
+    Config = EFOptions
+
     def message(self, name, g, lr_ratio=1.0):
         e = self.store.get(name, {}).get("e")
         if e is None:
             return g.clone()
+        if self.ef_decay != 1.0:  # decayed EF: the factors compose, beta and the lr rescaling
+            return g + e * (self.ef_decay * lr_ratio)
         return g + e * lr_ratio if lr_ratio != 1.0 else g + e
 
     def result(self, name, g, q, local, mean):

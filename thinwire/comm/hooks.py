@@ -38,7 +38,7 @@ COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
 class CommConfig:
     """The group-wide keys of ``comm`` (valid whatever the compressor); each compressor adds
     its own (``ratio``, ``block_size``, ...: its ``__init__``'s parameters) and each feedback
-    rule its own (``eta``, ``init``)."""
+    rule its own (``eta``, ``init``, ``ef_decay``)."""
     name: str = "none"
     feedback: str = "none"           # none | ef | ef21 | ef21m | econtrol
     warmup_steps: int = 0            # plain all-reduce for the first steps (DDP rebuilds buckets)

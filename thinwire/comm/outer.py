@@ -37,6 +37,15 @@ sampled from and reported is the *mean of the ranks' live parameters* (one exact
 all-reduce per evaluation, counted as control traffic); checkpoints keep every rank's own
 parameters, inner optimizer, anchor, outer momentum and round state.
 
+Non-finite pseudo-gradients are agreed before the exchange: at the end of a round every rank
+puts one flag (its Delta_t^i has a NaN or an infinity) into one small all-reduce, counted as
+control traffic. If any rank raised it, every rank skips the round: nothing is compressed or
+sent, no error-feedback buffer, outer momentum or anchor changes, every rank restarts from
+the anchor (``outer_skipped`` counts such rounds). Without it, one rank's NaN would reach
+every rank through the average (or, with a sparse compressor, only the coordinates it sent).
+Under CO2 the check runs before the snapshot is launched; the round that was in flight is
+consumed as usual, since it passed its own check.
+
 A checkpoint taken while an average is in flight first completes it (waits, commits the
 error-feedback update) and stores the finished mean; the resumed run consumes that mean
 at the end of the round exactly as the uninterrupted run does, so resume is bitwise exact
@@ -260,6 +269,7 @@ class LocalUpdates(SyncStrategy):
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)
         self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
+        self.skipped = 0  # rounds skipped because some rank's pseudo-gradient was not finite
 
     # -- pieces shared with CO2 ----------------------------------------------------
     def pseudo_gradient(self, live: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,14 +288,34 @@ class LocalUpdates(SyncStrategy):
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
+                "outer_skipped": self.skipped,
                 "outer_momentum_norm": self.r.global_norm(self.outer.momentum()), **extra}
+
+    def finite_everywhere(self, delta: torch.Tensor) -> bool:
+        """Whether every rank's pseudo-gradient is finite: one control all-reduce of a flag
+        over all ranks (replica groups included: they must all skip together)."""
+        flag = torch.isfinite(delta).all().logical_not().float().reshape(1)
+        if self.world.world_size > 1:
+            accounting.all_reduce(self.meter, flag, kind="control")
+        return float(flag) == 0.0
+
+    def skip_round(self) -> None:
+        """A round with a non-finite pseudo-gradient somewhere: every rank restarts from the
+        unchanged anchor; nothing was sent, so error feedback and outer state are untouched."""
+        self.r.write_flat(self.r.flat(self.anchor))
+        self.skipped += 1
 
     # -- the strategy ----------------------------------------------------------------
     def after_step(self, step: int) -> dict[str, float]:
         if (step + 1) % self.H != 0:
             return {}
         t0 = time.perf_counter()
-        mean = self.averager.average(self.r.names, self.r.sizes, self.pseudo_gradient(), self.round)
+        delta = self.pseudo_gradient()
+        if not self.finite_everywhere(delta):
+            self.skip_round()
+            self.round += 1
+            return self.metrics(time.perf_counter() - t0, overlap_fraction=0.0)
+        mean = self.averager.average(self.r.names, self.r.sizes, delta, self.round)
         self.averager.commit()
         wait = time.perf_counter() - t0
         self.outer_step(mean)
@@ -311,11 +341,12 @@ class LocalUpdates(SyncStrategy):
             self.module_params.write_flat(live)
 
     def state_dict(self) -> dict:
-        return {"round": self.round, "anchor": [a.clone() for a in self.anchor],
+        return {"round": self.round, "anchor": [a.clone() for a in self.anchor], "skipped": self.skipped,
                 "outer": self.outer.state_dict(), "averager": self.averager.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.round = state["round"]
+        self.skipped = state.get("skipped", 0)  # absent from checkpoints of earlier versions
         for a, s in zip(self.anchor, state["anchor"]):
             a.copy_(s)
         self.outer.load_state_dict(state["outer"])
@@ -336,8 +367,8 @@ class CO2(LocalUpdates):
         self.launched_s = self.done_s = 0.0
         self.last_step: list[torch.Tensor] | None = None  # a_t - a_{t-1}, for the gap penalty
 
-    def _launch(self, live: torch.Tensor | None = None) -> None:
-        self.snapshot = self.pseudo_gradient(live)
+    def _launch(self, snapshot: torch.Tensor) -> None:
+        self.snapshot = snapshot
         self.launched_s, self.done_s = time.perf_counter(), 0.0  # done_s: set on gloo's thread
         if self.cuda_stream is not None:  # NCCL: launch from the side stream
             self.cuda_stream.wait_stream(torch.cuda.current_stream(self.world.device))
@@ -386,7 +417,13 @@ class CO2(LocalUpdates):
             self.mean, self.snapshot = None, None
             out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
         self.round += 1
-        self._launch(live)
+        t0 = time.perf_counter()
+        delta = self.pseudo_gradient(live)  # Delta_{t+1}^i, agreed finite before it is launched
+        if self.finite_everywhere(delta):
+            self._launch(delta)
+        else:
+            self.skip_round()
+        wait += time.perf_counter() - t0
         return self.metrics(wait, **out, **self.averager.take_stats())
 
     def close(self) -> None:

@@ -16,7 +16,9 @@ per rank), lifted to segments:
 - ``allreduce`` (summable payloads): the payload tensors of every segment are
   concatenated, divided by p, summed by one ring all-reduce, split and decompressed;
 - ``allgather`` (sparse, or any payload): the packed payloads are concatenated and
-  all-gathered; every rank scatter-adds every rank's segments in fp32 and divides by p;
+  all-gathered; every rank scatter-adds every rank's segments in fp32, in rank order, and
+  divides by p, or by each coordinate's number of contributors when the compressor asks
+  for it (``contributors_mean``, chunk_topk; ``collectives.sparse_mean``);
 - ``two_phase`` (quantised): every segment is split into p chunks; chunk j of every
   segment goes to rank j in one all-to-all; the owner averages in fp32, applies its
   server-side error (1-bit Adam), re-compresses, and one all-gather returns the chunks.
@@ -32,7 +34,7 @@ import zlib
 import torch
 
 from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single
-from .collectives import _sequencer, _world, chunk_numel, pack, select_collective, unpack
+from .collectives import _sequencer, _world, chunk_numel, pack, select_collective, sparse_mean, unpack
 from .compressors import Compressor, Payload
 
 
@@ -98,13 +100,13 @@ def _allgather(flats, compressor, meter, steps, group):
     work = all_gather_into(meter, out, send, group=group, async_op=True)
 
     def means(_f) -> list[torch.Tensor]:
-        acc = [torch.zeros(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
-        for row in out.chunk(p):
-            off = 0
-            for i, pl in enumerate(payloads):
-                compressor.accumulate(unpack(row[off:off + sizes[i]], pl), acc[i])
-                off += sizes[i]
-        return [a.div_(p).to(f.dtype) for a, f in zip(acc, flats)]
+        rows = out.chunk(p)
+        result, off = [], 0
+        for f, pl, size in zip(flats, payloads, sizes):
+            mine = [unpack(row[off:off + size], pl) for row in rows]  # segment i of every rank, in rank order
+            result.append(sparse_mean(compressor, mine, f.numel(), p, f.device).to(f.dtype))
+            off += size
+        return result
 
     return sent, work.get_future().then(means), None, send.numel()
 

@@ -9,6 +9,7 @@ defaults are the config's defaults and ``__init__`` checks them (``thinwire.opti
 from __future__ import annotations
 
 from .base import Compressor, Payload, mix_seed
+from .chunked import ChunkTopKCompressor
 from .dense import BF16Compressor, FP16Compressor, NoneCompressor
 from .quant import Dynamic8Compressor, Int8Compressor, Sign1Compressor, dynamic8_codebook
 from .sparse import RandKCompressor, TernaryCompressor, TopKCompressor
@@ -20,7 +21,7 @@ ENTRY_POINT_GROUP = "thinwire.compressors"
 
 COMPRESSORS: Registry[type[Compressor]] = Registry("comm", ENTRY_POINT_GROUP)
 for _cls in (NoneCompressor, FP16Compressor, BF16Compressor, TopKCompressor, RandKCompressor,
-             Int8Compressor, Dynamic8Compressor, Sign1Compressor, TernaryCompressor):
+             Int8Compressor, Dynamic8Compressor, Sign1Compressor, TernaryCompressor, ChunkTopKCompressor):
     COMPRESSORS.register(_cls.name)(_cls)
 
 
@@ -56,4 +57,5 @@ def build_compressor(name: str, **kwargs) -> Compressor:
 __all__ = ["COMPRESSORS", "ENTRY_POINT_GROUP", "Compressor", "Payload", "build_compressor",
            "compressor_class", "compressor_options", "dynamic8_codebook", "mix_seed", "NoneCompressor",
            "FP16Compressor", "BF16Compressor", "TopKCompressor", "RandKCompressor",
-           "TernaryCompressor", "Int8Compressor", "Dynamic8Compressor", "Sign1Compressor"]
+           "TernaryCompressor", "Int8Compressor", "Dynamic8Compressor", "Sign1Compressor",
+           "ChunkTopKCompressor"]

@@ -79,6 +79,69 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:n].bool()
 
 
+def uint_width(count: int) -> int:
+    """Bits needed to write any integer in [0, count): ceil(log2(count)), at least 1."""
+    return max(1, (int(count) - 1).bit_length())
+
+
+def _grouping(width: int) -> tuple[int, int]:
+    """(values per group, bytes per group): the smallest run of ``width``-bit values that
+    fills whole bytes (lcm(width, 8) bits), e.g. 2 values in 3 bytes for 12 bits."""
+    per = 8 // math.gcd(width, 8)
+    return per, width * per // 8
+
+
+def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack a 1-D tensor of integers in [0, 2**width) into ceil(n * width / 8) uint8: the
+    values' bits back to back, each value MSB first, zero bits after the last one (so
+    ``pack_uint(b, 1) == pack_bits(b)``). Runs of values that fill whole bytes (2 values
+    of 12 bits in 3 bytes) go through one int64 word each when that word fits 56 bits;
+    other widths through a (n, width) bit matrix. Vectorised; no loop over values."""
+    if not 1 <= width <= 32:
+        raise ValueError(f"pack_uint: width={width} must be in [1, 32]")
+    n = values.numel()
+    nbytes = (n * width + 7) // 8
+    if width == 8:
+        return values.reshape(-1).to(torch.uint8)
+    per, size = _grouping(width)
+    if size > 7:  # the group would not fit an int64 word: one row of bits per value
+        shifts = torch.arange(width - 1, -1, -1, device=values.device, dtype=torch.int64)
+        bits = (values.reshape(-1, 1).long() >> shifts) & 1
+        return pack_bits(bits.reshape(-1).bool())
+    v = values.reshape(-1).long()
+    pad = (-n) % per
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad)])
+    v = v.view(-1, per)
+    word = v[:, 0]
+    for j in range(1, per):
+        word = (word << width) | v[:, j]
+    out = torch.stack([(word >> (8 * (size - 1 - i))) & 0xFF for i in range(size)], dim=1)
+    return out.reshape(-1)[:nbytes].to(torch.uint8)
+
+
+def unpack_uint(packed: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: the first ``n`` values, as int64."""
+    if width == 8:
+        return packed[:n].long()
+    per, size = _grouping(width)
+    if size > 7:
+        bits = unpack_bits(packed, n * width).view(n, width).long()
+        shifts = torch.arange(width - 1, -1, -1, device=packed.device, dtype=torch.int64)
+        return (bits << shifts).sum(dim=1)
+    b = packed.long()
+    pad = (-b.numel()) % size
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    b = b.view(-1, size)
+    word = b[:, 0]
+    for i in range(1, size):
+        word = (word << 8) | b[:, i]
+    mask = (1 << width) - 1
+    vals = torch.stack([(word >> (width * (per - 1 - j))) & mask for j in range(per)], dim=1)
+    return vals.reshape(-1)[:n]
+
+
 def check_block_size(name: str, block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8:
         raise ValueError(f"{name}: block_size={block_size!r} must be an int >= 8")
