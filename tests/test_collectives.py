@@ -147,6 +147,7 @@ def _worker(rank, p, port):
         _check(rank, p)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: see conftest._entry
 
 
 def _free_port():
