@@ -206,9 +206,9 @@ def main() -> int:
                 with tr.sync.eval_model() as model:
                     rec["val_loss"] = evaluate(model, tr.data, world, tr.meter)
                 t_max = torch.tensor([train_s], dtype=torch.float64)
-                accounting.all_reduce(tr.meter, t_max, op=dist.ReduceOp.MAX, kind="control")
+                accounting.all_reduce(tr.meter, t_max, op=dist.ReduceOp.MAX, kind="eval")
                 ev = sum(v for k, v in tr.meter.take_step().items() if k != "setup")
-                rec["wire_bytes"] += ev
+                rec["eval_bytes"] = ev
                 acc["eval"] += ev
                 meas["eval"] += tx_bytes() - te
                 reached = a.target is not None and done >= a.min_steps and rec["val_loss"] <= a.target

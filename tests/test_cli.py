@@ -28,8 +28,10 @@ def test_self_launched_two_workers(tmp_path):
                 "trainer.sample_chars=40", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = check_metrics(tmp_path, 20, 2)
-    # the exact fp32 all-reduce of this model plus 16 B of control traffic per step
+    # the exact fp32 all-reduce of this model plus 16 B of control traffic per step; the
+    # evaluation's 16-byte reduction is reported on its own
     assert rows[5]["wire_bytes"] == rows[5]["dense_bytes"] + 16
+    assert rows[9]["wire_bytes"] == rows[9]["dense_bytes"] + 16 and rows[9]["eval_bytes"] == 16
     assert "val_loss" in p.stdout and "sample:" in p.stdout
 
 

@@ -68,7 +68,8 @@ def _start(tag: str, steps: int, workdir: str, port: int) -> tuple[subprocess.Po
 
 def _accounted(run_dir: str) -> int:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return sum(json.loads(line)["wire_bytes"] for line in fh if line.strip())
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return sum(r["wire_bytes"] + r.get("eval_bytes", 0) for r in rows)  # everything this rank sent
 
 
 def _teardown(tag: str) -> None:

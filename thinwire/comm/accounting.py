@@ -18,7 +18,8 @@ broadcast          pipelined ring/tree, averaged over ranks     (p-1)/p * n * b
 With p == 1 nothing crosses the wire and every formula gives 0.  Control traffic
 (non-finite flags, metric reductions) goes through the same wrappers with
 ``kind="control"`` so it is counted too; setup traffic (DDP's initial parameter
-broadcast) is charged with ``kind="setup"`` and kept out of the per-step totals.
+broadcast) is charged with ``kind="setup"`` and kept out of the per-step totals, and
+evaluation traffic with ``kind="eval"``, reported as ``eval_bytes``, never in ``wire_bytes``.
 
 ``dense_bytes`` is the reference every report compares against: what an fp32 ring
 all-reduce of ``numel`` gradient elements would have sent, 2 (p-1)/p * numel * 4.

@@ -332,7 +332,7 @@ class LocalUpdates(SyncStrategy):
             return
         live = self.module_params.read_flat()
         mean = live.clone()
-        accounting.all_reduce(self.meter, mean, kind="control")
+        accounting.all_reduce(self.meter, mean, kind="eval")
         mean.div_(self.world.world_size)  # replica groups: every group counts as often as it has ranks
         self.module_params.write_flat(mean)
         try:

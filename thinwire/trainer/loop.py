@@ -80,7 +80,7 @@ def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> fl
     for batch in data.eval_batches_for_rank():
         total[0] += model(**to_device(batch, world.device)).double()
         total[1] += 1
-    accounting.all_reduce(meter, total, kind="control")
+    accounting.all_reduce(meter, total, kind="eval")
     model.train(was_training)
     return float(total[0] / total[1].clamp_min(1))
 
@@ -250,7 +250,9 @@ class Trainer:
             if done % t.eval_every == 0 or done == t.max_steps:
                 with self.sync.eval_model() as model:
                     record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
-                record["wire_bytes"] += self.meter.take_step().get("control", 0)
+                sent = self.meter.take_step()
+                record["eval_bytes"] = sent.pop("eval", 0)  # evaluation traffic, never in wire_bytes
+                record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
             self.log(record)
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.3f} | {record[f'{self.unit}_per_s']:.0f} {self.unit}/s "
