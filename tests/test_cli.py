@@ -19,7 +19,7 @@ def check_metrics(run_dir, steps, nproc):
         assert r["wire_bytes"] >= r["dense_bytes"] > 0 if nproc > 1 else r["dense_bytes"] == 0
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
-    assert evals[-1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]  # it learns
     return rows
 
 

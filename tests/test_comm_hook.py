@@ -52,9 +52,11 @@ def plain_params(tmp_path_factory):
     return run_ranks(user_loop, 2, tmp_path_factory.mktemp("plain"), "plain", {})[0]["params"]
 
 
-@pytest.mark.parametrize("feedback", ["none", "ef", "ef21", "econtrol"])
+@pytest.mark.parametrize("feedback", ["none", "ef", "ef21", "ef21m", "econtrol"])
 def test_identity_compressor_with_every_feedback_equals_plain_allreduce(feedback, plain_params, tmp_path):
-    res = run_ranks(user_loop, 2, tmp_path, "none", {"feedback": feedback, "eta": 0.5, "min_numel": 0})
+    # ef21m tracks a momentum v <- (1 - eta) v + eta g of the gradient: with eta = 1, v = g
+    eta = 1.0 if feedback == "ef21m" else 0.5
+    res = run_ranks(user_loop, 2, tmp_path, "none", {"feedback": feedback, "eta": eta, "min_numel": 0})
     for r in res:
         for k, v in plain_params.items():
             torch.testing.assert_close(r["params"][k], v, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,192 @@
+"""The shared quality harness: val loss vs dense at equal steps, paired seeds, and bytes per
+parameter per inner step, on the cluster benchmark's 0.8M char-GPT.
+
+    python bench/quality.py                       # the goal rows, 3 seeds, 4 ranks, 1200 steps
+    python bench/quality.py --rows sweep --seeds 0
+    python bench/quality.py --report              # tables from the cached runs only
+
+Every row runs ``thinwire-train`` with the same model (n_layer 4, n_embd 128, block 32, batch 8
+per rank), data order, schedule (AdamW, cosine, ``--lr``) and 64 fixed eval batches; seeds are
+paired (a method and dense share seed, init and data order) and each method is reported as the
+mean and spread of its per-seed difference to dense. A run is cached under
+``bench/results/quality/runs/<hash of its overrides>/`` and reused when complete, so dense
+baselines run once. Bytes are the accounted per-rank ``wire_bytes`` (evaluation traffic is
+``eval_bytes`` and not counted), as B/param/step and as a ratio to a bf16 ring all-reduce of
+the same model at the same p (2 (p-1)/p x 2 B/param); payload B/param/step (the papers'
+basis) comes from the comm layer's compression ratio: 4 / ratio / H. Runs end on a completed
+outer step (``max_steps`` is a multiple of every H used: 8, 15, 30).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "bench", "results", "quality")
+MODEL = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_size=32",
+         "data.batch_size=8", "data.eval_batches=64"]
+LOCAL = ["sync.clip=inf"]  # no row clips its pseudo-gradient (SparseLoCo and DiLoCo do not)
+ROWS = {
+    "dense": ["comm=none", "sync=ddp"],
+    "bf16": ["comm=bf16", "sync=ddp"],
+    "local H=15": ["sync=local", "sync.local_steps=15", *LOCAL],
+    "diloco H=15": ["sync=diloco", "sync.local_steps=15", *LOCAL],
+    "sparseloco H=15": ["experiment=sparseloco"],
+    "local H=8": ["sync=local", "sync.local_steps=8", *LOCAL],
+    "diloco H=30": ["sync=diloco", "sync.local_steps=30", *LOCAL],
+    "sparseloco H=8": ["experiment=sparseloco", "sync.local_steps=8"],
+    "sparseloco H=30": ["experiment=sparseloco", "sync.local_steps=30"],
+    "sparseloco H=15 k=128": ["experiment=sparseloco", "comm.k=128"],
+    "co2 H=8": ["sync=co2", "sync.local_steps=8"],
+    "local H=8 + topk 1% + ef": ["sync=local", "sync.local_steps=8", *LOCAL, "comm=topk", "comm.ratio=0.01"],
+}
+SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
+        "sweep": [r for r in ROWS if r not in ("dense",)]}
+
+
+def overrides(row: str, seed: int, a) -> list[str]:
+    return [*ROWS[row], *MODEL, f"optim.lr={a.lr}", f"trainer.max_steps={a.steps}", f"trainer.seed={seed}",
+            f"trainer.eval_every={a.eval_every}", f"trainer.checkpoint_every={10 ** 9}", "trainer.sample_chars=0",
+            "trainer.progress=false", "logger=none", f"dist.nproc={a.nproc}"]
+
+
+def run_dir(ov: list[str]) -> str:
+    return os.path.join(OUT, "runs", hashlib.sha1(json.dumps(ov).encode()).hexdigest()[:12])
+
+
+def rows_of(d: str) -> list[dict]:
+    path = os.path.join(d, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(ln) for ln in fh if ln.strip()]
+
+
+def run(row: str, seed: int, a) -> list[dict]:
+    ov = overrides(row, seed, a)
+    d = run_dir(ov)
+    rows = rows_of(d)
+    if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
+        return rows
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "overrides.json"), "w") as fh:
+        json.dump({"row": row, "seed": seed, "overrides": ov}, fh)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}"], capture_output=True,
+                       text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
+    if p.returncode != 0:
+        raise SystemExit(f"{row} seed {seed} failed:\n{p.stderr[-3000:]}")
+    print(f"  ran {row!r} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows_of(d)
+
+
+def summary(rows: list[dict], nproc: int) -> dict:
+    n_params = None
+    for r in rows:
+        if r.get("dense_bytes"):  # 2 (p-1)/p * n * 4
+            n_params = r["dense_bytes"] / (2 * (nproc - 1) / nproc * 4)
+            break
+    steps = rows[-1]["step"]
+    wire = sum(r["wire_bytes"] for r in rows)
+    ratios = [r["compression_ratio"] for r in rows if "compression_ratio" in r]
+    h = next((r["outer_round"] for r in rows if "outer_round" in r), None)
+    rounds = max((r.get("outer_round", 0) for r in rows), default=0)
+    bf16 = 2 * (nproc - 1) / nproc * 2
+    out = {"val_loss": rows[-1]["val_loss"], "wire_B_per_param_step": wire / steps / n_params,
+           "bf16_ratio": (wire / steps / n_params) / bf16, "n_params": n_params,
+           "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+           "cum_wire": [(r["step"], sum(x["wire_bytes"] for x in rows if x["step"] <= r["step"]))
+                        for r in rows if "val_loss" in r]}
+    if ratios and rounds:
+        out["payload_B_per_param_step"] = 4 / statistics.mean(ratios) * rounds / steps
+    elif ratios:
+        out["payload_B_per_param_step"] = 4 / statistics.mean(ratios)
+    return out
+
+
+def report(results: dict, a) -> str:
+    dense = results.get("dense", {})
+    lines = [f"4 ranks (dist.nproc={a.nproc}), AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
+             f"'vs dense' = mean (and spread, min..max) over paired seeds of (method - dense) / dense.", "",
+             "| row | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step |",
+             "|---|---|---|---|---|---|---|"]
+    for row, per_seed in results.items():
+        seeds = sorted(per_seed)
+        vals = [per_seed[s]["val_loss"] for s in seeds]
+        diffs = [(per_seed[s]["val_loss"] - dense[s]["val_loss"]) / dense[s]["val_loss"] for s in seeds if s in dense]
+        vs = (f"{100 * statistics.mean(diffs):+.2f}% ({100 * min(diffs):+.2f}..{100 * max(diffs):+.2f})"
+              if diffs and row != "dense" else "")
+        s0 = per_seed[seeds[0]]
+        ratio = s0["bf16_ratio"]
+        payload = s0.get("payload_B_per_param_step")
+        lines.append(f"| {row} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
+                     f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
+                     f"{'' if payload is None else '%.5f' % payload} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, per_seed in results.items():
+        s0 = per_seed[sorted(per_seed)[0]]
+        xs = [max(b, 1) / s0["n_params"] for _, b in s0["cum_wire"]]
+        ys = [statistics.mean(per_seed[s]["curve"][i][1] for s in per_seed) for i in range(len(xs))]
+        ax.plot(xs, ys, marker="o", label=row)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes sent per rank / parameters (log)")
+    ax.set_ylabel("val loss (mean over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="goals", help="goals | sweep | a comma-separated list of row names")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
+    a = ap.parse_args(argv)
+    names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
+    names = ["dense", *[n for n in names if n != "dense"]]
+    results: dict = {}
+    for row in names:
+        for seed in a.seeds:
+            if a.report:
+                rows = rows_of(run_dir(overrides(row, seed, a)))
+                if not rows or rows[-1]["step"] != a.steps:
+                    continue
+            else:
+                rows = run(row, seed, a)
+            results.setdefault(row, {})[seed] = summary(rows, a.nproc)
+    table = report(results, a)
+    print(table)
+    os.makedirs(OUT, exist_ok=True)
+    tag = f"{a.rows if a.rows in SETS else 'custom'}"
+    with open(os.path.join(OUT, f"{tag}.json"), "w") as fh:
+        json.dump({"args": vars(a), "results": results}, fh, indent=1)
+    with open(os.path.join(OUT, f"{tag}.md"), "w") as fh:
+        fh.write(table + "\n")
+    try:
+        plot(results, os.path.join(OUT, f"{tag}.png"))
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
