@@ -115,8 +115,8 @@ def report(results: dict, a) -> str:
     dense = results.get("dense", {})
     lines = [f"4 ranks (dist.nproc={a.nproc}), AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
              f"'vs dense' = mean (and spread, min..max) over paired seeds of (method - dense) / dense.", "",
-             "| row | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step |",
+             "|---|---|---|---|---|---|---|---|"]
     for row, per_seed in results.items():
         seeds = sorted(per_seed)
         vals = [per_seed[s]["val_loss"] for s in seeds]
@@ -124,9 +124,9 @@ def report(results: dict, a) -> str:
         vs = (f"{100 * statistics.mean(diffs):+.2f}% ({100 * min(diffs):+.2f}..{100 * max(diffs):+.2f})"
               if diffs and row != "dense" else "")
         s0 = per_seed[seeds[0]]
-        ratio = s0["bf16_ratio"]
+        ratio = s0["bf16_ratio"]  # the same for every seed: bytes do not depend on the data
         payload = s0.get("payload_B_per_param_step")
-        lines.append(f"| {row} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
+        lines.append(f"| {row} | {s0.get('lr', a.lr):g} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
                      f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
                      f"{'' if payload is None else '%.5f' % payload} |")
     return "\n".join(lines)
@@ -159,26 +159,43 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lrs", type=float, nargs="*", default=[],
+                    help="an LR sweep on the first seed; the other seeds run at each row's best LR")
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
     a = ap.parse_args(argv)
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
     names = ["dense", *[n for n in names if n != "dense"]]
     results: dict = {}
+    best_lr: dict = {}
     for row in names:
+        if a.lrs:  # the same sweep for every row, on the first seed: each row keeps its best LR
+            sweep = {}
+            for lr in a.lrs:
+                rows = rows_of(run_dir(overrides(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr})))) \
+                    if a.report else run(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr}))
+                if rows and rows[-1]["step"] == a.steps:
+                    sweep[lr] = rows[-1]["val_loss"]
+            if sweep:
+                best_lr[row] = {"best": min(sweep, key=sweep.get), "sweep": sweep}
+        row_args = argparse.Namespace(**{**vars(a), "lr": best_lr.get(row, {}).get("best", a.lr)})
         for seed in a.seeds:
             if a.report:
-                rows = rows_of(run_dir(overrides(row, seed, a)))
+                rows = rows_of(run_dir(overrides(row, seed, row_args)))
                 if not rows or rows[-1]["step"] != a.steps:
                     continue
             else:
-                rows = run(row, seed, a)
-            results.setdefault(row, {})[seed] = summary(rows, a.nproc)
+                rows = run(row, seed, row_args)
+            results.setdefault(row, {})[seed] = {**summary(rows, a.nproc), "lr": row_args.lr}
     table = report(results, a)
+    if best_lr:
+        table += "\n\nLR sweep (first seed, val loss): " + "; ".join(
+            f"{row}: " + ", ".join(f"{lr:g} {v:.4f}" for lr, v in b["sweep"].items()) + f" (best {b['best']:g})"
+            for row, b in best_lr.items())
     print(table)
     os.makedirs(OUT, exist_ok=True)
     tag = f"{a.rows if a.rows in SETS else 'custom'}"
     with open(os.path.join(OUT, f"{tag}.json"), "w") as fh:
-        json.dump({"args": vars(a), "results": results}, fh, indent=1)
+        json.dump({"args": vars(a), "results": results, "lr_sweep": best_lr}, fh, indent=1)
     with open(os.path.join(OUT, f"{tag}.md"), "w") as fh:
         fh.write(table + "\n")
     try:
