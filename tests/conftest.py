@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch.multiprocessing as mp
@@ -35,7 +36,11 @@ def run_ranks(fn, world_size: int, tmp_path, *args) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
     import torch
 
-    init_file = str(tmp_path / f"init-{world_size}")
+    # a fresh rendezvous file per call: ranks leave with os._exit, so FileStore never deletes
+    # its file, and a second group in the same tmp_path must not read the first one's keys
+    init_file = str(tmp_path / f"init-{world_size}-{uuid.uuid4().hex[:8]}")
+    if os.path.exists(init_file):  # an earlier call's: its ranks left with os._exit, so no FileStore removed it,
+        os.remove(init_file)       # and its stale addresses would hang or refuse this call's gloo connect
     mp.start_processes(_entry, args=(fn, world_size, init_file, str(tmp_path), args), nprocs=world_size,
                        join=True, start_method="spawn")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
