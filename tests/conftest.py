@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
 import uuid
 
 import pytest
@@ -21,15 +22,24 @@ def _entry(rank: int, fn, world_size: int, init_file: str, out_dir: str, args: t
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    # Leave without the interpreter's teardown: in ~1 of 12 runs of a loop with a Python comm
-    # hook on gloo, a C++ thread torch/gloo still owns is joinable when the static destructors
-    # run ("terminate called without an active exception", SIGABRT with no Python frame on the
-    # main thread; faulthandler shows it). The result is saved and the group destroyed above.
+        dist.barrier()  # no rank leaves while a peer still talks to it
+    except BaseException:
+        traceback.print_exc()
+        leave(1)
+    leave(0)
+
+
+def leave(code: int) -> None:
+    """Exit without destroying the process group and without the interpreter's teardown.
+
+    In ~1 of 12 runs of a loop with a Python comm hook on gloo, tearing gloo down aborts the
+    process: "terminate called without an active exception" when the static destructors run,
+    or "std::system_error: Resource deadlock avoided" inside ``destroy_process_group`` (a gloo
+    thread joined from itself), SIGABRT with no Python frame. The result is saved and every
+    rank has passed the barrier, so nothing is lost by leaving at once."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def run_ranks(fn, world_size: int, tmp_path, *args) -> list:

@@ -2,14 +2,12 @@
 
 One spawn per world size runs every check (process start-up dominates the cost)."""
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_ranks
 from thinwire.comm.accounting import WireMeter, collective_bytes
 from thinwire.comm.collectives import (aggregate, aggregate_async, allgather, chunk_numel,
                                        new_server_error, select_collective, two_phase)
@@ -139,27 +137,10 @@ def _check(rank, p):
     assert all(torch.equal(o, out) for o in allout)
 
 
-def _worker(rank, p, port):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=p)
-    try:
-        _check(rank, p)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # no interpreter teardown: see conftest._entry
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("p", [2, 3, 4])
-def test_collectives_multi_rank(p):
-    mp.spawn(_worker, args=(p, _free_port()), nprocs=p, join=True)
+def test_collectives_multi_rank(p, tmp_path):
+    run_ranks(_check, p, tmp_path)
 
 
 def test_world_size_one_same_code_path():
