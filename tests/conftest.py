@@ -1,4 +1,5 @@
-"""Shared helpers: run a function on p gloo ranks (torch.multiprocessing), run the CLI."""
+"""Shared helpers: run a function on p gloo ranks (long-lived ranks from tests/pool.py, or
+fresh spawned ones), train on long-lived ranks (``pools``), run the CLI."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,8 @@ import uuid
 
 import pytest
 import torch.multiprocessing as mp
+
+from pool import POOLS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +46,15 @@ def leave(code: int) -> None:
 
 
 def run_ranks(fn, world_size: int, tmp_path, *args) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return their results."""
+    """Run ``fn(rank, world_size, *args)`` on the session's ``world_size`` long-lived gloo
+    ranks (tests/pool.py); return their results. ``fn`` must leave the default group usable
+    and the process as it found it (seeds are set by whoever relies on them)."""
+    return POOLS.call(fn, world_size, tmp_path, *args)
+
+
+def run_fresh_ranks(fn, world_size: int, tmp_path, *args) -> list:
+    """``run_ranks`` on newly spawned ranks: for ``fn`` that needs a process of its own
+    (entry points are read once per process)."""
     import torch
 
     # a fresh rendezvous file per call: ranks leave with os._exit, so FileStore never deletes
@@ -67,3 +78,10 @@ def run_cli(*overrides: str, env: dict | None = None, timeout: int = 180, launch
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pools():
+    """``pools.train(*overrides)``: a training run on the session's long-lived ranks."""
+    yield POOLS
+    POOLS.close()

@@ -10,8 +10,6 @@ swings with rounding details and the learning rate, so a threshold on it would b
 coin toss, not a test."""
 import json
 
-from conftest import run_cli
-
 COMMON = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
           "data.eval_batches=32", "optim.warmup_steps=20", "optim=sgd", "optim.lr=0.3", "optim.momentum=0.9",
           "optim.grad_clip=0"]
@@ -21,11 +19,10 @@ RUNS = {
 }
 
 
-def test_int8_with_error_feedback_matches_dense_at_a_quarter_of_the_bytes(tmp_path):
+def test_int8_with_error_feedback_matches_dense_at_a_quarter_of_the_bytes(pools, tmp_path):
     val, wire = {}, {}
     for name, overrides in RUNS.items():
-        p = run_cli(*COMMON, *overrides, f"hydra.run.dir={tmp_path / name}", timeout=400)
-        assert p.returncode == 0, (name, p.stderr[-3000:])
+        p = pools.train(*COMMON, *overrides, f"hydra.run.dir={tmp_path / name}", timeout=400)
         rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         val[name] = rows[-1]["val_loss"]
         wire[name] = sum(r["wire_bytes"] - r["control_bytes"] for r in rows[:-1]) / (len(rows) - 1)

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import run_ranks
+from conftest import run_fresh_ranks
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -277,7 +277,7 @@ def _easgd_rank(rank: int, world_size: int, site: str) -> dict:
 
 
 def test_easgd_elastic_step_on_two_ranks(site, tmp_path):
-    ranks = run_ranks(_easgd_rank, 2, tmp_path, str(site))
+    ranks = run_fresh_ranks(_easgd_rank, 2, tmp_path, str(site))
     p, beta = 2, 0.6
     alpha = beta / p
     exact = [r["none"] for r in ranks]

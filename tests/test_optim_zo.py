@@ -299,7 +299,7 @@ def _final(run_dir, step=8):
     (2, ["optim=mezo", "optim.zo_accum=2", "optim.zo_samples=2", "peft=lora_ga", "peft.r=4", "peft.ga_batches=2"]),
     (2, ["optim=zo_dist"]),                   # per_rank: the counter and the int8 scale
 ], ids=["mezo-lora_ga-ws2", "zo_dist-ws2"])
-def test_zo_resume_is_bitwise(tmp_path, nproc, extra):
+def test_zo_resume_is_bitwise(pools, tmp_path, nproc, extra):
     """Resumed == uninterrupted, bitwise: per-step losses, evals, projected gradients,
     plugin state and every tensor of the model (adapters and base weights). Two runs
     instead of three (each worker imports PEFT, seconds of a 2-core CI): the full run's
@@ -308,10 +308,8 @@ def test_zo_resume_is_bitwise(tmp_path, nproc, extra):
     are covered by test_resume.py)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = [*RESUME, f"dist.nproc={nproc}", *extra]
-    p = run_cli(*args, f"hydra.run.dir={full}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli(*args, f"hydra.run.dir={resumed}", f"trainer.resume={full / 'checkpoints' / 'step_00000004'}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = pools.train(*args, f"hydra.run.dir={full}")
+    p = pools.train(*args, f"hydra.run.dir={resumed}", f"trainer.resume={full / 'checkpoints' / 'step_00000004'}")
     assert "at step 4" in p.stdout
     key = lambda r: (r["step"], r["loss"], r.get("val_loss"), r.get("zo_grad"))  # noqa: E731
     tail = [key(r) for r in _metrics(full) if r["step"] > 4]
@@ -330,7 +328,7 @@ def test_zo_resume_is_bitwise(tmp_path, nproc, extra):
             assert r["wire_bytes"] - r["control_bytes"] == plugin_bytes
 
 
-def test_zo_dist_sends_at_most_8_bytes_per_rank_per_step_control_included(tmp_path):
+def test_zo_dist_sends_at_most_8_bytes_per_rank_per_step_control_included(pools, tmp_path):
     """Through the real trainer: the loss and the non-finite flag ride on the plugin's own
     exchange, so nothing else crosses the wire on a training step (evals aside)."""
     import json
@@ -339,9 +337,8 @@ def test_zo_dist_sends_at_most_8_bytes_per_rank_per_step_control_included(tmp_pa
 
     for mode in ("per_rank", "shared"):
         run = tmp_path / mode
-        p = run_cli("experiment=tiny", "optim=zo_dist", f"optim.zo_mode={mode}", "trainer.max_steps=6",
-                    "trainer.eval_every=6", f"hydra.run.dir={run}")
-        assert p.returncode == 0, p.stderr[-3000:]
+        p = pools.train("experiment=tiny", "optim=zo_dist", f"optim.zo_mode={mode}", "trainer.max_steps=6",
+                        "trainer.eval_every=6", f"hydra.run.dir={run}")
         rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
         train_rows = [r for r in rows if "val_loss" not in r]
         assert train_rows and all(0 < r["wire_bytes"] <= 8 and r["control_bytes"] == 0 for r in train_rows), rows

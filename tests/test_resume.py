@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
 
 COMMON = ["experiment=tiny", "trainer.max_steps=24", "trainer.checkpoint_every=8", "trainer.eval_every=12",
           "model.dropout=0.1", "engine.bucket_cap_mb=0.05"]
@@ -33,21 +32,18 @@ IDS = ["ws1", "ws2"] + [f"ws2-{k}" for k in COMPRESSED]
 
 
 @pytest.mark.parametrize("nproc,comm", CASES, ids=IDS)
-def test_stop_and_resume_equals_uninterrupted_bitwise(tmp_path, nproc, comm):
+def test_stop_and_resume_equals_uninterrupted_bitwise(pools, tmp_path, nproc, comm):
     """Compressed cases: error-feedback buffers (and sign1's server-side errors) must come
     back exactly, and layer-wise compression must not depend on DDP's bucket layout,
     which differs on the first step after a restart."""
     full, split = tmp_path / "full", tmp_path / "split"
     args = [*COMMON, f"dist.nproc={nproc}", *comm]
-    p = run_cli(*args, f"hydra.run.dir={full}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli(*args, f"hydra.run.dir={split}", "trainer.stop_after=13")  # stops between checkpoints
-    assert p.returncode == 0, p.stderr[-3000:]
+    pools.train(*args, f"hydra.run.dir={full}")
+    pools.train(*args, f"hydra.run.dir={split}", "trainer.stop_after=13")  # stops between checkpoints
     assert (split / "checkpoints" / "step_00000013" / "COMPLETE").exists()
     assert not (split / "checkpoints" / "step_00000024").exists()
-    p = run_cli(*args, f"hydra.run.dir={split}", "trainer.resume=auto")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from" in p.stdout and "at step 13" in p.stdout
+    run = pools.train(*args, f"hydra.run.dir={split}", "trainer.resume=auto")
+    assert "resumed from" in run.stdout and "at step 13" in run.stdout
 
     assert losses(full) == losses(split)  # the same floats, step by step, evals included
     a, b = final_params(full), final_params(split)

@@ -16,7 +16,7 @@ from thinwire.comm.compressors import build_compressor
 from thinwire.comm.compressors.base import pack_bits, pack_uint, unpack_uint
 from thinwire.comm.feedback import build_feedback
 
-from conftest import run_cli, run_ranks
+from conftest import run_ranks
 
 
 # -- an independent reference of the compressor (loops over runs, numpy fp64 statistics) -------
@@ -307,12 +307,11 @@ def expected_round_bytes(sizes, p):
     return collective_bytes("all_gather", payload, 1, p) + collective_bytes("all_reduce", small, 4, p)
 
 
-def test_experiment_runs_and_resumes_mid_round_bitwise(tmp_path):
+def test_experiment_runs_and_resumes_mid_round_bitwise(pools, tmp_path):
     """Rounds end at steps 15 and 30; stopped at step 20, in the middle of round 2, with round 1's
     error-feedback buffers and the anchor in the checkpoint."""
     full, split = tmp_path / "full", tmp_path / "split"
-    p = run_cli(*SMALL, f"hydra.run.dir={full}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = pools.train(*SMALL, f"hydra.run.dir={full}")
     r = rows(full)
     assert [x["step"] for x in r] == list(range(1, 33))
     # two rounds of 1.56 % of the pseudo-gradient move the anchor a little (the rest waits in EF)
@@ -329,10 +328,8 @@ def test_experiment_runs_and_resumes_mid_round_bitwise(tmp_path):
         else:  # a round: the sparse all-gather + the dense small tensors, and the 4-byte flag
             assert data == per_round and x["control_bytes"] == 4 and x["outer_skipped"] == 0, x
             assert x["compression_ratio"] > 20
-    p = run_cli(*SMALL, "trainer.stop_after=20", f"hydra.run.dir={split}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli(*SMALL, "trainer.resume=auto", f"hydra.run.dir={split}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = pools.train(*SMALL, "trainer.stop_after=20", f"hydra.run.dir={split}")
+    p = pools.train(*SMALL, "trainer.resume=auto", f"hydra.run.dir={split}")
     assert "at step 20" in p.stdout
     key = ("step", "loss", "val_loss", "wire_bytes")
     assert [[x.get(k) for k in key] for x in rows(full)] == [[x.get(k) for k in key] for x in rows(split)]

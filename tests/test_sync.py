@@ -14,7 +14,7 @@ from thinwire.comm.accounting import WireMeter
 from thinwire.data.base import DataInfo
 from thinwire.models.gpt import build_gpt
 
-from conftest import run_cli, run_ranks
+from conftest import run_ranks
 
 VOCAB, BLOCK, B = 20, 8, 4
 
@@ -201,16 +201,13 @@ def rank_params(run_dir, step, rank):
 
 
 @pytest.mark.parametrize("case", list(RESUME_CASES), ids=list(RESUME_CASES))
-def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(tmp_path, case):
+def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(pools, tmp_path, case):
     """Stopped at step 6: mid-round, and for co2 with round 1's average in flight."""
     args = [*TINY, *RESUME_CASES[case]]
     full, split = tmp_path / "full", tmp_path / "split"
-    p = run_cli(*args, f"hydra.run.dir={full}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli(*args, "trainer.stop_after=6", f"hydra.run.dir={split}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli(*args, "trainer.resume=auto", f"hydra.run.dir={split}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = pools.train(*args, f"hydra.run.dir={full}")
+    p = pools.train(*args, "trainer.stop_after=6", f"hydra.run.dir={split}")
+    p = pools.train(*args, "trainer.resume=auto", f"hydra.run.dir={split}")
     assert "at step 6" in p.stdout
     key = ("step", "loss", "val_loss")
     assert [[r.get(k) for k in key] for r in rows(full)] == [[r.get(k) for k in key] for r in rows(split)]
@@ -219,24 +216,22 @@ def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(tmp_path, case):
         assert all(torch.equal(a[k], b[k]) for k in a), (case, rank)
 
 
-def test_co2_converges_within_5_percent_of_local(tmp_path):
+def test_co2_converges_within_5_percent_of_local(pools, tmp_path):
     """2 ranks, tiny char-GPT, 1000 steps, AdamW 3e-3, H=4 (see CALIBRATION.md)."""
     common = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000",
               "trainer.checkpoint_every=1000", "optim.lr=3e-3", "sync.local_steps=4"]
     final = {}
     for name in ("local", "co2"):
-        p = run_cli(*common, f"sync={name}", f"hydra.run.dir={tmp_path / name}", timeout=400)
-        assert p.returncode == 0, p.stderr[-3000:]
+        p = pools.train(*common, f"sync={name}", f"hydra.run.dir={tmp_path / name}", timeout=400)
         final[name] = rows(tmp_path / name)[-1]["val_loss"]
     assert final["co2"] <= 1.05 * final["local"], final
 
 
-def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(tmp_path):
+def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(pools, tmp_path):
     """Ranks step independently within a round: no per-step collective; rank 0 skips its
     poisoned step, counts it, and the outer rounds go on with finite parameters."""
-    p = run_cli(*TINY, "sync=co2", "trainer.faults.nan_at=6", "trainer.faults.rank=0",
-                f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = pools.train(*TINY, "sync=co2", "trainer.faults.nan_at=6", "trainer.faults.rank=0",
+                    f"hydra.run.dir={tmp_path}")
     r = rows(tmp_path)
     assert [x["skipped_steps"] for x in r] == [0] * 5 + [1] * 11
     # nothing agreed per step; a round end agrees one finiteness flag (4 bytes, then 1 rank's share)
