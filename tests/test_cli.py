@@ -23,6 +23,7 @@ def check_metrics(run_dir, steps, nproc):
     return rows
 
 
+@pytest.mark.slow
 def test_self_launched_two_workers(tmp_path):
     p = run_cli("experiment=tiny", "trainer.max_steps=20", "trainer.eval_every=10", "dist.nproc=2",
                 "trainer.sample_chars=40", f"hydra.run.dir={tmp_path}")
@@ -35,6 +36,7 @@ def test_self_launched_two_workers(tmp_path):
     assert "val_loss" in p.stdout and "sample:" in p.stdout
 
 
+@pytest.mark.slow
 def test_under_torchrun(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "thinwire.train"]
@@ -45,6 +47,7 @@ def test_under_torchrun(tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000020" / "rank00001.pt").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_default_run_dir_is_shared_by_ranks(tmp_path):
     """Without hydra.run.dir every rank resolves the same directory from torchrun's run id."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -58,6 +61,7 @@ def test_torchrun_default_run_dir_is_shared_by_ranks(tmp_path):
     assert (ckpt / "rank00000.pt").exists() and (ckpt / "rank00001.pt").exists()
 
 
+@pytest.mark.slow
 def test_multirun_sweep_gives_one_run_dir_per_combination(tmp_path):
     p = run_cli("--multirun", "experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2",
                 "comm=none,bf16", f"hydra.sweep.dir={tmp_path}")

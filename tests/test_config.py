@@ -128,6 +128,7 @@ def test_unreadable_checkpoint_is_rejected(tmp_path, capsys):
     assert "common.pt is unreadable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_exit_status_and_stderr(tmp_path):
     """The real process: exit 2, one stderr line, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "thinwire.train", "trainer.max_steps=0",

@@ -299,6 +299,7 @@ def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path):
 CONTRACT = {"step", "loss", "lr", "step_time_s", "comm_wait_s", "wire_bytes", "dense_bytes", "tokens_per_s"}
 
 
+@pytest.mark.slow
 def test_self_launched_then_resumed_under_torchrun(tmp_path):
     """Both launchers: thinwire-train starts its workers and stops after step 4 (bf16
     gradients on the wire); torchrun continues the run from that checkpoint."""

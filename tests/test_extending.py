@@ -126,6 +126,7 @@ def test_options_from_the_command_line(site):
     """))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, line", [
     (["comm=qsgd", "comm.levels=200"], "comm.levels=200: must be an int in [1, 127]"),
     (["sync=easgd", "sync.period=0"], "sync.period=0: must be >= 1"),
@@ -302,6 +303,7 @@ def test_easgd_elastic_step_on_two_ranks(site, tmp_path):
 
 
 # ---- all three in one run -------------------------------------------------------------
+@pytest.mark.slow
 def test_all_three_in_one_training_run(site, tmp_path):
     run = tmp_path / "run"
     p = run_train(site, "experiment=tiny", "comm=qsgd", "comm.levels=8", "sync=easgd", "sync.period=2",

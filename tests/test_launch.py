@@ -109,6 +109,7 @@ def test_sbatch_directives():
     assert "#SBATCH --ntasks-per-node=1" in text and "#SBATCH --nodes=" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck():
     proc = subprocess.run(["shellcheck", "--shell=bash", "--external-sources", *SCRIPTS, "launch/_common.sh"],
