@@ -5,7 +5,9 @@ sbatch array job (with fake ``srun``/``sbatch`` on PATH: nothing reaches a clust
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -109,7 +111,6 @@ def fake_slurm(tmp_path, monkeypatch):
 
 def test_slurm_launcher_submits_one_array_job(tmp_path, fake_slurm, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
-    import cloudpickle
     import submitit
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -140,8 +141,13 @@ def test_slurm_launcher_submits_one_array_job(tmp_path, fake_slurm, monkeypatch)
     assert sbatch["--output"].startswith(str(sweep / ".submitit"))
     assert any("srun" in ln and "submitit.core._submit" in ln for ln in script)
 
-    # each array task unpickles (launcher, its overrides, job dir key, job number)
+    # each array task unpickles (launcher, its overrides, job dir key, job number), in a process
+    # of its own as on the cluster: unpickling here would make cloudpickle write the pickled
+    # dataclass fields back onto this process's live (dynamic) schema classes
     pickles = sorted(glob.glob(str(sweep / ".submitit" / "4242_*" / "*_submitted.pkl")))
     assert len(pickles) == 3
-    submitted = sorted((cloudpickle.load(open(p, "rb")).args for p in pickles), key=lambda a: a[2])
-    assert [(a[0], a[1], a[2]) for a in submitted] == [(j, "hydra.sweep.dir", n) for n, j in enumerate(jobs)]
+    read = ("import cloudpickle, json, sys\n"
+            "print(json.dumps([list(cloudpickle.load(open(p, 'rb')).args[:3]) for p in sys.argv[1:]]))")
+    out = subprocess.run([sys.executable, "-c", read, *pickles], capture_output=True, text=True, check=True).stdout
+    submitted = sorted(json.loads(out), key=lambda a: a[2])
+    assert submitted == [[j, "hydra.sweep.dir", n] for n, j in enumerate(jobs)]
