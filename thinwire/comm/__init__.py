@@ -6,6 +6,7 @@ Public API (DESIGN.md)::
     from thinwire.comm import build_compressor, comm_hook
 """
 
+from . import outer  # noqa: F401  registers the built-in sync strategies local and co2 in sync.SYNC_STRATEGIES
 from .compressors import COMPRESSORS, build_compressor
 from .hooks import HookState, comm_hook, comm_names
 

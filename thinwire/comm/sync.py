@@ -8,6 +8,9 @@ A strategy declares what the engine must do for it:
   is no per-step gradient sync and no buffer broadcast the accounting cannot see;
 - ``ranks_diverge``: ranks hold different parameters between synchronisations, so the
   checkpoint stores model and optimizer per rank.
+
+The built-in ``local`` and ``co2`` live in ``outer.py``, which ``thinwire.comm`` imports
+(so they are registered whenever this module is).
 """
 from __future__ import annotations
 
@@ -67,6 +70,3 @@ def build_sync(cfg, world, meter, model, comm_cfg=None, replicas=None) -> SyncSt
     (``engine=deepspeed`` with local/CO2: ``thinwire.trainer.zero_replicas``); strategies
     that synchronise parameters then average across the groups, not across all ranks."""
     return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg, replicas)
-
-
-from . import outer  # noqa: E402,F401  registers local and co2 (after the base class exists)

@@ -42,7 +42,7 @@ from unittest import mock
 import torch
 
 from ..comm import accounting
-from ..comm.aggregator import check_combination
+from ..comm.aggregator import check_combination, compressor_from_config
 from ..errors import ConfigError
 from . import zero_replicas
 
@@ -179,7 +179,7 @@ def is_two_phase(comm_cfg) -> bool:
 
     fields = OmegaConf.to_container(comm_cfg, resolve=True)
     name = fields.pop("name")
-    return name != "none" and check_combination(name, fields) == "two_phase"
+    return name != "none" and check_combination(compressor_from_config(name, fields), fields) == "two_phase"
 
 
 class DeepSpeedEngine:

@@ -212,10 +212,6 @@ class Compressor(ABC):
         self.seed = seed
         self._step = 0
 
-    @property
-    def quantised(self) -> bool:
-        return not (self.summable or self.sparse)
-
     def set_step(self, step: int) -> None:
         """Set the call counter used when ``compress`` gets no explicit ``step``."""
         self._step = int(step)
