@@ -74,12 +74,15 @@ def _world(group) -> tuple[int, int]:
 
 def contributors_mean(compressor: Compressor) -> bool:
     """Whether ``compressor`` asks the sparse all-gather for the mean over contributing ranks
-    (an instance attribute, like the algebra flags; its ``accumulate`` then takes ``counts``)."""
-    return bool(getattr(compressor, "contributors_mean", False))
+    (``Compressor.contributors_mean``; its ``accumulate`` then takes ``counts``)."""
+    return bool(compressor.contributors_mean)
 
 
-def select_collective(compressor: Compressor, collective: str = "auto") -> str:
-    """The collective for ``compressor``: by its algebra for ``"auto"``, else validated."""
+def select_collective(compressor: Compressor | type[Compressor], collective: str = "auto") -> str:
+    """The collective for ``compressor``: by its algebra for ``"auto"``, else validated.
+    The algebra flags are class attributes, so a compressor class answers too (nothing is
+    built); only an instance can refuse a collective its options rule out
+    (``contributors_mean``)."""
     if collective != "auto" and collective != "allgather" and contributors_mean(compressor):
         raise ValueError(f"collective={collective!r} cannot average compressor {compressor.name!r} over "
                          f"the ranks that sent each coordinate (mean=contributors): only 'allgather' sees "

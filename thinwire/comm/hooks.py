@@ -83,7 +83,11 @@ class _Values:
 
 
 class HookState:
-    """Base state of every thinwire comm hook (see the module docstring)."""
+    """Base state of every comm hook the trainer drives (see the module docstring): the
+    engine calls ``set_lr`` before each step, ``commit``/``discard`` after it,
+    ``take_stats`` for its metrics, ``state_dict``/``load_state_dict`` for checkpoints and
+    reads ``last_launch_s`` (set by ``begin_bucket``). A foreign hook (torch's
+    ``ddp_comm_hooks``) is plugged in with a subclass that holds the foreign state."""
 
     def __init__(self, process_group=None, meter: Optional[WireMeter] = None, model=None,
                  warmup_steps: int = 0, min_numel: int = 0, auto_commit: bool = True,
@@ -125,6 +129,13 @@ class HookState:
     def in_warmup(self) -> bool:
         return self.iteration < self.warmup_steps
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the step about to run (error-feedback residual rescaling)."""
+
+    def take_stats(self) -> dict:
+        """Metrics of the step just finished (compression ratio, residual norm); resets them."""
+        return {}
+
     # -- accepting a step --------------------------------------------------------
     def commit(self) -> None:
         """Accept the step: advance the iteration (subclasses apply their staged buffers)."""
@@ -160,6 +171,11 @@ class HookState:
         d["process_group"] = None
         d["second_group"] = None
         return d
+
+
+# ``comm_hook``'s signature, ``(name, **cfg) -> (state, hook)``: the DDP engine takes any such
+# factory (a benchmark plugs a peer's hook in through it, with a HookState subclass as state)
+CommHookFactory = Callable[..., tuple[HookState, Callable]]
 
 
 def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:

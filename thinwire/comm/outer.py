@@ -274,6 +274,23 @@ class ModuleParams(ParamSpace):
         return global_norm(pieces)
 
 
+class Replicas(Protocol):
+    """Groups of ranks that each hold one replica of the model, sharded inside the group
+    (``engine=deepspeed`` with ``sync=local|co2``); the outer loop averages across them.
+
+    ``cross_group``: the ranks that hold the same shard as this rank, one per replica (the
+    outer average runs on it); ``cross_group2``: a second group over the same ranks for the
+    two-phase collective's second phase (None when the comm config does not use it);
+    ``shards(model_params)``: the :class:`ParamSpace` of this rank's shard.
+
+    Implemented by ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
+
+    cross_group: object
+    cross_group2: object
+
+    def shards(self, model_params: ModuleParams) -> ParamSpace: ...
+
+
 @SYNC_STRATEGIES.register("local")
 class LocalUpdates(SyncStrategy):
     """``sync=local``: H local steps, then a synchronous outer step (see module doc)."""
@@ -282,7 +299,7 @@ class LocalUpdates(SyncStrategy):
     ranks_diverge = True
     supports_replica_groups = True   # averages parameters, so it can run across ZeRO replica groups
 
-    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
+    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas: Replicas | None = None):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.H = cfg.local_steps
         self.round = 0

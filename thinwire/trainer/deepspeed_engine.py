@@ -110,7 +110,7 @@ def check_config(cfg) -> None:
     if importlib.util.find_spec("deepspeed") is None:  # no import here: it takes seconds
         raise ConfigError("engine=deepspeed: DeepSpeed is not installed (pip install 'thinwire[deepspeed]')")
     strategy = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
-    need(strategy.needs_grad_allreduce or getattr(strategy, "supports_replica_groups", False), "sync", cfg.sync.name)
+    need(strategy.needs_grad_allreduce or strategy.supports_replica_groups, "sync", cfg.sync.name)
     world = int(os.environ.get("WORLD_SIZE", cfg.dist.nproc))
     size = zero_replicas.group_size(cfg.engine.zero_group_size, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if strategy.needs_grad_allreduce:
@@ -123,7 +123,7 @@ def check_config(cfg) -> None:
         need(size >= 1 and world % size == 0 and world // size >= 2, "engine.zero_group_size", size,
              f"sync={cfg.sync.name} averages across ZeRO replica groups: the group size must divide the "
              f"world size ({world}) into at least 2 groups")
-    need(getattr(OPTIMIZERS.get(cfg.optim.name, "optim"), "steps_torch_optimizer", False), "optim", cfg.optim.name,
+    need(OPTIMIZERS.get(cfg.optim.name, "optim").steps_torch_optimizer, "optim", cfg.optim.name,
          "DeepSpeed steps a torch optimizer")
     need(_stage(ds) in (1, 2), "engine.deepspeed.zero_optimization.stage", _stage(ds),
          "stage 0 is plain data parallelism (use engine=ddp); stage 3 is not wired in")

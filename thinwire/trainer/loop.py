@@ -180,8 +180,9 @@ class Trainer:
         round, so there is nothing to agree on per step: a rank skips its own non-finite
         step, no per-step collective adds a link round trip, and the loss logged is rank
         0's own."""
-        if hasattr(self.plugin, "agreement"):  # zeroth order: agreed inside the plugin's own exchange
-            return self.plugin.agreement()
+        agreed = self.plugin.agreement()  # zeroth order: agreed inside the plugin's own exchange
+        if agreed is not None:
+            return agreed
         if self.sync.ranks_diverge:
             value = float(loss)
             return value, finite and math.isfinite(value)
