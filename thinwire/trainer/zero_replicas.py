@@ -31,7 +31,8 @@ import torch
 
 from ..comm import accounting
 from ..comm.groups import new_group
-from ..comm.outer import ModuleParams, ParamSpace
+from ..comm.outer import ModuleParams, ParamSpace, Replicas
+from . import deepspeed_private
 
 
 def group_size(cfg_size, world_size: int) -> int:
@@ -41,8 +42,9 @@ def group_size(cfg_size, world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
-class ReplicaGroups:
-    """The process groups of the layout (module doc), and DeepSpeed's ``mpu`` interface:
+class ReplicaGroups(Replicas):
+    """The process groups of the layout (module doc): the outer loop's
+    ``thinwire.comm.outer.Replicas``, and DeepSpeed's ``mpu`` interface:
     data parallel = this rank's ZeRO group, model parallel = this rank alone. Every rank
     creates every group in the same order, as ``torch.distributed.new_group`` requires (all
     through ``thinwire.comm.groups.new_group``: with ``dist.timeout_s``)."""
@@ -101,8 +103,10 @@ class ZeroShards(ParamSpace):
     after its own step."""
 
     def __init__(self, model_params: ModuleParams, optimizer, groups: ReplicaGroups, meter):
-        self.opt, self.groups, self.meter = optimizer, groups, meter
-        self.shards = optimizer.single_partition_of_fp32_groups
+        self.groups, self.meter = groups, meter
+        self.shards = deepspeed_private.fp32_shards(optimizer)
+        self.flat_groups = deepspeed_private.bit16_flat_groups(optimizer)
+        self.param_groups = deepspeed_private.bit16_param_groups(optimizer)
         self.pieces: list[tuple[int, int, int]] = []  # (ZeRO param group, offset in shard, numel)
         self.layer_of: list[int] = []
         self.names: list[str] = []
@@ -120,8 +124,8 @@ class ZeroShards(ParamSpace):
             raise RuntimeError(f"engine.zero_group_size={groups.size}: this rank's ZeRO shard holds no parameters")
 
     def _locate(self, p) -> tuple[int, int]:
-        for i, flat in enumerate(self.opt.bit16_groups_flat):
-            if any(q is p for q in self.opt.bit16_groups[i]):
+        for i, flat in enumerate(self.flat_groups):
+            if any(q is p for q in self.param_groups[i]):
                 if flat.numel() != self.shards[i].numel() * self.groups.size:
                     raise RuntimeError(f"ZeRO group {i}: {flat.numel()} elements in {self.groups.size} shards of "
                                        f"{self.shards[i].numel()}: unequal shards are not supported")
@@ -139,7 +143,7 @@ class ZeroShards(ParamSpace):
         for (i, o, n), x in zip(self.pieces, self.split(flat)):
             self.shards[i][o:o + n].copy_(x)
         for i, shard in enumerate(self.shards):  # the module's parameters: ZeRO's post-step all-gather
-            flat_i = self.opt.bit16_groups_flat[i]
+            flat_i = self.flat_groups[i]
             mine = flat_i.chunk(self.groups.size)[self.groups.index]
             mine.copy_(shard)
             accounting.all_gather_into(self.meter, flat_i, mine.clone(), group=self.groups.zero_group)
