@@ -8,8 +8,8 @@ step and the parameter all-gather. The parts:
 - ``thinwire.trainer.deepspeed_config``: the options (``engine.deepspeed`` is DeepSpeed's
   own config, passed through), the rules checked before a run, the config handed to
   ``deepspeed.initialize``;
-- this module: :class:`DeepSpeedEngine`, the engine the loop calls (the interface of
-  ``thinwire.trainer.engine.DDPEngine``);
+- this module: :class:`DeepSpeedEngine`, the engine the loop calls
+  (``thinwire.trainer.interface.Engine``);
 - ``thinwire.trainer.zero_step``: ``ZeroStep``, the plugin as the loop drives it once
   :meth:`DeepSpeedEngine.attach` has wrapped it (forward/backward/step through DeepSpeed,
   ZeRO's wire bytes);
@@ -27,19 +27,24 @@ import warnings
 import torch
 
 from ..comm import accounting
+from ..comm import hooks
 from . import deepspeed_private, zero_replicas
 from .deepspeed_config import DeepSpeedOptions, check_config, deepspeed_config, is_two_phase
+from .interface import Engine
 from .zero_step import ZeroStep
 
 
-class DeepSpeedEngine:
-    """Same interface as ``DDPEngine``; ``forward_model`` is the DeepSpeed engine once
-    :meth:`attach` has handed it the optimizer, ``ds`` that engine."""
+class DeepSpeedEngine(Engine):
+    """The loop's engine (``thinwire.trainer.interface.Engine``); ``forward_model`` is the
+    DeepSpeed engine once :meth:`attach` has handed it the optimizer, ``ds`` that engine."""
 
     Config = DeepSpeedOptions
     check_run = staticmethod(check_config)
 
-    def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool):
+    def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool,
+                 comm_hook: hooks.CommHookFactory = hooks.comm_hook):
+        if comm_hook is not hooks.comm_hook:
+            raise ValueError("engine=deepspeed: DeepSpeed reduces gradients itself; no comm hook can be plugged in")
         self.cfg, self.module, self.world, self.meter = cfg, model, world, meter
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.forward_model = model
