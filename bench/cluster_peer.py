@@ -9,7 +9,9 @@ optimizer step, metrics keys) and evaluation:
         --out DIR -- <thinwire overrides...>
 
 --peer none runs thinwire's own comm hook / sync / engine (``comm=``, ``sync=``,
-``engine=`` overrides). The peers replace thinwire's comm hook with torch's, unchanged:
+``engine=`` overrides). The peers replace thinwire's comm hook with torch's, unchanged,
+through the Trainer's ``comm_hook=`` factory (and PostLocalSGD the optimizer plugin,
+through ``plugin_cls=``):
 
   fp16       torch ``default_hooks.fp16_compress_hook``
   powersgd   torch ``powerSGD_hook`` (its own error feedback, ``start_powerSGD_iter=2``,
@@ -35,10 +37,11 @@ thinwire's own):
              nothing per step and a fp32 all-reduce of all parameters when the averager
              averages (its own condition, evaluated before it runs).
 
-The loop (a copy of ``Trainer.run`` without checkpoints) stops after ``--stop-steps``, or at
-the first evaluation at or after ``--min-steps`` whose val loss is <= ``--target``, or at
-the first evaluation after ``--budget-s`` seconds of training step time (the max over
-ranks, agreed with one 8-byte control all-reduce per evaluation, accounted). Each rank
+The loop is ``Trainer.run`` (a subclass, :class:`BenchTrainer`, sets when to evaluate and
+stop and writes no checkpoints): it stops after ``--stop-steps``, or at the first
+evaluation at or after ``--min-steps`` whose val loss is <= ``--target``, or at the first
+evaluation after ``--budget-s`` seconds of training step time (the max over ranks, agreed
+with one 8-byte control all-reduce per evaluation, accounted). Each rank
 reads its own eth0 ``tx_bytes`` before its first step and around every evaluation and
 writes ``DIR/rank<r>.json``: measured and accounted bytes of the training steps and of the
 evaluations. Rank 0 also writes ``DIR/metrics.jsonl`` (thinwire's metrics lines).
@@ -49,13 +52,15 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 from thinwire.comm import accounting
 from thinwire.comm.accounting import ring_allreduce_bytes
+from thinwire.comm.hooks import HookState
+from thinwire.optim.plugins import AdamWPlugin
+from thinwire.trainer.loop import NonFiniteError, Trainer
 
 TX = "/sys/class/net/eth0/statistics/tx_bytes"
 
@@ -68,18 +73,15 @@ def tx_bytes() -> int:
         return 0
 
 
-class PeerState:
-    """What thinwire's DDPEngine expects from a hook state, around a torch hook state."""
+class PeerState(HookState):
+    """A torch hook's state as thinwire's DDP engine drives it: a ``HookState`` (the engine
+    calls ``set_lr``, ``commit``, ``discard``, ``take_stats``) with the torch state inside;
+    ``bytes_fn(inner, bucket)``: what the torch hook sends for the bucket. Nothing of it
+    is checkpointed (this runner writes no checkpoints)."""
 
     def __init__(self, inner, meter, bytes_fn):
-        self.inner, self.meter, self.bytes_fn = inner, meter, bytes_fn
-        self.last_launch_s = 0.0
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
+        super().__init__(meter=meter, auto_commit=False)
+        self.inner, self.bytes_fn = inner, bytes_fn
 
     def state_dict(self) -> dict:
         return {}
@@ -91,7 +93,7 @@ class PeerState:
 def wrap(torch_hook):
     def hook(state: PeerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         state.meter.charge(state.bytes_fn(state.inner, bucket), "data")  # before the hook moves its counters
-        state.last_launch_s = time.perf_counter()
+        state.begin_bucket(bucket)
         return torch_hook(state.inner, bucket)
     return hook
 
@@ -114,7 +116,8 @@ def powersgd_bytes(st, bucket) -> int:
 
 
 def peer_factory(peer: str, rank_r: int, H: int):
-    """A drop-in for thinwire.comm.hooks.comm_hook that returns torch's hook instead."""
+    """A comm hook factory (``thinwire.comm.hooks.comm_hook``'s signature) that returns
+    torch's hook instead, for ``Trainer(comm_hook=...)``."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as psgd
     from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (PostLocalSGDState,
                                                                                  post_localSGD_hook)
@@ -137,21 +140,82 @@ def peer_factory(peer: str, rank_r: int, H: int):
     return factory
 
 
-def postlocal_optimizer(plugin, meter, H: int):
+def postlocal_plugin(H: int) -> type[AdamWPlugin]:
+    """thinwire's AdamW plugin with its torch optimizer inside torch's
+    ``PostLocalSGDOptimizer``, for ``Trainer(plugin_cls=...)``: the averager's all-reduce
+    of every parameter is charged on the meter when it averages (its own condition,
+    evaluated before it runs)."""
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.optim import PostLocalSGDOptimizer
 
-    numel = sum(q.numel() for g in plugin.optimizer.param_groups for q in g["params"])
-    nbytes = ring_allreduce_bytes(numel, 4, dist.get_world_size())
-
     class Counted(PostLocalSGDOptimizer):
+        def __init__(self, optim, averager, meter):
+            super().__init__(optim=optim, averager=averager)
+            numel = sum(q.numel() for g in optim.param_groups for q in g["params"])
+            self.meter, self.nbytes = meter, ring_allreduce_bytes(numel, 4, dist.get_world_size())
+
         def step(self):
             a = self.averager
             if a.step >= a.warmup_steps and (a.step - a.warmup_steps) % a.period == 0:
-                meter.charge(nbytes, "data")  # one flat fp32 all-reduce of every parameter
+                self.meter.charge(self.nbytes, "data")  # one flat fp32 all-reduce of every parameter
             super().step()
 
-    return Counted(optim=plugin.optimizer, averager=PeriodicModelAverager(period=H, warmup_steps=H - 1))
+    class PostLocalAdamW(AdamWPlugin):
+        def make_optimizer(self, groups):
+            return Counted(super().make_optimizer(groups), PeriodicModelAverager(period=H, warmup_steps=H - 1),
+                           self.meter)
+
+    return PostLocalAdamW
+
+
+class BenchTrainer(Trainer):
+    """thinwire's Trainer with this runner's schedule: evaluation every ``--eval-every``
+    steps and at ``--stop-steps``, the stopping rules of the module docstring, per-rank
+    accounted and measured bytes of training and evaluation, no checkpoints (their
+    traffic would fall into the measured window)."""
+
+    def __init__(self, cfg, world, a, **kw):
+        super().__init__(cfg, world, **kw)
+        self.a = a
+        self.acc = {"train": 0, "eval": 0}
+        self.meas = {"train": 0, "eval": 0}
+        self.train_s, self.steps, self.t_max, self.stop_reason = 0.0, 0, 0.0, "stop_steps"
+
+    def train_step(self, step: int) -> dict:
+        rec = super().train_step(step)
+        self.steps = step + 1
+        self.train_s += rec["step_time_s"]
+        self.acc["train"] += rec["wire_bytes"]
+        return rec
+
+    def eval_due(self, done: int) -> bool:
+        return done % self.a.eval_every == 0 or done == self.a.stop_steps
+
+    def run_eval(self, record: dict) -> None:
+        te, before = tx_bytes(), record["wire_bytes"]
+        super().run_eval(record)
+        t_max = torch.tensor([self.train_s], dtype=torch.float64)
+        accounting.all_reduce(self.meter, t_max, op=dist.ReduceOp.MAX, kind="eval")
+        self.t_max = float(t_max)
+        record["eval_bytes"] += self.meter.take_step().pop("eval", 0)
+        self.acc["eval"] += record["eval_bytes"]
+        # training traffic charged while evaluating (a callback's collective): the Trainer
+        # adds it to the step's wire_bytes, and so does this count
+        self.acc["train"] += record["wire_bytes"] - before
+        self.meas["eval"] += tx_bytes() - te
+
+    def stop_early(self, record: dict) -> bool:
+        a, done = self.a, record["step"]
+        if "val_loss" not in record:
+            return False
+        reached = a.target is not None and done >= a.min_steps and record["val_loss"] <= a.target
+        if reached or self.t_max >= a.budget_s or done == a.stop_steps:
+            self.stop_reason = "target" if reached else ("budget" if self.t_max >= a.budget_s else "stop_steps")
+            return True
+        return False
+
+    def save(self, step: int) -> str:
+        return ""  # no checkpoints: see the class docstring
 
 
 def main() -> int:
@@ -168,61 +232,32 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
-    from thinwire.trainer import engine as engine_mod
+    from thinwire.config import compose, validate
     from thinwire.trainer.agreement import check_config_agreement
-    from thinwire.config import compose
-    from thinwire.trainer.loop import Trainer, evaluate
-    from thinwire.config import validate
     from thinwire.trainer.world import init_world, shutdown
 
     cfg = compose([*a.overrides, f"hydra.run.dir={a.out}"])
     validate(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
+    peer = {}
     if a.peer != "none":
-        engine_mod.comm_hook = peer_factory(a.peer, a.rank_r, a.H)
+        peer["comm_hook"] = peer_factory(a.peer, a.rank_r, a.H)
+    if a.peer == "postlocal":
+        peer["plugin_cls"] = postlocal_plugin(a.H)
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     check_config_agreement(cfg, world)
-    tr = Trainer(cfg, world)
-    if a.peer == "postlocal":
-        tr.plugin.optimizer = postlocal_optimizer(tr.plugin, tr.meter, a.H)
-    tr.skipped = tr.skipped_total = 0
-    acc = {"train": 0, "eval": 0}
-    meas = {"train": 0, "eval": 0}
-    train_s, steps, stop_reason = 0.0, 0, "stop_steps"
+    tr = BenchTrainer(cfg, world, a, **peer)
     dist.barrier()  # set-up traffic (DDP's parameter broadcast) has left every eth0
     tx0 = tx_bytes()
     try:
-        for step in range(a.stop_steps):
-            rec = tr.train_step(step)
-            steps = done = step + 1
-            train_s += rec["step_time_s"]
-            acc["train"] += rec["wire_bytes"]
-            if tr.skipped > cfg.trainer.max_skipped_steps:  # ranks agreed (sync=ddp): all stop here
-                stop_reason = "non-finite"
-                tr.log(rec)
-                break
-            if done % a.eval_every == 0 or done == a.stop_steps:
-                te = tx_bytes()
-                with tr.sync.eval_model() as model:
-                    rec["val_loss"] = evaluate(model, tr.data, world, tr.meter)
-                t_max = torch.tensor([train_s], dtype=torch.float64)
-                accounting.all_reduce(tr.meter, t_max, op=dist.ReduceOp.MAX, kind="eval")
-                ev = sum(v for k, v in tr.meter.take_step().items() if k != "setup")
-                rec["eval_bytes"] = ev
-                acc["eval"] += ev
-                meas["eval"] += tx_bytes() - te
-                reached = a.target is not None and done >= a.min_steps and rec["val_loss"] <= a.target
-                if reached or float(t_max) >= a.budget_s or done == a.stop_steps:
-                    stop_reason = "target" if reached else ("budget" if float(t_max) >= a.budget_s else "stop_steps")
-                    tr.log(rec)
-                    break
-            tr.log(rec)
+        tr.run()
+    except NonFiniteError:  # ranks agreed (sync=ddp): all stop here
+        tr.stop_reason = "non-finite"
     finally:
-        total_tx = tx_bytes() - tx0
-        meas["train"] = total_tx - meas["eval"]
+        tr.meas["train"] = tx_bytes() - tx0 - tr.meas["eval"]
         with open(os.path.join(a.out, f"rank{world.rank}.json"), "w") as fh:
-            json.dump({"rank": world.rank, "steps": steps, "train_s": train_s, "stop": stop_reason,
-                       "accounted": acc, "measured": meas, "numel": tr.engine.numel}, fh)
+            json.dump({"rank": world.rank, "steps": tr.steps, "train_s": tr.train_s, "stop": tr.stop_reason,
+                       "accounted": tr.acc, "measured": tr.meas, "numel": tr.engine.numel}, fh)
         tr.close()
         shutdown()
     return 0

@@ -1,4 +1,5 @@
-"""Collectives on 2, 3 and 4 gloo ranks against single-process references.
+"""Collectives on 2, 3 and 4 gloo ranks against single-process references: the code production
+runs (``collectives.launch``), through its one-tensor front door and with several segments.
 
 One spawn per world size runs every check (process start-up dominates the cost)."""
 import math
@@ -9,8 +10,8 @@ import torch.distributed as dist
 
 from conftest import run_ranks
 from thinwire.comm.accounting import WireMeter, collective_bytes
-from thinwire.comm.collectives import (aggregate, aggregate_async, allgather, chunk_numel,
-                                       new_server_error, select_collective, two_phase)
+from thinwire.comm.collectives import (aggregate, aggregate_async, chunk_numel, launch, new_server_error,
+                                       segment_step, select_collective)
 from thinwire.comm.compressors import build_compressor
 
 N = 10_007  # not a multiple of anything
@@ -100,13 +101,39 @@ def _check(rank, p):
         scales = 4 * math.ceil(c / comp.block_size)
         approx = 2 * (p - 1) / p * (p * c) * bits / 8 + 2 * (p - 1) * scales
         assert abs(2 * (p - 1) * B - approx) <= 2 * p, (name, B, approx)
+    # several segments in one two_phase call with server-side errors (the aggregator's call):
+    # each segment's mean, what this rank sent and its owner's new error == the reference
+    comp = build_compressor("sign1")
+    sizes = [N, 333, 4096]
+    segs = [[torch.randn(n, generator=torch.Generator().manual_seed(100 * i + r)) for r in range(p)]
+            for i, n in enumerate(sizes)]
+    errs = [new_server_error(n, comp) for n in sizes]
+    ref_errs = [[torch.zeros(chunk_numel(n, p)) for _ in range(p)] for n in sizes]
+    for it in range(2):  # twice, so the server errors feed back
+        steps = [segment_step(it, f"p{i}") for i in range(len(sizes))]
+        sent, fut, extra, nbytes = launch([s[rank] for s in segs], comp, meter, steps=steps, group2=group2,
+                                          server_errors=errs)
+        means = fut.wait()
+        for i, (s, n) in enumerate(zip(segs, sizes)):
+            torch.testing.assert_close(means[i], _ref_two_phase(s, comp, ref_errs[i], step=steps[i]))
+            torch.testing.assert_close(extra.server_errors[i], ref_errs[i][rank])
+            c = chunk_numel(n, p)
+            padded = torch.cat([s[rank], torch.zeros(p * c - n)])
+            mine = torch.cat([comp.decompress(comp.compress(padded[j * c:(j + 1) * c], step=steps[i] * (p + 1) + j))
+                              for j in range(p)])[:n]
+            torch.testing.assert_close(sent[i], mine)
+        errs = list(extra.server_errors)  # committed
+        B = sum(comp.compress(torch.zeros(chunk_numel(n, p))).nbytes for n in sizes)
+        assert nbytes == p * B
+        assert meter.take_step()["data"] == 2 * (p - 1) * B
+
     # O(n) bytes: int8 two-phase stays near half a bf16 all-reduce whatever p
     assert 2 * (p - 1) * build_compressor("int8").compress(torch.zeros(c)).nbytes <= \
         0.55 * collective_bytes("all_reduce", N, 2, p)
 
     # explicit two_phase of a sparse compressor works; allreduce of int8 is refused
     comp = build_compressor("topk", ratio=0.1)
-    torch.testing.assert_close(two_phase(x, comp, meter), _ref_two_phase(xs, comp))
+    torch.testing.assert_close(aggregate(x, comp, meter, collective="two_phase"), _ref_two_phase(xs, comp))
     with pytest.raises(ValueError, match="int8"):
         aggregate(x, build_compressor("int8"), meter, collective="allreduce")
 
@@ -166,4 +193,4 @@ def test_select_collective():
         select_collective(build_compressor("topk"), "allreduce")
     with pytest.raises(ValueError, match="ring"):
         select_collective(build_compressor("topk"), "ring")
-    assert allgather(torch.ones(5), build_compressor("none"), WireMeter()).eq(1).all()
+    assert aggregate(torch.ones(5), build_compressor("none"), WireMeter(), collective="allgather").eq(1).all()

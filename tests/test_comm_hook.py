@@ -7,8 +7,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from thinwire.comm import build_compressor, comm_hook
 from thinwire.comm.accounting import WireMeter
 from thinwire.comm.aggregator import CompressedAggregator
-from thinwire.comm.compressed_hook import compressed_factory
-from thinwire.comm.segmented import launch, segment_step
+from thinwire.comm.collectives import launch, segment_step
+from thinwire.comm.hooks import compressed_factory
 from thinwire.data.base import DataInfo
 from thinwire.models.gpt import build_gpt
 

@@ -164,7 +164,7 @@ def outer_on_zero(rank, world_size, runs):
             mean = {k: v.detach().clone() for k, v in m.state_dict().items()}
         # the outer loop's space is this rank's shard of the fp32 master weights; the module's
         # parameters (ZeRO's flat buffers) hold the same values there
-        space, groups = strategy.r, engine.replicas
+        space, groups = strategy.space, engine.replicas
         module_side = torch.cat([engine.ds.optimizer.bit16_groups_flat[i].chunk(groups.size)[groups.index][o:o + n]
                                  for i, o, n in space.pieces])
         out[name] = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "mean": mean,

@@ -147,13 +147,13 @@ def rank_tensors(rank):
 
 
 def gather_means(rank, world_size):
-    from thinwire.comm import collectives, segmented
+    from thinwire.comm import collectives
 
     meter, out = WireMeter(), {}
     for mean in ("contributors", "all"):
         c = build_compressor("chunk_topk", chunk=512, k=16, mean=mean)
         xs = rank_tensors(rank)
-        sent, fut, _, nbytes = segmented.launch(xs, c, meter, steps=[0, 1, 2], group=None)
+        sent, fut, _, nbytes = collectives.launch(xs, c, meter, steps=[0, 1, 2], group=None)
         out[mean] = fut.wait()
         out[f"{mean}-single"] = collectives.aggregate(xs[0], c, meter)  # the library path
         out[f"{mean}-bytes"] = (meter.take_step()["data"], nbytes)

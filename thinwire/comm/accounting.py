@@ -26,7 +26,6 @@ all-reduce of ``numel`` gradient elements would have sent, 2 (p-1)/p * numel * 4
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import torch
@@ -131,15 +130,6 @@ def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tens
     return dist.all_to_all_single(output, tensor, group=group, async_op=async_op)
 
 
-def broadcast(meter: WireMeter, tensor: torch.Tensor, *, src: int = 0, group=None,
-              async_op: bool = False, kind: str = "data"):
-    p = group_size(group)
-    meter.charge(collective_bytes("broadcast", tensor.numel(), tensor.element_size(), p), kind)
-    if _local_only():
-        return _done(tensor) if async_op else None
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
-
-
 class _done:
     """A finished work handle for the world-size-1 path, so callers need no special case."""
 
@@ -166,11 +156,6 @@ class Stopwatch:
 
     def add(self, seconds: float) -> None:
         self.seconds += max(0.0, seconds)
-
-    def wait(self, work) -> None:
-        t0 = time.perf_counter()
-        work.wait()
-        self.add(time.perf_counter() - t0)
 
     def take(self) -> float:
         s, self.seconds = self.seconds, 0.0

@@ -13,9 +13,8 @@ import math
 
 import torch
 
-from . import accounting, segmented
-from .collectives import chunk_numel, select_collective
-from .compressors import build_compressor, compressor_options
+from . import accounting, collectives
+from .compressors import Compressor, build_compressor, compressor_options
 from .feedback import build_feedback
 
 
@@ -25,22 +24,22 @@ def compressor_from_config(name: str, fields: dict):
     return build_compressor(name, **{k: v for k, v in fields.items() if k in accepted})
 
 
-def check_combination(name: str, fields: dict) -> str:
-    """The collective a comm config resolves to; raises ValueError on a combination that
-    cannot be exact (EF21 / EControl need exact aggregation, see feedback.py)."""
-    comp = compressor_from_config(name, fields)
-    kind = select_collective(comp, fields.get("collective", "auto"))
+def check_combination(compressor: Compressor, fields: dict) -> str:
+    """The collective that ``compressor`` (built from the comm config ``fields``) is
+    aggregated by; raises ValueError on a combination that cannot be exact (EF21 / EControl
+    need exact aggregation, see feedback.py)."""
+    kind = collectives.select_collective(compressor, fields.get("collective", "auto"))
     fb = build_feedback(fields.get("feedback", "none"))
     if fb.needs_exact_aggregation and kind == "two_phase":
-        raise ValueError(f"comm.feedback={fields.get('feedback')}: needs exact aggregation, but comm={name} "
-                         f"uses the two_phase collective; set comm.collective=allgather")
+        raise ValueError(f"comm.feedback={fields.get('feedback')}: needs exact aggregation, but "
+                         f"comm={compressor.name} uses the two_phase collective; set comm.collective=allgather")
     return kind
 
 
 class CompressedAggregator:
     def __init__(self, name: str, fields: dict, meter: accounting.WireMeter, group=None, group2=None):
         self.compressor = compressor_from_config(name, fields)
-        self.collective = check_combination(name, fields)
+        self.collective = check_combination(self.compressor, fields)
         self.feedback = build_feedback(fields.get("feedback", "none"),
                                        **{k: v for k, v in fields.items() if k != "name"})
         self.min_numel = int(fields.get("min_numel", 0))
@@ -61,9 +60,9 @@ class CompressedAggregator:
         futs, extra = [], None
         if big:
             errs = [self._server_error(names[i], msgs[i]) for i in big]
-            sent_big, fut_big, extra, nbytes = segmented.launch(
+            sent_big, fut_big, extra, nbytes = collectives.launch(
                 [msgs[i] for i in big], self.compressor, self.meter, collective=self.collective,
-                steps=[segmented.segment_step(iteration, names[i]) for i in big],
+                steps=[collectives.segment_step(iteration, names[i]) for i in big],
                 group=self.group, group2=self.group2, server_errors=errs)
             for i, s in zip(big, sent_big):
                 sent[i] = s
@@ -120,12 +119,11 @@ class CompressedAggregator:
         return work.get_future().then(finish)
 
     def _server_error(self, name: str, msg: torch.Tensor):
-        if self.collective != "two_phase" or not self.compressor.server_error_default:
+        if self.collective != "two_phase":
             return None
         err = self.server_errors.get(name)
         if err is None:
-            err = torch.zeros(chunk_numel(msg.numel(), accounting.group_size(self.group)),
-                              dtype=torch.float32, device=msg.device)
+            err = collectives.new_server_error(msg.numel(), self.compressor, self.group, msg.device)
         return err
 
     # -- staging -----------------------------------------------------------------

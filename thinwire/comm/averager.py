@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from . import accounting
-from .aggregator import CompressedAggregator, check_combination
+from . import accounting, groups
+from .aggregator import CompressedAggregator
 
 
 class CompressedAverager:
@@ -28,10 +28,11 @@ class CompressedAverager:
         self.meter, self.group = meter, group
         self.aggregator = None
         if self.name != "none":
-            if (check_combination(self.name, fields) == "two_phase" and group2 is None
-                    and dist.is_initialized() and dist.get_world_size(group) > 1):
-                group2 = dist.new_group(ranks=dist.get_process_group_ranks(group) if group else None)
             self.aggregator = CompressedAggregator(self.name, fields, meter, group, group2)
+            if (self.aggregator.collective == "two_phase" and group2 is None
+                    and dist.is_initialized() and dist.get_world_size(group) > 1):
+                self.aggregator.group2 = groups.new_group(
+                    ranks=dist.get_process_group_ranks(group) if group else None)
 
     def average_async(self, names: list[str], sizes: list[int], flat: torch.Tensor,
                       step: int) -> torch.futures.Future:

@@ -1,47 +1,60 @@
-"""Collectives: every rank's tensor -> the mean over ranks, through a compressor.
+"""Collectives: every rank's tensors -> their mean over the ranks, through a compressor.
 
-Three ways to aggregate (ALGORITHMS.md, "Collectives"), chosen by the compressor's algebra:
+One call aggregates a list of 1-D tensors ("segments"), each compressed on its own, in ONE
+collective. The segments are the parameters of one DDP bucket (or of a whole model, for the
+outer all-reduce of local updates). Compressing per parameter rather than per bucket is what
+makes the result independent of how DDP groups parameters into buckets: DDP runs its first
+iteration on initial buckets and rebuilds them afterwards, so a restarted job sees different
+buckets on its first step than the uninterrupted job did. Per-parameter compression (with
+randomness keyed by parameter name, see ``segment_step``) gives the same bits either way,
+which keeps resume bitwise exact; it is also the "layer-wise" Top-K / per-tensor scaling
+that DGC and 8-bit schemes use. :func:`aggregate` / :func:`aggregate_async` are the same
+code for one tensor (library use).
 
-* ``allreduce`` (``compressor.summable``: none/fp16/bf16/randk): divide the payload by p
-  (before summing, as torch's ``fp16_compress_hook`` does, so fp16 cannot overflow),
-  ring all-reduce (sum) each payload tensor, decompress.  Bytes/rank 2 (p-1)/p * nbytes.
-* ``allgather`` (``compressor.sparse``: topk/ternary/chunk_topk): all-gather every rank's
-  payload (uniform size, packed into one uint8 buffer), scatter-add in fp32 in rank order,
-  divide by p - or, for a compressor with ``contributors_mean`` (chunk_topk's default,
-  SparseLoCo), divide each coordinate by the number of ranks that sent it
-  (:func:`sparse_mean`). Bytes/rank (p-1) * nbytes - they grow with p, as the sparse
-  all-gather must. Exact for every compressor, so also usable with quantisers (EF21 /
-  EControl need every rank to receive exactly mean_i C(x_i)).
+Three ways to aggregate (ALGORITHMS.md, "Collectives"), chosen by the compressor's algebra;
+B = the compressed bytes of what one rank sends, p = the group size:
+
+* ``allreduce`` (``compressor.summable``: none/fp16/bf16/randk): the payload tensors of every
+  segment are concatenated, divided by p (before summing, as torch's ``fp16_compress_hook``
+  does, so fp16 cannot overflow), summed by one ring all-reduce, split and decompressed.
+  Bytes/rank 2 (p-1)/p * B.
+* ``allgather`` (``compressor.sparse``: topk/ternary/chunk_topk): every rank's packed
+  payloads (uniform size, one uint8 buffer) are all-gathered; every rank scatter-adds every
+  rank's segments in fp32, in rank order, and divides by p - or, for a compressor with
+  ``contributors_mean`` (chunk_topk's default, SparseLoCo), divides each coordinate by the
+  number of ranks that sent it (:func:`sparse_mean`). Bytes/rank (p-1) * B - they grow with
+  p, as the sparse all-gather must. Exact for every compressor, so also usable with
+  quantisers (EF21 / EControl need every rank to receive exactly mean_i C(x_i)).
 * ``two_phase`` (quantisers: int8/dynamic8/sign1; 1-bit Adam, Tang et al. 2021, Sec. 4;
-  ZeRO++ qgZ): pad and split into p chunks, compress each, one ``all_to_all_single`` of
-  the packed chunks (rank r receives every rank's chunk r), decompress and average in
-  fp32, optionally add/refresh the owner's server-side error buffer, re-compress,
-  ``all_gather`` the packed chunks, decompress.  Bytes/rank
-  (p-1)/p * p B + (p-1) B = 2 (p-1) B with B = compressed bytes of one chunk ~ n/p *
-  bits/8: O(n), independent of p.  Works for any compressor.
+  ZeRO++ qgZ): every segment is padded and split into p chunks, each compressed; chunk j
+  of every segment goes to rank j in one ``all_to_all_single``; the owner decompresses and
+  averages in fp32, optionally adds/refreshes its server-side error buffer, re-compresses,
+  and one ``all_gather`` returns the chunks. Bytes/rank (p-1)/p * p B_c + (p-1) B_c =
+  2 (p-1) B_c with B_c = compressed bytes of one chunk ~ n/p * bits/8: O(n), independent of
+  p. Works for any compressor.
 
 Every collective goes through ``thinwire.comm.accounting`` so its bytes are charged.
 ``collective="auto"`` picks by the algebra; an override is allowed where it is correct
-(allgather and two_phase work for any compressor); ``allreduce`` of a non-summable
-payload raises ``ValueError``.
+(allgather and two_phase work for any compressor); ``allreduce`` of a non-summable payload
+raises ``ValueError``.
 
-Async (DDP comm hooks): :func:`aggregate_async` returns a ``torch.futures.Future``
-resolving to the mean.  Phase 1 is launched at once (async_op); for ``two_phase`` the
-second collective is launched from phase 1's completion callback on ``group2`` - a
-process group of its own, so collectives launched from callbacks never interleave with
-the ones the main thread issues on ``group`` - and in the order of the
-``aggregate_async`` calls (a per-group2 sequencer), so every rank issues them in the
-same order even when gloo completes phase 1 of several buckets out of order.  No
-callback ever calls ``wait()``.
+Async: :func:`launch` returns what this rank sent (decompressed: the error-feedback rules
+need it) and a ``torch.futures.Future`` of the means. Phase 1 is launched at once
+(async_op); for ``two_phase`` the second collective is launched from phase 1's completion
+callback on ``group2`` - a process group of its own, so collectives launched from callbacks
+never interleave with the ones the main thread issues on ``group`` - and in call order (a
+per-group2 sequencer), so every rank issues them in the same order even when gloo completes
+phase 1 of several buckets out of order. No callback ever calls ``wait()``.
 
-``step``: forwarded to ``compressor.compress`` (rand-k indices, stochastic rounding,
-sampled top-k threshold); ``None`` uses the compressor's own call counter.  In
-``two_phase`` chunk j is compressed with ``step * (p + 1) + j`` and the owner's
-re-compression with ``step * (p + 1) + p``.
+``steps``: forwarded to ``compressor.compress`` (rand-k indices, stochastic rounding, sampled
+top-k threshold); ``None`` uses the compressor's own call counter. In ``two_phase`` chunk j
+is compressed with ``step * (p + 1) + j`` and the owner's re-compression with
+``step * (p + 1) + p``.
 """
 from __future__ import annotations
 
 import threading
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -61,12 +74,15 @@ def _world(group) -> tuple[int, int]:
 
 def contributors_mean(compressor: Compressor) -> bool:
     """Whether ``compressor`` asks the sparse all-gather for the mean over contributing ranks
-    (an instance attribute, like the algebra flags; its ``accumulate`` then takes ``counts``)."""
-    return bool(getattr(compressor, "contributors_mean", False))
+    (``Compressor.contributors_mean``; its ``accumulate`` then takes ``counts``)."""
+    return bool(compressor.contributors_mean)
 
 
-def select_collective(compressor: Compressor, collective: str = "auto") -> str:
-    """The collective for ``compressor``: by its algebra for ``"auto"``, else validated."""
+def select_collective(compressor: Compressor | type[Compressor], collective: str = "auto") -> str:
+    """The collective for ``compressor``: by its algebra for ``"auto"``, else validated.
+    The algebra flags are class attributes, so a compressor class answers too (nothing is
+    built); only an instance can refuse a collective its options rule out
+    (``contributors_mean``)."""
     if collective != "auto" and collective != "allgather" and contributors_mean(compressor):
         raise ValueError(f"collective={collective!r} cannot average compressor {compressor.name!r} over "
                          f"the ranks that sent each coordinate (mean=contributors): only 'allgather' sees "
@@ -113,55 +129,6 @@ def chunk_numel(numel: int, world_size: int) -> int:
     return max(8, -(-c // 8) * 8)
 
 
-def new_server_error(numel: int, compressor: Compressor, group=None,
-                     device=None, force: bool | None = None) -> torch.Tensor | None:
-    """A zero server-side error buffer for a ``two_phase`` aggregation of ``numel``
-    elements (fp32, ``chunk_numel`` long), or None when the compressor does not want one
-    (``compressor.server_error_default``; ``force`` overrides).  The caller keeps it
-    (e.g. in the hook state, keyed by parameter names) and passes it on every call."""
-    want = compressor.server_error_default if force is None else force
-    if not want:
-        return None
-    p, _ = _world(group)
-    return torch.zeros(chunk_numel(numel, p), dtype=torch.float32, device=device)
-
-
-# ----------------------------------------------------------------------------- allreduce
-def _allreduce_launch(flat, compressor, meter, group, step, async_op):
-    p, _ = _world(group)
-    payload = compressor.compress(flat, step=step)
-    if any(not t.is_floating_point() for t in payload.tensors.values()):
-        raise ValueError(f"compressor {compressor.name!r} claims summable but has "
-                         f"non-float payload tensors")
-    # divide before summing (fp16 overflow); out of place: "none" may alias ``flat``
-    payload.tensors = {k: t / p for k, t in payload.tensors.items()}
-    works = [all_reduce(meter, t, group=group, async_op=async_op)
-             for t in payload.tensors.values()]
-    return payload, works
-
-
-def _allreduce_finish(flat, compressor, payload):
-    return compressor.decompress(payload).reshape(flat.shape).to(flat.dtype)
-
-
-def allreduce(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
-              *, step: int | None = None) -> torch.Tensor:
-    """Mean over ranks of a summable compressor's payloads, by ring all-reduce."""
-    select_collective(compressor, "allreduce")
-    payload, _ = _allreduce_launch(flat, compressor, meter, group, step, False)
-    return _allreduce_finish(flat, compressor, payload)
-
-
-# ----------------------------------------------------------------------------- allgather
-def _allgather_launch(flat, compressor, meter, group, step, async_op):
-    p, _ = _world(group)
-    payload = compressor.compress(flat, step=step)
-    buf = pack(payload)
-    out = torch.empty(p * buf.numel(), dtype=torch.uint8, device=buf.device)
-    work = all_gather_into(meter, out, buf, group=group, async_op=async_op)
-    return payload, out, work
-
-
 def sparse_mean(compressor: Compressor, payloads, numel: int, p: int, device) -> torch.Tensor:
     """The fp32 mean of ``payloads`` (one per rank, in rank order) as the sparse all-gather
     computes it on every rank: scatter-added into one buffer in rank order, so the sum of
@@ -182,94 +149,15 @@ def sparse_mean(compressor: Compressor, payloads, numel: int, p: int, device) ->
     return acc.div_(counts.clamp_(min=1))
 
 
-def _allgather_finish(flat, compressor, payload, out):
-    p = out.numel() // max(1, payload.nbytes) if payload.nbytes else 1
-    rows = [unpack(buf, payload) for buf in out.chunk(p)] if payload.nbytes else []
-    acc = sparse_mean(compressor, rows, flat.numel(), p, flat.device)
-    return acc.reshape(flat.shape).to(flat.dtype)
-
-
-def allgather(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
-              *, step: int | None = None) -> torch.Tensor:
-    """Mean over ranks by all-gather of every rank's (packed) payload and scatter-add."""
-    payload, out, _ = _allgather_launch(flat, compressor, meter, group, step, False)
-    return _allgather_finish(flat, compressor, payload, out)
-
-
-# ----------------------------------------------------------------------------- two-phase
-def _chunk_step(step, p, j):
-    return None if step is None else step * (p + 1) + j
-
-
-def _tp_launch(flat, compressor, meter, group, step, async_op):
-    p, rank = _world(group)
-    n, c = flat.numel(), chunk_numel(flat.numel(), p)
-    padded = torch.zeros(p * c, dtype=flat.dtype, device=flat.device)
-    padded[:n] = flat.reshape(-1)
-    payloads = [compressor.compress(padded[j * c:(j + 1) * c], step=_chunk_step(step, p, j))
-                for j in range(p)]
-    send = torch.cat([pack(pl) for pl in payloads])
-    recv = torch.empty_like(send)
-    work = all_to_all_single(meter, recv, send, group=group, async_op=async_op)
-    return {"p": p, "rank": rank, "c": c, "template": payloads[rank], "recv": recv}, work
-
-
-def _tp_middle(ctx, compressor, server_error, step):
-    """Owner: average the p received versions of its chunk in fp32, server-side error
-    feedback (1-bit Adam, Alg. 1: q = avg + e; e = q - C(q)), re-compress, pack."""
-    p, c = ctx["p"], ctx["c"]
-    acc = torch.zeros(c, dtype=torch.float32, device=ctx["recv"].device)
-    for buf in ctx["recv"].chunk(p):
-        compressor.accumulate(unpack(buf, ctx["template"]), acc)
-    acc.div_(p)
-    if server_error is not None:
-        if server_error.numel() != c:
-            raise ValueError(f"server_error has {server_error.numel()} elements; two_phase "
-                             f"needs chunk_numel(numel, p) = {c}")
-        acc.add_(server_error)
-    payload = compressor.compress(acc, step=_chunk_step(step, p, p))
-    if server_error is not None:
-        server_error.copy_(acc - compressor.decompress(payload).float())
-    buf = pack(payload)
-    ctx["template2"] = payload
-    ctx["out"] = torch.empty(p * buf.numel(), dtype=torch.uint8, device=buf.device)
-    return buf
-
-
-def _tp_finish(flat, compressor, ctx):
-    p, c, n = ctx["p"], ctx["c"], flat.numel()
-    result = torch.empty(p * c, dtype=torch.float32, device=flat.device)
-    for j, buf in enumerate(ctx["out"].chunk(p)):
-        result[j * c:(j + 1) * c] = compressor.decompress(unpack(buf, ctx["template2"])).float()
-    return result[:n].reshape(flat.shape).to(flat.dtype)
-
-
-def two_phase(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
-              *, server_error: torch.Tensor | None = None, group2=None,
-              step: int | None = None) -> torch.Tensor:
-    """Mean over ranks by all-to-all of compressed chunks, fp32 sum on the owner,
-    re-compression and all-gather (see module docstring).  ``server_error``: the owner's
-    error buffer for its chunk (``new_server_error``), updated in place; ``group2``:
-    group of the all-gather (default ``group``)."""
-    ctx, _ = _tp_launch(flat, compressor, meter, group, step, False)
-    buf = _tp_middle(ctx, compressor, server_error, step)
-    all_gather_into(meter, ctx["out"], buf, group=group2 if group2 is not None else group)
-    return _tp_finish(flat, compressor, ctx)
-
-
-# ----------------------------------------------------------------------------- front door
-def aggregate(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
-              collective: str = "auto", server_error: torch.Tensor | None = None,
-              step: int | None = None) -> torch.Tensor:
-    """The mean over the ranks of ``group`` of every rank's ``flat``, through
-    ``compressor``, with bytes charged to ``meter``.  Same shape and dtype as ``flat``.
-    ``server_error`` is used only by ``two_phase`` (ignored elsewhere)."""
-    kind = select_collective(compressor, collective)
-    if kind == "allreduce":
-        return allreduce(flat, compressor, meter, group, step=step)
-    if kind == "allgather":
-        return allgather(flat, compressor, meter, group, step=step)
-    return two_phase(flat, compressor, meter, group, server_error=server_error, step=step)
+def new_server_error(numel: int, compressor: Compressor, group=None, device=None) -> torch.Tensor | None:
+    """A zero server-side error buffer for a ``two_phase`` aggregation of ``numel``
+    elements (fp32, ``chunk_numel`` long), or None when the compressor does not want one
+    (``compressor.server_error_default``). The caller keeps it (the aggregator: keyed by
+    parameter name) and passes it on every call."""
+    if not compressor.server_error_default:
+        return None
+    p, _ = _world(group)
+    return torch.zeros(chunk_numel(numel, p), dtype=torch.float32, device=device)
 
 
 class _Sequencer:
@@ -306,62 +194,206 @@ def _sequencer(group2) -> _Sequencer:
         return _SEQUENCERS.setdefault(key, _Sequencer())
 
 
-def _future_of(works) -> torch.futures.Future:
-    futs = [w.get_future() for w in works]
-    return futs[0] if len(futs) == 1 else torch.futures.collect_all(futs)
+# ----------------------------------------------------------------------------- segments
+def _chunk_step(step: int | None, p: int, j: int) -> int | None:
+    """The step of chunk j (j = p: the owner's re-compression) in ``two_phase``."""
+    return None if step is None else step * (p + 1) + j
 
 
-def aggregate_async(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
-                    group2=None, collective: str = "auto",
-                    server_error: torch.Tensor | None = None,
-                    step: int | None = None) -> torch.futures.Future:
-    """Like :func:`aggregate`, but returns a ``torch.futures.Future`` resolving to the
-    mean (usable as a DDP comm hook's return value, chainable with ``.then``).
+def segment_step(iteration: int, name: str) -> int:
+    """The compressor's random step for one parameter at one iteration: the same on every
+    rank and independent of bucket layout (rand-k indices, stochastic rounding, sampling)."""
+    return iteration * (1 << 20) + (zlib.crc32(name.encode()) & 0xFFFFF)
 
-    ``two_phase`` needs ``group2`` when the world has more than one rank: a process
-    group over the same ranks as ``group``, used only for the second collectives
-    (launched from callbacks).  All ranks must call this in the same order."""
+
+class TwoPhaseResult:
+    """Holds the owner's updated server-side errors until the step is accepted."""
+
+    def __init__(self, n: int):
+        self.server_errors: list[torch.Tensor | None] = [None] * n
+
+
+def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, *,
+           steps: list[int | None], collective: str = "auto", group=None, group2=None,
+           server_errors: list[torch.Tensor | None] | None = None):
+    """Start aggregating ``flats`` (1-D tensors) over the ranks of ``group``. Returns
+    ``(sent, future, extra, nbytes)``: ``sent[i]`` is C(flats[i]) as this rank sent it
+    (decompressed), ``future`` resolves to the list of means (dtype of each flat), ``extra``
+    a :class:`TwoPhaseResult` (two_phase) or None, ``nbytes`` the size of this rank's
+    compressed payloads. ``group2``: the group of two_phase's second collective (default
+    ``group``; give one of its own when other collectives may be in flight on ``group``);
+    ``server_errors[i]``: the owner's error buffer of segment i (:func:`new_server_error`),
+    read, never written: its new value is in ``extra``."""
     kind = select_collective(compressor, collective)
     if kind == "allreduce":
-        payload, works = _allreduce_launch(flat, compressor, meter, group, step, True)
-        return _future_of(works).then(lambda _f: _allreduce_finish(flat, compressor, payload))
+        return _allreduce(flats, compressor, meter, steps, group)
     if kind == "allgather":
-        payload, out, work = _allgather_launch(flat, compressor, meter, group, step, True)
-        return work.get_future().then(
-            lambda _f: _allgather_finish(flat, compressor, payload, out))
+        return _allgather(flats, compressor, meter, steps, group)
+    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors)
 
+
+def _allreduce(flats, compressor, meter, steps, group):
     p, _ = _world(group)
-    if p > 1 and group2 is None:
-        raise ValueError("aggregate_async with two_phase needs group2 (a separate process "
-                         "group for the second collective)")
-    seq = _sequencer(group2)
-    ticket = seq.ticket()
-    ctx, work = _tp_launch(flat, compressor, meter, group, step, True)
-    result: torch.futures.Future = torch.futures.Future()
+    payloads = [compressor.compress(f, step=s) for f, s in zip(flats, steps)]
+    sent = [compressor.decompress(pl) for pl in payloads]
+    parts = [t.reshape(-1) for pl in payloads for t in pl.tensors.values()]
+    if len({t.dtype for t in parts}) != 1:
+        raise ValueError(f"compressor {compressor.name!r}: summable payloads must share one dtype")
+    buf = torch.cat(parts).div_(p)  # divide before summing so fp16 cannot overflow
+    work = all_reduce(meter, buf, group=group, async_op=True)
 
-    def on_gathered(f):
+    def means(_f) -> list[torch.Tensor]:
+        out, off = [], 0
+        for pl in payloads:
+            tensors = {}
+            for key, t in pl.tensors.items():
+                tensors[key] = buf[off:off + t.numel()].view(t.shape)
+                off += t.numel()
+            out.append(compressor.decompress(Payload(tensors, pl.shape, pl.dtype, pl.meta)))
+        return out
+
+    return sent, work.get_future().then(means), None, sum(pl.nbytes for pl in payloads)
+
+
+def _allgather(flats, compressor, meter, steps, group):
+    p, _ = _world(group)
+    payloads = [compressor.compress(f, step=s) for f, s in zip(flats, steps)]
+    sent = [compressor.decompress(pl) for pl in payloads]
+    packed = [pack(pl) for pl in payloads]
+    sizes = [b.numel() for b in packed]
+    send = torch.cat(packed)
+    out = torch.empty(p * send.numel(), dtype=torch.uint8, device=send.device)
+    work = all_gather_into(meter, out, send, group=group, async_op=True)
+
+    def means(_f) -> list[torch.Tensor]:
+        rows = out.chunk(p)
+        result, off = [], 0
+        for f, pl, size in zip(flats, payloads, sizes):
+            mine = [unpack(row[off:off + size], pl) for row in rows]  # segment i of every rank, in rank order
+            result.append(sparse_mean(compressor, mine, f.numel(), p, f.device).to(f.dtype))
+            off += size
+        return result
+
+    return sent, work.get_future().then(means), None, send.numel()
+
+
+def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
+    p, rank = _world(group)
+    n_seg = len(flats)
+    server_errors = server_errors or [None] * n_seg
+    chunks = [chunk_numel(f.numel(), p) for f in flats]
+    payloads, sent = [], []  # payloads[i][j]: segment i, chunk j
+    for f, c, s in zip(flats, chunks, steps):
+        padded = torch.zeros(p * c, dtype=f.dtype, device=f.device)
+        padded[:f.numel()] = f
+        pls = [compressor.compress(padded[j * c:(j + 1) * c], step=_chunk_step(s, p, j)) for j in range(p)]
+        payloads.append(pls)
+        sent.append(torch.cat([compressor.decompress(pl) for pl in pls])[:f.numel()])
+    send = torch.cat([pack(payloads[i][j]) for j in range(p) for i in range(n_seg)])
+    sizes = [pack(payloads[i][rank]).numel() for i in range(n_seg)]
+    recv = torch.empty_like(send)
+    work = all_to_all_single(meter, recv, send, group=group, async_op=True)
+    extra = TwoPhaseResult(n_seg)
+    result: torch.futures.Future = torch.futures.Future()
+    second = group2 if group2 is not None else group  # the group of the all-gather
+    seq = _sequencer(second if p > 1 else None)
+    ticket = seq.ticket()
+    ctx: dict = {}
+
+    def owner_average() -> torch.Tensor:
+        """Average my chunk of every segment in fp32, add my server error, re-compress."""
+        pieces, firsts = [], []
+        for i in range(n_seg):
+            acc = torch.zeros(chunks[i], dtype=torch.float32, device=send.device)
+            for row in recv.chunk(p):
+                off = sum(sizes[:i])
+                compressor.accumulate(unpack(row[off:off + sizes[i]], payloads[i][rank]), acc)
+            acc.div_(p)
+            if server_errors[i] is not None:
+                acc.add_(server_errors[i])
+            pl = compressor.compress(acc, step=_chunk_step(steps[i], p, p))
+            if server_errors[i] is not None:
+                extra.server_errors[i] = acc - compressor.decompress(pl).float()
+            firsts.append(pl)
+            pieces.append(pack(pl))
+        ctx["templates"], ctx["sizes2"] = firsts, [b.numel() for b in pieces]
+        return torch.cat(pieces)
+
+    def finish(_f) -> None:
         try:
-            f.value()
-            result.set_result(_tp_finish(flat, compressor, ctx))
+            outs = [torch.empty(p * c, dtype=torch.float32, device=send.device) for c in chunks]
+            for j, row in enumerate(ctx["out"].chunk(p)):
+                off = 0
+                for i in range(n_seg):
+                    size = ctx["sizes2"][i]
+                    outs[i][j * chunks[i]:(j + 1) * chunks[i]] = compressor.decompress(
+                        unpack(row[off:off + size], ctx["templates"][i])).float()
+                    off += size
+            result.set_result([o[:f.numel()].to(f.dtype) for o, f in zip(outs, flats)])
         except Exception as e:  # noqa: BLE001 - surfaced through the future
             result.set_exception(e)
 
-    def on_exchanged(f):
+    def exchanged(_f) -> None:
         try:
-            f.value()
-            buf = _tp_middle(ctx, compressor, server_error, step)
+            buf = owner_average()
+            ctx["out"] = torch.empty(p * buf.numel(), dtype=torch.uint8, device=buf.device)
         except Exception as e:  # noqa: BLE001
             seq.submit(ticket, lambda: None)
             result.set_exception(e)
             return
 
-        def launch():
+        def second_phase() -> None:
             try:
-                w2 = all_gather_into(meter, ctx["out"], buf, group=group2, async_op=True)
-                w2.get_future().add_done_callback(on_gathered)
+                w2 = all_gather_into(meter, ctx["out"], buf, group=second, async_op=True)
+                w2.get_future().add_done_callback(finish)
             except Exception as e:  # noqa: BLE001
                 result.set_exception(e)
-        seq.submit(ticket, launch)
+        seq.submit(ticket, second_phase)
 
-    work.get_future().add_done_callback(on_exchanged)
-    return result
+    work.get_future().add_done_callback(exchanged)
+    return sent, result, extra, send.numel()
+
+
+# ----------------------------------------------------------------------------- one tensor
+def aggregate_async(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
+                    group2=None, collective: str = "auto",
+                    server_error: torch.Tensor | None = None,
+                    step: int | None = None) -> torch.futures.Future:
+    """The mean over the ranks of ``group`` of every rank's ``flat`` (any shape), through
+    ``compressor``: :func:`launch` with one segment. A Future resolving to a tensor of
+    ``flat``'s shape and dtype (usable as a DDP comm hook's return value, chainable with
+    ``.then``). ``server_error`` (two_phase only, :func:`new_server_error`) is updated in
+    place before the Future resolves. ``two_phase`` needs ``group2`` when the group has more
+    than one rank: a process group over the same ranks, used only for the second
+    collectives (launched from callbacks). All ranks must call this in the same order."""
+    kind = select_collective(compressor, collective)
+    if kind == "two_phase" and group2 is None and _world(group)[0] > 1:
+        raise ValueError("aggregate_async with two_phase needs group2 (a separate process "
+                         "group for the second collective)")
+    return _aggregate_one(flat, compressor, meter, group, group2, kind, server_error, step)
+
+
+def aggregate(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
+              collective: str = "auto", server_error: torch.Tensor | None = None,
+              step: int | None = None) -> torch.Tensor:
+    """:func:`aggregate_async`, waited for; two_phase's second collective runs on ``group``
+    (this call is the only one in flight)."""
+    return _aggregate_one(flat, compressor, meter, group, None, collective, server_error, step).wait()
+
+
+def _aggregate_one(flat, compressor, meter, group, group2, collective, server_error, step):
+    if select_collective(compressor, collective) != "two_phase":
+        server_error = None
+    elif server_error is not None and server_error.numel() != chunk_numel(flat.numel(), _world(group)[0]):
+        raise ValueError(f"server_error has {server_error.numel()} elements; two_phase needs "
+                         f"chunk_numel(numel, p) = {chunk_numel(flat.numel(), _world(group)[0])}")
+    _, fut, extra, _ = launch([flat.reshape(-1)], compressor, meter, steps=[step], collective=collective,
+                              group=group, group2=group2, server_errors=[server_error])
+
+    def finish(f: torch.futures.Future) -> torch.Tensor:
+        mean = f.value()[0]
+        if extra is not None and extra.server_errors[0] is not None:
+            server_error.copy_(extra.server_errors[0])
+        return mean.reshape(flat.shape).to(flat.dtype)
+
+    return fut.then(finish)

@@ -187,15 +187,16 @@ class EF21Momentum(EF21):
 
     Config = EF21MOptions
 
+    def momentum(self, name, g):
+        """v_i after this step's gradient g (the committed v_i is not changed)."""
+        return (1 - self.eta) * self.buf(name, "v", g) + self.eta * g
+
     def message(self, name, g, lr_ratio=1.0):
-        v = (1 - self.eta) * self.buf(name, "v", g) + self.eta * g
-        self._v = getattr(self, "_v", {})
-        self._v[name] = v
-        return v - self.buf(name, "g_i", g)
+        return self.momentum(name, g) - self.buf(name, "g_i", g)
 
     def result(self, name, g, q, local, mean):
         G, bufs = super().result(name, g, q, local, mean)
-        return G, {**bufs, "v": self._v.pop(name)}
+        return G, {**bufs, "v": self.momentum(name, g)}  # the same v as message's: same buffers, same g
 
     def dense(self, name, g, mean):
         return {**super().dense(name, g, mean), "v": g.clone()}

@@ -1,5 +1,6 @@
 """DDP communication hooks: a State object plus a pure ``(state, bucket) -> Future``
-function, the pattern of torch's ``powerSGD_hook``.
+function, the pattern of torch's ``powerSGD_hook``: ``allreduce_hook`` (``comm=none``) and
+``compressed_hook`` (every compressor).
 
 What we keep from that pattern and what we change:
 
@@ -8,14 +9,24 @@ What we keep from that pattern and what we change:
 - per-parameter buffers are keyed by *parameter name*, never by ``bucket.index()``:
   DDP runs its first iteration on initial buckets and rebuilds them afterwards, so after
   a restart a bucket index names other parameters;
-- buffer updates computed during backward are *staged* and only committed once the step
-  is accepted (the trainer calls ``commit()``; a skipped non-finite step calls
-  ``discard()``). Used from a plain user loop, ``auto_commit=True`` commits an iteration's
-  updates when the next iteration's first bucket arrives (DDP has waited for every bucket
-  of the previous one by then; committing from a callback would race with the other
-  buckets' callbacks) or when ``state_dict()`` is taken;
+- buffer updates computed during backward are *staged* (by the aggregator) and only
+  committed once the step is accepted (the trainer calls ``commit()``; a skipped
+  non-finite step calls ``discard()``). Used from a plain user loop, ``auto_commit=True``
+  commits an iteration's updates when the next iteration's first bucket arrives (DDP has
+  waited for every bucket of the previous one by then; committing from a callback would
+  race with the other buckets' callbacks) or when ``state_dict()`` is taken;
 - every collective goes through ``thinwire.comm.accounting`` so wire bytes are counted;
 - no ``fut.wait()`` inside callbacks: work is chained with ``Future.then``.
+
+The compressed hook, per bucket: error feedback -> compress each parameter -> one
+collective -> decompress -> what the optimizer sees, written back into the bucket.
+
+- The first ``warmup_steps`` accepted steps are plain fp32 all-reduces (DDP rebuilds its
+  buckets after the first iteration; EF21 / EControl initialise their buffers from these
+  dense rounds, at least one of them).
+- Parameters with fewer than ``min_numel`` elements (biases, norms) travel uncompressed.
+- The error-feedback residual is kept in gradient units and rescaled by lr_{t-1} / lr_t
+  when the trainer reports a new learning rate (``set_lr``), see feedback.py.
 """
 # no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
 import time
@@ -26,12 +37,16 @@ import torch
 import torch.distributed as dist
 
 from ..errors import need, non_negative, one_of
+from ..options import option_keys
 from ..registry import Registry
-from . import accounting
+from . import accounting, collectives
 from .accounting import WireMeter
+from .aggregator import CompressedAggregator, check_combination, compressor_from_config
+from .compressors import COMPRESSORS, compressor_options
+from .feedback import FEEDBACKS, check_feedback_options, feedback_options
 
 HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
-COLLECTIVES = ("auto", "allreduce", "allgather", "two_phase")
+COLLECTIVES = ("auto",) + collectives.COLLECTIVES
 
 
 @dataclass
@@ -52,9 +67,6 @@ class CommConfig:
 
 def check_comm(values: dict) -> None:
     """Group-wide checks of a comm config (``values``: every key of the chosen option)."""
-    from .aggregator import check_combination
-    from .feedback import FEEDBACKS, check_feedback_options
-
     one_of(values["feedback"], FEEDBACKS.names(), "feedback")
     need(values["name"] != "none" or values["feedback"] == "none", "feedback", values["feedback"],
          "needs a compressor (comm=none sends exact gradients)")
@@ -62,7 +74,7 @@ def check_comm(values: dict) -> None:
     one_of(values["collective"], COLLECTIVES, "collective")
     check_feedback_options(values["feedback"], values)
     if values["name"] != "none" and values["name"] not in HOOKS:
-        check_combination(values["name"], values)
+        check_combination(compressor_from_config(values["name"], values), values)
 
 
 class _Values:
@@ -71,7 +83,11 @@ class _Values:
 
 
 class HookState:
-    """Base state of every thinwire comm hook (see the module docstring)."""
+    """Base state of every comm hook the trainer drives (see the module docstring): the
+    engine calls ``set_lr`` before each step, ``commit``/``discard`` after it,
+    ``take_stats`` for its metrics, ``state_dict``/``load_state_dict`` for checkpoints and
+    reads ``last_launch_s`` (set by ``begin_bucket``). A foreign hook (torch's
+    ``ddp_comm_hooks``) is plugged in with a subclass that holds the foreign state."""
 
     def __init__(self, process_group=None, meter: Optional[WireMeter] = None, model=None,
                  warmup_steps: int = 0, min_numel: int = 0, auto_commit: bool = True,
@@ -85,8 +101,6 @@ class HookState:
         self.iteration = 0            # accepted steps so far
         self.last_launch_s = 0.0      # perf_counter() of the latest bucket launch
         self.param_names: dict[int, str] = {}
-        self.staged: dict[str, dict[str, torch.Tensor]] = {}
-        self.stats: dict[str, float] = {}
         self._iteration_done = False  # auto_commit: the last bucket of an iteration was launched
         if model is not None:
             self.bind(model)
@@ -115,22 +129,20 @@ class HookState:
     def in_warmup(self) -> bool:
         return self.iteration < self.warmup_steps
 
-    # -- staged updates ----------------------------------------------------------
-    def stage(self, name: str, **buffers: torch.Tensor) -> None:
-        self.staged.setdefault(name, {}).update(buffers)
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the step about to run (error-feedback residual rescaling)."""
 
+    def take_stats(self) -> dict:
+        """Metrics of the step just finished (compression ratio, residual norm); resets them."""
+        return {}
+
+    # -- accepting a step --------------------------------------------------------
     def commit(self) -> None:
-        """Accept the step: apply staged buffer updates and advance the iteration."""
-        self._apply_staged(self.staged)
-        self.staged = {}
+        """Accept the step: advance the iteration (subclasses apply their staged buffers)."""
         self.iteration += 1
 
     def discard(self) -> None:
         """Reject the step (non-finite gradients): buffers stay exactly as they were."""
-        self.staged = {}
-
-    def _apply_staged(self, staged: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Subclasses with buffers move staged tensors into their stores here."""
 
     def begin_bucket(self, bucket) -> None:
         """Called by every hook when it launches a bucket (main thread)."""
@@ -159,6 +171,11 @@ class HookState:
         d["process_group"] = None
         d["second_group"] = None
         return d
+
+
+# ``comm_hook``'s signature, ``(name, **cfg) -> (state, hook)``: the DDP engine takes any such
+# factory (a benchmark plugs a peer's hook in through it, with a HookState subclass as state)
+CommHookFactory = Callable[..., tuple[HookState, Callable]]
 
 
 def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
@@ -192,8 +209,6 @@ def _plain(**cfg) -> tuple[HookState, Callable]:
 def comm_names() -> list[str]:
     """Every valid ``comm`` name: the registered hooks and every compressor, built in or
     from the ``thinwire.compressors`` entry points."""
-    from .compressors import COMPRESSORS
-
     return sorted(set(HOOKS.names()) | set(COMPRESSORS.names()))
 
 
@@ -207,11 +222,6 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     """
     if name in HOOKS:
         return HOOKS.get(name, "comm")(**cfg)
-    from .compressed_hook import compressed_factory
-    from .compressors import compressor_options
-    from .feedback import feedback_options
-    from ..options import option_keys
-
     try:
         valid = set(compressor_options(name))
     except ValueError:
@@ -221,3 +231,72 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
         if key not in valid:
             raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
     return compressed_factory(name)(**cfg)
+
+
+# ----------------------------------------------------------------------------- compressed
+class CompressedState(HookState):
+    def __init__(self, name: str, fields: dict, **state_cfg):
+        super().__init__(**state_cfg)
+        self.aggregator = CompressedAggregator(name, fields, self.meter, self.process_group,
+                                               self.second_group)
+        if self.aggregator.feedback.dense_init:
+            self.warmup_steps = max(self.warmup_steps, 1)
+        self.lr_prev: Optional[float] = None
+        self.lr_now: Optional[float] = None
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the step about to run (for the EF residual's rescaling)."""
+        self.lr_now = lr
+
+    @property
+    def lr_ratio(self) -> float:
+        if self.lr_prev is None or not self.lr_now:
+            return 1.0
+        return self.lr_prev / self.lr_now
+
+    def commit(self) -> None:
+        self.aggregator.commit()
+        if self.lr_now is not None:
+            self.lr_prev = self.lr_now
+        super().commit()
+
+    def discard(self) -> None:
+        self.aggregator.discard()
+        super().discard()
+
+    def take_stats(self) -> dict:
+        return self.aggregator.take_stats()
+
+    def state_dict(self) -> dict:
+        base = super().state_dict()  # flushes a pending auto-commit first
+        return {**base, "lr_prev": self.lr_prev, "aggregator": self.aggregator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.lr_prev = state["lr_prev"]
+        self.aggregator.load_state_dict(state["aggregator"])
+
+
+def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torch.Tensor]:
+    state.begin_bucket(bucket)
+    buf = bucket.buffer()
+    names = state.bucket_names(bucket)
+    sizes = [p.numel() for p in bucket.parameters()]
+    views = list(buf.split(sizes))
+    if state.in_warmup():
+        fut = state.aggregator.launch_dense(names, views)
+    else:
+        fut = state.aggregator.launch(names, views, state.iteration, state.lr_ratio)
+
+    def write_back(f: torch.futures.Future) -> torch.Tensor:
+        for view, out in zip(views, f.value()):
+            view.copy_(out)
+        return buf
+
+    return fut.then(write_back)
+
+
+def compressed_factory(name: str) -> Callable:
+    def factory(**cfg):
+        return CompressedState(name, cfg, **state_kwargs(cfg)), compressed_hook
+    return factory

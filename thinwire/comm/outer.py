@@ -21,9 +21,9 @@ with y_t^i = a_t - Delta_t^i the rank's parameters at the end of round t. The sn
 a copy: the collective never touches live parameters (the reference code all-reduces
 them in place from a Python thread). Pseudo-gradients, not parameters, are averaged, so
 any compressor + error feedback of the comm layer applies to them unchanged, with its own
-per-rank state (``CompressedAverager``). Parameters are read and written through a space
-(``ModuleParams``: the module's parameters; under ZeRO replica groups this rank's shard of
-the fp32 master weights, ``thinwire.trainer.zero_replicas.ZeroShards``).
+per-rank state (``CompressedAverager``). Parameters are read and written through a
+:class:`ParamSpace` (``ModuleParams``: the module's parameters; under ZeRO replica groups this
+rank's shard of the fp32 master weights, ``thinwire.trainer.zero_replicas.ZeroShards``).
 
 Overlap: on gloo the average is an async work on ``world.async_group`` (a process group
 of its own, so its order never interleaves with the per-step control all-reduce); its
@@ -57,6 +57,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -192,7 +193,8 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
-def staleness_penalty(d_norms: list[float], gap_norms: list[float] | None, strength: float) -> list[float]:
+def staleness_penalty(pseudo_grad_norms: list[float], anchor_move_norms: list[float] | None,
+                      strength: float) -> list[float]:
     """Layer-wise staleness-gap penalty Lambda_t >= 1 (CO2 paper Sec. 3.2, Eq. 4, in the
     Gap-Aware form of Barkai et al. 2020 that it builds on)::
 
@@ -202,32 +204,57 @@ def staleness_penalty(d_norms: list[float], gap_norms: list[float] | None, stren
     move from a_{t-1} to a_t; the gap is that move, measured in units of the update
     itself, so a layer whose anchor moved by a whole pseudo-gradient since is damped by
     1 + strength. Both norms are identical on every rank (the anchor and the mean are),
-    so the anchor stays identical. ``strength=0`` or the first round: Lambda = 1.
-    Arguments are the layers' norms (``ModuleParams.layer_norms``), one per piece.
+    so the anchor stays identical. ``strength=0`` or the first round (no move yet,
+    ``anchor_move_norms`` None): Lambda = 1. Arguments are the layers' norms
+    (``ParamSpace.layer_norms``), one per piece: ``pseudo_grad_norms`` of d_t,
+    ``anchor_move_norms`` of a_t - a_{t-1}.
     """
-    if strength <= 0 or gap_norms is None:
-        return [1.0] * len(d_norms)
-    return [1.0 + strength * sn / gn if gn > 0 else 1.0 for gn, sn in zip(d_norms, gap_norms)]
+    if strength <= 0 or anchor_move_norms is None:
+        return [1.0] * len(pseudo_grad_norms)
+    return [1.0 + strength * move / d if d > 0 else 1.0 for d, move in zip(pseudo_grad_norms, anchor_move_norms)]
 
 
-class ModuleParams:
-    """The space the outer loop works in: the module's trainable parameters, one piece per
-    parameter, read and written as one fresh fp32 flat vector. Pieces are named (layer-wise
-    compression and error-feedback state are keyed by name); ``layer_norms`` gives each
-    piece its layer's L2 norm and ``global_norm`` the norm of all pieces.
+class ParamSpace(Protocol):
+    """The parameters the outer loop reads, writes and averages, as named pieces.
 
-    Under ZeRO replica groups the space is this rank's shard of the fp32 master weights
-    instead (``thinwire.trainer.zero_replicas.ZeroShards``: pieces are the fragments of
-    the layers inside the shard, norms are reduced over the group)."""
+    ``names[i]``/``sizes[i]``: piece i's name (layer-wise compression and error-feedback
+    state are keyed by it) and element count; ``read_flat()`` a fresh fp32 vector of all
+    pieces, ``write_flat(flat)`` its inverse; ``split(flat)`` views of the pieces,
+    ``flat(pieces)`` a fresh fp32 concatenation; ``layer_norms(pieces)`` each piece's
+    layer's L2 norm (a piece may be a fragment of a layer), ``global_norm(pieces)`` the
+    norm of the whole space, identical on the ranks that share it.
+
+    Implemented by :class:`ModuleParams` (the module's trainable parameters) and, under
+    ZeRO replica groups, by ``thinwire.trainer.zero_replicas.ZeroShards`` (this rank's
+    shard of the fp32 master weights: pieces are the fragments of the layers inside the
+    shard, norms are reduced over the group)."""
+
+    names: list[str]
+    sizes: list[int]
+
+    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def read_flat(self) -> torch.Tensor: ...
+
+    def write_flat(self, flat: torch.Tensor) -> None: ...
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]: ...
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float: ...
+
+
+class ModuleParams(ParamSpace):
+    """The :class:`ParamSpace` of a module's trainable parameters: one piece per parameter,
+    named by it; ``layer_norms`` is each parameter's norm."""
 
     def __init__(self, model: torch.nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.sizes = [p.numel() for p in self.params]
-
-    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
@@ -247,6 +274,23 @@ class ModuleParams:
         return global_norm(pieces)
 
 
+class Replicas(Protocol):
+    """Groups of ranks that each hold one replica of the model, sharded inside the group
+    (``engine=deepspeed`` with ``sync=local|co2``); the outer loop averages across them.
+
+    ``cross_group``: the ranks that hold the same shard as this rank, one per replica (the
+    outer average runs on it); ``cross_group2``: a second group over the same ranks for the
+    two-phase collective's second phase (None when the comm config does not use it);
+    ``shards(model_params)``: the :class:`ParamSpace` of this rank's shard.
+
+    Implemented by ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
+
+    cross_group: object
+    cross_group2: object
+
+    def shards(self, model_params: ModuleParams) -> ParamSpace: ...
+
+
 @SYNC_STRATEGIES.register("local")
 class LocalUpdates(SyncStrategy):
     """``sync=local``: H local steps, then a synchronous outer step (see module doc)."""
@@ -255,17 +299,18 @@ class LocalUpdates(SyncStrategy):
     ranks_diverge = True
     supports_replica_groups = True   # averages parameters, so it can run across ZeRO replica groups
 
-    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
+    def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas: Replicas | None = None):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.H = cfg.local_steps
         self.round = 0
-        self.module_params = ModuleParams(model)  # what is evaluated
-        # ZeRO replica groups: this rank's shard of the fp32 master weights, averaged across groups
-        self.r = replicas.shards(self.module_params) if replicas is not None else self.module_params
+        self.model_params: ModuleParams = ModuleParams(model)  # the model's parameters: what is evaluated
+        # the space averaged across replicas: the model's parameters, or under ZeRO replica
+        # groups this rank's shard of the fp32 master weights
+        self.space: ParamSpace = replicas.shards(self.model_params) if replicas is not None else self.model_params
         group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
                          else (world.async_group if world.world_size > 1 else None, None))
-        self.anchor = self.r.split(self.r.read_flat())
-        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.r.global_norm)
+        self.anchor = self.space.split(self.space.read_flat())
+        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)
         self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
@@ -274,13 +319,13 @@ class LocalUpdates(SyncStrategy):
     # -- pieces shared with CO2 ----------------------------------------------------
     def pseudo_gradient(self, live: torch.Tensor | None = None) -> torch.Tensor:
         """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot); ``live``: w_i if at hand."""
-        return self.r.flat(self.anchor) - (self.r.read_flat() if live is None else live)
+        return self.space.flat(self.anchor) - (self.space.read_flat() if live is None else live)
 
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
-        return self.averager.average_async(self.r.names, self.r.sizes, delta, self.round)
+        return self.averager.average_async(self.space.names, self.space.sizes, delta, self.round)
 
     def outer_step(self, mean_delta: torch.Tensor, penalty: list[float] | None = None) -> list[torch.Tensor]:
-        d = [x.clone() for x in self.r.split(mean_delta)]
+        d = [x.clone() for x in self.space.split(mean_delta)]
         if penalty is not None:
             for x, lam in zip(d, penalty):
                 x.div_(lam)
@@ -289,7 +334,7 @@ class LocalUpdates(SyncStrategy):
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
                 "outer_skipped": self.skipped,
-                "outer_momentum_norm": self.r.global_norm(self.outer.momentum()), **extra}
+                "outer_momentum_norm": self.space.global_norm(self.outer.momentum()), **extra}
 
     def finite_everywhere(self, delta: torch.Tensor) -> bool:
         """Whether every rank's pseudo-gradient is finite: one control all-reduce of a flag
@@ -302,7 +347,7 @@ class LocalUpdates(SyncStrategy):
     def skip_round(self) -> None:
         """A round with a non-finite pseudo-gradient somewhere: every rank restarts from the
         unchanged anchor; nothing was sent, so error feedback and outer state are untouched."""
-        self.r.write_flat(self.r.flat(self.anchor))
+        self.space.write_flat(self.space.flat(self.anchor))
         self.skipped += 1
 
     # -- the strategy ----------------------------------------------------------------
@@ -315,11 +360,11 @@ class LocalUpdates(SyncStrategy):
             self.skip_round()
             self.round += 1
             return self.metrics(time.perf_counter() - t0, overlap_fraction=0.0)
-        mean = self.averager.average(self.r.names, self.r.sizes, delta, self.round)
+        mean = self.averager.average(self.space.names, self.space.sizes, delta, self.round)
         self.averager.commit()
         wait = time.perf_counter() - t0
         self.outer_step(mean)
-        self.r.write_flat(self.r.flat(self.anchor))
+        self.space.write_flat(self.space.flat(self.anchor))
         self.round += 1
         stats = self.averager.take_stats()
         return self.metrics(wait, overlap_fraction=0.0, **stats)
@@ -330,15 +375,15 @@ class LocalUpdates(SyncStrategy):
         if self.world.world_size == 1:
             yield self.model
             return
-        live = self.module_params.read_flat()
+        live = self.model_params.read_flat()
         mean = live.clone()
         accounting.all_reduce(self.meter, mean, kind="eval")
         mean.div_(self.world.world_size)  # replica groups: every group counts as often as it has ranks
-        self.module_params.write_flat(mean)
+        self.model_params.write_flat(mean)
         try:
             yield self.model
         finally:
-            self.module_params.write_flat(live)
+            self.model_params.write_flat(live)
 
     def state_dict(self) -> dict:
         return {"round": self.round, "anchor": [a.clone() for a in self.anchor], "skipped": self.skipped,
@@ -406,14 +451,14 @@ class CO2(LocalUpdates):
             if self.done_s and self.launched_s:  # not known for a mean restored from a checkpoint
                 hidden = max(0.0, min(self.done_s, consume_s) - self.launched_s)
                 out["overlap_fraction"] = min(1.0, hidden / max(self.done_s - self.launched_s, 1e-9))
-            gap = self.r.global_norm(self.last_step) if self.last_step is not None else 0.0
-            gap_norms = self.r.layer_norms(self.last_step) if self.last_step is not None else None
-            penalty = staleness_penalty(self.r.layer_norms(self.r.split(self.mean)), gap_norms,
+            gap = self.space.global_norm(self.last_step) if self.last_step is not None else 0.0
+            move_norms = self.space.layer_norms(self.last_step) if self.last_step is not None else None
+            penalty = staleness_penalty(self.space.layer_norms(self.space.split(self.mean)), move_norms,
                                         self.penalty_strength)
             self.last_step = self.outer_step(self.mean, penalty)
             # w_i += a_{t+1} - y_t^i, with y_t^i = a_t - Delta_t^i
-            live = self.r.read_flat().add_(self.r.flat(self.last_step)).add_(self.snapshot)
-            self.r.write_flat(live)
+            live = self.space.read_flat().add_(self.space.flat(self.last_step)).add_(self.snapshot)
+            self.space.write_flat(live)
             self.mean, self.snapshot = None, None
             out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
         self.round += 1

@@ -7,7 +7,13 @@ A strategy declares what the engine must do for it:
   False (local updates, zeroth order) the model is not wrapped in DDP at all, so there
   is no per-step gradient sync and no buffer broadcast the accounting cannot see;
 - ``ranks_diverge``: ranks hold different parameters between synchronisations, so the
-  checkpoint stores model and optimizer per rank.
+  checkpoint stores model and optimizer per rank;
+- ``supports_replica_groups``: it can average across replica groups that shard the model
+  inside themselves (``engine=deepspeed``); it then gets ``replicas``
+  (``thinwire.comm.outer.Replicas``).
+
+The built-in ``local`` and ``co2`` live in ``outer.py``, which ``thinwire.comm`` imports
+(so they are registered whenever this module is).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class SyncStrategy:
     Config = NoOptions           # the strategy's own options (``sync.<key>``)
     needs_grad_allreduce = True
     ranks_diverge = False
+    supports_replica_groups = False
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
@@ -64,9 +71,7 @@ class EveryStep(SyncStrategy):
 
 def build_sync(cfg, world, meter, model, comm_cfg=None, replicas=None) -> SyncStrategy:
     """``replicas``: the engine's replica groups when it shards state inside groups of ranks
-    (``engine=deepspeed`` with local/CO2: ``thinwire.trainer.zero_replicas``); strategies
-    that synchronise parameters then average across the groups, not across all ranks."""
+    (``engine=deepspeed`` with local/CO2: a ``thinwire.comm.outer.Replicas``, implemented by
+    ``thinwire.trainer.zero_replicas.ReplicaGroups``); strategies that synchronise
+    parameters then average across the groups, not across all ranks."""
     return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg, replicas)
-
-
-from . import outer  # noqa: E402,F401  registers local and co2 (after the base class exists)

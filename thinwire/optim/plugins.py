@@ -16,11 +16,16 @@ The trainer drives a plugin through three calls per step::
     loss = plugin.compute(forward_model, batch)   # forward (+ backward: DDP hooks fire)
     finite = plugin.local_finite()                # agreed across ranks by the trainer
     plugin.apply(step) | plugin.discard()         # update, or leave everything untouched
+
+``plugin.agreement()`` returns None unless the plugin's own exchange already agreed the
+step's loss and finiteness across ranks (zeroth order); the trainer then sends no control
+packet of its own.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -86,6 +91,7 @@ class NoOptions:
 class OptimizerPlugin(ABC):
     Config = NoOptions           # the plugin's own options (``optim.<key>``)
     needs_backprop = True
+    steps_torch_optimizer = False  # True: ``self.optimizer`` is a torch optimizer (DeepSpeed can step it)
 
     def __init__(self, cfg, model: torch.nn.Module, *, max_steps: int, world=None, meter=None):
         self.cfg, self.model, self.max_steps, self.world, self.meter = cfg, model, max_steps, world, meter
@@ -104,6 +110,11 @@ class OptimizerPlugin(ABC):
 
     def local_finite(self) -> bool:
         return True
+
+    def agreement(self) -> Optional[tuple[float, bool]]:
+        """(mean loss over ranks, every rank finite) when ``compute``'s own exchange agreed
+        them already; None: the trainer agrees them with its control all-reduce."""
+        return None
 
     @abstractmethod
     def apply(self, step: int) -> dict[str, float]:

@@ -1,23 +1,28 @@
-"""The data-parallel engine: wraps the model in torch DDP with thinwire's comm hook, or
-leaves it unwrapped when nothing is all-reduced per step (local updates, zeroth order).
+"""The data-parallel engine: wraps the model in torch DDP with a comm hook (thinwire's by
+default), or leaves it unwrapped when nothing is all-reduced per step (local updates,
+zeroth order).
 
-Engines form a closed registry (``engine=ddp``; DeepSpeed joins it as ``deepspeed``).
+Engines form a closed registry (``engine=ddp``; DeepSpeed joins it as ``deepspeed``); each
+implements :class:`thinwire.trainer.interface.Engine`, the interface the loop calls.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..comm import accounting
-from ..comm.hooks import comm_hook
+from ..comm.hooks import CommHookFactory, comm_hook
 from ..errors import positive
 from ..registry import Registry
+from .deepspeed_engine import DeepSpeedEngine  # deepspeed itself is imported on use
+from .interface import Engine
 
-ENGINES: Registry[type] = Registry("engine", "thinwire.engines")
+ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "thinwire.engines")
 
 
 @dataclass
@@ -36,17 +41,45 @@ class DDPOptions:
         positive(self, "bucket_cap_mb")
 
 
+class _NoHook:
+    """The comm state of an engine that all-reduces nothing per step: no hook, no state."""
+
+    last_launch_s = float("-inf")
+
+    def set_lr(self, lr: float) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def take_stats(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 @ENGINES.register("ddp")
-class DDPEngine:
-    """``forward_model`` is what the loop calls (DDP or the bare module); ``module`` the model."""
+class DDPEngine(Engine):
+    """``forward_model`` is what the loop calls (DDP or the bare module); ``module`` the model;
+    ``hook_state`` the comm hook's state (a ``thinwire.comm.hooks.HookState``) that
+    ``comm_hook`` built."""
 
     Config = DDPOptions
 
-    def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool):
+    def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool,
+                 comm_hook: CommHookFactory = comm_hook):
         self.module = model
         self.world = world
         self.meter = meter
-        self.hook_state = None
+        self.replicas = None
+        self.hook_state = _NoHook()
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if not grad_sync:
             self.forward_model = model
@@ -81,41 +114,38 @@ class DDPEngine:
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
         """Time backward spent waiting for buckets after the last one was launched: the part
         of the gradient communication that compute did not hide."""
-        if self.hook_state is None or self.hook_state.last_launch_s < step_start:
+        if self.hook_state.last_launch_s < step_start:
             return 0.0
         return max(0.0, backward_end - self.hook_state.last_launch_s)
 
     def set_lr(self, lr: float) -> None:
         """Tell the hook this step's learning rate (error-feedback residual rescaling)."""
-        if hasattr(self.hook_state, "set_lr"):
-            self.hook_state.set_lr(lr)
+        self.hook_state.set_lr(lr)
 
     def take_comm_stats(self) -> dict:
         """Compression ratio and residual norm of the step just finished."""
-        return self.hook_state.take_stats() if hasattr(self.hook_state, "take_stats") else {}
+        return self.hook_state.take_stats()
 
     def commit(self) -> None:
-        if self.hook_state is not None:
-            self.hook_state.commit()
+        self.hook_state.commit()
 
     def discard(self) -> None:
-        if self.hook_state is not None:
-            self.hook_state.discard()
+        self.hook_state.discard()
 
     def comm_state_dict(self) -> dict:
-        return self.hook_state.state_dict() if self.hook_state is not None else {}
+        return self.hook_state.state_dict()
 
     def load_comm_state_dict(self, state: dict) -> None:
-        if self.hook_state is not None and state:
+        if state:
             self.hook_state.load_state_dict(state)
 
 
-def build_engine(cfg, model, world, meter, comm_cfg, *, grad_sync: bool):
-    return ENGINES.get(cfg.name, "engine")(cfg, model, world, meter, comm_cfg, grad_sync=grad_sync)
-
-
-
-
-from .deepspeed_engine import DeepSpeedEngine  # noqa: E402  (deepspeed itself is imported on use)
-
 ENGINES.register("deepspeed")(DeepSpeedEngine)
+
+
+def build_engine(cfg, model, world, meter, comm_cfg, *, grad_sync: bool,
+                 comm_hook: CommHookFactory = comm_hook) -> Engine:
+    """The engine ``cfg.name`` (``engine.*``) around ``model``; ``comm_hook`` builds the
+    per-bucket comm hook (thinwire's by default; a benchmark passes a peer's)."""
+    return ENGINES.get(cfg.name, "engine")(cfg, model, world, meter, comm_cfg, grad_sync=grad_sync,
+                                            comm_hook=comm_hook)

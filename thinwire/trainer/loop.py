@@ -7,6 +7,12 @@
             -> accepted: plugin.apply, commit comm state, sync.after_step
                rejected: plugin.discard, discard comm state (buffers untouched)
             -> metrics line -> eval every N -> checkpoint every N / at stop_after / at the end
+
+The engine is called through ``thinwire.trainer.interface.Engine`` only. What a benchmark
+or a library user changes without copying the loop: the comm hook (``comm_hook=``, e.g.
+torch's ``ddp_comm_hooks``), the optimizer plugin class (``plugin_cls=``), and, in a
+subclass, when to evaluate (:meth:`Trainer.eval_due`), what an evaluation adds to the
+metrics line (:meth:`Trainer.run_eval`) and when to stop early (:meth:`Trainer.stop_early`).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Type
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -23,14 +29,16 @@ from tqdm import tqdm
 
 from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
+from ..comm.hooks import CommHookFactory, comm_hook
 from ..comm.sync import SYNC_STRATEGIES, build_sync
 from ..errors import need, non_negative, positive
 from ..optim.peft import apply_peft
-from ..optim.plugins import OPTIMIZERS
+from ..optim.plugins import OPTIMIZERS, OptimizerPlugin
 from .checkpoint import Checkpointer, resume_candidates, rng_state, set_rng_state
 from .faults import FaultConfig, FaultInjector, restart_count
 from .agreement import check_config_agreement
 from .engine import build_engine
+from .interface import Engine
 from .loggers import MetricsFile, NullLogger
 from .world import World
 
@@ -86,7 +94,13 @@ def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> fl
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, world: World):
+    """One worker's training run (module docstring). ``comm_hook``: the factory of the DDP
+    engine's per-bucket comm hook (``thinwire.comm.hooks.comm_hook``'s signature); a
+    benchmark passes a peer's here. ``plugin_cls``: the optimizer plugin class (default: the
+    one registered as ``optim.name``), called like the registered ones."""
+
+    def __init__(self, cfg: DictConfig, world: World, *, comm_hook: CommHookFactory = comm_hook,
+                 plugin_cls: Optional[Type[OptimizerPlugin]] = None):
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         self.meter, self.watch = WireMeter(), Stopwatch()
@@ -94,14 +108,14 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
-        plugin_cls = OPTIMIZERS.get(cfg.optim.name, "optim")
+        plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
         grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce
-        self.engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm, grad_sync=grad_sync)
-        self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
-        self.plugin = self.engine.attach(self.plugin, cfg.data.batch_size)  # DeepSpeed takes over the step
-        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm,
-                               replicas=getattr(self.engine, "replicas", None))
+        self.engine: Engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm,
+                                           grad_sync=grad_sync, comm_hook=comm_hook)
+        plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
+        self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
+        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
         # an elastic restart always continues from the newest checkpoint
@@ -180,8 +194,9 @@ class Trainer:
         round, so there is nothing to agree on per step: a rank skips its own non-finite
         step, no per-step collective adds a link round trip, and the loss logged is rank
         0's own."""
-        if hasattr(self.plugin, "agreement"):  # zeroth order: agreed inside the plugin's own exchange
-            return self.plugin.agreement()
+        agreed = self.plugin.agreement()  # zeroth order: agreed inside the plugin's own exchange
+        if agreed is not None:
+            return agreed
         if self.sync.ranks_diverge:
             value = float(loss)
             return value, finite and math.isfinite(value)
@@ -247,21 +262,40 @@ class Trainer:
                          if self.sync.ranks_diverge else "the last good state is checkpointed")
                 raise NonFiniteError(f"trainer.max_skipped_steps={t.max_skipped_steps}: {self.skipped} "
                                      f"consecutive steps had non-finite gradients (step {done}); {where}")
-            if done % t.eval_every == 0 or done == t.max_steps:
-                with self.sync.eval_model() as model:
-                    record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
-                sent = self.meter.take_step()
-                record["eval_bytes"] = sent.pop("eval", 0)  # evaluation traffic, never in wire_bytes
-                record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+            if self.eval_due(done):
+                self.run_eval(record)
             self.log(record)
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.3f} | {record[f'{self.unit}_per_s']:.0f} {self.unit}/s "
                                 f"| wire {record['wire_bytes'] / 1e6:.3f} MB/step", refresh=False)
-            if done % t.checkpoint_every == 0 or done == last:
+            stop = self.stop_early(record)
+            if done % t.checkpoint_every == 0 or done == last or stop:
                 self.save(done)
+            if stop:
+                break
             self.faults.after_step(done)
         bar.close()
         return record
+
+    # -- what a subclass may change (module docstring) ---------------------------------
+    def eval_due(self, done: int) -> bool:
+        """Whether to evaluate after ``done`` steps: every ``trainer.eval_every`` and at the end."""
+        t = self.cfg.trainer
+        return done % t.eval_every == 0 or done == t.max_steps
+
+    def run_eval(self, record: dict) -> None:
+        """Evaluate (every rank together) into the step's ``record``: ``val_loss`` and
+        ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
+        with self.sync.eval_model() as model:
+            record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
+        sent = self.meter.take_step()
+        record["eval_bytes"] = sent.pop("eval", 0)
+        record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+
+    def stop_early(self, record: dict) -> bool:
+        """Called after each step's metrics line; True ends the run after this step, with a
+        checkpoint (as ``trainer.stop_after`` does). Every rank must answer the same."""
+        return False
 
     def log(self, record: dict) -> None:
         if self.metrics is not None and (record["step"] % self.cfg.trainer.log_every == 0 or "val_loss" in record):

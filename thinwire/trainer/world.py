@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..comm import groups
 from ..errors import need, non_negative, one_of, positive
 
 
@@ -84,7 +85,8 @@ def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=attempt_store(rank, world_size, timeout),
                                 device_id=device if backend == "nccl" else None)
-    async_group = dist.new_group(backend=backend) if world_size > 1 else None
+    groups.set_timeout(timeout_s)  # every group thinwire creates gets dist.timeout_s
+    async_group = groups.new_group(backend=backend) if world_size > 1 else None
     return World(rank, world_size, local_rank, device, backend, async_group)
 
 

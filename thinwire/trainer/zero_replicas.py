@@ -28,9 +28,11 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from ..comm import accounting
+from ..comm.groups import new_group
+from ..comm.outer import ModuleParams, ParamSpace, Replicas
+from . import deepspeed_private
 
 
 def group_size(cfg_size, world_size: int) -> int:
@@ -40,27 +42,29 @@ def group_size(cfg_size, world_size: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
-class ReplicaGroups:
-    """The process groups of the layout (module doc), and DeepSpeed's ``mpu`` interface:
+class ReplicaGroups(Replicas):
+    """The process groups of the layout (module doc): the outer loop's
+    ``thinwire.comm.outer.Replicas``, and DeepSpeed's ``mpu`` interface:
     data parallel = this rank's ZeRO group, model parallel = this rank alone. Every rank
-    creates every group in the same order, as ``torch.distributed.new_group`` requires."""
+    creates every group in the same order, as ``torch.distributed.new_group`` requires (all
+    through ``thinwire.comm.groups.new_group``: with ``dist.timeout_s``)."""
 
     def __init__(self, world, size: int, meter, two_phase: bool):
         p = world.world_size
         self.meter, self.optimizer = meter, None  # DeepSpeed's ZeRO optimizer, once built
         self.size, self.replicas = size, p // size
         self.replica, self.index = divmod(world.rank, size)
-        zero = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
-        cross = [dist.new_group(list(range(j, p, size))) for j in range(size)]
-        cross2 = [dist.new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
-        alone = [dist.new_group([r]) for r in range(p)]
+        zero = [new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
+        cross = [new_group(list(range(j, p, size))) for j in range(size)]
+        cross2 = [new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
+        alone = [new_group([r]) for r in range(p)]
         self.zero_group, self.cross_group = zero[self.replica], cross[self.index]
         self.cross_group2, self.alone = cross2[self.index], alone[world.rank]
         self.zero_ranks = list(range(self.replica * size, (self.replica + 1) * size))
 
-    def shards(self, module_params) -> "ZeroShards":
+    def shards(self, model_params: ModuleParams) -> "ZeroShards":
         """The outer loop's space: this rank's shard of the fp32 master weights."""
-        return ZeroShards(module_params, self.optimizer, self, self.meter)
+        return ZeroShards(model_params, self.optimizer, self, self.meter)
 
     # DeepSpeed's mpu (Megatron's interface), as deepspeed.utils.groups queries it
     def get_data_parallel_group(self):
@@ -85,8 +89,8 @@ class ReplicaGroups:
         return 0
 
 
-class ZeroShards:
-    """The outer loop's space under ZeRO (same interface as ``thinwire.comm.outer.ModuleParams``):
+class ZeroShards(ParamSpace):
+    """The outer loop's space under ZeRO (a ``thinwire.comm.outer.ParamSpace``, like ``ModuleParams``):
     this rank's shard of the fp32 master weights. Rank j of every replica group holds the same
     shard j, so averaging shards across the cross group is the replicas' mean, and anchor,
     outer momentum, snapshot and mean are 1/s of the model per rank, like ZeRO's own state.
@@ -98,14 +102,15 @@ class ZeroShards:
     module's (bit16) partition and all-gathers the partitions inside the group, as ZeRO does
     after its own step."""
 
-    def __init__(self, module_params, optimizer, groups: ReplicaGroups, meter):
-        self.opt, self.groups, self.meter = optimizer, groups, meter
-        self.module_params = module_params
-        self.shards = optimizer.single_partition_of_fp32_groups
+    def __init__(self, model_params: ModuleParams, optimizer, groups: ReplicaGroups, meter):
+        self.groups, self.meter = groups, meter
+        self.shards = deepspeed_private.fp32_shards(optimizer)
+        self.flat_groups = deepspeed_private.bit16_flat_groups(optimizer)
+        self.param_groups = deepspeed_private.bit16_param_groups(optimizer)
         self.pieces: list[tuple[int, int, int]] = []  # (ZeRO param group, offset in shard, numel)
         self.layer_of: list[int] = []
         self.names: list[str] = []
-        for layer, (name, p) in enumerate(zip(module_params.names, module_params.params)):
+        for layer, (name, p) in enumerate(zip(model_params.names, model_params.params)):
             i, offset = self._locate(p)
             size = self.shards[i].numel()
             lo, hi = max(offset, groups.index * size), min(offset + p.numel(), (groups.index + 1) * size)
@@ -114,21 +119,18 @@ class ZeroShards:
                 self.layer_of.append(layer)
                 self.names.append(name)
         self.sizes = [n for _, _, n in self.pieces]
-        self.n_layers = len(module_params.params)
+        self.n_layers = len(model_params.params)
         if not self.pieces:
             raise RuntimeError(f"engine.zero_group_size={groups.size}: this rank's ZeRO shard holds no parameters")
 
     def _locate(self, p) -> tuple[int, int]:
-        for i, flat in enumerate(self.opt.bit16_groups_flat):
-            if any(q is p for q in self.opt.bit16_groups[i]):
+        for i, flat in enumerate(self.flat_groups):
+            if any(q is p for q in self.param_groups[i]):
                 if flat.numel() != self.shards[i].numel() * self.groups.size:
                     raise RuntimeError(f"ZeRO group {i}: {flat.numel()} elements in {self.groups.size} shards of "
                                        f"{self.shards[i].numel()}: unequal shards are not supported")
                 return i, (p.data_ptr() - flat.data_ptr()) // p.element_size()
         raise RuntimeError("a trainable parameter is not in DeepSpeed's ZeRO param groups")
-
-    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split(self.sizes))
@@ -141,7 +143,7 @@ class ZeroShards:
         for (i, o, n), x in zip(self.pieces, self.split(flat)):
             self.shards[i][o:o + n].copy_(x)
         for i, shard in enumerate(self.shards):  # the module's parameters: ZeRO's post-step all-gather
-            flat_i = self.opt.bit16_groups_flat[i]
+            flat_i = self.flat_groups[i]
             mine = flat_i.chunk(self.groups.size)[self.groups.index]
             mine.copy_(shard)
             accounting.all_gather_into(self.meter, flat_i, mine.clone(), group=self.groups.zero_group)

@@ -188,6 +188,10 @@ class Compressor(ABC):
     ``server_error_default``: whether the two-phase collective should keep an error buffer
     on the chunk owner by default (1-bit Adam keeps one; essential for scaled sign).
 
+    ``contributors_mean`` (an instance option, False here): the sparse all-gather divides each
+    coordinate by the number of ranks that sent it instead of by the group size; ``accumulate``
+    then takes ``counts`` (chunk_topk's ``mean=contributors``).
+
     Randomness.  ``compress(t, step=k)`` draws from a generator seeded by
     ``mix_seed(seed, k)``; with ``step=None`` the compressor's own call counter is used
     and then incremented (``set_step(k)`` sets it).  All ranks that must agree (rand-k
@@ -200,6 +204,7 @@ class Compressor(ABC):
     summable: ClassVar[bool] = False
     sparse: ClassVar[bool] = False
     server_error_default: ClassVar[bool] = False
+    contributors_mean: bool = False
 
     @classmethod
     def check_options(cls, options) -> None:
@@ -211,10 +216,6 @@ class Compressor(ABC):
             raise ValueError(f"{self.name}: seed={seed!r} must be an int")
         self.seed = seed
         self._step = 0
-
-    @property
-    def quantised(self) -> bool:
-        return not (self.summable or self.sparse)
 
     def set_step(self, step: int) -> None:
         """Set the call counter used when ``compress`` gets no explicit ``step``."""
