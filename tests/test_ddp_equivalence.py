@@ -25,7 +25,25 @@ def global_batch(step: int, world_size: int):
     return x, torch.roll(x, -1, dims=1)
 
 
-def thinwire_engine_run(rank, world_size):
+def peer_fp16_factory(name, *, meter, **_):
+    """A ``comm_hook`` factory that hands the engine torch's fp16 hook (what a benchmark
+    plugs in to compare with a peer): a ``HookState`` whose hook charges 2 B per element."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from thinwire.comm.hooks import HookState
+
+    state = HookState(meter=meter, auto_commit=False)
+    state.calls = 0
+
+    def hook(st, bucket):
+        st.calls += 1
+        st.meter.charge(ring_allreduce_bytes(bucket.buffer().numel(), 2, dist.get_world_size()), "data")
+        st.begin_bucket(bucket)
+        return default_hooks.fp16_compress_hook(None, bucket)
+    return state, hook
+
+
+def thinwire_engine_run(rank, world_size, hook_factory=None):
     from thinwire.optim.plugins import SGDPlugin
     from thinwire.trainer.engine import DDPEngine
     from thinwire.trainer.world import World
@@ -35,7 +53,8 @@ def thinwire_engine_run(rank, world_size):
     meter = WireMeter()
     engine_cfg = OmegaConf.create({"bucket_cap_mb": 0.01, "gradient_as_bucket_view": True,
                                    "find_unused_parameters": False})
-    engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=True)
+    kw = {"comm_hook": hook_factory} if hook_factory else {}
+    engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=True, **kw)
     optim_cfg = OmegaConf.create({"lr": LR, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
                                   "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0,
                                   "grad_clip": 0.0})
@@ -49,7 +68,8 @@ def thinwire_engine_run(rank, world_size):
         engine.commit()
         per_step.append(meter.take_step().get("data", 0))
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "bytes": per_step, "numel": engine.numel, "iteration": engine.hook_state.iteration}
+            "bytes": per_step, "numel": engine.numel, "iteration": engine.hook_state.iteration,
+            "calls": getattr(engine.hook_state, "calls", None)}
 
 
 def reference_run(world_size):
@@ -72,6 +92,22 @@ def test_two_rank_ddp_equals_single_process_on_concatenated_batch(tmp_path):
         # every step: one fp32 ring all-reduce of all gradients, accounted exactly
         assert r["bytes"] == [ring_allreduce_bytes(r["numel"], 4, 2)] * STEPS
         assert r["iteration"] == STEPS
+    for k in ref:
+        assert torch.equal(results[0]["params"][k], results[1]["params"][k])
+
+
+def test_engine_takes_a_peer_hook_through_its_factory_argument(tmp_path):
+    """``DDPEngine(comm_hook=...)``: torch's fp16 hook runs instead of thinwire's (no
+    monkeypatching), its bytes are what the factory's state charges, and the result is the
+    single-process reference up to fp16 rounding of the averaged gradients."""
+    results = run_ranks(thinwire_engine_run, 2, tmp_path, peer_fp16_factory)
+    ref = reference_run(2)
+    for r in results:
+        assert r["calls"] is not None and r["calls"] >= STEPS  # torch's hook ran, every step
+        assert r["bytes"] == [ring_allreduce_bytes(r["numel"], 2, 2)] * STEPS
+        for k, v in ref.items():
+            torch.testing.assert_close(r["params"][k], v, rtol=1e-2, atol=1e-3)
+        assert any(not torch.equal(r["params"][k], v) for k, v in ref.items())  # fp16 did round
     for k in ref:
         assert torch.equal(results[0]["params"][k], results[1]["params"][k])
 
