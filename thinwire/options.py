@@ -97,12 +97,3 @@ def defaults(options: type) -> dict:
         else:
             out[f.name] = MISSING
     return out
-
-
-def check(options: type, values) -> None:
-    """Run ``options.check`` (if it has one) on ``values`` (a mapping or config node holding
-    at least the option's keys); errors keep the part's relative keys."""
-    if not hasattr(options, "check"):
-        return
-    own = {k: values[k] for k in option_keys(options) if k in values}
-    options(**own).check()
