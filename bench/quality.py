@@ -79,7 +79,9 @@ def run(row: str, seed: int, a) -> list[dict]:
     with open(os.path.join(d, "overrides.json"), "w") as fh:
         json.dump({"row": row, "seed": seed, "overrides": ov}, fh)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}"], capture_output=True,
+    # an unfinished earlier attempt is started over (moved to <d>/previous/, not deleted)
+    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}", "trainer.overwrite=true"],
+                       capture_output=True,
                        text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
     if p.returncode != 0:
         raise SystemExit(f"{row} seed {seed} failed:\n{p.stderr[-3000:]}")

@@ -247,7 +247,9 @@ def stop_and_resume(rank, world_size, root, stage, extra=()):
     base = [*BASE, f"engine.deepspeed.zero_optimization.stage={stage}", *extra]
     train(compose([*base, f"hydra.run.dir={root}/full"]), world)
     train(compose([*base, f"hydra.run.dir={root}/split", "trainer.stop_after=6"]), world)
-    train(compose([*base, f"hydra.run.dir={root}/split", "trainer.resume=auto"]), world)
+    # DeepSpeed's loader unpickles its files: resuming needs the explicit trust flag
+    train(compose([*base, f"hydra.run.dir={root}/split", "trainer.resume=auto", "trainer.trust_checkpoints=true"]),
+          world)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -309,7 +311,7 @@ def test_self_launched_then_resumed_under_torchrun(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "thinwire.train"]
-    p = run_cli(*args, "trainer.resume=auto", launcher=torchrun)
+    p = run_cli(*args, "trainer.resume=auto", "trainer.trust_checkpoints=true", launcher=torchrun)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "at step 4" in p.stdout
     rows = metrics(tmp_path)

@@ -43,7 +43,7 @@ def assert_same_params(a, b):
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere_and_leaves_state_untouched(pools, tmp_path):
-    p = pools.train(*TINY, *TOPK_EF21, "trainer.checkpoint_every=1", "trainer.faults.nan_at=6",
+    p = pools.train(*TINY, *TOPK_EF21, "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0", "trainer.faults.nan_at=6",
                     "trainer.faults.rank=1", f"hydra.run.dir={tmp_path}")
     skipped = [r["skipped_steps"] for r in rows(tmp_path)]
     assert skipped[:5] == [0] * 5 and skipped[5:] == [1] * 11  # counted once, the run went on

@@ -24,7 +24,7 @@ def worker(cfg_yamls: list[str]) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
-    from .config import from_yaml
+    from .config import ConfigError, from_yaml
     from .trainer.loop import NonFiniteError, train
     from .trainer.world import init_world, shutdown
 
@@ -34,6 +34,8 @@ def worker(cfg_yamls: list[str]) -> None:
     try:
         for cfg in cfgs:
             train(cfg, world)
+    except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
+        fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError) as e:
         fail_worker(world.rank, str(e))
     except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
@@ -52,6 +54,15 @@ def first_line(e: BaseException) -> str:
 def is_comm_failure(e: RuntimeError) -> bool:
     text = str(e).lower()
     return any(w in text for w in ("timed out", "timeout", "connection", "peer", "gloo", "nccl", "socket"))
+
+
+def fail_config(rank: int, e: Exception) -> None:
+    """A config error found by the workers, exit status 2. An error every rank agreed on
+    (the run dir's lock, the resume checks) is printed once, by rank 0."""
+    if rank == 0 or not getattr(e, "agreed", False):
+        prefix = "thinwire-train" if getattr(e, "agreed", False) else f"thinwire: rank {rank}"
+        print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def fail_worker(rank: int, msg: str) -> None:
@@ -76,6 +87,8 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     try:
         elastic_launch(lc, worker)(cfg_yamls)
     except ChildFailedError as e:
+        if any(f.exitcode == 2 for f in e.failures.values()):
+            return 2  # a config error found by the workers, which printed it (one line)
         first = next(iter(e.failures.values()))
         print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
               f"see the traceback above", file=sys.stderr, flush=True)

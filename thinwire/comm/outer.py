@@ -81,6 +81,7 @@ class LocalConfig:
     outer_optim: dict = field(default_factory=default_outer_optim)
     clip: float = 1.0                # pseudo-gradient clipping threshold (> 0), before the outer step
     clip_mode: str = "norm"          # norm (global L2 norm of the pseudo-gradient) | value (per element)
+    allows_inf = ("clip",)           # clip=.inf: no clipping (every other float option must be finite)
 
     def check(self) -> None:
         need(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")

@@ -9,6 +9,7 @@ and the value, printed as one line with exit status 2.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from omegaconf import DictConfig, OmegaConf
@@ -53,6 +54,7 @@ def check_group(cfg: DictConfig, group: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    _check_finite(cfg)
     for name, schema in fixed_groups().items():
         try:
             _run_checks(schema, None, schema, OmegaConf.to_container(cfg[name], resolve=True))
@@ -81,14 +83,67 @@ def _cross_group(cfg: DictConfig) -> None:
             part.check_run(cfg)
 
 
-def _check_resume(cfg: DictConfig) -> None:
-    from ..trainer.checkpoint import check_loadable
+FLOAT32_MAX = 3.4028234663852886e38
 
-    r = cfg.trainer.resume
-    if r in ("none", "auto"):
+
+def _check_finite(cfg: DictConfig) -> None:
+    """Every float option is a finite number (``optim.lr=inf``, ``dist.timeout_s=inf``, a
+    ``sync.outer_optim.lr=inf`` inside an open dict) that float32 can hold (``optim.lr=1e300``
+    would be inf there), except the keys an option declares as taking inf for "off" (its
+    options' ``allows_inf``, e.g. ``sync.clip=.inf``: no clipping)."""
+    from .resume import flatten
+
+    allowed = set()
+    for name, g in groups().items():
+        option = chosen_option(cfg, name)
+        if option is not None:
+            allowed |= {f"{name}.{k}" for k in getattr(g.own(option), "allows_inf", ())}
+    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
+        if not isinstance(value, float) or (math.isinf(value) and key in allowed):
+            continue
+        need(math.isfinite(value), key, value, "must be a finite number")
+        need(abs(value) <= FLOAT32_MAX, key, value, f"must be a finite number (at most {FLOAT32_MAX:.3g} in "
+             f"magnitude: it is used in float32, where it would be inf)")
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """The run dir, before any process starts (``thinwire.trainer.rundir``): not owned by a
+    running job, not a finished run that ``resume=none`` would overwrite, and, when resuming,
+    a checkpoint that loads safely and was written with a compatible config (``.resume``)."""
+    from ..trainer.checkpoint import check_loadable, unusable_reason
+    from ..trainer.faults import restart_count
+    from ..trainer.loop import no_usable_checkpoint, untrusted_engine_error
+    from ..trainer.rundir import check_rerun, effective_resume, probe_lock, step_dirs
+    from .resume import check_resume_config
+
+    run_dir, t = cfg.run_dir, cfg.trainer
+    r = effective_resume(t.resume)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # a worker's rank 0 takes the lock itself
+        probe_lock(run_dir)
+    check_rerun(run_dir, r, t.overwrite and restart_count() == 0)
+    if r == "none":
         return
-    need(os.path.isdir(r), "trainer.resume", r, "expected none, auto or a checkpoint directory")
-    try:
-        check_loadable(r)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if r == "auto":
+        dirs = step_dirs(run_dir)[::-1]
+        if not dirs:
+            return
+        common, path, reasons = None, None, []
+        for d in dirs:
+            try:
+                common, path = check_loadable(d), d
+                break
+            except ValueError:
+                reasons.append(f"{os.path.basename(d)}: {unusable_reason(d)}")
+        if common is None:
+            raise no_usable_checkpoint(r, run_dir, reasons)
+    else:
+        need(os.path.isdir(r), "trainer.resume", r, "expected none, auto or a checkpoint directory")
+        try:
+            common, path = check_loadable(r), r
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    engine = groups()["engine"].part(cfg.engine.name)
+    if engine.unpickles_checkpoints and not t.trust_checkpoints:
+        raise untrusted_engine_error(r, cfg.engine.name)
+    if isinstance(common, dict) and "config" in common:
+        check_resume_config(common["config"], cfg, path, r)

@@ -12,6 +12,20 @@ Every rank writes its file to ``step_X.partial/`` (temp file + ``os.replace``); 
 barrier rank 0 writes ``COMPLETE`` and renames the directory to ``step_X``. A crash at
 any point leaves either the previous checkpoint or a ``.partial`` directory that resume
 ignores. The data position is the step itself (batches are a pure function of it).
+
+**Loading is safe.** Every file is read with ``torch.load(weights_only=True)``: PyTorch's
+restricted unpickler builds tensors, containers and numbers only and refuses any other
+global, so a crafted checkpoint (in a run dir, or given as ``trainer.resume=<path>``) cannot
+run code. The state written here is only of those types (the numpy RNG state is stored as a
+list of ints). Checkpoints written by earlier versions hold the numpy RNG state as an array:
+they load with numpy's array constructor allowed (``SAFE_NUMPY_GLOBALS``: it builds arrays
+of plain data and nothing else), so they resume as before. A file that needs anything more
+is refused with one line, never loaded unsafely. DeepSpeed's own checkpoint files
+(``engine=deepspeed``) are read by DeepSpeed's loader, which unpickles them: see
+``TrainerConfig.trust_checkpoints``.
+
+**Never a non-finite "good" state.** ``assert_finite`` runs before every save: a model whose
+parameters hold inf or NaN is not checkpointed; the run fails naming the step instead.
 """
 from __future__ import annotations
 
@@ -19,6 +33,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -28,6 +43,52 @@ import torch.distributed as dist
 FORMAT_VERSION = 1
 
 
+def _numpy_globals() -> list:
+    """What an earlier version's numpy RNG state (a uint32 array) needs to unpickle."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+SAFE_NUMPY_GLOBALS = _numpy_globals()
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects that loading with ``weights_only=True`` refuses."""
+
+
+def _why(name: str, e: BaseException) -> str:
+    """A one-line reason for a failed load of file ``name``."""
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if m:
+        return f"{name} is refused: loading it would call {m.group(1)} (a checkpoint holds tensors and plain data only)"
+    if isinstance(e, FileNotFoundError):
+        return f"{name} is missing"
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{name} is unreadable ({e.__class__.__name__}{': ' + first[:120] if first else ''})"
+
+
+def safe_load(path: str):
+    """``torch.load(path, weights_only=True)`` to CPU, with earlier versions' numpy RNG
+    arrays allowed; any failure is a ``ValueError`` with a one-line reason (a crafted file:
+    :class:`UnsafeCheckpointError`)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling, truncation, I/O: all mean "unusable"
+        why = _why(os.path.basename(path), e)
+        raise (UnsafeCheckpointError if " is refused: " in why else ValueError)(why) from None
+
+
+def assert_finite(named_tensors, step: int) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter with inf or NaN."""
+    for name, t in named_tensors:
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"parameter {name} is not finite at step {step}")
+
+
 def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
@@ -35,7 +96,9 @@ def _atomic_save(obj, path: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))  # plain data: loads safely
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,7 +107,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -70,13 +134,29 @@ def read_manifest(path: str) -> dict:
 
 
 def check_loadable(path: str) -> dict:
-    """Validate a checkpoint before any process starts: manifest and common file load."""
+    """Validate a checkpoint before any process starts: its manifest, the common file loads
+    (safely) and every rank file is there. Returns the common file's contents."""
     manifest = read_manifest(path)
     try:
-        torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means unreadable
-        raise ValueError(f"trainer.resume={path}: common.pt is unreadable ({e.__class__.__name__})") from None
-    return manifest
+        common = safe_load(os.path.join(path, "common.pt"))
+    except ValueError as e:
+        raise e.__class__(f"trainer.resume={path}: {e}") from None
+    missing = [f"rank{r:05d}.pt" for r in range(int(manifest.get("world_size", 0)))
+               if not os.path.isfile(os.path.join(path, f"rank{r:05d}.pt"))]
+    if missing:
+        raise ValueError(f"trainer.resume={path}: {missing[0]} is missing")
+    return common
+
+
+def unusable_reason(path: str) -> str:
+    """Why ``path`` (a ``step_*`` directory) cannot be resumed from, in a few words."""
+    if not os.path.exists(os.path.join(path, "COMPLETE")):
+        return "no COMPLETE marker (an unfinished write)"
+    try:
+        check_loadable(path)
+    except ValueError as e:
+        return str(e)[len(f"trainer.resume={path}: "):] if str(e).startswith("trainer.resume=") else str(e)
+    return "unreadable on some rank"
 
 
 def resume_candidates(run_dir: str, resume: str) -> list[str]:
@@ -125,13 +205,14 @@ class Checkpointer:
         and optimizer where those are per rank, and the caller resets the rest."""
         manifest = read_manifest(path)
         same = manifest["world_size"] == self.world.world_size
-        common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+        common = safe_load(os.path.join(path, "common.pt"))
         rank = self.world.rank if same else 0
-        shard = torch.load(os.path.join(path, f"rank{rank:05d}.pt"), map_location="cpu", weights_only=False)
+        shard = safe_load(os.path.join(path, f"rank{rank:05d}.pt"))
         return common, shard, same
 
     def prune(self, keep: int) -> None:
-        """Retention: rank 0 deletes all but the newest ``keep`` complete checkpoints."""
+        """Retention: rank 0 deletes all but the newest ``keep`` complete checkpoints
+        (``trainer.keep_checkpoints``, 3 by default; 0 keeps all)."""
         if keep <= 0 or not self.world.is_main:
             return
         for old in checkpoint_dirs(os.path.dirname(self.root))[:-keep]:

@@ -40,6 +40,9 @@ class DeepSpeedEngine(Engine):
 
     Config = DeepSpeedOptions
     check_run = staticmethod(check_config)
+    # DeepSpeed's load_checkpoint reads its files with torch.load(weights_only=False): resuming
+    # needs trainer.trust_checkpoints=true (thinwire.trainer.checkpoint, "Loading is safe")
+    unpickles_checkpoints = True
 
     def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool,
                  comm_hook: hooks.CommHookFactory = hooks.comm_hook):

@@ -46,6 +46,8 @@ class Engine(Protocol):
     forward_model: torch.nn.Module
     numel: int
     replicas: Optional[Replicas]
+    # its checkpoint loader unpickles (a resume then needs trainer.trust_checkpoints=true)
+    unpickles_checkpoints: bool = False
 
     def attach(self, plugin: OptimizerPlugin, batch_size: int) -> OptimizerPlugin:
         """The plugin the loop drives: ``plugin`` itself, or a wrapper that routes backward

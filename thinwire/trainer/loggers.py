@@ -92,20 +92,40 @@ class WandbLogger:
 
 
 class MetricsFile:
-    """Appends to ``<run dir>/metrics.jsonl``; on resume drops lines past the resumed step
-    (written after the checkpoint by a process that then died) so steps never repeat."""
+    """Appends to ``<run dir>/metrics.jsonl``. On resume, lines past the resumed step (written
+    after the checkpoint by a process that then died, or a torn last line) are dropped so
+    steps never repeat, but only when the first new line is written: a run that fails
+    before its first step leaves the file as it was."""
 
     def __init__(self, run_dir: str, resume_step: int = 0):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.resume_step = resume_step
+        self.fh = None
+
+    def _open(self) -> None:
         if os.path.exists(self.path):
             with open(self.path) as fh:
-                keep = [ln for ln in fh if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            with open(self.path, "w") as fh:
-                fh.writelines(keep)
+                lines = fh.readlines()
+            keep = [ln for ln in lines if self._before(ln)]
+            if len(keep) != len(lines):
+                tmp = f"{self.path}.tmp-{os.getpid()}"
+                with open(tmp, "w") as fh:
+                    fh.writelines(ln if ln.endswith("\n") else ln + "\n" for ln in keep)
+                os.replace(tmp, self.path)
         self.fh = open(self.path, "a", buffering=1)
 
+    def _before(self, line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= self.resume_step
+        except (ValueError, KeyError, TypeError):  # blank, or torn by a crash mid-write
+            return False
+
     def log(self, record: dict) -> None:
+        if self.fh is None:
+            self._open()
         self.fh.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self.fh.close()
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None

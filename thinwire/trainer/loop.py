@@ -31,11 +31,13 @@ from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.hooks import CommHookFactory, comm_hook
 from ..comm.sync import SYNC_STRATEGIES, build_sync
-from ..errors import need, non_negative, positive
+from ..config.resume import ResumeConfigError, check_resume_config
+from ..errors import ConfigError, need, non_negative, positive
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS, OptimizerPlugin
-from .checkpoint import Checkpointer, resume_candidates, rng_state, set_rng_state
+from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_state, set_rng_state
 from .faults import FaultConfig, FaultInjector, restart_count
+from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
 from .agreement import check_config_agreement
 from .engine import build_engine
 from .interface import Engine
@@ -50,13 +52,19 @@ class TrainerConfig:
     seed: int = 0
     eval_every: int = 100
     checkpoint_every: int = 200
-    resume: str = "none"             # none | auto | <path to a checkpoint directory>
+    # none: a new run (refused where the run dir already holds one) | auto: continue from the
+    # newest checkpoint that loads | <path to a checkpoint directory>
+    resume: str = "none"
+    overwrite: bool = False          # resume=none over an existing run: move it to <run dir>/previous/ first
     stop_after: Optional[int] = None  # end the process after this step, with a checkpoint
     log_every: int = 1
     progress: bool = True
     sample_chars: int = 200          # generated at the end (char LM only); 0 = none
     max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
-    keep_checkpoints: int = 0        # keep only the newest N checkpoints; 0 = keep all
+    keep_checkpoints: int = 3        # keep only the newest N checkpoints; 0 = keep all
+    # load checkpoint files whose loader unpickles arbitrary objects (engine=deepspeed: DeepSpeed's
+    # own files); only for checkpoints you wrote yourself. thinwire's own files always load safely
+    trust_checkpoints: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def check(self) -> None:
@@ -66,6 +74,8 @@ class TrainerConfig:
         need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
         need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
              self.resume, "expected none, auto or a checkpoint directory")
+        need(not self.overwrite or self.resume == "none", "overwrite", self.overwrite,
+             f"starts a new run, so it needs resume=none (not {self.resume})")
         faults = self.faults if isinstance(self.faults, FaultConfig) else FaultConfig(**self.faults)
         faults.check()
 
@@ -136,6 +146,7 @@ class Trainer:
 
     # -- checkpoint --------------------------------------------------------------
     def save(self, step: int) -> str:
+        self.check_finite(step)
         per_rank = self.sync.ranks_diverge
         model_state = {"model": self.model.state_dict(), "optim": self.plugin.state_dict()}
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
@@ -145,23 +156,72 @@ class Trainer:
         self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
         return path
 
+    def check_finite(self, step: int) -> None:
+        """A checkpoint is the last good state: never write one whose parameters hold inf or
+        NaN (finite gradients with an update that overflows, e.g. a huge learning rate).
+        Ranks agree (under local/co2 their parameters differ), so all fail together."""
+        try:
+            assert_finite(self.model.named_parameters(), step)
+            error = None
+        except FloatingPointError as e:
+            error = f"{e} on rank {self.world.rank}"
+        errors = self._gather(error) if self.world.world_size > 1 else [error]
+        first = next((e for e in errors if e), None)
+        if first:
+            newest = step_dirs(self.cfg.run_dir)
+            last = f"the newest checkpoint {newest[-1]} is the last one written" if newest else "no checkpoint was written"
+            raise NonFiniteError(f"{first}: not checkpointed, {last}; the parameters overflowed "
+                                 f"(optim.lr={self.cfg.optim.get('lr', '?')} too large?)")
+
+    def _gather(self, obj) -> list:
+        """Every rank's ``obj`` (control path only: failures and checks at checkpoints)."""
+        out: list = [None] * self.world.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def resume(self, resume: str) -> int:
-        """Load the newest checkpoint that every rank can read; fall back to older ones."""
+        """Load the newest checkpoint that every rank can read; fall back to older ones.
+
+        Before any state is loaded, the checkpoint's config is compared with this run's
+        (``thinwire.config.resume``): a change that a resume cannot take is refused, on every
+        rank with the same line. If checkpoints exist but none loads, the run fails rather
+        than start again from step 0 over them (``trainer.resume=auto``)."""
         candidates = resume_candidates(self.cfg.run_dir, resume)
+        if candidates and self.engine.unpickles_checkpoints and \
+                not self.cfg.trainer.trust_checkpoints:
+            raise untrusted_engine_error(resume, self.cfg.engine.name)
+        reasons = []
         for path in candidates:
+            status, error = 0, None  # 0 loaded, 1 unusable, 2 written with another config
             try:
-                loaded, error = self.ckpt.load(path), None
-            except Exception as e:  # noqa: BLE001 - truncated, corrupt, wrong version: all mean "skip it"
-                loaded, error = None, f"{e.__class__.__name__}: {str(e)[:200]}"
-            ok = torch.tensor([0.0 if loaded is None else 1.0], device=self.world.device)
-            accounting.all_reduce(self.meter, ok, op=torch.distributed.ReduceOp.MIN, kind="setup")
-            if ok.item() == 1.0:
+                loaded = self.ckpt.load(path)
+                check_resume_config(loaded[0]["config"], self.cfg, path, resume)
+            except ResumeConfigError as e:
+                status, error = 2, str(e)
+            except Exception as e:  # noqa: BLE001 - truncated, corrupt, crafted, wrong version: "skip it"
+                status, error = 1, f"{e.__class__.__name__}: {str(e)[:200]}" \
+                    if not isinstance(e, ValueError) else str(e)[:200]
+            flag = torch.tensor([float(status)], device=self.world.device)
+            accounting.all_reduce(self.meter, flag, op=torch.distributed.ReduceOp.MAX, kind="setup")
+            if flag.item() == 0.0:
                 return self.load(path, *loaded)
-            if self.world.is_main or error:
-                print(f"thinwire: rank {self.world.rank}: checkpoint {path} is unusable "
-                      f"({error or 'on another rank'}); trying an older one", flush=True)
-        if candidates and resume not in ("auto", "none"):
-            raise RuntimeError(f"trainer.resume={resume}: checkpoint could not be loaded")
+            errors = self._gather((status, error)) if self.world.world_size > 1 else [(status, error)]
+            worst = max(st for st, _ in errors)
+            rank, reason = next((r, err) for r, (st, err) in enumerate(errors) if st == worst)
+            if worst == 2:
+                e = ResumeConfigError(reason)
+                e.agreed = True
+                raise e
+            reasons.append(f"{os.path.basename(path)}: {reason}")
+            if self.world.is_main:
+                print(f"thinwire: checkpoint {path} is unusable (rank {rank}: {reason}); trying an older one",
+                      flush=True)
+        if resume not in ("auto", "none") or (resume == "auto" and step_dirs(self.cfg.run_dir)):
+            incomplete = [f"{os.path.basename(d)}: no COMPLETE marker" for d in step_dirs(self.cfg.run_dir)
+                          if d not in candidates] if resume == "auto" else []
+            e = no_usable_checkpoint(resume, self.cfg.run_dir, reasons + incomplete)
+            e.agreed = True
+            raise e
         return 0
 
     def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
@@ -323,17 +383,67 @@ class Trainer:
             return info.decode(out[1:])
 
 
+def untrusted_engine_error(resume: str, engine: str) -> ConfigError:
+    e = ConfigError(f"trainer.resume={resume}: engine={engine} checkpoints are read by the engine's own "
+                    f"loader, which unpickles them (a crafted file could run code); to resume from "
+                    f"checkpoints you wrote yourself, set trainer.trust_checkpoints=true")
+    e.agreed = True  # every rank decides the same, from the same files
+    return e
+
+
+def no_usable_checkpoint(resume: str, run_dir: str, reasons: list[str]) -> RunDirError:
+    where = os.path.join(run_dir, "checkpoints") if resume == "auto" else resume
+    return RunDirError(f"trainer.resume={resume}: no checkpoint in {where} can be loaded "
+                       f"({'; '.join(reasons)[:600]}); not starting over from step 0 on top of them: repair "
+                       f"or move them, or start a new run in another hydra.run.dir")
+
+
+def take_run_dir(cfg: DictConfig, world: World) -> RunDirLock | None:
+    """Rank 0 takes the run dir's lock and checks a rerun cannot overwrite a run
+    (``thinwire.trainer.rundir``); with ``trainer.overwrite=true`` it moves the old run
+    aside. Every rank raises the same error (one line) if that fails."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = RunDirLock(cfg.run_dir, wait_s=30.0 if restart_count() > 0 else 2.0)
+            resume = effective_resume(cfg.trainer.resume)
+            overwrite = cfg.trainer.get("overwrite", False) and restart_count() == 0
+            check_rerun(cfg.run_dir, resume, overwrite)
+            if overwrite and resume == "none":
+                moved = move_aside(cfg.run_dir)
+                if moved:
+                    print(f"thinwire: trainer.overwrite=true: the previous run is in {moved}", flush=True)
+        except ConfigError as e:
+            error = str(e)
+    if world.world_size > 1:
+        errors: list = [None] * world.world_size
+        torch.distributed.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        if lock is not None:
+            lock.release()
+        e = RunDirError(error)
+        e.agreed = True
+        raise e
+    return lock
+
+
 def train(cfg: DictConfig, world: World) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     check_config_agreement(cfg, world)
-    trainer = Trainer(cfg, world)
+    lock = take_run_dir(cfg, world)
     try:
-        record = trainer.run()
-        if world.is_main and "val_loss" in record:
-            print(f"thinwire: step {record['step']} val_loss {record['val_loss']:.4f}", flush=True)
-        text = trainer.sample(cfg.trainer.sample_chars) if record.get("step") == cfg.trainer.max_steps else None
-        if text:
-            print("thinwire: sample:\n" + text, flush=True)
+        trainer = Trainer(cfg, world)
+        try:
+            record = trainer.run()
+            if world.is_main and "val_loss" in record:
+                print(f"thinwire: step {record['step']} val_loss {record['val_loss']:.4f}", flush=True)
+            text = trainer.sample(cfg.trainer.sample_chars) if record.get("step") == cfg.trainer.max_steps else None
+            if text:
+                print("thinwire: sample:\n" + text, flush=True)
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        if lock is not None:
+            lock.release()
     return record

@@ -1,0 +1,165 @@
+"""The run dir: one owner at a time, and nothing in it lost to a rerun.
+
+**Owner.** A job owns its run dir through an exclusive ``fcntl.flock`` on ``<run dir>/.lock``,
+taken by rank 0 when the run starts and held until it ends. A second job on the same run
+dir (a requeued job next to leftover workers, two sweeps pointed at one directory) fails
+at once with one line naming the holder. The lock belongs to the open file, so the kernel
+releases it when its process dies however it dies (SIGKILL included): an elastic restart or
+a requeued job takes it over without any stale-lock cleanup. ``flock`` works across nodes on
+NFS (Linux emulates it with POSIX byte-range locks there) and on Lustre mounted with
+``-o flock``; on a file system without locks the run dir has no owner check.
+
+**A rerun never overwrites.** A run dir *holds a run* when it has checkpoint directories
+or a non-empty ``metrics.jsonl``. With ``trainer.resume=none`` (the default) such a run
+dir is refused: ``trainer.resume=auto`` continues the run, a new ``hydra.run.dir`` starts
+another one, and ``trainer.overwrite=true`` starts over after moving the old run's
+checkpoints and metrics aside to ``<run dir>/previous/<time>/`` (nothing is deleted).
+``trainer.resume=auto`` with checkpoints that all fail to load is refused too (see
+``thinwire.trainer.loop.Trainer.resume``), rather than starting again from step 0 over them.
+
+An elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) always resumes (``auto``): the run
+dir then holds this very job's first attempt.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import os
+import socket
+import time
+
+from ..errors import ConfigError
+from .faults import restart_count
+
+LOCK_NAME = ".lock"
+
+
+class RunDirError(ConfigError):
+    """The run dir cannot be used as asked: one line, exit status 2, nothing touched."""
+
+
+def effective_resume(resume: str) -> str:
+    """``trainer.resume`` as this attempt uses it: an elastic restart continues (``auto``)."""
+    return "auto" if restart_count() > 0 else resume
+
+
+def step_dirs(run_dir: str) -> list[str]:
+    """Checkpoint directories, complete or not (``.partial`` ones excluded), oldest first."""
+    return sorted(d for d in glob.glob(os.path.join(run_dir, "checkpoints", "step_*"))
+                  if not d.endswith(".partial") and os.path.isdir(d))
+
+
+def previous_run(run_dir: str) -> str | None:
+    """What makes ``run_dir`` hold a run (``"3 checkpoints and metrics.jsonl"``), or None."""
+    parts = []
+    n = len(step_dirs(run_dir))
+    if n:
+        parts.append(f"{n} checkpoint{'s' if n > 1 else ''}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        parts.append("metrics.jsonl")
+    return " and ".join(parts) or None
+
+
+def check_rerun(run_dir: str, resume: str, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one (``resume=none`` without
+    ``overwrite``), or to resume another run's checkpoint into it."""
+    held = previous_run(run_dir)
+    if held is None:
+        return
+    if resume == "none" and not overwrite:
+        raise RunDirError(
+            f"trainer.resume=none: hydra.run.dir={run_dir} already holds a run ({held}); "
+            f"continue it with trainer.resume=auto, start a new run in another hydra.run.dir, or start "
+            f"over here with trainer.overwrite=true (moves the old run to {run_dir}/previous/)")
+    if resume not in ("none", "auto"):
+        inside = os.path.realpath(os.path.join(run_dir, "checkpoints"))
+        if os.path.commonpath([inside, os.path.realpath(resume)]) != inside:
+            raise RunDirError(
+                f"trainer.resume={resume}: hydra.run.dir={run_dir} already holds another run ({held}); "
+                f"resume another run's checkpoint into a new hydra.run.dir")
+
+
+def move_aside(run_dir: str) -> str | None:
+    """Move the old run's checkpoints and metrics to ``<run dir>/previous/<time>/``; its path."""
+    if previous_run(run_dir) is None:
+        return None
+    dest = os.path.join(run_dir, "previous", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    suffix, base = 1, dest
+    while os.path.exists(dest):
+        suffix += 1
+        dest = f"{base}-{suffix}"
+    os.makedirs(dest)
+    for name in ("checkpoints", "metrics.jsonl"):
+        src = os.path.join(run_dir, name)
+        if os.path.lexists(src):
+            os.replace(src, os.path.join(dest, name))
+    return dest
+
+
+def _holder(path: str) -> str:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        text = ""
+    return f" ({text})" if text else ""
+
+
+def _busy(run_dir: str, path: str) -> RunDirError:
+    return RunDirError(f"hydra.run.dir={run_dir}: the run dir is in use by another job{_holder(path)}, which "
+                       f"holds {path}; wait for it to end (a dead job's lock is released by the OS), or use "
+                       f"another hydra.run.dir")
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``<run dir>/.lock``, held until :meth:`release` (or the
+    process's death). The file keeps ``pid <pid> on <host>`` of the holder, for messages."""
+
+    def __init__(self, run_dir: str, wait_s: float = 0.0):
+        self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
+        try:
+            self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"hydra.run.dir={run_dir}: cannot create the lock file {self.path} "
+                              f"({e.strerror or e.__class__.__name__})") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):  # no locks on this fs
+                    break
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    raise _busy(run_dir, self.path) from None
+                time.sleep(0.2)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = None
+
+
+def probe_lock(run_dir: str) -> None:
+    """Fail now if another job holds ``run_dir`` (the launcher's check before it starts
+    workers; rank 0 takes the lock itself when the run starts)."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise _busy(run_dir, path) from None
+    finally:
+        os.close(fd)
