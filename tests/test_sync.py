@@ -239,3 +239,22 @@ def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(pools, tmp_path
     assert all(0 < x["control_bytes"] <= 4 for x in r if "val_loss" not in x and x["step"] % 4 == 0)
     for rank in (0, 1):
         assert all(torch.isfinite(v).all() for v in rank_params(tmp_path, 16, rank).values())
+
+
+@pytest.mark.parametrize("name", ["local", "co2"])
+def test_nonfinite_step_at_any_round_position_neither_hangs_nor_spreads(pools, tmp_path, name):
+    """Rank 0's step is poisoned at the first step, at a round's last step (where the outer
+    collective runs) and at the run's last step: the poisoned rank skips it on its own and
+    still joins the round's collective (a rank that skipped the boundary step used to wait
+    out dist.timeout_s alone), the skip is counted, and nothing non-finite reaches any
+    rank; under local updates the ranks hold the same parameters after the last round."""
+    for nan_at in (1, 8, 16):
+        run = tmp_path / f"nan{nan_at}"
+        pools.train(*TINY, f"sync={name}", f"trainer.faults.nan_at={nan_at}", "trainer.faults.rank=0",
+                    "trainer.checkpoint_every=16", f"hydra.run.dir={run}", timeout=90)
+        r = rows(run)
+        assert [x["skipped_steps"] for x in r] == [0] * (nan_at - 1) + [1] * (17 - nan_at), (nan_at, r)
+        params = [rank_params(run, 16, rank) for rank in (0, 1)]
+        assert all(torch.isfinite(v).all() for p in params for v in p.values()), nan_at
+        if name == "local":
+            assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), nan_at

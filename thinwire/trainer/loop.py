@@ -281,9 +281,6 @@ class Trainer:
             record.update(self.plugin.apply(step))
             self.engine.commit()
             record.update(self.engine.take_comm_stats())
-            sync_metrics = self.sync.after_step(step)
-            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
-            record.update(sync_metrics)
             self.skipped = 0
         else:
             self.plugin.discard()
@@ -292,6 +289,13 @@ class Trainer:
             self.skipped += 1
             self.skipped_total += 1
             record["lr"] = self.plugin.lr(step)
+        if ok or self.sync.ranks_diverge:
+            # under local updates / CO2 a rank skips a step on its own, and the round's outer
+            # collective still needs it: it joins with its parameters as they were before the
+            # skipped step (a finite state; the round's finiteness check covers the rest)
+            sync_metrics = self.sync.after_step(step)
+            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+            record.update(sync_metrics)
         dt = time.perf_counter() - t0
         sent = self.meter.take_step()
         record.update({
