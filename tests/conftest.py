@@ -75,6 +75,18 @@ def run_cli(*overrides: str, env: dict | None = None, timeout: int = 180, launch
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
 
 
+def cli_error(capsys, *argv):
+    """Run the CLI's entry function in this process (no interpreter or torch start); its exit
+    status and its stderr, which must be one line without a traceback."""
+    from thinwire.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return exc.value.code, err
+
+
 @pytest.fixture
 def cli():
     return run_cli

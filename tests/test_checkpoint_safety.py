@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cli_error
 from thinwire.config import ConfigError, compose, to_yaml, validate
-from thinwire.train import main
 
 TINY = ["experiment=tiny", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=4"]
 
@@ -29,14 +29,6 @@ class Payload:
 def craft(path, marker):
     """Replace a checkpoint file by one whose unpickling would create ``marker``."""
     torch.save({"step": 4, "model": {}, "x": Payload(marker)}, path)
-
-
-def cli_error(capsys, *argv):
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return exc.value.code, err
 
 
 def test_a_crafted_checkpoint_never_runs_code(pools, tmp_path, capsys):

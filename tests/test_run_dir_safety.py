@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
+from conftest import cli_error
 from thinwire.config import ConfigError, compose, to_yaml, validate
-from thinwire.train import main
 from thinwire.trainer.loggers import MetricsFile
 from thinwire.trainer.loop import TrainerConfig
 
@@ -44,15 +44,6 @@ def steps(run_dir):
 
 def ckpts(run_dir):
     return sorted(d.name for d in (run_dir / "checkpoints").iterdir())
-
-
-def cli_error(capsys, *argv):
-    """Run the CLI's entry function; its exit status and its stderr (which must be one line)."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return exc.value.code, err
 
 
 def train_on_ranks(rank, world_size, cfg_yaml):
