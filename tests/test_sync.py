@@ -258,3 +258,15 @@ def test_nonfinite_step_at_any_round_position_neither_hangs_nor_spreads(pools, t
         assert all(torch.isfinite(v).all() for p in params for v in p.values()), nan_at
         if name == "local":
             assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), nan_at
+
+
+@pytest.mark.parametrize("case", ["co2", "co2-int8-two-phase"])
+def test_co2_wire_bytes_are_the_same_run_to_run(pools, tmp_path, case):
+    """The outer all-reduce runs in the background across steps; its bytes are charged to a
+    fixed step (its launch), not to whichever step its callback happened to finish in."""
+    args = [*TINY, *RESUME_CASES[case], "trainer.checkpoint_every=16"]
+    for name in ("a", "b"):
+        pools.train(*args, f"hydra.run.dir={tmp_path / name}")
+    key = ("step", "wire_bytes", "control_bytes")
+    a, b = ([[r.get(k) for k in key] for r in rows(tmp_path / n)] for n in ("a", "b"))
+    assert a == b

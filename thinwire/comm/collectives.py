@@ -59,13 +59,23 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single
+from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single, collective_bytes, group_size
 from .compressors import Compressor, Payload
 
 COLLECTIVES = ("allreduce", "allgather", "two_phase")
 
 
 # ----------------------------------------------------------------------------- helpers
+class _Uncounted:
+    """A meter that charges nothing: for a collective whose bytes were charged at launch."""
+
+    def charge(self, nbytes: int, kind: str = "data") -> None:
+        pass
+
+
+UNCOUNTED = _Uncounted()
+
+
 def _world(group) -> tuple[int, int]:
     if not dist.is_initialized():
         return 1, 0
@@ -299,6 +309,12 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     seq = _sequencer(second if p > 1 else None)
     ticket = seq.ticket()
     ctx: dict = {}
+    # the second all-gather is launched from a callback, at a moment no step controls (under
+    # co2 it may finish steps later): charge it now, at launch, so every run charges the same
+    # bytes to the same step. Its payload is the owner's re-compressed chunk, the same size
+    # as the chunk this rank sent (fixed-size compressors: two_phase needs equal sizes anyway)
+    second_bytes = sum(sizes)
+    meter.charge(collective_bytes("all_gather", second_bytes, 1, group_size(second)), "data")
 
     def owner_average() -> torch.Tensor:
         """Average my chunk of every segment in fp32, add my server error, re-compress."""
@@ -317,6 +333,9 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
             firsts.append(pl)
             pieces.append(pack(pl))
         ctx["templates"], ctx["sizes2"] = firsts, [b.numel() for b in pieces]
+        if sum(ctx["sizes2"]) != second_bytes:
+            raise ValueError(f"two_phase: compressor {compressor.name!r} re-compressed a chunk to "
+                             f"{sum(ctx['sizes2'])} bytes, not {second_bytes}: it needs a fixed payload size")
         return torch.cat(pieces)
 
     def finish(_f) -> None:
@@ -344,7 +363,7 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
 
         def second_phase() -> None:
             try:
-                w2 = all_gather_into(meter, ctx["out"], buf, group=second, async_op=True)
+                w2 = all_gather_into(UNCOUNTED, ctx["out"], buf, group=second, async_op=True)  # charged at launch
                 w2.get_future().add_done_callback(finish)
             except Exception as e:  # noqa: BLE001
                 result.set_exception(e)
