@@ -270,3 +270,22 @@ def test_co2_wire_bytes_are_the_same_run_to_run(pools, tmp_path, case):
     key = ("step", "wire_bytes", "control_bytes")
     a, b = ([[r.get(k) for k in key] for r in rows(tmp_path / n)] for n in ("a", "b"))
     assert a == b
+
+
+def test_comm_warmup_and_dense_init_apply_to_outer_rounds(pools, tmp_path):
+    """Under local updates ``comm.warmup_steps`` counts outer rounds and ``comm.init=dense``
+    starts EF21 from the first round's own pseudo-gradient: that round is an exact fp32
+    all-reduce (the bytes of one), the next ones compressed; before, both did nothing here."""
+    base = ["experiment=tiny", "trainer.max_steps=8", "trainer.eval_every=8", "trainer.checkpoint_every=8",
+            "sync=local", "sync.local_steps=2", "comm=topk", "comm.ratio=0.05", "comm.min_numel=0"]
+    cases = ((["comm.warmup_steps=0", "comm.feedback=ef"], 0),
+             (["comm.warmup_steps=2", "comm.feedback=ef"], 2),
+             (["comm.warmup_steps=0", "comm.feedback=ef21", "comm.init=dense"], 1))
+    for i, (extra, dense_rounds) in enumerate(cases):
+        run = tmp_path / f"case{i}"
+        pools.train(*base, *extra, f"hydra.run.dir={run}")
+        ends = [x for x in rows(run) if x["step"] % 2 == 0]
+        data = [x["wire_bytes"] - x["control_bytes"] for x in ends]
+        dense = ends[0]["dense_bytes"]  # an fp32 ring all-reduce of every parameter
+        assert data[:dense_rounds] == [dense] * dense_rounds, (extra, data)
+        assert all(0 < d < dense / 4 for d in data[dense_rounds:]), (extra, data)

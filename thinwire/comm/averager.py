@@ -19,6 +19,11 @@ class CompressedAverager:
     ``comm=none`` is an exact fp32 all-reduce. Otherwise every named piece is compressed
     on its own; the two-phase collective gets a second process group of its own, created
     here (all ranks construct the averager in the same order).
+
+    ``step`` counts outer rounds: the first ``comm.warmup_steps`` rounds are exact fp32
+    all-reduces, and so is the first round when the feedback rule starts from a dense
+    message (``comm.init=dense``: EF21 / EControl initialised to the round's own
+    pseudo-gradient, as the DDP hook does on its first step).
     """
 
     def __init__(self, comm_cfg, meter: accounting.WireMeter, group=None, group2=None):
@@ -27,8 +32,11 @@ class CompressedAverager:
         self.name = fields.pop("name")
         self.meter, self.group = meter, group
         self.aggregator = None
+        self.warmup_rounds = int(fields.get("warmup_steps", 0))
         if self.name != "none":
             self.aggregator = CompressedAggregator(self.name, fields, meter, group, group2)
+            if self.aggregator.feedback.dense_init:
+                self.warmup_rounds = max(self.warmup_rounds, 1)
             if (self.aggregator.collective == "two_phase" and group2 is None
                     and dist.is_initialized() and dist.get_world_size(group) > 1):
                 self.aggregator.group2 = groups.new_group(
@@ -42,7 +50,10 @@ class CompressedAverager:
             p = accounting.group_size(self.group)
             return work.get_future().then(lambda f: f.value()[0].div_(p))
         pieces = list(flat.detach().float().split(sizes))
-        fut = self.aggregator.launch(names, pieces, step)
+        if step < self.warmup_rounds:
+            fut = self.aggregator.launch_dense(names, pieces)
+        else:
+            fut = self.aggregator.launch(names, pieces, step)
         return fut.then(lambda f: torch.cat(f.value()))
 
     def average(self, names: list[str], sizes: list[int], flat: torch.Tensor, step: int) -> torch.Tensor:

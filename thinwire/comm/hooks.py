@@ -56,7 +56,7 @@ class CommConfig:
     rule its own (``eta``, ``init``, ``ef_decay``)."""
     name: str = "none"
     feedback: str = "none"           # none | ef | ef21 | ef21m | econtrol
-    warmup_steps: int = 0            # plain all-reduce for the first steps (DDP rebuilds buckets)
+    warmup_steps: int = 0            # plain all-reduce for the first steps (local/co2: outer rounds)
     min_numel: int = 0               # tensors smaller than this are sent uncompressed
     collective: str = "auto"         # auto | allreduce | allgather | two_phase
     seed: int = 0                    # of the compressor's randomness (rand-k indices, stochastic rounding)
