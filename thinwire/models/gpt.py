@@ -51,8 +51,7 @@ class GPTOptions:
             other = "n_embd" if key == "n_layer" else "n_layer"
             need(False, key, getattr(self, key), f"with {other}={getattr(self, other)} makes a model of {n:.3g} "
                  f"parameters, whose training state ({TRAIN_BYTES_PER_PARAM} bytes per parameter) exceeds this "
-                 f"machine's "
-                 f"{memory / 2**30:.0f} GiB of memory")
+                 f"machine's {memory / 2**30:.0f} GiB of memory")
 
     def n_params(self, vocab_size: int = 256) -> int:
         """Parameters of the network (``vocab_size``: at most 256 characters), from its shape."""
