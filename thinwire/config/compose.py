@@ -67,6 +67,11 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
         key = o.key_or_group
         head = key.split(".")[0].split("/")[0]
         if head not in typed or o.package:
+            if head in PRESET_GROUPS and key == head and not o.is_delete():
+                value = o.value()
+                valid = _choices(head)
+                if isinstance(value, str) and value not in valid:
+                    raise ConfigError(f"{key}={value}: unknown preset; valid: {', '.join(valid)}")
             out.append(o.input_line)
             continue
         if o.is_delete():
@@ -95,11 +100,14 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     return out, how
 
 
+PRESET_GROUPS = ("experiment",)  # groups of YAML presets only (no schema of their own)
+
+
 def _choices(group: str) -> list[str]:
     """What ``<group>=`` accepts: registered options and the YAML presets in configs/."""
     d = os.path.join(config_dir(), group)
     yamls = [f[:-5] for f in os.listdir(d) if f.endswith(".yaml")] if os.path.isdir(d) else []
-    return sorted(set(groups()[group].entries()) | set(yamls))
+    return sorted(set(groups()[group].entries() if group in groups() else ()) | set(yamls))
 
 
 def _who_has(group: str, key: str) -> list[str]:
@@ -144,6 +152,8 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .rules import check_model_data
+
     register_schemas()
     rewritten, how = _rewrite(overrides)
     try:
@@ -161,6 +171,7 @@ def compose(overrides: list[str]) -> DictConfig:
                 _enforce_keys(cfg[name], group.schema(option), name, option, name, how)
         for name, schema in fixed_groups().items():
             _enforce_keys(cfg[name], schema, name, "", name, how)
+        check_model_data(cfg)  # before data's interpolations of model keys (model.path) resolve
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e, how)) from None

@@ -53,6 +53,23 @@ def check_group(cfg: DictConfig, group: str) -> None:
         raise in_group(group, e) from None
 
 
+def check_model_data(cfg: DictConfig) -> None:
+    """The model can train on the data set's batches: the data class's ``batches`` is one of
+    the model builder's ``needs_batches`` (parts that declare neither are not checked). Runs
+    at compose time, before the data options' interpolations of model keys resolve."""
+    g = groups()
+    model, data = chosen_option(cfg, "model"), chosen_option(cfg, "data")
+    if model is None or data is None:
+        return
+    needs = getattr(g["model"].part(model), "needs_batches", None)
+    gives = getattr(g["data"].part(data), "batches", None)
+    if needs is None or gives is None or gives in needs:
+        return
+    fits = [d for d in g["data"].options() if getattr(g["data"].part(d), "batches", None) in needs]
+    raise ConfigError(f"data={data}: model={model} cannot train on it (it gives {gives} batches, model={model} "
+                      f"needs {' or '.join(needs)}: data={', '.join(fits) or '?'})")
+
+
 def validate(cfg: DictConfig) -> None:
     _check_finite(cfg)
     for name, schema in fixed_groups().items():
@@ -77,6 +94,9 @@ def _cross_group(cfg: DictConfig) -> None:
         need(strategy.needs_grad_allreduce, "sync", cfg.sync.name,
              f"optim={cfg.optim.name} synchronises every step itself; use sync=ddp")
     need("batch_size" in cfg.data, "data", cfg.data.get("_target_"), "a data set needs a batch_size option")
+    world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else cfg.dist.nproc
+    need(cfg.trainer.faults.rank < world, "trainer.faults.rank", cfg.trainer.faults.rank,
+         f"is not a rank of this run (world size {world}: dist.nproc or torchrun's WORLD_SIZE)")
     for group in ("optim", "sync", "engine", "peft"):
         part = g[group].part(cfg[group].name)
         if hasattr(part, "check_run"):
@@ -113,10 +133,11 @@ def _check_resume(cfg: DictConfig) -> None:
     from ..trainer.checkpoint import check_loadable, unusable_reason
     from ..trainer.faults import restart_count
     from ..trainer.loop import no_usable_checkpoint, untrusted_engine_error
-    from ..trainer.rundir import check_rerun, effective_resume, probe_lock, step_dirs
+    from ..trainer.rundir import check_rerun, check_writable, effective_resume, probe_lock, step_dirs
     from .resume import check_resume_config
 
     run_dir, t = cfg.run_dir, cfg.trainer
+    check_writable(run_dir)
     r = effective_resume(t.resume)
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # a worker's rank 0 takes the lock itself
         probe_lock(run_dir)

@@ -57,7 +57,16 @@ def require_package(module: str, pip_name: str, key: str):
                                 f"'pip install --no-deps {pip_name}'") from None
 
 
-def check_common_options(o) -> None:
-    """Checks shared by the built-in data sets' options (``check_options``)."""
+MAX_EVAL_BATCHES = 10_000  # every evaluation runs them all
+
+
+def check_common_options(o, train_items: int | None = None, unit: str = "samples") -> None:
+    """Checks shared by the built-in data sets' options (``check_options``): ``train_items``
+    (when known) bounds the batch size."""
     positive(o, "batch_size", "eval_batches")
     need(0 < o.val_fraction < 1, "val_fraction", o.val_fraction, "must be in (0, 1)")
+    need(o.eval_batches <= MAX_EVAL_BATCHES, "eval_batches", o.eval_batches,
+         f"must be at most {MAX_EVAL_BATCHES} (every evaluation runs them all)")
+    if train_items is not None:
+        need(o.batch_size <= train_items, "batch_size", o.batch_size,
+             f"must be at most the training set's {train_items} {unit}")

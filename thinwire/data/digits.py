@@ -7,7 +7,12 @@ from .base import EVAL, TRAIN, DataInfo, check_common_options, shard_bounds, ste
 
 
 class Digits:
-    check_options = staticmethod(check_common_options)
+    batches = "features"  # what a batch holds, for the models' ``needs_batches``
+    N_SAMPLES = 1797
+
+    @staticmethod
+    def check_options(o) -> None:
+        check_common_options(o, int(Digits.N_SAMPLES * (1 - o.val_fraction)))
 
     def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, eval_batches: int = 4, *,
                  seed: int = 0, rank: int = 0, world_size: int = 1):

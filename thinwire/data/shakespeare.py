@@ -47,14 +47,17 @@ def load_texts() -> dict[str, str]:
 class ShakespeareChars:
     """Random windows of ``block_size + 1`` characters; x = window[:-1], y = window[1:]."""
 
+    batches = "char_windows"  # what a batch holds, for the models' ``needs_batches``
+
     @staticmethod
     def check_options(o) -> None:
-        check_common_options(o)
         positive(o, "block_size")
         try:
             texts = load_texts()
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+        train_len = sum(int(len(x) * (1 - o.val_fraction)) for x in texts.values())
+        check_common_options(o, train_len, "characters")
         val_len = sum(len(x) - int(len(x) * (1 - o.val_fraction)) for x in texts.values())
         need(o.block_size + 1 < val_len, "block_size", o.block_size,
              f"is larger than the validation text ({val_len} chars; data.block_size follows model.block_size)")
@@ -115,14 +118,17 @@ class ShakespeareLines:
     Hugging Face tokenizer path (or ``pkg:<module>``, see ``models.hf``).
     """
 
+    batches = "token_ids_labels"  # what a batch holds, for the models' ``needs_batches``
+
     @staticmethod
     def check_options(o) -> None:
-        check_common_options(o)
         positive(o, "max_length", "min_chars")
         try:
-            load_texts()
+            texts = load_texts()
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
+        most_lines = sum(len(x) for x in texts.values()) // o.min_chars  # lines have >= min_chars chars
+        check_common_options(o, most_lines, "lines (at most)")
 
     def __init__(self, batch_size: int = 16, max_length: int = 64, val_fraction: float = 0.05,
                  eval_batches: int = 8, tokenizer: str = "char", min_chars: int = 20, *,

@@ -9,6 +9,7 @@ broadcast each step and the wire accounting stays exact.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import need, positive
+
+
+TRAIN_BYTES_PER_PARAM = 16  # fp32 parameter, gradient and AdamW's two moments
+
+
+def host_memory() -> int:
+    """Physical memory in bytes (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 @dataclass
@@ -32,6 +44,20 @@ class GPTOptions:
         positive(self, "n_layer", "n_head", "n_embd", "block_size")
         need(self.n_embd % self.n_head == 0, "n_head", self.n_head, f"must divide model.n_embd={self.n_embd}")
         need(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        n = self.n_params()
+        memory = host_memory()
+        if memory and n * TRAIN_BYTES_PER_PARAM > memory:
+            key = "n_layer" if self.n_layer / 4 >= self.n_embd / 128 else "n_embd"  # the one far off its default
+            other = "n_embd" if key == "n_layer" else "n_layer"
+            need(False, key, getattr(self, key), f"with {other}={getattr(self, other)} makes a model of {n:.3g} "
+                 f"parameters, whose training state ({TRAIN_BYTES_PER_PARAM} bytes per parameter) exceeds this "
+                 f"machine's {memory / 2**30:.0f} GiB of memory")
+
+    def n_params(self, vocab_size: int = 256) -> int:
+        """Parameters of the network (``vocab_size``: at most 256 characters), from its shape."""
+        e = self.n_embd
+        per_block = 12 * e * e + (13 * e if self.bias else 4 * e)  # qkv, proj, 4x MLP; layer norms
+        return self.n_layer * per_block + (vocab_size + self.block_size) * e + 2 * e
 
 
 @dataclass
@@ -128,3 +154,5 @@ def build_gpt(*, info, **options) -> GPT:
 
 
 build_gpt.Config = GPTOptions
+build_gpt.needs_batches = ("char_windows",)  # the data sets whose ``batches`` it can train on
+build_gpt.meta_buildable = True  # cheap to build on the meta device (peft checks its module names)

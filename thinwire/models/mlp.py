@@ -46,3 +46,5 @@ def _check_digits_options(o) -> None:
 
 
 build_digits_net.check_options = _check_digits_options
+build_digits_net.needs_batches = ("features",)
+build_digits_net.meta_buildable = True

@@ -234,3 +234,38 @@ def lora_ga(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.M
 
 lora.Config = LoraOptions
 lora_ga.Config = LoraGAOptions
+
+
+def check_modules(cfg) -> None:
+    """``check_run`` of ``peft=lora|lora_ga``: every name in ``peft.target_modules`` and
+    ``peft.modules_to_train`` is a module of the model (a full name, or its last parts, as
+    PEFT matches them). Checked where the model builder is ``meta_buildable`` (built on the
+    meta device from its options in milliseconds, no weights); for other models (a pretrained
+    ``hf_classifier``) the names are checked when the workers build the model."""
+    from hydra.utils import get_method, instantiate
+
+    from ..data.base import DataInfo
+    from ..errors import ConfigError
+
+    target = cfg.model.get("_target_")
+    try:
+        builder = get_method(target)
+    except Exception:  # noqa: BLE001 - a user's builder that does not import: checked by the run
+        return
+    if not getattr(builder, "meta_buildable", False):
+        return
+    info = DataInfo(unit="samples", items_per_batch=1, vocab_size=256, num_classes=10, n_features=64)
+    with torch.device("meta"):
+        model = instantiate(cfg.model, info=info)
+    names = [n for n, _ in model.named_modules() if n]
+    for key in ("target_modules", "modules_to_train"):
+        wanted = list(cfg.peft[key])
+        for t in wanted:
+            if not any(n == t or n.endswith("." + t) for n in names):
+                leaves = sorted({n.split(".")[-1] for n in names})
+                raise ConfigError(f"peft.{key}={wanted}: {t} names no module of the model; its modules "
+                                  f"are named {', '.join(leaves)}")
+
+
+lora.check_run = check_modules
+lora_ga.check_run = check_modules

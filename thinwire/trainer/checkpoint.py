@@ -35,10 +35,12 @@ import os
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from ..errors import one_line
 
 FORMAT_VERSION = 1
 
@@ -145,6 +147,14 @@ def check_loadable(path: str) -> dict:
                if not os.path.isfile(os.path.join(path, f"rank{r:05d}.pt"))]
     if missing:
         raise ValueError(f"trainer.resume={path}: {missing[0]} is missing")
+    for r in range(int(manifest.get("world_size", 0))):  # a truncated file has no zip directory at its end
+        name = f"rank{r:05d}.pt"
+        try:
+            with zipfile.ZipFile(os.path.join(path, name)):
+                pass
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"trainer.resume={path}: {name} is unreadable (truncated or not a torch file: "
+                             f"{one_line(e)})") from None
     return common
 
 

@@ -45,6 +45,10 @@ from .loggers import MetricsFile, NullLogger
 from .world import World
 
 
+MAX_SEED = 1 << 32                # seeds are mixed (seed * 1_000_003 + ...) into torch's 64-bit seeds
+MAX_SAMPLE_CHARS = 10_000
+
+
 @dataclass
 class TrainerConfig:
     """``trainer``: the run's length, evaluation, checkpoints and faults."""
@@ -69,6 +73,9 @@ class TrainerConfig:
 
     def check(self) -> None:
         positive(self, "max_steps", "eval_every", "checkpoint_every", "log_every")
+        need(0 <= self.seed < MAX_SEED, "seed", self.seed, f"must be an int in [0, {MAX_SEED}) (2**32)")
+        need(self.sample_chars <= MAX_SAMPLE_CHARS, "sample_chars", self.sample_chars,
+             f"must be at most {MAX_SAMPLE_CHARS} (one forward pass per character)")
         need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
         non_negative(self, "max_skipped_steps", "sample_chars")
         need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")

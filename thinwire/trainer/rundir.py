@@ -27,6 +27,7 @@ import fcntl
 import glob
 import os
 import socket
+import tempfile
 import time
 
 from ..errors import ConfigError
@@ -60,6 +61,38 @@ def previous_run(run_dir: str) -> str | None:
     if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
         parts.append("metrics.jsonl")
     return " and ".join(parts) or None
+
+
+def check_writable(run_dir: str) -> None:
+    """The run dir is (or can be made) a writable directory whose ``checkpoints`` is a
+    directory and whose ``metrics.jsonl`` is a file, where they exist. A run dir still to be
+    made is probed by making (and removing) a directory next to where it goes (``/proc``
+    refuses even root); nothing is left behind."""
+    def bad(why: str) -> RunDirError:
+        return RunDirError(f"hydra.run.dir={run_dir}: {why}")
+
+    if os.path.lexists(run_dir):
+        if not os.path.isdir(run_dir):
+            raise bad("is a file, not a directory")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise bad("is not writable")
+        for name, want_dir in (("checkpoints", True), ("metrics.jsonl", False)):
+            p = os.path.join(run_dir, name)
+            if os.path.lexists(p) and os.path.isdir(p) != want_dir:
+                raise bad(f"its {name} is {'a file' if want_dir else 'a directory'}, where thinwire writes "
+                          f"{'checkpoint directories' if want_dir else 'the metrics file'}; move it away")
+        return
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise bad(f"{parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise bad(f"cannot be created: {parent} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".thinwire-probe-", dir=parent))
+    except OSError as e:
+        raise bad(f"cannot be created in {parent} ({e.strerror or e.__class__.__name__})") from None
 
 
 def check_rerun(run_dir: str, resume: str, overwrite: bool) -> None:

@@ -8,7 +8,9 @@ there is one code path, world size 1 included. NCCL when CUDA is available (devi
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,19 @@ import torch.distributed as dist
 
 from ..comm import groups
 from ..errors import need, non_negative, one_of, positive
+
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def is_host(addr: str) -> bool:
+    """``addr`` is an IPv4/IPv6 address or a DNS host name (no port, no spaces)."""
+    try:
+        ipaddress.ip_address(addr)
+        return True
+    except ValueError:
+        pass
+    return 0 < len(addr) <= 253 and all(_HOST_LABEL.match(p) for p in addr.split("."))
 
 
 @dataclass
@@ -33,6 +48,8 @@ class DistConfig:
         need(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = cores / local workers)")
         one_of(self.backend, ("auto", "gloo", "nccl"), "backend")
         positive(self, "timeout_s")
+        need(is_host(self.master_addr), "master_addr", self.master_addr,
+             "must be a host name or an IP address, without a port (the port is chosen free)")
         non_negative(self, "max_restarts")
         need(self.backend != "nccl" or torch.cuda.is_available(), "backend", self.backend,
              "needs CUDA, which is not available")

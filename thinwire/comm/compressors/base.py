@@ -142,9 +142,13 @@ def unpack_uint(packed: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return vals.reshape(-1)[:n]
 
 
+MAX_BLOCK_SIZE = 1 << 24  # every tensor is zero-padded to whole blocks: 64 MiB of fp32 each at most
+
+
 def check_block_size(name: str, block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 8:
-        raise ValueError(f"{name}: block_size={block_size!r} must be an int >= 8")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 8 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"{name}: block_size={block_size!r} must be an int in [8, {MAX_BLOCK_SIZE}] "
+                         f"(each tensor is padded to whole blocks)")
     return block_size
 
 
@@ -162,7 +166,7 @@ def check_bool(name: str, key: str, value) -> bool:
 
 def check_choice(name: str, key: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"{name}: {key}={value!r} must be one of {sorted(choices)}")
+        raise ValueError(f"{name}: {key}={value} must be one of {', '.join(sorted(choices))}")
     return value
 
 
