@@ -74,6 +74,11 @@ def _cross_group(cfg: DictConfig) -> None:
              "use comm=none")
         need(strategy.needs_grad_allreduce, "sync", cfg.sync.name,
              f"optim={cfg.optim.name} synchronises every step itself; use sync=ddp")
+    elif not getattr(plugin, "needs_grad_allreduce", True):  # it exchanges its own (compressed) state
+        need(cfg.comm.name == "none", "comm", cfg.comm.name, f"optim={cfg.optim.name} compresses and exchanges "
+             "its own momentum (no gradient all-reduce); use comm=none")
+        need(strategy.needs_grad_allreduce, "sync", cfg.sync.name,
+             f"optim={cfg.optim.name} synchronises every step itself; use sync=ddp")
     need("batch_size" in cfg.data, "data", cfg.data.get("_target_"), "a data set needs a batch_size option")
     for group in ("optim", "sync", "engine", "peft"):
         part = g[group].part(cfg[group].name)

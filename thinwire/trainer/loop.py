@@ -96,7 +96,7 @@ class Trainer:
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
-        grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce
+        grad_sync = plugin_cls.needs_backprop and plugin_cls.needs_grad_allreduce and sync_cls.needs_grad_allreduce
         self.engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm, grad_sync=grad_sync)
         self.plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin = self.engine.attach(self.plugin, cfg.data.batch_size)  # DeepSpeed takes over the step
@@ -127,6 +127,8 @@ class Trainer:
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
         shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
         (shard if per_rank else common).update(model_state)
+        if not per_rank and getattr(self.plugin, "per_rank_state", False):  # e.g. DeMo's momentum
+            shard["optim"] = common.pop("optim")
         path = self.ckpt.save(step, common, shard, extra=self.engine.save_extra)
         self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
         return path
@@ -153,7 +155,7 @@ class Trainer:
     def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
         src = shard if "model" in shard else common
         self.model.load_state_dict(src["model"])
-        self.plugin.load_state_dict(src["optim"])
+        self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
         self.engine.load_extra(path, same_world)
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])
