@@ -46,9 +46,19 @@ ROWS = {
     "sparseloco H=15 k=128": ["experiment=sparseloco", "comm.k=128"],
     "co2 H=8": ["sync=co2", "sync.local_steps=8"],
     "local H=8 + topk 1% + ef": ["sync=local", "sync.local_steps=8", *LOCAL, "comm=topk", "comm.ratio=0.01"],
+    # DeMo / DisTrO (optim=demo): every step, compressed momentum, Signum step; own LR grid (ROW_LRS)
+    "demo k=32 bf16": ["optim=demo"],
+    "demo 1-bit k=16": ["optim=demo", "optim.k=16", "optim.bits=1"],
+    "distro 1-bit k=4": ["optim=distro"],
 }
+# rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
+# each step, so its best LR is well below AdamW's
+SIGNUM_LRS = [3e-4, 1e-3, 3e-3]
+ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS}
+DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
-        "sweep": [r for r in ROWS if r not in ("dense",)]}
+        "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
+        "demo": DEMO}
 
 
 def overrides(row: str, seed: int, a) -> list[str]:
@@ -160,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lrs", type=float, nargs="*", default=[],
-                    help="an LR sweep on the first seed; the other seeds run at each row's best LR")
+                    help="an LR sweep on the first seed; the other seeds run at each row's best LR "
+                         "(rows in ROW_LRS sweep their own grid instead)")
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
     a = ap.parse_args(argv)
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
@@ -170,7 +181,7 @@ def main(argv=None) -> int:
     for row in names:
         if a.lrs:  # the same sweep for every row, on the first seed: each row keeps its best LR
             sweep = {}
-            for lr in a.lrs:
+            for lr in ROW_LRS.get(row, a.lrs):
                 rows = rows_of(run_dir(overrides(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr})))) \
                     if a.report else run(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr}))
                 if rows and rows[-1]["step"] == a.steps:
