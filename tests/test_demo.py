@@ -108,7 +108,7 @@ def _run_plugin(rank, world_size, steps, kw):
             p.grad = grad_of(rank, step, s)
         plugin.apply(step)
         wire.append(meter.take_step().get("data", 0))
-    return {"params": [p.detach().clone() for p in plugin.params], "momentum": [m.clone() for m in plugin.momentum],
+    return {"params": [p.detach().clone() for p in plugin.params], "momentum": plugin.momentum_params(),
             "payload": plugin.payload_bytes(), "wire": wire}
 
 

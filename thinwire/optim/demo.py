@@ -33,7 +33,12 @@ coefficients and k' = min(k, C) kept: c k' ceil(log2 C) / 8 rounded up (indices)
 c k' x 2 (bf16) or c k' / 8 rounded up (signs); the all-gather sends (p - 1) x the sum
 over tensors. At C = 4096, k = 32, bf16: 32 x 28 bits per 4096 = 0.0273 B/param.
 
-State (``state_dict``): the momentum m of this rank (it differs between ranks, so the
+The momentum is kept as its DCT coefficients M = DCT(m) (an orthonormal change of basis,
+so the algorithm is the same): M <- beta M + lr DCT(g), and m - IDCT(S) is M with the sent
+coefficients set to 0, exactly. One forward and one inverse transform per tensor per step
+(the reference: one forward, two inverse).
+
+State (``state_dict``): the momentum M of this rank, as (chunks, chunk) coefficients (it differs between ranks, so the
 checkpoint keeps it per rank: ``per_rank_state``) and, for ``update=adamw``, the AdamW
 state; a skipped (non-finite) step never reaches ``apply``, so nothing changes. DeMo's
 reference keeps its state outside ``state_dict`` and sends int64 indices.
@@ -58,6 +63,7 @@ from .plugins import OPTIMIZERS, BackpropOptions, OptimizerPlugin
 
 @dataclass
 class DeMoOptions(BackpropOptions):
+    grad_clip: float = 1.0           # per rank, on the local gradient before the momentum; 0 = off
     beta: float = 0.999              # momentum decay (DeMo's compression_decay; DisTrO 0.995)
     k: int = 32                      # DCT coefficients kept per chunk
     chunk: int = 64                  # target tile side per dimension (largest divisor <= chunk)
@@ -125,7 +131,9 @@ class DeMoPlugin(OptimizerPlugin):
                 self.coders.append(_DenseCoefficients(cfg.bits))
             else:
                 self.coders.append(ChunkTopKCompressor(chunk=t.chunk, k=cfg.k, bits=cfg.bits, mean="contributors"))
-        self.momentum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        # the momentum in the DCT domain, (chunks, chunk) per tensor (see the module docstring)
+        self.momentum = [torch.zeros(t.chunks, t.chunk, dtype=torch.float32, device=p.device)
+                         for t, p in zip(self.tiles, self.params)]
         self.optimizer = None
         if cfg.update == "adamw":
             groups = [{"params": [p for p, d in zip(self.params, self.decay) if d], "weight_decay": cfg.weight_decay},
@@ -166,27 +174,28 @@ class DeMoPlugin(OptimizerPlugin):
 
     @torch.no_grad()
     def compress_momentum(self, lr: float) -> list[Payload]:
-        """m <- beta m + lr g; select top-k DCT coefficients; m <- m - IDCT(selected at full
-        precision). This rank's payloads, one per tensor."""
+        """M <- beta M + lr DCT(g); select the top-k coefficients of every chunk; set them to 0
+        in M (m <- m - IDCT(selected at full precision)). This rank's payloads, one per tensor."""
         c = self.cfg
         payloads = []
         for p, m, tiles, coder in zip(self.params, self.momentum, self.tiles, self.coders):
             m.mul_(c.beta)
             if p.grad is not None:
-                m.add_(p.grad.float(), alpha=lr)
-            coef = tiles.encode(m)
+                m.add_(tiles.encode(p.grad), alpha=lr)
             if isinstance(coder, _DenseCoefficients):
-                pl = coder.compress(coef)
-                m.sub_(tiles.decode(coef))
+                pl = coder.compress(m)
+                m.zero_()                                  # every coefficient was sent
             else:
-                flat = coef.reshape(-1)
+                flat = m.view(-1)
                 pl = coder.compress(flat)
                 idx, _ = coder._entries(pl)
-                selected = torch.zeros_like(flat)
-                selected[idx] = flat[idx]                 # the kept coefficients, unquantised
-                m.sub_(tiles.decode(selected))
+                flat[idx] = 0.0                            # the kept coefficients leave the momentum
             payloads.append(pl)
         return payloads
+
+    def momentum_params(self) -> list[torch.Tensor]:
+        """The momentum in parameter space, m = IDCT(M), per tensor (for inspection)."""
+        return [t.decode(m) for t, m in zip(self.tiles, self.momentum)]
 
     @torch.no_grad()
     def exchange(self, payloads: list[Payload]) -> list[torch.Tensor]:

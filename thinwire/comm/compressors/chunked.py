@@ -133,6 +133,7 @@ class ChunkTopKCompressor(Compressor):
         self.mean = check_choice(self.name, "mean", mean, {"contributors", "all"})
         self.contributors_mean = mean == "contributors"  # read by the sparse all-gather
         self.index_bits = uint_width(chunk)
+        self._bases_cache: dict = {}     # (numel, device) -> _bases (the same for every call)
 
     # -- layout ------------------------------------------------------------------------
     def kept(self, n: int) -> tuple[int, int, int]:
@@ -142,7 +143,13 @@ class ChunkTopKCompressor(Compressor):
         return full, r, last
 
     def _bases(self, n: int, device) -> torch.Tensor:
-        """The first element of the run of every kept entry, in payload order."""
+        """The first element of the run of every kept entry, in payload order (cached)."""
+        key = (n, str(device))
+        if key not in self._bases_cache:
+            self._bases_cache[key] = self._make_bases(n, device)
+        return self._bases_cache[key]
+
+    def _make_bases(self, n: int, device) -> torch.Tensor:
         full, r, last = self.kept(n)
         starts = torch.arange(full, device=device, dtype=torch.int64) * self.chunk
         bases = starts.repeat_interleave(self.k)
