@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", type=float, nargs="*", default=[],
                     help="an LR sweep on the first seed; the other seeds run at each row's best LR "
                          "(rows in ROW_LRS sweep their own grid instead)")
+    ap.add_argument("--row-lrs", type=float, nargs="*", default=None,
+                    help="a (smaller) grid for the rows that have their own (ROW_LRS) in this call")
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
     a = ap.parse_args(argv)
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
     for row in names:
         if a.lrs:  # the same sweep for every row, on the first seed: each row keeps its best LR
             sweep = {}
-            for lr in ROW_LRS.get(row, a.lrs):
+            grid = ROW_LRS.get(row, a.lrs) if a.row_lrs is None or row not in ROW_LRS else a.row_lrs
+            for lr in grid:
                 rows = rows_of(run_dir(overrides(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr})))) \
                     if a.report else run(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr}))
                 if rows and rows[-1]["step"] == a.steps:
