@@ -50,12 +50,14 @@ ROWS = {
     "demo k=32 bf16": ["optim=demo"],
     "demo 1-bit k=16": ["optim=demo", "optim.k=16", "optim.bits=1"],
     "distro 1-bit k=4": ["optim=distro"],
+    "demo v2 k=32 bf16 (AdamW on U)": ["optim=demo", "optim.update_rule=adamw"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
-SIGNUM_LRS = [3e-4, 1e-3, 3e-3]
-ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS}
-DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4"]
+SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
+ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
+           "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
+DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO}

@@ -188,7 +188,7 @@ def test_config_rules():
     cfg = compose(["optim=distro"])
     assert (cfg.optim.name, cfg.optim.k, cfg.optim.bits, cfg.optim.beta) == ("demo", 4, 1, 0.995)
     for bad, msg in [(["comm=bf16"], "comm=none"), (["sync=local"], "sync=ddp"), (["optim.bits=2"], "bits"),
-                     (["optim.update=lion"], "update")]:
+                     (["optim.update_rule=lion"], "update")]:
         with pytest.raises(ConfigError, match=msg):
             validate(compose(["optim=demo", *bad]))
 
@@ -205,7 +205,7 @@ def _ckpt(run_dir, step, name):
     return torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / name, weights_only=False)
 
 
-@pytest.mark.parametrize("extra", [[], ["optim=distro", "optim.update=adamw"]], ids=["demo", "distro-adamw"])
+@pytest.mark.parametrize("extra", [[], ["optim=distro", "optim.update_rule=adamw"]], ids=["demo", "distro-adamw"])
 def test_stop_and_resume_equals_uninterrupted_bitwise(pools, tmp_path, extra):
     full, split = tmp_path / "full", tmp_path / "split"
     args = [*TINY, *extra, "trainer.checkpoint_every=4", "dist.nproc=2"]
@@ -221,6 +221,8 @@ def test_stop_and_resume_equals_uninterrupted_bitwise(pools, tmp_path, extra):
         flat_a, flat_b = a[key].get("momentum", a[key]), b[key].get("momentum", b[key])
         for k in flat_a:
             assert torch.equal(flat_a[k], flat_b[k]), (name, k)
+    if extra:  # update_rule=adamw really steps AdamW (its state is checkpointed next to the momentum)
+        assert "optimizer" in _ckpt(full, 8, "rank00000.pt")["optim"]
     # the momentum is per rank (each rank's shard holds its own) and differs between ranks
     m0, m1 = _ckpt(full, 8, "rank00000.pt")["optim"]["momentum"], _ckpt(full, 8, "rank00001.pt")["optim"]["momentum"]
     assert any(not torch.equal(m0[k], m1[k]) for k in m0)

@@ -19,8 +19,8 @@ plugin owns its exchange, like ``optim=zo_dist``)::
     Q <- per coefficient, the mean over the ranks that sent it (in rank order: the same
          bytes summed in the same order on every rank, so Q is bitwise equal everywhere)
     U <- IDCT(Q)
-    p <- p - lr sign(U)                Signum (optim.update=sign, the paper's)
-      or AdamW(p, grad=U)              optim.update=adamw (DeMo's "v2": U fed to the base optimizer)
+    p <- p - lr sign(U)                Signum (optim.update_rule=sign, the paper's)
+      or AdamW(p, grad=U)              optim.update_rule=adamw (DeMo's "v2": U fed to the base optimizer)
 
 The Top-K, the index packing, the value encodings and the mean over contributors are
 ``comm=chunk_topk``'s (:class:`~thinwire.comm.compressors.chunked.ChunkTopKCompressor` on
@@ -39,7 +39,7 @@ coefficients set to 0, exactly. One forward and one inverse transform per tensor
 (the reference: one forward, two inverse).
 
 State (``state_dict``): the momentum M of this rank, as (chunks, chunk) coefficients (it differs between ranks, so the
-checkpoint keeps it per rank: ``per_rank_state``) and, for ``update=adamw``, the AdamW
+checkpoint keeps it per rank: ``per_rank_state``) and, for ``update_rule=adamw``, the AdamW
 state; a skipped (non-finite) step never reaches ``apply``, so nothing changes. DeMo's
 reference keeps its state outside ``state_dict`` and sends int64 indices.
 
@@ -68,16 +68,16 @@ class DeMoOptions(BackpropOptions):
     k: int = 32                      # DCT coefficients kept per chunk
     chunk: int = 64                  # target tile side per dimension (largest divisor <= chunk)
     bits: int = 16                   # 16: bf16 values | 1: sign bits decoded as +-1 (DisTrO)
-    update: str = "sign"             # sign (Signum, DeMo) | adamw (U fed to AdamW: DeMo v2)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])   # update=adamw only
-    eps: float = 1e-8                # update=adamw only
+    update_rule: str = "sign"        # sign (Signum, DeMo) | adamw (U fed to AdamW: DeMo v2)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])   # update_rule=adamw only
+    eps: float = 1e-8                # update_rule=adamw only
 
     def check(self) -> None:
         super().check()
         need(0 <= self.beta < 1, "beta", self.beta, "must be in [0, 1)")
         positive(self, "k", "chunk")
         need(self.bits in (1, 16), "bits", self.bits, "must be 16 (bf16 values) or 1 (sign bits)")
-        one_of(self.update, ("sign", "adamw"), "update")
+        one_of(self.update_rule, ("sign", "adamw"), "update_rule")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
              "must be two numbers in [0, 1)")
         positive(self, "eps")
@@ -135,7 +135,7 @@ class DeMoPlugin(OptimizerPlugin):
         self.momentum = [torch.zeros(t.chunks, t.chunk, dtype=torch.float32, device=p.device)
                          for t, p in zip(self.tiles, self.params)]
         self.optimizer = None
-        if cfg.update == "adamw":
+        if cfg.update_rule == "adamw":
             groups = [{"params": [p for p, d in zip(self.params, self.decay) if d], "weight_decay": cfg.weight_decay},
                       {"params": [p for p, d in zip(self.params, self.decay) if not d], "weight_decay": 0.0}]
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
