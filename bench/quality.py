@@ -46,9 +46,21 @@ ROWS = {
     "sparseloco H=15 k=128": ["experiment=sparseloco", "comm.k=128"],
     "co2 H=8": ["sync=co2", "sync.local_steps=8"],
     "local H=8 + topk 1% + ef": ["sync=local", "sync.local_steps=8", *LOCAL, "comm=topk", "comm.ratio=0.01"],
+    # DeMo / DisTrO (optim=demo): every step, compressed momentum, Signum step; own LR grid (ROW_LRS)
+    "demo k=32 bf16": ["optim=demo"],
+    "demo 1-bit k=16": ["optim=demo", "optim.k=16", "optim.bits=1"],
+    "distro 1-bit k=4": ["optim=distro"],
+    "demo v2 k=32 bf16 (AdamW on U)": ["optim=demo", "optim.update_rule=adamw"],
 }
+# rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
+# each step, so its best LR is well below AdamW's
+SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
+ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
+           "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
+DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
-        "sweep": [r for r in ROWS if r not in ("dense",)]}
+        "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
+        "demo": DEMO}
 
 
 def overrides(row: str, seed: int, a) -> list[str]:
@@ -162,7 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lrs", type=float, nargs="*", default=[],
-                    help="an LR sweep on the first seed; the other seeds run at each row's best LR")
+                    help="an LR sweep on the first seed; the other seeds run at each row's best LR "
+                         "(rows in ROW_LRS sweep their own grid instead)")
+    ap.add_argument("--row-lrs", type=float, nargs="*", default=None,
+                    help="a (smaller) grid for the rows that have their own (ROW_LRS) in this call")
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
     a = ap.parse_args(argv)
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
@@ -172,7 +187,8 @@ def main(argv=None) -> int:
     for row in names:
         if a.lrs:  # the same sweep for every row, on the first seed: each row keeps its best LR
             sweep = {}
-            for lr in a.lrs:
+            grid = ROW_LRS.get(row, a.lrs) if a.row_lrs is None or row not in ROW_LRS else a.row_lrs
+            for lr in grid:
                 rows = rows_of(run_dir(overrides(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr})))) \
                     if a.report else run(row, a.seeds[0], argparse.Namespace(**{**vars(a), "lr": lr}))
                 if rows and rows[-1]["step"] == a.steps:

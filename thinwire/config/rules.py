@@ -93,6 +93,11 @@ def _cross_group(cfg: DictConfig) -> None:
              "use comm=none")
         need(strategy.needs_grad_allreduce, "sync", cfg.sync.name,
              f"optim={cfg.optim.name} synchronises every step itself; use sync=ddp")
+    elif not plugin.needs_grad_allreduce:  # it exchanges its own (compressed) state
+        need(cfg.comm.name == "none", "comm", cfg.comm.name, f"optim={cfg.optim.name} compresses and exchanges "
+             "its own momentum (no gradient all-reduce); use comm=none")
+        need(strategy.needs_grad_allreduce, "sync", cfg.sync.name,
+             f"optim={cfg.optim.name} synchronises every step itself; use sync=ddp")
     need("batch_size" in cfg.data, "data", cfg.data.get("_target_"), "a data set needs a batch_size option")
     world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else cfg.dist.nproc
     need(cfg.trainer.faults.rank < world, "trainer.faults.rank", cfg.trainer.faults.rank,

@@ -5,6 +5,11 @@ A closed registry (``optim=<name>``), extended by third parties through the
 
 - ``needs_backprop``: False for forward-only (zeroth-order) methods; the engine then
   builds no DDP wrapper and no gradient buffers are all-reduced;
+- ``needs_grad_allreduce``: False for a plugin that exchanges what it needs itself
+  (``optim=demo``: compressed momentum); the engine then builds no DDP wrapper, and the
+  run must use ``comm=none`` and a sync strategy that would all-reduce gradients;
+- ``per_rank_state``: True when the plugin's state differs between ranks (DeMo's momentum):
+  checkpoints keep it in every rank's shard instead of once;
 - ``trainable(model)``: which parameters it updates.
 
 Its options are its ``Config`` dataclass (``optim.<key>``; the group-wide keys are
@@ -92,6 +97,8 @@ class OptimizerPlugin(ABC):
     Config = NoOptions           # the plugin's own options (``optim.<key>``)
     needs_backprop = True
     steps_torch_optimizer = False  # True: ``self.optimizer`` is a torch optimizer (DeepSpeed can step it)
+    needs_grad_allreduce = True  # False: the plugin owns its exchange (no DDP all-reduce)
+    per_rank_state = False       # True: state_dict differs between ranks (checkpointed per rank)
 
     def __init__(self, cfg, model: torch.nn.Module, *, max_steps: int, world=None, meter=None):
         self.cfg, self.model, self.max_steps, self.world, self.meter = cfg, model, max_steps, world, meter
@@ -207,3 +214,4 @@ def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
 
 # built-in forward-only plugins register themselves on import (after the base classes exist)
 from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)
+from . import demo  # noqa: E402,F401  registers optim=demo

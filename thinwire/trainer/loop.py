@@ -127,7 +127,7 @@ class Trainer:
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
-        grad_sync = plugin_cls.needs_backprop and sync_cls.needs_grad_allreduce
+        grad_sync = plugin_cls.needs_backprop and plugin_cls.needs_grad_allreduce and sync_cls.needs_grad_allreduce
         self.engine: Engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm,
                                            grad_sync=grad_sync, comm_hook=comm_hook)
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
@@ -159,6 +159,8 @@ class Trainer:
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
         shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
         (shard if per_rank else common).update(model_state)
+        if not per_rank and self.plugin.per_rank_state:  # e.g. DeMo's momentum
+            shard["optim"] = common.pop("optim")
         path = self.ckpt.save(step, common, shard, extra=self.engine.save_extra)
         self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
         return path
@@ -234,7 +236,7 @@ class Trainer:
     def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
         src = shard if "model" in shard else common
         self.model.load_state_dict(src["model"])
-        self.plugin.load_state_dict(src["optim"])
+        self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
         self.engine.load_extra(path, same_world)
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])

@@ -11,6 +11,8 @@ Algorithm 1: the chunk-wise Top-k operator and the quantiser Q; production code:
              code(v) = clamp(floor((v - mu) / w) + 2^bits / 2, 0, 2^bits - 1),
              code book[j] = mean of the values whose code is j      (decode: v' = book[code])
              or, with ``bits=16``, the values themselves in bf16 (no code book)
+             or, with ``bits=1``, only their signs, one bit each, decoded as +-1 (DisTrO's
+             1-bit values, as ``optim=demo`` sends its DCT coefficients; no code book)
 
 Every full run costs the same k entries, so payloads have a size fixed by the tensor's
 shape and the all-gather is uniform. At the defaults (C 4096, k 64, 2 bits) that is
@@ -57,13 +59,13 @@ import math
 import numpy as np
 import torch
 
-from .base import Compressor, Payload, check_choice, pack_uint, uint_width, unpack_uint
+from .base import Compressor, Payload, check_choice, pack_bits, pack_uint, uint_width, unpack_bits, unpack_uint
 
 _GROUP = 8            # elements per group in the two-pass selection (a power of two: see the shifts)
 _ROWS = 128           # runs per block of the first pass (a 2 MiB temporary at C = 4096)
 _ABS = 0x7FFFFFFF     # |x| of an fp32 as its int32 bits: the order of magnitudes is the integer order
 _RANGE_SIGMAS = 6.0   # the code book's range, in standard deviations of the kept values (templar's 6)
-_BITS = (2, 4, 8, 16)
+_BITS = (1, 2, 4, 8, 16)
 
 
 def _largest_cols(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -109,7 +111,8 @@ def _select_full_runs(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 class ChunkTopKCompressor(Compressor):
     """``comm=chunk_topk``: see the module docstring. Options: ``chunk`` (C), ``k`` (entries
-    kept per full run), ``bits`` (2, 4, 8: code-book values; 16: bf16 values), ``mean``
+    kept per full run), ``bits`` (2, 4, 8: code-book values; 16: bf16 values; 1: signs
+    decoded as +-1), ``mean``
     (``contributors``: each coordinate averaged over the ranks that sent it; ``all``: over
     all ranks). Deterministic (``seed`` is unused)."""
 
@@ -124,11 +127,13 @@ class ChunkTopKCompressor(Compressor):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= chunk:
             raise ValueError(f"{self.name}: k={k!r} must be an int in [1, chunk={chunk}]")
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in _BITS:
-            raise ValueError(f"{self.name}: bits={bits!r} must be 2, 4 or 8 (code book) or 16 (bf16 values)")
+            raise ValueError(f"{self.name}: bits={bits!r} must be 2, 4 or 8 (code book), 16 (bf16 values) "
+                             f"or 1 (signs, decoded as +-1)")
         self.chunk, self.k, self.bits = chunk, k, bits
         self.mean = check_choice(self.name, "mean", mean, {"contributors", "all"})
         self.contributors_mean = mean == "contributors"  # read by the sparse all-gather
         self.index_bits = uint_width(chunk)
+        self._bases_cache: dict = {}     # (numel, device) -> _bases (the same for every call)
 
     # -- layout ------------------------------------------------------------------------
     def kept(self, n: int) -> tuple[int, int, int]:
@@ -138,7 +143,13 @@ class ChunkTopKCompressor(Compressor):
         return full, r, last
 
     def _bases(self, n: int, device) -> torch.Tensor:
-        """The first element of the run of every kept entry, in payload order."""
+        """The first element of the run of every kept entry, in payload order (cached)."""
+        key = (n, str(device))
+        if key not in self._bases_cache:
+            self._bases_cache[key] = self._make_bases(n, device)
+        return self._bases_cache[key]
+
+    def _make_bases(self, n: int, device) -> torch.Tensor:
         full, r, last = self.kept(n)
         starts = torch.arange(full, device=device, dtype=torch.int64) * self.chunk
         bases = starts.repeat_interleave(self.k)
@@ -150,6 +161,8 @@ class ChunkTopKCompressor(Compressor):
     def _quantise(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.bits == 16:
             return {"values": v.to(torch.bfloat16)}
+        if self.bits == 1:  # one bit per value: set for negative (0 and NaN decode as +1)
+            return {"signs": pack_bits(v < 0)}
         bins = 1 << self.bits
         m = v.numel()
         mu = v.mean() if m else v.new_zeros(())
@@ -171,6 +184,8 @@ class ChunkTopKCompressor(Compressor):
     def _values(self, p: Payload, m: int) -> torch.Tensor:
         if self.bits == 16:
             return p.tensors["values"].float()
+        if self.bits == 1:
+            return 1.0 - 2.0 * unpack_bits(p.tensors["signs"], m).float()
         return p.tensors["codebook"][unpack_uint(p.tensors["codes"], m, self.bits)]
 
     # -- the compressor ----------------------------------------------------------------

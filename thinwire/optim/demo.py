@@ -1,0 +1,265 @@
+"""``optim=demo``: Decoupled Momentum Optimization (Peng, Quesnelle, Kingma 2024, arXiv
+2411.19870, Algorithm 1; reference code ``bloc97/DeMo`` ``demo.py``; the production
+variant is Psyche's DisTrO, ``PsycheFoundation/psyche`` ``shared/modeling/src/distro.rs``).
+
+Every step, on every rank, for every trainable tensor (no DDP gradient all-reduce: the
+plugin owns its exchange, like ``optim=zo_dist``)::
+
+    p <- p (1 - lr wd)                 decoupled weight decay (matrices only, thinwire's grouping)
+    m <- beta m + lr g                 beta = optim.beta (0.999; DisTrO 0.995)
+    C <- DCT(m)                        chunked DCT-II (thinwire.comm.compressors.dct: tiles of
+                                       the largest divisor <= optim.chunk per dimension)
+    S <- top-k |C| of every chunk      k = optim.k (32 of 4096; DisTrO 4)
+    m <- m - IDCT(S)                   S at full precision, whatever goes on the wire: the
+                                       momentum is the error feedback (with 1-bit values the
+                                       magnitude is dropped, not fed back, as Psyche does)
+    all-gather every rank's S          indices packed in ceil(log2 chunk) bits, values as
+                                       bf16 (optim.bits=16) or one sign bit decoded as +-1
+                                       (optim.bits=1, DisTrO), one accounted all-gather per step
+    Q <- per coefficient, the mean over the ranks that sent it (in rank order: the same
+         bytes summed in the same order on every rank, so Q is bitwise equal everywhere)
+    U <- IDCT(Q)
+    p <- p - lr sign(U)                Signum (optim.update_rule=sign, the paper's)
+      or AdamW(p, grad=U)              optim.update_rule=adamw (DeMo's "v2": U fed to the base optimizer)
+
+The Top-K, the index packing, the value encodings and the mean over contributors are
+``comm=chunk_topk``'s (:class:`~thinwire.comm.compressors.chunked.ChunkTopKCompressor` on
+the coefficients laid out chunk after chunk, :func:`~thinwire.comm.collectives.sparse_mean`).
+A tensor whose chunk is no larger than k (k >= chunk) travels without indices: every
+coefficient, averaged over all ranks.
+
+Bytes a rank puts on the wire per step (payload), per tensor with c chunks of C
+coefficients and k' = min(k, C) kept: c k' ceil(log2 C) / 8 rounded up (indices) +
+c k' x 2 (bf16) or c k' / 8 rounded up (signs); the all-gather sends (p - 1) x the sum
+over tensors. At C = 4096, k = 32, bf16: 32 x 28 bits per 4096 = 0.0273 B/param.
+
+The momentum is kept as its DCT coefficients M = DCT(m) (an orthonormal change of basis,
+so the algorithm is the same): M <- beta M + lr DCT(g), and m - IDCT(S) is M with the sent
+coefficients set to 0, exactly. One forward and one inverse transform per tensor per step
+(the reference: one forward, two inverse).
+
+State (``state_dict``): the momentum M of this rank, as (chunks, chunk) coefficients (it differs between ranks, so the
+checkpoint keeps it per rank: ``per_rank_state``) and, for ``update_rule=adamw``, the AdamW
+state; a skipped (non-finite) step never reaches ``apply``, so nothing changes. DeMo's
+reference keeps its state outside ``state_dict`` and sends int64 indices.
+
+Gradient clipping (``optim.grad_clip``) is per rank, on the local gradient, before it
+enters the momentum (there is no averaged gradient to clip).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..comm import accounting
+from ..comm.collectives import pack, sparse_mean, unpack
+from ..comm.compressors.base import Payload, pack_bits, unpack_bits
+from ..comm.compressors.chunked import ChunkTopKCompressor
+from ..comm.compressors.dct import DCTTiles
+from ..errors import need, one_of, positive
+from .plugins import OPTIMIZERS, BackpropOptions, OptimizerPlugin
+
+
+@dataclass
+class DeMoOptions(BackpropOptions):
+    grad_clip: float = 1.0           # per rank, on the local gradient before the momentum; 0 = off
+    beta: float = 0.999              # momentum decay (DeMo's compression_decay; DisTrO 0.995)
+    k: int = 32                      # DCT coefficients kept per chunk
+    chunk: int = 64                  # target tile side per dimension (largest divisor <= chunk)
+    bits: int = 16                   # 16: bf16 values | 1: sign bits decoded as +-1 (DisTrO)
+    update_rule: str = "sign"        # sign (Signum, DeMo) | adamw (U fed to AdamW: DeMo v2)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])   # update_rule=adamw only
+    eps: float = 1e-8                # update_rule=adamw only
+
+    def check(self) -> None:
+        super().check()
+        need(0 <= self.beta < 1, "beta", self.beta, "must be in [0, 1)")
+        positive(self, "k", "chunk")
+        need(self.bits in (1, 16), "bits", self.bits, "must be 16 (bf16 values) or 1 (sign bits)")
+        one_of(self.update_rule, ("sign", "adamw"), "update_rule")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
+             "must be two numbers in [0, 1)")
+        positive(self, "eps")
+
+
+class _DenseCoefficients:
+    """A tensor whose chunks are no larger than k: all coefficients, no indices, values
+    bf16 or sign bits, mean over all ranks (every rank sends every coefficient)."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def compress(self, c: torch.Tensor) -> Payload:
+        flat = c.reshape(-1)
+        t = {"values": flat.to(torch.bfloat16)} if self.bits == 16 else {"signs": pack_bits(flat < 0)}
+        return Payload(t, flat.shape, torch.float32)
+
+    def values(self, p: Payload) -> torch.Tensor:
+        if self.bits == 16:
+            return p.tensors["values"].float()
+        return 1.0 - 2.0 * unpack_bits(p.tensors["signs"], p.numel).float()
+
+    def mean(self, payloads: list[Payload], numel: int, device) -> torch.Tensor:
+        acc = torch.zeros(numel, dtype=torch.float32, device=device)
+        for pl in payloads:
+            acc.add_(self.values(pl))
+        return acc.div_(len(payloads))
+
+
+@OPTIMIZERS.register("demo")
+class DeMoPlugin(OptimizerPlugin):
+    """``optim=demo``: see the module docstring."""
+
+    Config = DeMoOptions
+    needs_grad_allreduce = False     # the plugin exchanges compressed momentum itself
+    per_rank_state = True            # the momentum (error feedback) differs between ranks
+
+    def __init__(self, cfg, model, **kw):
+        super().__init__(cfg, model, **kw)
+        named = self.trainable(model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.decay = [p.dim() >= 2 for p in self.params]
+        self.rank = self.world.rank if self.world is not None else 0
+        self.world_size = self.world.world_size if self.world is not None else 1
+        self.meter = self.meter if self.meter is not None else accounting.WireMeter()
+        self.tiles = [DCTTiles(p.shape, cfg.chunk) for p in self.params]
+        self.coders: list = []
+        for t in self.tiles:
+            if cfg.k >= t.chunk:
+                self.coders.append(_DenseCoefficients(cfg.bits))
+            else:
+                self.coders.append(ChunkTopKCompressor(chunk=t.chunk, k=cfg.k, bits=cfg.bits, mean="contributors"))
+        # the momentum in the DCT domain, (chunks, chunk) per tensor (see the module docstring)
+        self.momentum = [torch.zeros(t.chunks, t.chunk, dtype=torch.float32, device=p.device)
+                         for t, p in zip(self.tiles, self.params)]
+        self.optimizer = None
+        if cfg.update_rule == "adamw":
+            groups = [{"params": [p for p, d in zip(self.params, self.decay) if d], "weight_decay": cfg.weight_decay},
+                      {"params": [p for p, d in zip(self.params, self.decay) if not d], "weight_decay": 0.0}]
+            self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                                               betas=tuple(cfg.betas), eps=cfg.eps)
+
+    # -- bytes -----------------------------------------------------------------------
+    def payload_bytes(self) -> list[int]:
+        """Bytes of each tensor's payload (what one rank contributes to the all-gather)."""
+        out = []
+        for t, coder in zip(self.tiles, self.coders):
+            zeros = torch.zeros(t.chunks, t.chunk)
+            pl = coder.compress(zeros) if isinstance(coder, _DenseCoefficients) else coder.compress(zeros.reshape(-1))
+            out.append(pl.nbytes)
+        return out
+
+    # -- one step --------------------------------------------------------------------
+    def _zero_grads(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        self._zero_grads()
+        loss = forward_model(**batch)
+        loss.backward()
+        return loss.detach()
+
+    def local_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+
+    def discard(self) -> None:
+        self._zero_grads()
+
+    @torch.no_grad()
+    def compress_momentum(self, lr: float) -> list[Payload]:
+        """M <- beta M + lr DCT(g); select the top-k coefficients of every chunk; set them to 0
+        in M (m <- m - IDCT(selected at full precision)). This rank's payloads, one per tensor."""
+        c = self.cfg
+        payloads = []
+        for p, m, tiles, coder in zip(self.params, self.momentum, self.tiles, self.coders):
+            m.mul_(c.beta)
+            if p.grad is not None:
+                m.add_(tiles.encode(p.grad), alpha=lr)
+            if isinstance(coder, _DenseCoefficients):
+                pl = coder.compress(m)
+                m.zero_()                                  # every coefficient was sent
+            else:
+                flat = m.view(-1)
+                pl = coder.compress(flat)
+                idx, _ = coder._entries(pl)
+                flat[idx] = 0.0                            # the kept coefficients leave the momentum
+            payloads.append(pl)
+        return payloads
+
+    def momentum_params(self) -> list[torch.Tensor]:
+        """The momentum in parameter space, m = IDCT(M), per tensor (for inspection)."""
+        return [t.decode(m) for t, m in zip(self.tiles, self.momentum)]
+
+    @torch.no_grad()
+    def exchange(self, payloads: list[Payload]) -> list[torch.Tensor]:
+        """All-gather every rank's payloads (one accounted collective) and decode the mean
+        over contributors, in rank order: U per tensor, bitwise equal on every rank."""
+        bufs = [pack(pl) for pl in payloads]
+        sizes = [b.numel() for b in bufs]
+        mine = torch.cat(bufs) if bufs else torch.empty(0, dtype=torch.uint8)
+        total = mine.numel()
+        device = self.params[0].device if self.params else torch.device("cpu")
+        gathered = torch.empty(self.world_size * total, dtype=torch.uint8, device=mine.device)
+        accounting.all_gather_into(self.meter, gathered, mine, kind="data")
+        rows = gathered.view(self.world_size, total)
+        out = []
+        off = 0
+        for pl, size, tiles, coder in zip(payloads, sizes, self.tiles, self.coders):
+            received = [unpack(rows[r, off:off + size], pl) for r in range(self.world_size)]
+            if isinstance(coder, _DenseCoefficients):
+                q = coder.mean(received, tiles.numel, device)
+            else:
+                q = sparse_mean(coder, received, tiles.numel, self.world_size, device)
+            out.append(tiles.decode(q))
+            off += size
+        return out
+
+    @torch.no_grad()
+    def apply(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        lr = self.lr(step)
+        out = {"lr": lr}
+        if c.grad_clip > 0:
+            grads = [p for p in self.params if p.grad is not None]
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grads, c.grad_clip))
+        payloads = self.compress_momentum(lr)
+        updates = self.exchange(payloads)
+        if self.optimizer is None:
+            for p, u, decay in zip(self.params, updates, self.decay):
+                if decay and c.weight_decay:
+                    p.mul_(1.0 - lr * c.weight_decay)
+                p.add_(torch.sign(u).to(p.dtype), alpha=-lr)
+        else:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            for p, u in zip(self.params, updates):
+                if p.grad is None:
+                    p.grad = u.to(p.dtype)
+                else:
+                    p.grad.copy_(u)
+            self.optimizer.step()
+        payload = sum(pl.nbytes for pl in payloads)
+        raw = 4 * sum(t.numel for t in self.tiles)
+        out["compression_ratio"] = raw / payload if payload else 1.0
+        out["payload_bytes"] = float(payload)
+        return out
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"momentum": {n: m.clone() for n, m in zip(self.names, self.momentum)}}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, m in zip(self.names, self.momentum):
+            m.copy_(state["momentum"][n])
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
