@@ -132,7 +132,7 @@ def test_zeros_and_bad_options():
     nan[3] = float("nan")
     assert torch.isnan(c.decompress(c.compress(nan))).any()  # reported, not hidden
     for kw, msg in [({"chunk": 1}, "chunk=1"), ({"k": 0}, "k=0"), ({"k": 65, "chunk": 64}, "k=65"),
-                    ({"bits": 3}, "bits=3"), ({"mean": "median"}, "mean='median'"), ({"chunk": 4096.0}, "chunk=4096.0")]:
+                    ({"bits": 3}, "bits=3"), ({"mean": "median"}, "mean=median"), ({"chunk": 4096.0}, "chunk=4096.0")]:
         with pytest.raises(ValueError, match=f"^chunk_topk: {msg}"):
             build_compressor("chunk_topk", **kw)
 
