@@ -154,13 +154,17 @@ class Pools:
     def train(self, *overrides: str, timeout: float = JOB_TIMEOUT_S) -> Run:
         """Compose and validate ``overrides`` as ``thinwire-train`` would, then run them on a
         pool of ``dist.nproc`` ranks; rank 0's record and output."""
+        return self.train_all(*overrides, timeout=timeout)[0]
+
+    def train_all(self, *overrides: str, timeout: float = JOB_TIMEOUT_S) -> list[Run]:
+        """:meth:`train`, every rank's record and output."""
         from thinwire.config import compose, to_yaml, validate
 
         cfg = compose(list(overrides))
         validate(cfg)
         os.makedirs(cfg.run_dir, exist_ok=True)
         job = ("train", to_yaml(cfg))
-        return self.get(cfg.dist.nproc).submit([job] * cfg.dist.nproc, timeout)[0]
+        return self.get(cfg.dist.nproc).submit([job] * cfg.dist.nproc, timeout)
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -250,14 +250,20 @@ def test_nonfinite_step_at_any_round_position_neither_hangs_nor_spreads(pools, t
     rank; under local updates the ranks hold the same parameters after the last round."""
     for nan_at in (1, 8, 16):
         run = tmp_path / f"nan{nan_at}"
-        pools.train(*TINY, f"sync={name}", f"trainer.faults.nan_at={nan_at}", "trainer.faults.rank=0",
-                    "trainer.checkpoint_every=16", f"hydra.run.dir={run}", timeout=90)
+        out = pools.train_all(*TINY, f"sync={name}", f"trainer.faults.nan_at={nan_at}", "trainer.faults.rank=0",
+                              "trainer.checkpoint_every=16", f"hydra.run.dir={run}", timeout=90)
+        # the skip is said by the rank that made it, and only by it
+        assert f"rank 0: step {nan_at} skipped" in out[0].stdout and "skipped" not in out[1].stdout
         r = rows(run)
         assert [x["skipped_steps"] for x in r] == [0] * (nan_at - 1) + [1] * (17 - nan_at), (nan_at, r)
         params = [rank_params(run, 16, rank) for rank in (0, 1)]
         assert all(torch.isfinite(v).all() for p in params for v in p.values()), nan_at
         if name == "local":
             assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), nan_at
+    # a skip on another rank than 0 (absent from rank 0's metrics) is said by that rank
+    out = pools.train_all(*TINY, f"sync={name}", "trainer.faults.nan_at=6", "trainer.faults.rank=1",
+                          "trainer.checkpoint_every=16", f"hydra.run.dir={tmp_path / 'rank1'}", timeout=90)
+    assert "rank 1: step 6 skipped" in out[1].stdout and "skipped" not in out[0].stdout
 
 
 @pytest.mark.parametrize("case", ["co2", "co2-int8-two-phase"])

@@ -298,6 +298,9 @@ class Trainer:
             self.skipped += 1
             self.skipped_total += 1
             record["lr"] = self.plugin.lr(step)
+            if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
+                print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
+                      f"on this rank); {self.skipped_total} skipped here so far", flush=True)
         if ok or self.sync.ranks_diverge:
             # under local updates / CO2 a rank skips a step on its own, and the round's outer
             # collective still needs it: it joins with its parameters as they were before the
