@@ -58,7 +58,7 @@ from ..comm.compressors.base import Payload, pack_bits, unpack_bits
 from ..comm.compressors.chunked import ChunkTopKCompressor
 from ..comm.compressors.dct import DCTTiles
 from ..errors import need, one_of, positive
-from .plugins import OPTIMIZERS, BackpropOptions, OptimizerPlugin
+from .plugins import OPTIMIZERS, BackpropOptions, OptimizerPlugin, grads_finite
 
 
 @dataclass
@@ -164,10 +164,7 @@ class DeMoPlugin(OptimizerPlugin):
         return loss.detach()
 
     def local_finite(self) -> bool:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+        return grads_finite(self.params)
 
     def discard(self) -> None:
         self._zero_grads()

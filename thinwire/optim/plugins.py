@@ -93,6 +93,14 @@ class NoOptions:
     pass
 
 
+def grads_finite(params) -> bool:
+    """Whether every gradient of ``params`` is finite (one reduction, one host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+
+
 class OptimizerPlugin(ABC):
     Config = NoOptions           # the plugin's own options (``optim.<key>``)
     needs_backprop = True
@@ -165,10 +173,7 @@ class BackpropPlugin(OptimizerPlugin):
         return loss.detach()
 
     def local_finite(self) -> bool:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads]).sum()))
+        return grads_finite(self.params)
 
     def apply(self, step: int) -> dict[str, float]:
         lr = self.lr(step)
