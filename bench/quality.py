@@ -51,12 +51,20 @@ ROWS = {
     "demo 1-bit k=16": ["optim=demo", "optim.k=16", "optim.bits=1"],
     "distro 1-bit k=4": ["optim=distro"],
     "demo v2 k=32 bf16 (AdamW on U)": ["optim=demo", "optim.update_rule=adamw"],
+    # SGD with momentum 0.9 (issue 23 item 3): dense, Top-K 1% + classic EF, Top-K 1% + DGC's
+    # momentum correction (the momentum moves from the optimizer into comm.feedback=dgc)
+    "sgd m=0.9 dense": ["optim=sgd", "optim.momentum=0.9"],
+    # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
+    # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
+    "adam1bit (sign, freeze 48)": ["optim=adam1bit"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
+SGD_LRS = [0.1, 0.3, 1.0]   # swept on "sgd m=0.9 dense", seed 0; the other SGD rows run at its best
+ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS})
 DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],

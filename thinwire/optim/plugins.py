@@ -220,3 +220,4 @@ def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
 # built-in forward-only plugins register themselves on import (after the base classes exist)
 from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)
 from . import demo  # noqa: E402,F401  registers optim=demo
+from . import adam1bit  # noqa: E402,F401  registers optim=adam1bit
