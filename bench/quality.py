@@ -56,7 +56,7 @@ ROWS = {
     "sgd m=0.9 dense": ["optim=sgd", "optim.momentum=0.9"],
     # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
     # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
-    "adam1bit (sign, freeze 48)": ["optim=adam1bit"],
+    "adam1bit sign freeze=48": ["optim=adam1bit"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
