@@ -54,6 +54,9 @@ ROWS = {
     # SGD with momentum 0.9 (issue 23 item 3): dense, Top-K 1% + classic EF, Top-K 1% + DGC's
     # momentum correction (the momentum moves from the optimizer into comm.feedback=dgc)
     "sgd m=0.9 dense": ["optim=sgd", "optim.momentum=0.9"],
+    "sgd m=0.9 + topk 1% + ef": ["optim=sgd", "optim.momentum=0.9", "comm=topk", "comm.ratio=0.01", "comm.feedback=ef"],
+    "sgd + topk 1% + dgc m=0.9": ["optim=sgd", "optim.momentum=0", "comm=topk", "comm.ratio=0.01", "comm.feedback=dgc",
+                                  "comm.momentum=0.9"],
     # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
     # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
     "adam1bit sign freeze=48": ["optim=adam1bit"],

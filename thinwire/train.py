@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg)
     except ConfigError as e:
         fail(str(e))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: every rank runs this; one says it
+        from .config.rules import advice
+        for line in dict.fromkeys(a for cfg in cfgs for a in advice(cfg)):
+            print(f"thinwire-train: warning: {line}", file=sys.stderr, flush=True)
     for cfg in cfgs:
         os.makedirs(cfg.run_dir, exist_ok=True)
     yamls = [to_yaml(cfg) for cfg in cfgs]
