@@ -37,8 +37,10 @@ of what was sent (exact for allreduce/allgather).
   Sec. 3.2 "momentum correction" and "momentum factor masking", Alg. 1 with Eq. 4):
   u <- m u + g;  v <- v + u;  send C(v);  clear the sent coordinates in both u and v.
   The momentum lives here (``comm.momentum``), so the optimizer steps without its own
-  (SGD with ``optim.momentum=0``; validation insists): with C the identity this is exactly
-  SGD with momentum m. Options: ``local_clip`` (DGC's local gradient clipping, before g
+  (SGD with ``optim.momentum=0``; validation insists). ``factor_masking=false`` keeps u at
+  the sent coordinates (Eq. 4 alone: with C the identity that is exactly SGD with momentum
+  m); the paper's masking (the default) clears it, so a coordinate's momentum restarts each
+  time it is sent (with C the identity: plain SGD). Options: ``local_clip`` (DGC's local gradient clipping, before g
   enters u; per tensor here, since a comm hook sees one bucket at a time, not the global
   norm the paper clips: set it to the global threshold x N^(-1/2), as the paper scales it)
   and ``sparsity_warmup`` (the paper's warm-up: the density falls from 25% by x1/4 per stage
@@ -108,6 +110,7 @@ class DGCOptions:
     momentum: float = 0.9            # m of the velocity u <- m u + g (the optimizer's momentum moves here)
     local_clip: float = 0.0          # per-tensor norm bound of this rank's gradient before it enters u; 0 = off
     sparsity_warmup: int = 0         # steps over which the density falls from 25% to comm.ratio (x1/4 per stage)
+    factor_masking: bool = True      # clear u, not only v, at the sent coordinates (DGC's momentum factor masking)
 
     def check(self):
         need(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
@@ -274,7 +277,8 @@ class DGC(Feedback):
 
     def result(self, name, g, q, local, mean):
         sent = local != 0
-        return mean, {"u": self.velocity(name, g).masked_fill_(sent, 0.0), "v": q.masked_fill(sent, 0.0)}
+        u = self.velocity(name, g)
+        return mean, {"u": u.masked_fill_(sent, 0.0) if self.factor_masking else u, "v": q.masked_fill(sent, 0.0)}
 
     def residual_sq(self, staged):
         v = staged.get("v")
