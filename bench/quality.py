@@ -71,7 +71,9 @@ ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS})
 DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
-        "demo": DEMO}
+        "demo": DEMO,
+        "momentum": ["adam1bit sign freeze=48", "sgd m=0.9 dense", "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9"]}
+SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 
 
 def overrides(row: str, seed: int, a) -> list[str]:
@@ -129,6 +131,12 @@ def summary(rows: list[dict], nproc: int) -> dict:
            "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
            "cum_wire": [(r["step"], sum(x["wire_bytes"] for x in rows if x["step"] <= r["step"]))
                         for r in rows if "val_loss" in r]}
+    warm = [r for r in rows if r.get("variance_frozen") == 0.0]
+    frozen = [r for r in rows if r.get("variance_frozen") == 1.0]
+    if warm and frozen:  # optim=adam1bit: its dense warm-up and its compressed stage, apart
+        out["warmup_steps"] = len(warm)
+        out["warmup_B_per_param_step"] = sum(r["wire_bytes"] for r in warm) / len(warm) / n_params
+        out["frozen_B_per_param_step"] = sum(r["wire_bytes"] for r in frozen) / len(frozen) / n_params
     if ratios and rounds:
         out["payload_B_per_param_step"] = 4 / statistics.mean(ratios) * rounds / steps
     elif ratios:
