@@ -59,7 +59,8 @@ ROWS = {
                                   "comm.momentum=0.9"],
     # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
     # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
-    "adam1bit sign freeze=48": ["optim=adam1bit"],
+    # (decay and LR warm-up spelt out: configs/optim/adam1bit.yaml's, whichever configs/ is installed)
+    "adam1bit sign freeze=48": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
