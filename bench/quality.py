@@ -67,8 +67,8 @@ ROWS = {
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
-SGD_LRS = [0.1, 0.3, 1.0]   # swept on "sgd m=0.9 dense", seed 0; the other SGD rows run at its best
-ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS})
+SGD_LRS = [0.03, 0.1, 0.3]   # swept on "sgd m=0.9 dense", seed 0 (1.0: val 2.698 at step 300, stopped)
+ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1]})
 DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
