@@ -75,7 +75,8 @@ DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 b
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
-        "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "sgd m=0.9 dense", "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9"]}
+        "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "sgd m=0.9 dense",
+                     "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9"]}
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 
 
