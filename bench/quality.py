@@ -57,6 +57,8 @@ ROWS = {
     "sgd m=0.9 + topk 1% + ef": ["optim=sgd", "optim.momentum=0.9", "comm=topk", "comm.ratio=0.01", "comm.feedback=ef"],
     "sgd + topk 1% + dgc m=0.9": ["optim=sgd", "optim.momentum=0", "comm=topk", "comm.ratio=0.01", "comm.feedback=dgc",
                                   "comm.momentum=0.9"],
+    "sgd + topk 1% + dgc m=0.9 warm-up 120": ["optim=sgd", "optim.momentum=0", "comm=topk", "comm.ratio=0.01",
+                                              "comm.feedback=dgc", "comm.momentum=0.9", "comm.sparsity_warmup=120"],
     # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
     # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
     # (decay and LR warm-up spelt out: configs/optim/adam1bit.yaml's, whichever configs/ is installed)
@@ -70,13 +72,14 @@ SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
 SGD_LRS = [0.03, 0.1, 0.3]   # swept on "sgd m=0.9 dense", seed 0 (1.0: val 2.698 at step 300, stopped)
-ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1]})
+ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1],
+                "sgd + topk 1% + dgc m=0.9 warm-up 120": [0.1]})
 DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
         "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "sgd m=0.9 dense",
-                     "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9"]}
+                     "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 
 
