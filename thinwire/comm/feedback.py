@@ -47,7 +47,9 @@ of what was sent (exact for allreduce/allgather).
   to ``comm.ratio`` over that many steps, in equal stages; read by the aggregator). v, like
   ``ef``'s residual, is in gradient units and rescaled by lr_{t-1} / lr_t; u is not (torch
   SGD's momentum buffer is not either). Sent coordinates are those whose decompressed value
-  is non-zero (a sent exact 0 leaves that coordinate's u in place: v is 0 there anyway).
+  is non-zero (a sent exact 0 leaves that coordinate's u in place: v is 0 there anyway); a
+  tensor below ``comm.min_numel`` is sent whole, so with masking its u is cleared every step
+  (plain SGD for it: the paper's rule applied literally).
 
 EF21 and EControl need every rank to receive exactly mean_i C(x_i) (G must equal
 mean_i g_i on every rank), so they are rejected with the two-phase collective, whose
