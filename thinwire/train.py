@@ -75,13 +75,14 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .trainer.world import free_port
+    from .trainer.world import host_rendezvous_store
 
     n = cfg.dist.nproc
     threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // n)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by workers: no oversubscription
+    store, port = host_rendezvous_store(cfg.dist.master_addr)  # on master_addr only, not on *:port
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
-                      rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{free_port()}",
+                      rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{port}",
                       rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
                       start_method="spawn")
     try:
@@ -93,6 +94,8 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
         print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
               f"see the traceback above", file=sys.stderr, flush=True)
         return 1
+    finally:
+        del store
     return 0
 
 

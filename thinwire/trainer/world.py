@@ -128,6 +128,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def host_rendezvous_store(addr: str):
+    """The launcher's rendezvous TCPStore, listening on ``addr`` only; returns (store, port).
+
+    torch's c10d rendezvous backend creates its store server with ``TCPStore(host, port,
+    is_master=True, multi_tenant=True)``, which listens on every interface whatever host it
+    is given. A multi-tenant store server is shared by every TCPStore of the process on the
+    same port, so creating it first, on a socket bound to ``addr`` (``master_listen_fd``),
+    makes the rendezvous use that one. The port is held from the bind on (no free-port race)."""
+    import socket
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind(sockaddr[:2])
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # detach: the store server owns the descriptor from now on (Python must not close it)
+    store = dist.TCPStore(addr, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                          wait_for_workers=False)
+    return store, port
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
