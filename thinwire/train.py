@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 USAGE = """usage: thinwire-train [--multirun] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
 Runs under torchrun, or starts dist.nproc local workers itself. --multirun sweeps comma-separated
@@ -24,6 +25,8 @@ def worker(cfg_yamls: list[str]) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
+    from .trainer.checkpoint import CheckpointWriteError
+    from .trainer.faults import InjectedFault
     from .config import ConfigError, from_yaml
     from .trainer.loop import NonFiniteError, train
     from .trainer.world import init_world, shutdown
@@ -38,11 +41,16 @@ def worker(cfg_yamls: list[str]) -> None:
         fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError) as e:
         fail_worker(world.rank, str(e))
-    except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
-        if not is_comm_failure(e):
-            raise
-        fail_worker(world.rank, f"a collective failed or timed out (dist.timeout_s={cfg.dist.timeout_s:g}): "
-                                f"{first_line(e)}")
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, RuntimeError) and is_comm_failure(e):  # gloo/NCCL: a peer died, hung or closed the link
+            fail_worker(world.rank, f"a collective failed or timed out (dist.timeout_s={cfg.dist.timeout_s:g}): "
+                                    f"{first_line(e)}", code=PEER_FAILED)
+        # anything else is this rank's own error: said here, named by rank, before any teardown
+        # (a traceback printed at exit comes after destroy_process_group, by which time the
+        # launcher has stopped this rank for its peers' "Connection closed by peer")
+        if not isinstance(e, (InjectedFault, CheckpointWriteError)):  # those say all there is
+            traceback.print_exc()
+        fail_worker(world.rank, f"{e.__class__.__name__}: {first_line(e)}")
     finally:
         shutdown()
 
@@ -65,9 +73,12 @@ def fail_config(rank: int, e: Exception) -> None:
     os._exit(2)
 
 
-def fail_worker(rank: int, msg: str) -> None:
+PEER_FAILED = 3  # exit status of a rank whose collective failed because a peer did (not its own error)
+
+
+def fail_worker(rank: int, msg: str, code: int = 1) -> None:
     print(f"thinwire: rank {rank}: error: {msg}", file=sys.stderr, flush=True)
-    os._exit(1)  # do not wait on process-group teardown with a dead or hung peer
+    os._exit(code)  # do not wait on process-group teardown with a dead or hung peer
 
 
 def launch_local(cfg, cfg_yamls: list[str]) -> int:
@@ -90,9 +101,12 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     except ChildFailedError as e:
         if any(f.exitcode == 2 for f in e.failures.values()):
             return 2  # a config error found by the workers, which printed it (one line)
-        first = next(iter(e.failures.values()))
-        print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
-              f"see the traceback above", file=sys.stderr, flush=True)
+        # the rank that failed on its own, not one that failed because it lost a peer
+        own = [(r, f) for r, f in sorted(e.failures.items()) if f.exitcode != PEER_FAILED]
+        rank, first = (own or sorted(e.failures.items()))[0]
+        why = (f"killed by signal {-first.exitcode}" if first.exitcode < 0 else
+               f"exit code {first.exitcode}; its error is the line 'thinwire: rank {rank}: error: ...' above")
+        print(f"thinwire-train: a worker failed (rank {rank}, {why})", file=sys.stderr, flush=True)
         return 1
     finally:
         del store

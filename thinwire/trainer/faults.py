@@ -26,12 +26,17 @@ class FaultConfig:
     nan_at: Optional[int] = None     # poison this rank's gradients in that step
     kill_at: Optional[int] = None    # SIGKILL this rank after that step
     stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
+    error_at: Optional[int] = None   # raise an error on this rank after that step (one rank fails alone)
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
-        for k in ("nan_at", "kill_at", "stop_at"):
+        for k in ("nan_at", "kill_at", "stop_at", "error_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
+
+
+class InjectedFault(RuntimeError):
+    """``faults.error_at``: what any unexpected error on one rank looks like to the job."""
 
 
 def restart_count() -> int:
@@ -61,6 +66,8 @@ class FaultInjector:
     def after_step(self, step: int) -> None:
         if not self.active:
             return
+        if self.cfg.error_at == step:
+            raise InjectedFault(f"trainer.faults.error_at={step}: injected error on rank {self.cfg.rank}")
         if self.cfg.kill_at == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.cfg.stop_at == step:
