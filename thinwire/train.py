@@ -26,6 +26,7 @@ def worker(cfg_yamls: list[str]) -> None:
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
     from .trainer.checkpoint import CheckpointWriteError
+    from .trainer.drift import ReplicaDriftError
     from .trainer.faults import InjectedFault
     from .config import ConfigError, from_yaml
     from .trainer.loop import NonFiniteError, train
@@ -39,7 +40,7 @@ def worker(cfg_yamls: list[str]) -> None:
             train(cfg, world)
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
-    except (NonFiniteError, ConfigMismatchError) as e:
+    except (NonFiniteError, ConfigMismatchError, ReplicaDriftError) as e:
         fail_worker(world.rank, str(e))
     except Exception as e:  # noqa: BLE001
         if isinstance(e, RuntimeError) and is_comm_failure(e):  # gloo/NCCL: a peer died, hung or closed the link

@@ -303,6 +303,7 @@ class LocalUpdates(SyncStrategy):
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas: Replicas | None = None):
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
         self.H = cfg.local_steps
+        self.replicas = replicas
         self.round = 0
         self.model_params: ModuleParams = ModuleParams(model)  # the model's parameters: what is evaluated
         # the space averaged across replicas: the model's parameters, or under ZeRO replica
@@ -369,6 +370,24 @@ class LocalUpdates(SyncStrategy):
         self.round += 1
         stats = self.averager.take_stats()
         return self.metrics(wait, overlap_fraction=0.0, **stats)
+
+    @property
+    def round_steps(self) -> int:
+        return self.H
+
+    def consensus_state(self) -> dict:
+        """After an outer step every rank holds the same anchor and outer optimizer state
+        (live parameters legitimately differ under CO2)."""
+        state = {f"anchor.{n}": a for n, a in zip(self.space.names, self.anchor)}
+        for n, p in zip(self.space.names, self.outer.params):
+            for key, value in sorted(self.outer.optimizer.state.get(p, {}).items()):
+                if torch.is_tensor(value):
+                    state[f"outer.{key}.{n}"] = value
+        return state
+
+    @property
+    def consensus_group(self):
+        return self.replicas.cross_group if self.replicas is not None else None
 
     @contextlib.contextmanager
     def eval_model(self):

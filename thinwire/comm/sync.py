@@ -49,6 +49,22 @@ class SyncStrategy:
         """Called after every accepted optimizer step; returns metrics to log."""
         return {}
 
+    @property
+    def round_steps(self) -> int:
+        """Steps per synchronisation round: the state of ``consensus_state`` is defined at
+        multiples of it."""
+        return 1
+
+    def consensus_state(self) -> dict:
+        """The tensors that must be bitwise equal on every rank of ``consensus_group`` at the
+        end of a round (``thinwire.trainer.drift``): here the parameters."""
+        return dict(self.model.named_parameters())
+
+    @property
+    def consensus_group(self):
+        """The ranks that must agree on ``consensus_state`` (None: all of them)."""
+        return None
+
     @contextlib.contextmanager
     def eval_model(self):
         """The model evaluated and sampled from (identical on all ranks), as a context."""

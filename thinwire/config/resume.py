@@ -36,6 +36,7 @@ SAFE_TO_CHANGE = (
     "trainer.checkpoint_every",
     "trainer.log_every",
     "trainer.keep_checkpoints",
+    "trainer.drift_check_every",
     "trainer.stop_after",
     "trainer.resume",
     "trainer.overwrite",

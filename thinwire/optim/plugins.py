@@ -138,6 +138,11 @@ class OptimizerPlugin(ABC):
     def discard(self) -> None:
         pass
 
+    def consensus_state(self) -> dict:
+        """Tensors besides the sync strategy's that this plugin keeps bitwise equal on every
+        rank (``thinwire.trainer.drift``); none by default."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -27,10 +27,11 @@ class FaultConfig:
     kill_at: Optional[int] = None    # SIGKILL this rank after that step
     stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
     error_at: Optional[int] = None   # raise an error on this rank after that step (one rank fails alone)
+    drift_at: Optional[int] = None   # change this rank's consensus state by one ulp after that step
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
-        for k in ("nan_at", "kill_at", "stop_at", "error_at"):
+        for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
 
@@ -62,6 +63,15 @@ class FaultInjector:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def corrupt(self, state: dict, step: int) -> None:
+        """At step ``drift_at``, just before the replica-drift guard's check: move the first
+        element of this rank's first consensus tensor to the next float (one ulp), the
+        smallest silent divergence there is."""
+        if self.active and self.cfg.drift_at == step and state:
+            x = next(iter(state.values())).view(-1)[:1]
+            x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
 
     def after_step(self, step: int) -> None:
         if not self.active:

@@ -39,6 +39,7 @@ from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_stat
 from .faults import FaultConfig, FaultInjector, restart_count
 from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
 from .agreement import check_config_agreement
+from .drift import DriftGuard
 from .engine import build_engine
 from .interface import Engine
 from .loggers import MetricsFile, NullLogger
@@ -66,6 +67,9 @@ class TrainerConfig:
     sample_chars: int = 200          # generated at the end (char LM only); 0 = none
     max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
     keep_checkpoints: int = 3        # keep only the newest N checkpoints; 0 = keep all
+    # replica-drift guard: hash the state every rank must hold bitwise equal every N steps (at a
+    # round boundary); null = once per outer round, or every 100 steps under sync=ddp; 0 = off
+    drift_check_every: Optional[int] = None
     # load checkpoint files whose loader unpickles arbitrary objects (engine=deepspeed: DeepSpeed's
     # own files); only for checkpoints you wrote yourself. thinwire's own files always load safely
     trust_checkpoints: bool = False
@@ -79,6 +83,8 @@ class TrainerConfig:
         need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
         non_negative(self, "max_skipped_steps", "sample_chars")
         need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
+        need(self.drift_check_every is None or self.drift_check_every >= 0, "drift_check_every",
+             self.drift_check_every, "must be >= 0 (0 = off) or null (auto)")
         need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
              self.resume, "expected none, auto or a checkpoint directory")
         need(not self.overwrite or self.resume == "none", "overwrite", self.overwrite,
@@ -135,6 +141,7 @@ class Trainer:
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
+        self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
         # an elastic restart always continues from the newest checkpoint
         self.start_step = self.resume("auto" if restart_count() > 0 else t.resume)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
@@ -308,6 +315,9 @@ class Trainer:
             sync_metrics = self.sync.after_step(step)
             self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
             record.update(sync_metrics)
+        if self.drift.due(step + 1):
+            self.faults.corrupt(self.drift.state(), step + 1)
+            self.drift.check(step + 1)
         dt = time.perf_counter() - t0
         sent = self.meter.take_step()
         record.update({
