@@ -79,5 +79,7 @@ def test_silent_without_a_fault_and_counted_as_control_bytes(tmp_path):
     rows = {k: [json.loads(x) for x in open(tmp_path / k / "metrics.jsonl")] for k in ("off", "on")}
     for a, b in zip(rows["off"], rows["on"]):
         assert a["loss"] == b["loss"]  # the guard only reads
-        # one 8-byte hash all-gathered per check at p = 2: each rank sends 8 bytes
-        assert b["control_bytes"] - a["control_bytes"] == (8 if a["step"] % 2 == 0 else 0), (a, b)
+        # per check, an 8-byte hash and an 8-byte skip count all-gathered at p = 2: 16 bytes sent
+        assert b["control_bytes"] - a["control_bytes"] == (16 if a["step"] % 2 == 0 else 0), (a, b)
+        if b["step"] % 2 == 0:  # local: every rank's count of skipped steps, at every check
+            assert b["skipped_steps/rank0"] == b["skipped_steps/rank1"] == 0, b

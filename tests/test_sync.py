@@ -260,10 +260,14 @@ def test_nonfinite_step_at_any_round_position_neither_hangs_nor_spreads(pools, t
         assert all(torch.isfinite(v).all() for p in params for v in p.values()), nan_at
         if name == "local":
             assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), nan_at
-    # a skip on another rank than 0 (absent from rank 0's metrics) is said by that rank
+    # a skip on another rank than 0 is said by that rank, and reaches rank 0's metrics with the
+    # replica-drift guard's all-gather at the next round boundary (skipped_steps/rank<R>)
     out = pools.train_all(*TINY, f"sync={name}", "trainer.faults.nan_at=6", "trainer.faults.rank=1",
                           "trainer.checkpoint_every=16", f"hydra.run.dir={tmp_path / 'rank1'}", timeout=90)
     assert "rank 1: step 6 skipped" in out[1].stdout and "skipped" not in out[0].stdout
+    per_rank = [(x["step"], x["skipped_steps/rank0"], x["skipped_steps/rank1"]) for x in rows(tmp_path / "rank1")
+                if "skipped_steps/rank1" in x]
+    assert per_rank == [(s, 0, int(s >= 6)) for s in range(4, 17, 4)], per_rank
 
 
 @pytest.mark.parametrize("case", ["co2", "co2-int8-two-phase"])

@@ -8,9 +8,10 @@ parameters legitimately differ), and so may an optimizer plugin
 (``OptimizerPlugin.consensus_state``, state it keeps identical on every rank). Every
 ``trainer.drift_check_every`` steps (auto: once per outer round, or every 100 steps when
 ranks synchronise every step; always at a round boundary) each rank hashes the raw bytes of
-that state into 64 bits (BLAKE2b, per tensor, then over the tensors' digests) and the 8-byte
-hashes are all-gathered over the ranks that must agree (the world, or under ZeRO replica
-groups the ranks holding the same shard), counted as control traffic. On a mismatch, a
+that state into 64 bits (BLAKE2b, per tensor, then over the tensors' digests); the 8-byte
+hash and the rank's 8-byte count of skipped steps are all-gathered over the ranks that must
+agree (the world, or under ZeRO replica groups the ranks holding the same shard), counted as
+control traffic (16 bytes per rank). On a mismatch, a
 second all-gather of the per-tensor digests finds the first tensor that differs and the
 rank(s) that differ from the majority, and every rank stops with one line naming the step,
 the tensor and the rank.
@@ -71,16 +72,20 @@ class DriftGuard:
         state.update({f"optim.{k}": v for k, v in self.plugin.consensus_state().items()})
         return state
 
-    def check(self, done: int) -> None:
+    def check(self, done: int, skipped: int = 0) -> dict[int, int]:
+        """Raise :class:`ReplicaDriftError` unless every rank's consensus state hashes the
+        same; returns each rank's ``skipped`` (its count of skipped steps, carried in the same
+        all-gather: under local/CO2 ranks skip steps alone, and this is where rank 0 learns
+        of its peers' skips)."""
         state = self.state()
         names = list(state)
         digests = [tensor_digest(state[n]) for n in names]
         group = self.sync.consensus_group
-        hashes = self._gather([combined_digest(digests)], group)
-        if len({h[0] for h in hashes}) == 1:
-            return
-        per_tensor = self._gather(digests, group)
+        hashes = self._gather([combined_digest(digests), skipped], group)
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world.world_size))
+        if len({h[0] for h in hashes}) == 1:
+            return {r: h[1] for r, h in zip(ranks, hashes)}
+        per_tensor = self._gather(digests, group)
         for i, name in enumerate(names):
             values = [d[i] for d in per_tensor]
             if len(set(values)) > 1:

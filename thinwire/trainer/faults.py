@@ -50,14 +50,18 @@ class FaultInjector:
         self.active = rank == cfg.rank and restart_count() == 0
 
     @contextlib.contextmanager
-    def poison_gradients(self, model: torch.nn.Module, step: int):
+    def poison_gradients(self, model: torch.nn.Module, step: int, backprop: bool = True):
         """During step ``nan_at``: this rank's gradients become NaN before they are sent
-        (a tensor hook runs before DDP's reducer sees the gradient)."""
+        (a tensor hook runs before DDP's reducer sees the gradient); without backprop
+        (zeroth order: the gradient estimate is a difference of losses) its losses do."""
         if not (self.active and self.cfg.nan_at == step):
             yield
             return
-        handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
-                   for p in model.parameters() if p.requires_grad]
+        if backprop:
+            handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
+                       for p in model.parameters() if p.requires_grad]
+        else:
+            handles = [model.register_forward_hook(lambda module, args, out: out * float("nan"))]
         try:
             yield
         finally:

@@ -288,7 +288,7 @@ class Trainer:
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
         self.engine.set_lr(self.plugin.lr(step))
-        with self.faults.poison_gradients(self.model, step + 1):
+        with self.faults.poison_gradients(self.model, step + 1, self.plugin.needs_backprop):
             loss = self.plugin.compute(self.engine.forward_model, batch)
         self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
         loss_mean, ok = self.agree(loss, self.plugin.local_finite())
@@ -317,7 +317,9 @@ class Trainer:
             record.update(sync_metrics)
         if self.drift.due(step + 1):
             self.faults.corrupt(self.drift.state(), step + 1)
-            self.drift.check(step + 1)
+            skipped = self.drift.check(step + 1, self.skipped_total)
+            if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
+                record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
         sent = self.meter.take_step()
         record.update({
