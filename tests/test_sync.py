@@ -234,9 +234,10 @@ def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(pools, tmp_path
                     f"hydra.run.dir={tmp_path}")
     r = rows(tmp_path)
     assert [x["skipped_steps"] for x in r] == [0] * 5 + [1] * 11
-    # nothing agreed per step; a round end agrees one finiteness flag (4 bytes, then 1 rank's share)
+    # nothing agreed per step; a round end agrees one finiteness flag (4 bytes, then 1 rank's
+    # share) and the replica-drift guard all-gathers a hash and a skip count (16 bytes)
     assert all(x["control_bytes"] == 0 for x in r if "val_loss" not in x and x["step"] % 4)
-    assert all(0 < x["control_bytes"] <= 4 for x in r if "val_loss" not in x and x["step"] % 4 == 0)
+    assert all(0 < x["control_bytes"] <= 4 + 16 for x in r if "val_loss" not in x and x["step"] % 4 == 0)
     for rank in (0, 1):
         assert all(torch.isfinite(v).all() for v in rank_params(tmp_path, 16, rank).values())
 
