@@ -133,6 +133,7 @@ class Trainer:
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
+        self.sync.bind_optimizer(self.plugin)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
         # an elastic restart always continues from the newest checkpoint
