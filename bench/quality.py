@@ -60,6 +60,7 @@ ROWS = {
     "eager H=8 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *CO2_RECIPE],
     "eager H=8": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
     "eager H=30": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
+    "eager H=30 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *CO2_RECIPE],
     **{f"stream H={h} F={f} tau={t}": ["sync=local", f"sync.local_steps={h}", f"sync.fragments={f}",
                                         f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
        for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},

@@ -17,7 +17,11 @@ while round t+1 computes and is consumed at the end of round t+1, one round stal
                        w_i += a_{t+1} - y_t^i            (keep round t+1's own progress)
                        Delta_{t+1}^i = a_{t+1} - w_i     (snapshot, then launch its average)
 
-with y_t^i = a_t - Delta_t^i the rank's parameters at the end of round t. The snapshot is
+with y_t^i = a_t - Delta_t^i the rank's parameters at the end of round t. ``sync.overlap=eager``
+applies the average as soon as it arrives and steps each rank with an estimate built from its
+own fresh pseudo-gradient (Kale et al. 2025; see ``CO2``). ``sync=local`` with
+``sync.fragments`` > 1 or ``sync.fragment_delay`` > 0 is Streaming DiLoCo (``.streaming``);
+``sync.moment1_every`` / ``moment2_every`` average the inner optimizer's moments (``.moments``). The snapshot is
 a copy: the collective never touches live parameters (the reference code all-reduces
 them in place from a Python thread). Pseudo-gradients, not parameters, are averaged, so
 any compressor + error feedback of the comm layer applies to them unchanged, with its own
@@ -578,7 +582,37 @@ class LocalUpdates(SyncStrategy):
 
 @SYNC_STRATEGIES.register("co2")
 class CO2(LocalUpdates):
-    """``sync=co2``: the outer average of round t overlaps round t+1 (see module doc)."""
+    """``sync=co2``: the outer average of round t overlaps round t+1 (see module doc).
+
+    ``sync.overlap=stale`` (default) is CO2's Algorithm 1 (module doc). ``sync.overlap=eager``
+    is the eager update of Kale, Douillard, Donchev 2025 ("Eager updates for overlapped
+    communication and computation in DiLoCo", arXiv 2502.12996). Index convention, the
+    paper's: round t runs the inner steps that produce Delta_i^t; the all-reduce of Delta^t =
+    mean_i Delta_i^t is launched at the end of round t and arrives during round t+1 (an outer
+    step is delayed by one round, never more). At the end of round t, rank i::
+
+        c_{t-1} = OuterOpt(c_{t-2}, Delta^{t-1})         consensus: all-reduced means only (its own state)
+        Delta_i^t = a_i^{t-1} - w_i                      from where this rank's round began
+        launch the all-reduce of Delta_i^t
+        D_i^t = Delta_i^t / p + sum_{j != i} Delta_j^{t-1} / p
+              = Delta^{t-1} + (Delta_i^t - Delta_i^{t-1}) / p    own fresh share, the others' one round old
+        a_i^t = OuterOpt'(c_{t-1}, D_i^t);  w_i = a_i^t  OuterOpt' steps a copy of c's optimizer state
+
+    so a_i^t is this rank's estimate of c_t and differs from it by its own fresh term passed
+    through the outer optimizer. Round 1 has no earlier mean: D_i^1 = Delta_i^1 / p (the
+    others' missing contributions count as zero). The model evaluated, sampled from and
+    compared across ranks is the consensus c after the mean in flight is waited for and
+    applied: at the run's end c_T includes round T's mean (the last round finishes
+    synchronously; its bytes were counted at launch, like every round's). No staleness
+    penalty and no outer clip by default (the paper has neither; ``staleness_penalty > 0`` is
+    rejected, ``clip`` may be set). The checkpoint holds c, its optimizer state, a_i, Delta_i
+    and the newest mean; a mean in flight is first waited for and applied to c, which
+    changes only timing, never values (the same holds for an evaluation mid-round).
+
+    Departure from the paper: the default outer recipe is chosen by measurement
+    (docs/sync.md, "Overlap"), and the p in D_i^t is the number of replicas averaged (the
+    cross group's size under ZeRO replica groups).
+    """
     Config = CO2Config
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
@@ -652,6 +686,7 @@ class CO2(LocalUpdates):
             self.mean, self.snapshot = None, None
             out.update(staleness_gap_norm=gap, staleness_penalty_mean=sum(penalty) / len(penalty))
         self.round += 1
+        self.moments.after_round(self.round)
         t0 = time.perf_counter()
         delta = self.pseudo_gradient(live)  # Delta_{t+1}^i, agreed finite before it is launched
         if self.finite_everywhere(delta):
@@ -674,6 +709,7 @@ class CO2(LocalUpdates):
         live = self.space.read_flat()
         delta = self.start - live                          # Delta_i^t
         self.round += 1
+        self.moments.after_round(self.round)
         if not self.finite_everywhere(delta):
             self.space.write_flat(self.start)              # restart the round from this rank's own anchor
             self.skipped += 1
