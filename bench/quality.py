@@ -35,6 +35,8 @@ MODEL = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_s
 LOCAL = ["sync.clip=inf"]  # no row clips its pseudo-gradient (SparseLoCo and DiLoCo do not)
 CO2_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.5"]    # CO2's outer Nesterov 0.5, lr 1
 DILOCO_RECIPE = ["sync.outer_optim.lr=0.7", "sync.outer_optim.momentum=0.9"]  # DiLoCo's Nesterov 0.9, lr 0.7
+AVG_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.0",  # local's: lr 1, no momentum
+              "sync.outer_optim.nesterov=false"]
 ROWS = {
     "dense": ["comm=none", "sync=ddp"],
     "bf16": ["comm=bf16", "sync=ddp"],
@@ -61,6 +63,11 @@ ROWS = {
     "eager H=8": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
     "eager H=30": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
     "eager H=30 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *CO2_RECIPE],
+    # DES-LOC-style inner-moment averaging (sync.moment1_every / moment2_every, in rounds)
+    "local H=30 + moments 1/2": ["sync=local", "sync.local_steps=30", *LOCAL, "sync.moment1_every=1",
+                                 "sync.moment2_every=2"],
+    "eager H=8 avg-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *AVG_RECIPE],
+    "eager H=30 avg-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *AVG_RECIPE],
     **{f"stream H={h} F={f} tau={t}": ["sync=local", f"sync.local_steps={h}", f"sync.fragments={f}",
                                         f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
        for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},
