@@ -587,31 +587,36 @@ class CO2(LocalUpdates):
     ``sync.overlap=stale`` (default) is CO2's Algorithm 1 (module doc). ``sync.overlap=eager``
     is the eager update of Kale, Douillard, Donchev 2025 ("Eager updates for overlapped
     communication and computation in DiLoCo", arXiv 2502.12996). Index convention, the
-    paper's: round t runs the inner steps that produce Delta_i^t; the all-reduce of Delta^t =
-    mean_i Delta_i^t is launched at the end of round t and arrives during round t+1 (an outer
-    step is delayed by one round, never more). At the end of round t, rank i::
+    paper's: outer step t follows the inner steps of round t, which produce Delta_m^(t);
+    the all-reduce of Delta^(t) = mean_m Delta_m^(t) is launched at the end of round t and
+    arrives during round t+1. The paper's eager outer gradient at step t is
 
-        c_{t-1} = OuterOpt(c_{t-2}, Delta^{t-1})         consensus: all-reduced means only (its own state)
-        Delta_i^t = a_i^{t-1} - w_i                      from where this rank's round began
-        launch the all-reduce of Delta_i^t
-        D_i^t = Delta_i^t / p + sum_{j != i} Delta_j^{t-1} / p
-              = Delta^{t-1} + (Delta_i^t - Delta_i^{t-1}) / p    own fresh share, the others' one round old
-        a_i^t = OuterOpt'(c_{t-1}, D_i^t);  w_i = a_i^t  OuterOpt' steps a copy of c's optimizer state
+        Dtilde_m^(t) = Delta_m^(t) / M + sum_{m' != m} Delta_{m'}^(t-1) / M
 
-    so a_i^t is this rank's estimate of c_t and differs from it by its own fresh term passed
-    through the outer optimizer. Round 1 has no earlier mean: D_i^1 = Delta_i^1 / p (the
-    others' missing contributions count as zero). The model evaluated, sampled from and
-    compared across ranks is the consensus c after the mean in flight is waited for and
+    (own fresh share, the others' one round old), applied by worker m's outer optimizer to
+    its own parameters. Unrolled, every contribution is applied once (own at its round, the
+    others' one round later), so worker m's anchor is the consensus of the means up to t-1
+    plus its own fresh share. That is how it is computed here, at the end of round t on
+    rank i::
+
+        c_{t-1} = OuterOpt(c_{t-2}, Delta^(t-1))      consensus: all-reduced means only, its own state
+        Delta_i^(t) = a_i - w_i                       from where this rank's round began
+        launch the all-reduce of Delta_i^(t)
+        a_i = OuterOpt'(c_{t-1}, Delta_i^(t) / p);  w_i = a_i      OuterOpt': a copy of c's state
+
+    so a_i differs from the consensus by its own fresh term passed through the outer
+    optimizer (with SGD lr 1 and no momentum, exactly the paper's unrolled update). With
+    momentum the paper keeps one outer optimizer per worker fed with Dtilde; here the
+    optimizer state is the consensus's, fed with means only, and identical on every rank
+    (the issue's design: the per-rank part is only the fresh term). The model evaluated,
+    sampled from and compared across ranks is c after the mean in flight is waited for and
     applied: at the run's end c_T includes round T's mean (the last round finishes
     synchronously; its bytes were counted at launch, like every round's). No staleness
-    penalty and no outer clip by default (the paper has neither; ``staleness_penalty > 0`` is
-    rejected, ``clip`` may be set). The checkpoint holds c, its optimizer state, a_i, Delta_i
-    and the newest mean; a mean in flight is first waited for and applied to c, which
-    changes only timing, never values (the same holds for an evaluation mid-round).
-
-    Departure from the paper: the default outer recipe is chosen by measurement
-    (docs/sync.md, "Overlap"), and the p in D_i^t is the number of replicas averaged (the
-    cross group's size under ZeRO replica groups).
+    penalty and no outer clip by default (the paper has neither; ``staleness_penalty > 0``
+    is rejected, ``clip`` may be set). The checkpoint holds c, its optimizer state and a_i;
+    a mean in flight is first waited for and applied to c, which changes only timing, never
+    values (the same holds for an evaluation mid-round). p is the number of replicas
+    averaged (the cross group's size under ZeRO replica groups).
     """
     Config = CO2Config
 
@@ -622,8 +627,6 @@ class CO2(LocalUpdates):
         self.eager = cfg.overlap == "eager"
         if self.eager:
             self.start = self.space.read_flat()        # this rank's own anchor a_i: where its round began
-            self.own_prev: torch.Tensor | None = None  # Delta_i of the round in flight
-            self.last_mean: torch.Tensor | None = None  # the newest mean applied to the consensus
             self.replicas_n = accounting.group_size(self.averager.group) if world.world_size > 1 else 1
         self.snapshot: torch.Tensor | None = None    # Delta_t^i of the round in flight
         self.future: torch.futures.Future | None = None
@@ -659,7 +662,7 @@ class CO2(LocalUpdates):
         self.future = None
         if self.eager:  # the consensus takes every mean as soon as it is waited for
             self.outer_step(self.mean)
-            self.last_mean, self.mean = self.mean, None
+            self.mean = None
         return time.perf_counter() - t0
 
     def after_step(self, step: int) -> dict[str, float]:
@@ -715,12 +718,8 @@ class CO2(LocalUpdates):
             self.skipped += 1
             return self.metrics(wait + time.perf_counter() - t0, **out)
         self._launch(delta.clone())
-        # the eager estimate of Delta^t: the others' one-round-old contributions, own fresh one
-        guess = delta.div(self.replicas_n)
-        if self.last_mean is not None:
-            guess.add_(self.last_mean).sub_(self.own_prev, alpha=1.0 / self.replicas_n)
-        self.own_prev = delta
-        self.start = self.space.flat(self.outer.trial(self.space.split(guess)))
+        # the others' one-round-old contributions are in c (Delta^{t-1}); this rank's fresh share steps from it
+        self.start = self.space.flat(self.outer.trial(self.space.split(delta.div(self.replicas_n))))
         self.space.write_flat(self.start)
         wait += time.perf_counter() - t0
         return self.metrics(wait, **out, **self.averager.take_stats())
@@ -750,7 +749,7 @@ class CO2(LocalUpdates):
         state.update({"snapshot": self.snapshot, "mean": self.mean,
                       "last_step": None if self.last_step is None else [s.clone() for s in self.last_step]})
         if self.eager:
-            state["eager"] = {"start": self.start.clone(), "own_prev": self.own_prev, "last_mean": self.last_mean}
+            state["eager"] = {"start": self.start.clone()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -758,8 +757,7 @@ class CO2(LocalUpdates):
         self.snapshot, self.mean, self.last_step = state["snapshot"], state["mean"], state["last_step"]
         self.future, self.launched_s, self.done_s = None, 0.0, 0.0
         if self.eager:
-            e = state["eager"]
-            self.start, self.own_prev, self.last_mean = e["start"], e["own_prev"], e["last_mean"]
+            self.start = state["eager"]["start"]
 
 
 def co2_options(cfg):
