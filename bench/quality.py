@@ -81,8 +81,9 @@ DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 b
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
-        "overlap": ["dense", "local H=8", "local H=30", "co2 H=8", "eager H=8", "eager H=30", "local H=8 diloco-recipe",
-                    "eager H=8 co2-recipe", *[r for r in ROWS if r.startswith("stream ")]]}
+        "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 co2-recipe",
+                    "eager H=8 avg-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
+                    "eager H=30 avg-recipe", *[r for r in ROWS if r.startswith("stream ")]]}
 
 
 def overrides(row: str, seed: int, a) -> list[str]:
@@ -155,8 +156,9 @@ def report(results: dict, a) -> str:
     dense = results.get("dense", {})
     lines = [f"4 ranks (dist.nproc={a.nproc}), AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
              f"'vs dense' = mean (and spread, min..max) over paired seeds of (method - dense) / dense.", "",
-             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step "
+             "| peak / mean B per step (x full fp32 all-reduce) | comm wait ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, per_seed in results.items():
         seeds = sorted(per_seed)
         vals = [per_seed[s]["val_loss"] for s in seeds]
@@ -168,7 +170,8 @@ def report(results: dict, a) -> str:
         payload = s0.get("payload_B_per_param_step")
         lines.append(f"| {row} | {s0.get('lr', a.lr):g} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
                      f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
-                     f"{'' if payload is None else '%.5f' % payload} |")
+                     f"{'' if payload is None else '%.5f' % payload} | {s0['peak_of_full']:.3f} / {s0['mean_of_full']:.4f} "
+                     f"| {statistics.mean(per_seed[s]['comm_wait_ms'] for s in seeds):.1f} |")
     return "\n".join(lines)
 
 
