@@ -56,18 +56,19 @@ ROWS = {
     "distro 1-bit k=4": ["optim=distro"],
     "demo v2 k=32 bf16 (AdamW on U)": ["optim=demo", "optim.update_rule=adamw"],
     # issue 16 (overlap without the staleness cost; docs/sync.md "Overlap"): local/streaming rows keep
-    # local's recipe (outer SGD lr 1, no momentum); eager rows name their outer recipe
+    # local's recipe (outer SGD lr 1, no momentum); eager rows spell their outer recipe (the
+    # unnamed ones: the shipped default, local's recipe)
     "local H=30": ["sync=local", "sync.local_steps=30", *LOCAL],
     "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL],
     "eager H=8 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *CO2_RECIPE],
-    "eager H=8": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
-    "eager H=30": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
+    "eager H=8 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
+    "eager H=30 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
     "eager H=30 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *CO2_RECIPE],
     # DES-LOC-style inner-moment averaging (sync.moment1_every / moment2_every, in rounds)
     "local H=30 + moments 1/2": ["sync=local", "sync.local_steps=30", *LOCAL, "sync.moment1_every=1",
                                  "sync.moment2_every=2"],
-    "eager H=8 avg-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *AVG_RECIPE],
-    "eager H=30 avg-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *AVG_RECIPE],
+    "eager H=8": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *AVG_RECIPE],
+    "eager H=30": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *AVG_RECIPE],
     **{f"stream H={h} F={f} tau={t}": ["sync=local", f"sync.local_steps={h}", f"sync.fragments={f}",
                                         f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
        for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},
@@ -81,9 +82,9 @@ DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 b
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
-        "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 co2-recipe",
-                    "eager H=8 avg-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
-                    "eager H=30 avg-recipe", *[r for r in ROWS if r.startswith("stream ")]]}
+        "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 diloco-recipe",
+                    "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
+                    "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]]}
 
 
 def overrides(row: str, seed: int, a) -> list[str]:

@@ -79,10 +79,9 @@ def default_outer_optim(momentum: float = 0.0, nesterov: bool = False, lr: float
     return {"_target_": "torch.optim.SGD", "lr": lr, "momentum": momentum, "nesterov": nesterov}
 
 
-# the outer recipes: CO2's (Sun et al. 2024: Nesterov 0.5, lr 1) and DiLoCo's (Douillard et al.
-# 2023, INTELLECT-1, torchft: Nesterov 0.9, lr 0.7)
+# CO2's outer recipe (Sun et al. 2024: Nesterov 0.5, lr 1); DiLoCo's (Nesterov 0.9, lr 0.7) is
+# configs/sync/diloco.yaml
 CO2_RECIPE = default_outer_optim(momentum=0.5, nesterov=True)
-DILOCO_RECIPE = default_outer_optim(momentum=0.9, nesterov=True, lr=0.7)
 
 
 @dataclass
@@ -122,9 +121,11 @@ class LocalConfig:
 
 # what ``sync=co2`` leaves at null takes its overlap's default: the stale form keeps CO2's
 # tuned recipe; the eager form has no staleness penalty and no clip (Kale et al. have neither)
+# and local's recipe (outer SGD lr 1, no momentum: then it is the paper's update exactly);
+# DiLoCo's recipe diverged under eager on the quality harness (docs/sync.md, "Overlap")
 OVERLAP_DEFAULTS = {
     "stale": {"staleness_penalty": 0.5, "clip": 1.0, "outer_optim": CO2_RECIPE},
-    "eager": {"staleness_penalty": 0.0, "clip": math.inf, "outer_optim": DILOCO_RECIPE},
+    "eager": {"staleness_penalty": 0.0, "clip": math.inf, "outer_optim": default_outer_optim()},
 }
 
 
@@ -133,7 +134,7 @@ class CO2Config(LocalConfig):
     # stale: the mean of round t is applied at the end of round t+1 (CO2, Algorithm 1);
     # eager: Kale et al. 2025's eager updates (see ``CO2``)
     overlap: str = "stale"
-    # the overlap's default recipe (OVERLAP_DEFAULTS), updated with the keys given here
+    # {} = the overlap's recipe (stale: SGD Nesterov 0.5, lr 1; eager: SGD lr 1, no momentum), updated with the keys given
     outer_optim: dict = field(default_factory=dict)
     clip: Optional[float] = None              # null: the overlap's default (stale 1.0, eager inf)
     # Lambda = 1 + s * ||anchor move|| / ||pseudo-gradient||, per layer (0 = off; null: 0.5 stale, 0 eager)
