@@ -63,6 +63,7 @@ def run_strategy(rank, world_size, sync, steps, lr, momentum, comm=None, delay_s
     engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=grad_sync)
     plugin = SGDPlugin(sgd_cfg(lr, momentum), model, max_steps=steps)
     strategy = build_sync(sync, world, meter, model, OmegaConf.create(comm or {"name": "none"}))
+    strategy.bind_optimizer(plugin)
     if delay_s:  # a slow link: the outer average completes delay_s after launch
         real = strategy.averager.average_async
 
@@ -83,8 +84,10 @@ def run_strategy(rank, world_size, sync, steps, lr, momentum, comm=None, delay_s
     with strategy.eval_model() as m:
         mean = {k: v.detach().clone() for k, v in m.state_dict().items()}
     strategy.close()
+    momentum = [plugin.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()] if momentum else []
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "mean": mean,
-            "waits": waits, "metrics": metrics, "clipped": getattr(getattr(strategy, "outer", None), "clipped", 0)}
+            "waits": waits, "metrics": metrics, "clipped": getattr(getattr(strategy, "outer", None), "clipped", 0),
+            "momentum": momentum, "bytes": meter.totals["data"]}
 
 
 def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
@@ -188,6 +191,12 @@ RESUME_CASES = {
     "local-topk-ef": ["sync=local", "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
     "co2": ["sync=co2", "sync.outer_optim.momentum=0.5", "sync.outer_optim.nesterov=true"],
     "co2-int8-two-phase": ["sync=co2", "comm=int8", "comm.collective=two_phase", "comm.min_numel=256"],
+    # stopped at step 6: eager with round 1's mean in flight; streaming (H=8, F=2, tau=3) with
+    # fragment 1's mean in flight (launched at step 5, merged at 8); moments averaged each round
+    "co2-eager": ["sync=co2", "sync.overlap=eager"],
+    "stream": ["sync=local", "sync.local_steps=8", "sync.fragments=2", "sync.fragment_delay=3",
+               "sync.fragment_alpha=0.5"],
+    "local-moments": ["sync=local", "optim=adamw", "sync.moment1_every=1", "sync.moment2_every=2"],
 }
 
 

@@ -45,6 +45,10 @@ class SyncStrategy:
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
 
+    def bind_optimizer(self, plugin) -> None:
+        """The trainer's optimizer plugin, once built (a strategy that averages the inner
+        optimizer's state reaches it here: ``plugin.optimizer``)."""
+
     def after_step(self, step: int) -> dict[str, float]:
         """Called after every accepted optimizer step; returns metrics to log."""
         return {}

@@ -139,6 +139,7 @@ class Trainer:
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
+        self.sync.bind_optimizer(self.plugin)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
         self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
