@@ -3,6 +3,8 @@ harness's model, data, inner optimizer, LR schedule, seeds and 64 eval batches.
 
     python bench/torchft_peer.py --H 8 --steps 480 --out DIR -- <thinwire overrides>
     python bench/torchft_peer.py --H 8 --fragments 2 --delay 1 ...      # streaming
+    python bench/torchft_peer.py --harness --H 8 --steps 160 --vs-thinwire 2 --out DIR
+        # the harness's run, torchft's DiLoCo and thinwire's sync=diloco timed alternately
 
 Runs torchft 0.2.0 unchanged (``pip install thinwire[bench]``): its bundled
 ``torchft_lighthouse`` on 127.0.0.1, one replica group of one process per rank (``--nproc``),
@@ -138,25 +140,12 @@ def mean_model_val_loss(a) -> float:
     return evaluate(model, data, World(0, 1, 0, torch.device("cpu"), "gloo"), WireMeter())
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--H", type=int, default=8, help="inner steps per outer step (torchft's sync_every)")
-    ap.add_argument("--fragments", type=int, default=1, help="F > 1: Streaming DiLoCo with F fragments")
-    ap.add_argument("--delay", type=int, default=0, help="fragment_sync_delay (tau)")
-    ap.add_argument("--alpha", type=float, default=0.0, help="fragment_update_alpha")
-    ap.add_argument("--outer-lr", type=float, default=0.7)
-    ap.add_argument("--outer-momentum", type=float, default=0.9)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--nproc", type=int, default=4)
-    ap.add_argument("--timeout-s", type=float, default=600.0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("overrides", nargs="*", help="thinwire overrides (model, data, optim, trainer.seed, ...)")
-    a = ap.parse_args(argv)
-    if a.steps % a.H:
-        raise SystemExit(f"--steps={a.steps}: must be a multiple of --H={a.H} (the run ends on a sync)")
+def run_torchft(a, out: str) -> dict:
+    """One torchft run (lighthouse + ``--nproc`` replicas) into ``out``; its result."""
     import torch.multiprocessing as mp
 
-    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    a = argparse.Namespace(**{**vars(a), "out": out})
     port = free_port()
     lh = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse"),
                            "--min_replicas", str(a.nproc), "--bind", f"127.0.0.1:{port}",
@@ -164,7 +153,7 @@ def main(argv=None) -> int:
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=replica, args=(i, a, f"http://127.0.0.1:{port}", a.out)) for i in range(a.nproc)]
+        procs = [ctx.Process(target=replica, args=(i, a, f"http://127.0.0.1:{port}", out)) for i in range(a.nproc)]
         for p in procs:
             p.start()
         for p in procs:
@@ -177,18 +166,83 @@ def main(argv=None) -> int:
         lh.wait()
     recs = []
     for i in range(a.nproc):
-        with open(os.path.join(a.out, f"replica{i}.json")) as fh:
+        with open(os.path.join(out, f"replica{i}.json")) as fh:
             recs.append(json.load(fh))
     same = all(r["checksum"] == recs[0]["checksum"] for r in recs)
     result = {"val_loss": mean_model_val_loss(a), "step_time_s": recs[0]["step_time_s"], "steps": a.steps,
               "H": a.H, "fragments": a.fragments, "delay": a.delay, "replicas_agree": same,
-              "manager_steps": [r["manager_step"] for r in recs], "per_replica_step_time_s":
-              [r["step_time_s"] for r in recs]}
-    with open(os.path.join(a.out, "result.json"), "w") as fh:
+              "manager_steps": [r["manager_step"] for r in recs],
+              "per_replica_step_time_s": [r["step_time_s"] for r in recs]}
+    with open(os.path.join(out, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    print(json.dumps(result))
     if not same and a.fragments == 1:
         raise SystemExit("torchft replicas hold different models after the last sync")
+    return result
+
+
+def run_thinwire(a, out: str) -> dict:
+    """thinwire's ``sync=diloco`` at the same H on the same overrides (fresh run dir), timed
+    as the Trainer times a step (``step_time_s`` of every step, rank 0)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import LOCAL, launch, rows_of
+
+    ov = [*a.overrides, "sync=diloco", f"sync.local_steps={a.H}", *LOCAL, f"trainer.eval_every={a.steps}", f"trainer.checkpoint_every={a.steps}", "trainer.log_every=1"]
+    launch(ov, out, {"row": f"thinwire diloco H={a.H}"}, f"thinwire sync=diloco H={a.H}")
+    rows = rows_of(out)
+    return {"val_loss": rows[-1]["val_loss"], "step_time_s": sum(r["step_time_s"] for r in rows) / len(rows),
+            "steps": len(rows)}
+
+
+def harness(a) -> list[str]:
+    """The shared quality harness's run (``bench/time_to_target.py``'s rows, less the sync):
+    model, data, AdamW at ``--lr`` with the wsd schedule over ``--steps``, seed, ranks."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import MODEL
+
+    return [*MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd", f"trainer.seed={a.seed}", "trainer.sample_chars=0", "trainer.progress=false", "logger=none",
+            f"dist.nproc={a.nproc}"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--H", type=int, default=8, help="inner steps per outer step (torchft's sync_every)")
+    ap.add_argument("--fragments", type=int, default=1, help="F > 1: Streaming DiLoCo with F fragments")
+    ap.add_argument("--delay", type=int, default=0, help="fragment_sync_delay (tau)")
+    ap.add_argument("--alpha", type=float, default=0.0, help="fragment_update_alpha")
+    ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+    ap.add_argument("--harness", action="store_true",
+                    help="prepend the quality harness's overrides (model, data, AdamW + wsd over --steps, --seed)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--vs-thinwire", type=int, default=0, metavar="R",
+                    help="R > 0: also time thinwire's sync=diloco at the same H, R runs of each, alternating "
+                         "(thinwire first), and report the ratio of the mean step times")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*", help="thinwire overrides (model, data, optim, trainer.seed, ...)")
+    a = ap.parse_args(argv)
+    if a.steps % a.H:
+        raise SystemExit(f"--steps={a.steps}: must be a multiple of --H={a.H} (the run ends on a sync)")
+    # --steps is the run's length and so fixes the LR schedule, on both sides
+    a.overrides = [*(harness(a) if a.harness else []), *a.overrides, f"trainer.max_steps={a.steps}"]
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's per-quorum info lines
+    if not a.vs_thinwire:
+        print(json.dumps(run_torchft(a, a.out)))
+        return 0
+    runs: dict = {"thinwire": [], "torchft": []}
+    for r in range(a.vs_thinwire):
+        runs["thinwire"].append(run_thinwire(a, os.path.join(a.out, f"thinwire{r}")))
+        runs["torchft"].append(run_torchft(a, os.path.join(a.out, f"torchft{r}")))
+        print(json.dumps({k: v[-1] for k, v in runs.items()}), flush=True)
+    mean = {k: sum(x["step_time_s"] for x in v) / len(v) for k, v in runs.items()}
+    summary = {"runs": runs, "mean_step_time_s": mean, "thinwire_over_torchft": mean["thinwire"] / mean["torchft"],
+               "val_loss": {k: v[0]["val_loss"] for k, v in runs.items()}}
+    with open(os.path.join(a.out, "compare.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(json.dumps({k: summary[k] for k in ("mean_step_time_s", "thinwire_over_torchft", "val_loss")}))
     return 0
 
 
