@@ -45,3 +45,22 @@ def test_reached_at_S_and_not_reached():
     assert ttt.steps_to_target(960, {1: 2.2, 1.25: None, 1.5: 1.7, 2: 1.6}, 1.8) == (None, "not reached by 1S")
     assert ttt.show(None, "not reached by 2S", 960) == "not reached by 2S"
     assert ttt.show(1320.0, "interpolated", 960) == "1320 (1.375 S)"
+
+
+def test_torchft_fragments_cover_every_parameter_once():
+    """The streaming peer's fragments (``bench/torchft_peer.py``): blocks strided over F, every
+    parameter in exactly one fragment (the head is tied to the token embedding)."""
+    from thinwire.models.gpt import GPT, GPTShape
+
+    spec = importlib.util.spec_from_file_location("torchft_peer", _path.parent / "torchft_peer.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)  # torchft itself is imported only inside the replicas
+    model = GPT(GPTShape(vocab_size=16, n_layer=4, n_embd=32, n_head=2, block_size=8))
+    frags = peer.fragments_of(model, 2)
+    ids = [[id(p) for p in f.parameters()] for f in frags]
+    assert sorted(i for f in ids for i in f) == sorted(id(p) for p in model.parameters())
+    assert [id(m) for m in frags[0] if m in model.blocks] == [id(model.blocks[0]), id(model.blocks[2])]
+    assert [id(m) for m in frags[1] if m in model.blocks] == [id(model.blocks[1]), id(model.blocks[3])]
+    assert peer.fragments_of(model, 1) == [model]
+    with pytest.raises(SystemExit, match="--fragments=5"):
+        peer.fragments_of(model, 5)
