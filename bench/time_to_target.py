@@ -133,6 +133,17 @@ def done(d: str, steps: int) -> Optional[dict]:
     return rows[-1] if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1] else None
 
 
+def wait_for(d: str) -> None:
+    """Block while another invocation's run holds ``d`` (thinwire's run-dir ``flock``), so
+    parallel invocations share runs instead of starting them twice."""
+    path = os.path.join(d, ".lock")
+    if os.path.exists(path):
+        import fcntl
+
+        with open(path) as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH)  # granted once the holder has finished
+
+
 def constant_run(row: str, seed: int, a) -> str:
     """The constant-LR run to 1.6 S, its checkpoints kept at every branch start (run unless
     cached or ``a.report``)."""
@@ -141,6 +152,7 @@ def constant_run(row: str, seed: int, a) -> str:
           f"trainer.checkpoint_every={checkpoint_every(a.S)}", "trainer.keep_checkpoints=0",
           f"trainer.eval_every={n}"]
     d = _dir("const", ov)
+    wait_for(d)
     if not done(d, n) and not a.report:
         launch(ov, d, {"row": row, "seed": seed, "kind": "constant"}, f"{row!r} constant to {n}")
     return d
@@ -153,6 +165,8 @@ def branch(row: str, seed: int, a, const: str, start: int, end: int) -> Optional
     ov = [*base(row, seed, a), f"trainer.max_steps={end}", f"optim.decay_start={start}", f"trainer.resume={ck}",
           f"trainer.checkpoint_every={end}", f"trainer.eval_every={end}"]
     d = _dir("branch", ov)
+    if not a.report:
+        wait_for(d)
     rec = done(d, end)
     if rec is None and not a.report:
         if os.path.exists(d):  # an unfinished attempt: kept aside, the branch starts again
@@ -165,8 +179,16 @@ def branch(row: str, seed: int, a, const: str, start: int, end: int) -> Optional
 
 def protocol(row: str, seed: int, a) -> dict:
     """``{f: final val loss}`` of the row's branches (None: not run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     const = constant_run(row, seed, a)
-    recs = {f: branch(row, seed, a, const, start, end) for f, start, end in branch_points(a.S)}
+    points = branch_points(a.S)
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each branch is its own subprocess
+        recs = dict(zip([f for f, _, _ in points], pool.map(
+            lambda p: branch(row, seed, a, const, p[1], p[2]) if p[0] in a.fs or a.report else None, points)))
+    cached = argparse.Namespace(**{**vars(a), "report": True})  # branches not selected: from the cache
+    recs = {f: r if r is not None or a.report else branch(row, seed, cached, const, s, e)
+            for (f, s, e), r in zip(points, recs.values())}
     return {f: None if r is None else r["val_loss"] for f, r in recs.items()}
 
 
@@ -193,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
+    ap.add_argument("--jobs", type=int, default=1, help="branches of a row run at once")
+    ap.add_argument("--fs", type=float, nargs="*", default=list(FS), help="the branches to run (others: cached)")
     a = ap.parse_args(argv)
     names = [r.strip() for r in a.rows.split(",") if r.strip()]
     for r in names:
