@@ -111,18 +111,24 @@ def run(row: str, seed: int, a) -> list[dict]:
     rows = rows_of(d)
     if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
         return rows
+    launch(ov, d, {"row": row, "seed": seed}, f"{row!r} seed {seed}")
+    return rows_of(d)
+
+
+def launch(ov: list[str], d: str, meta: dict, label: str, fresh: bool = True) -> None:
+    """``thinwire-train`` with ``ov`` in run dir ``d`` (``meta`` and ``ov`` saved beside the
+    run). ``fresh``: an unfinished earlier attempt is started over (moved to <d>/previous/,
+    not deleted); else ``ov`` says how the run starts (e.g. ``trainer.resume=...``)."""
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "overrides.json"), "w") as fh:
-        json.dump({"row": row, "seed": seed, "overrides": ov}, fh)
+        json.dump({**meta, "overrides": ov}, fh)
     t0 = time.perf_counter()
-    # an unfinished earlier attempt is started over (moved to <d>/previous/, not deleted)
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}", "trainer.overwrite=true"],
-                       capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}",
+                        *(["trainer.overwrite=true"] if fresh else [])], capture_output=True,
                        text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
     if p.returncode != 0:
-        raise SystemExit(f"{row} seed {seed} failed:\n{p.stderr[-3000:]}")
-    print(f"  ran {row!r} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return rows_of(d)
+        raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
+    print(f"  ran {label} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def summary(rows: list[dict], nproc: int) -> dict:

@@ -182,6 +182,8 @@ NEW = [
     C(["optim.weight_decay=-1"], "optim.weight_decay=-1"),
     C(["optim.warmup_steps=-1"], "optim.warmup_steps=-1"),
     C(["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2"),
+    C(["optim.schedule=wsd", "optim.warmup_steps=20", "optim.decay_start=10"], "optim.decay_start=10"),
+    C(["optim.schedule=cosine", "optim.decay_start=100"], "optim.decay_start=100"),
     C(["optim.betas=[0.9]"], "optim.betas="),
     C(["optim.betas=[1.5,0.9]"], "optim.betas="),
     C(["optim.grad_clip=-1"], "optim.grad_clip=-1"),

@@ -172,4 +172,4 @@ def _check_resume(cfg: DictConfig) -> None:
     if engine.unpickles_checkpoints and not t.trust_checkpoints:
         raise untrusted_engine_error(r, cfg.engine.name)
     if isinstance(common, dict) and "config" in common:
-        check_resume_config(common["config"], cfg, path, r)
+        check_resume_config(common["config"], cfg, path, r, int(common["step"]) if "step" in common else None)

@@ -212,7 +212,7 @@ class Trainer:
             status, error = 0, None  # 0 loaded, 1 unusable, 2 written with another config
             try:
                 loaded = self.ckpt.load(path)
-                check_resume_config(loaded[0]["config"], self.cfg, path, resume)
+                check_resume_config(loaded[0]["config"], self.cfg, path, resume, int(loaded[0]["step"]))
             except ResumeConfigError as e:
                 status, error = 2, str(e)
             except Exception as e:  # noqa: BLE001 - truncated, corrupt, crafted, wrong version: "skip it"
