@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = """usage: thinwire-train [--multirun] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
+USAGE = """usage: thinwire-train [--multirun] [--cfg job] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
 Runs under torchrun, or starts dist.nproc local workers itself. --multirun sweeps comma-separated
-values (comm=topk,int8 sync.local_steps=4,8), one run dir per combination. See README.md."""
+values (comm=topk,int8 sync.local_steps=4,8), one run dir per combination. --cfg job (or -c job)
+prints the composed, validated config of every run and exits without training. See README.md."""
 
 
 def fail(msg: str) -> None:
@@ -96,6 +97,25 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     return 0
 
 
+def take_cfg_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Hydra's ``--cfg job`` / ``-c job`` (``all`` and ``hydra`` print the same: the run's
+    config; thinwire drops Hydra's own node): the overrides without it, and whether it was given."""
+    out, show, i = [], False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--cfg", "-c"):
+            if i + 1 >= len(argv) or argv[i + 1] not in ("job", "all", "hydra"):
+                fail(f"{a}: expected job, all or hydra after it (e.g. --cfg job)")
+            show, i = True, i + 2
+            continue
+        if a.startswith("--cfg="):
+            show, i = True, i + 1
+            continue
+        out.append(a)
+        i += 1
+    return out, show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
@@ -109,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = [a for a in argv if a not in ("-m", "--multirun")]
+    argv, show = take_cfg_flag(argv)
     try:
         jobs = expand_sweep(argv) if multirun else [argv]
         cfgs = [compose(job) for job in jobs]
@@ -116,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg)
     except ConfigError as e:
         fail(str(e))
+    if show:  # Hydra's --cfg job: the config each run would get, nothing started or written
+        for n, cfg in enumerate(cfgs):
+            print(f"# run {n}: {cfg.run_dir}" if len(cfgs) > 1 else f"# {cfg.run_dir}")
+            print(to_yaml(cfg), end="")
+        return 0
     for cfg in cfgs:
         os.makedirs(cfg.run_dir, exist_ok=True)
     yamls = [to_yaml(cfg) for cfg in cfgs]
