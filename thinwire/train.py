@@ -142,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# run {n}: {cfg.run_dir}" if len(cfgs) > 1 else f"# {cfg.run_dir}")
             print(to_yaml(cfg), end="")
         return 0
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     for cfg in cfgs:
         os.makedirs(cfg.run_dir, exist_ok=True)
+        if not torchrun or os.environ["RANK"] == "0":  # first, so the user knows where to look
+            print(f"thinwire: run dir {cfg.run_dir}", flush=True)
     yamls = [to_yaml(cfg) for cfg in cfgs]
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if torchrun:
         worker(yamls)
         return 0
     return launch_local(cfgs[0], yamls)
