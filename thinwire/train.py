@@ -8,6 +8,7 @@ config and do not compose again.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 USAGE = """usage: thinwire-train [--multirun] [--cfg job] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
@@ -39,6 +40,14 @@ def worker(cfg_yamls: list[str]) -> None:
         fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError) as e:
         fail_worker(world.rank, str(e))
+    except KeyboardInterrupt:  # Ctrl-C with several ranks (one rank stops gracefully: progress.StopRequest)
+        if world.rank == 0:
+            from .trainer.progress import say_stopped
+            from .trainer.rundir import step_dirs
+
+            newest = step_dirs(cfg.run_dir)
+            say_stopped(cfg.run_dir, None, "Ctrl-C", newest[-1] if newest else None)
+        os._exit(130)
     except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
         if not is_comm_failure(e):
             raise
@@ -73,6 +82,7 @@ def fail_worker(rank: int, msg: str) -> None:
 
 def launch_local(cfg, cfg_yamls: list[str]) -> int:
     """Start ``dist.nproc`` workers like ``torchrun --standalone`` would."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -90,10 +100,14 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     except ChildFailedError as e:
         if any(f.exitcode == 2 for f in e.failures.values()):
             return 2  # a config error found by the workers, which printed it (one line)
+        if all(f.exitcode == 130 for f in e.failures.values()):
+            return 130  # Ctrl-C: rank 0 said where the run stopped and how to continue it
         first = next(iter(e.failures.values()))
         print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
               f"see the traceback above", file=sys.stderr, flush=True)
         return 1
+    except SignalException:  # Ctrl-C: the agent passes it on to the workers, which stop themselves and
+        return 130           # rank 0 says where the run stopped and how to continue it
     return 0
 
 
@@ -127,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import expand_sweep
     from .config import validate
 
+    os.environ["THINWIRE_COMMAND"] = shlex.join(["thinwire-train", *argv])  # for the resume hint
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = [a for a in argv if a not in ("-m", "--multirun")]
     argv, show = take_cfg_flag(argv)
