@@ -67,6 +67,8 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     for o in parsed:
         key = o.key_or_group
         head = key.split(".")[0].split("/")[0]
+        if head not in typed and head not in PRESET_GROUPS and head != "hydra" and not o.package:
+            raise _unknown_top(key, typed)
         if head not in typed or o.package:
             if head in PRESET_GROUPS and key == head and not o.is_delete():
                 value = o.value()
@@ -103,6 +105,30 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
             how[key] = "plain"
             out.append("++" + o.input_line)
     return out, how
+
+
+def _unknown_top(key: str, typed: set[str]) -> ConfigError:
+    """A key outside every group (``trainr.max_steps``, ``max_steps``): never added silently
+    (Hydra would suggest ``+key``, which runs with the typo ignored); a near group, or the
+    groups that have such a key, as "did you mean"."""
+    head, _, rest = key.partition(".")
+    close = difflib.get_close_matches(head, sorted(typed | set(PRESET_GROUPS)), n=1)
+    if close and rest:
+        hint = f"; did you mean {close[0]}.{rest}?"
+    else:
+        leaf = key.rsplit(".", 1)[-1]
+        homes = sorted(g for g in typed if any(leaf in _all_keys(g, o) for o in _options_of(g)))
+        hint = f"; did you mean {' or '.join(f'{g}.{leaf}' for g in homes)}?" if homes else \
+            (f"; did you mean {close[0]}?" if close else "")
+    return ConfigError(f"{key}: not a key of the config (groups: {', '.join(sorted(typed))}){hint}")
+
+
+def _options_of(group: str) -> list[str | None]:
+    return groups()[group].options() if group in groups() else [None]
+
+
+def _all_keys(group: str, option: str | None) -> dict:
+    return schema_keys(groups()[group].schema(option) if option else fixed_groups()[group])
 
 
 def _target_choice(group: str, path: str) -> str:
@@ -173,6 +199,13 @@ def _not_an_option(group: str, option: str, path: str, allowed: list[str]) -> Co
     close = difflib.get_close_matches(key, allowed, n=1)
     if close:
         msg += f"; did you mean {path.rsplit('.', 1)[0]}.{close[0]}?"
+    elif group in groups() and path.count(".") == 1:  # a key of another option (comm.ratoi under comm=none)
+        every = sorted({k for o in groups()[group].options() for k in schema_keys(groups()[group].schema(o))})
+        near = difflib.get_close_matches(key, every, n=1)
+        if near and near[0] != key:
+            others = _who_has(group, near[0])
+            return ConfigError(f"{msg}; did you mean {group}.{near[0]}? (an option of {group}={', '.join(others)}: "
+                               f"choose one, e.g. {group}={others[0]} {group}.{near[0]}=...)")
     if group in groups() and path.count(".") == 1:
         others = _who_has(group, key)
         if others:

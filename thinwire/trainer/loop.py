@@ -104,11 +104,12 @@ def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> fl
 def evaluate_metrics(model: torch.nn.Module, data, world: World, meter: WireMeter) -> dict:
     """``val_loss``: the mean loss over the fixed validation batches, split across ranks (eval
     mode: no dropout, so the training RNG stream is untouched); ``val_accuracy`` too for a
-    classifier: a model with ``logits(**inputs)`` on batches whose ``y`` holds one label per
-    sample (accuracy = argmax of the logits == y, over all validation samples)."""
+    classifier: a model with ``logits(**inputs)`` on a data set with ``info.num_classes``, whose
+    batches' ``y`` holds one label per sample (accuracy: argmax of the logits == y, over all
+    validation samples)."""
     was_training = model.training
     model.eval()
-    classifier = callable(getattr(model, "logits", None))
+    classifier = callable(getattr(model, "logits", None)) and data.info.num_classes > 0
     total = torch.zeros(4 if classifier else 2, dtype=torch.float64, device=world.device)
     for batch in data.eval_batches_for_rank():
         batch = to_device(batch, world.device)
