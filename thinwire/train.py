@@ -111,6 +111,22 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     return 0
 
 
+def record_job(cfg, job: list[str]) -> None:
+    """``<run dir>/.hydra/overrides.yaml`` (the run's overrides, as Hydra records them, which
+    ``thinwire-report`` shows to tell the runs of a sweep apart) and ``.hydra/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    from .config import to_yaml
+    from .config.sweep import user_overrides
+
+    d = os.path.join(cfg.run_dir, ".hydra")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "overrides.yaml"), "w") as fh:
+        fh.write(OmegaConf.to_yaml(OmegaConf.create(user_overrides(job))))
+    with open(os.path.join(d, "config.yaml"), "w") as fh:
+        fh.write(to_yaml(cfg))
+
+
 def take_cfg_flag(argv: list[str]) -> tuple[list[str], bool]:
     """Hydra's ``--cfg job`` / ``-c job`` (``all`` and ``hydra`` print the same: the run's
     config; thinwire drops Hydra's own node): the overrides without it, and whether it was given."""
@@ -158,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
         return 0
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    for cfg in cfgs:
+    for cfg, job in zip(cfgs, jobs):
         os.makedirs(cfg.run_dir, exist_ok=True)
         if not torchrun or os.environ["RANK"] == "0":  # first, so the user knows where to look
             print(f"thinwire: run dir {cfg.run_dir}", flush=True)
+            record_job(cfg, job)
     yamls = [to_yaml(cfg) for cfg in cfgs]
     if torchrun:
         worker(yamls)
