@@ -74,6 +74,28 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def run_id(run_dir: str) -> str:
+    """The wandb run id of the run in ``run_dir``: kept in ``checkpoints/wandb_run_id`` so that a
+    resumed run (``trainer.resume=auto``, an elastic restart) continues the same wandb run
+    (``resume="allow"``), and a run started over (``trainer.overwrite=true`` moves
+    ``checkpoints/`` aside) gets a new one."""
+    import secrets
+
+    path = os.path.join(run_dir, "checkpoints", "wandb_run_id")
+    try:
+        with open(path) as fh:
+            saved = fh.read().strip()
+        if saved:
+            return saved
+    except OSError:
+        pass
+    new = secrets.token_hex(4)  # wandb's ids: 8 characters of [a-z0-9]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(new + "\n")
+    return new
+
+
 @LOGGERS.register("wandb")
 class WandbLogger:
     """wandb, offline by default (``logger.mode=online`` to stream, ``disabled`` to skip).
@@ -102,7 +124,7 @@ class WandbLogger:
         self.mode, self.wandb = mode, wandb
         self.run = wandb.init(project=project, mode=mode, entity=entity, group=group or derived["group"],
                               name=name or derived["name"], tags=tags, dir=run_dir, config=run_config,
-                              reinit="finish_previous")
+                              reinit="finish_previous", id=run_id(run_dir), resume="allow")
 
     def log(self, record: dict, step: int) -> None:
         self.run.log(record, step=step)
