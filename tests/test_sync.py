@@ -226,7 +226,7 @@ def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(pools, tmp_path,
 
 
 def test_co2_converges_within_5_percent_of_local(pools, tmp_path):
-    """2 ranks, tiny char-GPT, 1000 steps, AdamW 3e-3, H=4 (see CALIBRATION.md)."""
+    """2 ranks, tiny char-GPT, 1000 steps, AdamW 3e-3, H=4 (docs/sync.md)."""
     common = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000",
               "trainer.checkpoint_every=1000", "optim.lr=3e-3", "sync.local_steps=4"]
     final = {}

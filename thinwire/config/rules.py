@@ -79,6 +79,7 @@ def validate(cfg: DictConfig) -> None:
             raise in_group(name, e) from None
     for group in groups():
         check_group(cfg, group)
+    _check_requires(cfg)
     _cross_group(cfg)
     _check_resume(cfg)
 
@@ -106,6 +107,31 @@ def _cross_group(cfg: DictConfig) -> None:
         part = g[group].part(cfg[group].name)
         if hasattr(part, "check_run"):
             part.check_run(cfg)
+
+
+def missing_module(module: str) -> bool:
+    """``module`` cannot be imported (found without importing it: peft or transformers take seconds)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is None
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _check_requires(cfg: DictConfig) -> None:
+    """The optional packages of the chosen parts (a part's ``requires``: module -> the install
+    command) are installed: one line naming the option and the command, not a worker's traceback."""
+    for name, g in groups().items():
+        option = chosen_option(cfg, name)
+        if option is None:
+            continue
+        for module, install in getattr(g.part(option), "requires", {}).items():
+            need(not missing_module(module), name, option, f"needs the package {module}, which is not installed; "
+                 f"install it with: {install}")
 
 
 FLOAT32_MAX = 3.4028234663852886e38

@@ -269,3 +269,6 @@ def check_modules(cfg) -> None:
 
 lora.check_run = check_modules
 lora_ga.check_run = check_modules
+
+
+lora.requires = lora_ga.requires = {"peft": "pip install 'thinwire[hf]'"}  # checked before any worker starts

@@ -25,7 +25,6 @@ from typing import Optional, Type
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
@@ -43,6 +42,7 @@ from .drift import DriftGuard
 from .engine import build_engine
 from .interface import Engine
 from .loggers import MetricsFile, NullLogger
+from .progress import Progress, StopRequest, say_stopped
 from .world import World
 
 
@@ -101,19 +101,37 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> float:
-    """Mean loss over the fixed validation batches, split across ranks (eval mode: no
-    dropout, so the training RNG stream is untouched)."""
+    """Mean loss over the fixed validation batches (:func:`evaluate_metrics`)."""
+    return evaluate_metrics(model, data, world, meter)["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: torch.nn.Module, data, world: World, meter: WireMeter) -> dict:
+    """``val_loss``: the mean loss over the fixed validation batches, split across ranks (eval
+    mode: no dropout, so the training RNG stream is untouched); ``val_accuracy`` too for a
+    classifier: a model with ``logits(**inputs)`` on a data set with ``info.num_classes``, whose
+    batches' ``y`` holds one label per sample (accuracy: argmax of the logits == y, over all
+    validation samples)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    classifier = callable(getattr(model, "logits", None)) and data.info.num_classes > 0
+    total = torch.zeros(4 if classifier else 2, dtype=torch.float64, device=world.device)
     for batch in data.eval_batches_for_rank():
-        total[0] += model(**to_device(batch, world.device)).double()
+        batch = to_device(batch, world.device)
+        total[0] += model(**batch).double()
         total[1] += 1
+        y = batch.get("y")
+        if classifier and y is not None and y.dim() == 1:
+            logits = model.logits(**{k: v for k, v in batch.items() if k != "y"})
+            total[2] += (logits.argmax(-1) == y).sum()
+            total[3] += y.numel()
     accounting.all_reduce(meter, total, kind="eval")
     model.train(was_training)
-    return float(total[0] / total[1].clamp_min(1))
+    out = {"val_loss": float(total[0] / total[1].clamp_min(1))}
+    if classifier and total[3] > 0:
+        out["val_accuracy"] = float(total[2] / total[3])
+    return out
 
 
 class Trainer:
@@ -127,13 +145,18 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         self.meter, self.watch = WireMeter(), Stopwatch()
+        self.progress = Progress(t.max_steps, world.is_main, t.progress)
+        self.progress.phase(f"loading data={cfg.data._target_.rsplit('.', 1)[-1]}")
         self.data = instantiate(cfg.data, seed=t.seed, rank=world.rank, world_size=world.world_size)
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
+        self.progress.phase(f"building the model ({cfg.model._target_})")
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
         grad_sync = plugin_cls.needs_backprop and plugin_cls.needs_grad_allreduce and sync_cls.needs_grad_allreduce
+        self.progress.phase(f"starting engine={cfg.engine.name} (comm={cfg.comm.name}, sync={cfg.sync.name}, "
+                            f"optim={cfg.optim.name})")
         self.engine: Engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm,
                                            grad_sync=grad_sync, comm_hook=comm_hook)
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
@@ -148,6 +171,8 @@ class Trainer:
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
+        if world.is_main and cfg.logger._target_.endswith("WandbLogger"):
+            self.progress.phase(f"starting wandb (logger.mode={cfg.logger.get('mode', '?')})")
         self.logger = self._logger()
         self.unit = self.data.info.unit
 
@@ -338,9 +363,9 @@ class Trainer:
         t = self.cfg.trainer
         last = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
         self.skipped, self.skipped_total = 0, 0
-        bar = tqdm(total=t.max_steps, initial=self.start_step, disable=not (self.world.is_main and t.progress),
-                   dynamic_ncols=True, mininterval=0.5)
+        self.progress.start(self.start_step, self.unit)
         record: dict = {}
+        self.interrupt = interrupt = StopRequest(self.world.world_size == 1)  # Ctrl-C: progress.StopRequest
         for step in range(self.start_step, last):
             record = self.train_step(step)
             done = step + 1
@@ -354,16 +379,19 @@ class Trainer:
             if self.eval_due(done):
                 self.run_eval(record)
             self.log(record)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {record['loss']:.3f} | {record[f'{self.unit}_per_s']:.0f} {self.unit}/s "
-                                f"| wire {record['wire_bytes'] / 1e6:.3f} MB/step", refresh=False)
-            stop = self.stop_early(record)
+            self.progress.step(record)
+            stop = self.stop_early(record) or interrupt.requested
             if done % t.checkpoint_every == 0 or done == last or stop:
-                self.save(done)
+                path = self.save(done)
+            if stop or (done == last < t.max_steps):
+                self.progress.close()
+                if self.world.is_main:
+                    say_stopped(self.cfg.run_dir, done, "Ctrl-C" if interrupt.requested else
+                                "trainer.stop_after" if done == t.stop_after else "stopped early", path)
             if stop:
                 break
             self.faults.after_step(done)
-        bar.close()
+        self.progress.close()
         return record
 
     # -- what a subclass may change (module docstring) ---------------------------------
@@ -376,7 +404,7 @@ class Trainer:
         """Evaluate (every rank together) into the step's ``record``: ``val_loss`` and
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
-            record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
+            record.update(evaluate_metrics(model, self.data, self.world, self.meter))
         sent = self.meter.take_step()
         record["eval_bytes"] = sent.pop("eval", 0)
         record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
@@ -392,6 +420,9 @@ class Trainer:
             self.logger.log(record, step=record["step"])
 
     def close(self) -> None:
+        if getattr(self, "interrupt", None) is not None:
+            self.interrupt.restore()
+        self.progress.close()
         self.sync.close()
         if self.metrics is not None:
             self.metrics.close()
