@@ -15,9 +15,13 @@ MODES = {
     "demo": ["optim=demo"],
     "local": ["sync=local", "sync.local_steps=2"],
     "co2": ["sync=co2", "sync.local_steps=2"],
+    "eager": ["sync=co2", "sync.overlap=eager", "sync.local_steps=2"],  # the consensus anchor
+    # each fragment's global copy; rounds of 2 steps, fragment 0 synchronised mid-round
+    "streaming": ["sync=local", "sync.local_steps=2", "sync.fragments=2", "sync.fragment_delay=0"],
 }
 FIRST_TENSOR = {"ddp": "tok_emb.weight", "ddp+topk+ef": "tok_emb.weight", "demo": "tok_emb.weight",
-                "local": "anchor.tok_emb.weight", "co2": "anchor.tok_emb.weight"}
+                "local": "anchor.tok_emb.weight", "co2": "anchor.tok_emb.weight", "eager": "anchor.tok_emb.weight",
+                "streaming": "anchor.tok_emb.weight"}
 
 
 def test_digest_sees_one_ulp_dtype_and_shape():
