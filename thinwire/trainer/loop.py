@@ -301,13 +301,11 @@ class Trainer:
             if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
                 print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
-        if ok or self.sync.ranks_diverge:
-            # under local updates / CO2 a rank skips a step on its own, and the round's outer
-            # collective still needs it: it joins with its parameters as they were before the
-            # skipped step (a finite state; the round's finiteness check covers the rest)
-            sync_metrics = self.sync.after_step(step)
-            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
-            record.update(sync_metrics)
+        # under local updates / CO2 a rank skips a step on its own, and the round's outer
+        # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
+        sync_metrics = self.sync.global_step(step, skipped=not ok)
+        self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+        record.update(sync_metrics)
         dt = time.perf_counter() - t0
         sent = self.meter.take_step()
         record.update({
