@@ -328,7 +328,11 @@ class CompressedState(HookState):
         self.lr_now: Optional[float] = None
 
     def set_lr(self, lr: float) -> None:
-        """The learning rate of the step about to run (for the EF residual's rescaling)."""
+        """The learning rate of the step about to run (for the EF residual's rescaling). In a
+        user loop (``auto_commit``) the previous iteration is committed first, so its rate
+        becomes ``lr_prev`` (before this fix a loop calling ``set_lr`` before backward got
+        lr_prev = lr_now, a ratio of 1, at every step)."""
+        self._flush()
         self.lr_now = lr
 
     @property
