@@ -15,8 +15,10 @@ def train(steps: int, name: str = "topk", **comm):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    model, opt = accelerator.prepare(model, opt)
+    # a scheduler passed to prepare() steps once per process at each call: build it on the
+    # prepared optimizer instead, so that it steps once per global step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
     meter = WireMeter()
     assert isinstance(model, DDP), "run it on several processes (accelerate launch)"
     state, hook = comm_hook(name, model=accelerator.unwrap_model(model), optimizer=opt, meter=meter, **comm)

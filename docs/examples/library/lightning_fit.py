@@ -26,13 +26,13 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fit(callback: ThinwireCommHook, devices: int = 2, steps: int = 8, strategy="ddp"):
+def fit(hook: ThinwireCommHook | None, devices: int = 2, steps: int = 8, strategy="ddp") -> Classifier:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16 * devices * steps, 32, generator=g)
     data = DataLoader(TensorDataset(x, x[:, :4].argmax(1)), batch_size=16)
     model = Classifier()
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
-                        callbacks=[callback], logger=False, enable_checkpointing=False,
+                        callbacks=[hook] if hook else [], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
-    return model, callback.meter.total()
+    return model  # the bytes: hook.meter.total()
