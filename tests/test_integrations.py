@@ -19,7 +19,7 @@ from test_library import example, params, same
 HAS_LIGHTNING = importlib.util.find_spec("lightning") is not None
 
 
-def framework_ranks(rank, world_size, with_lightning):
+def framework_ranks(rank, world_size, with_lightning, tmp):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), GROUP_RANK="0",
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="29500",
                       OMP_NUM_THREADS="1", TORCHELASTIC_RUN_ID="thinwire-test")
@@ -47,6 +47,18 @@ def framework_ranks(rank, world_size, with_lightning):
     out["topk_params"] = params(fit(topk))
     out["dense"], out["topk"] = dense.meter.total(), topk.meter.total()
     out["fit_s"] = (time.perf_counter() - t0) / 2
+    # state_dir: per-rank files written at a Lightning save, read back at the next fit's start
+    state_dir = os.path.join(tmp, "comm-state")
+    saver = ThinwireCommHook("topk", ratio=0.05, feedback="ef", min_numel=1024, state_dir=state_dir)
+    saver.state = topk.state
+    saver.on_save_checkpoint(SimpleNamespace(global_rank=rank), None, {})
+    model = example("example_data").make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    fake = SimpleNamespace(strategy=SimpleNamespace(model=ddp, _ddp_comm_hook=None), global_rank=rank,
+                           optimizers=[torch.optim.SGD(model.parameters(), lr=0.1)])
+    loader = ThinwireCommHook("topk", ratio=0.05, feedback="ef", min_numel=1024, state_dir=state_dir)
+    loader.on_fit_start(fake, model)
+    out["saved_state"], out["loaded_state"] = topk.state.state_dict(), loader.state.state_dict()
     # Lightning's own route: the strategy takes the hook but registers it only on CUDA
     state, hook = comm_hook("topk", ratio=0.05, feedback="ef", min_numel=1024)
     fit(None, strategy=DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook))
@@ -90,7 +102,8 @@ def plain_ddp(steps):
 
 @pytest.fixture(scope="module")
 def frameworks(tmp_path_factory):
-    return run_fresh_ranks(framework_ranks, 2, tmp_path_factory.mktemp("frameworks"), HAS_LIGHTNING)
+    tmp = tmp_path_factory.mktemp("frameworks")
+    return run_fresh_ranks(framework_ranks, 2, tmp, HAS_LIGHTNING, str(tmp))
 
 
 def test_accelerate_recipe_equals_a_plain_ddp_loop_with_the_hook(frameworks):
@@ -112,6 +125,11 @@ def test_lightning_callback_runs_the_hook_on_cpu_and_bytes_go_down(frameworks):
         not_ddp, did_not_run = r["errors"]
         assert "needs strategy='ddp'" in not_ddp and "did not run" in did_not_run
     assert same(frameworks[0]["topk_params"], frameworks[1]["topk_params"])
+    for r in frameworks:
+        saved, loaded = r["saved_state"], r["loaded_state"]
+        assert loaded["iteration"] == saved["iteration"] == 8 and loaded["lr_prev"] == saved["lr_prev"]
+        for name, bufs in saved["aggregator"]["feedback"].items():
+            assert same(bufs, loaded["aggregator"]["feedback"][name])
 
 
 def test_torchtitan_style_script_logs_typed_bytes(tmp_path):
