@@ -307,12 +307,12 @@ class Trainer:
         self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
         record.update(sync_metrics)
         dt = time.perf_counter() - t0
-        sent = self.meter.take_step()
+        sent = self.meter.take()  # thinwire.meter.ByteCounts, as a library user reads it
         record.update({
             "step_time_s": dt,
             "comm_wait_s": self.watch.take(),
-            "wire_bytes": sum(v for k, v in sent.items() if k != "setup"),
-            "control_bytes": sent.get("control", 0),
+            "wire_bytes": sent.wire,
+            "control_bytes": sent.control,
             "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
@@ -362,9 +362,9 @@ class Trainer:
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
             record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
-        sent = self.meter.take_step()
-        record["eval_bytes"] = sent.pop("eval", 0)
-        record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+        sent = self.meter.take()
+        record["eval_bytes"] = sent.eval
+        record["wire_bytes"] += sent.wire
 
     def stop_early(self, record: dict) -> bool:
         """Called after each step's metrics line; True ends the run after this step, with a
