@@ -317,3 +317,18 @@ def test_lora_ga_init_on_a_peft_model_equals_the_trainers_init(tmp_path):
         torch.testing.assert_close(r["out"], r["base_out"], rtol=0, atol=1e-5)  # output unchanged
         assert r["counts"].setup > 0 and r["counts"].wire == 0
     assert same(r0["library"], r1["library"])  # one averaged estimate: the same init everywhere
+
+
+def test_outer_loop_presets_of_the_doc_table_run():
+    """The trainer presets of docs/library.md's table, as OuterLoop arguments (one process)."""
+    from thinwire import OuterLoop
+
+    sgd = {"_target_": "torch.optim.SGD", "lr": 0.7, "momentum": 0.9, "nesterov": True}
+    sparseloco = {"name": "chunk_topk", "feedback": "ef", "ef_decay": 0.95, "min_numel": 4096}
+    for sync, options, rounds in (("local", {"local_steps": 4}, 4), ("local", {"outer_optim": sgd}, 4),
+                                  ("co2", {"local_steps": 4}, 4),
+                                  ("local", {"local_steps": 15, "clip": float("inf"), "comm": sparseloco}, 1)):
+        with OuterLoop(example("example_data").make_model(), sync, **options) as outer:
+            for _ in range(16):
+                outer.step()
+            assert outer.strategy.round == rounds and outer.steps == 16
