@@ -311,6 +311,11 @@ def comm_config(name: str = "none", **options) -> dict:
     trainer checks ``comm.*``: what a sync strategy's averager takes as ``comm_cfg``."""
     if name not in HOOKS:
         check_keys(name, options)
+    else:
+        valid = set(option_keys(CommConfig)) | set(option_keys(feedback_options()))
+        for key in options:
+            if key not in valid:
+                raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
     values = fingerprint(name, options)
     check_comm(values)
     return values
