@@ -53,6 +53,15 @@ class SyncStrategy:
         """Called after every accepted optimizer step; returns metrics to log."""
         return {}
 
+    def global_step(self, step: int, skipped: bool = False) -> dict[str, float]:
+        """Called by every rank once per global step (the trainer, ``thinwire.OuterLoop``):
+        ``after_step`` for an accepted step, and for a step this rank skipped when ranks
+        diverge (local updates / CO2: the round's outer collective still needs this rank, which
+        joins with its parameters as they were before the skipped step)."""
+        if skipped and not self.ranks_diverge:
+            return {}
+        return self.after_step(step)
+
     @property
     def round_steps(self) -> int:
         """Steps per synchronisation round: the state of ``consensus_state`` is defined at

@@ -334,25 +334,23 @@ class Trainer:
             if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
                 print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
-        if ok or self.sync.ranks_diverge:
-            # under local updates / CO2 a rank skips a step on its own, and the round's outer
-            # collective still needs it: it joins with its parameters as they were before the
-            # skipped step (a finite state; the round's finiteness check covers the rest)
-            sync_metrics = self.sync.after_step(step)
-            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
-            record.update(sync_metrics)
+        # under local updates / CO2 a rank skips a step on its own, and the round's outer
+        # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
+        sync_metrics = self.sync.global_step(step, skipped=not ok)
+        self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+        record.update(sync_metrics)
         if self.drift.due(step + 1):
             self.faults.corrupt(self.drift.state(), step + 1)
             skipped = self.drift.check(step + 1, self.skipped_total)
             if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
                 record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
-        sent = self.meter.take_step()
+        sent = self.meter.take()  # thinwire.meter.ByteCounts, as a library user reads it
         record.update({
             "step_time_s": dt,
             "comm_wait_s": self.watch.take(),
-            "wire_bytes": sum(v for k, v in sent.items() if k != "setup"),
-            "control_bytes": sent.get("control", 0),
+            "wire_bytes": sent.wire,
+            "control_bytes": sent.control,
             "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
@@ -405,9 +403,9 @@ class Trainer:
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
             record.update(evaluate_metrics(model, self.data, self.world, self.meter))
-        sent = self.meter.take_step()
-        record["eval_bytes"] = sent.pop("eval", 0)
-        record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+        sent = self.meter.take()
+        record["eval_bytes"] = sent.eval
+        record["wire_bytes"] += sent.wire
 
     def stop_early(self, record: dict) -> bool:
         """Called after each step's metrics line; True ends the run after this step, with a

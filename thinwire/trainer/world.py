@@ -107,6 +107,21 @@ def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0
     return World(rank, world_size, local_rank, device, backend, async_group)
 
 
+def current_world(device: torch.device | None = None) -> World:
+    """The :class:`World` of a process whose default group someone else initialised (a
+    user's loop under torchrun, Lightning, Accelerate): rank and size from the default
+    group, ``device`` (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU), and a fresh
+    ``async_group``. Every rank must call it, in the same order (it creates a group)."""
+    if not dist.is_initialized():
+        return World(0, 1, 0, device or torch.device("cpu"), "none", None)
+    rank, world_size, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    async_group = groups.new_group(backend=backend) if world_size > 1 else None
+    return World(rank, world_size, local_rank, device, backend, async_group)
+
+
 def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
     """The env:// store, with keys scoped to this restart attempt.
 
