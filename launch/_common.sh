@@ -9,6 +9,20 @@ default_nproc() {
     echo "$n"
 }
 
+# default_python: the interpreter with thinwire when PYTHON is unset: the active virtual
+# environment's python, else the repo's .venv (THINWIRE_VENV; what launch/setup_env.sh made), else python.
+default_python() {
+    local venv
+    venv=${THINWIRE_VENV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv}
+    if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+        echo "$VIRTUAL_ENV/bin/python"
+    elif [[ -x "$venv/bin/python" ]]; then
+        echo "$venv/bin/python"
+    else
+        echo python
+    fi
+}
+
 # run_or_print CMD...: with DRY_RUN=1 print CMD on one line (shell-quoted), else exec it.
 run_or_print() {
     if [[ "${DRY_RUN:-0}" == 1 ]]; then

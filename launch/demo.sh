@@ -11,4 +11,5 @@ RUN=runs/demo
 if [ $# -gt 0 ]; then
   RUN="runs/demo_$(printf '%s_' "$@" | tr -c 'A-Za-z0-9.=,_-' '_' | sed 's/_*$//' | cut -c1-120)"
 fi
-exec "$PY" -m thinwire.train dist.nproc=2 "hydra.run.dir=$RUN" "$@"
+# quoted: the name holds '=' and ',' from the overrides, which Hydra's grammar would parse
+exec "$PY" -m thinwire.train dist.nproc=2 "hydra.run.dir='$RUN'" "$@"

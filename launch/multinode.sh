@@ -15,7 +15,8 @@
 #                  any other value makes it a client; ranks still come from the rendezvous.
 #                  Without RDZV_ID the id defaults to thinwire-<MASTER_ADDR>-<MASTER_PORT>.
 #   NPROC          workers per node (default: number of GPUs nvidia-smi lists, else 1)
-#   PYTHON         the interpreter with thinwire installed (default: python)
+#   PYTHON         the interpreter with thinwire installed (default: the active venv's python,
+#                  else the repo's .venv/bin/python that launch/setup_env.sh made, else python)
 #   TORCHRUN_ARGS  extra torchrun options, space-separated (e.g. "--max-restarts=3")
 #   DRY_RUN=1      print the command instead of running it
 # Arguments are Hydra overrides for the trainer, passed through unchanged.
@@ -33,7 +34,7 @@ if [[ -z "${RDZV_ID:-}" ]]; then
     RDZV_ID="thinwire-${MASTER_ADDR}-${MASTER_PORT}"
 fi
 NPROC=${NPROC:-$(default_nproc)}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(default_python)}
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
 if [[ -n "${NODE_RANK:-}" ]]; then
     [[ "$NODE_RANK" == 0 ]] && host=true || host=false

@@ -8,8 +8,9 @@
 #
 # Environment:
 #   NPROC          workers on this node (default: number of GPUs nvidia-smi lists, else 1)
-#   PYTHON         the interpreter with thinwire installed (default: python); torchrun is
-#                  started as "$PYTHON -m torch.distributed.run", so it is that env's torchrun
+#   PYTHON         the interpreter with thinwire installed (default: the active venv's python,
+#                  else the repo's .venv/bin/python that launch/setup_env.sh made, else python);
+#                  torchrun is started as "$PYTHON -m torch.distributed.run", so it is that env's torchrun
 #   TORCHRUN_ARGS  extra torchrun options, space-separated (e.g. "--max-restarts=3")
 #   DRY_RUN=1      print the command instead of running it
 set -euo pipefail
@@ -17,7 +18,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 NPROC=${NPROC:-$(default_nproc)}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(default_python)}
 read -r -a extra <<< "${TORCHRUN_ARGS:-}"
 
 cmd=("$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$NPROC"

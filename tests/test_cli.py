@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from conftest import run_cli
 
@@ -64,11 +65,14 @@ def test_torchrun_default_run_dir_is_shared_by_ranks(tmp_path):
 @pytest.mark.slow
 def test_multirun_sweep_gives_one_run_dir_per_combination(tmp_path):
     p = run_cli("--multirun", "experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2",
-                "comm=none,bf16", f"hydra.sweep.dir={tmp_path}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    for n in ("0", "1"):
+                "comm=none,bf16", "logger=none", f"hydra.sweep.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]  # logger=none in a sweep: no logger.group to set
+    for n, comm in (("0", "none"), ("1", "bf16")):
         with open(tmp_path / n / "metrics.jsonl") as fh:
             assert [json.loads(line)["step"] for line in fh] == [1, 2, 3, 4]
+        # what thinwire-report shows to tell the runs apart, as Hydra records it
+        assert yaml.safe_load(open(tmp_path / n / ".hydra" / "overrides.yaml")) == \
+            ["experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2", "logger=none", f"comm={comm}"]
     # bf16 halves the gradient bytes of the fp32 run (step 1: no eval; control traffic aside)
     first = [json.loads(line) for line in open(tmp_path / "0" / "metrics.jsonl")][0]
     second = [json.loads(line) for line in open(tmp_path / "1" / "metrics.jsonl")][0]

@@ -11,12 +11,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("launch/torchrun.sh", "launch/multinode.sh", "launch/slurm.sbatch")
 OVERRIDES = ["comm=topk", "comm.ratio=0.01", "hydra.run.dir=runs/x y"]
-SCRUB = ("NPROC", "NNODES", "NODE_RANK", "RDZV_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHRUN_ARGS", "PYTHON")
+SCRUB = ("NPROC", "NNODES", "NODE_RANK", "RDZV_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHRUN_ARGS", "PYTHON",
+         "VIRTUAL_ENV", "THINWIRE_VENV")
 
 
 def dry_run(script: str, env: dict, *args: str, path_prefix: str | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in SCRUB and not k.startswith("SLURM_")}
-    full.update(DRY_RUN="1", **env)
+    full.update({"DRY_RUN": "1", "THINWIRE_VENV": "/nonexistent-venv", **env})  # no venv found: plain python
     if path_prefix:
         full["PATH"] = path_prefix + os.pathsep + full.get("PATH", "")
     return subprocess.run(["bash", os.path.join(REPO, script), *args], capture_output=True, text=True,
@@ -47,6 +48,20 @@ def test_torchrun_no_run_dir_added():
     assert argv[0] == "python" and "--max-restarts=3" in argv
     assert argv[-2:] == ["-m", "thinwire.train"]
     assert not any(a.startswith("hydra.run.dir") for a in argv)
+
+
+def test_default_python_is_the_venvs(tmp_path):
+    """After the quickstart (launch/setup_env.sh made .venv) the scripts start torchrun with the
+    venv's python, not a system python without torch; an activated venv wins."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    (venv / "bin" / "python").chmod(0o755)
+    argv = command(dry_run("launch/torchrun.sh", {"NPROC": "2", "THINWIRE_VENV": str(venv)}))
+    assert argv[0] == str(venv / "bin" / "python")
+    env = {"NNODES": "2", "MASTER_ADDR": "h", "RDZV_ID": "j", "THINWIRE_VENV": "/nonexistent",
+           "VIRTUAL_ENV": str(venv)}
+    assert command(dry_run("launch/multinode.sh", env))[0] == str(venv / "bin" / "python")
 
 
 def test_multinode():
@@ -116,3 +131,41 @@ def test_shellcheck():
                           cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hexport = local.split(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                    found.append(addr)
+    return found
+
+
+def test_rendezvous_store_listens_on_master_addr_only():
+    """The launcher's rendezvous store binds dist.master_addr, not every interface, and torch's
+    c10d rendezvous (a multi-tenant TCPStore on the same port) uses it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from thinwire.trainer.world import host_rendezvous_store
+
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp")
+    store, port = host_rendezvous_store("127.0.0.1")
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, and nothing on 0.0.0.0 / ::
+    # what torch's c10d rendezvous backend creates for rdzv_endpoint=127.0.0.1:<port>
+    rdzv = dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True,
+                         timeout=datetime.timedelta(seconds=10))
+    rdzv.set("key", "value")
+    assert store.get("key") == b"value" and listening_addresses(port) == ["0100007F"]
+    # the unpatched store, for contrast: torch binds every interface
+    plain = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert listening_addresses(plain.port) in (["00000000"], ["00000000000000000000000000000000"])

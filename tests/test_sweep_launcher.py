@@ -50,7 +50,7 @@ def test_each_job_gets_its_run_dir_and_the_sweep_group(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     assert hydra_app.main(["--multirun", *TINY, "comm=none,bf16", f"hydra.sweep.dir={sweep}"]) == 0
     assert len(calls) == 2
-    group = f"logger.group={str(sweep).replace('/', '_')}"
+    group = f"++logger.group={str(sweep).replace('/', '_')}"
     for n, (cmd, comm) in enumerate(zip(calls, ("none", "bf16"))):
         assert cmd[:3] == [sys.executable, "-m", "thinwire.train"]
         assert cmd[3:] == [*TINY, f"comm={comm}", f"hydra.run.dir={sweep / str(n)}", group]

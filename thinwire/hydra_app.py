@@ -38,7 +38,7 @@ def job_command(task_overrides: list[str], output_dir: str, sweep_dir: str | Non
     """The trainer command of one job: its overrides, its directory, the sweep's wandb group."""
     extra = [f"hydra.run.dir={output_dir}"]
     if sweep_dir is not None and not any(o.startswith("logger.group=") for o in task_overrides):
-        extra.append(f"logger.group={sweep_dir.replace('/', '_')}")  # as thinwire-train --multirun
+        extra.append(f"++logger.group={sweep_dir.replace('/', '_')}")  # as thinwire-train --multirun
     return [sys.executable, "-m", "thinwire.train", *task_overrides, *extra]
 
 

@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .config.rules import missing_module
+
+    if missing_module("matplotlib"):
+        print(f"{PROG}: error: the plots need matplotlib, which is not installed; install it with: "
+              f"pip install 'thinwire[plots]'", file=sys.stderr)
+        return 2
     try:
         runs = [load(d) for rd in args.run_dirs for d in expand(rd)]
     except ReportError as e:

@@ -63,13 +63,16 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     except HydraException as e:
         raise ConfigError(one_line(e)) from None
     typed, out, how = _typed_groups(), [], {}
+    extra = _search_dirs(parsed)
     for o in parsed:
         key = o.key_or_group
         head = key.split(".")[0].split("/")[0]
+        if head not in typed and head not in PRESET_GROUPS and head != "hydra" and not o.package:
+            raise _unknown_top(key, typed)
         if head not in typed or o.package:
             if head in PRESET_GROUPS and key == head and not o.is_delete():
                 value = o.value()
-                valid = _choices(head)
+                valid = _choices(head, extra)
                 if isinstance(value, str) and value not in valid:
                     raise ConfigError(f"{key}={value}: unknown preset; valid: {', '.join(valid)}")
             out.append(o.input_line)
@@ -80,9 +83,13 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
             raise ConfigError(f"~{key}: cannot be deleted: {what}")
         if "." not in key:
             value = o.value()
-            if head in groups() and isinstance(value, str) and value not in _choices(head):
-                raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(_choices(head))}")
+            if head in groups() and isinstance(value, str) and value not in _choices(head, extra):
+                raise ConfigError(f"{key}={value}: unknown option; valid: {', '.join(_choices(head, extra))}")
             out.append(o.input_line)
+            continue
+        if key == f"{head}._target_" and head in groups() and groups()[head].target and not o.is_add() \
+                and isinstance(o.value(), str):
+            out.append(_target_choice(head, o.value()))
             continue
         if key.count(".") == 1 and key.endswith(".name") and head in groups() and not groups()[head].target:
             raise ConfigError(f"{key}={o.value()}: choose the option with {head}={o.value()}, not {key}")
@@ -100,14 +107,84 @@ def _rewrite(overrides: list[str]) -> tuple[list[str], dict[str, str]]:
     return out, how
 
 
+def _unknown_top(key: str, typed: set[str]) -> ConfigError:
+    """A key outside every group (``trainr.max_steps``, ``max_steps``): never added silently
+    (Hydra would suggest ``+key``, which runs with the typo ignored); a near group, or the
+    groups that have such a key, as "did you mean"."""
+    head, _, rest = key.partition(".")
+    close = difflib.get_close_matches(head, sorted(typed | set(PRESET_GROUPS)), n=1)
+    if close and rest:
+        hint = f"; did you mean {close[0]}.{rest}?"
+    else:
+        leaf = key.rsplit(".", 1)[-1]
+        homes = sorted(g for g in typed if any(leaf in _all_keys(g, o) for o in _options_of(g)))
+        hint = f"; did you mean {' or '.join(f'{g}.{leaf}' for g in homes)}?" if homes else \
+            (f"; did you mean {close[0]}?" if close else "")
+    return ConfigError(f"{key}: not a key of the config (groups: {', '.join(sorted(typed))}){hint}")
+
+
+def _options_of(group: str) -> list[str | None]:
+    return groups()[group].options() if group in groups() else [None]
+
+
+def _all_keys(group: str, option: str | None) -> dict:
+    return schema_keys(groups()[group].schema(option) if option else fixed_groups()[group])
+
+
+def _target_choice(group: str, path: str) -> str:
+    """``model._target_=mypkg.build_model`` as a choice of the group: a registered builder's
+    option, or the user's builder registered (as ``target_<path>``) with its own options, so
+    the default option's keys do not follow it (``thinwire.config.builders``)."""
+    from hydra.core.config_store import ConfigStore
+
+    from .builders import option_name, user_builder
+
+    g = groups()[group]
+    builder = user_builder(group, path)
+    for option, part in g.entries().items():
+        if part is builder:
+            return f"{group}={option}"
+    name = option_name(path)
+    ConfigStore.instance().store(group=group, name=name, node=g.builder_schema(path, builder))
+    return f"{group}={name}"
+
+
 PRESET_GROUPS = ("experiment",)  # groups of YAML presets only (no schema of their own)
 
 
-def _choices(group: str) -> list[str]:
-    """What ``<group>=`` accepts: registered options and the YAML presets in configs/."""
-    d = os.path.join(config_dir(), group)
-    yamls = [f[:-5] for f in os.listdir(d) if f.endswith(".yaml")] if os.path.isdir(d) else []
+def _choices(group: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """What ``<group>=`` accepts: registered options and the YAML presets in configs/ and in
+    the ``hydra.searchpath`` directories (``extra``: a user's package of configs)."""
+    yamls = []
+    for root in (config_dir(), *extra):
+        d = os.path.join(root, group)
+        yamls += [f[:-5] for f in os.listdir(d) if f.endswith(".yaml")] if os.path.isdir(d) else []
     return sorted(set(groups()[group].entries() if group in groups() else ()) | set(yamls))
+
+
+def _search_dirs(parsed) -> tuple[str, ...]:
+    """The directories of ``hydra.searchpath=[pkg://mypkg.configs, file:///abs/dir, dir]``."""
+    from importlib import resources
+
+    from .builders import cwd_on_path
+
+    cwd_on_path()
+    out = []
+    for o in parsed:
+        if o.key_or_group != "hydra.searchpath" or o.is_delete():
+            continue
+        value = o.value()
+        for entry in value if isinstance(value, list) else [value]:
+            entry = str(entry)
+            if entry.startswith("pkg://"):
+                try:
+                    out.append(str(resources.files(entry[len("pkg://"):])))
+                except (ModuleNotFoundError, TypeError) as e:
+                    raise ConfigError(f"hydra.searchpath={entry}: cannot import {entry[len('pkg://'):]} "
+                                      f"({e})") from None
+            else:
+                out.append(entry[len("file://"):] if entry.startswith("file://") else entry)
+    return tuple(out)
 
 
 def _who_has(group: str, key: str) -> list[str]:
@@ -117,10 +194,18 @@ def _who_has(group: str, key: str) -> list[str]:
 
 def _not_an_option(group: str, option: str, path: str, allowed: list[str]) -> ConfigError:
     key = path.split(".")[-1]
-    msg = f"{path}: not an option of {group}={option}" if option else f"{path}: not an option of {group}"
+    where = f"{group}.{option}" if option.startswith("_target_=") else f"{group}={option}"
+    msg = f"{path}: not an option of {where}" if option else f"{path}: not an option of {group}"
     close = difflib.get_close_matches(key, allowed, n=1)
     if close:
         msg += f"; did you mean {path.rsplit('.', 1)[0]}.{close[0]}?"
+    elif group in groups() and path.count(".") == 1:  # a key of another option (comm.ratoi under comm=none)
+        every = sorted({k for o in groups()[group].options() for k in schema_keys(groups()[group].schema(o))})
+        near = difflib.get_close_matches(key, every, n=1)
+        if near and near[0] != key:
+            others = _who_has(group, near[0])
+            return ConfigError(f"{msg}; did you mean {group}.{near[0]}? (an option of {group}={', '.join(others)}: "
+                               f"choose one, e.g. {group}={others[0]} {group}.{near[0]}=...)")
     if group in groups() and path.count(".") == 1:
         others = _who_has(group, key)
         if others:
@@ -169,6 +254,8 @@ def compose(overrides: list[str]) -> DictConfig:
             option = _option(cfg, group, choices.get(name))
             if option is not None:
                 _enforce_keys(cfg[name], group.schema(option), name, option, name, how)
+            elif group.target:  # a user's own builder: its signature's options, typed
+                _user_target(cfg, group, how)
         for name, schema in fixed_groups().items():
             _enforce_keys(cfg[name], schema, name, "", name, how)
         check_model_data(cfg)  # before data's interpolations of model keys (model.path) resolve
@@ -176,6 +263,24 @@ def compose(overrides: list[str]) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain(e, how)) from None
     return cfg
+
+
+def _user_target(cfg: DictConfig, group, how: dict[str, str]) -> None:
+    """The node of a ``_target_`` group whose builder is the user's: importable, with the
+    run-time arguments in its signature, only keys it takes, of its types, none missing."""
+    from .builders import user_builder
+
+    path = cfg[group.name].get("_target_")
+    schema = group.builder_schema(path, user_builder(group.name, path))
+    _enforce_keys(cfg[group.name], schema, group.name, f"_target_={path}", group.name, how)
+    given = OmegaConf.to_container(cfg[group.name], resolve=False)  # interpolations of other groups kept
+    with open_dict(cfg):
+        cfg[group.name] = OmegaConf.structured(schema)
+    cfg[group.name].merge_with(given)
+    missing = sorted(OmegaConf.missing_keys(cfg[group.name]))
+    if missing:
+        key = missing[0] if missing[0].startswith(f"{group.name}.") else f"{group.name}.{missing[0]}"
+        raise ConfigError(f"{key}: required by {path} (it has no default); set {key}=...")
 
 
 def _explain(e: Exception, how: dict[str, str]) -> str:

@@ -16,7 +16,7 @@ Group-wide keys, by group (everything else belongs to one option and fails with 
 - ``comm``: ``name feedback warmup_steps min_numel collective seed`` plus the options of the
   error-feedback rules (``eta`` for ef21m/econtrol, ``init`` for ef21/ef21m), which must
   keep their defaults unless ``comm.feedback`` names a rule that has them;
-- ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio``;
+- ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio decay_start``;
 - ``sync``, ``peft``, ``engine``: ``name``;
 - ``model``, ``data``, ``logger``: ``_target_`` (the builder; an option's default).
 """
@@ -56,13 +56,21 @@ class Group:
 
     @functools.cache
     def schema(self, option: str) -> type:
-        part = self.part(option)
-        own = self.own(option)
+        return self._schema(option, self.part(option))
+
+    @functools.cache
+    def builder_schema(self, path: str, builder) -> type:
+        """The schema of a ``_target_`` group whose builder is a user's, named by ``path``
+        (``thinwire.config.builders``): its signature's options, as for a registered one."""
+        return self._schema(path.rsplit(".", 1)[-1], builder, target=path)
+
+    def _schema(self, option: str, part, target: str | None = None) -> type:
+        own = opts.options_of(part, self.skip)
         clash = [k for k in opts.option_keys(own) if k in _keys(self.base)]
         if clash:
             raise TypeError(f"{self.name}={option}: own option(s) {', '.join(clash)} clash with the "
                             f"group-wide keys of {self.name}")
-        head = [("_target_", str, dataclasses.field(default=f"{part.__module__}.{part.__qualname__}"))] \
+        head = [("_target_", str, dataclasses.field(default=target or f"{part.__module__}.{part.__qualname__}"))] \
             if self.target else [("name", str, dataclasses.field(default=option))]
         base_fields = {f.name: f for f in dataclasses.fields(self.base)}
         for key, value in getattr(part, "group_defaults", {}).items():  # the option's presets of group-wide keys

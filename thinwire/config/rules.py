@@ -79,6 +79,7 @@ def validate(cfg: DictConfig) -> None:
             raise in_group(name, e) from None
     for group in groups():
         check_group(cfg, group)
+    _check_requires(cfg)
     _cross_group(cfg)
     _check_resume(cfg)
 
@@ -146,6 +147,31 @@ def advice(cfg: DictConfig) -> list[str]:
     return out
 
 
+def missing_module(module: str) -> bool:
+    """``module`` cannot be imported (found without importing it: peft or transformers take seconds)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is None
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _check_requires(cfg: DictConfig) -> None:
+    """The optional packages of the chosen parts (a part's ``requires``: module -> the install
+    command) are installed: one line naming the option and the command, not a worker's traceback."""
+    for name, g in groups().items():
+        option = chosen_option(cfg, name)
+        if option is None:
+            continue
+        for module, install in getattr(g.part(option), "requires", {}).items():
+            need(not missing_module(module), name, option, f"needs the package {module}, which is not installed; "
+                 f"install it with: {install}")
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -210,4 +236,4 @@ def _check_resume(cfg: DictConfig) -> None:
     if engine.unpickles_checkpoints and not t.trust_checkpoints:
         raise untrusted_engine_error(r, cfg.engine.name)
     if isinstance(common, dict) and "config" in common:
-        check_resume_config(common["config"], cfg, path, r)
+        check_resume_config(common["config"], cfg, path, r, int(common["step"]) if "step" in common else None)

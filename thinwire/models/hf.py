@@ -72,3 +72,4 @@ def _check_hf_options(o) -> None:
 
 build_hf_classifier.check_options = _check_hf_options
 build_hf_classifier.needs_batches = ("token_ids_labels",)
+build_hf_classifier.requires = {"transformers": "pip install 'thinwire[hf]'"}  # checked before any worker starts

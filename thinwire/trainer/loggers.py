@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import one_of
+from ..errors import ConfigError, one_of
 from ..registry import Registry
 
 LOGGERS = Registry("logger", "thinwire.loggers")
@@ -52,6 +52,50 @@ def wandb_names(run_config: dict | None) -> dict:
             "tags": [f"comm:{c}", f"feedback:{fb}", f"sync:{s}", f"optim:{o}"]}
 
 
+def effective_mode(mode: str) -> str:
+    """wandb's mode: ``WANDB_MODE`` in the environment, if set, wins over ``logger.mode``."""
+    return os.environ.get("WANDB_MODE") or mode
+
+
+def wandb_logged_in() -> bool:
+    """Whether ``wandb login`` (or ``WANDB_API_KEY``) gave this machine an API key: wandb reads
+    it from the environment or from the netrc file (``NETRC``, else ~/.netrc) entry of its host.
+    Read without importing wandb (seconds)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        with open(path) as fh:
+            return f"machine {host}" in " ".join(fh.read().split())
+    except OSError:
+        return False
+
+
+def run_id(run_dir: str) -> str:
+    """The wandb run id of the run in ``run_dir``: kept in ``checkpoints/wandb_run_id`` so that a
+    resumed run (``trainer.resume=auto``, an elastic restart) continues the same wandb run
+    (``resume="allow"``), and a run started over (``trainer.overwrite=true`` moves
+    ``checkpoints/`` aside) gets a new one."""
+    import secrets
+
+    path = os.path.join(run_dir, "checkpoints", "wandb_run_id")
+    try:
+        with open(path) as fh:
+            saved = fh.read().strip()
+        if saved:
+            return saved
+    except OSError:
+        pass
+    new = secrets.token_hex(4)  # wandb's ids: 8 characters of [a-z0-9]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(new + "\n")
+    return new
+
+
 @LOGGERS.register("wandb")
 class WandbLogger:
     """wandb, offline by default (``logger.mode=online`` to stream, ``disabled`` to skip).
@@ -63,6 +107,10 @@ class WandbLogger:
     @staticmethod
     def check_options(o) -> None:
         one_of(o.mode, MODES, "mode")
+        if effective_mode(o.mode) == "online" and not wandb_logged_in():  # before any rank starts
+            raise ConfigError(f"mode={o.mode}: wandb is not logged in (no WANDB_API_KEY, no api.wandb.ai entry "
+                              f"in ~/.netrc): run 'wandb login' first, or log offline with logger.mode=offline "
+                              f"(upload later with 'wandb sync')")
 
     def __init__(self, project: str = "thinwire", mode: str = "offline", entity: str | None = None,
                  group: str | None = None, name: str | None = None, tags: list[str] = (), *,
@@ -76,7 +124,7 @@ class WandbLogger:
         self.mode, self.wandb = mode, wandb
         self.run = wandb.init(project=project, mode=mode, entity=entity, group=group or derived["group"],
                               name=name or derived["name"], tags=tags, dir=run_dir, config=run_config,
-                              reinit="finish_previous")
+                              reinit="finish_previous", id=run_id(run_dir), resume="allow")
 
     def log(self, record: dict, step: int) -> None:
         self.run.log(record, step=step)

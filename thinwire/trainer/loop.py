@@ -25,7 +25,6 @@ from typing import Optional, Type
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
@@ -39,9 +38,11 @@ from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_stat
 from .faults import FaultConfig, FaultInjector, restart_count
 from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
 from .agreement import check_config_agreement
+from .drift import DriftGuard
 from .engine import build_engine
 from .interface import Engine
 from .loggers import MetricsFile, NullLogger
+from .progress import Progress, StopRequest, say_stopped
 from .world import World
 
 
@@ -66,6 +67,9 @@ class TrainerConfig:
     sample_chars: int = 200          # generated at the end (char LM only); 0 = none
     max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
     keep_checkpoints: int = 3        # keep only the newest N checkpoints; 0 = keep all
+    # replica-drift guard: hash the state every rank must hold bitwise equal every N steps (at a
+    # round boundary); null = once per outer round, or every 100 steps under sync=ddp; 0 = off
+    drift_check_every: Optional[int] = None
     # load checkpoint files whose loader unpickles arbitrary objects (engine=deepspeed: DeepSpeed's
     # own files); only for checkpoints you wrote yourself. thinwire's own files always load safely
     trust_checkpoints: bool = False
@@ -79,6 +83,8 @@ class TrainerConfig:
         need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
         non_negative(self, "max_skipped_steps", "sample_chars")
         need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
+        need(self.drift_check_every is None or self.drift_check_every >= 0, "drift_check_every",
+             self.drift_check_every, "must be >= 0 (0 = off) or null (auto)")
         need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
              self.resume, "expected none, auto or a checkpoint directory")
         need(not self.overwrite or self.resume == "none", "overwrite", self.overwrite,
@@ -95,19 +101,37 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data, world: World, meter: WireMeter) -> float:
-    """Mean loss over the fixed validation batches, split across ranks (eval mode: no
-    dropout, so the training RNG stream is untouched)."""
+    """Mean loss over the fixed validation batches (:func:`evaluate_metrics`)."""
+    return evaluate_metrics(model, data, world, meter)["val_loss"]
+
+
+@torch.no_grad()
+def evaluate_metrics(model: torch.nn.Module, data, world: World, meter: WireMeter) -> dict:
+    """``val_loss``: the mean loss over the fixed validation batches, split across ranks (eval
+    mode: no dropout, so the training RNG stream is untouched); ``val_accuracy`` too for a
+    classifier: a model with ``logits(**inputs)`` on a data set with ``info.num_classes``, whose
+    batches' ``y`` holds one label per sample (accuracy: argmax of the logits == y, over all
+    validation samples)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    classifier = callable(getattr(model, "logits", None)) and data.info.num_classes > 0
+    total = torch.zeros(4 if classifier else 2, dtype=torch.float64, device=world.device)
     for batch in data.eval_batches_for_rank():
-        total[0] += model(**to_device(batch, world.device)).double()
+        batch = to_device(batch, world.device)
+        total[0] += model(**batch).double()
         total[1] += 1
+        y = batch.get("y")
+        if classifier and y is not None and y.dim() == 1:
+            logits = model.logits(**{k: v for k, v in batch.items() if k != "y"})
+            total[2] += (logits.argmax(-1) == y).sum()
+            total[3] += y.numel()
     accounting.all_reduce(meter, total, kind="eval")
     model.train(was_training)
-    return float(total[0] / total[1].clamp_min(1))
+    out = {"val_loss": float(total[0] / total[1].clamp_min(1))}
+    if classifier and total[3] > 0:
+        out["val_accuracy"] = float(total[2] / total[3])
+    return out
 
 
 class Trainer:
@@ -121,25 +145,34 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         self.meter, self.watch = WireMeter(), Stopwatch()
+        self.progress = Progress(t.max_steps, world.is_main, t.progress)
+        self.progress.phase(f"loading data={cfg.data._target_.rsplit('.', 1)[-1]}")
         self.data = instantiate(cfg.data, seed=t.seed, rank=world.rank, world_size=world.world_size)
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
+        self.progress.phase(f"building the model ({cfg.model._target_})")
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
         grad_sync = plugin_cls.needs_backprop and plugin_cls.needs_grad_allreduce and sync_cls.needs_grad_allreduce
+        self.progress.phase(f"starting engine={cfg.engine.name} (comm={cfg.comm.name}, sync={cfg.sync.name}, "
+                            f"optim={cfg.optim.name})")
         self.engine: Engine = build_engine(cfg.engine, self.model, world, self.meter, cfg.comm,
                                            grad_sync=grad_sync, comm_hook=comm_hook)
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
+        self.sync.bind_optimizer(self.plugin)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
+        self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
         # an elastic restart always continues from the newest checkpoint
         self.start_step = self.resume("auto" if restart_count() > 0 else t.resume)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
+        if world.is_main and cfg.logger._target_.endswith("WandbLogger"):
+            self.progress.phase(f"starting wandb (logger.mode={cfg.logger.get('mode', '?')})")
         self.logger = self._logger()
         self.unit = self.data.info.unit
 
@@ -204,7 +237,7 @@ class Trainer:
             status, error = 0, None  # 0 loaded, 1 unusable, 2 written with another config
             try:
                 loaded = self.ckpt.load(path)
-                check_resume_config(loaded[0]["config"], self.cfg, path, resume)
+                check_resume_config(loaded[0]["config"], self.cfg, path, resume, int(loaded[0]["step"]))
             except ResumeConfigError as e:
                 status, error = 2, str(e)
             except Exception as e:  # noqa: BLE001 - truncated, corrupt, crafted, wrong version: "skip it"
@@ -281,7 +314,7 @@ class Trainer:
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
         self.engine.set_lr(self.plugin.lr(step))
-        with self.faults.poison_gradients(self.model, step + 1):
+        with self.faults.poison_gradients(self.model, step + 1, self.plugin.needs_backprop):
             loss = self.plugin.compute(self.engine.forward_model, batch)
         self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
         loss_mean, ok = self.agree(loss, self.plugin.local_finite())
@@ -301,20 +334,23 @@ class Trainer:
             if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
                 print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
-        if ok or self.sync.ranks_diverge:
-            # under local updates / CO2 a rank skips a step on its own, and the round's outer
-            # collective still needs it: it joins with its parameters as they were before the
-            # skipped step (a finite state; the round's finiteness check covers the rest)
-            sync_metrics = self.sync.after_step(step)
-            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
-            record.update(sync_metrics)
+        # under local updates / CO2 a rank skips a step on its own, and the round's outer
+        # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
+        sync_metrics = self.sync.global_step(step, skipped=not ok)
+        self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+        record.update(sync_metrics)
+        if self.drift.due(step + 1):
+            self.faults.corrupt(self.drift.state(), step + 1)
+            skipped = self.drift.check(step + 1, self.skipped_total)
+            if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
+                record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
-        sent = self.meter.take_step()
+        sent = self.meter.take()  # thinwire.meter.ByteCounts, as a library user reads it
         record.update({
             "step_time_s": dt,
             "comm_wait_s": self.watch.take(),
-            "wire_bytes": sum(v for k, v in sent.items() if k != "setup"),
-            "control_bytes": sent.get("control", 0),
+            "wire_bytes": sent.wire,
+            "control_bytes": sent.control,
             "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
@@ -325,9 +361,9 @@ class Trainer:
         t = self.cfg.trainer
         last = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
         self.skipped, self.skipped_total = 0, 0
-        bar = tqdm(total=t.max_steps, initial=self.start_step, disable=not (self.world.is_main and t.progress),
-                   dynamic_ncols=True, mininterval=0.5)
+        self.progress.start(self.start_step, self.unit)
         record: dict = {}
+        self.interrupt = interrupt = StopRequest(self.world.world_size == 1)  # Ctrl-C: progress.StopRequest
         for step in range(self.start_step, last):
             record = self.train_step(step)
             done = step + 1
@@ -341,16 +377,19 @@ class Trainer:
             if self.eval_due(done):
                 self.run_eval(record)
             self.log(record)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {record['loss']:.3f} | {record[f'{self.unit}_per_s']:.0f} {self.unit}/s "
-                                f"| wire {record['wire_bytes'] / 1e6:.3f} MB/step", refresh=False)
-            stop = self.stop_early(record)
+            self.progress.step(record)
+            stop = self.stop_early(record) or interrupt.requested
             if done % t.checkpoint_every == 0 or done == last or stop:
-                self.save(done)
+                path = self.save(done)
+            if stop or (done == last < t.max_steps):
+                self.progress.close()
+                if self.world.is_main:
+                    say_stopped(self.cfg.run_dir, done, "Ctrl-C" if interrupt.requested else
+                                "trainer.stop_after" if done == t.stop_after else "stopped early", path)
             if stop:
                 break
             self.faults.after_step(done)
-        bar.close()
+        self.progress.close()
         return record
 
     # -- what a subclass may change (module docstring) ---------------------------------
@@ -363,10 +402,10 @@ class Trainer:
         """Evaluate (every rank together) into the step's ``record``: ``val_loss`` and
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
-            record["val_loss"] = evaluate(model, self.data, self.world, self.meter)
-        sent = self.meter.take_step()
-        record["eval_bytes"] = sent.pop("eval", 0)
-        record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+            record.update(evaluate_metrics(model, self.data, self.world, self.meter))
+        sent = self.meter.take()
+        record["eval_bytes"] = sent.eval
+        record["wire_bytes"] += sent.wire
 
     def stop_early(self, record: dict) -> bool:
         """Called after each step's metrics line; True ends the run after this step, with a
@@ -379,6 +418,9 @@ class Trainer:
             self.logger.log(record, step=record["step"])
 
     def close(self) -> None:
+        if getattr(self, "interrupt", None) is not None:
+            self.interrupt.restore()
+        self.progress.close()
         self.sync.close()
         if self.metrics is not None:
             self.metrics.close()
