@@ -13,13 +13,15 @@ MODES = {
     "ddp": ["sync=ddp"],
     "ddp+topk+ef": ["sync=ddp", "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
     "demo": ["optim=demo"],
+    # the parameters, then the plugin's moments; rank 1 drifts in the first parameter
+    "adam1bit": ["optim=adam1bit", "optim.freeze_step=3"],
     "local": ["sync=local", "sync.local_steps=2"],
     "co2": ["sync=co2", "sync.local_steps=2"],
     "eager": ["sync=co2", "sync.overlap=eager", "sync.local_steps=2"],  # the consensus anchor
     # each fragment's global copy; rounds of 2 steps, fragment 0 synchronised mid-round
     "streaming": ["sync=local", "sync.local_steps=2", "sync.fragments=2", "sync.fragment_delay=0"],
 }
-FIRST_TENSOR = {"ddp": "tok_emb.weight", "ddp+topk+ef": "tok_emb.weight", "demo": "tok_emb.weight",
+FIRST_TENSOR = {"ddp": "tok_emb.weight", "adam1bit": "tok_emb.weight", "ddp+topk+ef": "tok_emb.weight", "demo": "tok_emb.weight",
                 "local": "anchor.tok_emb.weight", "co2": "anchor.tok_emb.weight", "eager": "anchor.tok_emb.weight",
                 "streaming": "anchor.tok_emb.weight"}
 

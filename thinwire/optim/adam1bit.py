@@ -193,6 +193,13 @@ class OneBitAdamPlugin(OptimizerPlugin):
         return out
 
     # -- state ---------------------------------------------------------------------------
+    def consensus_state(self) -> dict:
+        """Both moments are identical on every rank (the warm-up steps on the mean gradient,
+        the compressed stage on the decompressed mean first moment; the variance is frozen)."""
+        state = {f"exp_avg.{n}": m for n, m in zip(self.names, self.exp_avg)}
+        state.update({f"exp_avg_sq.{n}": v for n, v in zip(self.names, self.exp_avg_sq)})
+        return state
+
     def state_dict(self) -> dict:
         return {"t": self.t,
                 "exp_avg": {n: m.clone() for n, m in zip(self.names, self.exp_avg)},
