@@ -4,15 +4,16 @@ Being a function of the step alone (no scheduler object with hidden state) is wh
 makes the schedule exact after a resume: ``trainer.max_steps`` fixes it, and a run
 stopped with ``trainer.stop_after`` continues on the same curve.
 
-``wsd`` (warm-up, stable, decay: MiniCPM, Hu et al. 2024, arXiv 2404.06395, Sec. 4;
-Hägele et al. 2024, arXiv 2405.18392, Sec. 3) holds the LR constant until ``decay_start``
+``wsd`` (warm-up, stable, decay: MiniCPM, Hu et al. 2024, arXiv 2404.06395; Hägele et al.
+2024, arXiv 2405.18392, who also decay for the last 20%) holds the LR constant until ``decay_start``
 and decays it linearly to ``min_lr_ratio * lr`` at ``max_steps``. Because the steps before
 ``decay_start`` do not depend on where the run ends, one constant-LR run serves every run
 length: a *decay branch* resumes its checkpoint at step ``s`` with ``optim.decay_start=s``
 (at or after the checkpoint) and ``trainer.max_steps=T`` and is bitwise the run configured
 with that decay from the start (``thinwire.config.resume`` allows exactly that change).
-Departure from the papers: they decay to 0 (or use 1 - sqrt); the end point here is the same
-``min_lr_ratio`` the cosine schedule uses, so the two schedules end at the same LR.
+Departure from the papers: they decay to (near) zero, in linear, 1 - sqrt or exponential
+shapes; here the decay is linear and ends at the same ``min_lr_ratio * lr`` as the cosine
+schedule, so the two schedules end at the same LR.
 """
 from __future__ import annotations
 
