@@ -196,6 +196,8 @@ RESUME_CASES = {
     "co2-eager": ["sync=co2", "sync.overlap=eager"],
     "stream": ["sync=local", "sync.local_steps=8", "sync.fragments=2", "sync.fragment_delay=3",
                "sync.fragment_alpha=0.5"],
+    "stream-topk-ef": ["sync=local", "sync.local_steps=8", "sync.fragments=2", "sync.fragment_delay=3",
+                       "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
     "local-moments": ["sync=local", "optim=adamw", "sync.moment1_every=1", "sync.moment2_every=2"],
 }
 
