@@ -102,9 +102,14 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
             return 2  # a config error found by the workers, which printed it (one line)
         if all(f.exitcode == 130 for f in e.failures.values()):
             return 130  # Ctrl-C: rank 0 said where the run stopped and how to continue it
-        first = next(iter(e.failures.values()))
-        print(f"thinwire-train: a worker failed (rank {first.local_rank}, exit code {first.exitcode}); "
-              f"see the traceback above", file=sys.stderr, flush=True)
+        # the cause, not a peer's "connection closed": a rank killed by a signal, else the earliest failure
+        killed = sorted((r, f) for r, f in e.failures.items() if f.exitcode < 0)
+        rank, first = killed[0] if killed else e.get_first_failure()
+        msg = first.message.get("message", "") if isinstance(first.message, dict) else str(first.message or "")
+        what = f": {first_line(RuntimeError(msg))}" if msg and "To enable traceback" not in msg else ""
+        how = f"killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
+        print(f"thinwire-train: rank {rank} failed first ({how}){what}; the workers' output above says more",
+              file=sys.stderr, flush=True)
         return 1
     except SignalException:  # Ctrl-C: the agent passes it on to the workers, which stop themselves and
         return 130           # rank 0 says where the run stopped and how to continue it
