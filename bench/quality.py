@@ -33,6 +33,10 @@ OUT = os.path.join(REPO, "bench", "results", "quality")
 MODEL = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_size=32",
          "data.batch_size=8", "data.eval_batches=64"]
 LOCAL = ["sync.clip=inf"]  # no row clips its pseudo-gradient (SparseLoCo and DiLoCo do not)
+CO2_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.5"]    # CO2's outer Nesterov 0.5, lr 1
+DILOCO_RECIPE = ["sync.outer_optim.lr=0.7", "sync.outer_optim.momentum=0.9"]  # DiLoCo's Nesterov 0.9, lr 0.7
+AVG_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.0",  # local's: lr 1, no momentum
+              "sync.outer_optim.nesterov=false"]
 ROWS = {
     "dense": ["comm=none", "sync=ddp"],
     "bf16": ["comm=bf16", "sync=ddp"],
@@ -51,16 +55,56 @@ ROWS = {
     "demo 1-bit k=16": ["optim=demo", "optim.k=16", "optim.bits=1"],
     "distro 1-bit k=4": ["optim=distro"],
     "demo v2 k=32 bf16 (AdamW on U)": ["optim=demo", "optim.update_rule=adamw"],
+    # issue 16 (overlap without the staleness cost; docs/sync.md "Overlap"): local/streaming rows keep
+    # local's recipe (outer SGD lr 1, no momentum); eager rows spell their outer recipe (the
+    # unnamed ones: the shipped default, local's recipe)
+    "local H=30": ["sync=local", "sync.local_steps=30", *LOCAL],
+    "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL],
+    "eager H=8 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *CO2_RECIPE],
+    "eager H=8 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
+    "eager H=30 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
+    "eager H=30 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *CO2_RECIPE],
+    # DES-LOC-style inner-moment averaging (sync.moment1_every / moment2_every, in rounds)
+    "local H=30 + moments 1/2": ["sync=local", "sync.local_steps=30", *LOCAL, "sync.moment1_every=1",
+                                 "sync.moment2_every=2"],
+    "eager H=8": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *AVG_RECIPE],
+    "eager H=30": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *AVG_RECIPE],
+    **{f"stream H={h} F={f} tau={t}": ["sync=local", f"sync.local_steps={h}", f"sync.fragments={f}",
+                                        f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
+       for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},
+    # SGD with momentum 0.9 (issue 23 item 3): dense, Top-K 1% + classic EF, Top-K 1% + DGC's
+    # momentum correction (the momentum moves from the optimizer into comm.feedback=dgc)
+    "sgd m=0.9 dense": ["optim=sgd", "optim.momentum=0.9"],
+    "sgd m=0.9 + topk 1% + ef": ["optim=sgd", "optim.momentum=0.9", "comm=topk", "comm.ratio=0.01", "comm.feedback=ef"],
+    "sgd + topk 1% + dgc m=0.9": ["optim=sgd", "optim.momentum=0", "comm=topk", "comm.ratio=0.01", "comm.feedback=dgc",
+                                  "comm.momentum=0.9"],
+    "sgd + topk 1% + dgc m=0.9 warm-up 120": ["optim=sgd", "optim.momentum=0", "comm=topk", "comm.ratio=0.01",
+                                              "comm.feedback=dgc", "comm.momentum=0.9", "comm.sparsity_warmup=120"],
+    # 1-bit Adam (optim=adam1bit): AdamW on bf16-all-reduced gradients for 48 steps (4%), then the
+    # variance frozen and the momentum averaged as scaled signs with worker + server error feedback
+    # (decay and LR warm-up spelt out: configs/optim/adam1bit.yaml's, whichever configs/ is installed)
+    "adam1bit sign freeze=48": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20"],
+    "adam1bit sign freeze=45": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
+                                "optim.freeze_step=45"],   # 3.75% of 1200: <= 1/10 of bf16 over the run
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
+SGD_LRS = [0.03, 0.1, 0.3]   # swept on "sgd m=0.9 dense", seed 0 (1.0: val 2.698 at step 300, stopped)
+ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1],
+                "sgd + topk 1% + dgc m=0.9 warm-up 120": [0.1]})
 DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 bf16 (AdamW on U)"]
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
-        "demo": DEMO}
+        "demo": DEMO,
+        "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 diloco-recipe",
+                    "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
+                    "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]],
+        "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "sgd m=0.9 dense",
+                     "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
+SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 
 
 def overrides(row: str, seed: int, a) -> list[str]:
@@ -87,18 +131,24 @@ def run(row: str, seed: int, a) -> list[dict]:
     rows = rows_of(d)
     if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
         return rows
+    launch(ov, d, {"row": row, "seed": seed}, f"{row!r} seed {seed}")
+    return rows_of(d)
+
+
+def launch(ov: list[str], d: str, meta: dict, label: str, fresh: bool = True) -> None:
+    """``thinwire-train`` with ``ov`` in run dir ``d`` (``meta`` and ``ov`` saved beside the
+    run). ``fresh``: an unfinished earlier attempt is started over (moved to <d>/previous/,
+    not deleted); else ``ov`` says how the run starts (e.g. ``trainer.resume=...``)."""
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "overrides.json"), "w") as fh:
-        json.dump({"row": row, "seed": seed, "overrides": ov}, fh)
+        json.dump({**meta, "overrides": ov}, fh)
     t0 = time.perf_counter()
-    # an unfinished earlier attempt is started over (moved to <d>/previous/, not deleted)
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}", "trainer.overwrite=true"],
-                       capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}",
+                        *(["trainer.overwrite=true"] if fresh else [])], capture_output=True,
                        text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
     if p.returncode != 0:
-        raise SystemExit(f"{row} seed {seed} failed:\n{p.stderr[-3000:]}")
-    print(f"  ran {row!r} seed {seed} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return rows_of(d)
+        raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
+    print(f"  ran {label} in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def summary(rows: list[dict], nproc: int) -> dict:
@@ -113,11 +163,21 @@ def summary(rows: list[dict], nproc: int) -> dict:
     h = next((r["outer_round"] for r in rows if "outer_round" in r), None)
     rounds = max((r.get("outer_round", 0) for r in rows), default=0)
     bf16 = 2 * (nproc - 1) / nproc * 2
+    per_step = [r["wire_bytes"] for r in rows]
+    full = rows[0]["dense_bytes"]  # one fp32 ring all-reduce of every parameter (a full pseudo-gradient), per rank
     out = {"val_loss": rows[-1]["val_loss"], "wire_B_per_param_step": wire / steps / n_params,
+           "peak_of_full": max(per_step) / full, "mean_of_full": wire / steps / full,
+           "comm_wait_ms": 1000 * sum(r.get("comm_wait_s", 0.0) for r in rows) / steps,
            "bf16_ratio": (wire / steps / n_params) / bf16, "n_params": n_params,
            "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
            "cum_wire": [(r["step"], sum(x["wire_bytes"] for x in rows if x["step"] <= r["step"]))
                         for r in rows if "val_loss" in r]}
+    warm = [r for r in rows if r.get("variance_frozen") == 0.0]
+    frozen = [r for r in rows if r.get("variance_frozen") == 1.0]
+    if warm and frozen:  # optim=adam1bit: its dense warm-up and its compressed stage, apart
+        out["warmup_steps"] = len(warm)
+        out["warmup_B_per_param_step"] = sum(r["wire_bytes"] for r in warm) / len(warm) / n_params
+        out["frozen_B_per_param_step"] = sum(r["wire_bytes"] for r in frozen) / len(frozen) / n_params
     if ratios and rounds:
         out["payload_B_per_param_step"] = 4 / statistics.mean(ratios) * rounds / steps
     elif ratios:
@@ -129,8 +189,9 @@ def report(results: dict, a) -> str:
     dense = results.get("dense", {})
     lines = [f"4 ranks (dist.nproc={a.nproc}), AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
              f"'vs dense' = mean (and spread, min..max) over paired seeds of (method - dense) / dense.", "",
-             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step "
+             "| peak / mean B per step (x full fp32 all-reduce) | comm wait ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row, per_seed in results.items():
         seeds = sorted(per_seed)
         vals = [per_seed[s]["val_loss"] for s in seeds]
@@ -142,7 +203,8 @@ def report(results: dict, a) -> str:
         payload = s0.get("payload_B_per_param_step")
         lines.append(f"| {row} | {s0.get('lr', a.lr):g} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
                      f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
-                     f"{'' if payload is None else '%.5f' % payload} |")
+                     f"{'' if payload is None else '%.5f' % payload} | {s0['peak_of_full']:.3f} / {s0['mean_of_full']:.4f} "
+                     f"| {statistics.mean(per_seed[s]['comm_wait_ms'] for s in seeds):.1f} |")
     return "\n".join(lines)
 
 

@@ -138,4 +138,7 @@ def test_library_hook_equals_plain_allreduce_in_user_loop(tmp_path):
     hooked = run_ranks(user_loop, 2, tmp_path, True)
     for k, v in plain[0]["params"].items():
         torch.testing.assert_close(hooked[0]["params"][k], v, rtol=1e-5, atol=1e-6)
-    assert hooked[0]["state"] == {"iteration": STEPS}  # auto-commit advanced once per step
+    state = hooked[0]["state"]
+    assert state["iteration"] == STEPS  # auto-commit advanced once per step
+    # per-rank state: the rank and the comm config's fingerprint, checked on load (docs/library.md)
+    assert (state["rank"], state["world_size"]) == (0, 2) and state["config"]["name"] == "none"

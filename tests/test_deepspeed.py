@@ -271,12 +271,15 @@ def test_resume_from_deepspeed_checkpoint_continues_bitwise(tmp_path, stage):
         assert torch.equal(pa[k], pb[k]), k
 
 
-def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("overlap", ["stale", "eager"])
+def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path, overlap):
     """4 ranks, ZeRO-2 inside {0,1} and {2,3}, co2 across them (H=4, so step 6 is mid-round
     with round 1's average in flight), AdamW, bf16 parameters (the outer loop works on the
     fp32 master weights): each group's DeepSpeed files in its own directory, every rank's
-    parameters and the metrics equal to the uninterrupted run."""
-    extra = ("sync=co2", "sync.local_steps=4", "engine.zero_group_size=2", "engine.deepspeed.bf16.enabled=true")
+    parameters and the metrics equal to the uninterrupted run. Eager: the consensus and the
+    rank's own anchor are shards of the fp32 master weights too."""
+    extra = ("sync=co2", "sync.local_steps=4", "engine.zero_group_size=2", "engine.deepspeed.bf16.enabled=true",
+             f"sync.overlap={overlap}")
     run_ranks(stop_and_resume, 4, tmp_path, str(tmp_path), 2, extra)
     full, split = tmp_path / "full", tmp_path / "split"
     ckpt = split / "checkpoints" / "step_00000006"

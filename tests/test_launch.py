@@ -131,3 +131,41 @@ def test_shellcheck():
                           cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp writes them) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hexport = local.split(":")
+                if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                    found.append(addr)
+    return found
+
+
+def test_rendezvous_store_listens_on_master_addr_only():
+    """The launcher's rendezvous store binds dist.master_addr, not every interface, and torch's
+    c10d rendezvous (a multi-tenant TCPStore on the same port) uses it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from thinwire.trainer.world import host_rendezvous_store
+
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp")
+    store, port = host_rendezvous_store("127.0.0.1")
+    assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1, and nothing on 0.0.0.0 / ::
+    # what torch's c10d rendezvous backend creates for rdzv_endpoint=127.0.0.1:<port>
+    rdzv = dist.TCPStore("127.0.0.1", port, is_master=True, multi_tenant=True,
+                         timeout=datetime.timedelta(seconds=10))
+    rdzv.set("key", "value")
+    assert store.get("key") == b"value" and listening_addresses(port) == ["0100007F"]
+    # the unpatched store, for contrast: torch binds every interface
+    plain = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    assert listening_addresses(plain.port) in (["00000000"], ["00000000000000000000000000000000"])

@@ -33,7 +33,7 @@ def _pieces(seed, scale=1.0):
 
 @pytest.mark.parametrize("cfg_cls", [LocalConfig, CO2Config])
 def test_default_outer_step_is_bitwise_the_earlier_outer_sgd(cfg_cls):
-    cfg = OmegaConf.structured(cfg_cls)
+    cfg = OmegaConf.structured(cfg_cls().resolved() if cfg_cls is CO2Config else cfg_cls)  # stale: CO2's recipe
     spec = cfg.outer_optim
     anchor, ref_anchor = _pieces(0), _pieces(0)
     ref_m = [torch.zeros_like(a) for a in ref_anchor]
@@ -93,3 +93,17 @@ def test_bad_outer_optimizer_is_one_line():
         LocalConfig(outer_optim={"_target_": "torch.optim.SGD", "lr": -1.0}).check()
     with pytest.raises(ConfigError, match=r"outer_optim._target_=torch.optim.Nope: not an importable class"):
         LocalConfig(outer_optim={"_target_": "torch.optim.Nope"}).check()
+
+
+def test_co2_defaults_follow_the_overlap_and_given_keys_update_its_recipe():
+    """sync=co2 leaves penalty, clip and recipe to its overlap: stale = CO2's (penalty 0.5,
+    clip 1, Nesterov 0.5 lr 1), eager = none, no clip, outer SGD lr 1 without momentum (the
+    paper's update); keys given under sync.outer_optim update the overlap's recipe."""
+    from thinwire.comm.outer import co2_options
+
+    stale = co2_options(compose(["sync=co2"]).sync)
+    assert (stale.staleness_penalty, stale.clip, dict(stale.outer_optim)) == (
+        0.5, 1.0, {"_target_": "torch.optim.SGD", "lr": 1.0, "momentum": 0.5, "nesterov": True})
+    eager = co2_options(compose(["sync=co2", "sync.overlap=eager", "sync.outer_optim.momentum=0.9"]).sync)
+    assert (eager.staleness_penalty, eager.clip, dict(eager.outer_optim)) == (
+        0.0, float("inf"), {"_target_": "torch.optim.SGD", "lr": 1.0, "momentum": 0.9, "nesterov": False})

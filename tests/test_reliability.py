@@ -172,3 +172,33 @@ def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
     p = run_cli(*TINY, "trainer.seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}", launcher=torchrun)
     assert p.returncode != 0
     assert "ranks run different configs; differing keys: trainer.seed (0 / 1)" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_one_rank_failing_alone_prints_its_own_error_named_by_rank(tmp_path, rank):
+    """Rank ``rank`` raises after step 3 while its peer waits in the next step's all-reduce:
+    the console gets that rank's own error (not only the peer's "Connection closed by peer"),
+    and the launcher names it as the rank that failed."""
+    p = run_cli(*TINY, "trainer.faults.error_at=3", f"trainer.faults.rank={rank}", "dist.timeout_s=20",
+                f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert f"thinwire: rank {rank}: error: InjectedFault: trainer.faults.error_at=3: injected error on rank " \
+           f"{rank}" in p.stderr, p.stderr[-3000:]
+    assert f"a worker failed (rank {rank}, exit code 1;" in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split(f"thinwire: rank {rank}: error")[0][-2000:]
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_the_free_space(tmp_path, monkeypatch):
+    """A full disk: torch's zip writer says only 'unexpected pos 64 vs 0'."""
+    from thinwire.trainer import checkpoint
+
+    def full_disk(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        checkpoint._atomic_save({"x": 1}, str(tmp_path / "rank00000.pt"))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "rank00000.pt") in msg and "MiB free there" in msg
+    assert "unexpected pos 64 vs 0" in msg and os.listdir(tmp_path) == []

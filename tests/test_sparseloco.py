@@ -325,8 +325,9 @@ def test_experiment_runs_and_resumes_mid_round_bitwise(pools, tmp_path):
         data = x["wire_bytes"] - x["control_bytes"]
         if x["step"] % 15:  # inner steps send nothing
             assert data == 0 and "outer_round" not in x, x
-        else:  # a round: the sparse all-gather + the dense small tensors, and the 4-byte flag
-            assert data == per_round and x["control_bytes"] == 4 and x["outer_skipped"] == 0, x
+        else:  # a round: the sparse all-gather + the dense small tensors, the 4-byte finiteness flag
+            # and the replica-drift guard's 8-byte hash + 8-byte skip count (all-gathered at p = 2)
+            assert data == per_round and x["control_bytes"] == 4 + 16 and x["outer_skipped"] == 0, x
             assert x["compression_ratio"] > 20
     p = pools.train(*SMALL, "trainer.stop_after=20", f"hydra.run.dir={split}")
     p = pools.train(*SMALL, "trainer.resume=auto", f"hydra.run.dir={split}")

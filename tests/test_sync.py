@@ -63,6 +63,7 @@ def run_strategy(rank, world_size, sync, steps, lr, momentum, comm=None, delay_s
     engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=grad_sync)
     plugin = SGDPlugin(sgd_cfg(lr, momentum), model, max_steps=steps)
     strategy = build_sync(sync, world, meter, model, OmegaConf.create(comm or {"name": "none"}))
+    strategy.bind_optimizer(plugin)
     if delay_s:  # a slow link: the outer average completes delay_s after launch
         real = strategy.averager.average_async
 
@@ -83,8 +84,10 @@ def run_strategy(rank, world_size, sync, steps, lr, momentum, comm=None, delay_s
     with strategy.eval_model() as m:
         mean = {k: v.detach().clone() for k, v in m.state_dict().items()}
     strategy.close()
+    momentum = [plugin.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()] if momentum else []
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "mean": mean,
-            "waits": waits, "metrics": metrics, "clipped": getattr(getattr(strategy, "outer", None), "clipped", 0)}
+            "waits": waits, "metrics": metrics, "clipped": getattr(getattr(strategy, "outer", None), "clipped", 0),
+            "momentum": momentum, "bytes": meter.totals["data"]}
 
 
 def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
@@ -188,6 +191,12 @@ RESUME_CASES = {
     "local-topk-ef": ["sync=local", "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
     "co2": ["sync=co2", "sync.outer_optim.momentum=0.5", "sync.outer_optim.nesterov=true"],
     "co2-int8-two-phase": ["sync=co2", "comm=int8", "comm.collective=two_phase", "comm.min_numel=256"],
+    # stopped at step 6: eager with round 1's mean in flight; streaming (H=8, F=2, tau=3) with
+    # fragment 1's mean in flight (launched at step 5, merged at 8); moments averaged each round
+    "co2-eager": ["sync=co2", "sync.overlap=eager"],
+    "stream": ["sync=local", "sync.local_steps=8", "sync.fragments=2", "sync.fragment_delay=3",
+               "sync.fragment_alpha=0.5"],
+    "local-moments": ["sync=local", "optim=adamw", "sync.moment1_every=1", "sync.moment2_every=2"],
 }
 
 
@@ -234,9 +243,10 @@ def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(pools, tmp_path
                     f"hydra.run.dir={tmp_path}")
     r = rows(tmp_path)
     assert [x["skipped_steps"] for x in r] == [0] * 5 + [1] * 11
-    # nothing agreed per step; a round end agrees one finiteness flag (4 bytes, then 1 rank's share)
+    # nothing agreed per step; a round end agrees one finiteness flag (4 bytes, then 1 rank's
+    # share) and the replica-drift guard all-gathers a hash and a skip count (16 bytes)
     assert all(x["control_bytes"] == 0 for x in r if "val_loss" not in x and x["step"] % 4)
-    assert all(0 < x["control_bytes"] <= 4 for x in r if "val_loss" not in x and x["step"] % 4 == 0)
+    assert all(0 < x["control_bytes"] <= 4 + 16 for x in r if "val_loss" not in x and x["step"] % 4 == 0)
     for rank in (0, 1):
         assert all(torch.isfinite(v).all() for v in rank_params(tmp_path, 16, rank).values())
 
@@ -260,10 +270,14 @@ def test_nonfinite_step_at_any_round_position_neither_hangs_nor_spreads(pools, t
         assert all(torch.isfinite(v).all() for p in params for v in p.values()), nan_at
         if name == "local":
             assert all(torch.equal(params[0][k], params[1][k]) for k in params[0]), nan_at
-    # a skip on another rank than 0 (absent from rank 0's metrics) is said by that rank
+    # a skip on another rank than 0 is said by that rank, and reaches rank 0's metrics with the
+    # replica-drift guard's all-gather at the next round boundary (skipped_steps/rank<R>)
     out = pools.train_all(*TINY, f"sync={name}", "trainer.faults.nan_at=6", "trainer.faults.rank=1",
                           "trainer.checkpoint_every=16", f"hydra.run.dir={tmp_path / 'rank1'}", timeout=90)
     assert "rank 1: step 6 skipped" in out[1].stdout and "skipped" not in out[0].stdout
+    per_rank = [(x["step"], x["skipped_steps/rank0"], x["skipped_steps/rank1"]) for x in rows(tmp_path / "rank1")
+                if "skipped_steps/rank1" in x]
+    assert per_rank == [(s, 0, int(s >= 6)) for s in range(4, 17, 4)], per_rank
 
 
 @pytest.mark.parametrize("case", ["co2", "co2-int8-two-phase"])

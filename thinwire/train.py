@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import traceback
 
 USAGE = """usage: thinwire-train [--multirun] [--cfg job] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
 Runs under torchrun, or starts dist.nproc local workers itself. --multirun sweeps comma-separated
@@ -26,6 +27,9 @@ def worker(cfg_yamls: list[str]) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
+    from .trainer.checkpoint import CheckpointWriteError
+    from .trainer.drift import ReplicaDriftError
+    from .trainer.faults import InjectedFault
     from .config import ConfigError, from_yaml
     from .trainer.loop import NonFiniteError, train
     from .trainer.world import init_world, shutdown
@@ -38,7 +42,7 @@ def worker(cfg_yamls: list[str]) -> None:
             train(cfg, world)
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
-    except (NonFiniteError, ConfigMismatchError) as e:
+    except (NonFiniteError, ConfigMismatchError, ReplicaDriftError) as e:
         fail_worker(world.rank, str(e))
     except KeyboardInterrupt:  # Ctrl-C with several ranks (one rank stops gracefully: progress.StopRequest)
         if world.rank == 0:
@@ -48,11 +52,16 @@ def worker(cfg_yamls: list[str]) -> None:
             newest = step_dirs(cfg.run_dir)
             say_stopped(cfg.run_dir, None, "Ctrl-C", newest[-1] if newest else None)
         os._exit(130)
-    except RuntimeError as e:  # gloo/NCCL: a peer died, hung past the timeout, or closed the link
-        if not is_comm_failure(e):
-            raise
-        fail_worker(world.rank, f"a collective failed or timed out (dist.timeout_s={cfg.dist.timeout_s:g}): "
-                                f"{first_line(e)}")
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, RuntimeError) and is_comm_failure(e):  # gloo/NCCL: a peer died, hung or closed the link
+            fail_worker(world.rank, f"a collective failed or timed out (dist.timeout_s={cfg.dist.timeout_s:g}): "
+                                    f"{first_line(e)}", code=PEER_FAILED)
+        # anything else is this rank's own error: said here, named by rank, before any teardown
+        # (a traceback printed at exit comes after destroy_process_group, by which time the
+        # launcher has stopped this rank for its peers' "Connection closed by peer")
+        if not isinstance(e, (InjectedFault, CheckpointWriteError)):  # those say all there is
+            traceback.print_exc()
+        fail_worker(world.rank, f"{e.__class__.__name__}: {first_line(e)}")
     finally:
         shutdown()
 
@@ -75,9 +84,12 @@ def fail_config(rank: int, e: Exception) -> None:
     os._exit(2)
 
 
-def fail_worker(rank: int, msg: str) -> None:
+PEER_FAILED = 3  # exit status of a rank whose collective failed because a peer did (not its own error)
+
+
+def fail_worker(rank: int, msg: str, code: int = 1) -> None:
     print(f"thinwire: rank {rank}: error: {msg}", file=sys.stderr, flush=True)
-    os._exit(1)  # do not wait on process-group teardown with a dead or hung peer
+    os._exit(code)  # do not wait on process-group teardown with a dead or hung peer
 
 
 def launch_local(cfg, cfg_yamls: list[str]) -> int:
@@ -86,13 +98,14 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .trainer.world import free_port
+    from .trainer.world import host_rendezvous_store
 
     n = cfg.dist.nproc
     threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // n)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by workers: no oversubscription
+    store, port = host_rendezvous_store(cfg.dist.master_addr)  # on master_addr only, not on *:port
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
-                      rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{free_port()}",
+                      rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{port}",
                       rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
                       start_method="spawn")
     try:
@@ -102,17 +115,17 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
             return 2  # a config error found by the workers, which printed it (one line)
         if all(f.exitcode == 130 for f in e.failures.values()):
             return 130  # Ctrl-C: rank 0 said where the run stopped and how to continue it
-        # the cause, not a peer's "connection closed": a rank killed by a signal, else the earliest failure
-        killed = sorted((r, f) for r, f in e.failures.items() if f.exitcode < 0)
-        rank, first = killed[0] if killed else e.get_first_failure()
-        msg = first.message.get("message", "") if isinstance(first.message, dict) else str(first.message or "")
-        what = f": {first_line(RuntimeError(msg))}" if msg and "To enable traceback" not in msg else ""
-        how = f"killed by signal {-first.exitcode}" if first.exitcode < 0 else f"exit code {first.exitcode}"
-        print(f"thinwire-train: rank {rank} failed first ({how}){what}; the workers' output above says more",
-              file=sys.stderr, flush=True)
+        # the rank that failed on its own, not one that failed because it lost a peer
+        own = [(r, f) for r, f in sorted(e.failures.items()) if f.exitcode != PEER_FAILED]
+        rank, first = (own or sorted(e.failures.items()))[0]
+        why = (f"killed by signal {-first.exitcode}" if first.exitcode < 0 else
+               f"exit code {first.exitcode}; its error is the line 'thinwire: rank {rank}: error: ...' above")
+        print(f"thinwire-train: a worker failed (rank {rank}, {why})", file=sys.stderr, flush=True)
         return 1
     except SignalException:  # Ctrl-C: the agent passes it on to the workers, which stop themselves and
         return 130           # rank 0 says where the run stopped and how to continue it
+    finally:
+        del store
     return 0
 
 
@@ -179,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
         return 0
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not torchrun or os.environ["RANK"] == "0":  # every torchrun rank runs this; one says it
+        from .config.rules import advice
+        for line in dict.fromkeys(a for cfg in cfgs for a in advice(cfg)):
+            print(f"thinwire-train: warning: {line}", file=sys.stderr, flush=True)
     for cfg, job in zip(cfgs, jobs):
         os.makedirs(cfg.run_dir, exist_ok=True)
         if not torchrun or os.environ["RANK"] == "0":  # first, so the user knows where to look

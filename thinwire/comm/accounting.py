@@ -27,6 +27,7 @@ all-reduce of ``numel`` gradient elements would have sent, 2 (p-1)/p * numel * 4
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,11 +60,51 @@ def collective_bytes(kind: str, numel: int, element_size: int, world_size: int) 
     raise ValueError(f"unknown collective kind {kind!r}")
 
 
+KINDS = ("data", "control", "setup", "eval")
+
+
+@dataclass(frozen=True)
+class ByteCounts:
+    """Bytes this rank sent, by traffic kind (the module docstring's kinds): ``data`` (gradients,
+    pseudo-gradients, projected gradients), ``control`` (non-finite flags, loss reductions),
+    ``setup`` (once per run: DDP's initial broadcast, LoRA-GA's estimate, a resume's checks),
+    ``eval`` (evaluation), ``other`` (kinds a third-party part invented). ``wire`` is what the
+    trainer reports as ``wire_bytes``: every kind but setup and eval."""
+    data: int = 0
+    control: int = 0
+    setup: int = 0
+    eval: int = 0
+    other: int = 0
+
+    @property
+    def wire(self) -> int:
+        return self.data + self.control + self.other
+
+    @classmethod
+    def of(cls, by_kind: dict) -> "ByteCounts":
+        known = {k: int(by_kind.get(k, 0)) for k in KINDS}
+        return cls(**known, other=sum(int(v) for k, v in by_kind.items() if k not in KINDS))
+
+    def as_dict(self, prefix: str = "") -> dict[str, int]:
+        """Flat ``{prefix}data_bytes``, ..., ``{prefix}wire_bytes``: for a logger."""
+        out = {f"{prefix}{k}_bytes": getattr(self, k) for k in (*KINDS, "other")}
+        out[f"{prefix}wire_bytes"] = self.wire
+        return out
+
+
+def allreduce_bytes(numel: int, world_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """The reference a byte count is compared with: what one ring all-reduce of ``numel``
+    elements of ``dtype`` sends per rank (fp32: the trainer's ``dense_bytes``; bf16: the
+    reference of the project's byte claims)."""
+    return ring_allreduce_bytes(numel, torch.empty((), dtype=dtype).element_size(), world_size)
+
+
 class WireMeter:
     """Per-rank counters of bytes sent, split by traffic kind, reset every step.
 
-    ``take_step()`` returns and clears the counters of the step just finished;
-    ``totals`` accumulates over the whole run (and is checkpointed).
+    ``take()`` (typed, :class:`ByteCounts`; ``take_step()`` the same as a dict) returns and
+    clears the counters since the last take; ``total()`` / ``totals`` accumulate over the whole
+    run (and are checkpointed).
     """
 
     def __init__(self) -> None:
@@ -80,6 +121,14 @@ class WireMeter:
         out = dict(self.step_bytes)
         self.step_bytes.clear()
         return out
+
+    def take(self) -> ByteCounts:
+        """Bytes sent since the last ``take``/``take_step``, and reset."""
+        return ByteCounts.of(self.take_step())
+
+    def total(self) -> ByteCounts:
+        """Bytes sent since the meter was created (or since the totals it was loaded with)."""
+        return ByteCounts.of(self.totals)
 
     def state_dict(self) -> dict:
         return {"totals": dict(self.totals)}

@@ -30,6 +30,9 @@ def check_combination(compressor: Compressor, fields: dict) -> str:
     need exact aggregation, see feedback.py)."""
     kind = collectives.select_collective(compressor, fields.get("collective", "auto"))
     fb = build_feedback(fields.get("feedback", "none"))
+    if fields.get("sparsity_warmup") and "ratio" not in compressor_options(compressor.name):
+        raise ValueError(f"sparsity_warmup={fields['sparsity_warmup']}: schedules comm.ratio, which "
+                         f"comm={compressor.name} does not have (use topk or randk)")
     if fb.needs_exact_aggregation and kind == "two_phase":
         raise ValueError(f"comm.feedback={fields.get('feedback')}: needs exact aggregation, but "
                          f"comm={compressor.name} uses the two_phase collective; set comm.collective=allgather")
@@ -38,7 +41,9 @@ def check_combination(compressor: Compressor, fields: dict) -> str:
 
 class CompressedAggregator:
     def __init__(self, name: str, fields: dict, meter: accounting.WireMeter, group=None, group2=None):
+        self.name, self.fields = name, dict(fields)
         self.compressor = compressor_from_config(name, fields)
+        self._by_density: dict[float, Compressor] = {}   # DGC's sparsity warm-up: one per stage
         self.collective = check_combination(self.compressor, fields)
         self.feedback = build_feedback(fields.get("feedback", "none"),
                                        **{k: v for k, v in fields.items() if k != "name"})
@@ -53,6 +58,7 @@ class CompressedAggregator:
                lr_ratio: float = 1.0) -> torch.futures.Future:
         """Future of what the optimizer sees for each named 1-D gradient; stages buffers."""
         fb = self.feedback
+        compressor = self._compressor_at(iteration)
         msgs = [fb.message(n, g.float(), lr_ratio) for n, g in zip(names, grads)]
         big = [i for i, m in enumerate(msgs) if m.numel() >= self.min_numel]
         small = [i for i, m in enumerate(msgs) if m.numel() < self.min_numel]
@@ -61,7 +67,7 @@ class CompressedAggregator:
         if big:
             errs = [self._server_error(names[i], msgs[i]) for i in big]
             sent_big, fut_big, extra, nbytes = collectives.launch(
-                [msgs[i] for i in big], self.compressor, self.meter, collective=self.collective,
+                [msgs[i] for i in big], compressor, self.meter, collective=self.collective,
                 steps=[collectives.segment_step(iteration, names[i]) for i in big],
                 group=self.group, group2=self.group2, server_errors=errs)
             for i, s in zip(big, sent_big):
@@ -117,6 +123,19 @@ class CompressedAggregator:
             return means
 
         return work.get_future().then(finish)
+
+    def _compressor_at(self, iteration: int) -> Compressor:
+        """The compressor of ``iteration``: the configured one, or one of the feedback rule's
+        density schedule (DGC's sparsity warm-up) with its own ``ratio``."""
+        ratio = getattr(self.compressor, "ratio", None)
+        if ratio is None:
+            return self.compressor
+        d = self.feedback.density(iteration, ratio)
+        if d == ratio:
+            return self.compressor
+        if d not in self._by_density:
+            self._by_density[d] = compressor_from_config(self.name, {**self.fields, "ratio": d})
+        return self._by_density[d]
 
     def _server_error(self, name: str, msg: torch.Tensor):
         if self.collective != "two_phase":

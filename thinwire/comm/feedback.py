@@ -33,6 +33,24 @@ of what was sent (exact for allreduce/allgather).
   theory wants eta of the order of C's contraction (about k/d for Top-K).  h_i and H
   start from one dense round, like EF21 with ``init=dense``.
 
+- ``dgc`` (Lin, Han, Mao, Wang, Dally 2018, "Deep Gradient Compression", arXiv 1712.01887,
+  Sec. 3.2 "momentum correction" and "momentum factor masking", Alg. 1 with Eq. 4):
+  u <- m u + g;  v <- v + u;  send C(v);  clear the sent coordinates in both u and v.
+  The momentum lives here (``comm.momentum``), so the optimizer steps without its own
+  (SGD with ``optim.momentum=0``; validation insists). ``factor_masking=false`` keeps u at
+  the sent coordinates (Eq. 4 alone: with C the identity that is exactly SGD with momentum
+  m); the paper's masking (the default) clears it, so a coordinate's momentum restarts each
+  time it is sent (with C the identity: plain SGD). Options: ``local_clip`` (DGC's local gradient clipping, before g
+  enters u; per tensor here, since a comm hook sees one bucket at a time, not the global
+  norm the paper clips: set it to the global threshold x N^(-1/2), as the paper scales it)
+  and ``sparsity_warmup`` (the paper's warm-up: the density falls from 25% by x1/4 per stage
+  to ``comm.ratio`` over that many steps, in equal stages; read by the aggregator). v, like
+  ``ef``'s residual, is in gradient units and rescaled by lr_{t-1} / lr_t; u is not (torch
+  SGD's momentum buffer is not either). Sent coordinates are those whose decompressed value
+  is non-zero (a sent exact 0 leaves that coordinate's u in place: v is 0 there anyway); a
+  tensor below ``comm.min_numel`` is sent whole, so with masking its u is cleared every step
+  (plain SGD for it: the paper's rule applied literally).
+
 EF21 and EControl need every rank to receive exactly mean_i C(x_i) (G must equal
 mean_i g_i on every rank), so they are rejected with the two-phase collective, whose
 re-quantisation breaks that equality.
@@ -89,12 +107,31 @@ class EControlOptions:
         need(0 <= self.eta <= 1, "eta", self.eta, "must be in [0, 1]")
 
 
+@dataclass
+class DGCOptions:
+    momentum: float = 0.9            # m of the velocity u <- m u + g (the optimizer's momentum moves here)
+    local_clip: float = 0.0          # per-tensor norm bound of this rank's gradient before it enters u; 0 = off
+    sparsity_warmup: int = 0         # steps over which the density falls from 25% to comm.ratio (x1/4 per stage)
+    factor_masking: bool = True      # clear u, not only v, at the sent coordinates (DGC's momentum factor masking)
+
+    def check(self):
+        need(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+        need(self.local_clip >= 0, "local_clip", self.local_clip, "must be >= 0 (0 = off)")
+        need(self.sparsity_warmup >= 0, "sparsity_warmup", self.sparsity_warmup, "must be >= 0 (0 = off)")
+
+
 class Feedback:
     """``none``: no memory; the optimizer sees the mean of the compressed gradients."""
 
     Config = NoOptions
     needs_exact_aggregation = False
     dense_init = False          # whether warm-up (uncompressed) rounds initialise buffers
+    keeps_momentum = False      # the rule applies SGD's momentum itself (dgc): the optimizer must not
+
+    def density(self, iteration: int, ratio: float) -> float:
+        """The compressor's density (``comm.ratio``) at ``iteration``: ``ratio`` unless the rule
+        schedules its own (DGC's sparsity warm-up)."""
+        return ratio
 
     def __init__(self, options=None):
         for key, value in vars(options if options is not None else self.Config()).items():
@@ -219,6 +256,47 @@ class EControl(Feedback):
 
     def dense(self, name, g, mean):
         return {"e": torch.zeros_like(g), "h_i": g.clone(), "H": mean.clone()}
+
+
+@FEEDBACKS.register("dgc")
+class DGC(Feedback):
+    """DGC's momentum correction with momentum factor masking (module docstring)."""
+
+    Config = DGCOptions
+    keeps_momentum = True
+
+    def velocity(self, name, g):
+        """u after this step's gradient g (locally clipped); the committed u is not changed."""
+        if self.local_clip > 0:
+            norm = float(torch.linalg.vector_norm(g))
+            if norm > self.local_clip:
+                g = g * (self.local_clip / (norm + 1e-6))
+        return self.buf(name, "u", g) * self.momentum + g
+
+    def message(self, name, g, lr_ratio=1.0):
+        v = self.buf(name, "v", g)
+        return (v * lr_ratio if lr_ratio != 1.0 else v) + self.velocity(name, g)
+
+    def result(self, name, g, q, local, mean):
+        sent = local != 0
+        u = self.velocity(name, g)
+        return mean, {"u": u.masked_fill_(sent, 0.0) if self.factor_masking else u, "v": q.masked_fill(sent, 0.0)}
+
+    def residual_sq(self, staged):
+        v = staged.get("v")
+        return float(v.double().pow(2).sum()) if v is not None else 0.0
+
+    def density(self, iteration, ratio):
+        """DGC Sec. 3.4: 25%, 6.25%, 1.5625%, ... (x1/4 per stage) while above ``ratio``, the stages
+        of equal length filling ``sparsity_warmup`` steps; then ``ratio``."""
+        stages = []
+        d = 0.25
+        while d > ratio:
+            stages.append(d)
+            d /= 4
+        if iteration >= self.sparsity_warmup or not stages:
+            return ratio
+        return stages[iteration * len(stages) // self.sparsity_warmup]
 
 
 def feedback_options() -> type:

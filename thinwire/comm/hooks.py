@@ -26,7 +26,14 @@ collective -> decompress -> what the optimizer sees, written back into the bucke
   dense rounds, at least one of them).
 - Parameters with fewer than ``min_numel`` elements (biases, norms) travel uncompressed.
 - The error-feedback residual is kept in gradient units and rescaled by lr_{t-1} / lr_t
-  when the trainer reports a new learning rate (``set_lr``), see feedback.py.
+  when the trainer reports a new learning rate (``set_lr``), see feedback.py. A state built
+  with ``optimizer=`` follows the optimizer instead: at the first bucket of each iteration
+  it reads ``optimizer.param_groups[0]["lr"]``, the rate the coming ``optimizer.step()``
+  uses when the loop (or a torch LR scheduler, stepped after ``optimizer.step()``) sets it
+  before backward.
+- ``state_dict()`` is per rank and carries the comm config it was built with (its
+  *fingerprint*: every key, defaults filled in) and the rank; ``load_state_dict`` refuses a
+  state written under another config or by another rank, in one line naming the keys.
 """
 # no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
 import time
@@ -36,13 +43,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..config.resume import ResumeConfigError, config_changes, describe_changes
 from ..errors import need, non_negative, one_of
-from ..options import option_keys
+from ..options import defaults, option_keys, options_of
 from ..registry import Registry
 from . import accounting, collectives
 from .accounting import WireMeter
 from .aggregator import CompressedAggregator, check_combination, compressor_from_config
-from .compressors import COMPRESSORS, compressor_options
+from .compressors import COMPRESSORS, compressor_class, compressor_options
 from .feedback import FEEDBACKS, check_feedback_options, feedback_options
 
 HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
@@ -91,7 +99,8 @@ class HookState:
 
     def __init__(self, process_group=None, meter: Optional[WireMeter] = None, model=None,
                  warmup_steps: int = 0, min_numel: int = 0, auto_commit: bool = True,
-                 second_group=None):
+                 second_group=None, optimizer: Optional[torch.optim.Optimizer] = None,
+                 config: Optional[dict] = None):
         self.process_group = process_group
         self.second_group = second_group
         self.meter = meter if meter is not None else WireMeter()
@@ -102,6 +111,9 @@ class HookState:
         self.last_launch_s = 0.0      # perf_counter() of the latest bucket launch
         self.param_names: dict[int, str] = {}
         self._iteration_done = False  # auto_commit: the last bucket of an iteration was launched
+        self._launched = False        # a bucket of the current iteration was launched
+        self.optimizer = optimizer    # followed for the learning rate (module docstring)
+        self.config = dict(config or {})  # the comm config's fingerprint (checked on load)
         if model is not None:
             self.bind(model)
 
@@ -132,6 +144,11 @@ class HookState:
     def set_lr(self, lr: float) -> None:
         """The learning rate of the step about to run (error-feedback residual rescaling)."""
 
+    def follow_lr(self) -> None:
+        """With ``optimizer=``: this iteration's learning rate, read from the optimizer."""
+        if self.optimizer is not None:
+            self.set_lr(float(self.optimizer.param_groups[0]["lr"]))
+
     def take_stats(self) -> dict:
         """Metrics of the step just finished (compression ratio, residual norm); resets them."""
         return {}
@@ -140,9 +157,11 @@ class HookState:
     def commit(self) -> None:
         """Accept the step: advance the iteration (subclasses apply their staged buffers)."""
         self.iteration += 1
+        self._launched = False
 
     def discard(self) -> None:
         """Reject the step (non-finite gradients): buffers stay exactly as they were."""
+        self._launched = False
 
     def begin_bucket(self, bucket) -> None:
         """Called by every hook when it launches a bucket (main thread)."""
@@ -150,6 +169,9 @@ class HookState:
         if self.auto_commit and self._iteration_done:
             self._iteration_done = False
             self.commit()
+        if not self._launched:  # the iteration's first bucket
+            self._launched = True
+            self.follow_lr()
         if bucket.is_last():
             self._iteration_done = True
 
@@ -159,18 +181,56 @@ class HookState:
             self.commit()
 
     # -- checkpointing -----------------------------------------------------------
+    def rank(self) -> tuple[int, int]:
+        """(rank, world size) in the hook's process group."""
+        if not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
     def state_dict(self) -> dict:
+        """This rank's state (one file per rank), with the config fingerprint and the rank."""
         self._flush()
-        return {"iteration": self.iteration}
+        rank, world = self.rank()
+        return {"iteration": self.iteration, "config": dict(self.config), "rank": rank, "world_size": world}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state from ``state_dict()``: refused (one line) when it was written under
+        another comm config or by another rank (a state from before fingerprints loads as is)."""
+        check_fingerprint("comm hook state", state.get("config"), self.config)
+        if "rank" in state and (state["rank"], state["world_size"]) != self.rank():
+            rank, world = self.rank()
+            raise ResumeConfigError(f"comm hook state: written by rank {state['rank']} of {state['world_size']}, "
+                                    f"loaded on rank {rank} of {world}; the state is per rank: load each "
+                                    f"rank's own file at the same world size")
         self.iteration = int(state["iteration"])
 
     def __getstate__(self):
         d = dict(self.__dict__)
         d["process_group"] = None
         d["second_group"] = None
+        d["optimizer"] = None
         return d
+
+
+def check_fingerprint(what: str, saved: Optional[dict], current: dict) -> None:
+    """Raise ``ResumeConfigError`` (one line) when ``saved`` and ``current`` differ in any key
+    (``config_changes`` of the trainer's resume check; nothing is safe to change here)."""
+    if not saved or not current:
+        return
+    changes = config_changes(saved, current)
+    if changes:
+        raise ResumeConfigError(f"{what}: written under another config: {describe_changes(changes)}; "
+                                f"build it with the saved values to load this state")
+
+
+def fingerprint(name: str, cfg: dict) -> dict:
+    """Every key of comm config ``name``: the defaults of its compressor, the group-wide keys
+    and the feedback rules' keys, overridden by ``cfg`` (state keys left out)."""
+    keys = defaults(CommConfig) | defaults(feedback_options())
+    if name not in HOOKS:
+        keys |= defaults(options_of(compressor_class(name)))
+    out = {**keys, **{k: v for k, v in cfg.items() if k not in RUNTIME_KEYS}, "name": name}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
 # ``comm_hook``'s signature, ``(name, **cfg) -> (state, hook)``: the DDP engine takes any such
@@ -191,12 +251,18 @@ def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tenso
     return work.get_future().then(average)
 
 
-STATE_KEYS = ("process_group", "second_group", "meter", "model", "warmup_steps", "min_numel", "auto_commit")
+STATE_KEYS = ("process_group", "second_group", "meter", "model", "warmup_steps", "min_numel", "auto_commit",
+              "optimizer")
+# keys of a comm config that are per-process objects, never part of its fingerprint
+RUNTIME_KEYS = ("process_group", "second_group", "meter", "model", "auto_commit", "optimizer")
 
 
-def state_kwargs(cfg: dict) -> dict:
-    """The HookState fields of a comm config; compression fields go to the compressor."""
-    return {k: v for k, v in cfg.items() if k in STATE_KEYS}
+def state_kwargs(cfg: dict, name: str = "none") -> dict:
+    """The HookState fields of a comm config (and its fingerprint); compression fields go
+    to the compressor."""
+    out = {k: v for k, v in cfg.items() if k in STATE_KEYS}
+    out["config"] = fingerprint(name, cfg)
+    return out
 
 
 @HOOKS.register("none")
@@ -218,10 +284,18 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     ``name`` is a ``comm`` config name (a hook registered in ``HOOKS``, or any compressor:
     built-in or from the ``thinwire.compressors`` entry points); ``cfg`` takes the same
     fields as the config group plus ``process_group``, ``second_group`` (needed by the
-    two-phase collective at world size > 1), ``meter`` and ``model`` (parameter names).
+    two-phase collective at world size > 1), ``meter``, ``model`` (parameter names) and
+    ``optimizer`` (followed for the learning rate of the error-feedback rescaling, instead
+    of calling ``state.set_lr`` every step; docs/library.md).
     """
     if name in HOOKS:
         return HOOKS.get(name, "comm")(**cfg)
+    check_keys(name, cfg)
+    return compressed_factory(name)(**cfg)
+
+
+def check_keys(name: str, cfg: dict) -> None:
+    """Every key of ``cfg`` is an option of compressor ``name`` (or group-wide, or a state key)."""
     try:
         valid = set(compressor_options(name))
     except ValueError:
@@ -230,7 +304,21 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     for key in cfg:
         if key not in valid:
             raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
-    return compressed_factory(name)(**cfg)
+
+
+def comm_config(name: str = "none", **options) -> dict:
+    """The whole comm config ``name`` with ``options`` (defaults filled in), checked as the
+    trainer checks ``comm.*``: what a sync strategy's averager takes as ``comm_cfg``."""
+    if name not in HOOKS:
+        check_keys(name, options)
+    else:
+        valid = set(option_keys(CommConfig)) | set(option_keys(feedback_options()))
+        for key in options:
+            if key not in valid:
+                raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
+    values = fingerprint(name, options)
+    check_comm(values)
+    return values
 
 
 # ----------------------------------------------------------------------------- compressed
@@ -245,7 +333,11 @@ class CompressedState(HookState):
         self.lr_now: Optional[float] = None
 
     def set_lr(self, lr: float) -> None:
-        """The learning rate of the step about to run (for the EF residual's rescaling)."""
+        """The learning rate of the step about to run (for the EF residual's rescaling). In a
+        user loop (``auto_commit``) the previous iteration is committed first, so its rate
+        becomes ``lr_prev`` (before this fix a loop calling ``set_lr`` before backward got
+        lr_prev = lr_now, a ratio of 1, at every step)."""
+        self._flush()
         self.lr_now = lr
 
     @property
@@ -298,5 +390,5 @@ def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torc
 
 def compressed_factory(name: str) -> Callable:
     def factory(**cfg):
-        return CompressedState(name, cfg, **state_kwargs(cfg)), compressed_hook
+        return CompressedState(name, cfg, **state_kwargs(cfg, name)), compressed_hook
     return factory

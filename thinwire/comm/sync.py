@@ -45,9 +45,38 @@ class SyncStrategy:
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
 
+    def bind_optimizer(self, plugin) -> None:
+        """The trainer's optimizer plugin, once built (a strategy that averages the inner
+        optimizer's state reaches it here: ``plugin.optimizer``)."""
+
     def after_step(self, step: int) -> dict[str, float]:
         """Called after every accepted optimizer step; returns metrics to log."""
         return {}
+
+    def global_step(self, step: int, skipped: bool = False) -> dict[str, float]:
+        """Called by every rank once per global step (the trainer, ``thinwire.OuterLoop``):
+        ``after_step`` for an accepted step, and for a step this rank skipped when ranks
+        diverge (local updates / CO2: the round's outer collective still needs this rank, which
+        joins with its parameters as they were before the skipped step)."""
+        if skipped and not self.ranks_diverge:
+            return {}
+        return self.after_step(step)
+
+    @property
+    def round_steps(self) -> int:
+        """Steps per synchronisation round: the state of ``consensus_state`` is defined at
+        multiples of it."""
+        return 1
+
+    def consensus_state(self) -> dict:
+        """The tensors that must be bitwise equal on every rank of ``consensus_group`` at the
+        end of a round (``thinwire.trainer.drift``): here the parameters."""
+        return dict(self.model.named_parameters())
+
+    @property
+    def consensus_group(self):
+        """The ranks that must agree on ``consensus_state`` (None: all of them)."""
+        return None
 
     @contextlib.contextmanager
     def eval_model(self):

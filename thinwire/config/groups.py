@@ -16,7 +16,7 @@ Group-wide keys, by group (everything else belongs to one option and fails with 
 - ``comm``: ``name feedback warmup_steps min_numel collective seed`` plus the options of the
   error-feedback rules (``eta`` for ef21m/econtrol, ``init`` for ef21/ef21m), which must
   keep their defaults unless ``comm.feedback`` names a rule that has them;
-- ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio``;
+- ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio decay_start``;
 - ``sync``, ``peft``, ``engine``: ``name``;
 - ``model``, ``data``, ``logger``: ``_target_`` (the builder; an option's default).
 """

@@ -14,6 +14,12 @@ the evaluation / checkpoint / log cadence, retention, ``trainer.stop_after``,
 ``trainer.resume`` itself, the logger, ``dist.*`` (the launch: a different world size is
 its own policy, see ``thinwire.trainer.checkpoint``), fault drills and the run dir.
 
+``optim.decay_start`` (``optim.schedule=wsd``) may change too, when the checkpoint's step is
+at or before both the old and the new decay start: every step already taken ran at the
+same constant LR under either config, so the resumed run is the run configured with the new
+decay from the start. That is how a *decay branch* starts from a constant-LR run's
+checkpoint (``thinwire.optim.schedule``); a checkpoint already inside a decay is refused.
+
 Used by the static check (``thinwire.config.validate``, before any process starts) and by
 the trainer's resume path (every rank, before any state is loaded), so both say the same.
 """
@@ -36,6 +42,7 @@ SAFE_TO_CHANGE = (
     "trainer.checkpoint_every",
     "trainer.log_every",
     "trainer.keep_checkpoints",
+    "trainer.drift_check_every",
     "trainer.stop_after",
     "trainer.resume",
     "trainer.overwrite",
@@ -44,6 +51,7 @@ SAFE_TO_CHANGE = (
     "trainer.sample_chars",
     "trainer.max_skipped_steps",
     "trainer.faults",
+    "optim.decay_start",  # only at or before the decay: see check_decay_branch
 )
 
 _UNSET = "<unset>"
@@ -118,11 +126,37 @@ def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def check_decay_branch(saved: Mapping, current: Mapping, step: int) -> str | None:
+    """Why a changed ``optim.decay_start`` cannot be taken at ``step`` (None: it can): the
+    checkpoint must lie at or before the decay start of both configs."""
+    from ..optim.schedule import decay_start_of
+
+    def start(cfg: Mapping) -> int | None:
+        o = cfg.get("optim", {})
+        if o.get("schedule") != "wsd":
+            return None
+        return decay_start_of(int(cfg["trainer"]["max_steps"]), o.get("decay_start"), int(o.get("warmup_steps", 0)))
+
+    old, new = start(saved), start(current)
+    if saved.get("optim", {}).get("decay_start") == current.get("optim", {}).get("decay_start"):
+        return None
+    if old is None or new is None or step > min(old, new):
+        return (f"optim.decay_start ({saved.get('optim', {}).get('decay_start')} -> "
+                f"{current.get('optim', {}).get('decay_start')}): a decay branch starts from a checkpoint at or "
+                f"before the decay of optim.schedule=wsd (this one is at step {step}, decay starts "
+                f"{'(not wsd)' if old is None or new is None else f'at {old} -> {new}'})")
+    return None
+
+
 def check_resume_config(saved: DictConfig | Mapping | str, current: DictConfig | Mapping | str,
-                        checkpoint: str, resume: str) -> None:
+                        checkpoint: str, resume: str, step: int | None = None) -> None:
     """Raise :class:`ResumeConfigError` (one line) if ``current`` changes a key that a resume
-    must keep; ``checkpoint`` is the directory the saved config came from."""
+    must keep; ``checkpoint`` is the directory the saved config came from, ``step`` its step
+    (None: unknown, so a changed ``optim.decay_start`` is refused)."""
     changes = config_changes(saved, current)
+    branch = check_decay_branch(as_dict(saved), as_dict(current), (1 << 62) if step is None else step)
+    if branch:
+        raise ResumeConfigError(f"trainer.resume={resume}: the checkpoint {checkpoint}: {branch}")
     if changes:
         raise ResumeConfigError(
             f"trainer.resume={resume}: the checkpoint {checkpoint} was written with a different config: "

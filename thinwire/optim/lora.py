@@ -146,18 +146,20 @@ def estimate_gradients(model: nn.Module, config, data, n_batches: int, device) -
         preprocess_loraga(model, config, train_step)
 
 
-def average_estimates(model: nn.Module, config, world, meter) -> None:
-    """Mean of the per-rank estimates: one all-reduce per adapted layer, in module order."""
+def average_estimates(model: nn.Module, config, world, meter, group=None) -> None:
+    """Mean of the per-rank estimates: one all-reduce per adapted layer, in module order.
+    ``world`` None: the size of ``group`` (the default process group) when initialised."""
     from peft.tuners.lora.loraga import get_target_modules
 
-    if world is None or world.world_size <= 1:
+    world_size = world.world_size if world is not None else accounting.group_size(group)
+    if world_size <= 1:
         return
     meter = meter if meter is not None else accounting.WireMeter()
     for _, module in get_target_modules(model, config):
         g = getattr(module, "_peft_loraga_grad", None)
         if g is not None:  # absent on every rank alike (a module the loss does not reach)
-            accounting.all_reduce(meter, g, kind="setup")
-            g.div_(world.world_size)
+            accounting.all_reduce(meter, g, group=group, kind="setup")
+            g.div_(world_size)
 
 
 def ga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: float, cfg, seed: int):
@@ -193,7 +195,7 @@ def ga_factors(grad: torch.Tensor, weight: torch.Tensor, r: int, scaling: float,
 
 
 @torch.no_grad()
-def ga_initialise(model: nn.Module, cfg) -> None:
+def ga_initialise(model: nn.Module, cfg, adapter: str = "default") -> None:
     """Set every adapter from its layer's averaged estimate and move the offset into the
     frozen base weight: W0 <- W0 - s B0 A0 (computed in fp32 from the adapters as stored,
     so the forward W0 x + s B0 A0 x gives back the pretrained output)."""
@@ -204,18 +206,78 @@ def ga_initialise(model: nn.Module, cfg) -> None:
         grad = getattr(base, "_peft_loraga_grad", None)
         if grad is None:
             continue
-        r, s = layer.r["default"], layer.scaling["default"]
+        r, s = layer.r[adapter], layer.scaling[adapter]
         w = base.weight
-        A, B = ga_factors(grad, w, r, s, cfg, seed=zlib.crc32(name.encode()))
-        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        # the layer's name as the trainer sees it (a PeftModel adds base_model.model.): same SVD seed
+        A, B = ga_factors(grad, w, r, s, cfg, seed=zlib.crc32(name.removeprefix("base_model.model.").encode()))
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         a.copy_(A.to(a.dtype))
         b.copy_(B.to(b.dtype))
         w.copy_((w.float() - s * (b.float() @ a.float())).to(w.dtype))
         del base._peft_loraga_grad
 
 
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """``model(**batch)`` for a dict batch (``model(*batch)`` for a tuple, ``model(batch)``
+    otherwise); a Hugging Face output's ``.loss``, or the tensor itself."""
+    out = model(**batch) if isinstance(batch, dict) else model(*batch) if isinstance(batch, (tuple, list)) \
+        else model(batch)
+    return out.loss if hasattr(out, "loss") else out
+
+
+def lora_ga_init(model: nn.Module, batches, *, loss_fn=None, direction: str = "ArB2r", scale: str = "stable",
+                 gamma: int = 16, adapter: str = "default", process_group=None,
+                 meter: accounting.WireMeter | None = None) -> nn.Module:
+    """LoRA-GA initialisation (module docstring, ``ga_init=paper``) of a model that already
+    holds LoRA adapters (``peft.get_peft_model`` or ``inject_adapter_in_model``), in place.
+
+    ``batches``: this rank's gradient-estimation batches (any iterable, read once);
+    ``loss_fn(model, batch)``: the loss (default :func:`default_loss`). G is estimated on
+    the adapted layers' base weights (PEFT's ``preprocess_loraga``: gradients only for
+    those, one buffer each), averaged over ``process_group`` (default: the default group
+    when initialised; one all-reduce per layer, charged to ``meter`` as setup traffic), then
+    every adapter is set from G's SVD and the base weight absorbs the offset, so the model's
+    output is unchanged. Every rank must call it with the same number of adapted layers.
+    Returns ``model``. Departure from the trainer before this function existed: the adapters
+    are injected before the estimate (the trainer now does the same), which is exact: with
+    B = 0 the adapters add exactly zero to every output and to every gradient of a base weight.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.config import LoraGAConfig
+
+    opts = LoraGAOptions(ga_direction=direction, ga_scale=scale, ga_gamma=gamma)
+    opts.check()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.r]
+    need(bool(layers), "model", type(model).__name__, f"holds no LoRA adapter {adapter!r}: inject adapters first "
+                                                      f"(peft.get_peft_model)")
+    for name, layer in layers:
+        shape, r = layer.get_base_layer().weight.shape, layer.r[adapter]
+        if 2 * r > min(shape):
+            raise ValueError(f"r={r}: LoRA-GA needs 2 r <= min(d_out, d_in) = {min(shape)} ({name})")
+    config = LoraConfig(target_modules=[f"{n}.base_layer" for n, _ in layers], init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig(direction=direction, scale=scale, stable_gamma=gamma))
+    loss_fn = loss_fn or default_loss
+
+    def train_step() -> None:
+        for batch in batches:
+            loss_fn(model, batch).backward()
+
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    with warnings.catch_warnings():  # PEFT counts backward calls with full backward hooks; the
+        warnings.simplefilter("ignore", UserWarning)  # inputs (token ids) never require grad
+        preprocess_loraga(model, config, train_step)
+    average_estimates(model, config, None, meter, group=process_group)
+    ga_initialise(model, opts, adapter)
+    return model
+
+
 @PEFT_METHODS.register("lora_ga")
 def lora_ga(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.Module:
+    """``peft=lora_ga``: vanilla adapters, then :func:`lora_ga_init` on ``peft.ga_batches`` of
+    this rank's batches, drawn at steps -1, -2, ... (not the first training batches);
+    ``ga_init=peft``: PEFT's own variant on the estimate."""
     if data is None:
         raise ValueError("peft=lora_ga: needs training data to estimate gradients")
     from peft.tuners.lora.loraga import get_target_modules
@@ -226,13 +288,14 @@ def lora_ga(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.M
         if 2 * cfg.r > min(shape):
             raise ValueError(f"peft.r={cfg.r}: LoRA-GA needs 2 r <= min(d_out, d_in) = {min(shape)} ({name})")
     device = next(model.parameters()).device
-    estimate_gradients(model, ga_config, data, cfg.ga_batches, device)
-    average_estimates(model, ga_config, world, meter)
     if cfg.ga_init == "peft":
+        estimate_gradients(model, ga_config, data, cfg.ga_batches, device)
+        average_estimates(model, ga_config, world, meter)
         return inject(cfg, model, ga_config)  # PEFT's lora_ga_init consumes the estimates
     model = inject(cfg, model, lora_config(cfg, model, ga=False))
-    ga_initialise(model, cfg)
-    return model
+    batches = ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(cfg.ga_batches))
+    return lora_ga_init(model, batches, direction=cfg.ga_direction, scale=cfg.ga_scale, gamma=cfg.ga_gamma,
+                        meter=meter)
 
 
 lora.Config = LoraOptions

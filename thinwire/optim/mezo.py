@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..comm import accounting
 from ..errors import need, positive
@@ -61,16 +62,18 @@ def _chunks(p: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
-def add_noise(params: list[torch.Tensor], seed: int, scale: float, chunk: int) -> None:
-    """theta += scale * z(seed), z regenerated chunk by chunk (no parameter-sized temporaries)."""
+def add_noise(params: list[torch.Tensor], seed: int, scale, chunk: int) -> None:
+    """theta += scale * z(seed), z regenerated chunk by chunk (no parameter-sized temporaries);
+    ``scale``: one number, or one per parameter (per-group learning rates)."""
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(params)
     gen = None
-    for i, p in enumerate(params):
+    for i, (p, a) in enumerate(zip(params, scales)):
         if gen is None or gen.device != p.device:
             gen = torch.Generator(device=p.device)
         gen.manual_seed((seed + 0x9E3779B97F4A7C15 * (i + 1)) & MASK64)
         for view in _chunks(p, chunk):
             z = torch.randn(view.shape, generator=gen, device=p.device, dtype=p.dtype)
-            view.add_(z, alpha=scale)
+            view.add_(z, alpha=a)
 
 
 @torch.no_grad()
@@ -97,17 +100,22 @@ def mean_loss(model, micro: list[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perturbation_cycle(model, params, seed: int, eps: float, chunk: int, micro: list[dict] | None):
-    """+eps z, evaluate, -2 eps z, evaluate, +eps z. With ``micro=None`` only the parameter
-    arithmetic is replayed (zo_dist: every rank replays every rank's cycle, so the
-    rounding left by the restore is the same on all ranks and they stay bitwise equal).
+def spsa_cycle(params, seed: int, eps: float, chunk: int, closure=None):
+    """+eps z, evaluate ``closure()``, -2 eps z, evaluate, +eps z. With ``closure=None`` only
+    the parameter arithmetic is replayed (zo_dist: every rank replays every rank's cycle, so
+    the rounding left by the restore is the same on all ranks and they stay bitwise equal).
     Returns (l+, l-) or None."""
     add_noise(params, seed, eps, chunk)
-    lp = mean_loss(model, micro) if micro is not None else None
+    lp = closure() if closure is not None else None
     add_noise(params, seed, -2 * eps, chunk)
-    lm = mean_loss(model, micro) if micro is not None else None
+    lm = closure() if closure is not None else None
     add_noise(params, seed, eps, chunk)
-    return None if micro is None else (lp, lm)
+    return None if closure is None else (lp, lm)
+
+
+def perturbation_cycle(model, params, seed: int, eps: float, chunk: int, micro: list[dict] | None):
+    """:func:`spsa_cycle` with the mean loss of ``model`` over the micro-batches ``micro``."""
+    return spsa_cycle(params, seed, eps, chunk, None if micro is None else lambda: mean_loss(model, micro))
 
 
 def decay_mask(named: list[tuple[str, torch.Tensor]]) -> list[bool]:
@@ -128,15 +136,145 @@ class MeZOOptions:
         positive(self, "zo_eps", "zo_samples", "zo_accum", "zo_chunk")
 
 
+def rank_and_size(group=None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class MeZO(torch.optim.Optimizer):
+    """MeZO as a ``torch.optim.Optimizer`` (the module docstring's update; Malladi et al. 2023,
+    Algorithm 1): ``loss = opt.step(closure)`` with a closure that returns the loss on this
+    step's batch, forward only (it is called 2 ``samples`` times, under ``torch.no_grad``;
+    put the model in eval mode first if it has dropout, as the reference does).
+
+    Per parameter group: ``lr`` and ``weight_decay`` (decoupled, theta *= 1 - lr wd before
+    the step), so torch LR schedulers drive it. Memory: the parameters, one chunk of
+    ``chunk`` elements of z, and the closure's activations, as in inference. On several
+    ranks (``process_group``, default: the default group when initialised) every rank
+    perturbs along the same z and the projected gradients are all-reduced (4 bytes per
+    sample; the loss for logging as 2 more), so ranks stay identical: pass each rank its
+    own batch. State (``state_dict``): the step counter that seeds z, identical on every rank.
+    A non-finite projected gradient (on any rank) skips the update on every rank.
+    """
+
+    def __init__(self, params, lr: float = 1e-6, *, weight_decay: float = 0.0, eps: float = 1e-3,
+                 samples: int = 1, chunk: int = 1 << 20, seed: int = 0, process_group=None,
+                 meter: accounting.WireMeter | None = None):
+        need(lr >= 0, "lr", lr, "must be >= 0")
+        need(eps > 0, "eps", eps, "must be positive")
+        need(samples >= 1, "samples", samples, "must be >= 1")
+        need(chunk >= 1, "chunk", chunk, "must be >= 1")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.eps, self.samples, self.chunk, self.seed = eps, int(samples), int(chunk), int(seed)
+        self.process_group = process_group
+        self.meter = meter if meter is not None else accounting.WireMeter()
+        self.t = 0                                # perturbation counter: seeds are zo_seed(seed, t, k, rank)
+        self.grads: torch.Tensor | None = None    # this step's projected gradients, one per sample
+        self.loss_mean = float("nan")             # this step's loss, averaged over ranks
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def seeds(self, rank: int = 0) -> list[int]:
+        return [zo_seed(self.seed, self.t, k, rank) for k in range(self.samples)]
+
+    @torch.no_grad()
+    def estimate(self, closure) -> torch.Tensor:
+        """Run the perturbation cycles; sets ``grads`` (mean over ranks) and ``loss_mean``;
+        returns this rank's loss (mean of l+ and l-). Parameters are left as they were."""
+        g, losses = [], []
+        for seed in self.seeds(0):
+            lp, lm = spsa_cycle(self.params, seed, self.eps, self.chunk, closure)
+            g.append((lp - lm) / (2 * self.eps))
+            losses.append((lp + lm) / 2)
+        loss = torch.stack(losses).mean()
+        self.grads, self.loss_mean = self.exchange(torch.stack(g).float(), loss)
+        return loss
+
+    def exchange(self, g: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean projected gradient (fp32, one per sample) and mean loss (fp16) over ranks."""
+        _, p = rank_and_size(self.process_group)
+        if p == 1:
+            return g, float(loss)
+        accounting.all_reduce(self.meter, g, group=self.process_group, kind="data")
+        packed = loss.detach().to(torch.float16).reshape(1)
+        accounting.all_reduce(self.meter, packed, group=self.process_group, kind="data")
+        return g / p, float(packed.float()) / p
+
+    def finite(self) -> bool:
+        """Whether this step's (rank-averaged) projected gradients are finite."""
+        return self.grads is not None and bool(torch.isfinite(self.grads).all())
+
+    @torch.no_grad()
+    def decay(self) -> None:
+        for group in self.param_groups:
+            decay(group["params"], [True] * len(group["params"]), 1.0 - group["lr"] * group["weight_decay"])
+
+    def scales(self, coeff: float, divisor: int) -> list[float]:
+        """-lr * coeff / divisor per parameter, with its group's lr."""
+        return [-g["lr"] * coeff / divisor for g in self.param_groups for _ in g["params"]]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """theta -= lr (g z + wd theta) for this step's estimate; then the next step's seeds."""
+        self.decay()
+        for seed, gk in zip(self.seeds(0), self.grads.tolist()):
+            add_noise(self.params, seed, self.scales(gk, self.samples), self.chunk)
+        self.end_step()
+
+    def end_step(self) -> None:
+        self.grads = None
+        self.t += 1
+
+    def step(self, closure=None) -> torch.Tensor:
+        need(closure is not None, "closure", closure, "MeZO.step needs a closure returning the loss (forward only)")
+        loss = self.estimate(closure)
+        if self.finite():
+            self.update()
+        else:
+            self.end_step()
+        return loss
+
+    def zo_state(self) -> dict:
+        return {"t": self.t}
+
+    def load_zo_state(self, state: dict) -> None:
+        self.t = int(state["t"])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "zo": self.zo_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.load_zo_state(state_dict.pop("zo"))
+        super().load_state_dict(state_dict)
+
+
+def ordered_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Parameter groups in model order (runs of parameters with the same decay), so z's
+    per-parameter seeds follow the model's parameter order; decay only on >= 2-D parameters."""
+    groups: list[dict] = []
+    for (_, p), m in zip(named, decay_mask(named)):
+        wd = weight_decay if m else 0.0
+        if groups and groups[-1]["weight_decay"] == wd:
+            groups[-1]["params"].append(p)
+        else:
+            groups.append({"params": [p], "weight_decay": wd})
+    return groups
+
+
 @OPTIMIZERS.register("mezo")
 class MeZOPlugin(OptimizerPlugin):
-    """ZO-SGD in place. ``compute`` runs the perturbation cycles (the loss it returns is the
-    mean of l+ and l-), ``apply`` the update; state = the step counter (seeds are a
-    function of it), identical on every rank."""
+    """ZO-SGD in place: the trainer's driver of :class:`MeZO` (the optimizer a user loop
+    steps itself). ``compute`` runs the perturbation cycles in eval mode on the rank's
+    micro-batches (the loss it returns is the mean of l+ and l-), ``apply`` sets this step's
+    learning rate and updates; state = the step counter (seeds are a function of it),
+    identical on every rank."""
 
     Config = MeZOOptions
     needs_backprop = False
-    shared_seed = True          # mezo: every rank perturbs along the same z
 
     @classmethod
     def check_run(cls, cfg) -> None:
@@ -148,72 +286,55 @@ class MeZOPlugin(OptimizerPlugin):
         named = self.trainable(model)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.mask = decay_mask(named)
-        self.rank = self.world.rank if self.world is not None else 0
-        self.world_size = self.world.world_size if self.world is not None else 1
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()
-        self.t = 0              # perturbation counter: seeds are zo_seed(cfg.zo_seed, t, k, rank)
-        self.grads: torch.Tensor | None = None   # this step's projected gradients, one per sample
-        self.loss_mean = float("nan")            # this step's loss, averaged over ranks
+        self.optimizer = self.make_optimizer(ordered_groups(named, cfg.weight_decay))
+
+    def make_optimizer(self, groups) -> MeZO:
+        c = self.cfg
+        return MeZO(groups, lr=c.lr, eps=c.zo_eps, samples=c.zo_samples, chunk=c.zo_chunk, seed=c.zo_seed,
+                    meter=self.meter)
+
+    @property
+    def grads(self) -> torch.Tensor | None:
+        return self.optimizer.grads
+
+    @property
+    def t(self) -> int:
+        return self.optimizer.t
 
     # -- one step --------------------------------------------------------------------
-    def seeds(self, rank: int) -> list[int]:
-        return [zo_seed(self.cfg.zo_seed, self.t, k, rank) for k in range(self.cfg.zo_samples)]
-
     def compute(self, forward_model, batch: dict) -> torch.Tensor:
-        c = self.cfg
-        micro = split_batch(batch, c.zo_accum)
+        micro = split_batch(batch, self.cfg.zo_accum)
         was_training = forward_model.training
         forward_model.eval()
-        g, losses = [], []
-        for seed in self.seeds(0 if self.shared_seed else self.rank):
-            lp, lm = perturbation_cycle(forward_model, self.params, seed, c.zo_eps, c.zo_chunk, micro)
-            g.append((lp - lm) / (2 * c.zo_eps))
-            losses.append((lp + lm) / 2)
+        loss = self.optimizer.estimate(lambda: mean_loss(forward_model, micro))
         forward_model.train(was_training)
-        loss = torch.stack(losses).mean()
-        self.grads, self.loss_mean = self.exchange(torch.stack(g).float(), loss)
         return loss
 
-    def exchange(self, g: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Mean projected gradient (fp32, one per sample) and mean loss (fp16) over ranks."""
-        if self.world_size == 1:
-            return g, float(loss)
-        accounting.all_reduce(self.meter, g, kind="data")
-        packed = loss.detach().to(torch.float16).reshape(1)
-        accounting.all_reduce(self.meter, packed, kind="data")
-        return g / self.world_size, float(packed.float()) / self.world_size
-
     def local_finite(self) -> bool:
-        return self.grads is not None and bool(torch.isfinite(self.grads).all())
+        return self.optimizer.finite()
 
     def agreement(self) -> tuple[float, bool]:
         """(mean loss over ranks, every rank finite) of this step, already agreed by the
         exchange in ``compute``: a trainer can use it instead of its own control packet."""
-        return self.loss_mean, self.local_finite()
+        return self.optimizer.loss_mean, self.local_finite()
 
     def apply(self, step: int) -> dict[str, float]:
         lr = self.lr(step)
-        c = self.cfg
-        decay(self.params, self.mask, 1.0 - lr * c.weight_decay)
-        for seed, gk in zip(self.seeds(0), self.grads.tolist()):
-            add_noise(self.params, seed, -lr * gk / c.zo_samples, c.zo_chunk)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         out = {"lr": lr, "zo_grad": float(self.grads.mean())}
-        self.end_step()
+        self.optimizer.update()
         return out
 
     def discard(self) -> None:
-        self.end_step()
-
-    def end_step(self) -> None:
-        self.grads = None
-        self.t += 1
+        self.optimizer.end_step()
 
     def state_dict(self) -> dict:
-        return {"t": self.t}
+        return self.optimizer.zo_state()
 
     def load_state_dict(self, state: dict) -> None:
-        self.t = int(state["t"])
+        self.optimizer.load_zo_state(state)
 
 
 from . import zo_dist  # noqa: E402,F401  registers optim=zo_dist (a subclass, defined after MeZOPlugin)

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import need, non_negative, one_of, positive
 from ..registry import Registry
-from .schedule import lr_at
+from .schedule import SCHEDULES, lr_at
 
 OPTIMIZERS: Registry[type] = Registry("optim", "thinwire.optim")
 
@@ -47,14 +47,19 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "cosine"         # constant | cosine (linear warm-up, cosine decay)
+    schedule: str = "cosine"         # constant | cosine | wsd (linear warm-up, then cosine or stable + linear decay)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
+    decay_start: Optional[int] = None  # wsd: first step of the linear decay (null: 80% of max_steps)
 
     def check(self) -> None:
         positive(self, "lr")
         non_negative(self, "weight_decay", "warmup_steps")
-        one_of(self.schedule, ("constant", "cosine"), "schedule")
+        one_of(self.schedule, SCHEDULES, "schedule")
+        need(self.decay_start is None or self.decay_start >= self.warmup_steps, "decay_start", self.decay_start,
+             f"must be null or >= optim.warmup_steps ({self.warmup_steps})")
+        need(self.decay_start is None or self.schedule == "wsd", "decay_start", self.decay_start,
+             f"is a key of optim.schedule=wsd (not {self.schedule}); leave it null")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
 
 
@@ -117,7 +122,7 @@ class OptimizerPlugin(ABC):
     def lr(self, step: int) -> float:
         c = self.cfg
         return lr_at(step, lr=c.lr, max_steps=self.max_steps, schedule=c.schedule,
-                     warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio)
+                     warmup_steps=c.warmup_steps, min_lr_ratio=c.min_lr_ratio, decay_start=c.decay_start)
 
     @abstractmethod
     def compute(self, forward_model, batch: dict) -> torch.Tensor:
@@ -137,6 +142,11 @@ class OptimizerPlugin(ABC):
 
     def discard(self) -> None:
         pass
+
+    def consensus_state(self) -> dict:
+        """Tensors besides the sync strategy's that this plugin keeps bitwise equal on every
+        rank (``thinwire.trainer.drift``); none by default."""
+        return {}
 
     def state_dict(self) -> dict:
         return {}
@@ -220,3 +230,4 @@ def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
 # built-in forward-only plugins register themselves on import (after the base classes exist)
 from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)
 from . import demo  # noqa: E402,F401  registers optim=demo
+from . import adam1bit  # noqa: E402,F401  registers optim=adam1bit

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from ..comm import accounting
-from ..errors import one_of, positive
-from .mezo import MeZOOptions, MeZOPlugin, add_noise, decay, perturbation_cycle, split_batch, zo_seed
+from ..errors import need, one_of, positive
+from .mezo import MeZO, MeZOOptions, MeZOPlugin, add_noise, rank_and_size, spsa_cycle, zo_seed
 from .plugins import OPTIMIZERS
 
 QMAX = 127
@@ -78,77 +78,95 @@ class ZODistOptions(MeZOOptions):
         positive(self, "zo_qstep")
 
 
-@OPTIMIZERS.register("zo_dist")
-class ZODistPlugin(MeZOPlugin):
-    """``optim=zo_dist``; state = step counter + quantisation scale, identical on all ranks."""
+class ZODist(MeZO):
+    """``zo_dist`` as a ``torch.optim.Optimizer`` (the module docstring; ``mode="per_rank"``:
+    one byte per rank and sample; ``"shared"``: :class:`MeZO` on several ranks). Same
+    ``step(closure)`` contract as :class:`MeZO`; every rank must step together. State: the
+    step counter and the quantisation scale, identical on every rank."""
 
-    Config = ZODistOptions
-
-    def __init__(self, cfg, model, **kw):
-        super().__init__(cfg, model, **kw)
-        self.shared_seed = cfg.zo_mode == "shared"
-        self.delta = float(cfg.zo_qstep)
+    def __init__(self, params, lr: float = 1e-6, *, mode: str = "per_rank", qstep: float = 0.0625, **kw):
+        one_of(mode, ("shared", "per_rank"), "mode")
+        need(qstep > 0, "qstep", qstep, "must be positive")
+        super().__init__(params, lr, **kw)
+        self.mode = mode
+        self.delta = float(qstep)
         self.q: torch.Tensor | None = None      # gathered bytes of this step, [p, samples]
 
-    def compute(self, forward_model, batch: dict) -> torch.Tensor:
-        if self.shared_seed:
-            return super().compute(forward_model, batch)
-        c = self.cfg
-        micro = split_batch(batch, c.zo_accum)
-        was_training = forward_model.training
-        forward_model.eval()
+    @torch.no_grad()
+    def estimate(self, closure) -> torch.Tensor:
+        if self.mode == "shared":
+            return super().estimate(closure)
+        rank, p = rank_and_size(self.process_group)
         g, losses = [], []
-        for k in range(c.zo_samples):
-            for j in range(self.world_size):
-                seed = zo_seed(c.zo_seed, self.t, k, j)
-                out = perturbation_cycle(forward_model, self.params, seed, c.zo_eps, c.zo_chunk,
-                                         micro if j == self.rank else None)
+        for k in range(self.samples):
+            for j in range(p):
+                out = spsa_cycle(self.params, zo_seed(self.seed, self.t, k, j), self.eps, self.chunk,
+                                 closure if j == rank else None)
                 if out is not None:
-                    g.append((out[0] - out[1]) / (2 * c.zo_eps))
+                    g.append((out[0] - out[1]) / (2 * self.eps))
                     losses.append((out[0] + out[1]) / 2)
-        forward_model.train(was_training)
         loss = torch.stack(losses).mean()
         # message = [q_1 .. q_n, loss as the 2 bytes of an fp16], int8 throughout
         mine = torch.cat([quantise(torch.stack(g).float(), self.delta),
                           loss.detach().to(torch.float16).reshape(1).view(torch.int8)])
         n = mine.numel()
-        gathered = torch.empty(self.world_size * n, dtype=torch.int8, device=mine.device)
-        accounting.all_gather_into(self.meter, gathered, mine, kind="data")
-        rows = gathered.view(self.world_size, n).cpu()
-        self.q = rows[:, :c.zo_samples].contiguous()
+        gathered = torch.empty(p * n, dtype=torch.int8, device=mine.device)
+        accounting.all_gather_into(self.meter, gathered, mine, group=self.process_group, kind="data")
+        rows = gathered.view(p, n).cpu()
+        self.q = rows[:, :self.samples].contiguous()
         self.grads = dequantise(self.q, self.delta)
-        losses_all = rows[:, c.zo_samples:].contiguous().view(torch.float16).float()
-        self.loss_mean = float(losses_all.double().sum()) / self.world_size
+        losses_all = rows[:, self.samples:].contiguous().view(torch.float16).float()
+        self.loss_mean = float(losses_all.double().sum()) / p
         return loss
 
-    def local_finite(self) -> bool:
-        if self.shared_seed:
-            return super().local_finite()
+    def finite(self) -> bool:
+        if self.mode == "shared":
+            return super().finite()
         return self.q is not None and bool((self.q != NONFINITE).all())
 
-    def apply(self, step: int) -> dict[str, float]:
-        if self.shared_seed:
-            return super().apply(step)
-        lr, c, p = self.lr(step), self.cfg, self.world_size
-        decay(self.params, self.mask, 1.0 - lr * c.weight_decay)
-        for k in range(c.zo_samples):
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.mode == "shared":
+            return super().update()
+        p = self.q.shape[0]
+        self.decay()
+        for k in range(self.samples):
             for j in range(p):
                 coeff = float(self.grads[j, k])
                 if coeff != 0.0:
-                    add_noise(self.params, zo_seed(c.zo_seed, self.t, k, j), -lr * coeff / (p * c.zo_samples),
-                              c.zo_chunk)
-        out = {"lr": lr, "zo_grad": float(self.grads.mean()), "zo_qstep": self.delta}
+                    add_noise(self.params, zo_seed(self.seed, self.t, k, j), self.scales(coeff, p * self.samples),
+                              self.chunk)
         self.delta = next_delta(self.q, self.delta)
         self.end_step()
-        return out
 
     def end_step(self) -> None:
         super().end_step()
         self.q = None
 
-    def state_dict(self) -> dict:
+    def zo_state(self) -> dict:
         return {"t": self.t, "qstep": self.delta}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_zo_state(self, state: dict) -> None:
         self.t = int(state["t"])
-        self.delta = float(state.get("qstep", self.cfg.zo_qstep))
+        self.delta = float(state.get("qstep", self.delta))
+
+
+@OPTIMIZERS.register("zo_dist")
+class ZODistPlugin(MeZOPlugin):
+    """``optim=zo_dist``: the trainer's driver of :class:`ZODist`."""
+
+    Config = ZODistOptions
+
+    def make_optimizer(self, groups) -> ZODist:
+        c = self.cfg
+        return ZODist(groups, lr=c.lr, mode=c.zo_mode, qstep=c.zo_qstep, eps=c.zo_eps, samples=c.zo_samples,
+                      chunk=c.zo_chunk, seed=c.zo_seed, meter=self.meter)
+
+    @property
+    def delta(self) -> float:
+        return self.optimizer.delta
+
+    def apply(self, step: int) -> dict[str, float]:
+        qstep = self.optimizer.delta
+        out = super().apply(step)
+        return out if self.cfg.zo_mode == "shared" else {**out, "zo_qstep": qstep}

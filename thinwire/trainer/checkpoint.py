@@ -29,6 +29,7 @@ parameters hold inf or NaN is not checkpointed; the run fails naming the step in
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -91,10 +92,26 @@ def assert_finite(named_tensors, step: int) -> None:
             raise FloatingPointError(f"parameter {name} is not finite at step {step}")
 
 
+class CheckpointWriteError(OSError):
+    pass
+
+
 def _atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, then rename. A failed write (a full disk makes torch's zip
+    writer say only "unexpected pos 64 vs 0") is reported with the path and the free space."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        try:
+            free = f"{shutil.disk_usage(os.path.dirname(path)).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), e.__class__.__name__)[:200]
+        raise CheckpointWriteError(f"could not write checkpoint file {path} ({free}): {detail}") from e
 
 
 def rng_state() -> dict:

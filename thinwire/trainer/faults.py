@@ -26,12 +26,18 @@ class FaultConfig:
     nan_at: Optional[int] = None     # poison this rank's gradients in that step
     kill_at: Optional[int] = None    # SIGKILL this rank after that step
     stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
+    error_at: Optional[int] = None   # raise an error on this rank after that step (one rank fails alone)
+    drift_at: Optional[int] = None   # change this rank's consensus state by one ulp after that step
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
-        for k in ("nan_at", "kill_at", "stop_at"):
+        for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
+
+
+class InjectedFault(RuntimeError):
+    """``faults.error_at``: what any unexpected error on one rank looks like to the job."""
 
 
 def restart_count() -> int:
@@ -44,23 +50,38 @@ class FaultInjector:
         self.active = rank == cfg.rank and restart_count() == 0
 
     @contextlib.contextmanager
-    def poison_gradients(self, model: torch.nn.Module, step: int):
+    def poison_gradients(self, model: torch.nn.Module, step: int, backprop: bool = True):
         """During step ``nan_at``: this rank's gradients become NaN before they are sent
-        (a tensor hook runs before DDP's reducer sees the gradient)."""
+        (a tensor hook runs before DDP's reducer sees the gradient); without backprop
+        (zeroth order: the gradient estimate is a difference of losses) its losses do."""
         if not (self.active and self.cfg.nan_at == step):
             yield
             return
-        handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
-                   for p in model.parameters() if p.requires_grad]
+        if backprop:
+            handles = [p.register_hook(lambda g: torch.full_like(g, float("nan")))
+                       for p in model.parameters() if p.requires_grad]
+        else:
+            handles = [model.register_forward_hook(lambda module, args, out: out * float("nan"))]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def corrupt(self, state: dict, step: int) -> None:
+        """At step ``drift_at``, just before the replica-drift guard's check: move the first
+        element of this rank's first consensus tensor to the next float (one ulp), the
+        smallest silent divergence there is."""
+        if self.active and self.cfg.drift_at == step and state:
+            x = next(iter(state.values())).view(-1)[:1]
+            x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
+
     def after_step(self, step: int) -> None:
         if not self.active:
             return
+        if self.cfg.error_at == step:
+            raise InjectedFault(f"trainer.faults.error_at={step}: injected error on rank {self.cfg.rank}")
         if self.cfg.kill_at == step:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.cfg.stop_at == step:

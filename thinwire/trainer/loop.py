@@ -38,6 +38,7 @@ from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_stat
 from .faults import FaultConfig, FaultInjector, restart_count
 from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
 from .agreement import check_config_agreement
+from .drift import DriftGuard
 from .engine import build_engine
 from .interface import Engine
 from .loggers import MetricsFile, NullLogger
@@ -66,6 +67,9 @@ class TrainerConfig:
     sample_chars: int = 200          # generated at the end (char LM only); 0 = none
     max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
     keep_checkpoints: int = 3        # keep only the newest N checkpoints; 0 = keep all
+    # replica-drift guard: hash the state every rank must hold bitwise equal every N steps (at a
+    # round boundary); null = once per outer round, or every 100 steps under sync=ddp; 0 = off
+    drift_check_every: Optional[int] = None
     # load checkpoint files whose loader unpickles arbitrary objects (engine=deepspeed: DeepSpeed's
     # own files); only for checkpoints you wrote yourself. thinwire's own files always load safely
     trust_checkpoints: bool = False
@@ -79,6 +83,8 @@ class TrainerConfig:
         need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
         non_negative(self, "max_skipped_steps", "sample_chars")
         need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
+        need(self.drift_check_every is None or self.drift_check_every >= 0, "drift_check_every",
+             self.drift_check_every, "must be >= 0 (0 = off) or null (auto)")
         need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
              self.resume, "expected none, auto or a checkpoint directory")
         need(not self.overwrite or self.resume == "none", "overwrite", self.overwrite,
@@ -156,8 +162,10 @@ class Trainer:
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
+        self.sync.bind_optimizer(self.plugin)
         self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
+        self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
         # an elastic restart always continues from the newest checkpoint
         self.start_step = self.resume("auto" if restart_count() > 0 else t.resume)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
@@ -229,7 +237,7 @@ class Trainer:
             status, error = 0, None  # 0 loaded, 1 unusable, 2 written with another config
             try:
                 loaded = self.ckpt.load(path)
-                check_resume_config(loaded[0]["config"], self.cfg, path, resume)
+                check_resume_config(loaded[0]["config"], self.cfg, path, resume, int(loaded[0]["step"]))
             except ResumeConfigError as e:
                 status, error = 2, str(e)
             except Exception as e:  # noqa: BLE001 - truncated, corrupt, crafted, wrong version: "skip it"
@@ -306,7 +314,7 @@ class Trainer:
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
         self.engine.set_lr(self.plugin.lr(step))
-        with self.faults.poison_gradients(self.model, step + 1):
+        with self.faults.poison_gradients(self.model, step + 1, self.plugin.needs_backprop):
             loss = self.plugin.compute(self.engine.forward_model, batch)
         self.watch.add(self.engine.comm_tail_s(time.perf_counter(), t0))
         loss_mean, ok = self.agree(loss, self.plugin.local_finite())
@@ -326,20 +334,23 @@ class Trainer:
             if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
                 print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
-        if ok or self.sync.ranks_diverge:
-            # under local updates / CO2 a rank skips a step on its own, and the round's outer
-            # collective still needs it: it joins with its parameters as they were before the
-            # skipped step (a finite state; the round's finiteness check covers the rest)
-            sync_metrics = self.sync.after_step(step)
-            self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
-            record.update(sync_metrics)
+        # under local updates / CO2 a rank skips a step on its own, and the round's outer
+        # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
+        sync_metrics = self.sync.global_step(step, skipped=not ok)
+        self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
+        record.update(sync_metrics)
+        if self.drift.due(step + 1):
+            self.faults.corrupt(self.drift.state(), step + 1)
+            skipped = self.drift.check(step + 1, self.skipped_total)
+            if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
+                record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
-        sent = self.meter.take_step()
+        sent = self.meter.take()  # thinwire.meter.ByteCounts, as a library user reads it
         record.update({
             "step_time_s": dt,
             "comm_wait_s": self.watch.take(),
-            "wire_bytes": sum(v for k, v in sent.items() if k != "setup"),
-            "control_bytes": sent.get("control", 0),
+            "wire_bytes": sent.wire,
+            "control_bytes": sent.control,
             "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
@@ -392,9 +403,9 @@ class Trainer:
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
             record.update(evaluate_metrics(model, self.data, self.world, self.meter))
-        sent = self.meter.take_step()
-        record["eval_bytes"] = sent.pop("eval", 0)
-        record["wire_bytes"] += sum(v for k, v in sent.items() if k != "setup")
+        sent = self.meter.take()
+        record["eval_bytes"] = sent.eval
+        record["wire_bytes"] += sent.wire
 
     def stop_early(self, record: dict) -> bool:
         """Called after each step's metrics line; True ends the run after this step, with a

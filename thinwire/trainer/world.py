@@ -107,6 +107,21 @@ def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0
     return World(rank, world_size, local_rank, device, backend, async_group)
 
 
+def current_world(device: torch.device | None = None) -> World:
+    """The :class:`World` of a process whose default group someone else initialised (a
+    user's loop under torchrun, Lightning, Accelerate): rank and size from the default
+    group, ``device`` (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU), and a fresh
+    ``async_group``. Every rank must call it, in the same order (it creates a group)."""
+    if not dist.is_initialized():
+        return World(0, 1, 0, device or torch.device("cpu"), "none", None)
+    rank, world_size, backend = dist.get_rank(), dist.get_world_size(), dist.get_backend()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    async_group = groups.new_group(backend=backend) if world_size > 1 else None
+    return World(rank, world_size, local_rank, device, backend, async_group)
+
+
 def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
     """The env:// store, with keys scoped to this restart attempt.
 
@@ -126,6 +141,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def host_rendezvous_store(addr: str):
+    """The launcher's rendezvous TCPStore, listening on ``addr`` only; returns (store, port).
+
+    torch's c10d rendezvous backend creates its store server with ``TCPStore(host, port,
+    is_master=True, multi_tenant=True)``, which listens on every interface whatever host it
+    is given. A multi-tenant store server is shared by every TCPStore of the process on the
+    same port, so creating it first, on a socket bound to ``addr`` (``master_listen_fd``),
+    makes the rendezvous use that one. The port is held from the bind on (no free-port race)."""
+    import socket
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind(sockaddr[:2])
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # detach: the store server owns the descriptor from now on (Python must not close it)
+    store = dist.TCPStore(addr, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                          wait_for_workers=False)
+    return store, port
 
 
 def shutdown() -> None:
