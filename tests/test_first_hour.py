@@ -84,6 +84,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     from thinwire.trainer.loggers import WandbLogger
     from thinwire.trainer.rundir import move_aside
 
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the suite's "disabled" would win over mode=offline
     seen = []
 
     class FakeRun:

@@ -34,6 +34,10 @@ def resolve_model_path(path: str) -> str:
 class HFClassifier(nn.Module):
     """Encoder + mean pooling over the attention mask + a linear head."""
 
+    # randomly initialised on top of the pretrained encoder: PEFT methods train it fully (as
+    # PEFT's own SEQ_CLS task type adds the classifier to modules_to_save), else it stays random
+    new_modules = ("head",)
+
     def __init__(self, path: str, num_labels: int, dropout: float):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

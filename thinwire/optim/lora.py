@@ -110,12 +110,15 @@ def lora_config(cfg, model: nn.Module, *, ga: bool):
 
 
 def inject(cfg, model: nn.Module, config) -> nn.Module:
-    """Adapters in place; only they (and ``peft.modules_to_train``) stay trainable."""
+    """Adapters in place; only they, ``peft.modules_to_train`` and the model's ``new_modules``
+    (a classifier's freshly initialised head, which would otherwise stay frozen at random
+    weights) stay trainable."""
     from peft import inject_adapter_in_model
 
+    train = set(cfg.modules_to_train) | set(getattr(model, "new_modules", ()))
     model = inject_adapter_in_model(config, model)
     for name, module in model.named_modules():
-        if name and name.split(".")[-1] in set(cfg.modules_to_train):
+        if name and name.split(".")[-1] in train:
             for p in module.parameters():
                 p.requires_grad_(True)
     return model

@@ -124,7 +124,8 @@ class WandbLogger:
         self.mode, self.wandb = mode, wandb
         self.run = wandb.init(project=project, mode=mode, entity=entity, group=group or derived["group"],
                               name=name or derived["name"], tags=tags, dir=run_dir, config=run_config,
-                              reinit="finish_previous", id=run_id(run_dir), resume="allow")
+                              reinit="finish_previous", resume="allow",
+                              id=None if effective_mode(mode) == "disabled" else run_id(run_dir))
 
     def log(self, record: dict, step: int) -> None:
         self.run.log(record, step=step)
