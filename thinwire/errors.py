@@ -15,6 +15,11 @@ class ConfigError(ValueError):
     """A user error in the config: reported as one line, exit status 2."""
 
 
+class ResumeConfigError(ConfigError):
+    """Saved state (a checkpoint, a comm hook's state) was written under another config, in
+    keys that cannot change on resume."""
+
+
 def one_line(msg) -> str:
     """Collapse a multi-line library message (Hydra, OmegaConf) into one line."""
     msg = re.sub(r"\s*\n\s*", " ", str(msg)).strip()

@@ -43,8 +43,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config.resume import ResumeConfigError, config_changes, describe_changes
-from ..errors import need, non_negative, one_of
+from ..configdiff import changes, describe_changes
+from ..errors import ResumeConfigError, need, non_negative, one_of
 from ..options import defaults, option_keys, options_of
 from ..registry import Registry
 from . import accounting, collectives
@@ -213,14 +213,14 @@ class HookState:
 
 
 def check_fingerprint(what: str, saved: Optional[dict], current: dict) -> None:
-    """Raise ``ResumeConfigError`` (one line) when ``saved`` and ``current`` differ in any key
-    (``config_changes`` of the trainer's resume check; nothing is safe to change here)."""
+    """Raise ``ResumeConfigError`` (one line) when ``saved`` and ``current`` differ in any
+    key (the comparison of the trainer's resume check; nothing is safe to change here)."""
     if not saved or not current:
         return
-    changes = config_changes(saved, current)
-    if changes:
-        raise ResumeConfigError(f"{what}: written under another config: {describe_changes(changes)}; "
-                                f"build it with the saved values to load this state")
+    diff = changes(saved, current)
+    if diff:
+        raise ResumeConfigError(f"{what}: written under another config: {describe_changes(diff)}; "
+                                  f"build it with the saved values to load this state")
 
 
 def fingerprint(name: str, cfg: dict) -> dict:
