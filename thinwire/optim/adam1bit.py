@@ -68,7 +68,7 @@ import torch
 from ..comm import accounting
 from ..comm.aggregator import CompressedAggregator
 from ..errors import ConfigError, need, one_of
-from .plugins import OPTIMIZERS, AdamWOptions, OptimizerPlugin, grads_finite
+from .plugins import OPTIMIZERS, AdamWOptions, OwnUpdatePlugin
 
 WARMUP_COMM = {"bf16": "bf16", "fp32": "none"}    # optim.warmup_comm -> the compressor of the all-reduce
 
@@ -89,7 +89,7 @@ class OneBitAdamOptions(AdamWOptions):
 
 
 @OPTIMIZERS.register("adam1bit")
-class OneBitAdamPlugin(OptimizerPlugin):
+class OneBitAdamPlugin(OwnUpdatePlugin):
     """``optim=adam1bit``: see the module docstring."""
 
     Config = OneBitAdamOptions
@@ -121,23 +121,6 @@ class OneBitAdamPlugin(OptimizerPlugin):
         self.t = 0                   # accepted steps (the bias corrections' t)
 
     # -- one step --------------------------------------------------------------------
-    def _zero_grads(self) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
-
-    def compute(self, forward_model, batch: dict) -> torch.Tensor:
-        self._zero_grads()
-        loss = forward_model(**batch)
-        loss.backward()
-        return loss.detach()
-
-    def local_finite(self) -> bool:
-        return grads_finite(self.params)
-
-    def discard(self) -> None:
-        self._zero_grads()
-
     @property
     def frozen(self) -> bool:
         """Whether the next step is in the compression stage (variance frozen)."""

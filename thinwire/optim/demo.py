@@ -58,7 +58,7 @@ from ..comm.compressors.base import Payload, pack_bits, unpack_bits
 from ..comm.compressors.chunked import ChunkTopKCompressor
 from ..comm.compressors.dct import DCTTiles
 from ..errors import need, one_of, positive
-from .plugins import OPTIMIZERS, BackpropOptions, OptimizerPlugin, grads_finite
+from .plugins import OPTIMIZERS, BackpropOptions, OwnUpdatePlugin
 
 
 @dataclass
@@ -108,7 +108,7 @@ class _DenseCoefficients:
 
 
 @OPTIMIZERS.register("demo")
-class DeMoPlugin(OptimizerPlugin):
+class DeMoPlugin(OwnUpdatePlugin):
     """``optim=demo``: see the module docstring."""
 
     Config = DeMoOptions
@@ -152,23 +152,6 @@ class DeMoPlugin(OptimizerPlugin):
         return out
 
     # -- one step --------------------------------------------------------------------
-    def _zero_grads(self) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
-
-    def compute(self, forward_model, batch: dict) -> torch.Tensor:
-        self._zero_grads()
-        loss = forward_model(**batch)
-        loss.backward()
-        return loss.detach()
-
-    def local_finite(self) -> bool:
-        return grads_finite(self.params)
-
-    def discard(self) -> None:
-        self._zero_grads()
-
     @torch.no_grad()
     def compress_momentum(self, lr: float) -> list[Payload]:
         """M <- beta M + lr DCT(g); select the top-k coefficients of every chunk; set them to 0

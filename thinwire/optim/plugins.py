@@ -155,6 +155,30 @@ class OptimizerPlugin(ABC):
         pass
 
 
+class OwnUpdatePlugin(OptimizerPlugin):
+    """A backprop plugin that updates ``self.params`` itself from their gradients, with no
+    torch optimizer behind it (DeMo, adam1bit): the forward/backward, the finiteness check
+    and the discard of a rejected step."""
+    params: list[torch.Tensor]
+
+    def _zero_grads(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        self._zero_grads()
+        loss = forward_model(**batch)
+        loss.backward()
+        return loss.detach()
+
+    def local_finite(self) -> bool:
+        return grads_finite(self.params)
+
+    def discard(self) -> None:
+        self._zero_grads()
+
+
 class BackpropPlugin(OptimizerPlugin):
     """A torch optimizer on backprop gradients; weight decay only on matrices (>= 2-D),
     never on biases, norm weights or embeddings' 1-D companions (nanoGPT's grouping)."""
