@@ -77,6 +77,10 @@ def _serve(rank: int, world_size: int, port: int, jobs, results) -> None:
         except BaseException:  # noqa: BLE001 - reported to the test, which fails
             results.put((rank, None, traceback.format_exc()))
             break
+    # the queue's feeder thread must deliver the last result before os._exit (else the test
+    # waits out JOB_TIMEOUT_S for a traceback that was never sent)
+    results.close()
+    results.join_thread()
     # leave without gloo's teardown: see conftest.leave
     os._exit(0)
 

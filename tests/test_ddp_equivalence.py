@@ -56,7 +56,7 @@ def thinwire_engine_run(rank, world_size, hook_factory=None):
     kw = {"comm_hook": hook_factory} if hook_factory else {}
     engine = DDPEngine(engine_cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=True, **kw)
     optim_cfg = OmegaConf.create({"lr": LR, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
-                                  "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0,
+                                  "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "decay_start": None,
                                   "grad_clip": 0.0})
     plugin = SGDPlugin(optim_cfg, model, max_steps=STEPS)
     meter.take_step()

@@ -60,7 +60,7 @@ def train(rank, world_size, engine_name, stage, zero_extra=None):
                             "deepspeed": {"zero_optimization": {"stage": stage, **(zero_extra or {})},
                                           "comms_logger": {"enabled": True, "prof_all": True}}})
     optim = OmegaConf.create({"lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8,
-                              "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "grad_clip": 0.5})
+                              "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "decay_start": None, "grad_clip": 0.5})
     engine = build_engine(cfg, model, world, meter, OmegaConf.create({"name": "none"}), grad_sync=True)
     plugin = engine.attach(AdamWPlugin(optim, model, max_steps=STEPS), B)
     meter.take_step()
@@ -174,7 +174,7 @@ def outer_on_zero(rank, world_size, runs):
 
 
 OUTER_SGD = {"lr": 0.2, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0, "schedule": "constant",
-             "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0}
+             "warmup_steps": 0, "min_lr_ratio": 1.0, "decay_start": None, "grad_clip": 0.0}
 OUTER = {"local_steps": 3, "clip": 0.05, "clip_mode": "norm",
          "outer_optim": {"_target_": "torch.optim.SGD", "lr": 0.8, "momentum": 0.6, "nesterov": True}}
 

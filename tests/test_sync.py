@@ -32,7 +32,7 @@ def batch(step: int, rank: int, world_size: int):
 
 def sgd_cfg(lr, momentum=0.0):
     return OmegaConf.create({"lr": lr, "momentum": momentum, "nesterov": False, "weight_decay": 0.0,
-                             "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0})
+                             "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 1.0, "decay_start": None, "grad_clip": 0.0})
 
 
 def sync_cfg(name, outer_lr=1.0, outer_momentum=0.0, nesterov=False, **kw):
