@@ -51,8 +51,13 @@ def _do(job, world):
         from thinwire.trainer.loop import train
 
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            record = train(from_yaml(job[1]), world)
+        here = os.getcwd()
+        os.chdir(job[2])  # the test's working directory, as a CLI launched from there would have
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                record = train(from_yaml(job[1]), world)
+        finally:
+            os.chdir(here)
         return Run(record, out.getvalue(), err.getvalue())
     import torch
 
@@ -167,7 +172,7 @@ class Pools:
         cfg = compose(list(overrides))
         validate(cfg)
         os.makedirs(cfg.run_dir, exist_ok=True)
-        job = ("train", to_yaml(cfg))
+        job = ("train", to_yaml(cfg), os.getcwd())
         return self.get(cfg.dist.nproc).submit([job] * cfg.dist.nproc, timeout)
 
     def close(self) -> None:
