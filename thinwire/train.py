@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 import traceback
 
 USAGE = """usage: thinwire-train [--multirun] [--cfg job] [hydra overrides ...]   e.g. comm=topk comm.ratio=0.01 dist.nproc=2
@@ -85,10 +86,15 @@ def fail_config(rank: int, e: Exception) -> None:
 
 
 PEER_FAILED = 3  # exit status of a rank whose collective failed because a peer did (not its own error)
+# torch's launcher reports the first exit it sees; a rank that lost its peer waits this long
+# before exiting, so the launcher names the rank that failed on its own
+PEER_GRACE_S = 2.0
 
 
 def fail_worker(rank: int, msg: str, code: int = 1) -> None:
     print(f"thinwire: rank {rank}: error: {msg}", file=sys.stderr, flush=True)
+    if code == PEER_FAILED:  # let the launcher see the rank that failed first exit first
+        time.sleep(PEER_GRACE_S)
     os._exit(code)  # do not wait on process-group teardown with a dead or hung peer
 
 
@@ -119,6 +125,7 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
         own = [(r, f) for r, f in sorted(e.failures.items()) if f.exitcode != PEER_FAILED]
         rank, first = (own or sorted(e.failures.items()))[0]
         why = (f"killed by signal {-first.exitcode}" if first.exitcode < 0 else
+               f"lost its connection to a peer; the rank that failed first said why above" if not own else
                f"exit code {first.exitcode}; its error is the line 'thinwire: rank {rank}: error: ...' above")
         print(f"thinwire-train: a worker failed (rank {rank}, {why})", file=sys.stderr, flush=True)
         return 1
