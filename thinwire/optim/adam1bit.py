@@ -105,10 +105,6 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
-        named = self.trainable(model)
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.decay = [p.dim() >= 2 for p in self.params]
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()
         group2 = getattr(self.world, "async_group", None)
         self.dense = CompressedAggregator(WARMUP_COMM[cfg.warmup_comm], {"feedback": "none"}, self.meter,

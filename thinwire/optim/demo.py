@@ -117,10 +117,6 @@ class DeMoPlugin(OwnUpdatePlugin):
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
-        named = self.trainable(model)
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.decay = [p.dim() >= 2 for p in self.params]
         self.rank = self.world.rank if self.world is not None else 0
         self.world_size = self.world.world_size if self.world is not None else 1
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()

@@ -159,7 +159,12 @@ class OwnUpdatePlugin(OptimizerPlugin):
     """A backprop plugin that updates ``self.params`` itself from their gradients, with no
     torch optimizer behind it (DeMo, adam1bit): the forward/backward, the finiteness check
     and the discard of a rejected step."""
-    params: list[torch.Tensor]
+    def __init__(self, cfg, model, **kw):
+        super().__init__(cfg, model, **kw)
+        named = self.trainable(model)
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.decay = [p.dim() >= 2 for p in self.params]  # decoupled weight decay on matrices only
 
     def _zero_grads(self) -> None:
         for p in self.params:
