@@ -86,11 +86,21 @@ ROWS = {
     "adam1bit sign freeze=48": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20"],
     "adam1bit sign freeze=45": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
                                 "optim.freeze_step=45"],   # 3.75% of 1200: <= 1/10 of bf16 over the run
+    # 0/1 Adam's variance refreshes (optim.var_update_scaler = kappa): 24 dense steps, then dense
+    # refreshes at intervals 2, 4, 8, ... (kappa each): 46 dense steps in 1200, <= 1/10 of bf16
+    "adam1bit sign freeze=24 refresh kappa=3": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
+                                                "optim.freeze_step=24", "optim.var_update_scaler=3"],
+    # 0/1 Adam's own T_v (freeze_step = kappa = 6: 6 dense steps, then 6 refreshes per interval): 45 dense steps
+    "adam1bit sign 0/1-Adam T_v kappa=6": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
+                                           "optim.freeze_step=6", "optim.var_update_scaler=6"],
+    # DeMo with Psyche's look-ahead overlap (optim.overlap=true): the gather hides behind the next step
+    "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
+           "demo k=32 bf16 overlap": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
 SGD_LRS = [0.03, 0.1, 0.3]   # swept on "sgd m=0.9 dense", seed 0 (1.0: val 2.698 at step 300, stopped)
 ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1],
@@ -99,10 +109,12 @@ DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 b
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
+        "demo_overlap": ["demo k=32 bf16", "demo k=32 bf16 overlap"],
         "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 diloco-recipe",
                     "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
                     "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]],
-        "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "sgd m=0.9 dense",
+        "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "adam1bit sign freeze=24 refresh kappa=3",
+                     "adam1bit sign 0/1-Adam T_v kappa=6", "sgd m=0.9 dense",
                      "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 

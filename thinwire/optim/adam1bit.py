@@ -79,13 +79,42 @@ class OneBitAdamOptions(AdamWOptions):
     warmup_comm: str = "bf16"        # bf16 | fp32: the gradient all-reduce of the warm-up
     compressor: str = "sign1"        # sign1 | int8: the momentum's compression after the freeze
     block_size: int = 2048           # values per scale of the compressor
+    var_update_scaler: int = 0       # 0: v frozen for good (1-bit Adam) | kappa: 0/1 Adam's dense variance
+                                     # refreshes after the warm-up, interval 2 doubled every kappa refreshes
 
     def check(self) -> None:
         super().check()
         need(self.freeze_step >= 1, "freeze_step", self.freeze_step,
              "must be >= 1 (the frozen variance comes from the dense warm-up steps)")
+        need(self.var_update_scaler >= 0, "var_update_scaler", self.var_update_scaler,
+             "must be >= 0 (0: no variance refreshes)")
         one_of(self.warmup_comm, tuple(WARMUP_COMM), "warmup_comm")
         one_of(self.compressor, ("sign1", "int8"), "compressor")
+
+
+def dense_step(t: int, freeze_step: int, kappa: int) -> bool:
+    """Whether accepted step ``t`` (0-based) all-reduces the gradient and updates the variance:
+    the first ``freeze_step`` steps, then (``kappa`` > 0) the refreshes of 0/1 Adam's T_v (Lu et
+    al. 2022, Sec. 4.1; DeepSpeed ``ZeroOneAdam``'s ``var_interval``, doubled after every
+    ``var_update_scaler`` = kappa updates): with s = t - freeze_step + 1 steps since the warm-up,
+    refreshes at s = 2, 4, ..., 2 kappa, then every 4 for kappa more, every 8, ..."""
+    if t < freeze_step:
+        return True
+    if kappa <= 0:
+        return False
+    s, pos, interval = t - freeze_step + 1, 0, 2
+    while pos < s:
+        for _ in range(kappa):
+            pos += interval
+            if pos >= s:
+                break
+        interval *= 2
+    return pos == s
+
+
+def dense_count(t: int, freeze_step: int, kappa: int) -> int:
+    """How many of the accepted steps 0..t-1 were dense (the variance's update count)."""
+    return sum(dense_step(i, freeze_step, kappa) for i in range(t))
 
 
 @OPTIMIZERS.register("adam1bit")
@@ -115,12 +144,13 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.t = 0                   # accepted steps (the bias corrections' t)
+        self.n_var = 0               # variance updates so far (its bias correction's t)
 
     # -- one step --------------------------------------------------------------------
     @property
     def frozen(self) -> bool:
         """Whether the next step is in the compression stage (variance frozen)."""
-        return self.t >= self.cfg.freeze_step
+        return not dense_step(self.t, self.cfg.freeze_step, self.cfg.var_update_scaler)
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad.detach().float().reshape(-1) if p.grad is not None
@@ -141,7 +171,8 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         lr = self.lr(step)
         out = {"lr": lr, "variance_frozen": float(self.frozen)}
         grads = self._grads()
-        if not self.frozen:       # warm-up: AdamW on the mean gradient
+        if not self.frozen:       # warm-up or variance refresh: AdamW on the mean gradient
+            self.n_var += 1
             grads = self.dense.launch(self.names, grads, self.t).wait()
             self.dense.commit()
             stats = self.dense.take_stats()
@@ -162,7 +193,7 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
                 m.copy_(mean.view(m.shape))
         self.t += 1
         bc1 = 1 - b1 ** self.t
-        bc2_sqrt = math.sqrt(1 - b2 ** min(self.t, c.freeze_step))
+        bc2_sqrt = math.sqrt(1 - b2 ** self.n_var)
         for p, m, v, decay in zip(self.params, self.exp_avg, self.exp_avg_sq, self.decay):
             if decay and c.weight_decay:
                 p.mul_(1 - lr * c.weight_decay)
@@ -180,13 +211,14 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         return state
 
     def state_dict(self) -> dict:
-        return {"t": self.t,
+        return {"t": self.t, "n_var": self.n_var,
                 "exp_avg": {n: m.clone() for n, m in zip(self.names, self.exp_avg)},
                 "exp_avg_sq": {n: v.clone() for n, v in zip(self.names, self.exp_avg_sq)},
                 "errors": self.compressed.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
+        self.n_var = int(state.get("n_var", dense_count(self.t, self.cfg.freeze_step, self.cfg.var_update_scaler)))
         for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
             m.copy_(state["exp_avg"][n])
             v.copy_(state["exp_avg_sq"][n])

@@ -48,6 +48,7 @@ enters the momentum (there is no averaged gradient to clip).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,7 @@ from ..comm.compressors.base import Payload, pack_bits, unpack_bits
 from ..comm.compressors.chunked import ChunkTopKCompressor
 from ..comm.compressors.dct import DCTTiles
 from ..errors import need, one_of, positive
+from .demo_overlap import Gather, Lookahead
 from .plugins import OPTIMIZERS, BackpropOptions, OwnUpdatePlugin
 
 
@@ -71,6 +73,7 @@ class DeMoOptions(BackpropOptions):
     update_rule: str = "sign"        # sign (Signum, DeMo) | adamw (U fed to AdamW: DeMo v2)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])   # update_rule=adamw only
     eps: float = 1e-8                # update_rule=adamw only
+    overlap: bool = False            # Psyche's look-ahead: the gather runs during the next step's forward/backward
 
     def check(self) -> None:
         super().check()
@@ -81,6 +84,8 @@ class DeMoOptions(BackpropOptions):
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
              "must be two numbers in [0, 1)")
         positive(self, "eps")
+        need(not (self.overlap and self.update_rule != "sign"), "overlap", self.overlap,
+             f"needs update_rule=sign (the look-ahead is a Signum step; not {self.update_rule})")
 
 
 class _DenseCoefficients:
@@ -130,6 +135,8 @@ class DeMoPlugin(OwnUpdatePlugin):
         # the momentum in the DCT domain, (chunks, chunk) per tensor (see the module docstring)
         self.momentum = [torch.zeros(t.chunks, t.chunk, dtype=torch.float32, device=p.device)
                          for t, p in zip(self.tiles, self.params)]
+        self.timers = {"gather_wait_s": 0.0, "gather_s": 0.0}   # blocked on / duration of the gather
+        self.look = Lookahead(self.params) if cfg.overlap else None
         self.optimizer = None
         if cfg.update_rule == "adamw":
             groups = [{"params": [p for p, d in zip(self.params, self.decay) if d], "weight_decay": cfg.weight_decay},
@@ -151,13 +158,16 @@ class DeMoPlugin(OwnUpdatePlugin):
     @torch.no_grad()
     def compress_momentum(self, lr: float) -> list[Payload]:
         """M <- beta M + lr DCT(g); select the top-k coefficients of every chunk; set them to 0
-        in M (m <- m - IDCT(selected at full precision)). This rank's payloads, one per tensor."""
+        in M (m <- m - IDCT(selected at full precision)). This rank's payloads, one per tensor.
+        With ``overlap``, the look-ahead direction sign(IDCT(M)) is taken before the removal."""
         c = self.cfg
         payloads = []
-        for p, m, tiles, coder in zip(self.params, self.momentum, self.tiles, self.coders):
+        for i, (p, m, tiles, coder) in enumerate(zip(self.params, self.momentum, self.tiles, self.coders)):
             m.mul_(c.beta)
             if p.grad is not None:
                 m.add_(tiles.encode(p.grad), alpha=lr)
+            if self.look is not None:
+                self.look.direction[i].copy_(torch.sign(tiles.decode(m)))
             if isinstance(coder, _DenseCoefficients):
                 pl = coder.compress(m)
                 m.zero_()                                  # every coefficient was sent
@@ -177,17 +187,38 @@ class DeMoPlugin(OwnUpdatePlugin):
     def exchange(self, payloads: list[Payload]) -> list[torch.Tensor]:
         """All-gather every rank's payloads (one accounted collective) and decode the mean
         over contributors, in rank order: U per tensor, bitwise equal on every rank."""
+        return self.finish(self.launch(payloads))
+
+    def launch(self, payloads: list[Payload]) -> "Gather":
+        """Start the accounted all-gather of this rank's packed payloads (asynchronous, on the
+        world's second process group, with ``overlap``; else done on return)."""
         bufs = [pack(pl) for pl in payloads]
-        sizes = [b.numel() for b in bufs]
         mine = torch.cat(bufs) if bufs else torch.empty(0, dtype=torch.uint8)
-        total = mine.numel()
+        gathered = torch.empty(self.world_size * mine.numel(), dtype=torch.uint8, device=mine.device)
+        g = Gather(payloads, [b.numel() for b in bufs], gathered, time.perf_counter())
+        if self.look is None:
+            accounting.all_gather_into(self.meter, gathered, mine, kind="data")
+            g.done_at = time.perf_counter()
+        else:
+            g.work = accounting.all_gather_into(self.meter, gathered, mine, kind="data", async_op=True,
+                                                group=getattr(self.world, "async_group", None))
+            g.work.get_future().then(g.mark_done)     # runs on the comm thread when the bytes are in
+        return g
+
+    @torch.no_grad()
+    def finish(self, g: "Gather") -> list[torch.Tensor]:
+        """Wait for ``g`` (the time blocked goes to ``gather_wait_s``) and decode U per tensor."""
+        t0 = time.perf_counter()
+        if g.work is not None:
+            g.work.wait()
+        self.timers["gather_wait_s"] += time.perf_counter() - t0
+        self.timers["gather_s"] += (g.done_at or time.perf_counter()) - g.started
         device = self.params[0].device if self.params else torch.device("cpu")
-        gathered = torch.empty(self.world_size * total, dtype=torch.uint8, device=mine.device)
-        accounting.all_gather_into(self.meter, gathered, mine, kind="data")
-        rows = gathered.view(self.world_size, total)
+        total = sum(g.sizes)
+        rows = g.gathered.view(self.world_size, total)
         out = []
         off = 0
-        for pl, size, tiles, coder in zip(payloads, sizes, self.tiles, self.coders):
+        for pl, size, tiles, coder in zip(g.payloads, g.sizes, self.tiles, self.coders):
             received = [unpack(rows[r, off:off + size], pl) for r in range(self.world_size)]
             if isinstance(coder, _DenseCoefficients):
                 q = coder.mean(received, tiles.numel, device)
@@ -197,6 +228,22 @@ class DeMoPlugin(OwnUpdatePlugin):
             off += size
         return out
 
+    def compute(self, forward_model, batch: dict) -> torch.Tensor:
+        """Forward/backward; with ``overlap``, at the look-ahead parameters (see Lookahead)."""
+        if self.look is None:
+            return super().compute(forward_model, batch)
+        with self.look.applied():
+            return super().compute(forward_model, batch)
+
+    @torch.no_grad()
+    def signum_step(self, updates: list[torch.Tensor], lr: float) -> None:
+        """p <- p (1 - lr wd) (matrices); p <- p - lr sign(U)."""
+        wd = self.cfg.weight_decay
+        for p, u, decay in zip(self.params, updates, self.decay):
+            if decay and wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(torch.sign(u).to(p.dtype), alpha=-lr)
+
     @torch.no_grad()
     def apply(self, step: int) -> dict[str, float]:
         c = self.cfg
@@ -205,14 +252,19 @@ class DeMoPlugin(OwnUpdatePlugin):
         if c.grad_clip > 0:
             grads = [p for p in self.params if p.grad is not None]
             out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(grads, c.grad_clip))
-        payloads = self.compress_momentum(lr)
-        updates = self.exchange(payloads)
-        if self.optimizer is None:
-            for p, u, decay in zip(self.params, updates, self.decay):
-                if decay and c.weight_decay:
-                    p.mul_(1.0 - lr * c.weight_decay)
-                p.add_(torch.sign(u).to(p.dtype), alpha=-lr)
+        if self.look is not None:     # overlap: the previous step's update arrives now (module docstring)
+            if self.look.pending is not None:
+                self.signum_step(self.look.take(self.finish), self.look.pending_lr)
+            payloads = self.compress_momentum(lr)
+            self.look.launch(self.launch(payloads), lr)
+            if step == self.max_steps - 1:   # the run's last step: nothing left to overlap with
+                self.signum_step(self.look.take(self.finish), lr)
+        elif self.optimizer is None:
+            payloads = self.compress_momentum(lr)
+            self.signum_step(self.exchange(payloads), lr)
         else:
+            payloads = self.compress_momentum(lr)
+            updates = self.exchange(payloads)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             for p, u in zip(self.params, updates):
@@ -225,6 +277,8 @@ class DeMoPlugin(OwnUpdatePlugin):
         raw = 4 * sum(t.numel for t in self.tiles)
         out["compression_ratio"] = raw / payload if payload else 1.0
         out["payload_bytes"] = float(payload)
+        out.update(self.timers)
+        self.timers = dict.fromkeys(self.timers, 0.0)
         return out
 
     # -- state ---------------------------------------------------------------------------
@@ -232,6 +286,8 @@ class DeMoPlugin(OwnUpdatePlugin):
         state = {"momentum": {n: m.clone() for n, m in zip(self.names, self.momentum)}}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
+        if self.look is not None:
+            state["lookahead"] = self.look.state_dict(self.names, self.finish)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,3 +295,5 @@ class DeMoPlugin(OwnUpdatePlugin):
             m.copy_(state["momentum"][n])
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.look is not None:
+            self.look.load_state_dict(state["lookahead"], self.names)
