@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_ranks
 from thinwire.comm.accounting import WireMeter
-from thinwire.optim.adam1bit import OneBitAdamOptions, OneBitAdamPlugin
+from thinwire.optim.adam1bit import OneBitAdamOptions, OneBitAdamPlugin, dense_count, dense_step
 from thinwire.optim.plugins import OptimConfig
 
 SHAPES = [(84, 128), (128,), (7,), (3, 4, 10)]
@@ -67,11 +67,12 @@ def sign1(x: torch.Tensor, bs: int) -> torch.Tensor:
     return out
 
 
-def reference(world_size, lr=0.01, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, bs=32):
+def reference(world_size, lr=0.01, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, bs=32, refresh=()):
     """Warm-up: torch.optim.AdamW on the mean gradient. Then, per tensor: every worker's local
     momentum b1 m + (1 - b1) g_i plus its worker error is padded to p chunks of c (ceil(n/p)
     rounded up to 8), each chunk sign-compressed; owner j averages the p copies of chunk j,
-    adds its server error and sign-compresses again; everyone gets the concatenation."""
+    adds its server error and sign-compresses again; everyone gets the concatenation. Steps in
+    ``refresh`` (after the warm-up) are Adam steps on the mean gradient again, v included."""
     torch.manual_seed(0)
     params = [p.detach().clone().requires_grad_(True) for p in Toy().parameters()]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
@@ -88,9 +89,17 @@ def reference(world_size, lr=0.01, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, bs=32):
     x = [p.detach().clone() for p in params]
     werr = [[torch.zeros(p.numel()) for p in params] for _ in range(world_size)]
     serr = [[None] * len(params) for _ in range(world_size)]
+    n_var = FREEZE
     for step in range(FREEZE, STEPS):
         t = step + 1
+        n_var += step in refresh
         for i, s in enumerate(SHAPES):
+            if step in refresh:
+                g = sum(grad_of(r, step, s) for r in range(world_size)) / world_size
+                m[i] = m[i] * b1 + g * (1 - b1)
+                v[i] = v[i] * b2 + g * g * (1 - b2)
+                _adam_step(x, m, v, i, lr, wd, b1, b2, eps, t, n_var)
+                continue
             n = x[i].numel()
             c = max(8, -(-(-(-n // world_size)) // 8) * 8)
             sent = []
@@ -110,12 +119,16 @@ def reference(world_size, lr=0.01, wd=0.1, b1=0.9, b2=0.95, eps=1e-8, bs=32):
                 serr[j][i] = avg - out
                 chunks.append(out)
             m[i] = torch.cat(chunks)[:n].view(s)
-            if x[i].dim() >= 2:
-                x[i] = x[i] * (1 - lr * wd)
-            denom = v[i].sqrt() / math.sqrt(1 - b2 ** FREEZE) + eps
-            x[i] = x[i] - lr / (1 - b1 ** t) * m[i] / denom
+            _adam_step(x, m, v, i, lr, wd, b1, b2, eps, t, n_var)
         history.append([xi.clone() for xi in x])
     return history, m
+
+
+def _adam_step(x, m, v, i, lr, wd, b1, b2, eps, t, n_var):
+    if x[i].dim() >= 2:
+        x[i] = x[i] * (1 - lr * wd)
+    denom = v[i].sqrt() / math.sqrt(1 - b2 ** n_var) + eps
+    x[i] = x[i] - lr / (1 - b1 ** t) * m[i] / denom
 
 
 def _chunk_bytes(n, p, bs):
@@ -143,6 +156,44 @@ def test_two_ranks_match_adamw_then_the_reference_bytes_are_exact(tmp_path):
     assert out[0]["bf16"]["wire"] == [2 * n] * FREEZE + [sign_phase] * (STEPS - FREEZE)
 
 
+def deepspeed_var_steps(kappa: int, steps: int) -> list[int]:
+    """0-based steps that update the variance under DeepSpeed ZeroOneAdam's counters (step is
+    1-based there: update when step % var_interval == 0; the interval doubles after kappa updates)."""
+    out, interval, counter = [], 1, 0
+    for step in range(1, steps + 1):
+        if step % interval == 0:
+            out.append(step - 1)
+            counter += 1
+            if counter == kappa:
+                counter, interval = 0, interval * 2
+    return out
+
+
+def test_variance_refreshes_follow_zero_one_adams_schedule():
+    for kappa in (1, 3, 6, 16):   # freeze_step = kappa: exactly 0/1 Adam's T_v
+        assert [t for t in range(1500) if dense_step(t, kappa, kappa)] == deepspeed_var_steps(kappa, 1500)
+    assert [t for t in range(40) if dense_step(t, 24, 3)] == [*range(24), 25, 27, 29, 31, 35, 39]
+    assert [t for t in range(100) if dense_step(t, 48, 0)] == [*range(48)]
+    assert dense_count(1200, 24, 3) == 46     # the harness row: <= 1/10 of bf16 over 1200 steps at p = 4
+
+
+def _refresh(rank, world_size):
+    return _run(rank, world_size, {"var_update_scaler": 1})
+
+
+def test_variance_refreshes_match_the_reference_and_send_dense_bytes(tmp_path):
+    out = run_ranks(_refresh, P, tmp_path)
+    assert [dense_step(t, FREEZE, 1) for t in range(STEPS)] == [True, True, False, True, False]  # n = 4: 4 % 2
+    history, m = reference(P, refresh={3})
+    for step in range(STEPS):
+        assert all(torch.equal(a, b) for a, b in zip(out[0]["params"][step], out[1]["params"][step]))
+        for got, want in zip(out[0]["params"][step], history[step]):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), step
+    n = sum(math.prod(s) for s in SHAPES)
+    sign_phase = 2 * (1344 + 16 + 5 + 16)
+    assert out[0]["wire"] == [4 * n, 4 * n, sign_phase, 4 * n, sign_phase]
+
+
 def test_config_rules():
     from thinwire.config import compose, validate
     from thinwire.errors import ConfigError
@@ -150,6 +201,7 @@ def test_config_rules():
     validate(compose(["optim=adam1bit"]))
     for bad, msg in [(["comm=sign1"], "comm=none"), (["sync=local"], "sync=ddp"), (["optim.freeze_step=0"], "freeze_step"),
                      (["optim.compressor=topk"], "compressor"), (["optim.warmup_comm=fp16"], "warmup_comm"),
+                     (["optim.var_update_scaler=-1"], "var_update_scaler"),
                      (["engine=deepspeed"], "ZeRO partitions the optimizer state")]:
         with pytest.raises(ConfigError, match=msg):
             validate(compose(["optim=adam1bit", *bad]))

@@ -41,12 +41,24 @@ fp32/fp16 with its own accounting); AdamW's bias corrections are kept (DeepSpeed
 drops them; with them the warm-up is torch's AdamW, step for step); gradient clipping
 (``optim.grad_clip``) applies to the mean gradient during the warm-up, as with DDP, and to
 this rank's own gradient afterwards (there is no mean gradient in the compression stage);
-weight decay is decoupled (AdamW) and only on matrices. 0/1 Adam's adaptive freezing and
-skipped rounds (Lu et al. 2022, arXiv 2202.06009) are not built. ``engine=deepspeed`` is
+weight decay is decoupled (AdamW) and only on matrices. ``engine=deepspeed`` is
 rejected (``check_run``): ZeRO partitions the optimizer state and reduce-scatters the
 gradients with its own collectives, while this plugin needs every rank to hold the whole
 first moment and frozen variance to compress the momentum itself (DeepSpeed's 1-bit
 optimizers never ran with ZeRO either).
+
+**Variance refreshes** (``optim.var_update_scaler`` = kappa > 0; 0/1 Adam, Lu et al. 2022,
+arXiv 2202.06009, Sec. 4.1, the set T_v of variance-update steps; DeepSpeed's ``ZeroOneAdam``
+``var_interval`` / ``var_update_scaler``): after the ``freeze_step`` dense steps, some later
+steps are dense again (the warm-up's bf16/fp32 all-reduce, m and v updated with the mean
+gradient, v's bias correction counting its updates), on multiples of 2 (1-based) for kappa
+refreshes, then of 4 for kappa more, 8, ... (:func:`dense_step`); with ``freeze_step = kappa``
+this is 0/1 Adam's T_v, step for step. Departures: 0/1 Adam's steps between refreshes send the 1-bit *gradient*;
+here they are 1-bit Adam's compressed-momentum steps (one compressor, one error-feedback
+state), and the refreshes go on for the whole run (0/1 Adam stops them at ``var_freeze_step``,
+the end of its LR warm-up): the point here is a variance that follows the shrinking gradients.
+0/1 Adam's local steps (skipped rounds) are not built: between rounds the ranks' parameters
+differ, while ``sync=ddp``'s drift guard and evaluation rely on one model.
 
 Bytes per step and rank: the warm-up's all-reduce, 2 (p-1)/p x 2 (bf16) or 4 (fp32) B/param;
 the compression stage's two-phase collective, 2 (p-1) x B_c with B_c one chunk's payload
@@ -95,21 +107,20 @@ class OneBitAdamOptions(AdamWOptions):
 def dense_step(t: int, freeze_step: int, kappa: int) -> bool:
     """Whether accepted step ``t`` (0-based) all-reduces the gradient and updates the variance:
     the first ``freeze_step`` steps, then (``kappa`` > 0) the refreshes of 0/1 Adam's T_v (Lu et
-    al. 2022, Sec. 4.1; DeepSpeed ``ZeroOneAdam``'s ``var_interval``, doubled after every
-    ``var_update_scaler`` = kappa updates): with s = t - freeze_step + 1 steps since the warm-up,
-    refreshes at s = 2, 4, ..., 2 kappa, then every 4 for kappa more, every 8, ..."""
+    al. 2022, Sec. 4.1; DeepSpeed ``ZeroOneAdam``: with n = t + 1, a refresh where n is a multiple
+    of ``var_interval``, which doubles after every ``var_update_scaler`` = kappa refreshes):
+    intervals 2, 4, 8, ... after the warm-up. With ``freeze_step = kappa`` this is 0/1 Adam's T_v."""
     if t < freeze_step:
         return True
     if kappa <= 0:
         return False
-    s, pos, interval = t - freeze_step + 1, 0, 2
-    while pos < s:
+    n, prev, interval = t + 1, freeze_step, 2
+    while True:
         for _ in range(kappa):
-            pos += interval
-            if pos >= s:
-                break
+            prev = (prev // interval + 1) * interval   # the next multiple of the interval
+            if prev >= n:
+                return prev == n
         interval *= 2
-    return pos == s
 
 
 def dense_count(t: int, freeze_step: int, kappa: int) -> int:

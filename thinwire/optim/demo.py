@@ -45,6 +45,14 @@ reference keeps its state outside ``state_dict`` and sends int64 indices.
 
 Gradient clipping (``optim.grad_clip``) is per rank, on the local gradient, before it
 enters the momentum (there is no averaged gradient to clip).
+
+``optim.overlap=true`` (Signum only): Psyche's look-ahead. Step t's all-gather runs on the
+world's second process group during step t + 1's forward/backward, which is taken at this
+rank's look-ahead x - lr_t sign(m_t); U_t is applied (with step t's decay and LR) when step
+t + 1 updates, and the last step applies its own update at once. Exactly what is applied when,
+and where it departs from Psyche: :mod:`thinwire.optim.demo_overlap`. Bytes are unchanged.
+The metrics carry ``gather_s`` (launch to arrival of the gather) and ``gather_wait_s`` (time
+blocked waiting for it), so 1 - wait / gather is the fraction of the gather hidden.
 """
 from __future__ import annotations
 
