@@ -190,6 +190,11 @@ def summary(rows: list[dict], nproc: int) -> dict:
         out["warmup_steps"] = len(warm)
         out["warmup_B_per_param_step"] = sum(r["wire_bytes"] for r in warm) / len(warm) / n_params
         out["frozen_B_per_param_step"] = sum(r["wire_bytes"] for r in frozen) / len(frozen) / n_params
+    gathers = [r for r in rows if "gather_s" in r]
+    if gathers:  # optim=demo: the gather's duration and the time blocked on it (hidden = 1 - wait / duration)
+        out["gather_ms"] = 1000 * sum(r["gather_s"] for r in gathers) / len(gathers)
+        out["gather_wait_ms"] = 1000 * sum(r["gather_wait_s"] for r in gathers) / len(gathers)
+        out["step_ms"] = 1000 * sum(r["step_time_s"] for r in gathers) / len(gathers)
     if ratios and rounds:
         out["payload_B_per_param_step"] = 4 / statistics.mean(ratios) * rounds / steps
     elif ratios:
@@ -217,6 +222,12 @@ def report(results: dict, a) -> str:
                      f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
                      f"{'' if payload is None else '%.5f' % payload} | {s0['peak_of_full']:.3f} / {s0['mean_of_full']:.4f} "
                      f"| {statistics.mean(per_seed[s]['comm_wait_ms'] for s in seeds):.1f} |")
+    for row, per_seed in results.items():
+        g = [per_seed[s] for s in sorted(per_seed) if "gather_ms" in per_seed[s]]
+        if g:
+            dur, wait = statistics.mean(x["gather_ms"] for x in g), statistics.mean(x["gather_wait_ms"] for x in g)
+            lines.append(f"\n{row}: gather {dur:.2f} ms/step, blocked {wait:.2f} ms/step, hidden {1 - wait / dur:.1%}; "
+                         f"step {statistics.mean(x['step_ms'] for x in g):.1f} ms (mean of {len(g)} seeds)")
     return "\n".join(lines)
 
 
