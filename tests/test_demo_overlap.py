@@ -144,3 +144,14 @@ def test_skipped_step_keeps_the_update_in_flight(pools, tmp_path):
         for key in ("pending", "direction"):
             assert all(torch.equal(x["lookahead"][key][k], y["lookahead"][key][k]) for k in x["lookahead"][key])
         assert all(torch.equal(x["momentum"][k], y["momentum"][k]) for k in x["momentum"])
+
+
+def test_overlap_needs_the_signum_rule():
+    import pytest
+
+    from thinwire.config import compose, validate
+    from thinwire.errors import ConfigError
+
+    assert compose(["optim=demo", "optim.overlap=true"]).optim.overlap is True
+    with pytest.raises(ConfigError, match="overlap"):
+        validate(compose(["optim=demo", "optim.overlap=true", "optim.update_rule=adamw"]))
