@@ -93,6 +93,10 @@ ROWS = {
     # 0/1 Adam's own T_v (freeze_step = kappa = 6: 6 dense steps, then 6 refreshes per interval): 45 dense steps
     "adam1bit sign 0/1-Adam T_v kappa=6": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
                                            "optim.freeze_step=6", "optim.var_update_scaler=6"],
+    # the dense steps' average by the two-phase int8 collective (optim.warmup_comm=int8, ~1.5 B/param at p = 4,
+    # half of bf16): twice the warm-up for the bytes, 96 steps (8%) in 1200, <= 1/10 of bf16 over the run
+    "adam1bit sign int8 warm-up freeze=96": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
+                                             "optim.freeze_step=96", "optim.warmup_comm=int8"],
     # DeMo with Psyche's look-ahead overlap (optim.overlap=true): the gather hides behind the next step
     "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
 }
@@ -114,7 +118,7 @@ SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
                     "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
                     "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]],
         "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "adam1bit sign freeze=24 refresh kappa=3",
-                     "adam1bit sign 0/1-Adam T_v kappa=6", "sgd m=0.9 dense",
+                     "adam1bit sign 0/1-Adam T_v kappa=6", "adam1bit sign int8 warm-up freeze=96", "sgd m=0.9 dense",
                      "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
 

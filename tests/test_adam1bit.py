@@ -55,7 +55,7 @@ def _run(rank, world_size, kw):
 
 
 def _variants(rank, world_size):
-    return {w: _run(rank, world_size, {"warmup_comm": w}) for w in ("fp32", "bf16")}
+    return {w: _run(rank, world_size, {"warmup_comm": w}) for w in ("fp32", "bf16", "int8")}
 
 
 def sign1(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -154,6 +154,12 @@ def test_two_ranks_match_adamw_then_the_reference_bytes_are_exact(tmp_path):
     assert sign_phase == 2 * (1344 + 16 + 5 + 16)
     assert r0["wire"] == [4 * n] * FREEZE + [sign_phase] * (STEPS - FREEZE)          # fp32 ring at p=2: 4 B/param
     assert out[0]["bf16"]["wire"] == [2 * n] * FREEZE + [sign_phase] * (STEPS - FREEZE)
+    # int8 warm-up, two-phase: 2 (p-1) x (c one-byte codes + an fp32 scale per 32) per tensor
+    int8 = 2 * (P - 1) * sum(c + 4 * -(-c // 32) for c in (max(8, -(-(-(-math.prod(s) // P)) // 8) * 8)
+                                                           for s in SHAPES))
+    assert int8 == 2 * (5376 + 672 + 64 + 8 + 8 + 4 + 64 + 8)
+    assert out[0]["int8"]["wire"] == [int8] * FREEZE + [sign_phase] * (STEPS - FREEZE)
+    assert all(torch.equal(a, b) for a, b in zip(out[0]["int8"]["params"][-1], out[1]["int8"]["params"][-1]))
 
 
 def deepspeed_var_steps(kappa: int, steps: int) -> list[int]:

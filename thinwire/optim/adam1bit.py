@@ -8,7 +8,9 @@ wrapper, like ``optim=demo``):
 
 **Warm-up** (the first ``optim.freeze_step`` accepted steps): AdamW on the mean gradient.
 The gradients are averaged by one accounted all-reduce per step, bf16 (``optim.warmup_comm
-=bf16``, as ``comm=bf16``) or fp32 (``fp32``, as ``comm=none``)::
+=bf16``, as ``comm=bf16``) or fp32 (``fp32``, as ``comm=none``), or by the two-phase int8
+collective (``int8``, as ``comm=int8 comm.collective=two_phase``: blockwise absmax codes, about
+half of bf16's bytes; its server error is plugin state; a thinwire option, not the paper's)::
 
     g <- mean_i g_i;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
 
@@ -82,13 +84,14 @@ from ..comm.aggregator import CompressedAggregator
 from ..errors import ConfigError, need, one_of
 from .plugins import OPTIMIZERS, AdamWOptions, OwnUpdatePlugin
 
-WARMUP_COMM = {"bf16": "bf16", "fp32": "none"}    # optim.warmup_comm -> the compressor of the all-reduce
+# optim.warmup_comm -> the compressor of the dense steps' gradient average and its collective
+WARMUP_COMM = {"bf16": ("bf16", "auto"), "fp32": ("none", "auto"), "int8": ("int8", "two_phase")}
 
 
 @dataclass
 class OneBitAdamOptions(AdamWOptions):
     freeze_step: int = 48            # dense AdamW steps before the variance is frozen (1-bit Adam's freeze_step)
-    warmup_comm: str = "bf16"        # bf16 | fp32: the gradient all-reduce of the warm-up
+    warmup_comm: str = "bf16"        # bf16 | fp32: the gradient all-reduce of the dense steps | int8: two-phase
     compressor: str = "sign1"        # sign1 | int8: the momentum's compression after the freeze
     block_size: int = 2048           # values per scale of the compressor
     var_update_scaler: int = 0       # 0: v frozen for good (1-bit Adam) | kappa: 0/1 Adam's dense variance
@@ -147,8 +150,9 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         super().__init__(cfg, model, **kw)
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()
         group2 = getattr(self.world, "async_group", None)
-        self.dense = CompressedAggregator(WARMUP_COMM[cfg.warmup_comm], {"feedback": "none"}, self.meter,
-                                          None, group2)
+        name, collective = WARMUP_COMM[cfg.warmup_comm]
+        self.dense = CompressedAggregator(name, {"feedback": "none", "collective": collective,
+                                                 "block_size": cfg.block_size}, self.meter, None, group2)
         self.compressed = CompressedAggregator(cfg.compressor, {"feedback": "ef", "collective": "two_phase",
                                                                 "block_size": cfg.block_size}, self.meter,
                                                None, group2)
@@ -225,7 +229,7 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         return {"t": self.t, "n_var": self.n_var,
                 "exp_avg": {n: m.clone() for n, m in zip(self.names, self.exp_avg)},
                 "exp_avg_sq": {n: v.clone() for n, v in zip(self.names, self.exp_avg_sq)},
-                "errors": self.compressed.state_dict()}
+                "errors": self.compressed.state_dict(), "dense_errors": self.dense.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
@@ -234,3 +238,5 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
             m.copy_(state["exp_avg"][n])
             v.copy_(state["exp_avg_sq"][n])
         self.compressed.load_state_dict(state["errors"])
+        if "dense_errors" in state:   # warmup_comm=int8: the two-phase collective's server errors
+            self.dense.load_state_dict(state["dense_errors"])
