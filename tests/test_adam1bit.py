@@ -181,6 +181,8 @@ def test_variance_refreshes_follow_zero_one_adams_schedule():
     assert [t for t in range(40) if dense_step(t, 24, 3)] == [*range(24), 25, 27, 29, 31, 35, 39]
     assert [t for t in range(100) if dense_step(t, 48, 0)] == [*range(48)]
     assert dense_count(1200, 24, 3) == 46     # the harness row: <= 1/10 of bf16 over 1200 steps at p = 4
+    capped = [t + 1 for t in range(200) if dense_step(t, 2, 2, max_interval=8)]   # 1-based steps
+    assert capped == [1, 2, 4, 6, 8, 12, 16, 24, 32, 40, 48, *range(56, 201, 8)]
 
 
 def _refresh(rank, world_size):

@@ -96,6 +96,7 @@ class OneBitAdamOptions(AdamWOptions):
     block_size: int = 2048           # values per scale of the compressor
     var_update_scaler: int = 0       # 0: v frozen for good (1-bit Adam) | kappa: 0/1 Adam's dense variance
                                      # refreshes after the warm-up, interval 2 doubled every kappa refreshes
+    var_max_interval: int = 0        # 0: the interval doubles without end (0/1 Adam) | N: it stops at N steps
 
     def check(self) -> None:
         super().check()
@@ -103,16 +104,19 @@ class OneBitAdamOptions(AdamWOptions):
              "must be >= 1 (the frozen variance comes from the dense warm-up steps)")
         need(self.var_update_scaler >= 0, "var_update_scaler", self.var_update_scaler,
              "must be >= 0 (0: no variance refreshes)")
+        need(self.var_max_interval == 0 or self.var_max_interval >= 2, "var_max_interval", self.var_max_interval,
+             "must be 0 (no cap) or >= 2 steps")
         one_of(self.warmup_comm, tuple(WARMUP_COMM), "warmup_comm")
         one_of(self.compressor, ("sign1", "int8"), "compressor")
 
 
-def dense_step(t: int, freeze_step: int, kappa: int) -> bool:
+def dense_step(t: int, freeze_step: int, kappa: int, max_interval: int = 0) -> bool:
     """Whether accepted step ``t`` (0-based) all-reduces the gradient and updates the variance:
     the first ``freeze_step`` steps, then (``kappa`` > 0) the refreshes of 0/1 Adam's T_v (Lu et
     al. 2022, Sec. 4.1; DeepSpeed ``ZeroOneAdam``: with n = t + 1, a refresh where n is a multiple
     of ``var_interval``, which doubles after every ``var_update_scaler`` = kappa refreshes):
-    intervals 2, 4, 8, ... after the warm-up. With ``freeze_step = kappa`` this is 0/1 Adam's T_v."""
+    intervals 2, 4, 8, ... after the warm-up, up to ``max_interval`` if > 0 (a thinwire option:
+    0/1 Adam's spacing grows without end). With ``freeze_step = kappa`` this is 0/1 Adam's T_v."""
     if t < freeze_step:
         return True
     if kappa <= 0:
@@ -123,12 +127,12 @@ def dense_step(t: int, freeze_step: int, kappa: int) -> bool:
             prev = (prev // interval + 1) * interval   # the next multiple of the interval
             if prev >= n:
                 return prev == n
-        interval *= 2
+        interval = interval * 2 if max_interval <= 0 else min(interval * 2, max_interval)
 
 
-def dense_count(t: int, freeze_step: int, kappa: int) -> int:
+def dense_count(t: int, freeze_step: int, kappa: int, max_interval: int = 0) -> int:
     """How many of the accepted steps 0..t-1 were dense (the variance's update count)."""
-    return sum(dense_step(i, freeze_step, kappa) for i in range(t))
+    return sum(dense_step(i, freeze_step, kappa, max_interval) for i in range(t))
 
 
 @OPTIMIZERS.register("adam1bit")
@@ -165,7 +169,8 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
     @property
     def frozen(self) -> bool:
         """Whether the next step is in the compression stage (variance frozen)."""
-        return not dense_step(self.t, self.cfg.freeze_step, self.cfg.var_update_scaler)
+        c = self.cfg
+        return not dense_step(self.t, c.freeze_step, c.var_update_scaler, c.var_max_interval)
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad.detach().float().reshape(-1) if p.grad is not None
@@ -233,7 +238,8 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
 
     def load_state_dict(self, state: dict) -> None:
         self.t = int(state["t"])
-        self.n_var = int(state.get("n_var", dense_count(self.t, self.cfg.freeze_step, self.cfg.var_update_scaler)))
+        c = self.cfg
+        self.n_var = int(state.get("n_var", dense_count(self.t, c.freeze_step, c.var_update_scaler, c.var_max_interval)))
         for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
             m.copy_(state["exp_avg"][n])
             v.copy_(state["exp_avg_sq"][n])
