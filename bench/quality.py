@@ -110,6 +110,10 @@ ROWS = {
                                                        "optim.warmup_steps=20", "optim.freeze_step=6",
                                                        "optim.var_update_scaler=6", "optim.var_max_interval=16",
                                                        "optim.warmup_comm=int8"],
+    # diagnostic, over the byte budget (94 bf16 dense steps, 1/7.3): is the late gap the variance's staleness?
+    "adam1bit sign 0/1-Adam T_v kappa=6 cap 16": ["optim=adam1bit", "optim.weight_decay=0.1", "optim.warmup_steps=20",
+                                                  "optim.freeze_step=6", "optim.var_update_scaler=6",
+                                                  "optim.var_max_interval=16"],
     # DeMo with Psyche's look-ahead overlap (optim.overlap=true): the gather hides behind the next step
     "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
 }
@@ -129,7 +133,8 @@ SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "demo_overlap": ["demo k=32 bf16", "demo k=32 bf16 overlap"],
         "adam01": ["adam1bit sign freeze=24 refresh kappa=3", "adam1bit sign 0/1-Adam T_v kappa=6",
                    "adam1bit sign int8 warm-up freeze=96", "adam1bit sign 0/1-Adam T_v kappa=16 int8",
-                   "adam1bit sign 0/1-Adam T_v kappa=6 int8", "adam1bit sign 0/1-Adam T_v kappa=6 cap 16 int8"],
+                   "adam1bit sign 0/1-Adam T_v kappa=6 int8", "adam1bit sign 0/1-Adam T_v kappa=6 cap 16 int8",
+                   "adam1bit sign 0/1-Adam T_v kappa=6 cap 16"],
         "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 diloco-recipe",
                     "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
                     "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]],
