@@ -10,7 +10,9 @@ wrapper, like ``optim=demo``):
 The gradients are averaged by one accounted all-reduce per step, bf16 (``optim.warmup_comm
 =bf16``, as ``comm=bf16``) or fp32 (``fp32``, as ``comm=none``), or by the two-phase int8
 collective (``int8``, as ``comm=int8 comm.collective=two_phase``: blockwise absmax codes, about
-half of bf16's bytes; its server error is plugin state; a thinwire option, not the paper's)::
+half of bf16's bytes; its server error is plugin state; a thinwire option, not the paper's;
+measured unsafe with a short warm-up: Adam's first steps move every coordinate by about lr, and
+int8's one scale per block turns small coordinates into noise; docs/optim.md)::
 
     g <- mean_i g_i;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
 
