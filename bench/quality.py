@@ -249,7 +249,10 @@ def report(results: dict, a) -> str:
                      f"| {statistics.mean(per_seed[s]['comm_wait_ms'] for s in seeds):.1f} |")
     for row, per_seed in results.items():
         g = [per_seed[s] for s in sorted(per_seed) if "gather_ms" in per_seed[s]]
-        if g:
+        if g and "optim.overlap=true" not in ROWS.get(row, []):   # synchronous: every gather blocks
+            lines.append(f"\n{row}: gather {statistics.mean(x['gather_ms'] for x in g):.2f} ms/step, all of it "
+                         f"blocking (synchronous); step {statistics.mean(x['step_ms'] for x in g):.1f} ms")
+        elif g:
             dur, wait = statistics.mean(x["gather_ms"] for x in g), statistics.mean(x["gather_wait_ms"] for x in g)
             lines.append(f"\n{row}: gather {dur:.2f} ms/step, blocked {wait:.2f} ms/step, hidden {1 - wait / dur:.1%}; "
                          f"step {statistics.mean(x['step_ms'] for x in g):.1f} ms (mean of {len(g)} seeds)")

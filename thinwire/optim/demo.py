@@ -204,9 +204,10 @@ class DeMoPlugin(OwnUpdatePlugin):
         mine = torch.cat(bufs) if bufs else torch.empty(0, dtype=torch.uint8)
         gathered = torch.empty(self.world_size * mine.numel(), dtype=torch.uint8, device=mine.device)
         g = Gather(payloads, [b.numel() for b in bufs], gathered, time.perf_counter())
-        if self.look is None:
+        if self.look is None:         # synchronous: the whole gather is time blocked
             accounting.all_gather_into(self.meter, gathered, mine, kind="data")
             g.done_at = time.perf_counter()
+            self.timers["gather_wait_s"] += g.done_at - g.started
         else:
             g.work = accounting.all_gather_into(self.meter, gathered, mine, kind="data", async_op=True,
                                                 group=getattr(self.world, "async_group", None))
