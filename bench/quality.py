@@ -116,12 +116,13 @@ ROWS = {
                                                   "optim.var_max_interval=16"],
     # DeMo with Psyche's look-ahead overlap (optim.overlap=true): the gather hides behind the next step
     "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
+    "demo 1-bit k=16 overlap": ["optim=demo", "optim.k=16", "optim.bits=1", "optim.overlap=true"],
 }
 # rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
 # each step, so its best LR is well below AdamW's
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
-           "demo k=32 bf16 overlap": SIGNUM_LRS,
+           "demo k=32 bf16 overlap": SIGNUM_LRS, "demo 1-bit k=16 overlap": SIGNUM_LRS,
            "demo v2 k=32 bf16 (AdamW on U)": [3e-3]}  # v2 steps with AdamW: AdamW's best LR
 SGD_LRS = [0.03, 0.1, 0.3]   # swept on "sgd m=0.9 dense", seed 0 (1.0: val 2.698 at step 300, stopped)
 ROW_LRS.update({"sgd m=0.9 dense": SGD_LRS, "sgd m=0.9 + topk 1% + ef": [0.1], "sgd + topk 1% + dgc m=0.9": [0.1],
@@ -130,7 +131,7 @@ DEMO = ["demo k=32 bf16", "demo 1-bit k=16", "distro 1-bit k=4", "demo v2 k=32 b
 SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "sweep": [r for r in ROWS if r not in ("dense", *DEMO)],
         "demo": DEMO,
-        "demo_overlap": ["demo k=32 bf16", "demo k=32 bf16 overlap"],
+        "demo_overlap": ["demo k=32 bf16", "demo k=32 bf16 overlap", "demo 1-bit k=16", "demo 1-bit k=16 overlap"],
         "adam01": ["adam1bit sign freeze=24 refresh kappa=3", "adam1bit sign 0/1-Adam T_v kappa=6",
                    "adam1bit sign int8 warm-up freeze=96", "adam1bit sign 0/1-Adam T_v kappa=16 int8",
                    "adam1bit sign 0/1-Adam T_v kappa=6 int8", "adam1bit sign 0/1-Adam T_v kappa=6 cap 16 int8",
