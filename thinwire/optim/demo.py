@@ -220,8 +220,15 @@ class DeMoPlugin(OwnUpdatePlugin):
         t0 = time.perf_counter()
         if g.work is not None:
             g.work.wait()
-        self.timers["gather_wait_s"] += time.perf_counter() - t0
-        self.timers["gather_s"] += (g.done_at or time.perf_counter()) - g.started
+        now = time.perf_counter()
+        # arrival: the callback's time if the bytes were in before this wait began, else the wait's end
+        # (the callback may run a little after the wait returns); never shorter than the wait itself
+        arrived = g.done_at if g.done_at is not None and g.done_at <= t0 else now
+        if g.work is not None:
+            self.timers["gather_wait_s"] += now - t0
+            self.timers["gather_s"] += max(arrived - g.started, now - t0)
+        else:
+            self.timers["gather_s"] += g.done_at - g.started
         device = self.params[0].device if self.params else torch.device("cpu")
         total = sum(g.sizes)
         rows = g.gathered.view(self.world_size, total)
