@@ -1,0 +1,209 @@
+"""The GPU tier (``pytest -m gpu``): the CUDA and NCCL paths, skipped cleanly without CUDA.
+
+One GPU cannot hold two NCCL ranks (NCCL refuses two ranks on one device), so the tier is:
+
+- **NCCL, world size 1, in this process**: one NCCL default group (``init_world("nccl")``,
+  the workers' own code path: ``device = cuda:LOCAL_RANK``) serves every comm x sync x optim
+  mode of :data:`MODES` for 3 steps through ``thinwire.trainer.loop.train`` (no launch per
+  mode). At world size 1 the collectives still run on NCCL (a group of one), the comm hook,
+  the averager's async all-reduce, CO2's side stream and the ZeRO replica groups included.
+- **2 ranks over gloo on CUDA tensors**, where NCCL cannot: the same trainer with
+  ``World.device = cuda:0`` on both ranks (gloo moves CUDA tensors itself), for the modes
+  whose exchange is multi-rank math (two-phase, sparse all-gather, contributors' mean,
+  DeMo's gather, CO2), against the same 2-rank run on the CPU: the losses agree to float
+  tolerance (an independent reference: different kernels, the same algebra).
+- CO2's side stream, checked with ``torch.cuda`` streams (the compute stream is not held
+  back by a collective in flight; the consumer waits for it), the ``_layer_squares``
+  question (NCCL refuses CPU tensors), and a bitwise resume on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU tier)")]
+
+TINY = ("experiment=tiny", "logger=none", "trainer.max_steps=3", "trainer.eval_every=3",
+        "trainer.checkpoint_every=3", "trainer.sample_chars=0", "data.eval_batches=2", "dist.nproc=1")
+
+LOSSY = ("bf16", "fp16", "int8", "sign1", "topk", "chunk_topk", "randk", "ternary", "dynamic8")
+
+# every comm x sync x optim mode the trainer offers, each for 3 steps
+MODES: dict[str, tuple[str, ...]] = {
+    "ddp": (),
+    **{f"ddp-{c}": (f"comm={c}",) for c in LOSSY},
+    "ddp-int8-ef": ("comm=int8", "comm.feedback=ef"),
+    "ddp-sign1-ef21-allgather": ("comm=sign1", "comm.feedback=ef21", "comm.collective=allgather"),
+    "ddp-topk-econtrol": ("comm=topk", "comm.feedback=econtrol"),
+    "ddp-topk-ef21m-sgd": ("comm=topk", "comm.feedback=ef21m", "optim=sgd", "optim.momentum=0"),
+    "ddp-topk-dgc-sgd": ("comm=topk", "comm.feedback=dgc", "optim=sgd", "optim.momentum=0"),
+    "ddp-sgd": ("optim=sgd",),
+    "local": ("sync=local", "sync.local_steps=2"),
+    "local-int8": ("sync=local", "sync.local_steps=2", "comm=int8"),
+    "diloco": ("sync=diloco", "sync.local_steps=2"),
+    "sparseloco": ("experiment=sparseloco", "sync.local_steps=2"),
+    "streaming": ("sync=local", "sync.local_steps=2", "sync.fragments=2"),
+    "moments": ("sync=local", "sync.local_steps=1", "sync.moment1_every=1", "sync.moment2_every=1"),
+    "co2": ("sync=co2", "sync.local_steps=1"),
+    "co2-sign1": ("sync=co2", "sync.local_steps=1", "comm=sign1"),
+    "co2-eager": ("sync=co2", "sync.local_steps=1", "sync.overlap=eager"),
+    "demo": ("optim=demo",),
+    "distro": ("optim=distro",),
+    "adam1bit": ("optim=adam1bit", "optim.freeze_step=2"),
+    "adam1bit-int8": ("optim=adam1bit", "optim.freeze_step=2", "optim.compressor=int8"),
+    "mezo": ("optim=mezo",),
+    "zo_dist": ("optim=zo_dist",),
+    "wsd": ("optim.schedule=wsd", "optim.warmup_steps=1", "optim.decay_start=2"),
+}
+DEEPSPEED_MODES: dict[str, tuple[str, ...]] = {
+    "zero1": ("engine=deepspeed", "engine.deepspeed.zero_optimization.stage=1"),
+    "zero2": ("engine=deepspeed",),
+}
+# the modes whose exchange is multi-rank math: 2 ranks over gloo on CUDA tensors vs the CPU
+TWO_RANK_MODES = ("ddp", "ddp-int8-ef", "ddp-sign1", "ddp-topk", "ddp-chunk_topk", "local-int8",
+                  "sparseloco", "co2", "co2-eager", "demo", "distro", "adam1bit", "zo_dist")
+
+
+def _have_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # noqa: BLE001 - an import that fails for any reason: the modes skip
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def nccl_world():
+    import torch.distributed as dist
+
+    from thinwire.trainer.world import free_port, init_world
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WANDB_MODE="disabled")
+    world = init_world("nccl", timeout_s=120.0)
+    assert world.backend == "nccl" and world.device == torch.device("cuda", 0)
+    yield world
+    dist.destroy_process_group()
+
+
+def train_here(world, tmp_path, *overrides):
+    from thinwire.config import compose, validate
+    from thinwire.trainer.loop import train
+
+    cfg = compose([*TINY, *overrides, f"hydra.run.dir={tmp_path}"])
+    validate(cfg)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    return train(cfg, world)
+
+
+@pytest.mark.parametrize("mode", list(MODES) + list(DEEPSPEED_MODES))
+def test_every_mode_runs_on_nccl(nccl_world, tmp_path, mode):
+    if mode in DEEPSPEED_MODES and not _have_deepspeed():
+        pytest.skip("deepspeed is not installed")
+    record = train_here(nccl_world, tmp_path, *{**MODES, **DEEPSPEED_MODES}[mode])
+    assert record["step"] == 3
+    assert torch.isfinite(torch.tensor(record["val_loss"])), record
+    params = torch.load(tmp_path / "checkpoints" / "step_00000003" / "rank00000.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(v.float()).all() for v in params.values())
+
+
+def test_nccl_refuses_cpu_tensors_so_layer_squares_lives_on_the_device(nccl_world):
+    """The question the ZeRO replica groups' norm raised: NCCL cannot reduce a CPU tensor,
+    so ``zero_replicas._layer_squares`` sums on the pieces' device."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.trainer import zero_replicas
+
+    with pytest.raises(Exception):
+        dist.all_reduce(torch.zeros(2, dtype=torch.float64))
+    replicas = zero_replicas.ReplicaGroups.__new__(zero_replicas.ReplicaGroups)
+    replicas.meter, replicas.n_layers, replicas.layer_of = WireMeter(), 2, [0, 1, 1]
+    replicas.groups = type("G", (), {"zero_group": dist.group.WORLD})()
+    pieces = [torch.full((3,), 2.0, device="cuda"), torch.ones(2, device="cuda"), torch.ones(1, device="cuda")]
+    assert replicas.global_norm(pieces) == pytest.approx((12.0 + 3.0) ** 0.5)
+
+
+def test_resume_on_the_gpu_is_bitwise(nccl_world, tmp_path):
+    args = ("trainer.max_steps=6", "trainer.checkpoint_every=3", "comm=int8", "comm.feedback=ef")
+    full = train_here(nccl_world, tmp_path / "full", *args)
+    train_here(nccl_world, tmp_path / "split", *args, "trainer.stop_after=3")
+    split = train_here(nccl_world, tmp_path / "split", *args, "trainer.resume=auto")
+    assert full["loss"] == split["loss"] and full["val_loss"] == split["val_loss"]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "rank00000.pt", weights_only=False)
+            for d in ("full", "split"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_co2_collective_in_flight_does_not_hold_back_the_compute_stream(nccl_world):
+    """CO2 launches round t's all-reduce from its side stream: the next round's compute
+    finishes while the collective is still in flight (a slow link, simulated by a sleep
+    kernel queued before it on the side stream), and the consumer waits for it."""
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.comm.outer import CO2
+    from thinwire.config import compose
+
+    model = torch.nn.Linear(256, 256, device="cuda")
+    strategy = CO2(compose(["sync=co2", "sync.local_steps=1"]).sync, nccl_world, WireMeter(), model)
+    launch = strategy.launch
+
+    def slow_link(delta):
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock on the side stream
+        return launch(delta)
+    strategy.launch = slow_link
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    strategy.after_step(0)                       # round 0 ends: its all-reduce launched
+    x = torch.randn(1024, 1024, device="cuda")
+    done = torch.cuda.Event()
+    for _ in range(20):                          # round 1's compute, on the compute stream
+        x = torch.tanh(x @ x)
+    done.record()
+    done.synchronize()
+    assert not strategy.cuda_stream.query(), "the side stream finished before the compute: no overlap shown"
+    strategy.after_step(1)                       # round 1 ends: consumes round 0's mean
+    torch.cuda.synchronize()
+    assert strategy.cuda_stream.query()
+
+
+def _train_rank(rank, world_size, cfg_yaml, cwd, device):
+    """Run one rank of a 2-rank gloo job with its tensors on ``device``."""
+    import torch.distributed as dist
+
+    from thinwire.config import from_yaml
+    from thinwire.trainer.loop import train
+    from thinwire.comm import groups
+    from thinwire.trainer.world import current_world
+
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    groups.set_timeout(120.0)
+    world = current_world(torch.device(device, 0) if device == "cuda" else torch.device(device))
+    os.chdir(cwd)
+    record = train(from_yaml(cfg_yaml), world)
+    dist.barrier()
+    return record
+
+
+@pytest.mark.parametrize("mode", TWO_RANK_MODES)
+def test_two_ranks_over_gloo_on_cuda_tensors_match_the_cpu(tmp_path, mode):
+    from conftest import run_fresh_ranks
+
+    from thinwire.config import compose, to_yaml, validate
+
+    records = {}
+    for device in ("cuda", "cpu"):
+        run_dir = tmp_path / device
+        cfg = compose([*TINY, "dist.nproc=2", *MODES[mode], f"hydra.run.dir={run_dir}"])
+        validate(cfg)
+        os.makedirs(run_dir, exist_ok=True)
+        records[device] = run_fresh_ranks(_train_rank, 2, tmp_path / f"out_{device}", to_yaml(cfg),
+                                          str(tmp_path), device)[0]
+    gpu, cpu = records["cuda"], records["cpu"]
+    assert gpu["step"] == cpu["step"] == 3
+    assert gpu["val_loss"] == pytest.approx(cpu["val_loss"], rel=2e-3), (mode, gpu, cpu)
+    assert gpu["wire_bytes"] == cpu["wire_bytes"], json.dumps([gpu, cpu])
