@@ -170,13 +170,14 @@ def test_co2_collective_in_flight_does_not_hold_back_the_compute_stream(nccl_wor
     assert strategy.cuda_stream.query()
 
 
-def _train_rank(rank, world_size, cfg_yaml, cwd, device):
-    """Run one rank of a 2-rank gloo job with its tensors on ``device``."""
+def _train_modes(rank, world_size, cfg_yamls, cwd, device):
+    """One rank of a 2-rank gloo job with its tensors on ``device``: every config of
+    ``cfg_yamls`` in turn (one spawn for all modes); {mode: the run's last record}."""
     import torch.distributed as dist
 
+    from thinwire.comm import groups
     from thinwire.config import from_yaml
     from thinwire.trainer.loop import train
-    from thinwire.comm import groups
     from thinwire.trainer.world import current_world
 
     if device == "cuda":
@@ -184,26 +185,55 @@ def _train_rank(rank, world_size, cfg_yaml, cwd, device):
     groups.set_timeout(120.0)
     world = current_world(torch.device(device, 0) if device == "cuda" else torch.device(device))
     os.chdir(cwd)
-    record = train(from_yaml(cfg_yaml), world)
-    dist.barrier()
-    return record
+    records = {}
+    for mode, cfg_yaml in cfg_yamls.items():
+        records[mode] = train(from_yaml(cfg_yaml), world)
+        dist.barrier()
+    return records
 
 
-@pytest.mark.parametrize("mode", TWO_RANK_MODES)
-def test_two_ranks_over_gloo_on_cuda_tensors_match_the_cpu(tmp_path, mode):
+@pytest.fixture(scope="module")
+def two_rank_records(tmp_path_factory):
+    """{device: {mode: rank 0's last record}} of :data:`TWO_RANK_MODES` on 2 gloo ranks."""
     from conftest import run_fresh_ranks
 
     from thinwire.config import compose, to_yaml, validate
 
-    records = {}
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    out = {}
     for device in ("cuda", "cpu"):
-        run_dir = tmp_path / device
-        cfg = compose([*TINY, "dist.nproc=2", *MODES[mode], f"hydra.run.dir={run_dir}"])
-        validate(cfg)
-        os.makedirs(run_dir, exist_ok=True)
-        records[device] = run_fresh_ranks(_train_rank, 2, tmp_path / f"out_{device}", to_yaml(cfg),
-                                          str(tmp_path), device)[0]
-    gpu, cpu = records["cuda"], records["cpu"]
+        cfgs = {}
+        for mode in TWO_RANK_MODES:
+            cfg = compose([*TINY, "dist.nproc=2", *MODES[mode], f"hydra.run.dir={tmp / device / mode}"])
+            validate(cfg)
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            cfgs[mode] = to_yaml(cfg)
+        os.makedirs(tmp / f"out_{device}")
+        out[device] = run_fresh_ranks(_train_modes, 2, tmp / f"out_{device}", cfgs, str(tmp), device)[0]
+    return out
+
+
+@pytest.mark.parametrize("mode", TWO_RANK_MODES)
+def test_two_ranks_over_gloo_on_cuda_tensors_match_the_cpu(two_rank_records, mode):
+    gpu, cpu = two_rank_records["cuda"][mode], two_rank_records["cpu"][mode]
     assert gpu["step"] == cpu["step"] == 3
     assert gpu["val_loss"] == pytest.approx(cpu["val_loss"], rel=2e-3), (mode, gpu, cpu)
     assert gpu["wire_bytes"] == cpu["wire_bytes"], json.dumps([gpu, cpu])
+
+
+@pytest.mark.parametrize("name,key", [("int8", "codes"), ("sign1", "signs")])
+def test_compiled_codecs_on_cuda_agree_with_the_eager_ones(name, key):
+    """``comm.compile=true`` on CUDA (Triton kernels from Inductor) against the eager kernels."""
+    from thinwire.comm.compressors import build_compressor, fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, e = torch.randn(1 << 20, device="cuda", generator=g), torch.randn(1 << 20, device="cuda", generator=g)
+    eager, comp = build_compressor(name), build_compressor(name, compile=True)
+    a, b = eager.compress(x, step=1), comp.compress(x, step=1)
+    same = (a.tensors[key] == b.tensors[key]).float().mean().item()
+    assert same >= 0.9999, f"{name}: {1 - same:.2e} of the codes differ"
+    torch.testing.assert_close(b.tensors["scales"], a.tensors["scales"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(comp.decompress(b), eager.decompress(a), rtol=1e-5, atol=1e-6)
+    codes, scales, e_new = fused.compiled(name)[2](x, e, 2048)
+    local = eager.decompress(eager.compress(x + e, step=1))
+    torch.testing.assert_close(e_new, (x + e) - local, rtol=1e-5, atol=1e-5)

@@ -149,7 +149,8 @@ class ZeroShards(ParamSpace):
             accounting.all_gather_into(self.meter, flat_i, mine.clone(), group=self.groups.zero_group)
 
     def _layer_squares(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        sq = torch.zeros(self.n_layers, dtype=torch.float64)
+        # on the pieces' device: NCCL reduces CUDA tensors only (a CPU tensor fails there)
+        sq = torch.zeros(self.n_layers, dtype=torch.float64, device=pieces[0].device if pieces else "cpu")
         for layer, t in zip(self.layer_of, pieces):
             sq[layer] += t.double().pow(2).sum()
         accounting.all_reduce(self.meter, sq, group=self.groups.zero_group, kind="control")
