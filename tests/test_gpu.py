@@ -24,6 +24,9 @@ import os
 import pytest
 import torch
 
+# cuBLAS is deterministic only with a fixed workspace, set before its first use (the bitwise resume)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU tier)")]
 
@@ -129,10 +132,16 @@ def test_nccl_refuses_cpu_tensors_so_layer_squares_lives_on_the_device(nccl_worl
 
 
 def test_resume_on_the_gpu_is_bitwise(nccl_world, tmp_path):
+    """With torch's deterministic algorithms (the embedding's backward otherwise adds with
+    atomics, in no fixed order), a run stopped at step 3 and resumed equals the uninterrupted one."""
     args = ("trainer.max_steps=6", "trainer.checkpoint_every=3", "comm=int8", "comm.feedback=ef")
-    full = train_here(nccl_world, tmp_path / "full", *args)
-    train_here(nccl_world, tmp_path / "split", *args, "trainer.stop_after=3")
-    split = train_here(nccl_world, tmp_path / "split", *args, "trainer.resume=auto")
+    torch.use_deterministic_algorithms(True)
+    try:
+        full = train_here(nccl_world, tmp_path / "full", *args)
+        train_here(nccl_world, tmp_path / "split", *args, "trainer.stop_after=3")
+        split = train_here(nccl_world, tmp_path / "split", *args, "trainer.resume=auto")
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert full["loss"] == split["loss"] and full["val_loss"] == split["val_loss"]
     a, b = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "rank00000.pt", weights_only=False)
             for d in ("full", "split"))
