@@ -110,8 +110,14 @@ def test_every_mode_runs_on_nccl(nccl_world, tmp_path, mode):
     record = train_here(nccl_world, tmp_path, *{**MODES, **DEEPSPEED_MODES}[mode])
     assert record["step"] == 3
     assert torch.isfinite(torch.tensor(record["val_loss"])), record
-    params = torch.load(tmp_path / "checkpoints" / "step_00000003" / "rank00000.pt", weights_only=False)["model"]
-    assert all(torch.isfinite(v.float()).all() for v in params.values())
+    assert all(torch.isfinite(v.float()).all() for v in saved_model(tmp_path, 3).values())
+
+
+def saved_model(run_dir, step):
+    """The model of rank 0's checkpoint at ``step`` (in its shard when ranks differ, else common)."""
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    shard = torch.load(path / "rank00000.pt", weights_only=False)
+    return shard["model"] if "model" in shard else torch.load(path / "common.pt", weights_only=False)["model"]
 
 
 def test_nccl_refuses_cpu_tensors_so_layer_squares_lives_on_the_device(nccl_world):
@@ -124,17 +130,27 @@ def test_nccl_refuses_cpu_tensors_so_layer_squares_lives_on_the_device(nccl_worl
 
     with pytest.raises(Exception):
         dist.all_reduce(torch.zeros(2, dtype=torch.float64))
-    replicas = zero_replicas.ReplicaGroups.__new__(zero_replicas.ReplicaGroups)
-    replicas.meter, replicas.n_layers, replicas.layer_of = WireMeter(), 2, [0, 1, 1]
-    replicas.groups = type("G", (), {"zero_group": dist.group.WORLD})()
+    shards = zero_replicas.ZeroShards.__new__(zero_replicas.ZeroShards)  # only what the norms read
+    shards.meter, shards.n_layers, shards.layer_of = WireMeter(), 2, [0, 1, 1]
+    shards.groups = type("G", (), {"zero_group": dist.group.WORLD})()
     pieces = [torch.full((3,), 2.0, device="cuda"), torch.ones(2, device="cuda"), torch.ones(1, device="cuda")]
-    assert replicas.global_norm(pieces) == pytest.approx((12.0 + 3.0) ** 0.5)
+    assert shards.global_norm(pieces) == pytest.approx((12.0 + 3.0) ** 0.5)
+    assert shards.layer_norms(pieces) == pytest.approx([12.0 ** 0.5, 3.0 ** 0.5, 3.0 ** 0.5])
 
 
-def test_resume_on_the_gpu_is_bitwise(nccl_world, tmp_path):
+RESUME_CASES = {"ddp-int8-ef": ("comm=int8", "comm.feedback=ef"),
+                "local-int8-ef": ("sync=local", "sync.local_steps=2", "comm=int8"),
+                "co2-sign1": ("sync=co2", "sync.local_steps=2", "comm=sign1"),
+                "adam1bit": ("optim=adam1bit", "optim.freeze_step=2")}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_on_the_gpu_is_bitwise(nccl_world, tmp_path, case):
     """With torch's deterministic algorithms (the embedding's backward otherwise adds with
-    atomics, in no fixed order), a run stopped at step 3 and resumed equals the uninterrupted one."""
-    args = ("trainer.max_steps=6", "trainer.checkpoint_every=3", "comm=int8", "comm.feedback=ef")
+    atomics, in no fixed order), a run stopped at step 3 and resumed equals the uninterrupted
+    one; the per-rank state read back from the CPU (error feedback, server errors, the outer
+    round in flight) lands on the GPU."""
+    args = ("trainer.max_steps=6", "trainer.checkpoint_every=3", *RESUME_CASES[case])
     torch.use_deterministic_algorithms(True)
     try:
         full = train_here(nccl_world, tmp_path / "full", *args)
@@ -143,40 +159,54 @@ def test_resume_on_the_gpu_is_bitwise(nccl_world, tmp_path):
     finally:
         torch.use_deterministic_algorithms(False)
     assert full["loss"] == split["loss"] and full["val_loss"] == split["val_loss"]
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_00000006" / "rank00000.pt", weights_only=False)
-            for d in ("full", "split"))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    a, b = saved_model(tmp_path / "full", 6), saved_model(tmp_path / "split", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_co2_collective_in_flight_does_not_hold_back_the_compute_stream(nccl_world):
-    """CO2 launches round t's all-reduce from its side stream: the next round's compute
-    finishes while the collective is still in flight (a slow link, simulated by a sleep
-    kernel queued before it on the side stream), and the consumer waits for it."""
+    """CO2 launches round t's all-reduce from its side stream: the next round's compute (on
+    the compute stream) finishes while the side stream is still busy (a slow link, simulated
+    by a sleep kernel queued on the side stream before the collective), and the consumer of
+    the mean waits for it. Timed with CUDA events on both streams, after one warm-up round:
+    a first round allocates, and ``cudaMalloc`` can block the host until the device is idle,
+    which serialises the streams whatever their dependencies (seen here on an H200)."""
     from thinwire.comm.accounting import WireMeter
     from thinwire.comm.outer import CO2
     from thinwire.config import compose
 
     model = torch.nn.Linear(256, 256, device="cuda")
     strategy = CO2(compose(["sync=co2", "sync.local_steps=1"]).sync, nccl_world, WireMeter(), model)
-    launch = strategy.launch
+    launch, x0 = strategy.launch, torch.randn(1024, 1024, device="cuda") / 32
+    side_done = torch.cuda.Event(enable_timing=True)
 
-    def slow_link(delta):
-        torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock on the side stream
+    def slow_link(delta):                        # runs on the side stream, inside CO2's launch
+        torch.cuda._sleep(400_000_000)           # ~0.2 s of GPU clock, no SM contention
+        side_done.record()
         return launch(delta)
+
+    def compute():                               # a round of compute, on the compute stream
+        x = x0
+        for _ in range(8):
+            x = torch.tanh(x @ x)
+        with torch.no_grad():
+            model.weight.add_(x[:256, :256])
     strategy.launch = slow_link
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    strategy.after_step(0)                       # round 0 ends: its all-reduce launched
-    x = torch.randn(1024, 1024, device="cuda")
-    done = torch.cuda.Event()
-    for _ in range(20):                          # round 1's compute, on the compute stream
-        x = torch.tanh(x @ x)
-    done.record()
-    done.synchronize()
-    assert not strategy.cuda_stream.query(), "the side stream finished before the compute: no overlap shown"
-    strategy.after_step(1)                       # round 1 ends: consumes round 0's mean
+    for step in range(2):                        # warm-up: round 0 launched, consumed at 1
+        compute()
+        strategy.after_step(step)
     torch.cuda.synchronize()
-    assert strategy.cuda_stream.query()
+    start, compute_done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    compute()
+    strategy.after_step(2)                       # consumes round 1's mean, launches round 2's
+    compute()                                    # round 3's compute, round 2's mean in flight
+    compute_done.record()
+    strategy.launch = launch
+    strategy.after_step(3)                       # consumes round 2's mean
+    torch.cuda.synchronize()
+    compute_ms, side_ms = start.elapsed_time(compute_done), start.elapsed_time(side_done)
+    assert compute_ms < side_ms / 2, f"compute ended at {compute_ms:.2f} ms, the side stream at {side_ms:.2f} ms"
+    assert strategy.round == 4
 
 
 def _train_modes(rank, world_size, cfg_yamls, cwd, device):
@@ -232,17 +262,25 @@ def test_two_ranks_over_gloo_on_cuda_tensors_match_the_cpu(two_rank_records, mod
 
 @pytest.mark.parametrize("name,key", [("int8", "codes"), ("sign1", "signs")])
 def test_compiled_codecs_on_cuda_agree_with_the_eager_ones(name, key):
-    """``comm.compile=true`` on CUDA (Triton kernels from Inductor) against the eager kernels."""
+    """``comm.compile=true`` on CUDA (Triton kernels from Inductor) against the eager kernels.
+    Not bitwise: Triton's reciprocal can differ from the eager one by an ulp, which moves a
+    value that sits on a rounding boundary to the neighbouring int8 code (1 in 10^6 seen on
+    an H200); each result still meets the quantiser's bound |x - x'| <= s / 2."""
     from thinwire.comm.compressors import build_compressor, fused
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x, e = torch.randn(1 << 20, device="cuda", generator=g), torch.randn(1 << 20, device="cuda", generator=g)
     eager, comp = build_compressor(name), build_compressor(name, compile=True)
     a, b = eager.compress(x, step=1), comp.compress(x, step=1)
-    same = (a.tensors[key] == b.tensors[key]).float().mean().item()
-    assert same >= 0.9999, f"{name}: {1 - same:.2e} of the codes differ"
+    differ = a.tensors[key] != b.tensors[key]
+    assert differ.float().mean().item() <= 1e-5, f"{name}: {differ.float().mean().item():.2e} of the codes differ"
+    if name == "int8":
+        assert (a.tensors[key].int() - b.tensors[key].int()).abs().max().item() <= 1
     torch.testing.assert_close(b.tensors["scales"], a.tensors["scales"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(comp.decompress(b), eager.decompress(a), rtol=1e-5, atol=1e-6)
+    out = comp.decompress(b)
+    s = b.tensors["scales"].repeat_interleave(2048)
+    bound = s / 2 if name == "int8" else (x.abs() + s)  # sign: |x - s sign(x)| <= |x| + s
+    assert ((x - out).abs() <= bound * (1 + 1e-5) + 1e-7).all()
     codes, scales, e_new = fused.compiled(name)[2](x, e, 2048)
-    local = eager.decompress(eager.compress(x + e, step=1))
-    torch.testing.assert_close(e_new, (x + e) - local, rtol=1e-5, atol=1e-5)
+    local = fused.compiled(name)[1](codes, scales, 2048)
+    torch.testing.assert_close(e_new, (x + e) - local, rtol=1e-5, atol=1e-6)

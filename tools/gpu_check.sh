@@ -28,5 +28,6 @@ for m in ("hydra", "omegaconf", "deepspeed", "triton", "numpy", "transformers"):
 PY
 timeout "${GPU_TIER_S:-330}" python3 -m pytest -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider \
   ${GPU_TIER_ARGS:-} 2>&1 | tee "$out/gpu_tier.txt"
+[ "${GPU_BENCH_S:-150}" = 0 ] && exit 0   # GPU_BENCH_S=0: the tier alone
 timeout "${GPU_BENCH_S:-150}" python3 bench/compress_pass.py --device cuda --sizes "${GPU_SIZES:-1M,16M,64M,256M}" \
   --json "$out/compress_pass.json" 2>&1 | tee "$out/compress_pass.md"

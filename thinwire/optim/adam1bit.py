@@ -68,6 +68,7 @@ import torch
 from ..comm import accounting
 from ..comm.aggregator import CompressedAggregator
 from ..errors import ConfigError, need, one_of
+from ..tensors import on_device
 from .plugins import OPTIMIZERS, AdamWOptions, OwnUpdatePlugin
 
 WARMUP_COMM = {"bf16": "bf16", "fp32": "none"}    # optim.warmup_comm -> the compressor of the all-reduce
@@ -190,4 +191,4 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
             m.copy_(state["exp_avg"][n])
             v.copy_(state["exp_avg_sq"][n])
-        self.compressed.load_state_dict(state["errors"])
+        self.compressed.load_state_dict(on_device(state["errors"], self.exp_avg[0].device))
