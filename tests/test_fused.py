@@ -52,10 +52,10 @@ def test_compile_option_routes_whole_blocks_through_the_fused_codec(monkeypatch,
     (here its uncompiled functions), a ragged length the eager path; both give the eager result."""
     calls = []
 
-    def spy(which):
+    def spy(which, device=None):
         encode, decode = fused.CODECS[which]
         return (lambda *a: calls.append("enc") or encode(*a), lambda *a: calls.append("dec") or decode(*a), None)
-    monkeypatch.setattr(fused, "compiled", spy)
+    monkeypatch.setattr(fused, "codec", spy)
     eager, comp = build_compressor(name, block_size=BLOCK), build_compressor(name, block_size=BLOCK, compile=True)
     for n in (4 * BLOCK, 4 * BLOCK + 8):
         x = data(n)[0]

@@ -262,14 +262,16 @@ def test_two_ranks_over_gloo_on_cuda_tensors_match_the_cpu(two_rank_records, mod
 
 @pytest.mark.parametrize("name,key", [("int8", "codes"), ("sign1", "signs")])
 def test_compiled_codecs_on_cuda_agree_with_the_eager_ones(name, key):
-    """``comm.compile=true`` on CUDA (Triton kernels from Inductor) against the eager kernels.
-    Not bitwise: Triton's reciprocal can differ from the eager one by an ulp, which moves a
-    value that sits on a rounding boundary to the neighbouring int8 code (1 in 10^6 seen on
-    an H200); each result still meets the quantiser's bound |x - x'| <= s / 2."""
+    """``comm.compile=true`` on CUDA (the Triton kernels of ``fused_triton``), and the same
+    math through ``torch.compile`` (Inductor), against the eager kernels. Not bitwise:
+    Inductor's reciprocal can differ from the eager one by an ulp, which moves a value that
+    sits on a rounding boundary to the neighbouring int8 code (1 in 10^6 seen on an H200);
+    each result meets the quantiser's bound |x - x'| <= s / 2."""
     from thinwire.comm.compressors import build_compressor, fused
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x, e = torch.randn(1 << 20, device="cuda", generator=g), torch.randn(1 << 20, device="cuda", generator=g)
+    x[:2048] = 0.0                                   # a zero block: scale 0
     eager, comp = build_compressor(name), build_compressor(name, compile=True)
     a, b = eager.compress(x, step=1), comp.compress(x, step=1)
     differ = a.tensors[key] != b.tensors[key]
@@ -281,6 +283,8 @@ def test_compiled_codecs_on_cuda_agree_with_the_eager_ones(name, key):
     s = b.tensors["scales"].repeat_interleave(2048)
     bound = s / 2 if name == "int8" else (x.abs() + s)  # sign: |x - s sign(x)| <= |x| + s
     assert ((x - out).abs() <= bound * (1 + 1e-5) + 1e-7).all()
-    codes, scales, e_new = fused.compiled(name)[2](x, e, 2048)
-    local = fused.compiled(name)[1](codes, scales, 2048)
-    torch.testing.assert_close(e_new, (x + e) - local, rtol=1e-5, atol=1e-6)
+    for encode, decode, ef_pass in (fused.codec(name, x.device), fused.compiled(name)):
+        codes, scales, e_new = ef_pass(x, e, 2048)
+        ref_codes, ref_scales = encode(x + e, 2048)
+        assert (codes != ref_codes).float().mean().item() <= 1e-5
+        torch.testing.assert_close(e_new, (x + e) - decode(codes, scales, 2048), rtol=1e-5, atol=1e-6)

@@ -69,6 +69,18 @@ def ef_pass(name: str, g: torch.Tensor, e: torch.Tensor, block: int):
     return codes, s, q - decode(codes, s, block)
 
 
+def codec(name: str, device: torch.device):
+    """(encode, decode, ef_pass) of codec ``name`` for tensors on ``device``: the hand-written
+    Triton kernels on CUDA (:mod:`.fused_triton`, faster than Inductor's: docs/gpu.md), else
+    this module's functions through ``torch.compile``."""
+    if device.type == "cuda":
+        from . import fused_triton
+
+        return (functools.partial(fused_triton.encode, name), functools.partial(fused_triton.decode, name),
+                functools.partial(fused_triton.ef_pass, name))
+    return compiled(name)
+
+
 @functools.cache
 def compiled(name: str):
     """(encode, decode, ef_pass) of codec ``name``, compiled once per process and tensor

@@ -66,8 +66,8 @@ class Int8Compressor(Compressor):
     so E[x'] = x (unbiased; |x - x'| < s).  Give each rank its own seed (e.g. seed + rank)
     so the rounding errors of different ranks are independent and average out.
 
-    ``compile=True``: the same math through ``torch.compile`` (:mod:`.fused`: one pass per
-    direction instead of a kernel per operation) for tensors whose length is a multiple of
+    ``compile=True``: the same math in one kernel per direction (:mod:`.fused`: Triton kernels
+    on CUDA, ``torch.compile`` on the CPU) for tensors whose length is a multiple of
     ``block_size``; others, and stochastic rounding, take the eager path.
     """
 
@@ -85,7 +85,7 @@ class Int8Compressor(Compressor):
     def _compress(self, flat, shape, dtype, step):
         n, bs = flat.numel(), self.block_size
         if self._compiled(n):
-            codes, scales = fused.compiled(self.name)[0](flat.float(), bs)
+            codes, scales = fused.codec(self.name, flat.device)[0](flat.float(), bs)
             return Payload({"codes": codes, "scales": scales}, shape, dtype)
         xb = blocks(flat, bs)
         nb = xb.shape[0]
@@ -109,7 +109,8 @@ class Int8Compressor(Compressor):
 
     def _decompress(self, p):
         if self._compiled(p.numel):
-            return fused.compiled(self.name)[1](p.tensors["codes"], p.tensors["scales"], self.block_size)
+            return fused.codec(self.name, p.tensors["codes"].device)[1](p.tensors["codes"], p.tensors["scales"],
+                                                                     self.block_size)
         return _per_block(p.tensors["codes"], p.tensors["scales"], self.block_size)
 
 
@@ -194,7 +195,7 @@ class Sign1Compressor(Compressor):
     def _compress(self, flat, shape, dtype, step):
         n, bs = flat.numel(), self.block_size
         if self._compiled(n):
-            signs, scales = fused.compiled(self.name)[0](flat.float(), bs)
+            signs, scales = fused.codec(self.name, flat.device)[0](flat.float(), bs)
             return Payload({"signs": signs, "scales": scales}, shape, dtype)
         xb = blocks(flat, bs)
         nb = xb.shape[0]
@@ -220,7 +221,7 @@ class Sign1Compressor(Compressor):
     def _decompress(self, p):
         packed = p.tensors["signs"]
         if self._compiled(p.numel):
-            return fused.compiled(self.name)[1](packed, p.tensors["scales"], self.block_size)
+            return fused.codec(self.name, packed.device)[1](packed, p.tensors["scales"], self.block_size)
         shifts = _SHIFTS.to(packed.device)
 
         def decode(a, b, dst):                       # elements [a, b) -> +-1 in dst
