@@ -4,18 +4,21 @@ Run with one rank per namespace (gloo over eth0):
 
     PYTHON=$(which python) launch/netsim run 4 100mbit -- bench/cluster_peer_probe.py --out probe/
 
-Each rank reads its eth0 tx_bytes around K calls of: all_reduce of 1 fp32 element,
-all_gather of 1 element per rank, and all_reduce of 16,384 fp32 (64 KiB); a barrier comes
-before every counter read so the calls' traffic has left. Per call it writes what was
+Each rank reads its eth0 tx_bytes and the clock around K calls of: all_reduce, all_gather
+and all_to_all of 1 fp32 element (per rank; all_to_all: per peer) and of 16,384 fp32
+(64 KiB); a barrier comes before every counter read so the calls' traffic has left. Per call it writes what was
 measured, the payload thinwire's accounting charges (ring formulas,
 thinwire/comm/accounting.py) and their difference: the per-call overhead (Ethernet/IP/TCP
 headers of every message, the receiver's ACKs, gloo's own small messages) that the
-accounting leaves out by design. Rank r writes <out>/probe<r>.json.
+accounting leaves out by design, and the seconds per call (the closing barrier's time
+subtracted): bench/netclock_validate.py fits the network clock's per-call cost from them.
+Rank r writes <out>/probe<r>.json.
 """
 import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,25 +49,30 @@ def main() -> int:
         "all_reduce 1 fp32": (lambda t: dist.all_reduce(t), torch.zeros(1), "all_reduce", 1),
         "all_gather 1 fp32": (lambda t: gather(torch.zeros(p), t), torch.zeros(1), "all_gather", 1),
         "all_reduce 64 KiB": (lambda t: dist.all_reduce(t), torch.zeros(16384), "all_reduce", 16384),
+        "all_gather 64 KiB": (lambda t: gather(torch.zeros(p * 16384), t), torch.zeros(16384), "all_gather", 16384),
+        "all_to_all 1 fp32": (lambda t: dist.all_to_all_single(torch.zeros(p), t), torch.zeros(p), "all_to_all", p),
+        "all_to_all 64 KiB": (lambda t: dist.all_to_all_single(torch.zeros(p * 16384), t), torch.zeros(p * 16384),
+                              "all_to_all", p * 16384),
     }
     res = {}
     for name, (fn, t, kind, n) in cases.items():
         fn(t)  # connections and buffers set up
         dist.barrier()
-        t0 = tx()
+        t0, s0 = tx(), time.perf_counter()
         for _ in range(a.calls):
             fn(t)
         dist.barrier()
-        measured = tx() - t0
+        measured, seconds = tx() - t0, time.perf_counter() - s0
         # the closing barrier is itself a small collective: measure it alone and subtract
-        b0 = tx()
+        b0, s0 = tx(), time.perf_counter()
         dist.barrier()
         dist.barrier()
-        barrier = (tx() - b0) / 2
+        barrier, barrier_s = (tx() - b0) / 2, (time.perf_counter() - s0) / 2
         payload = collective_bytes(kind, n, 4, p)
         per_call = (measured - barrier) / a.calls
         res[name] = {"calls": a.calls, "measured_per_call": round(per_call, 1), "payload_per_call": payload,
-                     "overhead_per_call": round(per_call - payload, 1)}
+                     "overhead_per_call": round(per_call - payload, 1),
+                     "seconds_per_call": (seconds - barrier_s) / a.calls}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"probe{rank}.json"), "w") as fh:
         json.dump({"rank": rank, "world_size": p, "cases": res}, fh, indent=1)
