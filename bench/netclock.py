@@ -348,6 +348,45 @@ ASSUMED = {"torch PostLocalSGD H=8": ("local H=8", "same algorithm as local H=8 
                                                       "2.5862 (bench/results/time_to_target/torchft_peer_S160.json)")}
 
 
+# rows the 4-rank time-to-target protocol runs for the clock, beyond bench/time_to_target.py's own
+# (same harness: bench/quality.py's model, data, AdamW 3e-3 + wsd, 64 eval batches, seed 0)
+TTT_ROWS = {
+    "bf16": (1, ["comm=bf16", "sync=ddp"]),
+    "co2 H=8": (8, ["sync=co2", "sync.local_steps=8"]),
+    "stream H=8 F=4 tau=1": (8, ["sync=local", "sync.local_steps=8", "sync.fragments=4", "sync.fragment_delay=1",
+                                 "sync.fragment_alpha=0.5", "sync.clip=inf"]),
+    "eager H=8": (8, ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", "sync.outer_optim.lr=1.0",
+                      "sync.outer_optim.momentum=0.0", "sync.outer_optim.nesterov=false"]),
+}
+
+
+def run_ttt(rows: list[str], S: int = 160) -> dict:
+    """Run ``rows`` (``TTT_ROWS``) through bench/time_to_target.py's protocol (its functions;
+    runs cached under its runs/) and add their branch losses to results/netclock_ttt_S<S>.json;
+    the target is dense's, from time_to_target/S<S>_seed0.json."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import time_to_target as t
+
+    for r in rows:
+        if r not in TTT_ROWS:
+            raise SystemExit(f"--ttt: unknown row {r!r} (expected one of {', '.join(TTT_ROWS)})")
+        t.ROWS[r] = TTT_ROWS[r][1]
+        t.check_multiple(S, TTT_ROWS[r][0])
+    path = os.path.join(RESULTS, f"netclock_ttt_S{S}.json")
+    with open(os.path.join(RESULTS, "time_to_target", f"S{S}_seed0.json")) as fh:
+        target = json.load(fh)["target"]
+    doc = {"args": {"S": S, "seed": 0, "nproc": 4, "lr": 3e-3}, "target": target, "results": {}}
+    if os.path.exists(path):
+        with open(path) as fh:
+            doc = json.load(fh)
+    a = argparse.Namespace(S=S, seed=0, nproc=4, lr=3e-3, report=False, jobs=1, fs=list(t.FS))
+    for r in rows:
+        doc["results"][r] = {str(f): v for f, v in t.protocol(r, 0, a).items()}
+        with open(path, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    return doc
+
+
 def steps_to_target() -> tuple[dict, float, int]:
     """``{protocol row: (steps / S or None, how)}``, the target and S, from the 4-rank
     time-to-target runs (bench/time_to_target.py's protocol, seed 0)."""
@@ -471,7 +510,11 @@ def main(argv=None) -> int:
                     help="codec pass efficiency (fraction of the device copy bandwidth)")
     ap.add_argument("--copy-bandwidth", type=float, default=COPY_BANDWIDTH, help="device copy bandwidth, B/s")
     ap.add_argument("--out", default=os.path.join(RESULTS, "netclock_projection"))
+    ap.add_argument("--ttt", default=None, help="first run these comma-separated TTT_ROWS through the 4-rank "
+                    "time-to-target protocol (S = 160; cached)")
     a = ap.parse_args(argv)
+    if a.ttt:
+        run_ttt([r.strip() for r in a.ttt.split(",") if r.strip()])
     if not 0 < a.efficiency <= 1:
         raise SystemExit(f"--efficiency={a.efficiency}: must be in (0, 1]")
     rows = methods()
