@@ -4,7 +4,7 @@ compute/network ratio users run at rather than at this 2-core machine's.
 
 The model (issue "time to quality at the scale users run")::
 
-    call time      t(c) = latency x hops(c) + per_call(c) + bytes(c) / bandwidth
+    call time      t(c) = latency x hops(c) + per_call(c) + bytes(c) / (bandwidth x goodput(c))
     hops           the sequential message rounds of the collective's standard algorithm
                    (thinwire/comm/accounting.py's table): ring all-reduce 2(p-1),
                    ring all-gather / reduce-scatter p-1, pairwise all-to-all p-1,
@@ -14,8 +14,10 @@ The model (issue "time to quality at the scale users run")::
     round time     H x compute + codec + exposed network        (a round = H steps; H = 1 for DDP)
     step time      round time / H
 
-``per_call`` is zero in projections (latency is modelled) and the fitted per-call cost on the
-shaped network (``bench/cluster_peer_probe.py --time``), where tc cannot add delay.
+``per_call`` is zero and ``goodput`` one in projections (latency is modelled, the preset's
+bandwidth is taken as payload bandwidth); on the shaped network both are fitted per collective
+kind from ``bench/cluster_peer_probe.py`` (4-byte and 1 MiB calls on the same links), where tc
+cannot add delay (bench/netclock_validate.py).
 
 Overlap rules, per mode (what "exposed" means):
 
@@ -81,11 +83,14 @@ class Call:
 
 @dataclass(frozen=True)
 class Link:
-    """One rank's link: ``gbit`` (10^9 bit/s, each direction), ``latency_s`` per message, and
-    ``per_call_s``: a fitted fixed cost per call by collective (software, handshakes)."""
+    """One rank's link: ``gbit`` (10^9 bit/s, each direction), ``latency_s`` per message,
+    ``per_call_s``: a fitted fixed cost per call by collective (software, handshakes), and
+    ``goodput``: the fraction of ``gbit`` a collective's payload gets (headers, ACKs, TCP
+    over a shaper), fitted by collective; 1 where not given (projections)."""
     gbit: float
     latency_s: float = 0.0
     per_call_s: Mapping[str, float] = field(default_factory=dict)
+    goodput: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.gbit > 0:
@@ -97,7 +102,7 @@ class Link:
         return self.latency_s * c.messages + self.per_call_s.get(c.collective, 0.0)
 
     def bandwidth_part(self, c: Call) -> float:
-        return c.nbytes * 8 / (self.gbit * 1e9)
+        return c.nbytes * 8 / (self.gbit * 1e9 * self.goodput.get(c.collective, 1.0))
 
     def time(self, c: Call) -> float:
         return self.latency_part(c) + self.bandwidth_part(c)

@@ -67,10 +67,12 @@ def netsim(hosts: int, rate: str, args: list[str], work: str, tag: str, timeout:
 
 
 def probe(hosts: int, rate: str, work: str, calls: int) -> dict:
-    """Seconds per call by case, mean over ranks (bench/cluster_peer_probe.py)."""
+    """Seconds per call by case, mean over ranks (bench/cluster_peer_probe.py; reused from
+    ``work`` if there)."""
     out = os.path.join(work, f"probe-{rate}")
-    netsim(hosts, rate, [os.path.join(HERE, "cluster_peer_probe.py"), "--out", out, "--calls", str(calls)],
-           work, f"probe-{rate}")
+    if not os.path.exists(os.path.join(out, f"probe{hosts - 1}.json")):
+            netsim(hosts, rate, [os.path.join(HERE, "cluster_peer_probe.py"), "--out", out, "--calls", str(calls)],
+               work, f"probe-{rate}")
     ranks = [json.load(open(os.path.join(out, f"probe{r}.json"))) for r in range(hosts)]
     return {case: {"seconds_per_call": sum(r["cases"][case]["seconds_per_call"] for r in ranks) / hosts,
                    "payload_per_call": ranks[0]["cases"][case]["payload_per_call"]}
@@ -79,30 +81,35 @@ def probe(hosts: int, rate: str, work: str, calls: int) -> dict:
 
 def fit_per_call(cases: dict, gbit: float) -> dict:
     """Per collective kind: the fixed cost of one call = seconds per 4-byte call minus its
-    bytes / bandwidth (which is ~0); and, as a check, the effective bandwidth of the 64 KiB
-    calls after that fixed cost."""
+    bytes / bandwidth (~0); the goodput = the payload bandwidth of the 1 MiB calls after that
+    fixed cost, as a fraction of the nominal rate (64 KiB: reported as a check)."""
     out = {}
     for kind in ("all_reduce", "all_gather", "all_to_all"):
-        small, big = cases[f"{kind} 1 fp32"], cases[f"{kind} 64 KiB"]
+        small = cases[f"{kind} 1 fp32"]
         a = max(0.0, small["seconds_per_call"] - small["payload_per_call"] * 8 / (gbit * 1e9))
-        bw = big["payload_per_call"] * 8 / max(1e-9, big["seconds_per_call"] - a) / 1e9
-        out[kind] = {"per_call_s": a, "effective_gbit_64KiB": bw}
+        out[kind] = {"per_call_s": a}
+        for size in ("64 KiB", "1 MiB"):
+            c = cases[f"{kind} {size}"]
+            out[kind][f"goodput_{size.replace(' ', '')}"] = \
+                c["payload_per_call"] * 8 / max(1e-9, c["seconds_per_call"] - a) / (gbit * 1e9)
     return out
 
 
 def run_row(row, hosts: int, rate: str, steps: int, work: str, tag: str) -> dict:
     label, _mode, _H, _tau, ov = row
     d = os.path.join(work, tag)
-    netsim(hosts, rate, [os.path.join(HERE, "cluster_peer.py"), "--log-calls", "--stop-steps", str(steps),
-                         "--eval-every", str(steps), "--out", d, "--", f"trainer.max_steps={steps}",
-                         "trainer.sample_chars=0", "trainer.progress=false", "logger=none", "dist.backend=gloo",
-                         "dist.threads=1", "data.eval_batches=1", *ov, *MODEL], work, tag)
+    done = os.path.exists(os.path.join(d, "rank0.json"))  # reused from an earlier --work
+    if not done:
+        netsim(hosts, rate, [os.path.join(HERE, "cluster_peer.py"), "--log-calls", "--stop-steps", str(steps),
+                             "--eval-every", str(steps), "--out", d, "--", f"trainer.max_steps={steps}",
+                             "trainer.sample_chars=0", "trainer.progress=false", "logger=none", "dist.backend=gloo",
+                             "dist.threads=1", "data.eval_batches=1", *ov, *MODEL], work, tag)
     with open(os.path.join(d, "metrics.jsonl")) as fh:
         lines = [json.loads(x) for x in fh if x.strip()]
     return {"lines": lines, "rank0": json.load(open(os.path.join(d, "rank0.json")))}
 
 
-def predict(row, shaped: dict, unshaped: dict, link: Link, skip: int) -> dict:
+def predict(row, shaped: dict, unshaped: dict, link: Link, skip: int, nominal: Link | None = None) -> dict:
     """The clock's mean step time over steps skip+1.. of the shaped run (module docstring)."""
     label, mode, H, tau, _ = row
     lines, calls = shaped["lines"], shaped["rank0"]["calls"]
@@ -125,7 +132,11 @@ def predict(row, shaped: dict, unshaped: dict, link: Link, skip: int) -> dict:
     share = bw / network if network else 0.0
     tol = 0.10 if share >= 0.8 else 0.25
     err = predicted / measured - 1
-    return {"label": label, "mode": mode, "steps": f"{skip + 1}-{len(lines)}", "compute_s": round(c_mean, 4),
+    extra = {}
+    if nominal is not None:  # the same clock at the nominal rate (goodput 1), for comparison
+        n_pred = predict(row, shaped, unshaped, nominal, skip)["predicted_s"]
+        extra = {"predicted_nominal_s": n_pred, "error_nominal": round(n_pred / measured - 1, 4)}
+    return {**extra, "label": label, "mode": mode, "steps": f"{skip + 1}-{len(lines)}", "compute_s": round(c_mean, 4),
             "modelled_network_s_per_step": round(network / n, 4), "exposed_s_per_step": round(exposed / n, 4),
             "bandwidth_share": round(share, 3), "predicted_s": round(predicted, 4), "measured_s": round(measured, 4),
             "measured_comm_wait_s": round(sum(lines[i]["comm_wait_s"] for i in window) / n, 4),
@@ -137,20 +148,22 @@ def predict(row, shaped: dict, unshaped: dict, link: Link, skip: int) -> dict:
 def markdown(doc: dict) -> str:
     out = [f"`{doc['command']}` ({doc['date']}): {doc['hosts']} hosts at {doc['rate']} (tc tbf), model "
            f"`{' '.join(MODEL)}`, steps {doc['rows'][0]['steps'] if doc['rows'] else '-'} of each run.", "",
-           "Per-call cost fitted on the same links (bench/cluster_peer_probe.py, seconds per 4-byte call; "
-           "effective bandwidth of 64 KiB calls after it): " + "; ".join(
-               f"{k} {v['per_call_s'] * 1e3:.2f} ms ({v['effective_gbit_64KiB'] * 1e3:.2f} Mbit/s)"
+           "Fitted on the same links (bench/cluster_peer_probe.py): per-call cost (4-byte calls) and goodput "
+           "(1 MiB calls; 64 KiB in brackets) per collective: " + "; ".join(
+               f"{k} {v['per_call_s'] * 1e3:.2f} ms, {v['goodput_1MiB']:.3f} ({v['goodput_64KiB']:.3f})"
                for k, v in doc["fit"].items()) + ". WAN latency: modelled, not validated (no netem here).", "",
            "| row | clock mode | compute s/step (unshaped run) | modelled network s/step | exposed | "
-           "bytes/bandwidth share | predicted s/step | measured s/step | error | tolerance | |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "bytes/bandwidth share | predicted s/step | measured s/step | error | tolerance | | "
+           "at the nominal rate: predicted (error) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in doc["rows"]:
         out.append(f"| {r['label']} | {r['mode']} | {r['compute_s']:.4f} | {r['modelled_network_s_per_step']:.4f} | "
                    f"{r['exposed_s_per_step']:.4f} | {r['bandwidth_share']:.2f} | {r['predicted_s']:.4f} | "
                    f"{r['measured_s']:.4f} | {r['error'] * 100:+.1f}% | +-{r['tolerance'] * 100:.0f}% | "
-                   f"{'within' if r['within'] else '**outside**'} |")
+                   f"{'within' if r['within'] else '**outside**'} | "
+                   f"{r['predicted_nominal_s']:.4f} ({r['error_nominal'] * 100:+.1f}%) |")
     for f in doc.get("failed", []):
-        out.append(f"| {f['label']} | failed: {f['error'][-150:]} | | | | | | | | | |")
+        out.append(f"| {f['label']} | failed: {f['error'][-150:]} | | | | | | | | | | |")
     return "\n".join(out) + "\n"
 
 
@@ -162,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=8, help="steps left out at the start (a multiple of every H)")
     ap.add_argument("--probe-calls", type=int, default=40)
     ap.add_argument("--rows", default=None, help="comma-separated labels (default: all)")
+    ap.add_argument("--work", default=None, help="work dir; runs and probe already there are reused")
     ap.add_argument("--out", default=OUT)
     a = ap.parse_args(argv)
     chk = subprocess.run(["bash", NETSIM, "check"], capture_output=True, text=True)
@@ -171,20 +185,24 @@ def main(argv=None) -> int:
     gbit = float(a.rate[:-4]) / 1e3 if a.rate.endswith("mbit") else float(a.rate[:-4])
     labels = a.rows.split(",") if a.rows else [r[0] for r in ROWS]
     rows = [r for r in ROWS if r[0] in labels]
-    work = tempfile.mkdtemp(prefix="twclock")
+    work = a.work or tempfile.mkdtemp(prefix="twclock")
+    os.makedirs(work, exist_ok=True)
     print(f"bench/netclock_validate.py: work dir {work}", flush=True)
     t0 = time.perf_counter()
     fit = fit_per_call(probe(a.hosts, a.rate, work, a.probe_calls), gbit)
-    link = Link(gbit, 0.0, {k: v["per_call_s"] for k, v in fit.items()})
-    print("per-call fit:", json.dumps(fit), flush=True)
-    doc = {"command": " ".join(["python", "bench/netclock_validate.py", *(argv or sys.argv[1:])]),
+    per_call = {k: v["per_call_s"] for k, v in fit.items()}
+    link = Link(gbit, 0.0, per_call, {k: v["goodput_1MiB"] for k, v in fit.items()})
+    nominal = Link(gbit, 0.0, per_call)
+    print("fit:", json.dumps(fit), flush=True)
+    doc = {"command": " ".join(["python", "bench/netclock_validate.py", *(argv if argv is not None else sys.argv[1:])]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rate": a.rate, "hosts": a.hosts,
            "fit": fit, "rows": [], "failed": []}
     for i, row in enumerate(rows):
+        k = ROWS.index(row)
         try:
-            unshaped = run_row(row, a.hosts, "none", a.steps, work, f"r{i}-none")
-            shaped = run_row(row, a.hosts, a.rate, a.steps, work, f"r{i}-{a.rate}")
-            r = predict(row, shaped, unshaped, link, a.skip)
+            unshaped = run_row(row, a.hosts, "none", a.steps, work, f"r{k}-none")
+            shaped = run_row(row, a.hosts, a.rate, a.steps, work, f"r{k}-{a.rate}")
+            r = predict(row, shaped, unshaped, link, a.skip, nominal)
         except (RuntimeError, OSError, KeyError, subprocess.TimeoutExpired) as e:
             doc["failed"].append({"label": row[0], "error": str(e)[-1500:]})
             print(f"{row[0]}: FAILED {str(e)[-800:]}", flush=True)

@@ -25,6 +25,8 @@ def test_call_time_is_latency_times_hops_plus_bytes_over_bandwidth():
     # 2 hops x 10 ms + 1 ms per call + 8e6 bit / 1e9 bit/s
     assert link.time(c) == pytest.approx(0.020 + 0.001 + 0.008)
     assert link.latency_part(nc.Call("all_gather", "data", 0, 5)) == pytest.approx(0.040)
+    slow = nc.Link(gbit=1.0, goodput={"all_reduce": 0.8})  # a fitted goodput stretches the bytes' part only
+    assert slow.time(c) == pytest.approx(0.008 / 0.8)
     with pytest.raises(ValueError, match="gbit=0"):
         nc.Link(gbit=0)
 
