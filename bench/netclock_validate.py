@@ -6,8 +6,11 @@
 Per row, two runs of bench/cluster_peer.py with one rank per namespace (one torch thread per
 rank, so one rank per core on this 2-core machine), same config, ``--log-calls``:
 
-1. *unshaped* (``launch/netsim run 2 none``): compute + codec per step = ``step_time_s -
-   comm_wait_s`` (the only wall-clock input to the clock);
+1. *unshaped* (``launch/netsim run 2 none``): compute + codec per step = its mean
+   ``step_time_s`` (the only wall-clock input to the clock). It includes what a step costs
+   beyond the link: the ranks' skew (a collective waits for the slower rank; on 2 shared
+   cores that is ms per step even with no shaping) and the few ms the unshaped veth costs;
+   ``step_time_s - comm_wait_s`` would leave the skew out and charge it to the network;
 2. *shaped* (tc tbf at ``--rate``): the measured step time, and the collective calls the
    accounting logged for every step (kind, bytes, group size).
 
@@ -32,7 +35,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from netclock import Call, Link, round_time  # noqa: E402
+from netclock import Call, Link, Method, bucket_calls, payload_bytes_per_value, round_time  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -53,6 +56,22 @@ ROWS = [
     ("stream H=8 F=2 tau=1", "streaming", 8, 1, ["comm=none", "sync=local", "sync.local_steps=8",
                                                  "sync.fragments=2", "sync.fragment_delay=1", "sync.clip=inf"]),
 ]
+
+
+# the projection's byte formula for each row (bench/netclock.py's Method), checked against the
+# logged calls: (collective, compressor and its options or None = fp32, H)
+FORMULA = {"ddp fp32": ("all_reduce", None, {}, 1), "bf16": ("all_reduce", "bf16", {}, 1),
+           "int8 two-phase + ef": ("two_phase", "int8", {}, 1),
+           "topk 1% + ef (all-gather)": ("all_gather", "topk", {"ratio": 0.01}, 1),
+           "local H=8": ("all_reduce", None, {}, 8), "co2 H=8": ("all_reduce", None, {}, 8),
+           "eager H=8": ("all_reduce", None, {}, 8), "stream H=8 F=2 tau=1": ("all_reduce", None, {}, 8)}
+
+
+def formula_bytes_per_step(label: str, numel: int, p: int) -> float:
+    """Data bytes per step by the projection's formula (whole model in one bucket / flat call)."""
+    coll, comm, kw, H = FORMULA[label]
+    m = Method(label, "ddp", coll, 4.0 if comm is None else payload_bytes_per_value(comm, **kw))
+    return sum(c.nbytes for c in bucket_calls(m, numel, p)) / H
 
 
 def netsim(hosts: int, rate: str, args: list[str], work: str, tag: str, timeout: float = 900) -> None:
@@ -114,7 +133,7 @@ def predict(row, shaped: dict, unshaped: dict, link: Link, skip: int, nominal: L
     label, mode, H, tau, _ = row
     lines, calls = shaped["lines"], shaped["rank0"]["calls"]
     window = range(skip, len(lines))
-    compute = [unshaped["lines"][i]["step_time_s"] - unshaped["lines"][i]["comm_wait_s"] for i in window]
+    compute = [unshaped["lines"][i]["step_time_s"] for i in window]
     c_mean = sum(compute) / len(compute)
     exposed = network = bw = 0.0
     for r0 in range(skip, len(lines), H):  # one round = H steps (H = 1: one step)
@@ -154,16 +173,17 @@ def markdown(doc: dict) -> str:
                for k, v in doc["fit"].items()) + ". WAN latency: modelled, not validated (no netem here).", "",
            "| row | clock mode | compute s/step (unshaped run) | modelled network s/step | exposed | "
            "bytes/bandwidth share | predicted s/step | measured s/step | error | tolerance | | "
-           "at the nominal rate: predicted (error) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "at the nominal rate: predicted (error) | projection's byte formula / logged data bytes |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in doc["rows"]:
         out.append(f"| {r['label']} | {r['mode']} | {r['compute_s']:.4f} | {r['modelled_network_s_per_step']:.4f} | "
                    f"{r['exposed_s_per_step']:.4f} | {r['bandwidth_share']:.2f} | {r['predicted_s']:.4f} | "
                    f"{r['measured_s']:.4f} | {r['error'] * 100:+.1f}% | +-{r['tolerance'] * 100:.0f}% | "
                    f"{'within' if r['within'] else '**outside**'} | "
-                   f"{r['predicted_nominal_s']:.4f} ({r['error_nominal'] * 100:+.1f}%) |")
+                   f"{r['predicted_nominal_s']:.4f} ({r['error_nominal'] * 100:+.1f}%) | "
+                   f"{r['formula_over_logged_data_bytes']:.3f} |")
     for f in doc.get("failed", []):
-        out.append(f"| {f['label']} | failed: {f['error'][-150:]} | | | | | | | | | | |")
+        out.append(f"| {f['label']} | failed: {f['error'][-150:]} | | | | | | | | | | | |")
     return "\n".join(out) + "\n"
 
 
@@ -203,6 +223,10 @@ def main(argv=None) -> int:
             unshaped = run_row(row, a.hosts, "none", a.steps, work, f"r{k}-none")
             shaped = run_row(row, a.hosts, a.rate, a.steps, work, f"r{k}-{a.rate}")
             r = predict(row, shaped, unshaped, link, a.skip, nominal)
+            window = shaped["rank0"]["calls"][a.skip:]
+            logged = sum(c[2] for step in window for c in step if c[1] == "data") / len(window)
+            r["formula_over_logged_data_bytes"] = round(
+                formula_bytes_per_step(row[0], shaped["rank0"]["numel"], a.hosts) / logged, 4)
         except (RuntimeError, OSError, KeyError, subprocess.TimeoutExpired) as e:
             doc["failed"].append({"label": row[0], "error": str(e)[-1500:]})
             print(f"{row[0]}: FAILED {str(e)[-800:]}", flush=True)
