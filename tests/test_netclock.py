@@ -107,16 +107,19 @@ def test_meter_logs_every_charged_call():
 
 
 def test_validation_prediction_by_hand():
-    # unshaped: 0.2 s steps -> 0.2 s compute (skew and the unshaped link included); shaped calls per step:
+    # unshaped: 0.3 s steps with 0.1 s waiting -> 0.2 s compute, 0.1 s floor; shaped calls per step:
     # a 1 MB data all-reduce and a 16-byte control all-reduce at p = 2 on 10 Mbit/s, 1 ms per call
     row = ("ddp fp32", "ddp", 1, 0, [])
     calls = [[("all_reduce", "data", 1_000_000, 2), ("all_reduce", "control", 16, 2)]] * 4
     shaped = {"lines": [{"step_time_s": 1.0, "comm_wait_s": 0.8, "wire_bytes": 1_000_016}] * 4,
               "rank0": {"calls": calls}}
-    unshaped = {"lines": [{"step_time_s": 0.2, "comm_wait_s": 0.1}] * 4}
+    unshaped = {"lines": [{"step_time_s": 0.3, "comm_wait_s": 0.1}] * 4}
     link = nc.Link(0.01, 0.0, {"all_reduce": 0.001})
     r = predict(row, shaped, unshaped, link, skip=2)
     net = 0.8 + 0.001 + 16 * 8 / 1e7 + 0.001
     assert r["predicted_s"] == pytest.approx(0.2 + net, abs=1e-4)
     assert r["error"] == pytest.approx((0.2 + net) / 1.0 - 1, abs=1e-3)
     assert r["tolerance"] == 0.10 and r["within"]  # bandwidth is > 80% of the modelled time
+    # a link so fast that the modelled network is below the unshaped run's wait: the floor holds
+    r = predict(row, shaped, unshaped, nc.Link(1000.0), skip=2)
+    assert r["predicted_s"] == pytest.approx(0.2 + 0.1, abs=1e-4)
