@@ -258,26 +258,29 @@ def _cb(kind: str, nbytes: int, p: int) -> int:
 CONTROL = 16  # thinwire's per-step agreement: 2 float64 (loss, non-finite flag)
 
 
+def data_calls(m: Method, pre: Preset, bucket_bytes: int = BUCKET_BYTES) -> list[list[Call]]:
+    """One round's data calls at the preset's p and N: DDP's buckets of ``bucket_bytes`` of fp32
+    gradients (every bucket one collective, or two for two-phase, three for PowerSGD), or the
+    F fragments of an outer all-reduce (one flat call each, as thinwire's averager sends it)."""
+    N, p = int(pre.params), pre.replicas
+    if m.sync == "ddp":
+        B = max(1, math.ceil(N * 4 / bucket_bytes))
+        return [bucket_calls(m, N // B, p, pre)] * B
+    return [bucket_calls(m, N // m.F, p, pre)] * m.F
+
+
 def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float = PASS_EFFICIENCY,
-            copy_bandwidth: float = COPY_BANDWIDTH) -> RoundTime:
+            copy_bandwidth: float = COPY_BANDWIDTH, bucket_bytes: int = BUCKET_BYTES) -> RoundTime:
     """One round of ``m`` at ``pre`` (optionally at another bandwidth)."""
     p, N = pre.replicas, int(pre.params)
     link = Link(gbit or pre.gbit, pre.latency_s)
     codec = N / pre.gpus * m.codec_bytes_per_value / (copy_bandwidth * efficiency)  # sharded over the replica's GPUs
-    control = [Call("all_reduce", "control", _cb("all_reduce", CONTROL, p), p)] if m.control else []
-    if m.sync == "ddp":
-        B = max(1, math.ceil(N * 4 / BUCKET_BYTES))
-        data = [bucket_calls(m, N // B, p, pre)] * B
-    else:
-        data = [bucket_calls(m, N // m.F, p, pre)] * m.F
-        control = [Call("all_reduce", "control", _cb("all_reduce", 4, p), p)]  # outer non-finite flag per round
-    if m.sync == "ddp":
-        return round_time("ddp", link, pre.compute_s, data, control, 1, 0, codec)
+    if m.sync == "ddp":  # thinwire's per-step loss / non-finite agreement
+        control = [Call("all_reduce", "control", _cb("all_reduce", CONTROL, p), p)] if m.control else []
+    else:  # the outer step's non-finite flag, once per round
+        control = [Call("all_reduce", "control", _cb("all_reduce", 4, p), p)]
+    data = data_calls(m, pre, bucket_bytes)
     return round_time(m.sync, link, pre.compute_s, data, control, m.H, m.tau, codec)
-
-
-def compute_only(pre: Preset) -> RoundTime:
-    return RoundTime(1, pre.compute_s, 0.0, 0.0, 0.0, 0.0)
 
 
 def payload_bytes_per_value(comm: str, n: int = 1 << 20, **kw) -> float:
@@ -413,8 +416,9 @@ def steps_to_target() -> tuple[dict, float, int]:
     return rows, target, S
 
 
-def preset_table(pre: Preset, rows: list, ttt: dict, efficiency: float, gbit: float | None = None) -> tuple[str, dict]:
-    """Markdown table of every method at ``pre`` (and its goal numbers)."""
+def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | None = None) -> tuple[str, dict]:
+    """Markdown table of every method at ``pre`` (and its goal numbers); ``opts``: ``project``'s
+    efficiency, copy_bandwidth and bucket_bytes."""
     p, N = pre.replicas, pre.params
     from thinwire.comm.accounting import collective_bytes
 
@@ -423,9 +427,11 @@ def preset_table(pre: Preset, rows: list, ttt: dict, efficiency: float, gbit: fl
            "codec s/step | step-time utilisation | steps to target (x S, 4 ranks) | time to target / compute-only |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     res = {}
+    out.append(f"| compute-only limit (infinitely fast network; dense's steps) | 0 | {pre.compute_s:.3g} | 0 | 0 | "
+               f"100.0% | 1.00 | 1.00x |")
     for group, prow, m in rows:
-        rt = project(m, pre, gbit, efficiency)
-        sent = sum(c.nbytes for g in _data_calls(m, pre) for c in g) / m.H
+        rt = project(m, pre, gbit, **opts)
+        sent = sum(c.nbytes for g in data_calls(m, pre, opts["bucket_bytes"]) for c in g) / m.H
         f, how, note = None, "not measured", ""
         if prow and prow in ttt:
             f, how = ttt[prow]
@@ -437,17 +443,15 @@ def preset_table(pre: Preset, rows: list, ttt: dict, efficiency: float, gbit: fl
                        "ttt_over_compute_only": tt, "how": how}
         out.append(f"| {m.name} | {sent:.3g} ({sent / bf16_ar:.3g}) | {rt.step_s:.3g} | "
                    f"{rt.exposed_s / m.H:.3g} ({rt.latency_s / m.H:.2g}) | {rt.codec_s / m.H:.2g} | "
-                   f"{rt.utilisation * 100:.1f}% | {f'{f:.2f}' if f else how}{note} | "
+                   f"{rt.utilisation * 100:.1f}% | {_steps(f, how)}{note} | "
                    f"{f'{tt:.2f}x' if tt else '-'} |")
     return "\n".join(out) + "\n", res
 
 
-def _data_calls(m: Method, pre: Preset) -> list[list[Call]]:
-    N, p = int(pre.params), pre.replicas
-    if m.sync == "ddp":
-        B = max(1, math.ceil(N * 4 / BUCKET_BYTES))
-        return [bucket_calls(m, N // B, p, pre)] * B
-    return [bucket_calls(m, N // m.F, p, pre)] * m.F
+def _steps(f: float | None, how: str) -> str:
+    if f is None:
+        return how
+    return f"<= {f:.2f}" if how.startswith("<=") else f"{f:.2f}"
 
 
 def goals(pre: Preset, res: dict, at1: dict) -> list[str]:
@@ -480,7 +484,7 @@ def goals(pre: Preset, res: dict, at1: dict) -> list[str]:
     return out
 
 
-def sweep_plot(rows: list, efficiency: float, path: str) -> None:
+def sweep_plot(rows: list, opts: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -490,7 +494,7 @@ def sweep_plot(rows: list, efficiency: float, path: str) -> None:
     cmap = plt.get_cmap("tab20")
     for ax, pre in zip(axes, PRESETS):
         for k, (group, _row, m) in enumerate(rows):
-            ys = [project(m, pre, g, efficiency).utilisation * 100 for g in gbits]
+            ys = [project(m, pre, g, **opts).utilisation * 100 for g in gbits]
             style = {"baseline": "-", "peer": "--", "thinwire": "-"}[group]
             ax.plot(gbits, ys, style, color="black" if group == "baseline" else cmap(k % 20),
                     lw=2 if group == "baseline" else 1.2, label=m.name)
@@ -514,6 +518,8 @@ def main(argv=None) -> int:
     ap.add_argument("--efficiency", type=float, default=PASS_EFFICIENCY,
                     help="codec pass efficiency (fraction of the device copy bandwidth)")
     ap.add_argument("--copy-bandwidth", type=float, default=COPY_BANDWIDTH, help="device copy bandwidth, B/s")
+    ap.add_argument("--bucket-mb", type=float, default=BUCKET_BYTES / 2 ** 20,
+                    help="DDP's bucket_cap_mb in the projection (every bucket pays latency x hops)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "netclock_projection"))
     ap.add_argument("--ttt", default=None, help="first run these comma-separated TTT_ROWS through the 4-rank "
                     "time-to-target protocol (S = 160; cached)")
@@ -522,21 +528,27 @@ def main(argv=None) -> int:
         run_ttt([r.strip() for r in a.ttt.split(",") if r.strip()])
     if not 0 < a.efficiency <= 1:
         raise SystemExit(f"--efficiency={a.efficiency}: must be in (0, 1]")
+    if not a.bucket_mb > 0:
+        raise SystemExit(f"--bucket-mb={a.bucket_mb}: must be > 0")
+    opts = {"efficiency": a.efficiency, "copy_bandwidth": a.copy_bandwidth, "bucket_bytes": int(a.bucket_mb * 2 ** 20)}
     rows = methods()
     ttt, target, S = steps_to_target()
+    never = ttt.get("never synchronise")
+    assert never is not None and never[0] is None, f"'never synchronise' reached the target ({never}): too easy"
     md = [f"`python bench/netclock.py{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`: "
-          f"codec at {a.efficiency:.0%} of {a.copy_bandwidth / 1e12:.1f} TB/s; steps to target from the 4-rank "
+          f"codec at {a.efficiency:.0%} of {a.copy_bandwidth / 1e12:.1f} TB/s, DDP buckets of {a.bucket_mb:g} MB; "
+          f"steps to target from the 4-rank "
           f"runs (S = {S}, target {target:.4f}, seed 0; quality at 8-64 replicas is assumed, not measured).", ""]
     doc = {"efficiency": a.efficiency, "copy_bandwidth": a.copy_bandwidth, "S": S, "target": target, "presets": {}}
     for pre in PRESETS:
-        table, res = preset_table(pre, rows, ttt, a.efficiency)
-        at1 = res if pre.gbit == 1.0 else preset_table(pre, rows, ttt, a.efficiency, 1.0)[1]
+        table, res = preset_table(pre, rows, ttt, opts)
+        at1 = res if pre.gbit == 1.0 else preset_table(pre, rows, ttt, opts, 1.0)[1]
         md += [f"### {pre.name}: {pre.replicas} replicas x {pre.gpus} GPU(s), {pre.tokens // 1024}K tokens/replica/step, "
                f"{pre.gbit:g} Gbit/s, {pre.latency_s * 1e3:.0f} ms; compute {pre.compute_s:.3g} s/step", "", table]
         md += goals(pre, res, at1) + [""]
         doc["presets"][pre.name] = {"table": res, "at_1gbit": at1}
     png = a.out + "_sweep.png"
-    sweep_plot(rows, a.efficiency, png)
+    sweep_plot(rows, opts, png)
     md.append(f"![utilisation vs bandwidth]({os.path.basename(png)})")
     with open(a.out + ".md", "w") as fh:
         fh.write("\n".join(md) + "\n")

@@ -78,15 +78,15 @@ def test_presets_are_the_issues():
 def test_projected_bytes_follow_the_accounting_at_the_presets_p():
     one = nc.PRESETS[0]
     dense = nc.Method("dense", "ddp", "all_reduce", 4.0)
-    sent = sum(c.nbytes for g in nc._data_calls(dense, one) for c in g)
+    sent = sum(c.nbytes for g in nc.data_calls(dense, one) for c in g)
     assert sent == pytest.approx(2 * 7 / 8 * 4e9, rel=1e-4)  # ring all-reduce, p = 8
     B = math.ceil(4e9 / nc.BUCKET_BYTES)
     rt = nc.project(dense, one)
     # every bucket pays 2 (p-1) hops of 20 ms; the control all-reduce too
     assert rt.latency_s == pytest.approx((B + 1) * 14 * 0.020)
     sparse = nc.Method("sparse", "ddp", "all_gather", 0.06)
-    p8 = sum(c.nbytes for g in nc._data_calls(sparse, one) for c in g)
-    p4 = sum(c.nbytes for g in nc._data_calls(sparse, nc.Preset("p4", 1e9, 4, 1, 65536, 1, 0.02, 2048, 20))
+    p8 = sum(c.nbytes for g in nc.data_calls(sparse, one) for c in g)
+    p4 = sum(c.nbytes for g in nc.data_calls(sparse, nc.Preset("p4", 1e9, 4, 1, 65536, 1, 0.02, 2048, 20))
              for c in g)
     assert p8 / p4 == pytest.approx(7 / 3, rel=1e-4)  # all-gather grows with p - 1
     local = nc.Method("local", "local", "all_reduce", 4.0, H=8, control=False, codec_bytes_per_value=40)
