@@ -6,9 +6,10 @@ The model (issue "time to quality at the scale users run")::
 
     call time      t(c) = latency x hops(c) + per_call(c) + bytes(c) / (bandwidth x goodput(c))
     hops           the sequential message rounds of the collective's standard algorithm
-                   (thinwire/comm/accounting.py's table): ring all-reduce 2(p-1),
-                   ring all-gather / reduce-scatter p-1, pairwise all-to-all p-1,
-                   pipelined broadcast p-1
+                   (thinwire/comm/accounting.py's table; the latency terms of Thakur,
+                   Rabenseifner and Gropp 2005, "Optimization of collective communication
+                   operations in MPICH"): ring all-reduce 2(p-1), ring all-gather /
+                   reduce-scatter p-1, pairwise all-to-all p-1, pipelined broadcast p-1
     bytes(c)       bytes one rank sends in c, as thinwire's accounting charges them
                    (``collective_bytes``; all-gather grows with p-1)
     round time     H x compute + codec + exposed network        (a round = H steps; H = 1 for DDP)
@@ -16,7 +17,7 @@ The model (issue "time to quality at the scale users run")::
 
 ``per_call`` is zero and ``goodput`` one in projections (latency is modelled, the preset's
 bandwidth is taken as payload bandwidth); on the shaped network both are fitted per collective
-kind from ``bench/cluster_peer_probe.py`` (4-byte and 1 MiB calls on the same links), where tc
+kind from ``bench/cluster_peer_probe.py`` (4-byte and 64 KiB calls on the same links), where tc
 cannot add delay (bench/netclock_validate.py).
 
 Overlap rules, per mode (what "exposed" means):
@@ -28,11 +29,18 @@ Overlap rules, per mode (what "exposed" means):
   non-finite all-reduce) come after backward and are exposed.
 - ``local`` (local SGD / DiLoCo / SparseLoCo / PostLocalSGD): every call blocks at the end
   of the round: exposed = sum t(c).
-- ``overlap`` (co2 stale, eager): the round's outer all-reduce runs during the next round's
-  H steps of compute: exposed = max(0, t(data) - H x compute); control calls block.
+- ``overlap`` (CO2, Sun et al. 2024, arXiv 2401.16265, Alg. 1; eager updates, Kale et al.
+  2025, arXiv 2502.12996): the round's outer all-reduce runs during the next round's H steps
+  of compute: exposed = max(0, t(data) - H x compute); control calls block.
 - ``streaming`` (Streaming DiLoCo, arXiv 2501.18512, Alg. 1): F fragments of ~N/F values,
   one every H/F steps, each overlapping tau inner steps (tau < H/F: at most one in flight):
   exposed = sum_j max(0, t(fragment j) - tau x compute).
+
+Projections (``project``): the issue's presets, bytes from the accounting formulas at the
+preset's p and N (``bucket_calls``), DDP's 25 MB buckets of fp32 gradients, the compressors'
+own bytes per value (``payload_bytes_per_value``). PowerSGD (Vogels et al. 2019, arXiv
+1905.13727) sends P and Q of rank r per matrix: (n + m) r values, with n, m from a GPT's
+shapes (``Preset.d_model``, ``layers``). torchft's fp8 all-reduce is counted at 1 B/value.
 
 Codec (compress + decompress) time is added serially: it runs on the same device as
 compute (a GPU's copy engine is not modelled), so it is never hidden. In projections it is
@@ -334,12 +342,16 @@ def methods() -> list[tuple[str, str, Method]]:
                                      codec_bytes_per_value=CODEC["outer"])),
         ("thinwire", "co2 H=8", M("co2 H=8", "overlap", "all_reduce", 4.0, H=8, control=False,
                                   codec_bytes_per_value=CODEC["co2"])),
+        ("thinwire", "eager H=8", M("eager H=8", "overlap", "all_reduce", 4.0, H=8, control=False,
+                                    codec_bytes_per_value=CODEC["co2"])),
         ("thinwire", "", M("co2 H=8 + int8", "overlap", "all_reduce", int8, H=8, control=False,
                            codec_bytes_per_value=CODEC["co2"] + CODEC["int8_ef"])),
         ("thinwire", "stream H=8 F=4 tau=1", M("stream H=8 F=4 tau=1", "streaming", "all_reduce", 4.0, H=8, F=4,
                                                tau=1, control=False, codec_bytes_per_value=CODEC["outer"])),
         ("thinwire", "", M("stream H=30 F=3 tau=9 + int8", "streaming", "all_reduce", int8, H=30, F=3, tau=9,
                            control=False, codec_bytes_per_value=CODEC["outer"] + CODEC["int8_ef"])),
+        ("thinwire", "sparseloco H=8", M("sparseloco H=8", "local", "all_gather", chunk, H=8, control=False,
+                                         codec_bytes_per_value=CODEC["sparseloco"])),
         ("thinwire", "", M("sparseloco H=15", "local", "all_gather", chunk, H=15, control=False,
                            codec_bytes_per_value=CODEC["sparseloco"])),
         ("thinwire", "", M("sparseloco H=30", "local", "all_gather", chunk, H=30, control=False,
@@ -363,6 +375,7 @@ TTT_ROWS = {
     "co2 H=8": (8, ["sync=co2", "sync.local_steps=8"]),
     "stream H=8 F=4 tau=1": (8, ["sync=local", "sync.local_steps=8", "sync.fragments=4", "sync.fragment_delay=1",
                                  "sync.fragment_alpha=0.5", "sync.clip=inf"]),
+    "sparseloco H=8": (8, ["experiment=sparseloco", "sync.local_steps=8"]),
     "eager H=8": (8, ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", "sync.outer_optim.lr=1.0",
                       "sync.outer_optim.momentum=0.0", "sync.outer_optim.nesterov=false"]),
 }
