@@ -546,10 +546,11 @@ def main(argv=None) -> int:
                     help="DDP's bucket_cap_mb in the projection (every bucket pays latency x hops)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "netclock_projection"))
     ap.add_argument("--ttt", default=None, help="first run these comma-separated TTT_ROWS through the 4-rank "
-                    "time-to-target protocol (S = 160; cached)")
+                    "time-to-target protocol (cached)")
+    ap.add_argument("--ttt-S", type=int, default=160, help="the protocol's S for --ttt (the projection reads S = 160)")
     a = ap.parse_args(argv)
     if a.ttt:
-        run_ttt([r.strip() for r in a.ttt.split(",") if r.strip()])
+        run_ttt([r.strip() for r in a.ttt.split(",") if r.strip()], a.ttt_S)
     if not 0 < a.efficiency <= 1:
         raise SystemExit(f"--efficiency={a.efficiency}: must be in (0, 1]")
     if not a.bucket_mb > 0:
