@@ -185,7 +185,10 @@ def round_time(sync: str, link: Link, compute_s: float, data: Sequence[Sequence[
 H100_BF16_PEAK = 989e12       # dense bf16 flop/s
 MFU = 0.40
 COPY_BANDWIDTH = 3.0e12       # device memory copy bandwidth, B/s (H100 SXM ~3.35 TB/s; the 3.0)
-PASS_EFFICIENCY = 0.5         # fraction of COPY_BANDWIDTH a codec pass reaches (the default until measured)
+# fraction of COPY_BANDWIDTH a codec pass reaches: docs/gpu.md (H200, bench/compress_pass.py) measured
+# 0.11-0.18 for the eager codecs (comm.compile=false, the default) and 0.41-0.99 for the Triton ones
+# (1M-256M values); 0.15, the eager middle (the placeholder was 0.5: same conclusions)
+PASS_EFFICIENCY = 0.15
 BUCKET_BYTES = 25 * 2 ** 20   # DDP's default bucket_cap_mb=25, of fp32 gradients
 
 
