@@ -219,7 +219,8 @@ def main(argv=None) -> int:
     link = Link(gbit, 0.0, per_call, {k: v["goodput_64KiB"] for k, v in fit.items()})
     nominal = Link(gbit, 0.0, per_call)
     print("fit:", json.dumps(fit), flush=True)
-    doc = {"command": " ".join(["python", "bench/netclock_validate.py", *(argv if argv is not None else sys.argv[1:])]),
+    args = [x.replace(ROOT + os.sep, "") for x in (argv if argv is not None else sys.argv[1:])]
+    doc = {"command": " ".join(["python", "bench/netclock_validate.py", *args]),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rate": a.rate, "hosts": a.hosts,
            "fit": fit, "rows": [], "failed": []}
     for i, row in enumerate(rows):
