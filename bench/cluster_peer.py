@@ -92,7 +92,8 @@ class PeerState(HookState):
 
 def wrap(torch_hook):
     def hook(state: PeerState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        state.meter.charge(state.bytes_fn(state.inner, bucket), "data")  # before the hook moves its counters
+        state.meter.charge(state.bytes_fn(state.inner, bucket), "data", "all_reduce",  # before the hook moves
+                           dist.get_world_size())                                        # its counters
         state.begin_bucket(bucket)
         return torch_hook(state.inner, bucket)
     return hook
@@ -180,9 +181,15 @@ class BenchTrainer(Trainer):
         self.acc = {"train": 0, "eval": 0}
         self.meas = {"train": 0, "eval": 0}
         self.train_s, self.steps, self.t_max, self.stop_reason = 0.0, 0, 0.0, "stop_steps"
+        self.calls: list = []  # --log-calls: per step, the collective calls the accounting charged
+        if a.log_calls:
+            self.meter.log = []
 
     def train_step(self, step: int) -> dict:
+        n0 = len(self.meter.log) if self.meter.log is not None else 0
         rec = super().train_step(step)
+        if self.meter.log is not None:  # evaluation's calls (kind eval) fall between steps: left out
+            self.calls.append([c for c in self.meter.log[n0:] if c[1] in ("data", "control")])
         self.steps = step + 1
         self.train_s += rec["step_time_s"]
         self.acc["train"] += rec["wire_bytes"]
@@ -229,6 +236,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=math.inf)
     ap.add_argument("--eval-every", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--log-calls", action="store_true",
+                    help="write every training step's collective calls (bench/netclock.py's input) to rank<r>.json")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
 
@@ -257,7 +266,8 @@ def main() -> int:
         tr.meas["train"] = tx_bytes() - tx0 - tr.meas["eval"]
         with open(os.path.join(a.out, f"rank{world.rank}.json"), "w") as fh:
             json.dump({"rank": world.rank, "steps": tr.steps, "train_s": tr.train_s, "stop": tr.stop_reason,
-                       "accounted": tr.acc, "measured": tr.meas, "numel": tr.engine.numel}, fh)
+                       "accounted": tr.acc, "measured": tr.meas, "numel": tr.engine.numel,
+                       **({"calls": tr.calls} if a.log_calls else {})}, fh)
         tr.close()
         shutdown()
     return 0

@@ -133,3 +133,16 @@ def test_parameters_that_are_not_finite_are_never_checkpointed(pools, tmp_path, 
         assert e.startswith("parameter ln_f.weight is not finite at step 2 on rank 1: not checkpointed, "
                             "no checkpoint was written"), e
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
+def test_per_rank_state_read_from_a_file_moves_to_the_run_device_but_step_counters_stay():
+    """Checkpoints load to the CPU; error-feedback buffers and the like must go where the
+    gradients are (a GPU run resumed with them on the CPU failed at its first compressed step)."""
+    from thinwire.tensors import on_device
+
+    state = {"feedback": {"w": {"e": torch.ones(3)}}, "server_errors": [torch.zeros(2)],
+             "outer": {"state": {0: {"step": torch.tensor(4.0), "momentum_buffer": torch.ones(2)}}}, "round": 3}
+    moved = on_device(state, torch.device("meta"))
+    assert moved["feedback"]["w"]["e"].device.type == "meta" and moved["server_errors"][0].device.type == "meta"
+    assert moved["outer"]["state"][0]["momentum_buffer"].device.type == "meta"
+    assert moved["outer"]["state"][0]["step"].device.type == "cpu" and moved["round"] == 3

@@ -236,6 +236,16 @@ def test_zo_dist_equals_single_process_simulation(tmp_path, p, mode):
             assert r["agreed"][t][0] == pytest.approx(mean, rel=2e-3)
 
 
+def test_zo_dist_on_one_rank_equals_the_simulation():
+    """One rank (a single-GPU user): its message's fp16 loss sits at an odd byte offset of
+    a contiguous row, which a ``.contiguous()`` view could not reinterpret."""
+    torch.set_num_threads(1)
+    result = _zo_rank(0, 1, "per_rank")
+    ref, delta = _reference(1, "per_rank")
+    torch.testing.assert_close(result["params"], ref, rtol=0, atol=1e-6)
+    assert result["state"]["qstep"] == delta
+
+
 def test_zo_quantisation_scale_rule():
     from thinwire.optim.zo_dist import dequantise, next_delta, quantise
 

@@ -104,18 +104,23 @@ class WireMeter:
 
     ``take()`` (typed, :class:`ByteCounts`; ``take_step()`` the same as a dict) returns and
     clears the counters since the last take; ``total()`` / ``totals`` accumulate over the whole
-    run (and are checkpointed).
+    run (and are checkpointed). Setting ``log = []`` records every charge as
+    ``(collective, kind, nbytes, group size)`` (collective "" where the caller did not name
+    it): the per-call input of the network clock, ``bench/netclock.py``.
     """
 
     def __init__(self) -> None:
         self.step_bytes: dict[str, int] = defaultdict(int)
         self.totals: dict[str, int] = defaultdict(int)
         self.calls = 0
+        self.log: list | None = None
 
-    def charge(self, nbytes: int, kind: str = "data") -> None:
+    def charge(self, nbytes: int, kind: str = "data", collective: str = "", group_size: int = 0) -> None:
         self.step_bytes[kind] += int(nbytes)
         self.totals[kind] += int(nbytes)
         self.calls += 1
+        if self.log is not None:
+            self.log.append((collective, kind, int(nbytes), group_size))
 
     def take_step(self) -> dict[str, int]:
         out = dict(self.step_bytes)
@@ -150,7 +155,7 @@ def all_reduce(meter: WireMeter, tensor: torch.Tensor, *, group=None, op=dist.Re
                async_op: bool = False, kind: str = "data"):
     """``dist.all_reduce`` charged as a ring all-reduce."""
     p = group_size(group)
-    meter.charge(collective_bytes("all_reduce", tensor.numel(), tensor.element_size(), p), kind)
+    meter.charge(collective_bytes("all_reduce", tensor.numel(), tensor.element_size(), p), kind, "all_reduce", p)
     if _local_only():
         return _done(tensor) if async_op else None
     return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
@@ -160,7 +165,7 @@ def all_gather_into(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor
                     async_op: bool = False, kind: str = "data"):
     """Gather equal-sized 1-D ``tensor`` from every rank into flat ``output`` (p * n)."""
     p = group_size(group)
-    meter.charge(collective_bytes("all_gather", tensor.numel(), tensor.element_size(), p), kind)
+    meter.charge(collective_bytes("all_gather", tensor.numel(), tensor.element_size(), p), kind, "all_gather", p)
     if _local_only():
         output.copy_(tensor.reshape(-1))
         return _done(output) if async_op else None
@@ -172,7 +177,7 @@ def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tens
                       async_op: bool = False, kind: str = "data"):
     """Equal-split all-to-all of flat ``tensor`` (p chunks) into ``output``."""
     p = group_size(group)
-    meter.charge(collective_bytes("all_to_all", tensor.numel(), tensor.element_size(), p), kind)
+    meter.charge(collective_bytes("all_to_all", tensor.numel(), tensor.element_size(), p), kind, "all_to_all", p)
     if _local_only():
         output.copy_(tensor)
         return _done(output) if async_op else None

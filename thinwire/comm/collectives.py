@@ -69,7 +69,7 @@ COLLECTIVES = ("allreduce", "allgather", "two_phase")
 class _Uncounted:
     """A meter that charges nothing: for a collective whose bytes were charged at launch."""
 
-    def charge(self, nbytes: int, kind: str = "data") -> None:
+    def charge(self, nbytes: int, kind: str = "data", collective: str = "", group_size: int = 0) -> None:
         pass
 
 
@@ -314,7 +314,8 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     # bytes to the same step. Its payload is the owner's re-compressed chunk, the same size
     # as the chunk this rank sent (fixed-size compressors: two_phase needs equal sizes anyway)
     second_bytes = sum(sizes)
-    meter.charge(collective_bytes("all_gather", second_bytes, 1, group_size(second)), "data")
+    meter.charge(collective_bytes("all_gather", second_bytes, 1, group_size(second)), "data", "all_gather",
+                 group_size(second))
 
     def owner_average() -> torch.Tensor:
         """Average my chunk of every segment in fp32, add my server error, re-compress."""

@@ -10,10 +10,10 @@ A strategy declares what the engine must do for it:
   checkpoint stores model and optimizer per rank;
 - ``supports_replica_groups``: it can average across replica groups that shard the model
   inside themselves (``engine=deepspeed``); it then gets ``replicas``
-  (``thinwire.comm.outer.Replicas``).
+  (``thinwire.comm.param_space.Replicas``).
 
-The built-in ``local`` and ``co2`` live in ``outer.py``, which ``thinwire.comm`` imports
-(so they are registered whenever this module is).
+The built-in ``local`` and ``co2`` live in ``local.py`` and ``co2.py``, which ``thinwire.comm``
+imports through ``outer.py`` (so they are registered whenever this module is).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class EveryStep(SyncStrategy):
 
 def build_sync(cfg, world, meter, model, comm_cfg=None, replicas=None) -> SyncStrategy:
     """``replicas``: the engine's replica groups when it shards state inside groups of ranks
-    (``engine=deepspeed`` with local/CO2: a ``thinwire.comm.outer.Replicas``, implemented by
+    (``engine=deepspeed`` with local/CO2: a ``thinwire.comm.param_space.Replicas``, implemented by
     ``thinwire.trainer.zero_replicas.ReplicaGroups``); strategies that synchronise
     parameters then average across the groups, not across all ranks."""
     return SYNC_STRATEGIES.get(cfg.name, "sync")(cfg, world, meter, model, comm_cfg, replicas)

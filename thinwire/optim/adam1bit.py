@@ -84,6 +84,7 @@ import torch
 from ..comm import accounting
 from ..comm.aggregator import CompressedAggregator
 from ..errors import ConfigError, need, one_of
+from ..tensors import on_device
 from .plugins import OPTIMIZERS, AdamWOptions, OwnUpdatePlugin
 
 # optim.warmup_comm -> the compressor of the dense steps' gradient average and its collective
@@ -245,6 +246,7 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
             m.copy_(state["exp_avg"][n])
             v.copy_(state["exp_avg_sq"][n])
-        self.compressed.load_state_dict(state["errors"])
+        device = self.exp_avg[0].device if self.exp_avg else torch.device("cpu")
+        self.compressed.load_state_dict(on_device(state["errors"], device))
         if "dense_errors" in state:   # warmup_comm=int8: the two-phase collective's server errors
-            self.dense.load_state_dict(state["dense_errors"])
+            self.dense.load_state_dict(on_device(state["dense_errors"], device))

@@ -105,4 +105,5 @@ class Lookahead:
         for n, d in zip(names, self.direction):
             d.copy_(state["direction"][n])
         self.lr, self.pending_lr = float(state["lr"]), float(state["pending_lr"])
-        self.pending = None if state["pending"] is None else [state["pending"][n].clone() for n in names]
+        self.pending = None if state["pending"] is None else \
+            [state["pending"][n].to(d.device, copy=True) for n, d in zip(names, self.direction)]

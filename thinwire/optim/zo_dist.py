@@ -115,7 +115,9 @@ class ZODist(MeZO):
         rows = gathered.view(p, n).cpu()
         self.q = rows[:, :self.samples].contiguous()
         self.grads = dequantise(self.q, self.delta)
-        losses_all = rows[:, self.samples:].contiguous().view(torch.float16).float()
+        # a fresh 1-D copy: with one rank the slice is contiguous already, at an odd byte offset,
+        # which .contiguous() keeps and a reinterpretation as fp16 refuses
+        losses_all = rows[:, self.samples:].reshape(-1).clone().view(torch.float16).float()
         self.loss_mean = float(losses_all.double().sum()) / p
         return loss
 

@@ -29,7 +29,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from ..comm.outer import Replicas
+from ..comm.param_space import Replicas
 from ..optim.plugins import OptimizerPlugin
 
 

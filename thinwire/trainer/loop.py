@@ -34,6 +34,7 @@ from ..config.resume import ResumeConfigError, check_resume_config
 from ..errors import ConfigError, need, non_negative, positive
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS, OptimizerPlugin
+from ..tensors import on_device
 from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_state, set_rng_state
 from .faults import FaultConfig, FaultInjector, restart_count
 from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
@@ -274,8 +275,8 @@ class Trainer:
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])
         if same_world:
-            self.engine.load_comm_state_dict(shard["comm"])
-            self.sync.load_state_dict(shard["sync"])
+            self.engine.load_comm_state_dict(on_device(shard["comm"], self.world.device))
+            self.sync.load_state_dict(on_device(shard["sync"], self.world.device))
             set_rng_state(shard["rng"])
         else:
             torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.world.rank + 7919 * step)

@@ -31,7 +31,7 @@ import torch
 
 from ..comm import accounting
 from ..comm.groups import new_group
-from ..comm.outer import ModuleParams, ParamSpace, Replicas
+from ..comm.param_space import ModuleParams, ParamSpace, Replicas
 from . import deepspeed_private
 
 
@@ -44,7 +44,7 @@ def group_size(cfg_size, world_size: int) -> int:
 
 class ReplicaGroups(Replicas):
     """The process groups of the layout (module doc): the outer loop's
-    ``thinwire.comm.outer.Replicas``, and DeepSpeed's ``mpu`` interface:
+    ``thinwire.comm.param_space.Replicas``, and DeepSpeed's ``mpu`` interface:
     data parallel = this rank's ZeRO group, model parallel = this rank alone. Every rank
     creates every group in the same order, as ``torch.distributed.new_group`` requires (all
     through ``thinwire.comm.groups.new_group``: with ``dist.timeout_s``)."""
@@ -90,7 +90,7 @@ class ReplicaGroups(Replicas):
 
 
 class ZeroShards(ParamSpace):
-    """The outer loop's space under ZeRO (a ``thinwire.comm.outer.ParamSpace``, like ``ModuleParams``):
+    """The outer loop's space under ZeRO (a ``thinwire.comm.param_space.ParamSpace``, like ``ModuleParams``):
     this rank's shard of the fp32 master weights. Rank j of every replica group holds the same
     shard j, so averaging shards across the cross group is the replicas' mean, and anchor,
     outer momentum, snapshot and mean are 1/s of the model per rank, like ZeRO's own state.
@@ -149,7 +149,8 @@ class ZeroShards(ParamSpace):
             accounting.all_gather_into(self.meter, flat_i, mine.clone(), group=self.groups.zero_group)
 
     def _layer_squares(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        sq = torch.zeros(self.n_layers, dtype=torch.float64)
+        # on the pieces' device: NCCL reduces CUDA tensors only (a CPU tensor fails there)
+        sq = torch.zeros(self.n_layers, dtype=torch.float64, device=pieces[0].device if pieces else "cpu")
         for layer, t in zip(self.layer_of, pieces):
             sq[layer] += t.double().pow(2).sum()
         accounting.all_reduce(self.meter, sq, group=self.groups.zero_group, kind="control")

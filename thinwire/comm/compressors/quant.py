@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .base import Compressor, Payload, blocks, check_block_size, check_bool, generator
 
 
@@ -64,17 +65,28 @@ class Int8Compressor(Compressor):
     ``stochastic=True``: q = floor(x / s + u), u ~ U[0, 1) from the seeded generator,
     so E[x'] = x (unbiased; |x - x'| < s).  Give each rank its own seed (e.g. seed + rank)
     so the rounding errors of different ranks are independent and average out.
+
+    ``compile=True``: the same math in one kernel per direction (:mod:`.fused`: Triton kernels
+    on CUDA, ``torch.compile`` on the CPU) for tensors whose length is a multiple of
+    ``block_size``; others, and stochastic rounding, take the eager path.
     """
 
     name = "int8"
 
-    def __init__(self, block_size: int = 2048, stochastic: bool = False, seed: int = 0):
+    def __init__(self, block_size: int = 2048, stochastic: bool = False, seed: int = 0, compile: bool = False):
         super().__init__(seed)
         self.block_size = check_block_size(self.name, block_size)
         self.stochastic = check_bool(self.name, "stochastic", stochastic)
+        self.compile = check_bool(self.name, "compile", compile)
+
+    def _compiled(self, n: int) -> bool:
+        return self.compile and not self.stochastic and n % self.block_size == 0
 
     def _compress(self, flat, shape, dtype, step):
         n, bs = flat.numel(), self.block_size
+        if self._compiled(n):
+            codes, scales = fused.codec(self.name, flat.device)[0](flat.float(), bs)
+            return Payload({"codes": codes, "scales": scales}, shape, dtype)
         xb = blocks(flat, bs)
         nb = xb.shape[0]
         scale = torch.empty(nb, dtype=torch.float32, device=xb.device)
@@ -96,6 +108,9 @@ class Int8Compressor(Compressor):
         return Payload({"codes": q.view(-1)[:n], "scales": scale}, shape, dtype)
 
     def _decompress(self, p):
+        if self._compiled(p.numel):
+            return fused.codec(self.name, p.tensors["codes"].device)[1](p.tensors["codes"], p.tensors["scales"],
+                                                                     self.block_size)
         return _per_block(p.tensors["codes"], p.tensors["scales"], self.block_size)
 
 
@@ -163,17 +178,25 @@ class Sign1Compressor(Compressor):
     Alg. 1: C(x) = ||x||_1 / d * sign(x), here per block as in 1-bit Adam): per block
     s = mean |x|, x' = s * sign(x) with sign(0) = +1; signs packed 8 per byte (uint8,
     MSB first), one fp32 scale per block.  Biased; use with error feedback - the
-    two-phase collective keeps a server-side error buffer by default."""
+    two-phase collective keeps a server-side error buffer by default.  ``compile=True``: as
+    ``Int8Compressor``'s (lengths that are a multiple of ``block_size`` and of 8)."""
 
     name = "sign1"
     server_error_default = True
 
-    def __init__(self, block_size: int = 2048, seed: int = 0):
+    def __init__(self, block_size: int = 2048, seed: int = 0, compile: bool = False):
         super().__init__(seed)
         self.block_size = check_block_size(self.name, block_size)
+        self.compile = check_bool(self.name, "compile", compile)
+
+    def _compiled(self, n: int) -> bool:
+        return self.compile and n % self.block_size == 0 and n % 8 == 0
 
     def _compress(self, flat, shape, dtype, step):
         n, bs = flat.numel(), self.block_size
+        if self._compiled(n):
+            signs, scales = fused.codec(self.name, flat.device)[0](flat.float(), bs)
+            return Payload({"signs": signs, "scales": scales}, shape, dtype)
         xb = blocks(flat, bs)
         nb = xb.shape[0]
         sums = torch.empty(nb, dtype=torch.float32, device=xb.device)
@@ -197,6 +220,8 @@ class Sign1Compressor(Compressor):
 
     def _decompress(self, p):
         packed = p.tensors["signs"]
+        if self._compiled(p.numel):
+            return fused.codec(self.name, packed.device)[1](packed, p.tensors["scales"], self.block_size)
         shifts = _SHIFTS.to(packed.device)
 
         def decode(a, b, dst):                       # elements [a, b) -> +-1 in dst

@@ -1,0 +1,125 @@
+"""The network clock's pure logic (bench/netclock.py) against hand-computed references."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import netclock as nc  # noqa: E402
+from netclock_validate import predict  # noqa: E402
+
+from thinwire.comm import accounting  # noqa: E402
+
+
+def test_hops_follow_the_standard_algorithms():
+    assert [nc.hops("all_reduce", p) for p in (1, 2, 4, 8)] == [0, 2, 6, 14]
+    assert [nc.hops(k, 4) for k in ("all_gather", "reduce_scatter", "all_to_all", "broadcast")] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="collective='gossip'"):
+        nc.hops("gossip", 4)
+
+
+def test_call_time_is_latency_times_hops_plus_bytes_over_bandwidth():
+    link = nc.Link(gbit=1.0, latency_s=0.010, per_call_s={"all_reduce": 0.001})
+    c = nc.Call("all_reduce", "data", 1_000_000, 2)
+    # 2 hops x 10 ms + 1 ms per call + 8e6 bit / 1e9 bit/s
+    assert link.time(c) == pytest.approx(0.020 + 0.001 + 0.008)
+    assert link.latency_part(nc.Call("all_gather", "data", 0, 5)) == pytest.approx(0.040)
+    slow = nc.Link(gbit=1.0, goodput={"all_reduce": 0.8})  # a fitted goodput stretches the bytes' part only
+    assert slow.time(c) == pytest.approx(0.008 / 0.8)
+    with pytest.raises(ValueError, match="gbit=0"):
+        nc.Link(gbit=0)
+
+
+def test_ddp_buckets_overlap_backward():
+    # buckets ready at 1, 2, 3 s of a 3 s backward; 1 s each: finish at 2, 3, 4 -> 1 s exposed
+    assert nc.ddp_exposed([1, 1, 1], 3) == pytest.approx(1)
+    # 2 s each: finish at 3, 5, 7 -> 4 s exposed
+    assert nc.ddp_exposed([2, 2, 2], 3) == pytest.approx(4)
+    assert nc.ddp_exposed([5], 3) == pytest.approx(5)  # one bucket: ready at the end, all exposed
+    assert nc.ddp_exposed([], 3) == 0
+
+
+def _g(seconds):  # a group of calls taking `seconds` on a 1 Gbit/s link without latency
+    return [nc.Call("all_reduce", "data", int(seconds * 1e9 / 8), 2)]
+
+
+def test_overlap_rules_per_mode():
+    link = nc.Link(gbit=1.0)
+    # local: 8 steps of 1 s, then a blocking 10 s all-reduce
+    r = nc.round_time("local", link, 1.0, [_g(10)], H=8)
+    assert (r.total_s, r.step_s, r.utilisation) == pytest.approx((18, 2.25, 8 / 18))
+    # co2/eager: the 10 s all-reduce runs during the next 8 s of compute: 2 s exposed
+    assert nc.round_time("overlap", link, 1.0, [_g(10)], H=8).exposed_s == pytest.approx(2)
+    assert nc.round_time("overlap", link, 1.0, [_g(6)], H=8).utilisation == pytest.approx(1)
+    # streaming: two fragments of 3 s, each overlapping tau = 2 steps of 1 s: 1 s exposed each
+    assert nc.round_time("streaming", link, 1.0, [_g(3), _g(3)], H=8, tau=2).exposed_s == pytest.approx(2)
+    # ddp: one bucket of 0.5 s after a 2/3 x 3 s backward, plus a blocking control call
+    ctrl = [nc.Call("all_reduce", "control", int(0.1e9 / 8), 2)]
+    r = nc.round_time("ddp", link, 3.0, [_g(0.5)], ctrl, codec_s=0.2)
+    assert r.total_s == pytest.approx(3 + 0.2 + 0.5 + 0.1)
+    assert r.network_s == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="tau=4"):
+        nc.round_time("streaming", link, 1.0, [_g(1), _g(1)], H=8, tau=4)
+    with pytest.raises(ValueError, match="sync='gossip'"):
+        nc.round_time("gossip", link, 1.0, [])
+
+
+def test_presets_are_the_issues():
+    one, seven, seventy = nc.PRESETS
+    assert one.compute_s == pytest.approx(6 * 1e9 * 65536 / (989e12 * 0.4))  # ~1.0 s
+    assert one.compute_s == pytest.approx(0.994, abs=1e-3)
+    assert seven.compute_s == pytest.approx(6 * 7e9 * 524288 / (8 * 989e12 * 0.4))
+    assert (one.replicas, one.gbit, one.latency_s) == (8, 1.0, 0.020)
+    assert (seven.replicas, seven.gpus, seven.gbit) == (32, 8, 10.0)
+    assert (seventy.replicas, seventy.tokens, seventy.latency_s) == (64, 1024 * 1024, 0.050)
+
+
+def test_projected_bytes_follow_the_accounting_at_the_presets_p():
+    one = nc.PRESETS[0]
+    dense = nc.Method("dense", "ddp", "all_reduce", 4.0)
+    sent = sum(c.nbytes for g in nc.data_calls(dense, one) for c in g)
+    assert sent == pytest.approx(2 * 7 / 8 * 4e9, rel=1e-4)  # ring all-reduce, p = 8
+    B = math.ceil(4e9 / nc.BUCKET_BYTES)
+    rt = nc.project(dense, one)
+    # every bucket pays 2 (p-1) hops of 20 ms; the control all-reduce too
+    assert rt.latency_s == pytest.approx((B + 1) * 14 * 0.020)
+    sparse = nc.Method("sparse", "ddp", "all_gather", 0.06)
+    p8 = sum(c.nbytes for g in nc.data_calls(sparse, one) for c in g)
+    p4 = sum(c.nbytes for g in nc.data_calls(sparse, nc.Preset("p4", 1e9, 4, 1, 65536, 1, 0.02, 2048, 20))
+             for c in g)
+    assert p8 / p4 == pytest.approx(7 / 3, rel=1e-4)  # all-gather grows with p - 1
+    local = nc.Method("local", "local", "all_reduce", 4.0, H=8, control=False, codec_bytes_per_value=40)
+    rt = nc.project(local, one, efficiency=0.5)
+    assert rt.codec_s == pytest.approx(1e9 * 40 / 1.5e12)
+    assert rt.total_s == pytest.approx(8 * one.compute_s + rt.codec_s + 7e9 * 8 / 1e9 + 14 * 0.02 * 2, rel=1e-4)
+
+
+def test_meter_logs_every_charged_call():
+    meter = accounting.WireMeter()
+    meter.log = []
+    import torch
+
+    accounting.all_reduce(meter, torch.zeros(3), kind="control")
+    meter.charge(12, "data", "all_gather", 4)
+    assert meter.log == [("all_reduce", "control", 0, 1), ("all_gather", "data", 12, 4)]
+    assert meter.take().data == 12
+
+
+def test_validation_prediction_by_hand():
+    # unshaped: 0.3 s steps with 0.1 s waiting -> 0.2 s compute, 0.1 s floor; shaped calls per step:
+    # a 1 MB data all-reduce and a 16-byte control all-reduce at p = 2 on 10 Mbit/s, 1 ms per call
+    row = ("ddp fp32", "ddp", 1, 0, [])
+    calls = [[("all_reduce", "data", 1_000_000, 2), ("all_reduce", "control", 16, 2)]] * 4
+    shaped = {"lines": [{"step_time_s": 1.0, "comm_wait_s": 0.8, "wire_bytes": 1_000_016}] * 4,
+              "rank0": {"calls": calls}}
+    unshaped = {"lines": [{"step_time_s": 0.3, "comm_wait_s": 0.1}] * 4}
+    link = nc.Link(0.01, 0.0, {"all_reduce": 0.001})
+    r = predict(row, shaped, unshaped, link, skip=2)
+    net = 0.8 + 0.001 + 16 * 8 / 1e7 + 0.001
+    assert r["predicted_s"] == pytest.approx(0.2 + net, abs=1e-4)
+    assert r["error"] == pytest.approx((0.2 + net) / 1.0 - 1, abs=1e-3)
+    assert r["tolerance"] == 0.10 and r["within"]  # bandwidth is > 80% of the modelled time
+    # a link so fast that the modelled network is below the unshaped run's wait: the floor holds
+    r = predict(row, shaped, unshaped, nc.Link(1000.0), skip=2)
+    assert r["predicted_s"] == pytest.approx(0.2 + 0.1, abs=1e-4)

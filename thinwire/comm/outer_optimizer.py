@@ -1,0 +1,125 @@
+"""The outer optimizer of local updates and CO2: any torch optimizer on the anchor, fed the
+averaged pseudo-gradient after clipping (:class:`OuterOptimizer`; the equations are in its
+docstring). ``sync.outer_optim`` names it as ``_target_`` + keyword arguments, as torchft's
+``DiLoCo`` takes the outer optimizer from the user (torchft ``torchft/local_sgd.py``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..errors import ConfigError, need
+from .param_space import global_norm
+
+
+def default_outer_optim(momentum: float = 0.0, nesterov: bool = False, lr: float = 1.0) -> dict:
+    """The spec of outer SGD with these settings (lr 1, no momentum: parameter averaging)."""
+    return {"_target_": "torch.optim.SGD", "lr": lr, "momentum": momentum, "nesterov": nesterov}
+
+
+def build_outer_optimizer(params: list[torch.Tensor], spec) -> torch.optim.Optimizer:
+    """The torch optimizer ``spec`` (``{"_target_": "torch.optim.SGD", "lr": 0.7, ...}``)
+    over ``params``; a bad target or argument raises ConfigError naming ``outer_optim``."""
+    from hydra.utils import get_class
+
+    spec = dict(spec)
+    target = spec.pop("_target_", None)
+    need(target is not None, "outer_optim._target_", target, "name a torch optimizer class, e.g. torch.optim.SGD")
+    try:
+        cls = get_class(target)
+    except Exception:
+        raise ConfigError(f"outer_optim._target_={target}: not an importable class") from None
+    need(isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer), "outer_optim._target_", target,
+         "must be a torch.optim.Optimizer subclass")
+    try:
+        return cls(params, **spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"outer_optim={dict(spec, _target_=target)}: {e}") from None
+
+
+class OuterOptimizer:
+    """The outer step on the anchor ``a`` (one fp32 tensor per piece of the space)::
+
+        u_t = clip(d_t)                   (norm clip by default, or per element)
+        a_{t+1} = Opt(a_t, grad = u_t)    (any torch optimizer; default torch.optim.SGD)
+
+    With SGD this is the CO2 paper's outer momentum (Eq. 3): m_t = beta m_{t-1} + u_t,
+    a_{t+1} = a_t - alpha (u_t + beta m_t) with Nesterov, a_t - alpha m_t without, and
+    DiLoCo's outer optimizer (Douillard et al. 2023: SGD, Nesterov 0.9, lr 0.7); torchft's
+    ``DiLoCo`` likewise takes the outer optimizer from the user. CO2's staleness penalty
+    (``staleness_penalty``) and clipping are pre-steps on d_t, so they compose with any
+    optimizer. CO2's "outer momentum clipping": the public reference computes an element-wise
+    ``torch.clamp`` and discards the result (a no-op); here the clip is applied: by default
+    the global L2 norm of ``d_t`` is scaled down to ``clip`` when larger (``clip_mode=norm``),
+    or each element is clamped to ``[-clip, clip]`` (``clip_mode=value``).
+
+    ``step`` returns the move a_{t+1} - a_t that the optimizer made (CO2 adds it to the
+    live parameters). With the shipped SGD settings (lr 1) the anchor is bit-for-bit what
+    the hand-written outer SGD of earlier versions computed.
+    """
+
+    def __init__(self, params: list[torch.Tensor], cfg, norm=None):
+        self.norm = norm or global_norm  # the global L2 norm (a sharded space reduces it over its group)
+        self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
+        self.params = params
+        self.optimizer = build_outer_optimizer(params, cfg.outer_optim)
+        self.clipped = 0
+
+    def clip_(self, d: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.clip_mode == "value":
+            self.clipped += 1 if any(bool((x.abs() > self.clip).any()) for x in d) else 0
+            return [x.clamp_(-self.clip, self.clip) for x in d]
+        norm = self.norm(d)
+        if norm > self.clip:
+            self.clipped += 1
+            scale = self.clip / (norm + 1e-12)
+            for x in d:
+                x.mul_(scale)
+        return d
+
+    @torch.no_grad()
+    def step(self, anchor: list[torch.Tensor], d: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Update ``anchor`` (the tensors this optimizer was built on) in place with the
+        pseudo-gradient ``d``; returns the applied step (a_{t+1} - a_t) per tensor."""
+        before = [a.clone() for a in anchor]
+        for a, g in zip(anchor, self.clip_(d)):
+            a.grad = g
+        self.optimizer.step()
+        for a in anchor:
+            a.grad = None
+        return [a - b for a, b in zip(anchor, before)]
+
+    @torch.no_grad()
+    def trial(self, d: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Where ``step`` with ``d`` would move the anchor, as fresh tensors; the anchor, the
+        optimizer's state and the clip counter are left as they were (eager updates' per-rank
+        step from the consensus)."""
+        before = [a.clone() for a in self.params]
+        saved = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in st.items()}
+                 for p, st in self.optimizer.state.items()}
+        clipped = self.clipped
+        self.step(self.params, d)
+        moved = [a.clone() for a in self.params]
+        for a, b in zip(self.params, before):
+            a.copy_(b)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(saved)
+        self.clipped = clipped
+        return moved
+
+    def momentum(self) -> list[torch.Tensor]:
+        """The optimizer's first-moment buffers (SGD's ``momentum_buffer``, Adam's ``exp_avg``)."""
+        out = []
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            buf = st.get("momentum_buffer", st.get("exp_avg"))
+            out.append(buf if buf is not None else torch.zeros_like(p))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "clipped": self.clipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.clipped = state["clipped"]

@@ -1,0 +1,95 @@
+"""The parameters the outer loop works on: the :class:`ParamSpace` protocol (named pieces,
+read and written as one flat fp32 vector), :class:`ModuleParams` (a module's trainable
+parameters) and the :class:`Replicas` protocol of ZeRO replica groups, whose space is this
+rank's shard (``thinwire.trainer.zero_replicas``). Local updates and CO2
+(``thinwire.comm.local``, ``thinwire.comm.co2``) read, average and write parameters only
+through a space, so the same outer loop runs on DDP replicas and on ZeRO shards.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of all ``tensors`` together, summed in fp64."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+class ParamSpace(Protocol):
+    """The parameters the outer loop reads, writes and averages, as named pieces.
+
+    ``names[i]``/``sizes[i]``: piece i's name (layer-wise compression and error-feedback
+    state are keyed by it) and element count; ``read_flat()`` a fresh fp32 vector of all
+    pieces, ``write_flat(flat)`` its inverse; ``split(flat)`` views of the pieces,
+    ``flat(pieces)`` a fresh fp32 concatenation; ``layer_norms(pieces)`` each piece's
+    layer's L2 norm (a piece may be a fragment of a layer), ``global_norm(pieces)`` the
+    norm of the whole space, identical on the ranks that share it.
+
+    Implemented by :class:`ModuleParams` (the module's trainable parameters) and, under
+    ZeRO replica groups, by ``thinwire.trainer.zero_replicas.ZeroShards`` (this rank's
+    shard of the fp32 master weights: pieces are the fragments of the layers inside the
+    shard, norms are reduced over the group)."""
+
+    names: list[str]
+    sizes: list[int]
+
+    def flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def read_flat(self) -> torch.Tensor: ...
+
+    def write_flat(self, flat: torch.Tensor) -> None: ...
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]: ...
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float: ...
+
+
+class ModuleParams(ParamSpace):
+    """The :class:`ParamSpace` of a module's trainable parameters: one piece per parameter,
+    named by it; ``layer_norms`` is each parameter's norm."""
+
+    def __init__(self, model: torch.nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.sizes = [p.numel() for p in self.params]
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [x.view_as(p) for x, p in zip(flat.split(self.sizes), self.params)]
+
+    def read_flat(self) -> torch.Tensor:
+        return self.flat(self.params)
+
+    @torch.no_grad()
+    def write_flat(self, flat: torch.Tensor) -> None:
+        for p, x in zip(self.params, self.split(flat)):
+            p.copy_(x)
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        return [float(t.norm()) for t in pieces]
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        return global_norm(pieces)
+
+
+class Replicas(Protocol):
+    """Groups of ranks that each hold one replica of the model, sharded inside the group
+    (``engine=deepspeed`` with ``sync=local|co2``); the outer loop averages across them.
+
+    ``cross_group``: the ranks that hold the same shard as this rank, one per replica (the
+    outer average runs on it); ``cross_group2``: a second group over the same ranks for the
+    two-phase collective's second phase (None when the comm config does not use it);
+    ``shards(model_params)``: the :class:`ParamSpace` of this rank's shard.
+
+    Implemented by ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
+
+    cross_group: object
+    cross_group2: object
+
+    def shards(self, model_params: ModuleParams) -> ParamSpace: ...
