@@ -1,0 +1,121 @@
+"""Every preset a user can pick, measured: does it learn, what does a step cost in time, and
+what does it send, each next to plain data parallelism with a bf16 gradient all-reduce of the
+same model and data (``sync=ddp comm=bf16 optim=adamw peft=none``) run in the same invocation.
+
+    python bench/presets.py --quick            # 20 steps per run (a smoke check, ~15 min on 2 CPU cores)
+    python bench/presets.py --steps 200        # longer runs; --presets tiny,digits to pick some
+    python bench/presets.py --quick --write    # also writes bench/results/presets.{json,md}
+
+Presets: the quickstart's default config (``default``) and every ``configs/experiment/*.yaml``.
+Each runs ``python -m thinwire.train`` on ``--nproc`` local ranks (2: bytes need peers) with its own
+settings except the step count (``trainer.max_steps``; evaluations halfway and at the end on
+``--eval-batches`` fixed batches). Reported per preset:
+
+- learning: mean training loss of the first and the last five steps, and the final
+  ``val_loss`` (``val_accuracy`` for classifiers); "learns" = last five below the first five;
+- time: median ``step_time_s`` (steps after the first two) of the preset / of the reference.
+  A ratio within one invocation on one machine, not an absolute speed; on a shared machine
+  each run's load differs, so read ratios near 1 as "about the same";
+- bytes: mean ``wire_bytes`` per step (everything the meter counted on the wire: data,
+  control, setup, eval) of the preset / of the reference (a bf16 ring all-reduce of every
+  trainable parameter's gradient each step plus its 16-byte control packet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+REFERENCE = ["sync=ddp", "comm=bf16", "optim=adamw", "peft=none"]
+
+
+def presets() -> list[str]:
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", "experiment")) if f.endswith(".yaml"))
+    return ["default", *names]
+
+
+def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int) -> list[dict]:
+    """One training run; its metrics.jsonl rows."""
+    chosen = [] if preset == "default" else [f"experiment={preset}"]
+    half = max(1, steps // 2)
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "thinwire.train", *chosen, f"dist.nproc={nproc}",
+               f"trainer.max_steps={steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={steps}",
+               f"data.eval_batches={eval_batches}", "trainer.sample_chars=0", "trainer.progress=false",
+               "logger=none", f"hydra.run.dir={d}", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[3:])} failed:\n{p.stderr[-3000:]}")
+        with open(os.path.join(d, "metrics.jsonl")) as fh:
+            return [json.loads(line) for line in fh]
+
+
+def summarise(rows: list[dict]) -> dict:
+    losses = [r["loss"] for r in rows]
+    last = rows[-1]
+    timed = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
+    return {"steps": len(rows), "first5": statistics.fmean(losses[:5]), "last5": statistics.fmean(losses[-5:]),
+            "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+            "step_s": statistics.median(timed), "wire_bytes": statistics.fmean(r["wire_bytes"] for r in rows)}
+
+
+def measure(preset: str, steps: int, nproc: int, eval_batches: int) -> dict:
+    own = summarise(run(preset, [], steps, nproc, eval_batches))
+    ref = summarise(run(preset, REFERENCE, steps, nproc, eval_batches))
+    return {"preset": preset, **own, "learns": own["last5"] < own["first5"],
+            "time_ratio": own["step_s"] / ref["step_s"], "bytes_ratio": own["wire_bytes"] / ref["wire_bytes"],
+            "reference": ref}
+
+
+def table(rows: list[dict], steps: int, nproc: int) -> str:
+    head = (f"{steps} steps per run, {nproc} ranks. Reference: the same preset with `{' '.join(REFERENCE)}` "
+            f"(a bf16 gradient all-reduce every step), run right after it.\n\n"
+            "| preset | loss first 5 -> last 5 | learns | final val_loss (acc) | step time / reference | "
+            "bytes per step / reference |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        val = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
+        if r["val_accuracy"] is not None:
+            val += f" ({r['val_accuracy']:.3f})"
+        lines.append(f"| `{r['preset']}` | {r['first5']:.3f} -> {r['last5']:.3f} | {'yes' if r['learns'] else 'NO'} "
+                     f"| {val} | {r['time_ratio']:.2f}x | {r['bytes_ratio']:.4g}x |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="20 steps per run (overrides --steps)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--eval-batches", type=int, default=64)
+    ap.add_argument("--presets", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--write", action="store_true", help="write bench/results/presets[_quick].{json,md}")
+    a = ap.parse_args()
+    steps = 20 if a.quick else a.steps
+    names = a.presets.split(",") if a.presets else presets()
+    unknown = sorted(set(names) - set(presets()))
+    if unknown:
+        sys.exit(f"bench/presets.py: error: --presets: unknown {', '.join(unknown)} (known: {', '.join(presets())})")
+    rows = []
+    for name in names:
+        rows.append(measure(name, steps, a.nproc, a.eval_batches))
+        print(table(rows[-1:], steps, a.nproc).splitlines()[-1], flush=True)
+    text = table(rows, steps, a.nproc)
+    print("\n" + text)
+    if a.write:
+        stem = os.path.join(RESULTS, "presets_quick" if a.quick else "presets")
+        with open(stem + ".json", "w") as fh:
+            json.dump({"steps": steps, "nproc": a.nproc, "eval_batches": a.eval_batches, "rows": rows}, fh, indent=1)
+        with open(stem + ".md", "w") as fh:
+            fh.write(f"Written by `python bench/presets.py {' '.join(sys.argv[1:])}`.\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
