@@ -2,7 +2,7 @@
 what does it send, each next to plain data parallelism with a bf16 gradient all-reduce of the
 same model and data (``sync=ddp comm=bf16 optim=adamw peft=none``) run in the same invocation.
 
-    python bench/presets.py --quick            # 20 steps per run (a smoke check, ~15 min on 2 CPU cores)
+    python bench/presets.py --quick            # 20 steps per run, 8 eval batches: a smoke check
     python bench/presets.py --steps 200        # longer runs; --presets tiny,digits to pick some
     python bench/presets.py --quick --write    # also writes bench/results/presets.{json,md}
 
@@ -94,25 +94,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20 steps per run (overrides --steps)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--eval-batches", type=int, default=64)
+    ap.add_argument("--eval-batches", type=int, default=None, help="default 64, 8 with --quick")
     ap.add_argument("--presets", default=None, help="comma-separated (default: all)")
     ap.add_argument("--write", action="store_true", help="write bench/results/presets[_quick].{json,md}")
     a = ap.parse_args()
     steps = 20 if a.quick else a.steps
+    eval_batches = a.eval_batches or (8 if a.quick else 64)
     names = a.presets.split(",") if a.presets else presets()
     unknown = sorted(set(names) - set(presets()))
     if unknown:
         sys.exit(f"bench/presets.py: error: --presets: unknown {', '.join(unknown)} (known: {', '.join(presets())})")
     rows = []
     for name in names:
-        rows.append(measure(name, steps, a.nproc, a.eval_batches))
+        rows.append(measure(name, steps, a.nproc, eval_batches))
         print(table(rows[-1:], steps, a.nproc).splitlines()[-1], flush=True)
     text = table(rows, steps, a.nproc)
     print("\n" + text)
     if a.write:
         stem = os.path.join(RESULTS, "presets_quick" if a.quick else "presets")
         with open(stem + ".json", "w") as fh:
-            json.dump({"steps": steps, "nproc": a.nproc, "eval_batches": a.eval_batches, "rows": rows}, fh, indent=1)
+            json.dump({"steps": steps, "nproc": a.nproc, "eval_batches": eval_batches, "rows": rows}, fh, indent=1)
         with open(stem + ".md", "w") as fh:
             fh.write(f"Written by `python bench/presets.py {' '.join(sys.argv[1:])}`.\n\n{text}")
 
