@@ -37,9 +37,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
 REFERENCE = ["sync=ddp", "comm=bf16", "optim=adamw", "peft=none"]
 REFERENCE_STEPS = 30
-# a preset whose optimizer keys AdamW does not take (MeZO's zo_eps): its reference is the
-# backprop preset of the same model and data (thinwire refuses to delete keys with ~key)
-SAME_MODEL = {"minilm_mezo": "minilm_genre"}
+# a preset that sets keys the reference's groups do not have (MeZO's optim.zo_eps,
+# SparseLoCo's sync.local_steps): its reference starts from the preset of the same model and
+# data instead (thinwire refuses to delete keys with ~key)
+SAME_MODEL = {"minilm_mezo": "minilm_genre", "sparseloco": "default"}
 
 
 def presets() -> list[str]:
