@@ -84,8 +84,9 @@ def measure(preset: str, steps: int, nproc: int, eval_batches: int) -> dict:
 
 
 def table(rows: list[dict], steps: int, nproc: int) -> str:
-    head = (f"{steps} steps per run, {nproc} ranks. Reference: the same preset with `{' '.join(REFERENCE)}` "
-            f"(a bf16 gradient all-reduce every step), run right after it.\n\n"
+    others = "; ".join(f"for `{k}`: `{v}`'s" for k, v in SAME_MODEL.items())
+    head = (f"{steps} steps per run, {nproc} ranks. Reference: the same preset ({others}) with "
+            f"`{' '.join(REFERENCE)}` (a bf16 gradient all-reduce every step), run right after it.\n\n"
             "| preset | loss first 5 -> last 5 | learns | final val_loss (acc) | step time / reference | "
             "bytes per step / reference |\n|---|---|---|---|---|---|\n")
     lines = []
