@@ -15,7 +15,8 @@ settings except the step count (``trainer.max_steps``; evaluations halfway and a
 - learning: mean training loss of the first and the last five steps, and the final
   ``val_loss`` (``val_accuracy`` for classifiers); "learns" = last five below the first five;
 - time: median ``step_time_s`` (steps after the first two) of the preset / of the reference
-  (which runs at most ``REFERENCE_STEPS``: it is only timed and counted, not judged).
+  (which runs at most ``REFERENCE_STEPS`` with 2 eval batches: it is only timed and
+  counted, not judged).
   A ratio within one invocation on one machine, not an absolute speed; on a shared machine
   each run's load differs, so read ratios near 1 as "about the same";
 - bytes: mean ``wire_bytes`` per step (the meter's data + control traffic; evaluations and
@@ -76,8 +77,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def measure(preset: str, steps: int, nproc: int, eval_batches: int) -> dict:
     own = summarise(run(preset, [], steps, nproc, eval_batches))
-    # the reference only times steps and counts bytes: REFERENCE_STEPS are enough
-    ref = summarise(run(SAME_MODEL.get(preset, preset), REFERENCE, min(steps, REFERENCE_STEPS), nproc, eval_batches))
+    # the reference only times steps and counts bytes: REFERENCE_STEPS and 2 eval batches are enough
+    ref = summarise(run(SAME_MODEL.get(preset, preset), REFERENCE, min(steps, REFERENCE_STEPS), nproc, 2))
     return {"preset": preset, **own, "learns": own["last5"] < own["first5"],
             "time_ratio": own["step_s"] / ref["step_s"], "bytes_ratio": own["wire_bytes"] / ref["wire_bytes"],
             "reference": ref}
