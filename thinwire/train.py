@@ -40,12 +40,13 @@ def worker(cfg_yamls: list[str]) -> None:
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     try:
         for cfg in cfgs:
-            train(cfg, world)
+            if train(cfg, world).get("stopped_by") == "Ctrl-C":  # checkpointed on every rank, said by rank 0
+                os._exit(130)  # a sweep's later runs are not started
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError, ReplicaDriftError) as e:
         fail_worker(world.rank, str(e))
-    except KeyboardInterrupt:  # Ctrl-C with several ranks (one rank stops gracefully: progress.StopRequest)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one where the ranks cannot stop together (progress.StopRequest)
         if world.rank == 0:
             from .trainer.progress import say_stopped
             from .trainer.rundir import step_dirs
@@ -98,6 +99,11 @@ def fail_worker(rank: int, msg: str, code: int = 1) -> None:
     os._exit(code)  # do not wait on process-group teardown with a dead or hung peer
 
 
+# Ctrl-C: how long the launcher waits for the workers to finish their step and write its
+# checkpoint (progress.StopRequest) before it kills them (torch's default: 30 s)
+SHUTDOWN_TIMEOUT_S = 120
+
+
 def launch_local(cfg, cfg_yamls: list[str]) -> int:
     """Start ``dist.nproc`` workers like ``torchrun --standalone`` would."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -113,7 +119,7 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
                       rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{port}",
                       rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
-                      start_method="spawn")
+                      start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     try:
         elastic_launch(lc, worker)(cfg_yamls)
     except ChildFailedError as e:

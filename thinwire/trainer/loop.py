@@ -3,10 +3,10 @@
     build:  data shard -> model (same init on every rank) -> optimizer plugin -> sync strategy
             -> engine (DDP + comm hook when gradients are synced every step) -> resume
     step:   batch(step) -> plugin.compute (forward, backward; DDP buckets -> comm hook)
-            -> agree across ranks: mean loss + non-finite flag (one control all-reduce)
+            -> agree across ranks: mean loss + non-finite flag + Ctrl-C (one control all-reduce)
             -> accepted: plugin.apply, commit comm state, sync.after_step
                rejected: plugin.discard, discard comm state (buffers untouched)
-            -> metrics line -> eval every N -> checkpoint every N / at stop_after / at the end
+            -> metrics line -> eval every N -> checkpoint every N / at stop_after / Ctrl-C / at the end
 
 The engine is called through ``thinwire.trainer.interface.Engine`` only. What a benchmark
 or a library user changes without copying the loop: the comm hook (``comm_hook=``, e.g.
@@ -96,6 +96,9 @@ class TrainerConfig:
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+STOP_WEIGHT = 2.0 ** 20  # Ctrl-C's weight in the control packet's flag slot (> any world size)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -298,18 +301,32 @@ class Trainer:
         step, no per-step collective adds a link round trip, and the loss logged is rank
         0's own."""
         agreed = self.plugin.agreement()  # zeroth order: agreed inside the plugin's own exchange
+        # Ctrl-C: with one rank its own request; with several, one that the packet carried (below)
+        self.stop_agreed = bool(self.interrupt.requested) and self.world.world_size == 1
         if agreed is not None:
             return agreed
         if self.sync.ranks_diverge:
             value = float(loss)
             return value, finite and math.isfinite(value)
-        packet = torch.tensor([float(loss), 0.0 if finite else 1.0], dtype=torch.float64,
-                              device=self.world.device)
+        # the second slot counts non-finite ranks plus STOP_WEIGHT per rank that saw Ctrl-C:
+        # every rank reads the same sum, so all stop after this step (no extra byte on the wire)
+        flags = (0.0 if finite else 1.0) + (STOP_WEIGHT if self.interrupt.requested else 0.0)
+        packet = torch.tensor([float(loss), flags], dtype=torch.float64, device=self.world.device)
         t0 = time.perf_counter()
         accounting.all_reduce(self.meter, packet, kind="control")
         self.watch.add(time.perf_counter() - t0)
         loss_mean = float(packet[0]) / self.world.world_size
-        return loss_mean, bool(packet[1] == 0) and torch.isfinite(packet[0]).item()
+        flags = int(packet[1])
+        self.stop_agreed = flags >= STOP_WEIGHT
+        return loss_mean, flags % STOP_WEIGHT == 0 and torch.isfinite(packet[0]).item()
+
+    def stops_together(self) -> bool:
+        """Whether Ctrl-C can stop every rank after the same step: one rank, or a per-step
+        control all-reduce (:meth:`agree`) to carry the request. Under local/co2 and with a
+        plugin that agrees inside its own exchange (zeroth order) there is none, and adding
+        one would cost a link round trip per step: there Ctrl-C interrupts at once."""
+        own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
+        return self.world.world_size == 1 or (not self.sync.ranks_diverge and own is OptimizerPlugin.agreement)
 
     def train_step(self, step: int) -> dict:
         batch = to_device(self.data.train_batch(step), self.world.device)
@@ -364,7 +381,8 @@ class Trainer:
         self.skipped, self.skipped_total = 0, 0
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
-        self.interrupt = interrupt = StopRequest(self.world.world_size == 1)  # Ctrl-C: progress.StopRequest
+        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main)  # Ctrl-C: progress.StopRequest
+        self.stop_agreed = False
         for step in range(self.start_step, last):
             record = self.train_step(step)
             done = step + 1
@@ -379,15 +397,18 @@ class Trainer:
                 self.run_eval(record)
             self.log(record)
             self.progress.step(record)
-            stop = self.stop_early(record) or interrupt.requested
+            ctrl_c = self.stop_agreed or (self.world.world_size == 1 and bool(interrupt.requested))
+            stop = self.stop_early(record) or ctrl_c
             if done % t.checkpoint_every == 0 or done == last or stop:
                 path = self.save(done)
             if stop or (done == last < t.max_steps):
                 self.progress.close()
                 if self.world.is_main:
-                    say_stopped(self.cfg.run_dir, done, "Ctrl-C" if interrupt.requested else
+                    say_stopped(self.cfg.run_dir, done, "Ctrl-C" if ctrl_c else
                                 "trainer.stop_after" if done == t.stop_after else "stopped early", path)
             if stop:
+                if ctrl_c:  # for thinwire.train.worker (not logged): a sweep starts no further run
+                    record = {**record, "stopped_by": "Ctrl-C"}
                 break
             self.faults.after_step(done)
         self.progress.close()

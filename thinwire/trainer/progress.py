@@ -7,7 +7,8 @@
   ``WINDOW`` steps: under ``sync=local|co2`` only every H-th step sends, so the last step's
   figure alone flickers between 0 and the round's bytes;
 - the command that continues the run (``trainer.resume=auto``), printed when it stops
-  before ``trainer.max_steps`` (``trainer.stop_after``, Ctrl-C).
+  before ``trainer.max_steps`` (``trainer.stop_after``, Ctrl-C, which stops every rank after
+  the same step with a checkpoint: :class:`StopRequest`).
 
 The command line the user typed reaches the workers as ``THINWIRE_COMMAND`` (set by
 ``thinwire.train.main``).
@@ -102,14 +103,19 @@ def say_stopped(run_dir: str, step: int | None, why: str, checkpoint: str | None
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) while training. With one rank (``graceful``) the first Ctrl-C is noted
-    and the run stops after the current step, with a checkpoint of it; a second one
-    interrupts at once. With several ranks, stopping at one step needs the ranks to agree,
-    which would add a collective to every step, so Ctrl-C interrupts at once and the run
-    continues from its newest periodic checkpoint (``thinwire.train.worker`` says which)."""
+    """Ctrl-C (SIGINT) while training. Where the ranks can stop together (``graceful``: one
+    rank, or several that agree every step, ``Trainer.stops_together``) the first Ctrl-C is
+    noted and the run stops after a step that every rank agrees on, with a checkpoint of it
+    on every rank; a second one (after a second: the launcher passes the user's own Ctrl-C on
+    to its workers too) interrupts at once. With several ranks the request travels in the
+    step's control all-reduce (``Trainer.agree``), so no rank stops a step early and none
+    waits for another: a terminal's Ctrl-C reaches the workers at slightly different points
+    of a step, and the self-launcher (torch's elastic agent) forwards it as SIGINT, waiting
+    up to its shutdown timeout before it kills them. Otherwise Ctrl-C interrupts at once and
+    the run continues from its newest periodic checkpoint (``thinwire.train.worker`` says which)."""
 
-    def __init__(self, graceful: bool):
-        self.requested, self.previous = 0.0, None  # the time of the first Ctrl-C
+    def __init__(self, graceful: bool, main: bool = True):
+        self.requested, self.previous, self.main = 0.0, None, main  # the time of the first Ctrl-C
         if graceful and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
@@ -119,8 +125,12 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested = time.monotonic()
-        print("\nthinwire: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
-              flush=True)
+        if self.main:
+            try:
+                print("\nthinwire: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
+                      flush=True)
+            except RuntimeError:  # the signal came in the middle of another print (reentrant call)
+                pass
 
     def restore(self) -> None:
         if self.previous is not None:

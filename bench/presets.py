@@ -1,0 +1,141 @@
+"""Every preset a user can pick, measured: does it learn, what does a step cost in time, and
+what does it send, each next to plain data parallelism with a bf16 gradient all-reduce of the
+same model and data (``sync=ddp comm=bf16 optim=adamw peft=none``) run in the same invocation.
+
+    python bench/presets.py --quick            # 20 steps per run, 8 eval batches: a smoke check
+    python bench/presets.py --steps 200        # longer runs; --presets tiny,digits to pick some
+    python bench/presets.py --quick --write    # also writes bench/results/presets_quick.{json,md}
+                                               # (presets_<steps>.* without --quick; rows merge by preset)
+
+Presets: the quickstart's default config (``default``) and every ``configs/experiment/*.yaml``.
+Each runs ``python -m thinwire.train`` on ``--nproc`` local ranks (2: bytes need peers) with its own
+settings except the step count (``trainer.max_steps``; evaluations halfway and at the end on
+``--eval-batches`` fixed batches). Reported per preset:
+
+- learning: mean training loss of the first and the last five steps, and the final
+  ``val_loss`` (``val_accuracy`` for classifiers); "learns" = last five below the first five;
+- time: median ``step_time_s`` (steps after the first two) of the preset / of the reference
+  (which runs at most ``REFERENCE_STEPS`` with 2 eval batches: it is only timed and
+  counted, not judged).
+  A ratio within one invocation on one machine, not an absolute speed; on a shared machine
+  each run's load differs, so read ratios near 1 as "about the same";
+- bytes: mean ``wire_bytes`` per step (the meter's data + control traffic; evaluations and
+  one-off setup such as LoRA-GA's gradient estimate are counted apart and left out) of the
+  preset / of the reference (a bf16 ring all-reduce of every trainable parameter's gradient
+  each step plus its 16-byte control packet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "bench", "results")
+REFERENCE = ["sync=ddp", "comm=bf16", "optim=adamw", "peft=none"]
+REFERENCE_STEPS = 30
+# a preset that sets keys the reference's groups do not have (MeZO's optim.zo_eps,
+# SparseLoCo's sync.local_steps): its reference starts from the preset of the same model and
+# data instead (thinwire refuses to delete keys with ~key)
+SAME_MODEL = {"minilm_mezo": "minilm_genre", "sparseloco": "default"}
+
+
+def presets() -> list[str]:
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", "experiment")) if f.endswith(".yaml"))
+    return ["default", *names]
+
+
+def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int) -> list[dict]:
+    """One training run; its metrics.jsonl rows."""
+    chosen = [] if preset == "default" else [f"experiment={preset}"]
+    half = max(1, steps // 2)
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "thinwire.train", *chosen, f"dist.nproc={nproc}",
+               f"trainer.max_steps={steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={steps}",
+               f"data.eval_batches={eval_batches}", "trainer.sample_chars=0", "trainer.progress=false",
+               "logger=none", f"hydra.run.dir={d}", *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[3:])} failed:\n{p.stderr[-3000:]}")
+        with open(os.path.join(d, "metrics.jsonl")) as fh:
+            return [json.loads(line) for line in fh]
+
+
+def summarise(rows: list[dict]) -> dict:
+    losses = [r["loss"] for r in rows]
+    last = rows[-1]
+    timed = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
+    return {"steps": len(rows), "first5": statistics.fmean(losses[:5]), "last5": statistics.fmean(losses[-5:]),
+            "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+            "step_s": statistics.median(timed), "wire_bytes": statistics.fmean(r["wire_bytes"] for r in rows)}
+
+
+def measure(preset: str, steps: int, nproc: int, eval_batches: int) -> dict:
+    own = summarise(run(preset, [], steps, nproc, eval_batches))
+    # the reference only times steps and counts bytes: REFERENCE_STEPS and 2 eval batches are enough
+    ref = summarise(run(SAME_MODEL.get(preset, preset), REFERENCE, min(steps, REFERENCE_STEPS), nproc, 2))
+    return {"preset": preset, **own, "learns": own["last5"] < own["first5"],
+            "time_ratio": own["step_s"] / ref["step_s"], "bytes_ratio": own["wire_bytes"] / ref["wire_bytes"],
+            "reference": ref}
+
+
+def table(rows: list[dict], steps: int, nproc: int) -> str:
+    others = "; ".join(f"for `{k}`: `{v}`'s" for k, v in SAME_MODEL.items())
+    head = (f"{steps} steps per run, {nproc} ranks. Reference: the same preset ({others}) with "
+            f"`{' '.join(REFERENCE)}` (a bf16 gradient all-reduce every step), run right after it.\n\n"
+            "| preset | loss first 5 -> last 5 | learns | final val_loss (acc) | step time / reference | "
+            "bytes per step / reference |\n|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        val = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
+        if r["val_accuracy"] is not None:
+            val += f" ({r['val_accuracy']:.3f})"
+        lines.append(f"| `{r['preset']}` | {r['first5']:.3f} -> {r['last5']:.3f} | {'yes' if r['learns'] else 'NO'} "
+                     f"| {val} | {r['time_ratio']:.2f}x | {r['bytes_ratio']:.4g}x |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="20 steps per run (overrides --steps)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--eval-batches", type=int, default=None, help="default 64, 8 with --quick")
+    ap.add_argument("--presets", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--write", action="store_true", help="write bench/results/presets[_quick].{json,md}")
+    a = ap.parse_args()
+    steps = 20 if a.quick else a.steps
+    eval_batches = a.eval_batches or (8 if a.quick else 64)
+    names = a.presets.split(",") if a.presets else presets()
+    unknown = sorted(set(names) - set(presets()))
+    if unknown:
+        sys.exit(f"bench/presets.py: error: --presets: unknown {', '.join(unknown)} (known: {', '.join(presets())})")
+    setting = {"steps": steps, "nproc": a.nproc, "eval_batches": eval_batches}
+    stem = os.path.join(RESULTS, "presets_quick" if a.quick else f"presets_{steps}")
+    rows = {}
+    if a.write and os.path.exists(stem + ".json"):  # rows of other presets measured the same way stay
+        with open(stem + ".json") as fh:
+            old = json.load(fh)
+        if {k: old[k] for k in setting} == setting:
+            rows = {r["preset"]: r for r in old["rows"]}
+    for name in names:
+        rows[name] = measure(name, steps, a.nproc, eval_batches)
+        print(table([rows[name]], steps, a.nproc).splitlines()[-1], flush=True)
+        ordered = [rows[n] for n in presets() if n in rows]
+        text = table(ordered, steps, a.nproc)
+        if a.write:  # after every row: a failing preset later keeps the rows measured before it
+            with open(stem + ".json", "w") as fh:
+                json.dump({**setting, "rows": ordered}, fh, indent=1)
+            with open(stem + ".md", "w") as fh:
+                fh.write(f"Written by `python bench/presets.py` ({steps} steps per run, {a.nproc} ranks, "
+                         f"{eval_batches} eval batches; rows may come from several invocations).\n\n{text}")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Ctrl-C in a multi-rank run started by ``thinwire-train ... dist.nproc=2``: SIGINT to the
+self-launcher (which passes it on to its workers, as a terminal's Ctrl-C also does) stops
+every rank after the same step with a checkpoint of it on every rank; ``trainer.resume=auto``
+then continues to the same floats as an uninterrupted run (per-step losses and parameters,
+bitwise on CPU; dropout on, so the RNG streams must come back too)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, run_cli
+
+ARGS = ["experiment=tiny", "dist.nproc=2", "trainer.max_steps=100000", "trainer.checkpoint_every=100000",
+        "trainer.eval_every=100000", "model.dropout=0.1", "logger=none"]
+MORE = 3  # steps the resumed run and the reference take past the interrupted step
+
+
+def steps_logged(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for _ in open(path)) if path.exists() else 0
+
+
+def losses(run_dir) -> list:
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
+
+
+def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools, tmp_path):
+    run, full = tmp_path / "run", tmp_path / "full"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "thinwire.train", *ARGS, f"hydra.run.dir={run}"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while steps_logged(run) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)  # the launcher only, as `kill -INT <pid>` would
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    found = re.search(r"thinwire: stopped at step (\d+) \(Ctrl-C\); checkpoint (\S+); continue with: (.*)", out)
+    assert found, (out, err)
+    stop = int(found[1])
+    assert "trainer.resume=auto" in found[3] and "Traceback" not in err, err
+    ckpt = run / "checkpoints" / f"step_{stop:08d}"
+    assert found[2] == str(ckpt)
+    assert sorted(os.listdir(ckpt)) == ["COMPLETE", "common.pt", "rank00000.pt", "rank00001.pt"]
+    assert [s for s, _ in losses(run)] == list(range(1, stop + 1))  # every completed step, none after
+
+    end = [f"trainer.stop_after={stop + MORE}"]
+    resumed = run_cli(*ARGS, *end, f"hydra.run.dir={run}", "trainer.resume=auto", timeout=120)
+    assert resumed.returncode == 0 and f"resumed from {ckpt} at step {stop}" in resumed.stdout, resumed.stderr
+    pools.train(*ARGS, *end, f"hydra.run.dir={full}")  # the uninterrupted reference, in the test's ranks
+
+    assert losses(run) == losses(full)
+    last = f"step_{stop + MORE:08d}"
+    a = torch.load(run / "checkpoints" / last / "common.pt", weights_only=False)["model"]
+    b = torch.load(full / "checkpoints" / last / "common.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
