@@ -16,6 +16,7 @@ import torch
 from . import accounting, collectives
 from .compressors import Compressor, build_compressor, compressor_options
 from .feedback import build_feedback
+from .futures import then
 
 
 def compressor_from_config(name: str, fields: dict):
@@ -78,7 +79,7 @@ class CompressedAggregator:
             flat = torch.cat([msgs[i] for i in small])
             work = accounting.all_reduce(self.meter, flat, group=self.group, async_op=True)
             p = accounting.group_size(self.group)
-            futs.append(work.get_future().then(lambda f: list(f.value()[0].div_(p).split(
+            futs.append(then(work.get_future(), lambda f: list(f.value()[0].div_(p).split(
                 [msgs[i].numel() for i in small]))))
             for i in small:
                 sent[i] = msgs[i]
@@ -106,7 +107,7 @@ class CompressedAggregator:
 
         self.stats["raw_bytes"] += sum(4 * m.numel() for m in msgs)
         self.stats["payload_bytes"] += 4 * sum(msgs[i].numel() for i in small)
-        return torch.futures.collect_all(futs).then(finish)
+        return then(torch.futures.collect_all(futs), finish)
 
     def launch_dense(self, names: list[str], grads: list[torch.Tensor]) -> torch.futures.Future:
         """An uncompressed round (warm-up): exact mean; initialises EF21 / EControl."""
@@ -122,7 +123,7 @@ class CompressedAggregator:
                     self._stage(n, **self.feedback.dense(n, g, m))
             return means
 
-        return work.get_future().then(finish)
+        return then(work.get_future(), finish)
 
     def _compressor_at(self, iteration: int) -> Compressor:
         """The compressor of ``iteration``: the configured one, or one of the feedback rule's

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import accounting, groups
 from .aggregator import CompressedAggregator
+from .futures import then
 
 
 class CompressedAverager:
@@ -48,13 +49,13 @@ class CompressedAverager:
             buf = flat.detach().float().clone()
             work = accounting.all_reduce(self.meter, buf, group=self.group, async_op=True)
             p = accounting.group_size(self.group)
-            return work.get_future().then(lambda f: f.value()[0].div_(p))
+            return then(work.get_future(), lambda f: f.value()[0].div_(p))
         pieces = list(flat.detach().float().split(sizes))
         if step < self.warmup_rounds:
             fut = self.aggregator.launch_dense(names, pieces)
         else:
             fut = self.aggregator.launch(names, pieces, step)
-        return fut.then(lambda f: torch.cat(f.value()))
+        return then(fut, lambda f: torch.cat(f.value()))
 
     def average(self, names: list[str], sizes: list[int], flat: torch.Tensor, step: int) -> torch.Tensor:
         return self.average_async(names, sizes, flat, step).wait()

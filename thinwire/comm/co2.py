@@ -42,6 +42,7 @@ import torch
 
 from ..errors import need, one_of
 from .eager import EagerUpdates
+from .futures import then
 from .local import LocalConfig, LocalUpdates
 from .outer_optimizer import default_outer_optim
 from .sync import SYNC_STRATEGIES
@@ -154,7 +155,7 @@ class CO2(EagerUpdates, LocalUpdates):
                 fut = self.launch(self.snapshot)
         else:
             fut = self.launch(self.snapshot)
-        self.future = fut.then(self._mark_done)
+        self.future = then(fut, self._mark_done)
 
     def _mark_done(self, fut: torch.futures.Future) -> torch.Tensor:
         self.done_s = time.perf_counter()

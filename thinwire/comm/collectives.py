@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single, collective_bytes, group_size
 from .compressors import Compressor, Payload
+from .futures import then
 
 COLLECTIVES = ("allreduce", "allgather", "two_phase")
 
@@ -262,7 +263,7 @@ def _allreduce(flats, compressor, meter, steps, group):
             out.append(compressor.decompress(Payload(tensors, pl.shape, pl.dtype, pl.meta)))
         return out
 
-    return sent, work.get_future().then(means), None, sum(pl.nbytes for pl in payloads)
+    return sent, then(work.get_future(), means), None, sum(pl.nbytes for pl in payloads)
 
 
 def _allgather(flats, compressor, meter, steps, group):
@@ -284,7 +285,7 @@ def _allgather(flats, compressor, meter, steps, group):
             off += size
         return result
 
-    return sent, work.get_future().then(means), None, send.numel()
+    return sent, then(work.get_future(), means), None, send.numel()
 
 
 def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
@@ -416,4 +417,4 @@ def _aggregate_one(flat, compressor, meter, group, group2, collective, server_er
             server_error.copy_(extra.server_errors[0])
         return mean.reshape(flat.shape).to(flat.dtype)
 
-    return fut.then(finish)
+    return then(fut, finish)

@@ -50,6 +50,7 @@ from ..registry import Registry
 from . import accounting, collectives
 from .accounting import WireMeter
 from .aggregator import CompressedAggregator, check_combination, compressor_from_config
+from .futures import then
 from .compressors import COMPRESSORS, compressor_class, compressor_options
 from .feedback import FEEDBACKS, check_feedback_options, feedback_options
 
@@ -248,7 +249,7 @@ def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tenso
     def average(fut: torch.futures.Future) -> torch.Tensor:
         return fut.value()[0].div_(world)
 
-    return work.get_future().then(average)
+    return then(work.get_future(), average)
 
 
 STATE_KEYS = ("process_group", "second_group", "meter", "model", "warmup_steps", "min_numel", "auto_commit",
@@ -385,7 +386,7 @@ def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torc
             view.copy_(out)
         return buf
 
-    return fut.then(write_back)
+    return then(fut, write_back)
 
 
 def compressed_factory(name: str) -> Callable:

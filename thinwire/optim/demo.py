@@ -64,6 +64,7 @@ import torch
 from ..comm import accounting
 from ..comm.collectives import pack, sparse_mean, unpack
 from ..comm.compressors.base import Payload, pack_bits, unpack_bits
+from ..comm.futures import then
 from ..comm.compressors.chunked import ChunkTopKCompressor
 from ..comm.compressors.dct import DCTTiles
 from ..errors import need, one_of, positive
@@ -211,7 +212,7 @@ class DeMoPlugin(OwnUpdatePlugin):
         else:
             g.work = accounting.all_gather_into(self.meter, gathered, mine, kind="data", async_op=True,
                                                 group=getattr(self.world, "async_group", None))
-            g.work.get_future().then(g.mark_done)     # runs on the comm thread when the bytes are in
+            then(g.work.get_future(), g.mark_done)     # runs on the comm thread when the bytes are in
         return g
 
     @torch.no_grad()
