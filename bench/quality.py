@@ -23,10 +23,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "bench", "results", "quality")
@@ -72,6 +74,15 @@ ROWS = {
     **{f"stream H={h} F={f} tau={t}": ["sync=local", f"sync.local_steps={h}", f"sync.fragments={f}",
                                         f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
        for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},
+    # MT-DAO (optim=mtdao, thinwire/optim/mtdao.py): AdamW's step with a slow first moment (beta_slow)
+    # mixed with the raw gradient (omega), the slow momentum averaged every round (sync.moment1_every=1)
+    **{f"mtdao H={h} b={b} w={w}{' no-avg' if not m else ''}": [
+        "sync=local", f"sync.local_steps={h}", *LOCAL, "optim=mtdao", f"optim.beta_slow={b}", f"optim.omega={w}",
+        f"sync.moment1_every={m}"]
+       for h, b, w, m in ((8, 0.99, 0.7, 1), (8, 0.995, 0.7, 1), (8, 0.999, 0.7, 1), (8, 0.99, 0.5, 1),
+                          (8, 0.99, 0.9, 1), (8, 0.99, 0.7, 0), (30, 0.995, 0.7, 1), (30, 0.999, 0.7, 1))},
+    "mtdao dense b=0.99 w=0.7": ["comm=none", "sync=ddp", "optim=mtdao", "optim.beta_slow=0.99", "optim.omega=0.7"],
+    "local H=8 + moment1": ["sync=local", "sync.local_steps=8", *LOCAL, "sync.moment1_every=1"],  # AdamW, DES-LOC K_u=1
     # SGD with momentum 0.9 (issue 23 item 3): dense, Top-K 1% + classic EF, Top-K 1% + DGC's
     # momentum correction (the momentum moves from the optimizer into comm.feedback=dgc)
     "sgd m=0.9 dense": ["optim=sgd", "optim.momentum=0.9"],
@@ -139,6 +150,16 @@ SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "overlap": ["dense", "local H=8", "local H=8 diloco-recipe", "co2 H=8", "eager H=8", "eager H=8 diloco-recipe",
                     "eager H=8 co2-recipe", "local H=30", "local H=30 + moments 1/2", "eager H=30",
                     "eager H=30 diloco-recipe", *[r for r in ROWS if r.startswith("stream ")]],
+        # issue 16 on one machine, all paired: the goal rows on 3 seeds, MT-DAO's sweep on seed 0
+        # issue 16 on one machine, all rows paired, in priority order (a --deadline cuts the tail): the goal
+        # rows on 3 seeds, MT-DAO's sweep on seed 0, the H=30 rows on 3 seeds, extras on seed 0
+        "overlap3": [*[f"{r}@0+1+2" for r in ("dense", "local H=8", "mtdao H=8 b=0.99 w=0.7", "eager H=8",
+                                               "stream H=8 F=4 tau=1")],
+                     *[f"{r}@0" for r in ("mtdao H=8 b=0.995 w=0.7", "mtdao H=8 b=0.999 w=0.7", "mtdao H=8 b=0.99 w=0.5",
+                                          "mtdao H=8 b=0.99 w=0.9", "mtdao H=8 b=0.99 w=0.7 no-avg",
+                                          "local H=8 + moment1", "mtdao dense b=0.99 w=0.7")],
+                     *[f"{r}@0+1+2" for r in ("local H=30", "eager H=30", "mtdao H=30 b=0.995 w=0.7")],
+                     *[f"{r}@0" for r in ("co2 H=8", "mtdao H=30 b=0.999 w=0.7", "stream H=8 F=2 tau=3")]],
         "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "adam1bit sign freeze=24 refresh kappa=3",
                      "adam1bit sign 0/1-Adam T_v kappa=6", "adam1bit sign int8 warm-up freeze=96", "sgd m=0.9 dense",
                      "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
@@ -151,8 +172,13 @@ def overrides(row: str, seed: int, a) -> list[str]:
             "trainer.progress=false", "logger=none", f"dist.nproc={a.nproc}"]
 
 
+RUNS = os.path.join(OUT, "runs")   # --runs-dir
+LAUNCH_EXTRA: list[str] = []        # --launch: launch-only overrides, not part of a run's identity
+DEADLINE = [math.inf]               # --deadline: no run starts after this time.monotonic()
+
+
 def run_dir(ov: list[str]) -> str:
-    return os.path.join(OUT, "runs", hashlib.sha1(json.dumps(ov).encode()).hexdigest()[:12])
+    return os.path.join(RUNS, hashlib.sha1(json.dumps(ov).encode()).hexdigest()[:12])
 
 
 def rows_of(d: str) -> list[dict]:
@@ -169,6 +195,9 @@ def run(row: str, seed: int, a) -> list[dict]:
     rows = rows_of(d)
     if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
         return rows
+    if time.monotonic() > DEADLINE[0]:
+        print(f"  skipped {row!r} seed {seed}: past --deadline", flush=True)
+        return []
     launch(ov, d, {"row": row, "seed": seed}, f"{row!r} seed {seed}")
     return rows_of(d)
 
@@ -181,7 +210,7 @@ def launch(ov: list[str], d: str, meta: dict, label: str, fresh: bool = True) ->
     with open(os.path.join(d, "overrides.json"), "w") as fh:
         json.dump({**meta, "overrides": ov}, fh)
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, f"hydra.run.dir={d}",
+    p = subprocess.run([sys.executable, "-m", "thinwire.train", *ov, *LAUNCH_EXTRA, f"hydra.run.dir={d}",
                         *(["trainer.overwrite=true"] if fresh else [])], capture_output=True,
                        text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
     if p.returncode != 0:
@@ -228,23 +257,30 @@ def summary(rows: list[dict], nproc: int) -> dict:
     return out
 
 
+def paired(per_seed: dict, ref: dict) -> str:
+    """Mean and spread (min..max) over the seeds both have of (row - ref) / ref."""
+    d = [(per_seed[s]["val_loss"] - ref[s]["val_loss"]) / ref[s]["val_loss"] for s in sorted(per_seed) if s in ref]
+    return f"{100 * statistics.mean(d):+.2f}% ({100 * min(d):+.2f}..{100 * max(d):+.2f})" if d else ""
+
+
 def report(results: dict, a) -> str:
     dense = results.get("dense", {})
-    lines = [f"4 ranks (dist.nproc={a.nproc}), AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
+    lines = [f"{a.nproc} ranks, AdamW lr {a.lr}, {a.steps} steps, val loss on 64 fixed batches; "
              f"'vs dense' = mean (and spread, min..max) over paired seeds of (method - dense) / dense.", "",
-             "| row | LR | seeds | val loss (mean) | vs dense | wire B/param/step | x of bf16 all-reduce | payload B/param/step "
-             "| peak / mean B per step (x full fp32 all-reduce) | comm wait ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | LR | seeds | val loss (mean) | vs dense | vs local, same H | wire B/param/step | x of bf16 all-reduce "
+             "| payload B/param/step | peak / mean B per step (x full fp32 all-reduce) | comm wait ms/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, per_seed in results.items():
         seeds = sorted(per_seed)
         vals = [per_seed[s]["val_loss"] for s in seeds]
-        diffs = [(per_seed[s]["val_loss"] - dense[s]["val_loss"]) / dense[s]["val_loss"] for s in seeds if s in dense]
-        vs = (f"{100 * statistics.mean(diffs):+.2f}% ({100 * min(diffs):+.2f}..{100 * max(diffs):+.2f})"
-              if diffs and row != "dense" else "")
+        vs = paired(per_seed, dense) if row != "dense" else ""
+        h = re.search(r"\bH=(\d+)", row)
+        vs_local = paired(per_seed, results.get(f"local H={h.group(1)}", {})) if h and row != f"local H={h.group(1)}" else ""
         s0 = per_seed[seeds[0]]
         ratio = s0["bf16_ratio"]  # the same for every seed: bytes do not depend on the data
         payload = s0.get("payload_B_per_param_step")
-        lines.append(f"| {row} | {s0.get('lr', a.lr):g} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {s0['wire_B_per_param_step']:.5f} "
+        lines.append(f"| {row} | {s0.get('lr', a.lr):g} | {len(seeds)} | {statistics.mean(vals):.4f} | {vs} | {vs_local} "
+                     f"| {s0['wire_B_per_param_step']:.5f} "
                      f"| {'1/%.0f' % (1 / ratio) if 0 < ratio < 1 else '%.2f' % ratio} | "
                      f"{'' if payload is None else '%.5f' % payload} | {s0['peak_of_full']:.3f} / {s0['mean_of_full']:.4f} "
                      f"| {statistics.mean(per_seed[s]['comm_wait_ms'] for s in seeds):.1f} |")
@@ -280,6 +316,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="goals", help="goals | sweep | a comma-separated list of row names")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -293,11 +330,26 @@ def main(argv=None) -> int:
     ap.add_argument("--row-lrs", type=float, nargs="*", default=None,
                     help="a (smaller) grid for the rows that have their own (ROW_LRS) in this call")
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each is dist.nproc processes); no --lrs")
+    ap.add_argument("--launch", nargs="*", default=[], help="overrides for how runs are launched, not part of a "
+                                                            "run's identity (e.g. dist.threads=1 dist.backend=gloo)")
+    ap.add_argument("--deadline", type=float, default=math.inf, help="seconds from now after which no run starts")
+    ap.add_argument("--runs-dir", default=RUNS, help="where the runs are cached")
+    ap.add_argument("--tag", default=None, help="name of the table files (default: the set's name, or 'custom')")
     a = ap.parse_args(argv)
+    RUNS = a.runs_dir
+    LAUNCH_EXTRA[:] = a.launch
+    DEADLINE[0] = time.monotonic() + a.deadline
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
+    seeds_of = {}  # "row@0+1": that row on seeds 0 and 1 only
+    for i, n in enumerate(names):
+        if "@" in n:
+            names[i], sel = n.split("@")
+            seeds_of[names[i]] = [int(x) for x in sel.split("+")]
     names = ["dense", *[n for n in names if n != "dense"]]
     results: dict = {}
     best_lr: dict = {}
+    tasks = []
     for row in names:
         if a.lrs:  # the same sweep for every row, on the first seed: each row keeps its best LR
             sweep = {}
@@ -310,14 +362,16 @@ def main(argv=None) -> int:
             if sweep:
                 best_lr[row] = {"best": min(sweep, key=sweep.get), "sweep": sweep}
         row_args = argparse.Namespace(**{**vars(a), "lr": best_lr.get(row, {}).get("best", a.lr)})
-        for seed in a.seeds:
-            if a.report:
-                rows = rows_of(run_dir(overrides(row, seed, row_args)))
-                if not rows or rows[-1]["step"] != a.steps:
-                    continue
-            else:
-                rows = run(row, seed, row_args)
-            results.setdefault(row, {})[seed] = {**summary(rows, a.nproc), "lr": row_args.lr}
+        tasks += [(row, seed, row_args) for seed in seeds_of.get(row, a.seeds)]
+
+    def one(task):
+        row, seed, row_args = task
+        return rows_of(run_dir(overrides(row, seed, row_args))) if a.report else run(row, seed, row_args)
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        for (row, seed, row_args), rows in zip(tasks, pool.map(one, tasks)):
+            if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
+                results.setdefault(row, {})[seed] = {**summary(rows, a.nproc), "lr": row_args.lr}
     table = report(results, a)
     if best_lr:
         table += "\n\nLR sweep (first seed, val loss): " + "; ".join(
@@ -325,7 +379,7 @@ def main(argv=None) -> int:
             for row, b in best_lr.items())
     print(table)
     os.makedirs(OUT, exist_ok=True)
-    tag = f"{a.rows if a.rows in SETS else 'custom'}"
+    tag = a.tag or (a.rows if a.rows in SETS else "custom")
     with open(os.path.join(OUT, f"{tag}.json"), "w") as fh:
         json.dump({"args": vars(a), "results": results, "lr_sweep": best_lr}, fh, indent=1)
     with open(os.path.join(OUT, f"{tag}.md"), "w") as fh:

@@ -198,7 +198,8 @@ RESUME_CASES = {
                "sync.fragment_alpha=0.5"],
     "stream-topk-ef": ["sync=local", "sync.local_steps=8", "sync.fragments=2", "sync.fragment_delay=3",
                        "comm=topk", "comm.ratio=0.05", "comm.feedback=ef", "comm.min_numel=256"],
-    "local-moments": ["sync=local", "optim=adamw", "sync.moment1_every=1", "sync.moment2_every=2"],
+    # MT-DAO: the slow momentum (exp_avg) averaged every round, the second moment every 2
+    "local-mtdao-moments": ["sync=local", "optim=mtdao", "sync.moment1_every=1", "sync.moment2_every=2"],
 }
 
 

@@ -260,3 +260,4 @@ def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
 from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)
 from . import demo  # noqa: E402,F401  registers optim=demo
 from . import adam1bit  # noqa: E402,F401  registers optim=adam1bit
+from . import mtdao  # noqa: E402,F401  registers optim=mtdao
