@@ -104,6 +104,13 @@ def fail_worker(rank: int, msg: str, code: int = 1) -> None:
 SHUTDOWN_TIMEOUT_S = 120
 
 
+def shutdown_timeout(launch_config) -> dict:
+    """``shutdown_timeout`` where this torch's LaunchConfig has it (newer than 2.11): torch is
+    unpinned above 2.1 (pyproject), and older launchers use their own grace period."""
+    fields = getattr(launch_config, "__dataclass_fields__", {})
+    return {"shutdown_timeout": SHUTDOWN_TIMEOUT_S} if "shutdown_timeout" in fields else {}
+
+
 def launch_local(cfg, cfg_yamls: list[str]) -> int:
     """Start ``dist.nproc`` workers like ``torchrun --standalone`` would."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -119,7 +126,7 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=os.path.basename(cfg.run_dir),
                       rdzv_backend="c10d", rdzv_endpoint=f"{cfg.dist.master_addr}:{port}",
                       rdzv_configs={"is_host": True}, max_restarts=cfg.dist.max_restarts, monitor_interval=0.1,
-                      start_method="spawn", shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                      start_method="spawn", **shutdown_timeout(LaunchConfig))
     try:
         elastic_launch(lc, worker)(cfg_yamls)
     except ChildFailedError as e:
