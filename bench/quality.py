@@ -75,13 +75,21 @@ ROWS = {
                                         f"sync.fragment_delay={t}", "sync.fragment_alpha=0.5", *LOCAL]
        for h, f, t in ((8, 2, 1), (8, 2, 3), (8, 4, 1), (30, 2, 1), (30, 2, 14), (30, 3, 1), (30, 3, 9))},
     # MT-DAO (optim=mtdao, thinwire/optim/mtdao.py): AdamW's step with a slow first moment (beta_slow)
-    # mixed with the raw gradient (omega), the slow momentum averaged every round (sync.moment1_every=1)
-    **{f"mtdao H={h} b={b} w={w}{' no-avg' if not m else ''}": [
+    # mixed with the raw gradient (omega), the slow momentum averaged every round (sync.moment1_every=1);
+    # rows without "b2=" keep AdamW's beta2 0.95 (measured first; optim=mtdao's default is now 0.999)
+    **{f"mtdao H={h} b={b} w={w}{'' if b2 == 0.95 else f' b2={b2}'}{' no-avg' if not m else ''}": [
         "sync=local", f"sync.local_steps={h}", *LOCAL, "optim=mtdao", f"optim.beta_slow={b}", f"optim.omega={w}",
-        f"sync.moment1_every={m}"]
-       for h, b, w, m in ((8, 0.99, 0.7, 1), (8, 0.995, 0.7, 1), (8, 0.999, 0.7, 1), (8, 0.99, 0.5, 1),
-                          (8, 0.99, 0.9, 1), (8, 0.99, 0.7, 0), (30, 0.995, 0.7, 1), (30, 0.999, 0.7, 1))},
-    "mtdao dense b=0.99 w=0.7": ["comm=none", "sync=ddp", "optim=mtdao", "optim.beta_slow=0.99", "optim.omega=0.7"],
+        f"sync.moment1_every={m}", f"optim.beta2={b2}"]
+       for h, b, w, m, b2 in ((8, 0.99, 0.7, 1, 0.95), (8, 0.995, 0.7, 1, 0.95), (8, 0.999, 0.7, 1, 0.95),
+                              (8, 0.99, 0.5, 1, 0.95), (8, 0.99, 0.9, 1, 0.95), (8, 0.99, 0.7, 0, 0.95),
+                              (30, 0.995, 0.7, 1, 0.95), (30, 0.999, 0.7, 1, 0.95),
+                              (8, 0.99, 0.7, 1, 0.999), (8, 0.995, 0.7, 1, 0.999), (8, 0.99, 0.5, 1, 0.999),
+                              (30, 0.995, 0.7, 1, 0.999))},
+    **{f"mtdao dense b={b} w=0.7{'' if b2 == 0.95 else f' b2={b2}'}": [
+        "comm=none", "sync=ddp", "optim=mtdao", f"optim.beta_slow={b}", "optim.omega=0.7", f"optim.beta2={b2}"]
+       for b, b2 in ((0.99, 0.95), (0.99, 0.999))},
+    "adamw dense b2=0.999": ["comm=none", "sync=ddp", "optim.betas=[0.9,0.999]"],
+    "local H=8 b2=0.999": ["sync=local", "sync.local_steps=8", *LOCAL, "optim.betas=[0.9,0.999]"],
     "local H=8 + moment1": ["sync=local", "sync.local_steps=8", *LOCAL, "sync.moment1_every=1"],  # AdamW, DES-LOC K_u=1
     # SGD with momentum 0.9 (issue 23 item 3): dense, Top-K 1% + classic EF, Top-K 1% + DGC's
     # momentum correction (the momentum moves from the optimizer into comm.feedback=dgc)

@@ -135,6 +135,8 @@ class CO2(EagerUpdates, LocalUpdates):
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         cfg = co2_options(cfg)
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
+        # NCCL: the round's all-reduce runs on a side stream, overlapping the next round's compute
+        self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
         self.penalty_strength = cfg.staleness_penalty
         self.eager = cfg.overlap == "eager"
         if self.eager:

@@ -108,7 +108,6 @@ class LocalUpdates(FragmentStreaming, SyncStrategy):
         self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
                                            meter, group=group, group2=group2)
-        self.cuda_stream = torch.cuda.Stream(device=world.device) if world.device.type == "cuda" else None
         self.skipped = 0  # rounds skipped because some rank's pseudo-gradient was not finite
         opt = {f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(LocalConfig)
                if f.name.startswith(("fragment", "moment"))}  # configs built by hand may leave them out

@@ -12,8 +12,8 @@ optimizer's state: the trainer hands its optimizer plugin to ``SyncStrategy.bind
 the averaged buffers are the torch optimizer's per-parameter state (``exp_avg`` /
 ``exp_avg_sq`` for AdamW, ``momentum_buffer`` as the first moment for SGD), averaged in place
 with one exact fp32 all-reduce per moment (charged to the meter as data bytes: 4 B per
-parameter per moment, twice the ring factor). MT-DAO's slow momentum (arXiv 2510.05361) is
-not implemented.
+parameter per moment, twice the ring factor). MT-DAO (arXiv 2510.05361) is this averaging with
+``optim=mtdao`` (``thinwire.optim.mtdao``), whose ``exp_avg`` is a slow momentum.
 
 Departure from DES-LOC: its moments are averaged on their own clocks between parameter
 syncs; here only at round ends (the moments travel next to the pseudo-gradient's average).
