@@ -67,3 +67,14 @@ def test_compile_option_routes_whole_blocks_through_the_fused_codec(monkeypatch,
 def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="int8: compile='yes' must be true or false"):
         build_compressor("int8", compile="yes")
+
+
+def test_compile_on_cuda_without_triton_is_a_one_line_config_error(monkeypatch):
+    """No CUDA needed: the codec is chosen by device type before any kernel runs."""
+    import sys
+
+    from thinwire.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "thinwire.comm.compressors.fused_triton", None)  # import fails
+    with pytest.raises(ConfigError, match="comm.compile=true needs triton"):
+        fused.codec("int8", torch.device("cuda"))

@@ -27,6 +27,9 @@ import functools
 
 import torch
 
+from ...errors import ConfigError
+
+
 def int8_encode(x: torch.Tensor, block: int):
     """(codes int8 (n,), scales fp32 (n / block,)) of fp32 ``x`` (n,)."""
     xb = x.view(-1, block)
@@ -74,7 +77,11 @@ def codec(name: str, device: torch.device):
     Triton kernels on CUDA (:mod:`.fused_triton`, faster than Inductor's: docs/gpu.md), else
     this module's functions through ``torch.compile``."""
     if device.type == "cuda":
-        from . import fused_triton
+        try:
+            from . import fused_triton
+        except ImportError as e:  # triton ships with CUDA wheels of torch, not with every build
+            raise ConfigError(f"comm.compile=true needs triton on CUDA ({e}); pip install triton, "
+                              f"or set comm.compile=false") from None
 
         return (functools.partial(fused_triton.encode, name), functools.partial(fused_triton.decode, name),
                 functools.partial(fused_triton.ef_pass, name))
