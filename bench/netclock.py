@@ -542,6 +542,10 @@ def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | N
     return "\n".join(out) + "\n", res
 
 
+def _x(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.3g}"
+
+
 def _gt(bound: float | None) -> str:
     return f"> {bound:.2f}x" if bound else ""
 
@@ -577,12 +581,12 @@ def goals(pre: Preset, res: dict, at1: dict) -> list[str]:
                 peer += " [the same H and fragments as the best mode]"
             if v and v["ttt_over_compute_only"]:
                 s = v["ttt_over_compute_only"] / b
-                out.append(f"- vs {peer}: {s:.3g}x faster to the target "
+                out.append(f"- vs {peer}: {_x(s)}x faster to the target "
                            f"(peer's bound: {v['ttt_over_compute_only']:.2f}x "
                            f"the compute-only limit); goal >= {bound:g}x: {ok[s >= bound]}")
             elif v and v["ttt_lower_bound"]:
                 s = v["ttt_lower_bound"] / b
-                out.append(f"- vs {peer}: > {s:.3g}x faster to the target (the peer does not reach it by 2S: its "
+                out.append(f"- vs {peer}: > {_x(s)}x faster to the target (the peer does not reach it by 2S: its "
                            f"time to target > {v['ttt_lower_bound']:.2f}x the compute-only limit, its bound); "
                            f"goal >= {bound:g}x: {ok[s >= bound]}")
             elif v:
