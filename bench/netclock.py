@@ -185,10 +185,14 @@ def round_time(sync: str, link: Link, compute_s: float, data: Sequence[Sequence[
 H100_BF16_PEAK = 989e12       # dense bf16 flop/s
 MFU = 0.40
 COPY_BANDWIDTH = 3.0e12       # device memory copy bandwidth, B/s (H100 SXM ~3.35 TB/s; the issue's 3.0)
-# fraction of COPY_BANDWIDTH a codec pass reaches: docs/gpu.md (H200, bench/compress_pass.py) measured
-# 0.11-0.18 for the eager codecs (comm.compile=false, the default) and 0.41-0.99 for the Triton ones
-# (1M-256M values); 0.15, the eager middle (the issue's placeholder was 0.5: same conclusions)
+# fraction of COPY_BANDWIDTH a codec pass reaches. docs/gpu.md (H200, bench/compress_pass.py) defines
+# it as the pass's floor bytes at the measured speed / the copy's bandwidth: eager codecs
+# (comm.compile=false, the default) 0.11-0.18, so 0.15 for every pass without a fused kernel; the
+# Triton EF + int8 pass (comm.compile=true on CUDA) 2.26x a copy at 256M values against a floor of
+# 18 B/value = 2.25 copies (read g, e; write e, codes; read codes, write values): 2.25 / 2.26 = 0.996
+# (sign1: 2.03 / 2.04 = 0.995). A fused pass is charged its floor's bytes at FUSED_EFFICIENCY.
 PASS_EFFICIENCY = 0.15
+FUSED_EFFICIENCY = 0.99
 BUCKET_BYTES = 25 * 2 ** 20   # DDP's default bucket_cap_mb=25, of fp32 gradients
 
 
@@ -227,7 +231,8 @@ class Method:
     chunk), ``powersgd`` (three all-reduces per bucket: dense rank-1 tensors, P, Q).
     ``bytes_per_value``: payload bytes per parameter (thinwire's compressors' ``nbytes`` /
     numel, density and index bytes included). ``codec_bytes_per_value``: bytes the codec's
-    passes touch per parameter per synchronisation (read + write)."""
+    eager passes touch per parameter per synchronisation (read + write);
+    ``fused_bytes_per_value``: the floor bytes of the passes a fused kernel runs instead."""
     name: str
     sync: str
     collective: str
@@ -238,6 +243,9 @@ class Method:
     codec_bytes_per_value: float = 0.0
     control: bool = True     # thinwire's per-step loss/non-finite all-reduce under sync=ddp
     powersgd_rank: int = 0
+    fused_bytes_per_value: float = 0.0  # bytes of the passes a fused (Triton) kernel runs, at its floor
+    dense_warmup: bool = False  # its protocol row starts with plain fp32 DDP steps (time_to_target.fair_warmup)
+    bucket_values: int = 0   # outer syncs: at most this many values per call (0: one flat call per fragment)
 
 
 def bucket_calls(m: Method, numel: int, p: int, pre: Preset | None = None) -> list[Call]:
@@ -267,25 +275,37 @@ def _cb(kind: str, nbytes: int, p: int) -> int:
 
 
 CONTROL = 16  # thinwire's per-step agreement: 2 float64 (loss, non-finite flag)
+# torchft 0.2.0's DiLoCo all-reduces a fragment's pseudo-gradient per parameter tensor by default;
+# bucketized (use_bucketization=True) in buckets of bucket_cap_mb, default 1 GiB of the fp32
+# pseudo-gradient, each bucket one fp8 all-reduce (torchft.collectives.allreduce_quantized: an
+# all-to-all and an all-gather of 1 B/value, the ring all-reduce's bytes and 2 (p-1) hops). The
+# projection takes the bucketized mode (fewer calls than one per tensor at these sizes).
+TORCHFT_BUCKET_VALUES = 2 ** 30 // 4
 
 
 def data_calls(m: Method, pre: Preset, bucket_bytes: int = BUCKET_BYTES) -> list[list[Call]]:
     """One round's data calls at the preset's p and N: DDP's buckets of ``bucket_bytes`` of fp32
     gradients (every bucket one collective, or two for two-phase, three for PowerSGD), or the
-    F fragments of an outer all-reduce (one flat call each, as thinwire's averager sends it)."""
+    F fragments of an outer all-reduce (one flat call each, as thinwire's averager sends it;
+    ``Method.bucket_values``: split into that many values per call, as torchft's bucketized
+    all-reduce does)."""
     N, p = int(pre.params), pre.replicas
     if m.sync == "ddp":
         B = max(1, math.ceil(N * 4 / bucket_bytes))
         return [bucket_calls(m, N // B, p, pre)] * B
-    return [bucket_calls(m, N // m.F, p, pre)] * m.F
+    n = N // m.F
+    k = max(1, math.ceil(n / m.bucket_values)) if m.bucket_values else 1
+    return [bucket_calls(m, n // k, p, pre) * k] * m.F
 
 
 def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float = PASS_EFFICIENCY,
-            copy_bandwidth: float = COPY_BANDWIDTH, bucket_bytes: int = BUCKET_BYTES) -> RoundTime:
+            copy_bandwidth: float = COPY_BANDWIDTH, bucket_bytes: int = BUCKET_BYTES,
+            fused_efficiency: float = FUSED_EFFICIENCY) -> RoundTime:
     """One round of ``m`` at ``pre`` (optionally at another bandwidth)."""
     p, N = pre.replicas, int(pre.params)
     link = Link(gbit or pre.gbit, pre.latency_s)
-    codec = N / pre.gpus * m.codec_bytes_per_value / (copy_bandwidth * efficiency)  # sharded over the replica's GPUs
+    codec = N / pre.gpus * (m.codec_bytes_per_value / efficiency + m.fused_bytes_per_value / fused_efficiency) \
+        / copy_bandwidth  # sharded over the replica's GPUs
     if m.sync == "ddp":  # thinwire's per-step loss / non-finite agreement
         control = [Call("all_reduce", "control", _cb("all_reduce", CONTROL, p), p)] if m.control else []
     else:  # the outer step's non-finite flag, once per round
@@ -315,13 +335,26 @@ def payload_bytes_per_value(comm: str, n: int = 1 << 20, **kw) -> float:
 #   co2: + the snapshot copy 8; SparseLoCo: + decayed EF 12, chunk top-k 8, residual 8, decode 4
 #   torchft fp8: + quantise 5, dequantise 5; PowerSGD: M Q and M^T P read M twice (8),
 #   EF 24, P Q^T 4
+#   int8 with the fused EF + int8 pass (comm.compile=true on CUDA): that pass at its floor, 18
+#   (docs/gpu.md), and eager the owner's dequantise-and-sum 1+4 and the final dequantise 1+4   10
 CODEC = {"bf16": 12, "int8_ef": 24 + 15, "topk_ef": 24 + 20, "outer": 40, "co2": 48, "sparseloco": 40 + 32,
-         "torchft_fp8": 50, "powersgd": 36}
+         "torchft_fp8": 50, "powersgd": 36, "int8_rest": 10}
+FUSED = {"int8_ef": 18}
 
 
-def methods() -> list[tuple[str, str, Method]]:
+def int8_codec(fused: bool, extra: float = 0.0) -> dict:
+    """``Method`` codec keywords of an int8 + EF row (plus ``extra`` eager bytes): the fused
+    Triton pass where ``fused`` (comm.compile=true), else every pass eager."""
+    if fused:
+        return {"codec_bytes_per_value": extra + CODEC["int8_rest"], "fused_bytes_per_value": FUSED["int8_ef"]}
+    return {"codec_bytes_per_value": extra + CODEC["int8_ef"]}
+
+
+def methods(fused: bool = True, torchft_bucket_values: int = TORCHFT_BUCKET_VALUES) -> list[tuple[str, str, Method]]:
     """``(group, protocol row, Method)`` for every projected row; the protocol row names the
-    4-rank time-to-target result its steps come from ('' = none measured)."""
+    4-rank time-to-target result its steps come from ('' = none measured; ``ASSUMED``: another
+    row's). ``fused``: int8 rows run the fused EF + int8 pass (``comm.compile=true``);
+    ``torchft_bucket_values``: values per torchft all-reduce call (0: one per fragment)."""
     bf16 = payload_bytes_per_value("bf16")
     int8 = payload_bytes_per_value("int8")
     topk = payload_bytes_per_value("topk", ratio=0.01)
@@ -330,14 +363,15 @@ def methods() -> list[tuple[str, str, Method]]:
     return [
         ("baseline", "dense", M("DDP fp32", "ddp", "all_reduce", 4.0)),
         ("peer", "bf16", M("DDP bf16 (thinwire comm=bf16)", "ddp", "all_reduce", bf16, codec_bytes_per_value=CODEC["bf16"])),
-        ("peer", "", M("torch PowerSGD r4", "ddp", "powersgd", 0.0, codec_bytes_per_value=CODEC["powersgd"],
-                       powersgd_rank=4)),
-        ("peer", "", M("torch PostLocalSGD H=8", "local", "all_reduce", 4.0, H=8, control=False)),
+        ("peer", "torch PowerSGD r4", M("torch PowerSGD r4", "ddp", "powersgd", 0.0,
+                                        codec_bytes_per_value=CODEC["powersgd"], powersgd_rank=4, dense_warmup=True)),
+        ("peer", "torch PostLocalSGD H=8", M("torch PostLocalSGD H=8", "local", "all_reduce", 4.0, H=8, control=False)),
         ("peer", "", M("torchft DiLoCo H=8 (fp8)", "local", "all_reduce", 1.0, H=8, control=False,
-                       codec_bytes_per_value=CODEC["torchft_fp8"])),
+                       codec_bytes_per_value=CODEC["torchft_fp8"], bucket_values=torchft_bucket_values)),
         ("peer", "", M("torchft streaming H=8 F=4 tau=1 (fp8)", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1,
-                       control=False, codec_bytes_per_value=CODEC["torchft_fp8"])),
-        ("thinwire", "", M("int8 two-phase + ef", "ddp", "two_phase", int8, codec_bytes_per_value=CODEC["int8_ef"])),
+                       control=False, codec_bytes_per_value=CODEC["torchft_fp8"],
+                       bucket_values=torchft_bucket_values)),
+        ("thinwire", "", M("int8 two-phase + ef", "ddp", "two_phase", int8, **int8_codec(fused))),
         ("thinwire", "", M("topk 1% + ef", "ddp", "all_gather", topk, codec_bytes_per_value=CODEC["topk_ef"])),
         ("thinwire", "local H=8", M("local H=8", "local", "all_reduce", 4.0, H=8, control=False,
                                     codec_bytes_per_value=CODEC["outer"])),
@@ -348,14 +382,20 @@ def methods() -> list[tuple[str, str, Method]]:
         ("thinwire", "eager H=8", M("eager H=8", "overlap", "all_reduce", 4.0, H=8, control=False,
                                     codec_bytes_per_value=CODEC["co2"])),
         ("thinwire", "", M("co2 H=8 + int8", "overlap", "two_phase", int8, H=8, control=False,
-                           codec_bytes_per_value=CODEC["co2"] + CODEC["int8_ef"])),
+                           **int8_codec(fused, CODEC["co2"]))),
         ("thinwire", "stream H=8 F=4 tau=1", M("stream H=8 F=4 tau=1", "streaming", "all_reduce", 4.0, H=8, F=4,
                                                tau=1, control=False, codec_bytes_per_value=CODEC["outer"])),
+        ("thinwire", "stream H=8 F=4 tau=1 diloco-recipe",
+         M("stream H=8 F=4 tau=1 diloco-recipe", "streaming", "all_reduce", 4.0, H=8, F=4, tau=1, control=False,
+           codec_bytes_per_value=CODEC["outer"])),
         ("thinwire", "stream H=8 F=4 tau=1 + int8", M("stream H=8 F=4 tau=1 + int8", "streaming", "two_phase", int8,
                                                       H=8, F=4, tau=1, control=False,
-                                                      codec_bytes_per_value=CODEC["outer"] + CODEC["int8_ef"])),
+                                                      **int8_codec(fused, CODEC["outer"]))),
+        ("thinwire", "stream H=8 F=4 tau=1 diloco-recipe + int8",
+         M("stream H=8 F=4 tau=1 diloco-recipe + int8", "streaming", "two_phase", int8, H=8, F=4, tau=1,
+           control=False, **int8_codec(fused, CODEC["outer"]))),
         ("thinwire", "", M("stream H=30 F=3 tau=9 + int8", "streaming", "two_phase", int8, H=30, F=3, tau=9,
-                           control=False, codec_bytes_per_value=CODEC["outer"] + CODEC["int8_ef"])),
+                           control=False, **int8_codec(fused, CODEC["outer"]))),
         ("thinwire", "sparseloco H=8", M("sparseloco H=8", "local", "all_gather", chunk, H=8, control=False,
                                          codec_bytes_per_value=CODEC["sparseloco"])),
         ("thinwire", "", M("sparseloco H=15", "local", "all_gather", chunk, H=15, control=False,
@@ -367,11 +407,17 @@ def methods() -> list[tuple[str, str, Method]]:
 
 # -- the report: python bench/netclock.py [--efficiency E] -------------------------------------
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TORCHFT_STREAM_NOTE = ("thinwire's stream H=8 F=4 tau=1 diloco-recipe's (Nesterov 0.9, lr 0.7, alpha 0.5): torchft's "
+                       "streaming at S: val 2.4618534 vs thinwire's 2.4618496 (bench/results/time_to_target/"
+                       "torchft_stream_peer_S160.json); its fp8's effect on quality not measured (CUDA-only)")
 TTT_FILES = ("time_to_target/S160_seed0.json", "netclock_ttt_S160.json")
-# rows whose steps to target are taken from another row's, and why (said in the table)
+# rows whose steps to target are taken from another row's when they have none of their own, and why
+# (said in the table)
 ASSUMED = {"torch PostLocalSGD H=8": ("local H=8", "same algorithm as local H=8 (parameter average every 8 steps)"),
-           "torchft DiLoCo H=8 (fp8)": ("diloco H=8", "torchft's DiLoCo at S: val 2.5850 vs thinwire diloco's "
-                                                      "2.5862 (bench/results/time_to_target/torchft_peer_S160.json)")}
+           "torchft DiLoCo H=8 (fp8)": ("diloco H=8", "thinwire diloco H=8's: torchft's DiLoCo at S: val 2.5850 vs "
+                                                      "thinwire's 2.5862 (bench/results/time_to_target/"
+                                                      "torchft_peer_S160.json)"),
+           "torchft streaming H=8 F=4 tau=1 (fp8)": ("stream H=8 F=4 tau=1 diloco-recipe", TORCHFT_STREAM_NOTE)}
 
 
 # rows the 4-rank time-to-target protocol runs for the clock, beyond bench/time_to_target.py's own
@@ -398,10 +444,11 @@ def run_ttt(rows: list[str], S: int = 160) -> dict:
     import time_to_target as t
 
     for r in rows:
-        if r not in TTT_ROWS:
-            raise SystemExit(f"--ttt: unknown row {r!r} (expected one of {', '.join(TTT_ROWS)})")
-        t.ROWS[r] = TTT_ROWS[r][1]
-        t.check_multiple(S, TTT_ROWS[r][0])
+        if r in TTT_ROWS:
+            t.ROWS[r] = TTT_ROWS[r][1]
+        elif r not in t.ROWS:  # bench/time_to_target.py's own rows (its torch peers among them) run as they are
+            raise SystemExit(f"--ttt: unknown row {r!r} (expected one of {', '.join([*TTT_ROWS, *t.ROWS])})")
+        t.check_multiple(S, TTT_ROWS[r][0] if r in TTT_ROWS else t.H_OF.get(r, 1))
     path = os.path.join(RESULTS, f"netclock_ttt_S{S}.json")
     with open(os.path.join(RESULTS, "time_to_target", f"S{S}_seed0.json")) as fh:
         target = json.load(fh)["target"]
@@ -415,6 +462,21 @@ def run_ttt(rows: list[str], S: int = 160) -> dict:
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=1)
     return doc
+
+
+def ttt_table() -> str:
+    """bench/time_to_target.py's table of every row in ``TTT_FILES`` (branch val losses, steps
+    to target)."""
+    t = _time_to_target()
+    results, target, S = {}, None, None
+    for name in TTT_FILES:
+        path = os.path.join(RESULTS, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                doc = json.load(fh)
+            target, S = target or doc["target"], S or doc["args"]["S"]
+            results.update({r: {float(f): v for f, v in losses.items()} for r, losses in doc["results"].items()})
+    return t.table(results, target, argparse.Namespace(S=S, nproc=4, seed=0, lr=3e-3))
 
 
 def steps_to_target() -> tuple[dict, float, int]:
@@ -438,9 +500,11 @@ def steps_to_target() -> tuple[dict, float, int]:
     return rows, target, S
 
 
-def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | None = None) -> tuple[str, dict]:
+def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | None = None,
+                 S: int = 160) -> tuple[str, dict]:
     """Markdown table of every method at ``pre`` (and its goal numbers); ``opts``: ``project``'s
-    efficiency, copy_bandwidth and bucket_bytes."""
+    efficiency, copy_bandwidth and bucket_bytes; ``S``: the protocol's, for a peer's plain-DDP
+    warm-up (``Method.dense_warmup``: its first ``fair_warmup`` steps at DDP fp32's step time)."""
     p, N = pre.replicas, pre.params
     from thinwire.comm.accounting import collective_bytes
 
@@ -451,23 +515,46 @@ def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | N
     res = {}
     out.append(f"| compute-only limit (infinitely fast network; dense's steps) | 0 | {pre.compute_s:.3g} | 0 | 0 | "
                f"100.0% | 1.00 | 1.00x |")
+    fp32_step = project(Method("DDP fp32", "ddp", "all_reduce", 4.0), pre, gbit, **opts).step_s
     for group, prow, m in rows:
         rt = project(m, pre, gbit, **opts)
         sent = sum(c.nbytes for g in data_calls(m, pre, opts["bucket_bytes"]) for c in g) / m.H
-        f, how, note = None, "not measured", ""
+        f, how, note, warm = None, "not measured", "", 0.0
         if prow and prow in ttt:
             f, how = ttt[prow]
         elif m.name in ASSUMED and ASSUMED[m.name][0] in ttt:
             f, how = ttt[ASSUMED[m.name][0]]
             note = " (assumed: " + ASSUMED[m.name][1] + ")"
-        tt = f * rt.step_s / pre.compute_s if f else None
-        res[m.name] = {"group": group, "step_s": rt.step_s, "utilisation": rt.utilisation, "steps_x_S": f,
-                       "ttt_over_compute_only": tt, "how": how}
+        if m.dense_warmup and prow:
+            warm = _time_to_target().fair_warmup(prow, S) / S
+            note += f" (first {warm:.3f} S plain DDP fp32, {fp32_step:.3g} s/step)"
+        tt = (warm * fp32_step + (f - warm) * rt.step_s) / pre.compute_s if f else None
+        res[m.name] = {"group": group, "H": m.H, "F": m.F, "step_s": rt.step_s, "utilisation": rt.utilisation,
+                       "steps_x_S": f,
+                       "ttt_over_compute_only": tt, "how": how, "warmup_x_S": warm,
+                       # 'not reached by 2S': the time to target is above this (its 2S steps)
+                       "ttt_lower_bound": ((warm * fp32_step + (2 - warm) * rt.step_s) / pre.compute_s
+                                           if f is None and how == "not reached by 2S" else None)}
         out.append(f"| {m.name} | {sent:.3g} ({sent / bf16_ar:.3g}) | {rt.step_s:.3g} | "
                    f"{rt.exposed_s / m.H:.3g} ({rt.latency_s / m.H:.2g}) | {rt.codec_s / m.H:.2g} | "
                    f"{rt.utilisation * 100:.1f}% | {_steps(f, how)}{note} | "
-                   f"{f'{tt:.2f}x' if tt else '-'} |")
+                   f"{f'{tt:.2f}x' if tt else (_gt(res[m.name]['ttt_lower_bound']) or '-')} |")
     return "\n".join(out) + "\n", res
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.3g}"
+
+
+def _gt(bound: float | None) -> str:
+    return f"> {bound:.2f}x" if bound else ""
+
+
+def _time_to_target():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import time_to_target
+
+    return time_to_target
 
 
 def _steps(f: float | None, how: str) -> str:
@@ -490,10 +577,18 @@ def goals(pre: Preset, res: dict, at1: dict) -> list[str]:
                             ("torch PostLocalSGD H=8", 1.5), ("torchft DiLoCo H=8 (fp8)", 1.0),
                             ("torchft streaming H=8 F=4 tau=1 (fp8)", 1.0)):
             v = res.get(peer)
+            if v and peer.startswith("torchft") and (v["H"], v["F"]) == (res[best]["H"], res[best]["F"]):
+                peer += " [the same H and fragments as the best mode]"
             if v and v["ttt_over_compute_only"]:
                 s = v["ttt_over_compute_only"] / b
-                out.append(f"- vs {peer}: {s:.1f}x faster to the target (peer's bound: {v['ttt_over_compute_only']:.2f}x "
+                out.append(f"- vs {peer}: {_x(s)}x faster to the target "
+                           f"(peer's bound: {v['ttt_over_compute_only']:.2f}x "
                            f"the compute-only limit); goal >= {bound:g}x: {ok[s >= bound]}")
+            elif v and v["ttt_lower_bound"]:
+                s = v["ttt_lower_bound"] / b
+                out.append(f"- vs {peer}: > {_x(s)}x faster to the target (the peer does not reach it by 2S: its "
+                           f"time to target > {v['ttt_lower_bound']:.2f}x the compute-only limit, its bound); "
+                           f"goal >= {bound:g}x: {ok[s >= bound]}")
             elif v:
                 out.append(f"- vs {peer}: steps to target not measured ({v['how']}); per step {v['step_s']:.3g} s vs "
                            f"{res[best]['step_s']:.3g} s ({v['step_s'] / res[best]['step_s']:.1f}x): goal not assessed")
@@ -544,7 +639,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="user-scale projections of the network clock")
     ap.add_argument("--efficiency", type=float, default=PASS_EFFICIENCY,
                     help="codec pass efficiency (fraction of the device copy bandwidth)")
+    ap.add_argument("--fused-efficiency", type=float, default=FUSED_EFFICIENCY,
+                    help="efficiency of the fused (Triton) EF + int8 pass, charged at its floor bytes")
+    ap.add_argument("--eager-only", action="store_true",
+                    help="no fused kernels (comm.compile=false): every codec pass at --efficiency")
     ap.add_argument("--copy-bandwidth", type=float, default=COPY_BANDWIDTH, help="device copy bandwidth, B/s")
+    ap.add_argument("--torchft-bucket-mb", type=float, default=TORCHFT_BUCKET_VALUES * 4 / 2 ** 20,
+                    help="torchft's bucket_cap_mb (MB of the fp32 pseudo-gradient per all-reduce call; each call "
+                         "pays latency x hops); 0: one call per fragment, as thinwire's")
     ap.add_argument("--bucket-mb", type=float, default=BUCKET_BYTES / 2 ** 20,
                     help="DDP's bucket_cap_mb in the projection (every bucket pays latency x hops)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "netclock_projection"))
@@ -554,23 +656,30 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.ttt:
         run_ttt([r.strip() for r in a.ttt.split(",") if r.strip()], a.ttt_S)
-    if not 0 < a.efficiency <= 1:
-        raise SystemExit(f"--efficiency={a.efficiency}: must be in (0, 1]")
+    for name in ("efficiency", "fused_efficiency"):
+        if not 0 < getattr(a, name) <= 1:
+            raise SystemExit(f"--{name.replace('_', '-')}={getattr(a, name)}: must be in (0, 1]")
     if not a.bucket_mb > 0:
         raise SystemExit(f"--bucket-mb={a.bucket_mb}: must be > 0")
-    opts = {"efficiency": a.efficiency, "copy_bandwidth": a.copy_bandwidth, "bucket_bytes": int(a.bucket_mb * 2 ** 20)}
-    rows = methods()
+    opts = {"efficiency": a.efficiency, "copy_bandwidth": a.copy_bandwidth, "bucket_bytes": int(a.bucket_mb * 2 ** 20),
+            "fused_efficiency": a.fused_efficiency}
+    rows = methods(fused=not a.eager_only, torchft_bucket_values=int(a.torchft_bucket_mb * 2 ** 20 / 4))
     ttt, target, S = steps_to_target()
     never = ttt.get("never synchronise")
     assert never is not None and never[0] is None, f"'never synchronise' reached the target ({never}): too easy"
     md = [f"`python bench/netclock.py{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`: "
-          f"codec at {a.efficiency:.0%} of {a.copy_bandwidth / 1e12:.1f} TB/s, DDP buckets of {a.bucket_mb:g} MB; "
+          f"codec at {a.efficiency:.0%} of {a.copy_bandwidth / 1e12:.1f} TB/s (eager passes)"
+          f"{'' if a.eager_only else f' and {a.fused_efficiency:.0%} (the fused EF + int8 pass, comm.compile=true)'}, "
+          f"DDP buckets of {a.bucket_mb:g} MB, torchft's of "
+          f"{f'{a.torchft_bucket_mb:g} MB' if a.torchft_bucket_mb else 'one per fragment'}; "
           f"steps to target from the 4-rank "
-          f"runs (S = {S}, target {target:.4f}, seed 0; quality at 8-64 replicas is assumed, not measured).", ""]
-    doc = {"efficiency": a.efficiency, "copy_bandwidth": a.copy_bandwidth, "S": S, "target": target, "presets": {}}
+          f"runs (S = {S}, target {target:.4f}, seed 0; quality at 8-64 replicas is assumed, not measured).", "",
+          "Steps to target (bench/time_to_target.py's protocol; " + ", ".join(TTT_FILES) + "):", "", ttt_table(), ""]
+    doc = {"efficiency": a.efficiency, "fused_efficiency": None if a.eager_only else a.fused_efficiency,
+           "copy_bandwidth": a.copy_bandwidth, "S": S, "target": target, "presets": {}}
     for pre in PRESETS:
-        table, res = preset_table(pre, rows, ttt, opts)
-        at1 = res if pre.gbit == 1.0 else preset_table(pre, rows, ttt, opts, 1.0)[1]
+        table, res = preset_table(pre, rows, ttt, opts, S=S)
+        at1 = res if pre.gbit == 1.0 else preset_table(pre, rows, ttt, opts, 1.0, S=S)[1]
         md += [f"### {pre.name}: {pre.replicas} replicas x {pre.gpus} GPU(s), {pre.tokens // 1024}K tokens/replica/step, "
                f"{pre.gbit:g} Gbit/s, {pre.latency_s * 1e3:.0f} ms; compute {pre.compute_s:.3g} s/step", "", table]
         md += goals(pre, res, at1) + [""]

@@ -27,6 +27,10 @@ on a completed outer round (at H = 8: S a multiple of 160, e.g. 320, 480, 960). 
 the shared quality harness's model, data, eval batches and AdamW (``bench/quality.py``).
 The 'never synchronise' row (``sync=local`` with H beyond the run: four independent models,
 evaluated as their average) must not reach the target; the benchmark asserts it.
+torch's peers (``PEER_ROWS``: PowerSGD with its documented warm-up, PostLocalSGD) run through
+``bench/cluster_peer.py --protocol``: thinwire's Trainer with torch's hook, their states in
+its checkpoints, so their branches resume as thinwire's do (checked bitwise against a run
+configured with the branch's decay from the start: docs/cluster.md).
 Runs are cached under ``bench/results/time_to_target/runs/``.
 """
 from __future__ import annotations
@@ -43,7 +47,8 @@ from functools import reduce
 from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import LOCAL, MODEL, REPO, launch, rows_of  # noqa: E402
+from quality import LOCAL, MODEL, REPO, rows_of  # noqa: E402
+from quality import launch as launch_thinwire  # noqa: E402
 
 OUT = os.path.join(REPO, "bench", "results", "time_to_target")
 FS = (1, 1.25, 1.5, 2)
@@ -54,8 +59,25 @@ ROWS = {
     "local H=8": ["sync=local", "sync.local_steps=8", *LOCAL],
     "diloco H=8": ["sync=diloco", "sync.local_steps=8", *LOCAL],
     NEVER: ["sync=local", "sync.local_steps=1000000", *LOCAL],
+    # torch's peers through bench/cluster_peer.py --protocol (thinwire's Trainer with torch's hook;
+    # PEER_ROWS adds the peer's flags, which depend on S): comm=none, as DDP fp32 is
+    "torch PowerSGD r4": ["comm=none", "sync=ddp"],
+    "torch PostLocalSGD H=8": ["comm=none", "sync=ddp", "trainer.drift_check_every=8"],  # ranks agree after averages
+    # torchft's Streaming DiLoCo computed by thinwire: DiLoCo's outer recipe (Nesterov 0.9, lr 0.7),
+    # the paper's alpha 0.5, H=8 F=4 tau=1 (the fragments of thinwire's "stream H=8 F=4 tau=1")
+    "stream H=8 F=4 tau=1 diloco-recipe": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
+                                           "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL],
+    # the same with thinwire's int8 (two-phase, error feedback), ~1 B/value as torchft's fp8
+    "stream H=8 F=4 tau=1 diloco-recipe + int8": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
+                                                  "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL,
+                                                  "comm=int8"],
 }
-H_OF = {"local H=8": 8, "diloco H=8": 8}
+H_OF = {"local H=8": 8, "diloco H=8": 8, "torch PostLocalSGD H=8": 8, "stream H=8 F=4 tau=1 diloco-recipe": 8,
+        "stream H=8 F=4 tau=1 diloco-recipe + int8": 8}
+# torch peer rows: (bench/cluster_peer.py --peer, --rank-r or --H), their plain-DDP warm-up from
+# :func:`fair_warmup`
+PEER_ROWS = {"torch PowerSGD r4": ("powersgd", 4), "torch PostLocalSGD H=8": ("postlocal", 8)}
+LR_WARMUP = 20  # configs/optim/adamw.yaml's warmup_steps
 
 
 # -- the protocol's arithmetic (pure; unit-tested in tests/test_time_to_target.py) --------------
@@ -110,6 +132,49 @@ def steps_to_target(S: int, losses: dict, target: float) -> tuple[Optional[float
     return None, "no branch" if prev is None else f"not reached by {prev[0]:g}S"
 
 
+def fair_warmup(row: str, S: int) -> int:
+    """Plain-DDP steps a torch peer row starts with, at the protocol's S (dense's run: the
+    'total training steps' of torch's advice). PowerSGD: torch's PowerSGDState docs, "start
+    with 10% of total training steps ... no less than the number of warm-up steps" (the LR's
+    20): max(20, S/10). PostLocalSGD: torch's recipe in the cluster matrix, H-1 steps, so that
+    its averages fall on every multiple of H (the protocol's checkpoints and evaluations)."""
+    kind, k = PEER_ROWS[row]
+    return max(LR_WARMUP, math.ceil(S / 10)) if kind == "powersgd" else k - 1
+
+
+def peer_flags(row: str, S: int) -> list[str]:
+    """bench/cluster_peer.py's flags for a torch peer row ([] for thinwire's rows); they are part
+    of the row's overrides (and so of its run dirs' names)."""
+    if row not in PEER_ROWS:
+        return []
+    kind, k = PEER_ROWS[row]
+    return [f"--peer={kind}", f"--rank-r={k}" if kind == "powersgd" else f"--H={k}",
+            f"--start-iter={fair_warmup(row, S)}"]
+
+
+def launch(ov: list[str], d: str, meta: dict, label: str, fresh: bool = True) -> None:
+    """``thinwire-train`` (bench/quality.py's ``launch``), or for a torch peer row (``--``
+    flags in ``ov``) bench/cluster_peer.py --protocol under torchrun, one process per rank."""
+    flags = [o for o in ov if o.startswith("--")]
+    if not flags:
+        return launch_thinwire(ov, d, meta, label, fresh)
+    import subprocess
+
+    rest = [o for o in ov if not o.startswith("--")]
+    nproc = next(int(o.split("=", 1)[1]) for o in rest if o.startswith("dist.nproc="))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "overrides.json"), "w") as fh:
+        json.dump({**meta, "overrides": ov}, fh)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        os.path.join(REPO, "bench", "cluster_peer.py"), "--protocol", *flags, "--", *rest,
+                        f"hydra.run.dir={d}", *(["trainer.overwrite=true"] if fresh else [])],
+                       capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, cwd=REPO)
+    if p.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{p.stderr[-3000:]}")
+    print(f"  ran {label} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def show(steps: Optional[float], how: str, S: int) -> str:
     if steps is None:
         return how
@@ -120,7 +185,7 @@ def show(steps: Optional[float], how: str, S: int) -> str:
 
 # -- the runs -------------------------------------------------------------------------------------
 def base(row: str, seed: int, a) -> list[str]:
-    return [*ROWS[row], *MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd", f"trainer.seed={seed}",
+    return [*ROWS[row], *peer_flags(row, a.S), *MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd", f"trainer.seed={seed}",
             "trainer.sample_chars=0", "trainer.progress=false", "logger=none", f"dist.nproc={a.nproc}"]
 
 

@@ -24,9 +24,9 @@ matrices, gradient clip 1.0, the LR of ``optim.schedule`` at each step, whose
 ``optimizer.step()`` fires torchft's hooks) and ``evaluate``'s 64 fixed batches, on replica 0
 of the replicas' mean parameters (all 64 in one process; thinwire splits them across ranks
 and sums: the same mean up to float order).
-Fragments (streaming): the GPT's blocks strided over F fragments (block i in fragment i % F,
-Streaming DiLoCo's preferred pattern); the embeddings (tied to the head) join fragment 0 and
-the final norm the last fragment.
+Fragments (streaming): thinwire's (``strided_fragments``): the GPT's blocks strided over F
+fragments (block i in fragment i % F, Streaming DiLoCo's preferred pattern), the parameters
+outside blocks dealt out the same way in model order.
 
 Per-step time is measured as thinwire's ``step_time_s`` is (``Trainer.train_step``): from
 before the forward to after the optimizer step and its sync, batch construction outside,
@@ -54,20 +54,32 @@ def free_port() -> int:
 
 
 def fragments_of(model, F: int) -> list:
-    """``F`` modules covering every parameter once: blocks strided, embeddings with
-    fragment 0, the final norm with the last (the head is tied to the token embedding)."""
+    """``F`` modules covering every parameter once, as thinwire's streaming splits them
+    (``thinwire.comm.streaming.strided_fragments``: block b in fragment b % F, the k-th
+    parameter outside any block in fragment k % F, in model order: at F = 4 the token
+    embedding (tied to the head) in 0, the position embedding in 1, the final norm in 2), so
+    that torchft's fragments and thinwire's are the same parameters."""
     import torch.nn as nn
+
+    from thinwire.comm.streaming import block_of, strided_fragments
 
     if F == 1:
         return [model]
     blocks = list(model.blocks)
     if F > len(blocks):
         raise SystemExit(f"--fragments={F}: the model has only {len(blocks)} blocks")
-    parts = [nn.ModuleList(blocks[i::F]) for i in range(F)]
-    parts[0].extend([model.tok_emb, model.pos_emb])
-    parts[-1].append(model.ln_f)
-    covered = {id(p) for m in parts for p in m.parameters()}
-    assert covered == {id(p) for p in model.parameters()}, "fragments must cover every parameter"
+    names = [n for n, _ in model.named_parameters()]
+    parts = []
+    for idx in strided_fragments(names, F):
+        owners = []  # the module owning each parameter: its block, or its own module outside blocks
+        for i in idx:
+            name = names[i]
+            owner = model.get_submodule(block_of(name) or name.rsplit(".", 1)[0])
+            if all(owner is not o for o in owners):
+                owners.append(owner)
+        parts.append(nn.ModuleList(owners))
+    covered = [id(p) for m in parts for p in m.parameters()]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters()), "fragments must cover every parameter once"
     return parts
 
 
@@ -181,13 +193,18 @@ def run_torchft(a, out: str) -> dict:
 
 
 def run_thinwire(a, out: str) -> dict:
-    """thinwire's ``sync=diloco`` at the same H on the same overrides (fresh run dir), timed
-    as the Trainer times a step (``step_time_s`` of every step, rank 0)."""
+    """thinwire's ``sync=diloco`` at the same H (and fragments, delay, alpha) on the same
+    overrides (fresh run dir), timed as the Trainer times a step (``step_time_s`` of every
+    step, rank 0)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from quality import LOCAL, launch, rows_of
 
-    ov = [*a.overrides, "sync=diloco", f"sync.local_steps={a.H}", *LOCAL, f"trainer.eval_every={a.steps}", f"trainer.checkpoint_every={a.steps}", "trainer.log_every=1"]
-    launch(ov, out, {"row": f"thinwire diloco H={a.H}"}, f"thinwire sync=diloco H={a.H}")
+    stream = [f"sync.fragments={a.fragments}", f"sync.fragment_delay={a.delay}",
+              f"sync.fragment_alpha={a.alpha}"] if a.fragments > 1 else []
+    ov = [*a.overrides, "sync=diloco", f"sync.local_steps={a.H}", *stream, *LOCAL, f"trainer.eval_every={a.steps}",
+          f"trainer.checkpoint_every={a.steps}", "trainer.log_every=1"]
+    name = f"thinwire sync=diloco H={a.H} F={a.fragments}"
+    launch(ov, out, {"row": name}, name)
     rows = rows_of(out)
     return {"val_loss": rows[-1]["val_loss"], "step_time_s": sum(r["step_time_s"] for r in rows) / len(rows),
             "steps": len(rows)}
@@ -219,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vs-thinwire", type=int, default=0, metavar="R",
-                    help="R > 0: also time thinwire's sync=diloco at the same H, R runs of each, alternating "
+                    help="R > 0: also time thinwire's sync=diloco at the same H and fragments, R runs of each, "
+                         "alternating "
                          "(thinwire first), and report the ratio of the mean step times")
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", help="thinwire overrides (model, data, optim, trainer.seed, ...)")

@@ -123,3 +123,43 @@ def test_validation_prediction_by_hand():
     # a link so fast that the modelled network is below the unshaped run's wait: the floor holds
     r = predict(row, shaped, unshaped, nc.Link(1000.0), skip=2)
     assert r["predicted_s"] == pytest.approx(0.2 + 0.1, abs=1e-4)
+
+
+def test_fused_codec_passes_at_their_floor():
+    one = nc.PRESETS[0]
+    # docs/gpu.md: the fused EF + int8 pass ran at 2.26x a copy against a floor of 2.25 copies (18 B/value)
+    assert 2.25 / 2.26 == pytest.approx(nc.FUSED_EFFICIENCY, abs=0.01)
+    m = nc.Method("int8", "ddp", "two_phase", 1.0, **nc.int8_codec(True))
+    rt = nc.project(m, one, efficiency=0.15, fused_efficiency=0.99)
+    assert rt.codec_s == pytest.approx(1e9 * (10 / 0.15 + 18 / 0.99) / 3e12)
+    eager = nc.Method("int8", "ddp", "two_phase", 1.0, **nc.int8_codec(False))
+    assert nc.project(eager, one, efficiency=0.15).codec_s == pytest.approx(1e9 * 39 / 0.15 / 3e12)
+
+
+def test_time_to_target_counts_a_peers_dense_warmup_and_bounds_unreached_rows():
+    one = nc.PRESETS[0]
+    opts = {"efficiency": 0.15, "copy_bandwidth": 3e12, "bucket_bytes": nc.BUCKET_BYTES}
+    psgd = nc.Method("torch PowerSGD r4", "ddp", "powersgd", 0.0, powersgd_rank=4, dense_warmup=True)
+    slow = nc.Method("slow", "local", "all_reduce", 4.0, H=8, control=False)
+    ttt = {"torch PowerSGD r4": (1.5, "interpolated"), "slow": (None, "not reached by 2S")}
+    _, res = nc.preset_table(one, [("peer", "torch PowerSGD r4", psgd), ("peer", "slow", slow)], ttt, opts, S=160)
+    fp32 = nc.project(nc.Method("DDP fp32", "ddp", "all_reduce", 4.0), one, **opts).step_s
+    step = nc.project(psgd, one, **opts).step_s
+    w = 20 / 160  # max(20, S/10) plain fp32 DDP steps first (torch's PowerSGD docs)
+    assert res["torch PowerSGD r4"]["ttt_over_compute_only"] == pytest.approx(
+        (w * fp32 + (1.5 - w) * step) / one.compute_s)
+    # not reached by 2S: its time to target is above 2S x its step
+    assert res["slow"]["ttt_over_compute_only"] is None
+    assert res["slow"]["ttt_lower_bound"] == pytest.approx(2 * nc.project(slow, one, **opts).step_s / one.compute_s)
+
+
+def test_torchft_buckets_each_pay_latency():
+    seventy = nc.PRESETS[2]
+    m = nc.Method("torchft", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False,
+                  bucket_values=nc.TORCHFT_BUCKET_VALUES)
+    frags = nc.data_calls(m, seventy)
+    k = math.ceil(70e9 / 4 / (2 ** 30 / 4))  # 1 GiB of fp32 per bucket: 66 calls per fragment
+    assert len(frags) == 4 and all(len(f) == k for f in frags)
+    assert sum(c.nbytes for c in frags[0]) == pytest.approx(2 * 63 / 64 * 70e9 / 4, rel=1e-4)  # 1 B/value
+    flat = nc.Method("flat", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False)
+    assert [len(f) for f in nc.data_calls(flat, seventy)] == [1, 1, 1, 1]

@@ -49,7 +49,8 @@ def test_reached_at_S_and_not_reached():
 
 def test_torchft_fragments_cover_every_parameter_once():
     """The streaming peer's fragments (``bench/torchft_peer.py``): blocks strided over F, every
-    parameter in exactly one fragment (the head is tied to the token embedding)."""
+    parameter in exactly one fragment (the head is tied to the token embedding), the same
+    parameters as thinwire's fragments."""
     from thinwire.models.gpt import GPT, GPTShape
 
     spec = importlib.util.spec_from_file_location("torchft_peer", _path.parent / "torchft_peer.py")
@@ -61,6 +62,104 @@ def test_torchft_fragments_cover_every_parameter_once():
     assert sorted(i for f in ids for i in f) == sorted(id(p) for p in model.parameters())
     assert [id(m) for m in frags[0] if m in model.blocks] == [id(model.blocks[0]), id(model.blocks[2])]
     assert [id(m) for m in frags[1] if m in model.blocks] == [id(model.blocks[1]), id(model.blocks[3])]
+    # the same parameters as thinwire's streaming fragments (loose pieces dealt out in model order)
+    from thinwire.comm.streaming import strided_fragments
+
+    names = [n for n, _ in model.named_parameters()]
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert [sorted(by_id[id(p)] for p in f.parameters()) for f in peer.fragments_of(model, 4)] == \
+        [sorted(names[i] for i in idx) for idx in strided_fragments(names, 4)]
     assert peer.fragments_of(model, 1) == [model]
     with pytest.raises(SystemExit, match="--fragments=5"):
         peer.fragments_of(model, 5)
+
+
+def test_torch_peer_rows_warm_up_fairly():
+    """torch's PowerSGD docs: start_powerSGD_iter ~ 10% of the steps, no less than the LR
+    warm-up (20); PostLocalSGD: torch's recipe, H-1 plain steps, so that its averages fall on
+    the protocol's checkpoints (multiples of H)."""
+    assert ttt.fair_warmup("torch PowerSGD r4", 160) == 20 and ttt.fair_warmup("torch PowerSGD r4", 960) == 96
+    assert ttt.fair_warmup("torch PostLocalSGD H=8", 160) == 7 == ttt.fair_warmup("torch PostLocalSGD H=8", 960)
+    assert ttt.peer_flags("torch PowerSGD r4", 320) == ["--peer=powersgd", "--rank-r=4", "--start-iter=32"]
+    assert ttt.peer_flags("dense", 320) == []
+    ttt.check_multiple(160, ttt.H_OF["torch PostLocalSGD H=8"])
+
+
+def _cluster_peer():
+    spec = importlib.util.spec_from_file_location("cluster_peer", _path.parent / "cluster_peer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_powersgd_layout_follows_torchs_hook():
+    """Where torch's powerSGD_hook keeps each tensor: the error vector in bucket order, Q for
+    compressed tensors grouped by (n, m) shape in order of first appearance."""
+    cp = _cluster_peer()
+    # rank 2, min rate 2: (16, 8) and (8, 16) compress ((n + m) 2 x 2 < n m), vectors do not
+    shapes = [(16, 8), (16,), (8, 16), (16, 8), (3,)]
+    err, q, p_size, q_size = cp.powersgd_layout(shapes, 2, 2)
+    assert err == [(0, 128), (128, 16), (144, 128), (272, 128), (400, 3)]
+    assert q == {0: (0, 16), 3: (16, 16), 2: (32, 32)}  # the two (16, 8) first, then (8, 16)
+    assert (p_size, q_size) == (16 * 2 * 2 + 8 * 2, 64)
+
+
+def test_powersgd_state_moves_between_bucket_layouts_by_name():
+    """A resumed process sees DDP's initial bucket layout, then the rebuilt one: the
+    residual and warm-started Q follow the parameters, not the bucket's offsets."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+
+    cp = _cluster_peer()
+    params = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in (("a", (16, 8)), ("b", (16,)), ("c", (8, 16)))}
+
+    class Bucket:
+        def __init__(self, names):
+            self.names = names
+
+        def index(self):
+            return 0
+
+        def is_last(self):
+            return True
+
+        def parameters(self):
+            return [params[n] for n in self.names]
+
+        def gradients(self):
+            return [torch.zeros(params[n].shape) for n in self.names]
+
+    def peer():
+        st = PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+        p = cp.PowerSGDPeer(st, meter=None)
+        p.param_names = {id(v): k for k, v in params.items()}
+        return p
+
+    saved = ("a", "b", "c")
+    lay = tuple((n, tuple(params[n].shape)) for n in saved)
+    err, q, p_size, _ = cp.powersgd_layout([s for _, s in lay], 2, 2)
+    src = peer()
+    src.inner.iter = 5
+    src.layouts[0] = lay
+    src.inner.error_dict[0] = torch.arange(err[-1][0] + err[-1][1], dtype=torch.float32)
+    src.inner.q_memory_dict[0] = -torch.arange(sum(n for _, n in q.values()), dtype=torch.float32)
+    state = src.state_dict()
+    assert state["iter"] == 5 and set(state["error"]) == {"a", "b", "c"} and set(state["q"]) == {"a", "c"}
+
+    dst = peer()
+    dst.load_state_dict(state)
+    dst.before_hook(Bucket(["c", "b", "a"]), first=True)  # the initial layout: another order
+    e = dst.inner.error_dict[0]
+    assert torch.equal(e, torch.cat([state["error"][n] for n in ("c", "b", "a")]))
+    # Q by shape group in order of first appearance: (8, 16) of c first here, (16, 8) of a when saved
+    assert torch.equal(dst.inner.q_memory_dict[0], torch.cat([state["q"]["c"], state["q"]["a"]]))
+    assert dst.inner.p_memory_dict[0].numel() == p_size
+    # torch's hook: a new residual, Q written in place
+    dst.inner.error_dict[0] = e + 1000
+    dst.inner.q_memory_dict[0] += 1000
+    dst.before_hook(Bucket(list(saved)), first=True)  # DDP rebuilt its bucket: back to the saved order
+    assert torch.equal(dst.inner.error_dict[0], torch.cat([state["error"][n] + 1000 for n in saved]))
+    assert torch.equal(dst.inner.q_memory_dict[0], torch.cat([state["q"]["a"], state["q"]["c"]]) + 1000)
+    assert torch.equal(dst.inner.error_dict[0][:128], state["error"]["a"] + 1000)
+    again = dst.state_dict()
+    assert all(torch.equal(again["error"][n], state["error"][n] + 1000) for n in saved)
