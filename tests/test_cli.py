@@ -37,28 +37,36 @@ def test_self_launched_two_workers(tmp_path):
     assert "val_loss" in p.stdout and "sample:" in p.stdout
 
 
-@pytest.mark.slow
-def test_under_torchrun(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "thinwire.train"]
-    p = run_cli("experiment=tiny", "trainer.max_steps=20", "trainer.eval_every=10",
-                f"hydra.run.dir={tmp_path}", launcher=torchrun)
-    assert p.returncode == 0, p.stderr[-3000:]
-    check_metrics(tmp_path, 20, 2)
-    assert (tmp_path / "checkpoints" / "step_00000020" / "rank00001.pt").exists()
-
-
-@pytest.mark.slow
-def test_torchrun_default_run_dir_is_shared_by_ranks(tmp_path):
-    """Without hydra.run.dir every rank resolves the same directory from torchrun's run id."""
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    """One ``torchrun --nproc_per_node=2`` launch, shared by the two torchrun tests below: 20
+    steps without ``hydra.run.dir``, from an empty working directory, under a named
+    rendezvous id (each launch costs a torchrun agent and two interpreters importing torch)."""
+    cwd = tmp_path_factory.mktemp("torchrun")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--rdzv-id=job42", "-m", "thinwire.train"]
-    p = run_cli("experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2", launcher=torchrun,
-                cwd=str(tmp_path))
+    p = run_cli("experiment=tiny", "trainer.max_steps=20", "trainer.eval_every=10", launcher=torchrun,
+                cwd=str(cwd))
+    return p, cwd
+
+
+@pytest.mark.slow
+def test_under_torchrun(torchrun_run):
+    p, cwd = torchrun_run
     assert p.returncode == 0, p.stderr[-3000:]
-    run_dirs = list((tmp_path / "outputs").iterdir())
+    (run_dir,) = (cwd / "outputs").iterdir()
+    check_metrics(run_dir, 20, 2)
+    assert (run_dir / "checkpoints" / "step_00000020" / "rank00001.pt").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_default_run_dir_is_shared_by_ranks(torchrun_run):
+    """Without hydra.run.dir every rank resolves the same directory from torchrun's run id."""
+    p, cwd = torchrun_run
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dirs = list((cwd / "outputs").iterdir())
     assert len(run_dirs) == 1, run_dirs
-    ckpt = run_dirs[0] / "checkpoints" / "step_00000004"
+    ckpt = run_dirs[0] / "checkpoints" / "step_00000020"
     assert (ckpt / "rank00000.pt").exists() and (ckpt / "rank00001.pt").exists()
 
 

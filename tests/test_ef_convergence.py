@@ -1,8 +1,13 @@
 """Convergence of compressed training against the dense run of the same config: 2 ranks,
-tiny char-GPT, 1000 steps, SGD momentum 0.9 lr 0.3, fixed seeds.
+tiny char-GPT, 400 steps, SGD momentum 0.9 lr 0.3, fixed seeds.
 
 Asserted: what this implementation achieves robustly - int8 (two-phase) + classic EF
-within 2% of dense (measured 2.3624 vs 2.3703, -0.3%) at a quarter of the wire bytes.
+within 2% of dense (measured at 400 steps 2.7493 vs 2.7642, -0.5%; at 1000 steps, the
+configuration of docs/comm.md's table, 2.3624 vs 2.3703, -0.3%) at a quarter of the wire
+bytes. A lossy compressor fails the bound at 400 steps as at 1000: Top-K 1% came out at
++14.5% without and +15.9% with EF (1000 steps: +24.7%, +12.5%). The runs are bitwise
+repeatable; the bound holds for this seed's trajectory, not across seeds at this learning
+rate (trainer.seed=1 / 2: -10.9% / +7.7% at 400 steps, -7.3% / +9.7% at 1000).
 Not asserted, reported in docs/comm.md: the issue's Top-K targets. Top-K 1% + EF came
 out at +7.8% (unscaled fp16 values) and +11.1% (scaled fp16) vs dense at lr 0.3, and
 stalled at +42% at lr 0.1 where Top-K without feedback reached +11.5%: the outcome
@@ -10,7 +15,7 @@ swings with rounding details and the learning rate, so a threshold on it would b
 coin toss, not a test."""
 import json
 
-COMMON = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000", "trainer.checkpoint_every=1000",
+COMMON = ["experiment=tiny", "trainer.max_steps=400", "trainer.eval_every=400", "trainer.checkpoint_every=400",
           "data.eval_batches=32", "optim.warmup_steps=20", "optim=sgd", "optim.lr=0.3", "optim.momentum=0.9",
           "optim.grad_clip=0"]
 RUNS = {

@@ -112,6 +112,26 @@ def test_self_launched_workers_restart_with_dist_max_restarts(tmp_path):
     assert "at step 4" in p.stdout and [r["step"] for r in rows(tmp_path)] == list(range(1, 17))
 
 
+# ``thinwire-train`` (the console script's ``main``) with torch's grace period for workers that
+# do not exit shortened: once a worker has failed, ``torch.multiprocessing``'s
+# ``ProcessContext.join`` (under the elastic launcher's spawn) SIGTERMs the others and SIGKILLs
+# those still alive after a hard-coded 30 s; a SIGSTOPped worker never acts on SIGTERM, so the
+# job sat out the whole 30 s. Here the launcher gives each of its two waits 1 s: the frozen
+# worker still leaves only through the same SIGTERM-then-SIGKILL path, and the job must still
+# end non-zero (a launcher or rank 0 that hung would still hang). A changed ``join``
+# signature fails here with a TypeError, not silently.
+SHORT_GRACE_LAUNCHER = """
+import sys
+from torch.multiprocessing.spawn import ProcessContext
+_join = ProcessContext.join
+def _join_with_short_grace(self, timeout=None, grace_period=None):
+    return _join(self, timeout=timeout, grace_period=1.0 if grace_period is None else grace_period)
+ProcessContext.join = _join_with_short_grace
+from thinwire.train import main
+sys.exit(main())
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", ["ddp", "local", "co2"])
 def test_hung_peer_fails_the_job_after_the_timeout(tmp_path, sync):
@@ -119,8 +139,10 @@ def test_hung_peer_fails_the_job_after_the_timeout(tmp_path, sync):
     timeout + 30 s of the freeze (lines are timestamped as they arrive), under every sync
     strategy (local and co2 wait in their outer collectives, on groups of their own). Under
     ddp the job is followed to its end (non-zero, after torch elastic's own grace period for
-    the frozen process); the others are killed once rank 0 has reported."""
-    cmd = [sys.executable, "-m", "thinwire.train", *TINY, f"sync={sync}", "dist.timeout_s=5",
+    the frozen process, shortened to 1 + 1 s: SHORT_GRACE_LAUNCHER); the others are killed
+    once rank 0 has reported."""
+    launcher = ["-c", SHORT_GRACE_LAUNCHER] if sync == "ddp" else ["-m", "thinwire.train"]
+    cmd = [sys.executable, *launcher, *TINY, f"sync={sync}", "dist.timeout_s=5",
            "trainer.faults.stop_at=3", "trainer.faults.rank=1", f"hydra.run.dir={tmp_path}"]
     if sync != "ddp":
         cmd.append("sync.local_steps=4")

@@ -229,9 +229,12 @@ def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(pools, tmp_path,
 
 
 def test_co2_converges_within_5_percent_of_local(pools, tmp_path):
-    """2 ranks, tiny char-GPT, 1000 steps, AdamW 3e-3, H=4 (docs/sync.md)."""
-    common = ["experiment=tiny", "trainer.max_steps=1000", "trainer.eval_every=1000",
-              "trainer.checkpoint_every=1000", "optim.lr=3e-3", "sync.local_steps=4"]
+    """2 ranks, tiny char-GPT, 500 steps, AdamW 3e-3, H=4 (docs/sync.md's table: 1000 steps).
+    Measured (bitwise repeatable): co2 +0.5% vs local at 500 steps (-0.1% at 1000); co2
+    without the staleness penalty (sync.staleness_penalty=0) fails the bound, +7.6% (+10.4%).
+    For this seed only: trainer.seed=1 / 2 give +8.9% / +10.8% (+13.2% / +14.3%)."""
+    common = ["experiment=tiny", "trainer.max_steps=500", "trainer.eval_every=500",
+              "trainer.checkpoint_every=500", "optim.lr=3e-3", "sync.local_steps=4"]
     final = {}
     for name in ("local", "co2"):
         p = pools.train(*common, f"sync={name}", f"hydra.run.dir={tmp_path / name}", timeout=400)
