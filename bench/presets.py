@@ -195,7 +195,8 @@ def checks(names: list[str], seeds: list[int], write: bool) -> None:
             json.dump({"steps": CHECK_STEPS, "overrides": CHECK, "rows": rows}, fh, indent=1)
         with open(os.path.join(RESULTS, "presets_check.md"), "w") as fh:
             fh.write(f"Written by `python bench/presets.py --check-seeds {','.join(map(str, seeds))}`: the CI check of "
-                     f"tests/test_presets.py ({CHECK_STEPS} steps, 2 ranks, {' '.join(CHECK)}), once per seed.\n\n{text}")
+                     f"tests/test_presets.py ({CHECK_STEPS} steps, {CHECK_RANKS} ranks x each preset's own batch size, "
+                     f"{' '.join(CHECK)}), once per seed.\n\n{text}")
     print("\n" + text)
 
 
