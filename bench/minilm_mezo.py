@@ -1,9 +1,9 @@
 """Why ``experiment=minilm_mezo`` stayed at chance, and what a forward-only run can reach on
 the pretrained all-MiniLM-L6-v2's comedy-vs-tragedy lines on a CPU (docs/presets.md).
 
-    python bench/minilm_mezo.py head            # the head alone on frozen features (~6 min on 2 cores)
+    python bench/minilm_mezo.py head            # the head alone on frozen features (minutes)
     python bench/minilm_mezo.py mezo --trained lora --head-init class_means --lr 1e-4 --eps 1e-2 --steps 2000
-                                                # MeZO on the real model, one process (0.3-2 s a step)
+                                                # MeZO on the real model, one process (0.2-0.6 s a step)
 
 ``head``: the mean-pooled features of 16,384 training lines and of the 1,024 lines of the 64
 fixed validation batches of 16, computed once; then, on them, the head alone (770 weights):
