@@ -6,6 +6,8 @@ same model and data (``sync=ddp comm=bf16 optim=adamw peft=none``) run in the sa
     python bench/presets.py --steps 200        # longer runs; --presets tiny,digits to pick some
     python bench/presets.py --quick --write    # also writes bench/results/presets_quick.{json,md}
                                                # (presets_<steps>.* without --quick; rows merge by preset)
+    python bench/presets.py --check-seeds 0,1,2,3,4 --write   # the CI check of the MiniLM presets, per seed
+                                               # (bench/results/presets_check.{json,md})
 
 Presets: the quickstart's default config (``default``) and every ``configs/experiment/*.yaml``.
 Each runs ``python -m thinwire.train`` on ``--nproc`` local ranks (2: bytes need peers) with its own
@@ -13,7 +15,8 @@ settings except the step count (``trainer.max_steps``; evaluations halfway and a
 ``--eval-batches`` fixed batches). Reported per preset:
 
 - learning: mean training loss of the first and the last five steps, and the final
-  ``val_loss`` (``val_accuracy`` for classifiers); "learns" = last five below the first five;
+  ``val_loss`` (``val_accuracy`` for classifiers) next to the untrained model's on the same
+  validation batches (classifiers; ``untrained_val``); "learns" = last five below the first five;
 - time: median ``step_time_s`` (steps after the first two) of the preset / of the reference
   (which runs at most ``REFERENCE_STEPS`` with 2 eval batches: it is only timed and
   counted, not judged).
@@ -49,11 +52,14 @@ def presets() -> list[str]:
     return ["default", *names]
 
 
-def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int) -> list[dict]:
-    """One training run; its metrics.jsonl rows."""
+def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int,
+        eval_every: int | None = None, run_dir: str | None = None) -> list[dict]:
+    """One training run; its metrics.jsonl rows (evaluations every ``eval_every`` steps,
+    default halfway and at the end). ``run_dir``: kept there (default: a temporary one)."""
     chosen = [] if preset == "default" else [f"experiment={preset}"]
-    half = max(1, steps // 2)
-    with tempfile.TemporaryDirectory() as d:
+    half = eval_every or max(1, steps // 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = run_dir or tmp
         cmd = [sys.executable, "-m", "thinwire.train", *chosen, f"dist.nproc={nproc}",
                f"trainer.max_steps={steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={steps}",
                f"data.eval_batches={eval_batches}", "trainer.sample_chars=0", "trainer.progress=false",
@@ -64,6 +70,60 @@ def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int
             raise RuntimeError(f"{' '.join(cmd[3:])} failed:\n{p.stderr[-3000:]}")
         with open(os.path.join(d, "metrics.jsonl")) as fh:
             return [json.loads(line) for line in fh]
+
+
+def untrained_val(overrides: list[str]) -> tuple[float, float]:
+    """(val_loss, val_accuracy) of the model a run of ``overrides`` starts from, as the trainer
+    builds it before ``peft`` (the pretrained encoder and its new, random head: a head set by
+    ``peft.head_init`` counts as learnt), on the run's validation batches (all of them, one
+    rank, eval mode). ``tests/test_presets.py`` checks the MiniLM presets against it."""
+    import torch
+    from hydra.utils import instantiate
+
+    from thinwire.config import compose
+
+    cfg = compose(overrides)
+    data = instantiate(cfg.data, seed=cfg.trainer.seed, rank=0, world_size=1)
+    torch.manual_seed(cfg.trainer.seed)
+    model = instantiate(cfg.model, info=data.info).eval()
+    losses, hits, n = [], 0, 0
+    with torch.no_grad():
+        for batch in data.eval_batches_for_rank():
+            losses.append(float(model(**batch)))
+            logits = model.logits(batch["input_ids"], batch["attention_mask"])
+            hits += int((logits.argmax(-1) == batch["y"]).sum())
+            n += len(batch["y"])
+    return sum(losses) / len(losses), hits / n
+
+
+def fixed_batch_loss(overrides: list[str], steps: int, ranks: int, run_dir: str | None = None,
+                     only_rank: int | None = None) -> float:
+    """Mean loss, in eval mode, over the training batches that a run of ``overrides`` on ``ranks``
+    ranks draws in its first ``steps`` steps (every rank's, or ``only_rank``'s), of the model it
+    starts from (as ``untrained_val`` builds it) or, with ``run_dir``, of that run's newest
+    checkpoint. The same batches before and after: their loss falls when the run's optimizer
+    descends its objective, with none of the batch-to-batch noise of the logged training loss."""
+    import torch
+    from hydra.utils import instantiate
+
+    from thinwire.config import compose
+    from thinwire.trainer.checkpoint import checkpoint_dirs, safe_load
+
+    cfg = compose(overrides)
+    shards = [instantiate(cfg.data, seed=cfg.trainer.seed, rank=r, world_size=ranks)
+              for r in (range(ranks) if only_rank is None else [only_rank])]
+    torch.manual_seed(cfg.trainer.seed)
+    model = instantiate(cfg.model, info=shards[0].info)
+    if run_dir is not None:
+        if cfg.peft.name in ("lora", "lora_ga"):  # the adapters' modules, to load the trained ones into
+            from thinwire.optim.lora import inject, lora_config
+
+            model = inject(cfg.peft, model, lora_config(cfg.peft, model, ga=False))
+        model.load_state_dict(safe_load(os.path.join(checkpoint_dirs(run_dir)[-1], "common.pt"))["model"])
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(**shard.train_batch(step))) for shard in shards for step in range(steps)]
+    return sum(losses) / len(losses)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -77,11 +137,83 @@ def summarise(rows: list[dict]) -> dict:
 
 def measure(preset: str, steps: int, nproc: int, eval_batches: int) -> dict:
     own = summarise(run(preset, [], steps, nproc, eval_batches))
+    if own["val_accuracy"] is not None and preset.startswith("minilm"):
+        own["val_untrained"] = untrained_val([f"experiment={preset}", f"data.eval_batches={eval_batches}"])[0]
     # the reference only times steps and counts bytes: REFERENCE_STEPS and 2 eval batches are enough
     ref = summarise(run(SAME_MODEL.get(preset, preset), REFERENCE, min(steps, REFERENCE_STEPS), nproc, 2))
     return {"preset": preset, **own, "learns": own["last5"] < own["first5"],
             "time_ratio": own["step_s"] / ref["step_s"], "bytes_ratio": own["wire_bytes"] / ref["wire_bytes"],
             "reference": ref}
+
+
+# tests/test_presets.py::test_minilm_preset_learns_in_20_steps: 20 steps on 2 ranks; the loss on those
+# steps' own training batches before and after (``fixed_batch_loss``); val_loss on 8 fixed validation
+# batches is reported next to it. Lines per rank: the preset's own 16, or fewer where the check held
+# for every seed with them (CHECK_BATCH: minilm_genre's fall was >= 0.085 with 8, and a step of
+# full fine-tuning costs twice as much with 16)
+CHECK_STEPS, CHECK_RANKS, CHECK = 20, 2, ["data.eval_batches=8"]
+CHECK_BATCH = {"minilm_genre": 8}
+
+
+def check_args(preset: str) -> list[str]:
+    """The overrides of the CI check's run of ``preset``."""
+    batch = [f"data.batch_size={CHECK_BATCH[preset]}"] if preset in CHECK_BATCH else []
+    return [f"experiment={preset}", *CHECK, *batch]
+
+
+def check_fall(preset: str, seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """The CI check's numbers for one seed (trainer.seed: the random head and the training
+    batches; the validation batches are the same for every seed); ``extra``: more overrides."""
+    args = [*check_args(preset), f"trainer.seed={seed}", *extra]
+    before = fixed_batch_loss(args, CHECK_STEPS, CHECK_RANKS)
+    val_before, acc_before = untrained_val(args)
+    with tempfile.TemporaryDirectory() as d:
+        last = run(preset, args[1:], CHECK_STEPS, CHECK_RANKS, 8, eval_every=CHECK_STEPS, run_dir=d)[-1]
+        after = fixed_batch_loss(args, CHECK_STEPS, CHECK_RANKS, run_dir=d)
+    batch = next((int(a.split("=")[1]) for a in reversed(args) if a.startswith("data.batch_size=")), 16)
+    return {"preset": preset, "seed": seed, "batch": batch, "before": before, "after": after, "fall": before - after,
+            "val_before": val_before, "val_after": last["val_loss"], "acc_before": acc_before,
+            "acc_after": last["val_accuracy"]}
+
+
+def check_table(rows: list[dict]) -> str:
+    out = ["| preset | lines per rank | seed | loss on the 20 steps' batches: untrained -> after | fall | val_loss "
+           "| val_accuracy |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| `{r['preset']}` | {r.get('batch', 16)} | {r['seed']} | {r['before']:.4f} -> {r['after']:.4f} "
+                   f"| {r['fall']:+.4f} "
+                   f"| {r['val_before']:.4f} -> {r['val_after']:.4f} | {r['acc_before']:.3f} -> {r['acc_after']:.3f} |")
+    by = {}
+    for r in rows:
+        by.setdefault(r["preset"], []).append(r)
+    out.append("")
+    for p, rs in by.items():
+        f, v = [r["fall"] for r in rs], [r["val_before"] - r["val_after"] for r in rs]
+        out.append(f"- `{p}`: fall min {min(f):+.4f}, mean {statistics.fmean(f):+.4f}, max {max(f):+.4f}; "
+                   f"val_loss fall min {min(v):+.4f}, max {max(v):+.4f} ({len(f)} seeds)")
+    return "\n".join(out) + "\n"
+
+
+def checks(names: list[str], seeds: list[int], write: bool) -> None:
+    stem = os.path.join(RESULTS, "presets_check")
+    rows = {}
+    if write and os.path.exists(stem + ".json"):  # rows of other presets and seeds stay
+        with open(stem + ".json") as fh:
+            rows = {(r["preset"], r["seed"]): r for r in json.load(fh)["rows"]}
+    for name in names:
+        for seed in seeds:
+            r = rows[name, seed] = check_fall(name, seed)
+            print(check_table([r]).splitlines()[2], flush=True)
+    text = check_table(sorted(rows.values(), key=lambda r: (r["preset"], r["seed"])))
+    if write:
+        with open(stem + ".json", "w") as fh:
+            json.dump({"steps": CHECK_STEPS, "overrides": CHECK, "batch": CHECK_BATCH,
+                       "rows": sorted(rows.values(), key=lambda r: (r["preset"], r["seed"]))}, fh, indent=1)
+        with open(stem + ".md", "w") as fh:
+            fh.write(f"Written by `python bench/presets.py --check-seeds ...` (rows may come from several invocations): "
+                     f"the CI check of tests/test_presets.py ({CHECK_STEPS} steps, {CHECK_RANKS} ranks, "
+                     f"{' '.join(CHECK)}), once per seed.\n\n{text}")
+    print("\n" + text)
 
 
 def table(rows: list[dict], steps: int, nproc: int) -> str:
@@ -95,6 +227,8 @@ def table(rows: list[dict], steps: int, nproc: int) -> str:
         val = "-" if r["val_loss"] is None else f"{r['val_loss']:.3f}"
         if r["val_accuracy"] is not None:
             val += f" ({r['val_accuracy']:.3f})"
+        if r.get("val_untrained") is not None:
+            val += f" from {r['val_untrained']:.3f}"
         lines.append(f"| `{r['preset']}` | {r['first5']:.3f} -> {r['last5']:.3f} | {'yes' if r['learns'] else 'NO'} "
                      f"| {val} | {r['time_ratio']:.2f}x | {r['bytes_ratio']:.4g}x |")
     return head + "\n".join(lines) + "\n"
@@ -108,6 +242,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=None, help="default 64, 8 with --quick")
     ap.add_argument("--presets", default=None, help="comma-separated (default: all)")
     ap.add_argument("--write", action="store_true", help="write bench/results/presets[_quick].{json,md}")
+    ap.add_argument("--check-seeds", default=None,
+                    help="comma-separated seeds: run the CI check of the MiniLM presets (or --presets) per seed")
     a = ap.parse_args()
     steps = 20 if a.quick else a.steps
     eval_batches = a.eval_batches or (8 if a.quick else 64)
@@ -115,6 +251,13 @@ def main() -> None:
     unknown = sorted(set(names) - set(presets()))
     if unknown:
         sys.exit(f"bench/presets.py: error: --presets: unknown {', '.join(unknown)} (known: {', '.join(presets())})")
+    if a.check_seeds is not None:
+        try:
+            seeds = [int(x) for x in a.check_seeds.split(",")]
+        except ValueError:
+            sys.exit(f"bench/presets.py: error: --check-seeds={a.check_seeds}: expected comma-separated integers")
+        checks([n for n in names if n.startswith("minilm")] if not a.presets else names, seeds, a.write)
+        return
     setting = {"steps": steps, "nproc": a.nproc, "eval_batches": eval_batches}
     stem = os.path.join(RESULTS, "presets_quick" if a.quick else f"presets_{steps}")
     rows = {}

@@ -17,7 +17,8 @@ Group-wide keys, by group (everything else belongs to one option and fails with 
   error-feedback rules (``eta`` for ef21m/econtrol, ``init`` for ef21/ef21m), which must
   keep their defaults unless ``comm.feedback`` names a rule that has them;
 - ``optim``: ``name lr weight_decay schedule warmup_steps min_lr_ratio decay_start``;
-- ``sync``, ``peft``, ``engine``: ``name``;
+- ``peft``: ``name head_init head_init_batches``;
+- ``sync``, ``engine``: ``name``;
 - ``model``, ``data``, ``logger``: ``_target_`` (the builder; an option's default).
 """
 from __future__ import annotations

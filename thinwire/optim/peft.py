@@ -4,6 +4,10 @@
 register here; they run after the model is built and before the engine wraps it, with
 access to the data (LoRA-GA estimates gradients on training batches) and the world (to
 average those estimates across ranks).
+
+``peft.head_init=class_means`` (any method) first sets a classifier's new head from the
+class means of its input features on ``peft.head_init_batches`` batches per rank, forward
+passes only (``thinwire.optim.head_init``): the starting point a zeroth-order run needs.
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import one_of, positive
 from ..registry import Registry
+from .head_init import HEAD_INITS, class_means_head
 
 PEFT_METHODS: Registry = Registry("peft", "thinwire.peft")
 
@@ -20,6 +26,12 @@ PEFT_METHODS: Registry = Registry("peft", "thinwire.peft")
 class PeftConfig:
     """The group-wide keys of ``peft``; a method's own options are its ``Config`` attribute."""
     name: str = "none"
+    head_init: str = "random"        # random (the model's own) | class_means: a new head set from class means (forward only)
+    head_init_batches: int = 32      # class_means: training batches per rank (32 x 2 ranks x 16 = 1,024 examples)
+
+    def check(self) -> None:
+        one_of(self.head_init, HEAD_INITS, "head_init")
+        positive(self, "head_init_batches")
 
 
 @dataclass
@@ -36,7 +48,19 @@ no_adapter.Config = NoOptions  # a method's options are its ``Config`` (never it
 
 
 def apply_peft(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None) -> torch.nn.Module:
-    return PEFT_METHODS.get(cfg.name, "peft")(cfg, model, data=data, world=world, meter=meter)
+    method = PEFT_METHODS.get(cfg.name, "peft")
+    if getattr(cfg, "head_init", "random") == "class_means":  # before the method: LoRA-GA's estimate sees this head
+        init_head(cfg, model, data, meter)
+    return method(cfg, model, data=data, world=world, meter=meter)
+
+
+def init_head(cfg, model: torch.nn.Module, data, meter) -> float:
+    """``peft.head_init=class_means`` on batches drawn at steps -1, -2, ... of this rank."""
+    if data is None:
+        raise ValueError("peft.head_init=class_means: needs training data")
+    device = next(model.parameters()).device
+    batches = ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(cfg.head_init_batches))
+    return class_means_head(model, batches, data.info.num_classes, meter=meter)
 
 
 from . import lora  # noqa: E402,F401  registers lora and lora_ga (PEFT imported on use)
