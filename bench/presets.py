@@ -6,6 +6,8 @@ same model and data (``sync=ddp comm=bf16 optim=adamw peft=none``) run in the sa
     python bench/presets.py --steps 200        # longer runs; --presets tiny,digits to pick some
     python bench/presets.py --quick --write    # also writes bench/results/presets_quick.{json,md}
                                                # (presets_<steps>.* without --quick; rows merge by preset)
+    python bench/presets.py --shipped --write  # each preset as shipped: final quality, wall time
+                                               # (bench/results/presets_shipped.{json,md})
     python bench/presets.py --check-seeds 0,1,2,3,4 --write   # the CI check of the MiniLM presets, per seed
                                                # (bench/results/presets_check.{json,md})
 
@@ -52,16 +54,18 @@ def presets() -> list[str]:
     return ["default", *names]
 
 
-def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int,
+def run(preset: str, extra: list[str], steps: int | None, nproc: int, eval_batches: int,
         eval_every: int | None = None, run_dir: str | None = None) -> list[dict]:
     """One training run; its metrics.jsonl rows (evaluations every ``eval_every`` steps,
-    default halfway and at the end). ``run_dir``: kept there (default: a temporary one)."""
+    default halfway and at the end). ``run_dir``: kept there (default: a temporary one).
+    ``steps=None``: the preset's own length, evaluation and checkpoint schedule (as shipped)."""
     chosen = [] if preset == "default" else [f"experiment={preset}"]
-    half = eval_every or max(1, steps // 2)
+    schedule = [] if steps is None else [
+        f"trainer.max_steps={steps}", f"trainer.eval_every={eval_every or max(1, steps // 2)}",
+        f"trainer.checkpoint_every={steps}"]
     with tempfile.TemporaryDirectory() as tmp:
         d = run_dir or tmp
-        cmd = [sys.executable, "-m", "thinwire.train", *chosen, f"dist.nproc={nproc}",
-               f"trainer.max_steps={steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={steps}",
+        cmd = [sys.executable, "-m", "thinwire.train", *chosen, f"dist.nproc={nproc}", *schedule,
                f"data.eval_batches={eval_batches}", "trainer.sample_chars=0", "trainer.progress=false",
                "logger=none", f"hydra.run.dir={d}", *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
@@ -70,6 +74,37 @@ def run(preset: str, extra: list[str], steps: int, nproc: int, eval_batches: int
             raise RuntimeError(f"{' '.join(cmd[3:])} failed:\n{p.stderr[-3000:]}")
         with open(os.path.join(d, "metrics.jsonl")) as fh:
             return [json.loads(line) for line in fh]
+
+
+def shipped(preset: str, nproc: int, eval_batches: int) -> dict:
+    """The preset exactly as shipped (its own steps, evaluations, checkpoints; wandb off, no
+    sample), with ``eval_batches`` validation batches: its final quality and the wall time a
+    user waits, start-up and evaluations included."""
+    import time
+
+    t0 = time.perf_counter()
+    rows = run(preset, [], None, nproc, eval_batches)
+    wall = time.perf_counter() - t0
+    r = {"preset": preset, "steps": rows[-1]["step"], "wall_s": wall, "val_loss": rows[-1].get("val_loss"),
+         "val_accuracy": rows[-1].get("val_accuracy"),
+         "step_s": statistics.median(x["step_time_s"] for x in rows[2:] or rows)}
+    if preset.startswith("minilm"):  # untrained_val builds the MiniLM classifiers
+        r["val_untrained"], r["acc_untrained"] = untrained_val(
+            [*([] if preset == "default" else [f"experiment={preset}"]), f"data.eval_batches={eval_batches}"])
+    return r
+
+
+def shipped_table(rows: list[dict], nproc: int, eval_batches: int) -> str:
+    out = [f"Each preset as shipped, {nproc} ranks on this machine's cores, {eval_batches} validation batches; "
+           "wall time from the command to its exit (start-up and evaluations included).\n",
+           "| preset | steps | final val_loss (accuracy) | untrained model, same batches | wall time | median step |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = "" if r["val_accuracy"] is None else f" ({r['val_accuracy']:.3f})"
+        before = "-" if r.get("val_untrained") is None else f"{r['val_untrained']:.3f} ({r['acc_untrained']:.3f})"
+        out.append(f"| `{r['preset']}` | {r['steps']} | {r['val_loss']:.3f}{acc} | {before} | "
+                   f"{r['wall_s'] / 60:.1f} min | {r['step_s']:.2g} s |")
+    return "\n".join(out) + "\n"
 
 
 def untrained_val(overrides: list[str]) -> tuple[float, float]:
@@ -242,6 +277,9 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=None, help="default 64, 8 with --quick")
     ap.add_argument("--presets", default=None, help="comma-separated (default: all)")
     ap.add_argument("--write", action="store_true", help="write bench/results/presets[_quick].{json,md}")
+    ap.add_argument("--shipped", action="store_true",
+                    help="each preset as shipped (its own steps): final quality and wall time "
+                         "(bench/results/presets_shipped.{json,md})")
     ap.add_argument("--check-seeds", default=None,
                     help="comma-separated seeds: run the CI check of the MiniLM presets (or --presets) per seed")
     a = ap.parse_args()
@@ -257,6 +295,24 @@ def main() -> None:
         except ValueError:
             sys.exit(f"bench/presets.py: error: --check-seeds={a.check_seeds}: expected comma-separated integers")
         checks([n for n in names if n.startswith("minilm")] if not a.presets else names, seeds, a.write)
+        return
+    if a.shipped:
+        stem, rows = os.path.join(RESULTS, "presets_shipped"), {}
+        if a.write and os.path.exists(stem + ".json"):  # rows of other presets stay
+            with open(stem + ".json") as fh:
+                rows = {r["preset"]: r for r in json.load(fh)["rows"]}
+        for name in names:
+            rows[name] = shipped(name, a.nproc, eval_batches)
+            ordered = [rows[n] for n in presets() if n in rows]
+            text = shipped_table(ordered, a.nproc, eval_batches)
+            print(text.splitlines()[-1], flush=True)
+            if a.write:
+                with open(stem + ".json", "w") as fh:
+                    json.dump({"nproc": a.nproc, "eval_batches": eval_batches, "rows": ordered}, fh, indent=1)
+                with open(stem + ".md", "w") as fh:
+                    fh.write(f"Written by `python bench/presets.py --shipped` (rows may come from several "
+                             f"invocations).\n\n{text}")
+        print("\n" + text)
         return
     setting = {"steps": steps, "nproc": a.nproc, "eval_batches": eval_batches}
     stem = os.path.join(RESULTS, "presets_quick" if a.quick else f"presets_{steps}")

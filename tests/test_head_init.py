@@ -109,3 +109,28 @@ def test_head_init_errors_name_the_key(capsys):
         class_means_head(NoHead(), [{"x": torch.zeros(2, 4), "y": torch.zeros(2, dtype=torch.long)}], 2)
     with pytest.raises(ConfigError, match=r"^peft.head_init=class_means: the batches hold no labels"):
         class_means_head(Probe(4, 2), [{"x": torch.zeros(2, 4)}], 2)
+
+
+@pytest.mark.slow
+def test_resumed_minilm_mezo_equals_the_uninterrupted_run(pools, tmp_path):
+    """``minilm_mezo`` (MeZO-LoRA from a class-means head, 2 ranks) resumed from its step-2
+    checkpoint ends bitwise where the uninterrupted run ends: on resume the head is set from the
+    class means again, then replaced by the checkpoint's."""
+    import json
+
+    args = ["experiment=minilm_mezo", "data.batch_size=4", "data.eval_batches=2", "peft.head_init_batches=2",
+            "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=4", "trainer.progress=false",
+            "logger=none"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    pools.train(*args, f"hydra.run.dir={full}")
+    p = pools.train(*args, f"hydra.run.dir={resumed}", f"trainer.resume={full / 'checkpoints' / 'step_00000002'}")
+    assert "at step 2" in p.stdout
+
+    def rows(d):
+        return [(r["step"], r["loss"], r.get("val_loss"), r.get("zo_grad")) for r in map(json.loads, open(d / "metrics.jsonl"))]
+
+    assert [r for r in rows(full) if r[0] > 2] == rows(resumed) and len(rows(resumed)) == 2
+    a, b = (torch.load(d / "checkpoints" / "step_00000004" / "common.pt", weights_only=False)["model"]
+            for d in (full, resumed))
+    assert a.keys() == b.keys() and any("head" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)

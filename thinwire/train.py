@@ -7,6 +7,7 @@ config and do not compose again.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -119,6 +120,10 @@ def launch_local(cfg, cfg_yamls: list[str]) -> int:
 
     from .trainer.world import host_rendezvous_store
 
+    if "LOGLEVEL" not in os.environ:  # torch's own knob for these logs: set it to see them again
+        # the launcher logs a failed worker's exit as a traceback of its own monitoring loop;
+        # the worker printed its error in one line and the summary below names it
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     n = cfg.dist.nproc
     threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // n)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # inherited by workers: no oversubscription

@@ -42,9 +42,20 @@ class HFClassifier(nn.Module):
         super().__init__()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel  # optional dependency, imported on use
+        from transformers.utils import logging as hf_logging
 
-        # no BERT pooler: it is unused (we mean-pool) and DDP would wait for its gradients
-        self.encoder = AutoModel.from_pretrained(resolve_model_path(path), add_pooling_layer=False)
+        # no BERT pooler: it is unused (we mean-pool) and DDP would wait for its gradients. Its
+        # weights in the file are then "UNEXPECTED" in transformers' load report, which every rank
+        # would print with a progress bar: quiet for this load (errors still show)
+        verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.encoder = AutoModel.from_pretrained(resolve_model_path(path), add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
         hidden = self.encoder.config.hidden_size
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_labels)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import one_of, positive
+from ..errors import ConfigError, one_of, positive
 from ..registry import Registry
 from .head_init import HEAD_INITS, class_means_head
 
@@ -58,6 +58,9 @@ def init_head(cfg, model: torch.nn.Module, data, meter) -> float:
     """``peft.head_init=class_means`` on batches drawn at steps -1, -2, ... of this rank."""
     if data is None:
         raise ValueError("peft.head_init=class_means: needs training data")
+    if not getattr(data.info, "num_classes", 0):
+        raise ConfigError(f"peft.head_init=class_means: needs a classification data set with labels "
+                          f"(data={type(data).__name__} has no classes)")
     device = next(model.parameters()).device
     batches = ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(cfg.head_init_batches))
     return class_means_head(model, batches, data.info.num_classes, meter=meter)

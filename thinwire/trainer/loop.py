@@ -155,6 +155,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
         self.progress.phase(f"building the model ({cfg.model._target_})")
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
+        if cfg.peft.name != "none" or cfg.peft.get("head_init", "random") != "random":
+            self.progress.phase(f"setting up peft={cfg.peft.name} (head_init={cfg.peft.get('head_init', 'random')})")
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
