@@ -115,22 +115,28 @@ class WandbLogger:
     def __init__(self, project: str = "thinwire", mode: str = "offline", entity: str | None = None,
                  group: str | None = None, name: str | None = None, tags: list[str] = (), *,
                  run_dir: str, run_config: dict | None = None):
+        self.mode, self.run = mode, None
+        if mode == "disabled":  # wandb.init(mode="disabled") makes a no-op run, after seconds of importing wandb
+            return
         os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")  # no system-monitor thread
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
         derived = wandb_names(run_config)
         tags = list(dict.fromkeys([*tags, *derived["tags"]]))  # user tags first, no duplicates
-        self.mode, self.wandb = mode, wandb
+        self.wandb = wandb
         self.run = wandb.init(project=project, mode=mode, entity=entity, group=group or derived["group"],
                               name=name or derived["name"], tags=tags, dir=run_dir, config=run_config,
                               reinit="finish_previous", resume="allow",
                               id=None if effective_mode(mode) == "disabled" else run_id(run_dir))
 
     def log(self, record: dict, step: int) -> None:
-        self.run.log(record, step=step)
+        if self.run is not None:
+            self.run.log(record, step=step)
 
     def finish(self) -> None:
+        if self.run is None:
+            return
         sync_dir = self.run.settings.sync_dir  # <run dir>/wandb/offline-run-<time>-<id>
         self.run.finish()
         # wandb's service process buffers the run file until it shuts down: flush it now, so

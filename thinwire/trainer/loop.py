@@ -177,7 +177,8 @@ class Trainer:
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
-        if world.is_main and cfg.logger._target_.endswith("WandbLogger"):
+        wandb_on = cfg.logger._target_.endswith("WandbLogger") and cfg.logger.get("mode") != "disabled"
+        if world.is_main and wandb_on:
             self.progress.phase(f"starting wandb (logger.mode={cfg.logger.get('mode', '?')})")
         self.logger = self._logger()
         self.unit = self.data.info.unit
