@@ -38,7 +38,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from netclock import Call, Link, Method, bucket_calls, payload_bytes_per_value, round_time  # noqa: E402
+from netclock_model import Call, Link, round_time  # noqa: E402
+from netclock_project import Method, bucket_calls, payload_bytes_per_value  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,7 +62,7 @@ ROWS = [
 ]
 
 
-# the projection's byte formula for each row (bench/netclock.py's Method), checked against the
+# the projection's byte formula for each row (bench/netclock_project.py's Method), checked against the
 # logged calls: (collective, compressor and its options or None = fp32, H)
 FORMULA = {"ddp fp32": ("all_reduce", None, {}, 1), "bf16": ("all_reduce", "bf16", {}, 1),
            "int8 two-phase + ef": ("two_phase", "int8", {}, 1),

@@ -1,4 +1,4 @@
-"""The network clock's pure logic (bench/netclock.py) against hand-computed references."""
+"""The network clock's pure logic (bench/netclock_model.py, _project.py, _report.py) against hand-computed references."""
 import math
 import os
 import sys
@@ -6,67 +6,69 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import netclock as nc  # noqa: E402
+import netclock_model as clock  # noqa: E402
+import netclock_project as proj  # noqa: E402
+import netclock_report as report  # noqa: E402
 from netclock_validate import predict  # noqa: E402
 
 from thinwire.comm import accounting  # noqa: E402
 
 
 def test_hops_follow_the_standard_algorithms():
-    assert [nc.hops("all_reduce", p) for p in (1, 2, 4, 8)] == [0, 2, 6, 14]
-    assert [nc.hops(k, 4) for k in ("all_gather", "reduce_scatter", "all_to_all", "broadcast")] == [3, 3, 3, 3]
+    assert [clock.hops("all_reduce", p) for p in (1, 2, 4, 8)] == [0, 2, 6, 14]
+    assert [clock.hops(k, 4) for k in ("all_gather", "reduce_scatter", "all_to_all", "broadcast")] == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="collective='gossip'"):
-        nc.hops("gossip", 4)
+        clock.hops("gossip", 4)
 
 
 def test_call_time_is_latency_times_hops_plus_bytes_over_bandwidth():
-    link = nc.Link(gbit=1.0, latency_s=0.010, per_call_s={"all_reduce": 0.001})
-    c = nc.Call("all_reduce", "data", 1_000_000, 2)
+    link = clock.Link(gbit=1.0, latency_s=0.010, per_call_s={"all_reduce": 0.001})
+    c = clock.Call("all_reduce", "data", 1_000_000, 2)
     # 2 hops x 10 ms + 1 ms per call + 8e6 bit / 1e9 bit/s
     assert link.time(c) == pytest.approx(0.020 + 0.001 + 0.008)
-    assert link.latency_part(nc.Call("all_gather", "data", 0, 5)) == pytest.approx(0.040)
-    slow = nc.Link(gbit=1.0, goodput={"all_reduce": 0.8})  # a fitted goodput stretches the bytes' part only
+    assert link.latency_part(clock.Call("all_gather", "data", 0, 5)) == pytest.approx(0.040)
+    slow = clock.Link(gbit=1.0, goodput={"all_reduce": 0.8})  # a fitted goodput stretches the bytes' part only
     assert slow.time(c) == pytest.approx(0.008 / 0.8)
     with pytest.raises(ValueError, match="gbit=0"):
-        nc.Link(gbit=0)
+        clock.Link(gbit=0)
 
 
 def test_ddp_buckets_overlap_backward():
     # buckets ready at 1, 2, 3 s of a 3 s backward; 1 s each: finish at 2, 3, 4 -> 1 s exposed
-    assert nc.ddp_exposed([1, 1, 1], 3) == pytest.approx(1)
+    assert clock.ddp_exposed([1, 1, 1], 3) == pytest.approx(1)
     # 2 s each: finish at 3, 5, 7 -> 4 s exposed
-    assert nc.ddp_exposed([2, 2, 2], 3) == pytest.approx(4)
-    assert nc.ddp_exposed([5], 3) == pytest.approx(5)  # one bucket: ready at the end, all exposed
-    assert nc.ddp_exposed([], 3) == 0
+    assert clock.ddp_exposed([2, 2, 2], 3) == pytest.approx(4)
+    assert clock.ddp_exposed([5], 3) == pytest.approx(5)  # one bucket: ready at the end, all exposed
+    assert clock.ddp_exposed([], 3) == 0
 
 
 def _g(seconds):  # a group of calls taking `seconds` on a 1 Gbit/s link without latency
-    return [nc.Call("all_reduce", "data", int(seconds * 1e9 / 8), 2)]
+    return [clock.Call("all_reduce", "data", int(seconds * 1e9 / 8), 2)]
 
 
 def test_overlap_rules_per_mode():
-    link = nc.Link(gbit=1.0)
+    link = clock.Link(gbit=1.0)
     # local: 8 steps of 1 s, then a blocking 10 s all-reduce
-    r = nc.round_time("local", link, 1.0, [_g(10)], H=8)
+    r = clock.round_time("local", link, 1.0, [_g(10)], H=8)
     assert (r.total_s, r.step_s, r.utilisation) == pytest.approx((18, 2.25, 8 / 18))
     # co2/eager: the 10 s all-reduce runs during the next 8 s of compute: 2 s exposed
-    assert nc.round_time("overlap", link, 1.0, [_g(10)], H=8).exposed_s == pytest.approx(2)
-    assert nc.round_time("overlap", link, 1.0, [_g(6)], H=8).utilisation == pytest.approx(1)
+    assert clock.round_time("overlap", link, 1.0, [_g(10)], H=8).exposed_s == pytest.approx(2)
+    assert clock.round_time("overlap", link, 1.0, [_g(6)], H=8).utilisation == pytest.approx(1)
     # streaming: two fragments of 3 s, each overlapping tau = 2 steps of 1 s: 1 s exposed each
-    assert nc.round_time("streaming", link, 1.0, [_g(3), _g(3)], H=8, tau=2).exposed_s == pytest.approx(2)
+    assert clock.round_time("streaming", link, 1.0, [_g(3), _g(3)], H=8, tau=2).exposed_s == pytest.approx(2)
     # ddp: one bucket of 0.5 s after a 2/3 x 3 s backward, plus a blocking control call
-    ctrl = [nc.Call("all_reduce", "control", int(0.1e9 / 8), 2)]
-    r = nc.round_time("ddp", link, 3.0, [_g(0.5)], ctrl, codec_s=0.2)
+    ctrl = [clock.Call("all_reduce", "control", int(0.1e9 / 8), 2)]
+    r = clock.round_time("ddp", link, 3.0, [_g(0.5)], ctrl, codec_s=0.2)
     assert r.total_s == pytest.approx(3 + 0.2 + 0.5 + 0.1)
     assert r.network_s == pytest.approx(0.6)
     with pytest.raises(ValueError, match="tau=4"):
-        nc.round_time("streaming", link, 1.0, [_g(1), _g(1)], H=8, tau=4)
+        clock.round_time("streaming", link, 1.0, [_g(1), _g(1)], H=8, tau=4)
     with pytest.raises(ValueError, match="sync='gossip'"):
-        nc.round_time("gossip", link, 1.0, [])
+        clock.round_time("gossip", link, 1.0, [])
 
 
 def test_presets_are_the_issues():
-    one, seven, seventy = nc.PRESETS
+    one, seven, seventy = proj.PRESETS
     assert one.compute_s == pytest.approx(6 * 1e9 * 65536 / (989e12 * 0.4))  # ~1.0 s
     assert one.compute_s == pytest.approx(0.994, abs=1e-3)
     assert seven.compute_s == pytest.approx(6 * 7e9 * 524288 / (8 * 989e12 * 0.4))
@@ -76,21 +78,21 @@ def test_presets_are_the_issues():
 
 
 def test_projected_bytes_follow_the_accounting_at_the_presets_p():
-    one = nc.PRESETS[0]
-    dense = nc.Method("dense", "ddp", "all_reduce", 4.0)
-    sent = sum(c.nbytes for g in nc.data_calls(dense, one) for c in g)
+    one = proj.PRESETS[0]
+    dense = proj.Method("dense", "ddp", "all_reduce", 4.0)
+    sent = sum(c.nbytes for g in proj.data_calls(dense, one) for c in g)
     assert sent == pytest.approx(2 * 7 / 8 * 4e9, rel=1e-4)  # ring all-reduce, p = 8
-    B = math.ceil(4e9 / nc.BUCKET_BYTES)
-    rt = nc.project(dense, one)
+    B = math.ceil(4e9 / proj.BUCKET_BYTES)
+    rt = proj.project(dense, one)
     # every bucket pays 2 (p-1) hops of 20 ms; the control all-reduce too
     assert rt.latency_s == pytest.approx((B + 1) * 14 * 0.020)
-    sparse = nc.Method("sparse", "ddp", "all_gather", 0.06)
-    p8 = sum(c.nbytes for g in nc.data_calls(sparse, one) for c in g)
-    p4 = sum(c.nbytes for g in nc.data_calls(sparse, nc.Preset("p4", 1e9, 4, 1, 65536, 1, 0.02, 2048, 20))
+    sparse = proj.Method("sparse", "ddp", "all_gather", 0.06)
+    p8 = sum(c.nbytes for g in proj.data_calls(sparse, one) for c in g)
+    p4 = sum(c.nbytes for g in proj.data_calls(sparse, proj.Preset("p4", 1e9, 4, 1, 65536, 1, 0.02, 2048, 20))
              for c in g)
     assert p8 / p4 == pytest.approx(7 / 3, rel=1e-4)  # all-gather grows with p - 1
-    local = nc.Method("local", "local", "all_reduce", 4.0, H=8, control=False, codec_bytes_per_value=40)
-    rt = nc.project(local, one, efficiency=0.5)
+    local = proj.Method("local", "local", "all_reduce", 4.0, H=8, control=False, codec_bytes_per_value=40)
+    rt = proj.project(local, one, efficiency=0.5)
     assert rt.codec_s == pytest.approx(1e9 * 40 / 1.5e12)
     assert rt.total_s == pytest.approx(8 * one.compute_s + rt.codec_s + 7e9 * 8 / 1e9 + 14 * 0.02 * 2, rel=1e-4)
 
@@ -114,52 +116,52 @@ def test_validation_prediction_by_hand():
     shaped = {"lines": [{"step_time_s": 1.0, "comm_wait_s": 0.8, "wire_bytes": 1_000_016}] * 4,
               "rank0": {"calls": calls}}
     unshaped = {"lines": [{"step_time_s": 0.3, "comm_wait_s": 0.1}] * 4}
-    link = nc.Link(0.01, 0.0, {"all_reduce": 0.001})
+    link = clock.Link(0.01, 0.0, {"all_reduce": 0.001})
     r = predict(row, shaped, unshaped, link, skip=2)
     net = 0.8 + 0.001 + 16 * 8 / 1e7 + 0.001
     assert r["predicted_s"] == pytest.approx(0.2 + net, abs=1e-4)
     assert r["error"] == pytest.approx((0.2 + net) / 1.0 - 1, abs=1e-3)
     assert r["tolerance"] == 0.10 and r["within"]  # bandwidth is > 80% of the modelled time
     # a link so fast that the modelled network is below the unshaped run's wait: the floor holds
-    r = predict(row, shaped, unshaped, nc.Link(1000.0), skip=2)
+    r = predict(row, shaped, unshaped, clock.Link(1000.0), skip=2)
     assert r["predicted_s"] == pytest.approx(0.2 + 0.1, abs=1e-4)
 
 
 def test_fused_codec_passes_at_their_floor():
-    one = nc.PRESETS[0]
+    one = proj.PRESETS[0]
     # docs/gpu.md: the fused EF + int8 pass ran at 2.26x a copy against a floor of 2.25 copies (18 B/value)
-    assert 2.25 / 2.26 == pytest.approx(nc.FUSED_EFFICIENCY, abs=0.01)
-    m = nc.Method("int8", "ddp", "two_phase", 1.0, **nc.int8_codec(True))
-    rt = nc.project(m, one, efficiency=0.15, fused_efficiency=0.99)
+    assert 2.25 / 2.26 == pytest.approx(proj.FUSED_EFFICIENCY, abs=0.01)
+    m = proj.Method("int8", "ddp", "two_phase", 1.0, **proj.int8_codec(True))
+    rt = proj.project(m, one, efficiency=0.15, fused_efficiency=0.99)
     assert rt.codec_s == pytest.approx(1e9 * (10 / 0.15 + 18 / 0.99) / 3e12)
-    eager = nc.Method("int8", "ddp", "two_phase", 1.0, **nc.int8_codec(False))
-    assert nc.project(eager, one, efficiency=0.15).codec_s == pytest.approx(1e9 * 39 / 0.15 / 3e12)
+    eager = proj.Method("int8", "ddp", "two_phase", 1.0, **proj.int8_codec(False))
+    assert proj.project(eager, one, efficiency=0.15).codec_s == pytest.approx(1e9 * 39 / 0.15 / 3e12)
 
 
 def test_time_to_target_counts_a_peers_dense_warmup_and_bounds_unreached_rows():
-    one = nc.PRESETS[0]
-    opts = {"efficiency": 0.15, "copy_bandwidth": 3e12, "bucket_bytes": nc.BUCKET_BYTES}
-    psgd = nc.Method("torch PowerSGD r4", "ddp", "powersgd", 0.0, powersgd_rank=4, dense_warmup=True)
-    slow = nc.Method("slow", "local", "all_reduce", 4.0, H=8, control=False)
+    one = proj.PRESETS[0]
+    opts = {"efficiency": 0.15, "copy_bandwidth": 3e12, "bucket_bytes": proj.BUCKET_BYTES}
+    psgd = proj.Method("torch PowerSGD r4", "ddp", "powersgd", 0.0, powersgd_rank=4, dense_warmup=True)
+    slow = proj.Method("slow", "local", "all_reduce", 4.0, H=8, control=False)
     ttt = {"torch PowerSGD r4": (1.5, "interpolated"), "slow": (None, "not reached by 2S")}
-    _, res = nc.preset_table(one, [("peer", "torch PowerSGD r4", psgd), ("peer", "slow", slow)], ttt, opts, S=160)
-    fp32 = nc.project(nc.Method("DDP fp32", "ddp", "all_reduce", 4.0), one, **opts).step_s
-    step = nc.project(psgd, one, **opts).step_s
+    _, res = report.preset_table(one, [("peer", "torch PowerSGD r4", psgd), ("peer", "slow", slow)], ttt, opts, S=160)
+    fp32 = proj.project(proj.Method("DDP fp32", "ddp", "all_reduce", 4.0), one, **opts).step_s
+    step = proj.project(psgd, one, **opts).step_s
     w = 20 / 160  # max(20, S/10) plain fp32 DDP steps first (torch's PowerSGD docs)
     assert res["torch PowerSGD r4"]["ttt_over_compute_only"] == pytest.approx(
         (w * fp32 + (1.5 - w) * step) / one.compute_s)
     # not reached by 2S: its time to target is above 2S x its step
     assert res["slow"]["ttt_over_compute_only"] is None
-    assert res["slow"]["ttt_lower_bound"] == pytest.approx(2 * nc.project(slow, one, **opts).step_s / one.compute_s)
+    assert res["slow"]["ttt_lower_bound"] == pytest.approx(2 * proj.project(slow, one, **opts).step_s / one.compute_s)
 
 
 def test_torchft_buckets_each_pay_latency():
-    seventy = nc.PRESETS[2]
-    m = nc.Method("torchft", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False,
-                  bucket_values=nc.TORCHFT_BUCKET_VALUES)
-    frags = nc.data_calls(m, seventy)
+    seventy = proj.PRESETS[2]
+    m = proj.Method("torchft", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False,
+                  bucket_values=proj.TORCHFT_BUCKET_VALUES)
+    frags = proj.data_calls(m, seventy)
     k = math.ceil(70e9 / 4 / (2 ** 30 / 4))  # 1 GiB of fp32 per bucket: 66 calls per fragment
     assert len(frags) == 4 and all(len(f) == k for f in frags)
     assert sum(c.nbytes for c in frags[0]) == pytest.approx(2 * 63 / 64 * 70e9 / 4, rel=1e-4)  # 1 B/value
-    flat = nc.Method("flat", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False)
-    assert [len(f) for f in nc.data_calls(flat, seventy)] == [1, 1, 1, 1]
+    flat = proj.Method("flat", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False)
+    assert [len(f) for f in proj.data_calls(flat, seventy)] == [1, 1, 1, 1]

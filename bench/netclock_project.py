@@ -1,0 +1,242 @@
+"""The network clock's user-scale projections: the issue's presets (1B, 7B, 70B), how a
+method puts a model of N parameters on the wire (``Method``: its calls and codec bytes), one
+round of it at a preset (``project``, on bench/netclock_model.py's clock), and the projected
+rows: DDP, its peers (bf16, torch PowerSGD and PostLocalSGD, torchft DiLoCo and streaming)
+and thinwire's modes (``methods``).
+
+Projections (``project``): the issue's presets, bytes from the accounting formulas at the
+preset's p and N (``bucket_calls``), DDP's 25 MB buckets of fp32 gradients, the compressors'
+own bytes per value (``payload_bytes_per_value``). PowerSGD (Vogels et al. 2019, arXiv
+1905.13727) sends P and Q of rank r per matrix: (n + m) r values, with n, m from a GPT's
+shapes (``Preset.d_model``, ``layers``). torchft's fp8 all-reduce is counted at 1 B/value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from netclock_model import Call, Link, RoundTime, round_time
+
+
+# -- projections: user-scale presets (fixed by the issue, before any measurement) ---------------
+H100_BF16_PEAK = 989e12       # dense bf16 flop/s
+MFU = 0.40
+COPY_BANDWIDTH = 3.0e12       # device memory copy bandwidth, B/s (H100 SXM ~3.35 TB/s; the issue's 3.0)
+# fraction of COPY_BANDWIDTH a codec pass reaches. docs/gpu.md (H200, bench/compress_pass.py) defines
+# it as the pass's floor bytes at the measured speed / the copy's bandwidth: eager codecs
+# (comm.compile=false, the default) 0.11-0.18, so 0.15 for every pass without a fused kernel; the
+# Triton EF + int8 pass (comm.compile=true on CUDA) 2.26x a copy at 256M values against a floor of
+# 18 B/value = 2.25 copies (read g, e; write e, codes; read codes, write values): 2.25 / 2.26 = 0.996
+# (sign1: 2.03 / 2.04 = 0.995). A fused pass is charged its floor's bytes at FUSED_EFFICIENCY.
+PASS_EFFICIENCY = 0.15
+FUSED_EFFICIENCY = 0.99
+BUCKET_BYTES = 25 * 2 ** 20   # DDP's default bucket_cap_mb=25, of fp32 gradients
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A user-scale run: ``replicas`` data-parallel ranks of ``gpus`` GPUs each."""
+    name: str
+    params: float
+    replicas: int
+    gpus: int
+    tokens: int          # per replica per step
+    gbit: float
+    latency_s: float
+    d_model: int         # transformer shape for PowerSGD's P/Q sizes (12 L d^2 ~ params)
+    layers: int
+
+    @property
+    def compute_s(self) -> float:
+        """6 N tokens / (GPUs x 989e12 x 0.40): the issue's compute per step."""
+        return 6 * self.params * self.tokens / (self.gpus * H100_BF16_PEAK * MFU)
+
+
+PRESETS = (
+    Preset("1B", 1e9, 8, 1, 64 * 1024, 1.0, 0.020, 2048, 20),
+    Preset("7B", 7e9, 32, 8, 512 * 1024, 10.0, 0.020, 4096, 32),
+    Preset("70B", 70e9, 64, 8, 1024 * 1024, 1.0, 0.050, 8192, 80),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method puts a model of N parameters on the wire.
+
+    ``collective``: ``all_reduce`` (dense payload), ``all_gather`` (sparse payload, every rank
+    receives p-1 payloads), ``two_phase`` (all-to-all of the payload + all-gather of a 1/p
+    chunk), ``powersgd`` (three all-reduces per bucket: dense rank-1 tensors, P, Q).
+    ``bytes_per_value``: payload bytes per parameter (thinwire's compressors' ``nbytes`` /
+    numel, density and index bytes included). ``codec_bytes_per_value``: bytes the codec's
+    eager passes touch per parameter per synchronisation (read + write);
+    ``fused_bytes_per_value``: the floor bytes of the passes a fused kernel runs instead."""
+    name: str
+    sync: str
+    collective: str
+    bytes_per_value: float
+    H: int = 1
+    F: int = 1
+    tau: int = 0
+    codec_bytes_per_value: float = 0.0
+    control: bool = True     # thinwire's per-step loss/non-finite all-reduce under sync=ddp
+    powersgd_rank: int = 0
+    fused_bytes_per_value: float = 0.0  # bytes of the passes a fused (Triton) kernel runs, at its floor
+    dense_warmup: bool = False  # its protocol row starts with plain fp32 DDP steps (time_to_target.fair_warmup)
+    bucket_values: int = 0   # outer syncs: at most this many values per call (0: one flat call per fragment)
+
+
+def bucket_calls(m: Method, numel: int, p: int, pre: Preset | None = None) -> list[Call]:
+    """The data calls of one bucket (or one flat outer all-reduce) of ``numel`` values."""
+    payload = int(math.ceil(numel * m.bytes_per_value))
+    if m.collective == "all_reduce":
+        return [Call("all_reduce", "data", _cb("all_reduce", payload, p), p)]
+    if m.collective == "all_gather":
+        return [Call("all_gather", "data", _cb("all_gather", payload, p), p)]
+    if m.collective == "two_phase":
+        return [Call("all_to_all", "data", _cb("all_to_all", payload, p), p),
+                Call("all_gather", "data", _cb("all_gather", int(math.ceil(payload / p)), p), p)]
+    if m.collective == "powersgd":
+        if pre is None:
+            raise ValueError("powersgd needs the preset's transformer shape")
+        # per layer: qkv (d x 3d), proj (d x d), fc (d x 4d), out (4d x d): sum (n + m) = 16 d
+        frac = numel / pre.params
+        pq = int(round(frac * pre.layers * 16 * pre.d_model * m.powersgd_rank * 4))
+        dense = int(round(frac * pre.layers * 4 * pre.d_model * 4))  # biases/norms (a few d per layer) travel dense
+        return [Call("all_reduce", "data", _cb("all_reduce", b, p), p) for b in (dense, pq // 2, pq - pq // 2)]
+    raise ValueError(f"collective={m.collective!r}: expected all_reduce, all_gather, two_phase or powersgd")
+
+
+def _cb(kind: str, nbytes: int, p: int) -> int:
+    from thinwire.comm.accounting import collective_bytes  # the accounting's formula, evaluated at p
+    return collective_bytes(kind, nbytes, 1, p)
+
+
+CONTROL = 16  # thinwire's per-step agreement: 2 float64 (loss, non-finite flag)
+# torchft 0.2.0's DiLoCo all-reduces a fragment's pseudo-gradient per parameter tensor by default;
+# bucketized (use_bucketization=True) in buckets of bucket_cap_mb, default 1 GiB of the fp32
+# pseudo-gradient, each bucket one fp8 all-reduce (torchft.collectives.allreduce_quantized: an
+# all-to-all and an all-gather of 1 B/value, the ring all-reduce's bytes and 2 (p-1) hops). The
+# projection takes the bucketized mode (fewer calls than one per tensor at these sizes).
+TORCHFT_BUCKET_VALUES = 2 ** 30 // 4
+
+
+def data_calls(m: Method, pre: Preset, bucket_bytes: int = BUCKET_BYTES) -> list[list[Call]]:
+    """One round's data calls at the preset's p and N: DDP's buckets of ``bucket_bytes`` of fp32
+    gradients (every bucket one collective, or two for two-phase, three for PowerSGD), or the
+    F fragments of an outer all-reduce (one flat call each, as thinwire's averager sends it;
+    ``Method.bucket_values``: split into that many values per call, as torchft's bucketized
+    all-reduce does)."""
+    N, p = int(pre.params), pre.replicas
+    if m.sync == "ddp":
+        B = max(1, math.ceil(N * 4 / bucket_bytes))
+        return [bucket_calls(m, N // B, p, pre)] * B
+    n = N // m.F
+    k = max(1, math.ceil(n / m.bucket_values)) if m.bucket_values else 1
+    return [bucket_calls(m, n // k, p, pre) * k] * m.F
+
+
+def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float = PASS_EFFICIENCY,
+            copy_bandwidth: float = COPY_BANDWIDTH, bucket_bytes: int = BUCKET_BYTES,
+            fused_efficiency: float = FUSED_EFFICIENCY) -> RoundTime:
+    """One round of ``m`` at ``pre`` (optionally at another bandwidth)."""
+    p, N = pre.replicas, int(pre.params)
+    link = Link(gbit or pre.gbit, pre.latency_s)
+    codec = N / pre.gpus * (m.codec_bytes_per_value / efficiency + m.fused_bytes_per_value / fused_efficiency) \
+        / copy_bandwidth  # sharded over the replica's GPUs
+    if m.sync == "ddp":  # thinwire's per-step loss / non-finite agreement
+        control = [Call("all_reduce", "control", _cb("all_reduce", CONTROL, p), p)] if m.control else []
+    else:  # the outer step's non-finite flag, once per round
+        control = [Call("all_reduce", "control", _cb("all_reduce", 4, p), p)]
+    data = data_calls(m, pre, bucket_bytes)
+    return round_time(m.sync, link, pre.compute_s, data, control, m.H, m.tau, codec)
+
+
+def payload_bytes_per_value(comm: str, n: int = 1 << 20, **kw) -> float:
+    """Bytes per value of thinwire compressor ``comm`` (its payload's ``nbytes`` on ``n``
+    Gaussian values): the same number the accounting charges."""
+    import torch
+
+    from thinwire.comm import build_compressor
+
+    c = build_compressor(comm, **kw)
+    return c.compress(torch.randn(n, generator=torch.Generator().manual_seed(0))).nbytes / n
+
+
+# Codec passes, bytes touched per parameter per synchronisation (read + write, fp32 = 4 B):
+#   bf16 cast 4+2, back 2+4                                                        12
+#   error feedback q = g + e (4+4+4); residual e = q - C(q) (4+4+4)                 24
+#   int8 quantise 4+1, dequantise 1+4 (twice: owner's sum, final), owner re-quantise  ~15
+#   top-k: |q| 4+4, selection ~2 passes of 4, decompress (zero + scatter) 4          20
+#   outer step (local/DiLoCo): delta = anchor - x 12, SGD-Nesterov on momentum,
+#   anchor and delta 20, x = anchor 8                                                40
+#   co2: + the snapshot copy 8; SparseLoCo: + decayed EF 12, chunk top-k 8, residual 8, decode 4
+#   torchft fp8: + quantise 5, dequantise 5; PowerSGD: M Q and M^T P read M twice (8),
+#   EF 24, P Q^T 4
+#   int8 with the fused EF + int8 pass (comm.compile=true on CUDA): that pass at its floor, 18
+#   (docs/gpu.md), and eager the owner's dequantise-and-sum 1+4 and the final dequantise 1+4   10
+CODEC = {"bf16": 12, "int8_ef": 24 + 15, "topk_ef": 24 + 20, "outer": 40, "co2": 48, "sparseloco": 40 + 32,
+         "torchft_fp8": 50, "powersgd": 36, "int8_rest": 10}
+FUSED = {"int8_ef": 18}
+
+
+def int8_codec(fused: bool, extra: float = 0.0) -> dict:
+    """``Method`` codec keywords of an int8 + EF row (plus ``extra`` eager bytes): the fused
+    Triton pass where ``fused`` (comm.compile=true), else every pass eager."""
+    if fused:
+        return {"codec_bytes_per_value": extra + CODEC["int8_rest"], "fused_bytes_per_value": FUSED["int8_ef"]}
+    return {"codec_bytes_per_value": extra + CODEC["int8_ef"]}
+
+
+def methods(fused: bool = True, torchft_bucket_values: int = TORCHFT_BUCKET_VALUES) -> list[tuple[str, str, Method]]:
+    """``(group, protocol row, Method)`` for every projected row; the protocol row names the
+    4-rank time-to-target result its steps come from ('' = none measured; ``ASSUMED``: another
+    row's). ``fused``: int8 rows run the fused EF + int8 pass (``comm.compile=true``);
+    ``torchft_bucket_values``: values per torchft all-reduce call (0: one per fragment)."""
+    bf16 = payload_bytes_per_value("bf16")
+    int8 = payload_bytes_per_value("int8")
+    topk = payload_bytes_per_value("topk", ratio=0.01)
+    chunk = payload_bytes_per_value("chunk_topk")
+    M = Method
+    return [
+        ("baseline", "dense", M("DDP fp32", "ddp", "all_reduce", 4.0)),
+        ("peer", "bf16", M("DDP bf16 (thinwire comm=bf16)", "ddp", "all_reduce", bf16, codec_bytes_per_value=CODEC["bf16"])),
+        ("peer", "torch PowerSGD r4", M("torch PowerSGD r4", "ddp", "powersgd", 0.0,
+                                        codec_bytes_per_value=CODEC["powersgd"], powersgd_rank=4, dense_warmup=True)),
+        ("peer", "torch PostLocalSGD H=8", M("torch PostLocalSGD H=8", "local", "all_reduce", 4.0, H=8, control=False)),
+        ("peer", "", M("torchft DiLoCo H=8 (fp8)", "local", "all_reduce", 1.0, H=8, control=False,
+                       codec_bytes_per_value=CODEC["torchft_fp8"], bucket_values=torchft_bucket_values)),
+        ("peer", "", M("torchft streaming H=8 F=4 tau=1 (fp8)", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1,
+                       control=False, codec_bytes_per_value=CODEC["torchft_fp8"],
+                       bucket_values=torchft_bucket_values)),
+        ("thinwire", "", M("int8 two-phase + ef", "ddp", "two_phase", int8, **int8_codec(fused))),
+        ("thinwire", "", M("topk 1% + ef", "ddp", "all_gather", topk, codec_bytes_per_value=CODEC["topk_ef"])),
+        ("thinwire", "local H=8", M("local H=8", "local", "all_reduce", 4.0, H=8, control=False,
+                                    codec_bytes_per_value=CODEC["outer"])),
+        ("thinwire", "diloco H=8", M("diloco H=8", "local", "all_reduce", 4.0, H=8, control=False,
+                                     codec_bytes_per_value=CODEC["outer"])),
+        ("thinwire", "co2 H=8", M("co2 H=8", "overlap", "all_reduce", 4.0, H=8, control=False,
+                                  codec_bytes_per_value=CODEC["co2"])),
+        ("thinwire", "eager H=8", M("eager H=8", "overlap", "all_reduce", 4.0, H=8, control=False,
+                                    codec_bytes_per_value=CODEC["co2"])),
+        ("thinwire", "", M("co2 H=8 + int8", "overlap", "two_phase", int8, H=8, control=False,
+                           **int8_codec(fused, CODEC["co2"]))),
+        ("thinwire", "stream H=8 F=4 tau=1", M("stream H=8 F=4 tau=1", "streaming", "all_reduce", 4.0, H=8, F=4,
+                                               tau=1, control=False, codec_bytes_per_value=CODEC["outer"])),
+        ("thinwire", "stream H=8 F=4 tau=1 diloco-recipe",
+         M("stream H=8 F=4 tau=1 diloco-recipe", "streaming", "all_reduce", 4.0, H=8, F=4, tau=1, control=False,
+           codec_bytes_per_value=CODEC["outer"])),
+        ("thinwire", "stream H=8 F=4 tau=1 + int8", M("stream H=8 F=4 tau=1 + int8", "streaming", "two_phase", int8,
+                                                      H=8, F=4, tau=1, control=False,
+                                                      **int8_codec(fused, CODEC["outer"]))),
+        ("thinwire", "stream H=8 F=4 tau=1 diloco-recipe + int8",
+         M("stream H=8 F=4 tau=1 diloco-recipe + int8", "streaming", "two_phase", int8, H=8, F=4, tau=1,
+           control=False, **int8_codec(fused, CODEC["outer"]))),
+        ("thinwire", "", M("stream H=30 F=3 tau=9 + int8", "streaming", "two_phase", int8, H=30, F=3, tau=9,
+                           control=False, **int8_codec(fused, CODEC["outer"]))),
+        ("thinwire", "sparseloco H=8", M("sparseloco H=8", "local", "all_gather", chunk, H=8, control=False,
+                                         codec_bytes_per_value=CODEC["sparseloco"])),
+        ("thinwire", "", M("sparseloco H=15", "local", "all_gather", chunk, H=15, control=False,
+                           codec_bytes_per_value=CODEC["sparseloco"])),
+        ("thinwire", "", M("sparseloco H=30", "local", "all_gather", chunk, H=30, control=False,
+                           codec_bytes_per_value=CODEC["sparseloco"])),
+    ]
