@@ -1,6 +1,7 @@
 """Ctrl-C in a multi-rank run started by ``thinwire-train ... dist.nproc=2``: SIGINT to the
 self-launcher (which passes it on to its workers, as a terminal's Ctrl-C also does) stops
-every rank after the same step with a checkpoint of it on every rank; ``trainer.resume=auto``
+every rank after the same step (under ``sync=local``: at the next synchronisation) with a
+checkpoint of it on every rank; ``trainer.resume=auto``
 then continues to the same floats as an uninterrupted run (per-step losses and parameters,
 bitwise on CPU; dropout on, so the RNG streams must come back too)."""
 from __future__ import annotations
@@ -13,11 +14,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO
 
-ARGS = ["experiment=tiny", "dist.nproc=2", "trainer.max_steps=100000", "trainer.checkpoint_every=100000",
+BASE = ["experiment=tiny", "dist.nproc=2", "trainer.max_steps=100000", "trainer.checkpoint_every=100000",
         "trainer.eval_every=100000", "model.dropout=0.1", "logger=none"]
 MORE = 3  # steps the resumed run and the reference take past the interrupted step
 
@@ -32,8 +34,17 @@ def losses(run_dir) -> list:
         return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
 
 
-def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools, tmp_path):
+@pytest.mark.parametrize("sync, period", [
+    ([], 1),
+    (["sync=local", "sync.local_steps=4"], 4),
+    (["sync=co2", "sync.local_steps=4"], 4),                         # a mean in flight at the stop
+    (["sync=local", "sync.local_steps=4", "sync.fragments=2"], 2),   # streaming: a fragment every 2 steps
+], ids=["ddp", "local-H4", "co2-H4", "streaming-F2"])
+def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools, tmp_path, sync, period):
+    """Under local updates the ranks do not talk between synchronisations: the request rides
+    on the next one's finiteness all-reduce, so the run stops at a synchronisation step."""
     run, full = tmp_path / "run", tmp_path / "full"
+    ARGS = [*BASE, *sync]  # noqa: N806
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "thinwire.train", *ARGS, f"hydra.run.dir={run}"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -51,6 +62,8 @@ def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools
     found = re.search(r"thinwire: stopped at step (\d+) \(Ctrl-C\); checkpoint (\S+); continue with: (.*)", out)
     assert found, (out, err)
     stop = int(found[1])
+    assert ("stopping at the next synchronisation" in out) == bool(sync), out
+    assert stop % period == 0, stop
     assert "trainer.resume=auto" in found[3] and "Traceback" not in err, err
     ckpt = run / "checkpoints" / f"step_{stop:08d}"
     assert found[2] == str(ckpt)
@@ -67,6 +80,17 @@ def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools
 
     assert losses(run) == losses(full)
     last = f"step_{stop + MORE:08d}"
-    a = torch.load(run / "checkpoints" / last / "common.pt", weights_only=False)["model"]
-    b = torch.load(full / "checkpoints" / last / "common.pt", weights_only=False)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    files = ["common.pt", "rank00000.pt", "rank00001.pt"]
+    a, b = ({f: tensors(torch.load(d / "checkpoints" / last / f, weights_only=False)) for f in files}
+            for d in (run, full))
+    assert any(k.startswith("model.") for f in files for k in a[f])  # the parameters (per rank under local)
+    for f in files:
+        assert a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]), f
+
+
+def tensors(obj, prefix: str = "") -> dict:
+    """Every tensor in a checkpoint file, by its path of keys."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, val in items for k, v in tensors(val, f"{prefix}{key}.").items()}

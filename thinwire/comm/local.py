@@ -91,6 +91,7 @@ class LocalUpdates(FragmentStreaming, SyncStrategy):
     Config = LocalConfig
     needs_grad_allreduce = False
     ranks_diverge = True
+    carries_stop = True  # in the finiteness all-reduce of each synchronisation (finite_everywhere)
     supports_replica_groups = True   # averages parameters, so it can run across ZeRO replica groups
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas: Replicas | None = None):
@@ -156,11 +157,18 @@ class LocalUpdates(FragmentStreaming, SyncStrategy):
 
     def finite_everywhere(self, delta: torch.Tensor) -> bool:
         """Whether every rank's pseudo-gradient is finite: one control all-reduce of a flag
-        over all ranks (replica groups included: they must all skip together)."""
-        flag = torch.isfinite(delta).all().logical_not().float().reshape(1)
+        over all ranks (replica groups included: they must all skip together). The same
+        number carries the ranks' Ctrl-C votes (``SyncStrategy.carries_stop``): a non-finite
+        rank counts 1, a vote world size + 1 (exact in float32 below 4096 ranks); every rank
+        reads the same sum."""
+        weight = self.world.world_size + 1
+        bad = torch.isfinite(delta).all().logical_not().float().reshape(1)
+        flag = bad + (weight if self.stop_vote else 0)
         if self.world.world_size > 1:
             accounting.all_reduce(self.meter, flag, kind="control")
-        return float(flag) == 0.0
+        total = int(float(flag))
+        self.stop_agreed = self.stop_agreed or total >= weight
+        return total % weight == 0
 
     def skip_round(self) -> None:
         """A round with a non-finite pseudo-gradient somewhere: every rank restarts from the

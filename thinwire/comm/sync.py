@@ -10,7 +10,12 @@ A strategy declares what the engine must do for it:
   checkpoint stores model and optimizer per rank;
 - ``supports_replica_groups``: it can average across replica groups that shard the model
   inside themselves (``engine=deepspeed``); it then gets ``replicas``
-  (``thinwire.comm.param_space.Replicas``).
+  (``thinwire.comm.param_space.Replicas``);
+- ``carries_stop``: with ``ranks_diverge``, its synchronisations carry a Ctrl-C vote: the
+  trainer sets ``stop_vote`` before each ``global_step``; a synchronisation (every rank
+  together) counts the votes in a control all-reduce it makes anyway and sets
+  ``stop_agreed`` on every rank alike, so all stop after the same step with a checkpoint
+  (``thinwire.trainer.progress.StopRequest``; the trainer clears it once read).
 
 The built-in ``local`` and ``co2`` live in ``local.py`` and ``co2.py``, which ``thinwire.comm``
 imports through ``outer.py`` (so they are registered whenever this module is).
@@ -41,9 +46,11 @@ class SyncStrategy:
     needs_grad_allreduce = True
     ranks_diverge = False
     supports_replica_groups = False
+    carries_stop = False
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas=None):
         self.cfg, self.world, self.meter, self.model, self.comm_cfg = cfg, world, meter, model, comm_cfg
+        self.stop_vote, self.stop_agreed = False, False  # Ctrl-C (``carries_stop``)
 
     def bind_optimizer(self, plugin) -> None:
         """The trainer's optimizer plugin, once built (a strategy that averages the inner

@@ -324,12 +324,15 @@ class Trainer:
         return loss_mean, flags % STOP_WEIGHT == 0 and torch.isfinite(packet[0]).item()
 
     def stops_together(self) -> bool:
-        """Whether Ctrl-C can stop every rank after the same step: one rank, or a per-step
-        control all-reduce (:meth:`agree`) to carry the request. Under local/co2 and with a
-        plugin that agrees inside its own exchange (zeroth order) there is none, and adding
-        one would cost a link round trip per step: there Ctrl-C interrupts at once."""
+        """Whether Ctrl-C can stop every rank after the same step: one rank, a per-step
+        control all-reduce (:meth:`agree`) to carry the request, or, under local/co2
+        (``sync.ranks_diverge``), the synchronisations' own (``SyncStrategy.carries_stop``:
+        the run stops at the next one). A plugin that agrees inside its own exchange (zeroth
+        order) has none, and adding one would cost a link round trip per step: there Ctrl-C
+        interrupts at once."""
         own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
-        return self.world.world_size == 1 or (not self.sync.ranks_diverge and own is OptimizerPlugin.agreement)
+        carried = self.sync.carries_stop if self.sync.ranks_diverge else True
+        return self.world.world_size == 1 or (carried and own is OptimizerPlugin.agreement)
 
     def train_step(self, step: int) -> dict:
         batch = to_device(self.data.train_batch(step), self.world.device)
@@ -357,7 +360,10 @@ class Trainer:
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
         # under local updates / CO2 a rank skips a step on its own, and the round's outer
         # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
+        self.sync.stop_vote = bool(self.interrupt.requested)  # carried by a synchronisation (carries_stop)
         sync_metrics = self.sync.global_step(step, skipped=not ok)
+        if self.sync.stop_agreed:  # every rank reads the same votes: all stop after this step
+            self.stop_agreed, self.sync.stop_agreed = True, False
         self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
         record.update(sync_metrics)
         if self.drift.due(step + 1):
@@ -384,7 +390,9 @@ class Trainer:
         self.skipped, self.skipped_total = 0, 0
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
-        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main)  # Ctrl-C: progress.StopRequest
+        at_sync = self.world.world_size > 1 and self.sync.ranks_diverge  # Ctrl-C: progress.StopRequest
+        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main,
+                                                 "at the next synchronisation" if at_sync else "after this step")
         self.stop_agreed = False
         for step in range(self.start_step, last):
             record = self.train_step(step)

@@ -108,14 +108,15 @@ class StopRequest:
     noted and the run stops after a step that every rank agrees on, with a checkpoint of it
     on every rank; a second one (after a second: the launcher passes the user's own Ctrl-C on
     to its workers too) interrupts at once. With several ranks the request travels in the
-    step's control all-reduce (``Trainer.agree``), so no rank stops a step early and none
+    step's control all-reduce (``Trainer.agree``), or under local updates / CO2 in the next
+    synchronisation's (``SyncStrategy.carries_stop``), so no rank stops a step early and none
     waits for another: a terminal's Ctrl-C reaches the workers at slightly different points
     of a step, and the self-launcher (torch's elastic agent) forwards it as SIGINT, waiting
     up to its shutdown timeout before it kills them. Otherwise Ctrl-C interrupts at once and
     the run continues from its newest periodic checkpoint (``thinwire.train.worker`` says which)."""
 
-    def __init__(self, graceful: bool, main: bool = True):
-        self.requested, self.previous, self.main = 0.0, None, main  # the time of the first Ctrl-C
+    def __init__(self, graceful: bool, main: bool = True, when: str = "after this step"):
+        self.requested, self.previous, self.main, self.when = 0.0, None, main, when  # requested: the first's time
         if graceful and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
@@ -127,7 +128,7 @@ class StopRequest:
         self.requested = time.monotonic()
         if self.main:
             try:
-                print("\nthinwire: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: stop now)",
+                print(f"\nthinwire: Ctrl-C: stopping {self.when}, with a checkpoint (Ctrl-C again: stop now)",
                       flush=True)
             except RuntimeError:  # the signal came in the middle of another print (reentrant call)
                 pass
