@@ -163,3 +163,30 @@ def test_powersgd_state_moves_between_bucket_layouts_by_name():
     assert torch.equal(dst.inner.error_dict[0][:128], state["error"]["a"] + 1000)
     again = dst.state_dict()
     assert all(torch.equal(again["error"][n], state["error"][n] + 1000) for n in saved)
+
+
+def test_a_call_naming_some_rows_keeps_the_others_in_the_results_file(tmp_path, monkeypatch):
+    """``S<S>_seed<seed>.json`` holds every row known for that S and seed: a call naming two rows
+    keeps a third from the file when the file's target is the same dense run's, and drops it when
+    the target differs (another dense run: its rows are not comparable). Training is replaced by
+    fixed branch losses; other rows have no cached runs here."""
+    import json
+
+    measured = {"dense": {1: 2.0, 1.25: 1.95, 1.5: 1.9, 2: 1.85},
+                "local H=8": {1: 2.1, 1.25: 2.02, 1.5: 1.99, 2: 1.93}}
+
+    def fake_protocol(row, seed, a):
+        return measured.get(row, {f: None for f in ttt.FS})
+
+    monkeypatch.setattr(ttt, "OUT", str(tmp_path))
+    monkeypatch.setattr(ttt, "protocol", fake_protocol)
+    path = tmp_path / "S160_seed0.json"
+    eager = {"1": 2.2, "1.25": 2.15, "1.5": 2.1, "2": 2.05}  # never reaches 2.0
+    for target, kept in ((2.0, True), (2.5, False)):
+        path.write_text(json.dumps({"target": target, "results": {"diloco H=8": eager}}))
+        assert ttt.main(["--rows", "dense,local H=8", "--S", "160"]) == 0
+        saved = json.loads(path.read_text())
+        assert saved["target"] == 2.0
+        assert list(saved["results"]) == (["dense", "local H=8", "diloco H=8"] if kept else ["dense", "local H=8"])
+        if kept:
+            assert saved["results"]["diloco H=8"] == eager and saved["steps_to_target"]["diloco H=8"][0] is None
