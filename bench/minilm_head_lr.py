@@ -24,9 +24,7 @@ def pooled_features(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     with torch.no_grad():
         for b in batches:
-            h = model.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-            m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-            xs.append((h * m).sum(1) / m.sum(1).clamp_min(1.0))
+            xs.append(model.features(b["input_ids"], b["attention_mask"]))
             ys.append(b["y"])
     return torch.cat(xs), torch.cat(ys)
 

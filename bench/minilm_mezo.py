@@ -40,18 +40,13 @@ def build(batch: int, eval_batches: int):
     return cfg, data, instantiate(cfg.model, info=data.info).eval()
 
 
-def pooled(model, batch) -> torch.Tensor:
-    h = model.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 @torch.no_grad()
 def features(n_train: int = 16384):
     _, data, model = build(16, 64)
-    xv, yv = zip(*[(pooled(model, b), b["y"]) for b in data.eval_batches_for_rank()])
+    xv, yv = zip(*[(model.features(b["input_ids"], b["attention_mask"]), b["y"])
+                   for b in data.eval_batches_for_rank()])
     idx = torch.randperm(len(data.train_lines), generator=torch.Generator().manual_seed(1))[:n_train].tolist()
-    xt, yt = zip(*[(pooled(model, b), b["y"]) for b in
+    xt, yt = zip(*[(model.features(b["input_ids"], b["attention_mask"]), b["y"]) for b in
                    (data._batch(data.train_lines, data.train_labels, idx[i:i + 64]) for i in range(0, n_train, 64))])
     head = (model.head.weight.detach().clone(), model.head.bias.detach().clone())
     return (torch.cat(xt), torch.cat(yt)), (torch.cat(xv), torch.cat(yv)), head

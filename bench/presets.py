@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "bench", "results")
@@ -86,8 +87,7 @@ def shipped(preset: str, nproc: int, eval_batches: int) -> dict:
     rows = run(preset, [], None, nproc, eval_batches)
     wall = time.perf_counter() - t0
     r = {"preset": preset, "steps": rows[-1]["step"], "wall_s": wall, "val_loss": rows[-1].get("val_loss"),
-         "val_accuracy": rows[-1].get("val_accuracy"),
-         "step_s": statistics.median(x["step_time_s"] for x in rows[2:] or rows)}
+         "val_accuracy": rows[-1].get("val_accuracy"), "step_s": summarise(rows)["step_s"]}
     if preset.startswith("minilm"):  # untrained_val builds the MiniLM classifiers
         r["val_untrained"], r["acc_untrained"] = untrained_val(
             [*([] if preset == "default" else [f"experiment={preset}"]), f"data.eval_batches={eval_batches}"])

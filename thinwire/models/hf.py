@@ -60,11 +60,14 @@ class HFClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_labels)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's output mean-pooled over the non-padding tokens: the head's input."""
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return self.head(self.drop(pooled))
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.features(input_ids, attention_mask)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 y: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from ..comm import accounting
 from ..errors import need, one_of, positive
-from .peft import PEFT_METHODS
+from .peft import PEFT_METHODS, setup_batches
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
@@ -133,12 +133,11 @@ def lora(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.Modu
 def estimate_gradients(model: nn.Module, config, data, n_batches: int, device) -> None:
     """PEFT's LoRA-GA estimate on this rank's batches: each target module gets
     ``_peft_loraga_grad``, the mean gradient of its weight over the batches. The batches
-    are drawn at steps -1, -2, ... so they are not the first training batches."""
+    are ``setup_batches`` (drawn at steps -1, -2, ...: not the first training batches)."""
     from peft.tuners.lora.loraga import preprocess_loraga
 
     def train_step() -> None:
-        for i in range(n_batches):
-            batch = {k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()}
+        for batch in setup_batches(data, n_batches, device):
             model(**batch).backward()
 
     with warnings.catch_warnings():  # PEFT counts backward calls with full backward hooks; the
@@ -293,7 +292,7 @@ def lora_ga(cfg, model: nn.Module, *, data=None, world=None, meter=None) -> nn.M
         average_estimates(model, ga_config, world, meter)
         return inject(cfg, model, ga_config)  # PEFT's lora_ga_init consumes the estimates
     model = inject(cfg, model, lora_config(cfg, model, ga=False))
-    batches = ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(cfg.ga_batches))
+    batches = setup_batches(data, cfg.ga_batches, device)
     return lora_ga_init(model, batches, direction=cfg.ga_direction, scale=cfg.ga_scale, gamma=cfg.ga_gamma,
                         meter=meter)
 

@@ -54,15 +54,21 @@ def apply_peft(cfg, model: torch.nn.Module, *, data=None, world=None, meter=None
     return method(cfg, model, data=data, world=world, meter=meter)
 
 
+def setup_batches(data, n: int, device):
+    """This rank's ``n`` training batches drawn at steps -1, -2, ... (not the first training
+    batches), on ``device``: what one-off setup runs on (LoRA-GA's gradient estimate, a
+    class-means head)."""
+    return ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(n))
+
+
 def init_head(cfg, model: torch.nn.Module, data, meter) -> float:
-    """``peft.head_init=class_means`` on batches drawn at steps -1, -2, ... of this rank."""
+    """``peft.head_init=class_means`` on this rank's ``setup_batches``."""
     if data is None:
         raise ValueError("peft.head_init=class_means: needs training data")
     if not getattr(data.info, "num_classes", 0):
         raise ConfigError(f"peft.head_init=class_means: needs a classification data set with labels "
                           f"(data={type(data).__name__} has no classes)")
-    device = next(model.parameters()).device
-    batches = ({k: v.to(device) for k, v in data.train_batch(-(i + 1)).items()} for i in range(cfg.head_init_batches))
+    batches = setup_batches(data, cfg.head_init_batches, next(model.parameters()).device)
     return class_means_head(model, batches, data.info.num_classes, meter=meter)
 
 
