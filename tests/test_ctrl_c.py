@@ -44,9 +44,9 @@ def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools
     """Under local updates the ranks do not talk between synchronisations: the request rides
     on the next one's finiteness all-reduce, so the run stops at a synchronisation step."""
     run, full = tmp_path / "run", tmp_path / "full"
-    ARGS = [*BASE, *sync]  # noqa: N806
+    args = [*BASE, *sync]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "thinwire.train", *ARGS, f"hydra.run.dir={run}"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "thinwire.train", *args, f"hydra.run.dir={run}"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -74,9 +74,9 @@ def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools
     # the continuation and the uninterrupted reference both train on the test's ranks (the
     # same train() as the CLI's workers; a failure on any rank fails the test): what the CLI
     # adds here, the launcher's Ctrl-C path, is the interrupted run above
-    resumed = pools.train(*ARGS, *end, f"hydra.run.dir={run}", "trainer.resume=auto")
+    resumed = pools.train(*args, *end, f"hydra.run.dir={run}", "trainer.resume=auto")
     assert f"resumed from {ckpt} at step {stop}" in resumed.stdout, (resumed.stdout, resumed.stderr)
-    pools.train(*ARGS, *end, f"hydra.run.dir={full}")  # the uninterrupted reference
+    pools.train(*args, *end, f"hydra.run.dir={full}")  # the uninterrupted reference
 
     assert losses(run) == losses(full)
     last = f"step_{stop + MORE:08d}"

@@ -155,8 +155,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
         self.progress.phase(f"building the model ({cfg.model._target_})")
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
-        if cfg.peft.name != "none" or cfg.peft.get("head_init", "random") != "random":
-            self.progress.phase(f"setting up peft={cfg.peft.name} (head_init={cfg.peft.get('head_init', 'random')})")
+        head_init = cfg.peft.get("head_init", "random")
+        if cfg.peft.name != "none" or head_init != "random":
+            self.progress.phase(f"setting up peft={cfg.peft.name} (head_init={head_init})")
         self.model = apply_peft(cfg.peft, model, data=self.data, world=world, meter=self.meter)
         plugin_cls = plugin_cls or OPTIMIZERS.get(cfg.optim.name, "optim")
         sync_cls = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
@@ -331,7 +332,7 @@ class Trainer:
         order) has none, and adding one would cost a link round trip per step: there Ctrl-C
         interrupts at once."""
         own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
-        carried = self.sync.carries_stop if self.sync.ranks_diverge else True
+        carried = not self.sync.ranks_diverge or self.sync.carries_stop
         return self.world.world_size == 1 or (carried and own is OptimizerPlugin.agreement)
 
     def train_step(self, step: int) -> dict:
