@@ -40,6 +40,8 @@ class ReplicaDriftError(RuntimeError):
 
 def tensor_digest(t: torch.Tensor) -> int:
     """64-bit BLAKE2b of a tensor's raw bytes (dtype and shape included), as a signed int64."""
+    if hasattr(t, "full_tensor"):  # a DTensor (engine=fsdp2): the whole tensor, gathered (every rank calls)
+        t = t.full_tensor()
     h = hashlib.blake2b(repr((str(t.dtype), tuple(t.shape))).encode(), digest_size=8)
     h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
     return int.from_bytes(h.digest(), "little", signed=True)

@@ -20,6 +20,7 @@ from ..comm.hooks import CommHookFactory, comm_hook
 from ..errors import positive
 from ..registry import Registry
 from .deepspeed_engine import DeepSpeedEngine  # deepspeed itself is imported on use
+from .fsdp2_engine import FSDP2Engine
 from .interface import Engine
 
 ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "thinwire.engines")
@@ -141,6 +142,8 @@ class DDPEngine(Engine):
 
 
 ENGINES.register("deepspeed")(DeepSpeedEngine)
+# engine=fsdp2: FSDP2 / HSDP (thinwire/trainer/fsdp2_engine.py; torch.distributed.fsdp imported on use)
+ENGINES.register("fsdp2")(FSDP2Engine)
 
 
 def build_engine(cfg, model, world, meter, comm_cfg, *, grad_sync: bool,

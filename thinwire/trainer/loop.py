@@ -197,10 +197,12 @@ class Trainer:
         self.check_finite(step)
         per_rank = self.sync.ranks_diverge
         model_state = {"model": self.model.state_dict(), "optim": self.plugin.state_dict()}
+        if getattr(self.engine, "owns_model_state", False):  # engine=fsdp2: both in the engine's DCP files
+            model_state = {}
         common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
         shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
         (shard if per_rank else common).update(model_state)
-        if not per_rank and self.plugin.per_rank_state:  # e.g. DeMo's momentum
+        if not per_rank and self.plugin.per_rank_state and model_state:  # e.g. DeMo's momentum
             shard["optim"] = common.pop("optim")
         path = self.ckpt.save(step, common, shard, extra=self.engine.save_extra)
         self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
@@ -276,8 +278,9 @@ class Trainer:
 
     def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
         src = shard if "model" in shard else common
-        self.model.load_state_dict(src["model"])
-        self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
+        if not getattr(self.engine, "owns_model_state", False):  # engine=fsdp2: load_extra restores both
+            self.model.load_state_dict(src["model"])
+            self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
         self.engine.load_extra(path, same_world)
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])
@@ -466,13 +469,13 @@ class Trainer:
         with self.sync.eval_model() as model:  # collective: every rank enters
             if not (n_chars > 0 and hasattr(model, "generate") and info.encode is not None):
                 return None
-            if not self.world.is_main:
-                return None
+            if not self.world.is_main and not getattr(self.engine, "collective_forward", False):
+                return None  # engine=fsdp2: every rank generates (each forward gathers parameters)
             model.eval()
             prompt = torch.tensor([info.encode("\n")], device=self.world.device)
             gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.trainer.seed)
             out = model.generate(prompt, n_chars, generator=gen)[0].tolist()
-            return info.decode(out[1:])
+            return info.decode(out[1:]) if self.world.is_main else None
 
 
 def untrusted_engine_error(resume: str, engine: str) -> ConfigError:

@@ -1,0 +1,203 @@
+"""``engine=fsdp2``: FSDP2 (``torch.distributed.fsdp.fully_shard``) and HSDP under thinwire's loop.
+
+The world is split into islands of ``engine.shard_group_size`` (S) consecutive ranks
+(default: the ranks of one machine), R = world / S replicas (``thinwire.trainer.fsdp2_shards``).
+``fully_shard`` wraps every block of the model (the children of its ``ModuleLists``), then
+the root (tied embeddings stay in the root).
+
+- ``sync=ddp`` (``comm=none``): gradients reduce-scattered inside the island and, with R > 1,
+  all-reduced across islands: native HSDP on a 2-D ``("replicate", "shard")`` mesh (R = 1:
+  plain FSDP2 on a 1-D mesh).
+- ``sync=local|diloco|co2`` (any ``comm=`` for the outer average): FSDP2 on the 1-D island
+  mesh (islands step together), thinwire's outer loop across islands on this rank's local
+  shards (``fsdp2_shards.Islands`` / ``LocalShards``), unchanged.
+
+Checkpoints: the model and the inner optimizer are written with Distributed Checkpoint
+(``torch.distributed.checkpoint``) into thinwire's atomic step directory: ``dcp/``,
+world-wide, when every replica holds the same state (``sync=ddp``); ``replica{r}/``, one per
+island (``process_group`` = the island), when replicas diverge (local/co2). A world-wide save
+of diverged replicas would be silently wrong: DCP treats equal names at equal offsets as
+replicated, keeps one writer's copy, and every replica would restore a mix. Loading reads
+DCP's metadata through an allowlist unpickler and its non-tensor items with
+``weights_only=True`` (``fsdp2_shards.safe_reader``/``safe_planner``). Per-rank state (RNG,
+the outer loop's anchor, outer momentum, error feedback) stays in the rank files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..comm import hooks
+from ..errors import ConfigError
+from . import fsdp2_shards
+from .fsdp2_shards import Islands
+from .interface import Engine
+
+SUPPORTED = ("engine=fsdp2 works with sync=ddp and comm=none (FSDP2/HSDP), or sync=local|diloco|co2 across islands "
+             "of engine.shard_group_size ranks (any comm= for the outer average); a backprop optim that steps a "
+             "torch optimizer (sgd|adamw); peft=none; torch >= 2.7")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class FSDP2Options:
+    shard_group_size: Optional[int] = None   # S: ranks per island (FSDP2 shards inside); null = ranks per machine
+    reshard_after_forward: bool = True       # False: keep gathered parameters from forward to backward
+    param_dtype: Optional[str] = None        # mixed precision: compute dtype (fp32|bf16|fp16; null = the parameters')
+    reduce_dtype: Optional[str] = None       # gradient reduction dtype (null = param_dtype)
+
+    def check(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, key)
+            if value is not None and value not in DTYPES:
+                raise ConfigError(f"{key}={value}: expected one of {', '.join(DTYPES)} or null")
+        if self.shard_group_size is not None and self.shard_group_size < 1:
+            raise ConfigError(f"shard_group_size={self.shard_group_size}: must be >= 1 (ranks per island) or null")
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_config(cfg) -> None:
+    """What ``engine=fsdp2`` supports, from the parts' capability flags; one ConfigError line
+    naming key and value, before any process group."""
+    from ..comm.sync import SYNC_STRATEGIES
+    from ..optim.plugins import OPTIMIZERS
+
+    def need(cond: bool, key: str, value, why: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}={value}: {why}; {SUPPORTED}")
+
+    need(torch_version() >= (2, 7), "engine", "fsdp2", f"needs torch >= 2.7 (installed: {torch.__version__})")
+    world = int(os.environ.get("WORLD_SIZE", cfg.dist.nproc))
+    size = fsdp2_shards.shard_group_size(cfg.engine.shard_group_size, world)
+    need(size >= 1 and world % size == 0, "engine.shard_group_size", cfg.engine.shard_group_size,
+         f"must divide the world size ({world}) into islands of equal size")
+    strategy = SYNC_STRATEGIES.get(cfg.sync.name, "sync")
+    need(strategy.needs_grad_allreduce or strategy.supports_replica_groups, "sync", cfg.sync.name,
+         "this strategy cannot run across islands")
+    if strategy.needs_grad_allreduce:
+        need(cfg.comm.name == "none", "comm", cfg.comm.name,
+             "per-step gradient compression under FSDP2 is not implemented (sync=ddp reduces natively)")
+    plugin = OPTIMIZERS.get(cfg.optim.name, "optim")
+    need(plugin.needs_backprop and plugin.needs_grad_allreduce and plugin.steps_torch_optimizer, "optim",
+         cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its state)")
+    need(cfg.peft.name == "none", "peft", cfg.peft.name, "adapters on sharded parameters are not implemented")
+    eval_batches = cfg.data.get("eval_batches")
+    need(not isinstance(eval_batches, int) or eval_batches % world == 0, "data.eval_batches", eval_batches,
+         f"must be a multiple of the world size ({world}): every rank must run the same number of "
+         f"forwards (FSDP2 gathers parameters in each)")
+
+
+class _NoComm:
+    last_launch_s = float("-inf")
+
+
+class FSDP2Engine(Engine):
+    """The loop's engine (``thinwire.trainer.interface.Engine``) over FSDP2 (module doc)."""
+
+    Config = FSDP2Options
+    check_run = staticmethod(check_config)
+    unpickles_checkpoints = False  # DCP metadata through an allowlist; non-tensor items weights_only
+    owns_model_state = True        # model + optimizer in DCP files, not in thinwire's rank files
+    collective_forward = True      # every forward gathers parameters: all ranks sample together
+
+    def __init__(self, cfg, model: torch.nn.Module, world, meter, comm_cfg, *, grad_sync: bool,
+                 comm_hook: hooks.CommHookFactory = hooks.comm_hook):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        from .deepspeed_config import is_two_phase
+
+        if comm_hook is not hooks.comm_hook:
+            raise ValueError("engine=fsdp2: FSDP2 reduces gradients itself; no comm hook can be plugged in")
+        self.cfg, self.module, self.world, self.meter = cfg, model, world, meter
+        self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.grad_sync = grad_sync
+        size = fsdp2_shards.shard_group_size(cfg.shard_group_size, world.world_size)
+        self.islands = Islands(world, size, meter, two_phase=not grad_sync and is_two_phase(comm_cfg))
+        self.islands.model = model
+        # sync=ddp: native HSDP across islands; local/co2: FSDP2 inside the island only
+        self.mesh = self.islands.mesh(two_d=grad_sync and self.islands.replicas > 1)
+        self.replicas = None if grad_sync else self.islands
+        param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
+        reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
+        kw = {"mesh": self.mesh, "reshard_after_forward": cfg.reshard_after_forward,
+              "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+        for block in [m for lst in model.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        for method in ("logits", "features"):  # non-forward entry points gather parameters too
+            if callable(getattr(model, method, None)):
+                register_fsdp_forward_method(model, method)
+        self.forward_model = model
+        self.optimizer = None
+        self.hook_state = _NoComm()
+
+    def attach(self, plugin, batch_size: int):
+        self.optimizer = getattr(plugin, "optimizer", None)
+        return plugin
+
+    # the loop's engine interface: FSDP2 reduces natively, no thinwire comm hook
+    def comm_tail_s(self, backward_end: float, step_start: float) -> float:
+        return 0.0
+
+    def set_lr(self, lr: float) -> None:
+        pass
+
+    def take_comm_stats(self) -> dict:
+        return {}
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def comm_state_dict(self) -> dict:
+        return {}
+
+    def load_comm_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- checkpoints: Distributed Checkpoint inside thinwire's atomic step directory ----------
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _where(self, directory: str, replica: int | None = None) -> tuple[str, object]:
+        """(directory, process group): world-wide ``dcp/`` when replicas agree, else per island."""
+        if self.replicas is None:
+            return os.path.join(directory, "dcp"), None
+        r = self.islands.replica if replica is None else replica
+        return os.path.join(directory, f"replica{r}"), self.islands.shard_group
+
+    def save_extra(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        fsdp2_shards.reshard(self.module)
+        path, group = self._where(directory)
+        dcp.save(self._state(), checkpoint_id=path, process_group=group)
+
+    def load_extra(self, directory: str, same_world: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        fsdp2_shards.reshard(self.module)
+        path, group = self._where(directory)
+        if not os.path.isdir(path):  # fewer islands than replicas saved: every island takes replica 0's
+            path, group = self._where(directory, 0)
+            if self.world.is_main:
+                print(f"thinwire: warning: {directory} holds no replica{self.islands.replica}/; every island "
+                      f"loads replica0/", flush=True)
+        state = self._state()
+        dcp.load(state, storage_reader=fsdp2_shards.safe_reader(path), planner=fsdp2_shards.safe_planner(),
+                 process_group=group)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -1,0 +1,210 @@
+"""The outer loop on FSDP2 shards (``engine=fsdp2`` with ``sync=local|diloco|co2``): the
+replica layout, the :class:`~thinwire.comm.param_space.ParamSpace` of this rank's local
+shards, and the safe reader of Distributed Checkpoint (DCP) files.
+
+Layout (``engine.shard_group_size`` = S consecutive ranks per island, R = world / S)::
+
+    world 4, S 2:   shard groups (FSDP2's mesh)     {0,1} {2,3}
+                    cross groups (the outer average) {0,2} {1,3}
+
+FSDP2 shards every parameter on dim 0 over the island (``torch.chunk``: trailing ranks may
+hold fewer rows, or none). Rank j of every island holds the same rows of every parameter,
+so the outer loop averages local shards over the cross group: anchor, outer momentum,
+error-feedback residuals and CO2's in-flight state are 1/S of the model per rank, named by
+the global parameter name (``thinwire.comm.param_space.Replicas``, as ZeRO's
+``thinwire.trainer.zero_replicas``).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+
+import torch
+
+from ..comm import accounting
+from ..comm.groups import new_group
+from ..comm.param_space import ModuleParams, ParamSpace, Replicas
+
+
+def shard_group_size(cfg_size, world_size: int) -> int:
+    """``engine.shard_group_size``, or the ranks of one machine (``LOCAL_WORLD_SIZE``) when null."""
+    if cfg_size:
+        return int(cfg_size)
+    return min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP unit back to its sharded parameters (an eval forward leaves the root's
+    parameters unsharded: a write to the shards must not be shadowed by a stale gathered copy)."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of ``p``: a DTensor's local shard, else ``p`` itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+class Islands(Replicas):
+    """The process groups of the layout (module doc), all through
+    ``thinwire.comm.groups.new_group`` (``dist.timeout_s``), created in the same order on
+    every rank; the outer loop's ``Replicas``. ``mesh(two_d)``: FSDP2's DeviceMesh, 1-D over
+    the island, or 2-D ``("replicate", "shard")`` (native HSDP) built on the same groups."""
+
+    def __init__(self, world, size: int, meter, two_phase: bool):
+        p = world.world_size
+        self.world, self.meter, self.model = world, meter, None
+        self.size, self.replicas = size, p // size
+        self.replica, self.index = divmod(world.rank, size)
+        shard = [new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
+        cross = [new_group(list(range(j, p, size))) for j in range(size)]
+        cross2 = [new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
+        self.shard_group, self.cross_group, self.cross_group2 = shard[self.replica], cross[self.index], cross2[self.index]
+
+    def mesh(self, two_d: bool):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        dev = self.world.device.type  # always named (pytorch#132471)
+        if two_d:
+            layout = torch.arange(self.world.world_size).view(self.replicas, self.size)
+            return DeviceMesh.from_group([self.cross_group, self.shard_group], dev, mesh=layout,
+                                         mesh_dim_names=("replicate", "shard"))
+        return DeviceMesh.from_group(self.shard_group, dev, mesh_dim_names=("shard",))
+
+    def shards(self, model_params: ModuleParams) -> "LocalShards":
+        """The outer loop's space: this rank's local shards. The strategy's ``model_params``
+        (what it evaluates: the mean of the ranks' live parameters, over the world) is
+        switched to whole tensors, gathered in the island, so that world-wide mean is the
+        mean of the replicas (each counted S times, divided by R*S)."""
+        model_params.__class__ = GatheredParams
+        model_params.islands = self
+        return LocalShards(model_params, self)
+
+
+class LocalShards(ParamSpace):
+    """This rank's local shards (``DTensor.to_local()``), one piece per trainable parameter,
+    named by its global name; a piece may be empty (dim 0 shorter than S). Sizes agree across
+    a cross group. ``write_flat`` reshards first, then copies into the shards in place;
+    ``layer_norms``/``global_norm`` add the squares over the island (one small all-reduce)."""
+
+    def __init__(self, model_params: ModuleParams, islands: Islands):
+        self.islands = islands
+        self.names = list(model_params.names)
+        self.params = list(model_params.params)
+        self.sizes = [local(p).numel() for p in self.params]
+        self.model = islands.model
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return list(flat.split(self.sizes))
+
+    def read_flat(self) -> torch.Tensor:
+        return self.flat([local(p) for p in self.params])
+
+    @torch.no_grad()
+    def write_flat(self, flat: torch.Tensor) -> None:
+        if self.model is not None:
+            reshard(self.model)
+        for p, x in zip(self.params, self.split(flat)):
+            t = local(p)
+            t.copy_(x.view(t.shape))
+
+    def _squares(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        dev = pieces[0].device if pieces else self.islands.world.device
+        sq = torch.stack([t.double().pow(2).sum() for t in pieces]) if pieces else torch.zeros(0, dtype=torch.float64)
+        sq = sq.to(dev)
+        if self.islands.size > 1:
+            accounting.all_reduce(self.islands.meter, sq, group=self.islands.shard_group, kind="control")
+        return sq
+
+    def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        return [float(x) for x in self._squares(pieces).sqrt()]
+
+    def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        return math.sqrt(float(self._squares(pieces).sum()))
+
+
+class GatheredParams(ModuleParams):
+    """The strategy's whole-model view under FSDP2 (its evaluation mean): whole tensors,
+    all-gathered in the island on read; a write copies this rank's rows into its shards."""
+
+    islands: Islands
+
+    def read_flat(self) -> torch.Tensor:
+        return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).float()
+                          for p in self.params])
+
+    @torch.no_grad()
+    def write_flat(self, flat: torch.Tensor) -> None:
+        if self.islands.model is not None:
+            reshard(self.islands.model)
+        for p, x in zip(self.params, flat.split(self.sizes)):
+            t = local(p)
+            rows = x.view(p.shape).chunk(self.islands.size, dim=0) if p.dim() else (x.view(p.shape),)
+            mine = rows[self.islands.index] if self.islands.index < len(rows) else x[:0]
+            t.copy_(mine.reshape(t.shape))
+
+
+# -- Distributed Checkpoint: loading never unpickles anything outside an allowlist -----------
+DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "MetadataIndex", "TensorProperties", "BytesStorageMetadata",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafeDCPError(ValueError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        torch_dtype = module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
+        if torch_dtype or name in DCP_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise UnsafeDCPError(f"DCP metadata is refused: loading it would call {module}.{name} "
+                             f"(only DCP's metadata classes, torch dtypes and paths are allowed)")
+
+
+def safe_reader(path: str):
+    """A ``FileSystemReader`` whose ``.metadata`` goes through an allowlist unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as fh:
+                metadata = _MetadataUnpickler(io.BytesIO(fh.read())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def safe_planner():
+    """DCP's default load planner, reading non-tensor items with ``weights_only=True``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
