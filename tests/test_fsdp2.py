@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from conftest import run_ranks
 from pool import POOLS
 
-BASE = ["experiment=tiny", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=4",
-        "data.eval_batches=4", "dist.nproc=2"]
+BASE = ["experiment=tiny", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+        "data.eval_batches=4", "dist.nproc=2", "optim.warmup_steps=2"]
 
 
 def metrics(run_dir):
@@ -40,26 +40,25 @@ def dcp_params(path):
 
 
 def test_fsdp2_equals_ddp_and_resumes_bitwise_from_dcp(tmp_path):
-    """2 ranks, AdamW, grad clipping, dropout: engine=fsdp2 sync=ddp gives engine=ddp's
-    losses, gradient norms and parameters; stopped after step 4 and resumed from its DCP
-    checkpoint, it continues bitwise (every metric and every parameter)."""
-    common = [*BASE, "model.dropout=0.1", "optim.grad_clip=0.5"]
+    """2 ranks, AdamW, dropout: engine=fsdp2 sync=ddp gives engine=ddp's losses and
+    parameters bitwise (no clipping: clip_grad_norm_ over shards adds the squares in another
+    order); stopped after step 3 and resumed from its DCP checkpoint, it continues bitwise
+    (every metric and every parameter)."""
+    common = [*BASE, "model.dropout=0.1", "optim.grad_clip=0"]
     ddp = POOLS.train(*common, "engine=ddp", f"hydra.run.dir={tmp_path}/ddp")
     POOLS.train(*common, "engine=fsdp2", f"hydra.run.dir={tmp_path}/full")
-    POOLS.train(*common, "engine=fsdp2", f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=4")
+    POOLS.train(*common, "engine=fsdp2", f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=3")
     POOLS.train(*common, "engine=fsdp2", f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto")
-    assert "resumed from" in ddp.stdout or True
     a, b, d = metrics(tmp_path / "full"), metrics(tmp_path / "split"), metrics(tmp_path / "ddp")
-    assert [r["step"] for r in b] == list(range(1, 9))
-    for key in ("loss", "val_loss", "grad_norm", "lr"):
-        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
-        torch.testing.assert_close([r.get(key) for r in a], [r.get(key) for r in d], rtol=1e-5, atol=1e-6)
-    ckpt = tmp_path / "full" / "checkpoints" / "step_00000008"
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "val_loss", "lr"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b] == [r.get(key) for r in d], key
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000006"
     assert (ckpt / "dcp" / ".metadata").exists() and "model" not in torch.load(ckpt / "common.pt", weights_only=True)
     full = dcp_params(ckpt / "dcp")
-    split = dcp_params(tmp_path / "split" / "checkpoints" / "step_00000008" / "dcp")
-    ref = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000008" / "common.pt", weights_only=True)["model"]
+    split = dcp_params(tmp_path / "split" / "checkpoints" / "step_00000006" / "dcp")
+    ref = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000006" / "common.pt", weights_only=True)["model"]
     for k, v in full.items():
         assert torch.equal(v, split[k]), k
-        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(v, ref[k]), k
     assert set(full) <= set(ref) and "tok_emb.weight" in full
