@@ -62,3 +62,145 @@ def test_fsdp2_equals_ddp_and_resumes_bitwise_from_dcp(tmp_path):
         assert torch.equal(v, split[k]), k
         assert torch.equal(v, ref[k]), k
     assert set(full) <= set(ref) and "tok_emb.weight" in full
+
+
+# -- 2 islands x 2 ranks: the outer loop across islands on local shards --------------------
+INNER = {"lr": 0.2, "momentum": 0.5, "nesterov": False, "weight_decay": 0.0, "schedule": "constant",
+         "warmup_steps": 0, "min_lr_ratio": 1.0, "decay_start": None, "grad_clip": 0.0}
+OUTER = {"name": "local", "local_steps": 3, "clip": 1e6, "clip_mode": "norm", "staleness_penalty": 0.0,
+         "outer_optim": {"_target_": "torch.optim.SGD", "lr": 0.8, "momentum": 0.6, "nesterov": True}}
+ENGINE = {"name": "fsdp2", "shard_group_size": 2, "reshard_after_forward": True, "param_dtype": None,
+          "reduce_dtype": None}
+
+
+def islands_run(rank, world_size, runs, root):
+    """The loop's calls by hand on engine=fsdp2 with islands of 2 ranks: compute (FSDP2
+    reduce-scatters inside the island), apply, sync.after_step; then every rank's whole
+    parameters, the evaluated mean, and a mid-round checkpoint round trip of the diverged
+    replicas (per island, and the naive world-wide save for contrast)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.comm.sync import build_sync
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    from test_sync import B, batch, make_model
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    out = {}
+    for name, (steps, comm) in runs.items():
+        model, meter, comm = make_model(), WireMeter(), OmegaConf.create(comm)
+        engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, comm, grad_sync=False)
+        plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=steps), B)
+        strategy = build_sync(OmegaConf.create(OUTER), world, meter, model, comm, replicas=engine.replicas)
+        outer_bytes = 0
+        for step in range(steps):
+            plugin.compute(engine.forward_model, batch(step, rank, world_size))
+            plugin.apply(step)
+            meter.take_step()
+            strategy.after_step(step)
+            outer_bytes += meter.take_step().get("data", 0)
+        whole = lambda: {k: v.full_tensor().clone() for k, v in model.state_dict().items()}  # noqa: E731
+        res = {"params": whole(), "outer_bytes": outer_bytes, "numel": engine.numel,
+               "outer_numel": sum(a.numel() for a in strategy.anchor), "sizes": list(strategy.space.sizes),
+               "names": list(strategy.space.names)}
+        with strategy.eval_model() as m:
+            res["mean"] = {k: v.full_tensor().clone() for k, v in m.state_dict().items()}
+        assert all(torch.equal(v, res["params"][k]) for k, v in whole().items())  # live parameters back
+        if name == "none":  # mid-round (steps % H != 0): the replicas differ; a checkpoint round trip
+            path = os.path.join(root, "ckpt")
+            engine.save_extra(path)
+            momentum = [plugin.optimizer.state[p]["momentum_buffer"].to_local().clone() for p in model.parameters()]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.to_local().zero_()
+            engine.load_extra(path, True)
+            res["restored"] = whole()
+            res["momentum_ok"] = all(torch.equal(plugin.optimizer.state[p]["momentum_buffer"].to_local(), m)
+                                     for p, m in zip(model.parameters(), momentum))
+            # the naive way: one world-wide save and load of the diverged replicas
+            naive = os.path.join(root, "naive")
+            dcp.save(engine._state(), checkpoint_id=naive)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.to_local().zero_()
+            state = engine._state()
+            dcp.load(state, checkpoint_id=naive)
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            set_state_dict(model, plugin.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            res["naive"] = whole()
+        out[name] = res
+        strategy.close()
+    return out
+
+
+def island_reference(steps):
+    """Two replicas of the unsharded model; each step replica i's gradient is the mean of its
+    two ranks' gradients (FSDP2's reduce-scatter), then its own SGD; every H steps the
+    pseudo-gradients a - w_i are averaged across the replicas (d0 + d1) / 2 and the anchor
+    takes one Nesterov SGD step; both replicas restart from it."""
+    from test_sync import batch, make_model
+
+    models = [make_model() for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=INNER["lr"], momentum=INNER["momentum"]) for m in models]
+    anchor = [p.detach().clone() for p in models[0].parameters()]
+    o = OUTER["outer_optim"]
+    outer = torch.optim.SGD(anchor, lr=o["lr"], momentum=o["momentum"], nesterov=True)
+    for step in range(steps):
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            grads = []
+            for r in (2 * i, 2 * i + 1):
+                m.zero_grad()
+                m(**batch(step, r, 4)).backward()
+                grads.append([p.grad.clone() for p in m.parameters()])
+            for p, ga, gb in zip(m.parameters(), *grads):
+                p.grad = ga / 2 + gb / 2
+            opt.step()
+        if (step + 1) % OUTER["local_steps"] == 0:
+            with torch.no_grad():
+                for j, a in enumerate(anchor):
+                    deltas = [a - list(m.parameters())[j] for m in models]
+                    a.grad = (deltas[0] + deltas[1]) / 2
+                outer.step()
+                for m in models:
+                    for p, a in zip(m.parameters(), anchor):
+                        p.copy_(a)
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+
+
+def test_local_across_islands_equals_island_first_reference(tmp_path):
+    """4 ranks, islands {0,1} {2,3} (FSDP2 inside, 1-D mesh), sync=local with DiLoCo's outer
+    Nesterov across them on local shards: every rank's whole parameters equal the reference's
+    replica (bitwise); the evaluated mean is the replicas' mean on every rank; anchor and
+    outer state are half of the model per rank. A mid-round checkpoint (replicas diverged)
+    restores each island's own parameters and momentum from replica{r}/, where one
+    world-wide DCP save restores a mix. int8 two-phase on the cross-island average: the run
+    stays close to the dense one; its outer bytes are about one byte per local element and round."""
+    steps = 5
+    runs = {"none": (steps, {"name": "none"}),
+            "int8": (6, {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64})}
+    results = run_ranks(islands_run, 4, tmp_path, runs, str(tmp_path))
+    ref = island_reference(steps)
+    for rank in range(4):
+        res = results[rank]["none"]
+        for k, v in ref[rank // 2].items():
+            assert torch.equal(res["params"][k], v), (rank, k)
+            torch.testing.assert_close(res["mean"][k], (ref[0][k] + ref[1][k]) / 2, rtol=1e-6, atol=1e-7)
+            assert torch.equal(res["mean"][k], results[0]["none"]["mean"][k])
+        assert res["outer_numel"] * 2 == res["numel"]
+        # the per-island checkpoint restores this island's own state
+        assert all(torch.equal(res["restored"][k], v) for k, v in res["params"].items()), rank
+        assert res["momentum_ok"], rank
+    assert results[0]["none"]["names"] == results[1]["none"]["names"]
+    assert results[0]["none"]["sizes"] == results[2]["none"]["sizes"]
+    assert not all(torch.equal(ref[0][k], ref[1][k]) for k in ref[0])       # diverged mid-round
+    # the naive world-wide save: some rank restores another island's values
+    assert any(not all(torch.equal(r["none"]["naive"][k], r["none"]["params"][k]) for k in r["none"]["params"])
+               for r in results)
+    for rank in range(4):
+        q = results[rank]["int8"]
+        assert all(torch.equal(q["params"][k], results[rank ^ 1]["int8"]["params"][k]) for k in q["params"])
+        assert 2 * 0.5 * q["outer_numel"] <= q["outer_bytes"] <= 2 * 1.3 * q["outer_numel"], q["outer_bytes"]
