@@ -90,7 +90,7 @@ def islands_run(rank, world_size, runs, root):
     from test_sync import B, batch, make_model
 
     world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
-    out = {}
+    out = {"hsdp": hsdp_run(world, 4)}
     for name, (steps, comm) in runs.items():
         model, meter, comm = make_model(), WireMeter(), OmegaConf.create(comm)
         engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, comm, grad_sync=False)
@@ -132,9 +132,48 @@ def islands_run(rank, world_size, runs, root):
             from torch.distributed.checkpoint.state_dict import set_state_dict
             set_state_dict(model, plugin.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             res["naive"] = whole()
+        res["averager"] = strategy.averager.state_dict()
         out[name] = res
         strategy.close()
     return out
+
+
+def hsdp_run(world, steps):
+    """sync=ddp on 2 islands of 2: native HSDP on the 2-D (replicate, shard) mesh, SGD."""
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+
+    from test_sync import batch, make_model
+
+    model = make_model()
+    engine = build_engine(OmegaConf.create(ENGINE), model, world, WireMeter(), OmegaConf.create({"name": "none"}),
+                          grad_sync=True)
+    plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=steps), 4)
+    for step in range(steps):
+        plugin.compute(engine.forward_model, batch(step, world.rank, world.world_size))
+        plugin.apply(step)
+    return {"mesh": tuple(engine.mesh.mesh_dim_names), "params": {k: v.full_tensor().clone()
+                                                                   for k, v in model.state_dict().items()}}
+
+
+def hsdp_reference(steps):
+    """One model; each step's gradient averaged inside each island first, then across:
+    ((g0 + g1) / 2 + (g2 + g3) / 2) / 2."""
+    from test_sync import batch, make_model
+
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=INNER["lr"], momentum=INNER["momentum"])
+    for step in range(steps):
+        grads = []
+        for r in range(4):
+            m.zero_grad()
+            m(**batch(step, r, 4)).backward()
+            grads.append([p.grad.clone() for p in m.parameters()])
+        for p, *g in zip(m.parameters(), *grads):
+            p.grad = ((g[0] + g[1]) / 2 + (g[2] + g[3]) / 2) / 2
+        opt.step()
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 def island_reference(steps):
@@ -171,6 +210,7 @@ def island_reference(steps):
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
 
 
+@pytest.mark.extended
 def test_local_across_islands_equals_island_first_reference(tmp_path):
     """4 ranks, islands {0,1} {2,3} (FSDP2 inside, 1-D mesh), sync=local with DiLoCo's outer
     Nesterov across them on local shards: every rank's whole parameters equal the reference's
@@ -181,8 +221,15 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     stays close to the dense one; its outer bytes are about one byte per local element and round."""
     steps = 5
     runs = {"none": (steps, {"name": "none"}),
-            "int8": (6, {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64})}
+            "int8": (6, {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64}),
+            "topk": (6, {"name": "chunk_topk", "chunk": 16, "k": 4, "feedback": "ef", "min_numel": 16})}
     results = run_ranks(islands_run, 4, tmp_path, runs, str(tmp_path))
+    # sync=ddp: native HSDP == the island-first reference, bitwise
+    hsdp = hsdp_reference(4)
+    for rank in range(4):
+        assert results[rank]["hsdp"]["mesh"] == ("replicate", "shard")
+        for k, v in hsdp.items():
+            assert torch.equal(results[rank]["hsdp"]["params"][k], v), (rank, k)
     ref = island_reference(steps)
     for rank in range(4):
         res = results[rank]["none"]
@@ -204,3 +251,48 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
         q = results[rank]["int8"]
         assert all(torch.equal(q["params"][k], results[rank ^ 1]["int8"]["params"][k]) for k in q["params"])
         assert 2 * 0.5 * q["outer_numel"] <= q["outer_bytes"] <= 2 * 1.3 * q["outer_numel"], q["outer_bytes"]
+    # chunk Top-K + error feedback on the cross-island average: residuals per local shard,
+    # named by the global parameter; both ranks of an island hold the same whole parameters
+    for rank in range(4):
+        t = results[rank]["topk"]
+        assert all(torch.equal(t["params"][k], results[rank ^ 1]["topk"]["params"][k]) for k in t["params"])
+        assert not all(torch.equal(t["params"][k], results[rank]["int8"]["params"][k]) for k in t["params"])
+    print({k: (type(v).__name__, list(v)[:4] if isinstance(v, dict) else None)
+           for k, v in results[0]["topk"]["averager"].items()})
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["dist.nproc=4", "engine.shard_group_size=3"], "engine.shard_group_size=3"),
+    (["engine.shard_group_size=0"], "shard_group_size=0"),
+    (["engine=ddp", "+engine.shard_group_size=2"], "shard_group_size"),
+    (["optim=mezo"], "optim=mezo"),
+    (["peft=lora"], "peft=lora"),
+    (["comm=int8"], "comm=int8"),
+    (["data.eval_batches=3"], "data.eval_batches=3"),
+    (["sync=local", "sync.fragments=2", "sync.local_steps=4"], "sync.fragments=2"),
+])
+def test_impossible_shapes_exit_2_with_one_line(overrides, needle, capsys, tmp_path):
+    from thinwire.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["engine=fsdp2", "experiment=tiny", "dist.nproc=2", *overrides, f"hydra.run.dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err, err
+
+
+class Crafted:
+    def __reduce__(self):
+        return (os.system, ("echo crafted > /dev/null",))
+
+
+def test_crafted_dcp_metadata_is_refused(tmp_path):
+    """DCP reads .metadata with plain pickle; thinwire's reader allows only DCP's metadata
+    classes, torch dtypes and paths: a crafted file is refused with one line, nothing runs."""
+    from thinwire.trainer.fsdp2_shards import UnsafeDCPError, safe_reader
+
+    with open(tmp_path / ".metadata", "wb") as fh:
+        pickle.dump(Crafted(), fh, protocol=5)
+    with pytest.raises(UnsafeDCPError, match="would call posix.system|would call os.system"):
+        safe_reader(str(tmp_path)).read_metadata()
