@@ -257,14 +257,18 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
         t = results[rank]["topk"]
         assert all(torch.equal(t["params"][k], results[rank ^ 1]["topk"]["params"][k]) for k in t["params"])
         assert not all(torch.equal(t["params"][k], results[rank]["int8"]["params"][k]) for k in t["params"])
-    print({k: (type(v).__name__, list(v)[:4] if isinstance(v, dict) else None)
-           for k, v in results[0]["topk"]["averager"].items()})
+        sizes = dict(zip(t["names"], t["sizes"]))
+        feedback = t["averager"]["feedback"]
+        assert feedback and set(feedback) <= set(sizes)
+        for n, v in feedback.items():
+            residual = v if torch.is_tensor(v) else next(x for x in v.values() if torch.is_tensor(x))
+            assert residual.numel() == sizes[n], (n, residual.shape, sizes[n])
 
 
 @pytest.mark.parametrize("overrides,needle", [
     (["dist.nproc=4", "engine.shard_group_size=3"], "engine.shard_group_size=3"),
     (["engine.shard_group_size=0"], "shard_group_size=0"),
-    (["engine=ddp", "+engine.shard_group_size=2"], "shard_group_size"),
+    (["engine=ddp", "engine.shard_group_size=2"], "engine.shard_group_size: not an option of engine=ddp"),
     (["optim=mezo"], "optim=mezo"),
     (["peft=lora"], "peft=lora"),
     (["comm=int8"], "comm=int8"),
