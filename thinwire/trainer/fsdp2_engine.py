@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..comm import hooks
+from ..comm import accounting, hooks
 from ..errors import ConfigError
 from . import fsdp2_shards
 from .fsdp2_shards import Islands
@@ -138,6 +138,13 @@ class FSDP2Engine(Engine):
         self.forward_model = model
         self.optimizer = None
         self.hook_state = _NoComm()
+        # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
+        # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
+        # reduce-scatter inside the island are not counted (docs/fsdp2.md)
+        local_numel = sum(fsdp2_shards.local(p).numel() for p in model.parameters() if p.requires_grad)
+        size = (reduce_dtype or param_dtype or torch.float32).itemsize
+        self.replicate_bytes = accounting.collective_bytes("all_reduce", local_numel, size, self.islands.replicas) \
+            if grad_sync and self.islands.replicas > 1 else 0
 
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
@@ -145,6 +152,9 @@ class FSDP2Engine(Engine):
 
     # the loop's engine interface: FSDP2 reduces natively, no thinwire comm hook
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
+        if self.replicate_bytes:  # called once per step, after backward (accepted or not)
+            self.meter.charge(self.replicate_bytes, kind="data", collective="all_reduce",
+                              group_size=self.islands.replicas)
         return 0.0
 
     def set_lr(self, lr: float) -> None:
