@@ -95,10 +95,6 @@ def check_config(cfg) -> None:
          f"forwards (FSDP2 gathers parameters in each)")
 
 
-class _NoComm:
-    last_launch_s = float("-inf")
-
-
 class FSDP2Engine(Engine):
     """The loop's engine (``thinwire.trainer.interface.Engine``) over FSDP2 (module doc)."""
 
@@ -137,7 +133,6 @@ class FSDP2Engine(Engine):
                 register_fsdp_forward_method(model, method)
         self.forward_model = model
         self.optimizer = None
-        self.hook_state = _NoComm()
         # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
         # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
         # reduce-scatter inside the island are not counted (docs/fsdp2.md)

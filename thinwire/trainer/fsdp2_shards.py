@@ -67,7 +67,8 @@ class Islands(Replicas):
         shard = [new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
         cross = [new_group(list(range(j, p, size))) for j in range(size)]
         cross2 = [new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
-        self.shard_group, self.cross_group, self.cross_group2 = shard[self.replica], cross[self.index], cross2[self.index]
+        self.shard_group, self.cross_group = shard[self.replica], cross[self.index]
+        self.cross_group2 = cross2[self.index]
 
     def mesh(self, two_d: bool):
         from torch.distributed.device_mesh import DeviceMesh
