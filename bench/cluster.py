@@ -48,35 +48,30 @@ import sys
 import tempfile
 import time
 
+from harness import manifest
+from harness.catalogue import peer_args, spelt
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NETSIM = os.path.join(ROOT, "launch", "netsim")
 PEER = os.path.join(HERE, "cluster_peer.py")
 
-# label, group, peer args, thinwire overrides
-DENSE = ("ddp fp32", "baseline", [], ["comm=none", "sync=ddp"])
-BF16 = ("thinwire comm=bf16", "thinwire", [], ["comm=bf16", "sync=ddp"])
-TOPK = ["comm=topk", "comm.ratio=0.01", "sync=ddp"]
+def _row(label: str, group: str, row: str) -> tuple:
+    return label, group, peer_args(row), spelt(row)
+
+
+# label, group, peer args, thinwire overrides: the catalogue's rows (harness/catalogue.py)
+DENSE = _row("ddp fp32", "baseline", "dense")
 ROWS = [
     DENSE,
-    ("torch fp16 hook", "peer", ["--peer", "fp16"], ["comm=none", "sync=ddp"]),
-    ("torch PowerSGD r2", "peer", ["--peer", "powersgd", "--rank-r", "2"], ["comm=none", "sync=ddp"]),
-    ("torch PowerSGD r4", "peer", ["--peer", "powersgd", "--rank-r", "4"], ["comm=none", "sync=ddp"]),
-    ("torch PostLocalSGD H=8", "peer", ["--peer", "postlocal", "--H", "8"], ["comm=none", "sync=ddp"]),
-    ("DeepSpeed ZeRO-2 bf16", "peer", [], ["comm=none", "sync=ddp", "engine=deepspeed",
-                                           "engine.deepspeed.zero_optimization.stage=2",
-                                           "engine.deepspeed.communication_data_type=bf16"]),
-    BF16,
-    ("thinwire topk 1% + ef", "thinwire", [], [*TOPK, "comm.feedback=ef"]),
-    ("thinwire topk 1% + ef21", "thinwire", [], [*TOPK, "comm.feedback=ef21"]),
-    ("thinwire topk 1% + econtrol", "thinwire", [], [*TOPK, "comm.feedback=econtrol", "comm.eta=0.05"]),
-    ("thinwire int8 two-phase + ef", "thinwire", [], ["comm=int8", "comm.collective=two_phase", "sync=ddp"]),
-    ("thinwire sign1 + ef", "thinwire", [], ["comm=sign1", "comm.feedback=ef", "sync=ddp"]),
-    ("thinwire co2 H=8", "thinwire", [], ["comm=none", "sync=co2", "sync.local_steps=8"]),
-    ("thinwire co2 H=8 + int8", "thinwire", [], ["comm=int8", "sync=co2", "sync.local_steps=8"]),
+    *[_row(r, "peer", r) for r in ("torch fp16 hook", "torch PowerSGD r2", "torch PowerSGD r4", "torch PostLocalSGD H=8",
+                                   "DeepSpeed ZeRO-2 bf16")],
+    _row("thinwire comm=bf16", "thinwire", "bf16"),
+    *[_row(f"thinwire {r}", "thinwire", r) for r in ("topk 1% + ef", "topk 1% + ef21", "topk 1% + econtrol",
+                                                     "int8 two-phase + ef", "sign1 + ef", "co2 H=8", "co2 H=8 + int8")],
     # reference for "communication hidden": local steps that never synchronise (evaluation
     # still averages the ranks' parameters)
-    ("compute only (no sync)", "reference", [], ["comm=none", "sync=local", f"sync.local_steps={10 ** 9}"]),
+    _row("compute only (no sync)", "reference", "compute only (no sync)"),
 ]
 FULL_LABELS = [r[0] for r in ROWS if r[1] != "reference"]
 QUICK_LABELS = ["ddp fp32", "thinwire comm=bf16", "thinwire topk 1% + ef", "thinwire co2 H=8", "torch PowerSGD r2",
@@ -371,9 +366,8 @@ def clock(quick: bool) -> int:
     """The network clock (bench/netclock.py): validated against the shaped network, then
     projected to the user-scale presets. Quick: 5 rows of 24 steps (validation skips cleanly
     without root)."""
-    sys.path.insert(0, HERE)
     import netclock
-    import netclock_validate
+    from harness import netclock_validate
 
     rc = netclock_validate.main(["--rows", "ddp fp32,bf16,topk 1% + ef (all-gather),local H=8,co2 H=8",
                                  "--steps", "24", "--out", netclock_validate.OUT + "_quick"] if quick else [])
@@ -389,8 +383,7 @@ def document(a, results: list, t_start: float) -> dict:
 
 def write_report(doc: dict, out: str) -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as fh:
-        json.dump(doc, fh, indent=1)
+    manifest.write(out + ".json", doc, command=doc["command"])
     md = [f"`{doc['command']}` ({doc['date']}, {doc['machine']}, {doc['total_s']:.0f} s in all)", "",
           f"Overrides on every row: `{' '.join(MODEL)}` (char-GPT 4 layers, d=128, 0.8 M params, "
           "AdamW 3e-3). Budgets were chosen so the whole matrix fits its time slot on this machine.", ""]
@@ -402,8 +395,8 @@ def write_report(doc: dict, out: str) -> None:
         png = f"{out}_{res['rate']}.png"
         plot(res, png)
         md.append(f"![val loss vs time and bytes at {res['rate']}]({os.path.basename(png)})\n")
-    with open(out + ".md", "w") as fh:
-        fh.write("\n".join(md))
+    manifest.write(out + ".md", "\n".join(md), command=doc["command"])
+    manifest.record([f"{out}_{res['rate']}.png" for res in doc["results"]], command=doc["command"])
     print("\n".join(md), flush=True)
 
 

@@ -1,17 +1,15 @@
-"""The network clock's pure logic (bench/netclock_model.py, _project.py, _report.py) against hand-computed references."""
+"""The network clock's pure logic (bench/harness/netclock_model.py, _project.py, _report.py)
+against hand-computed references."""
+import dataclasses
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import netclock_model as clock  # noqa: E402
-import netclock_project as proj  # noqa: E402
-import netclock_report as report  # noqa: E402
-from netclock_validate import predict  # noqa: E402
-
-from thinwire.comm import accounting  # noqa: E402
+from bench.harness import netclock_model as clock
+from bench.harness import netclock_project as proj
+from bench.harness import netclock_report as report
+from bench.harness.netclock_validate import predict
+from thinwire.comm import accounting
 
 
 def test_hops_follow_the_standard_algorithms():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from netclock_model import Call, Link, RoundTime, round_time
+from .netclock_model import Call, Link, RoundTime, round_time
 
 
 # -- projections: user-scale presets (fixed by the issue, before any measurement) ---------------
