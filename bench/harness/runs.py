@@ -24,11 +24,16 @@ from . import BENCH, REPO
 SOURCES = ("thinwire", "configs")  # relative to the repository root
 
 
+def code_version(root: Optional[str] = None, sources: tuple = SOURCES) -> str:
+    """sha1 (12 hex digits) of every file under ``root``/``sources`` (default: this repository's
+    thinwire/ and configs/; relative path and bytes, in sorted order, ``__pycache__`` and
+    ``*.pyc`` left out). Cached per process: ``code_version.cache_clear()`` after changing the
+    sources in the same process."""
+    return _tree_hash(root or REPO, tuple(sources))
+
+
 @functools.lru_cache(maxsize=None)
-def code_version(root: str = REPO, sources: tuple = SOURCES) -> str:
-    """sha1 (12 hex digits) of every file under ``root``/``sources`` (relative path and bytes,
-    in sorted order; ``__pycache__`` and ``*.pyc`` left out). Cached per process: call
-    ``code_version.cache_clear()`` after changing the sources in the same process."""
+def _tree_hash(root: str, sources: tuple) -> str:
     h = hashlib.sha1()
     for src in sources:
         base = os.path.join(root, src)
@@ -42,6 +47,9 @@ def code_version(root: str = REPO, sources: tuple = SOURCES) -> str:
                 with open(path, "rb") as fh:
                     h.update(hashlib.sha1(fh.read()).digest())
     return h.hexdigest()[:12]
+
+
+code_version.cache_clear = _tree_hash.cache_clear  # type: ignore[attr-defined]
 
 
 def run_key(ov: list[str], code: Optional[str] = None) -> str:
