@@ -53,10 +53,11 @@ def entry(script: str = "", argv: Optional[Iterable[str]] = None, command: Optio
 
 
 def record(paths: Iterable[str], script: str = "", argv: Optional[Iterable[str]] = None,
-           command: Optional[str] = None) -> None:
+           command: Optional[str] = None, note: Optional[str] = None) -> None:
     """Add (or replace) the manifest entry of each written file in ``paths``, in its folder's
-    MANIFEST.json (under a lock: parallel invocations write the same folder)."""
-    e = entry(script, argv, command)
+    MANIFEST.json (under a lock: parallel invocations write the same folder); ``note``: what
+    else a reader needs (e.g. the data a redrawn table comes from)."""
+    e = {**entry(script, argv, command), **({"note": note} if note else {})}
     by_dir: dict = {}
     for p in paths:
         by_dir.setdefault(os.path.dirname(os.path.abspath(p)), []).append(os.path.basename(p))
@@ -75,7 +76,7 @@ def record(paths: Iterable[str], script: str = "", argv: Optional[Iterable[str]]
 
 
 def write(path: str, content, script: str = "", argv: Optional[Iterable[str]] = None,
-          command: Optional[str] = None) -> None:
+          command: Optional[str] = None, note: Optional[str] = None) -> None:
     """Write a results file (``content``: text, or a JSON document written with indent 1) and
     record its manifest entry."""
     with open(path, "w") as fh:
@@ -83,7 +84,7 @@ def write(path: str, content, script: str = "", argv: Optional[Iterable[str]] = 
             fh.write(content)
         else:
             json.dump(content, fh, indent=1)
-    record([path], script, argv, command)
+    record([path], script, argv, command, note)
 
 
 CACHES = ("runs",)  # run caches (git-ignored), not results

@@ -41,6 +41,7 @@ from . import BENCH, REPO, RESULTS, manifest
 from .catalogue import spelt
 from .netclock_model import Call, Link, round_time
 from .netclock_project import Method, bucket_calls, payload_bytes_per_value
+from .tables import failed_rows, md_row
 
 ROOT = REPO
 NETSIM = os.path.join(ROOT, "launch", "netsim")
@@ -186,14 +187,13 @@ def markdown(doc: dict) -> str:
            "at the nominal rate: predicted (error) | projection's byte formula / logged data bytes |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in doc["rows"]:
-        out.append(f"| {r['label']} | {r['mode']} | {r['compute_s']:.4f} | {r['modelled_network_s_per_step']:.4f} | "
-                   f"{r['exposed_s_per_step']:.4f} ({r['floor_s']:.4f}) | {r['bandwidth_share']:.2f} | {r['predicted_s']:.4f} | "
-                   f"{r['measured_s']:.4f} | {r['error'] * 100:+.1f}% | +-{r['tolerance'] * 100:.0f}% | "
-                   f"{'within' if r['within'] else '**outside**'} | "
-                   f"{r['predicted_nominal_s']:.4f} ({r['error_nominal'] * 100:+.1f}%) | "
-                   f"{r['formula_over_logged_data_bytes']:.3f} |")
-    for f in doc.get("failed", []):
-        out.append(f"| {f['label']} | failed: {f['error'][-150:]} | | | | | | | | | | | |")
+        out.append(md_row(r["label"], r["mode"], f"{r['compute_s']:.4f}", f"{r['modelled_network_s_per_step']:.4f}",
+                          f"{r['exposed_s_per_step']:.4f} ({r['floor_s']:.4f})", f"{r['bandwidth_share']:.2f}",
+                          f"{r['predicted_s']:.4f}", f"{r['measured_s']:.4f}", f"{r['error'] * 100:+.1f}%",
+                          f"+-{r['tolerance'] * 100:.0f}%", "within" if r["within"] else "**outside**",
+                          f"{r['predicted_nominal_s']:.4f} ({r['error_nominal'] * 100:+.1f}%)",
+                          f"{r['formula_over_logged_data_bytes']:.3f}"))
+    out += failed_rows(doc.get("failed", []), 13, 150)
     return "\n".join(out) + "\n"
 
 
