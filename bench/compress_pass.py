@@ -21,7 +21,7 @@ read + write), best of ``--reps`` (CUDA events on the GPU, after a warm-up):
 
 Prints a Markdown table per size, the copy bandwidth (GB/s counting read + write) and each
 pass's effective bandwidth as a fraction of it (the "pass efficiency" the network clock of
-``bench/netclock_project.py`` uses for codec time). Goals (issue "prove the NCCL paths"): int8 / sign
+``bench/harness/netclock_project.py`` uses for codec time). Goals (issue "prove the NCCL paths"): int8 / sign
 pass <= 2x a device copy on the GPU; chunked Top-K within 3x of int8; on one CPU thread,
 compiled int8 / sign <= 4x memcpy. Not a test.
 """

@@ -67,7 +67,7 @@ ROWS = [(label, mode, H, tau, spelt(row)) for label, mode, H, tau, row in (
     ("eager H=8", "overlap", 8, 0, "eager H=8"), ("stream H=8 F=2 tau=1", "streaming", 8, 1, "stream H=8 F=2 tau=1"))]
 
 
-# the projection's byte formula for each row (bench/netclock_project.py's Method), checked against the
+# the projection's byte formula for each row (bench/harness/netclock_project.py's Method), checked against the
 # logged calls: (collective, compressor and its options or None = fp32, H)
 FORMULA = {"ddp fp32": ("all_reduce", None, {}, 1), "bf16": ("all_reduce", "bf16", {}, 1),
            "int8 two-phase + ef": ("two_phase", "int8", {}, 1),

@@ -11,8 +11,8 @@ paired (a method and dense share seed, init and data order) and each method is r
 mean and spread of its per-seed difference to dense. A run is cached under
 ``bench/results/quality/runs/<hash of its overrides and thinwire's code version>/``
 (``harness/runs.py``) and reused when complete, so dense baselines run once per code version.
-The rows and sets are the catalogue's (``harness/catalogue.py``). Bytes are the accounted per-rank ``wire_bytes`` (evaluation traffic is
-``eval_bytes`` and not counted), as B/param/step and as a ratio to a bf16 ring all-reduce of
+The rows and sets are the catalogue's (``harness/catalogue.py``). Bytes are the accounted
+per-rank ``wire_bytes`` (evaluation traffic is ``eval_bytes`` and not counted), as B/param/step and as a ratio to a bf16 ring all-reduce of
 the same model at the same p (2 (p-1)/p x 2 B/param); payload B/param/step (the papers'
 basis) comes from the comm layer's compression ratio: 4 / ratio / H. Runs end on a completed
 outer step (``max_steps`` is a multiple of every H used: 8, 15, 30).
