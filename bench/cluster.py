@@ -66,8 +66,8 @@ DENSE = _row("ddp fp32", "baseline", "dense")
 BF16 = _row("thinwire comm=bf16", "thinwire", "bf16")
 ROWS = [
     DENSE,
-    *[_row(r, "peer", r) for r in ("torch fp16 hook", "torch PowerSGD r2", "torch PowerSGD r4", "torch PostLocalSGD H=8",
-                                   "DeepSpeed ZeRO-2 bf16")],
+    *[_row(r, "peer", r) for r in ("torch fp16 hook", "torch PowerSGD r2", "torch PowerSGD r4",
+                                   "torch PostLocalSGD H=8", "DeepSpeed ZeRO-2 bf16")],
     BF16,
     *[_row(f"thinwire {r}", "thinwire", r) for r in ("topk 1% + ef", "topk 1% + ef21", "topk 1% + econtrol",
                                                      "int8 two-phase + ef", "sign1 + ef", "co2 H=8", "co2 H=8 + int8")],
@@ -191,8 +191,8 @@ def markdown(res: dict) -> str:
         v_s = f"{v:.4f} ({(v / dense['val_at_dense_steps'] - 1) * 100:+.1f}%)" if v is not None else \
             f"- (last: {r['final_val_loss']:.4f} @ {r['steps']})"
         worst = max(r["measured_over_accounted_per_rank"], key=lambda x: abs(x - 1))
-        out.append(md_row(r["label"], tt_s, f"{r[unit]:.0f}", f"{r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f})",
-                          v_s, f"{r['steps']} ({r['stop']})", f"{r['accounted_train_B_per_step']:,}",
+        out.append(md_row(r["label"], tt_s, f"{r[unit]:.0f}",
+                          f"{r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f})", v_s, f"{r['steps']} ({r['stop']})", f"{r['accounted_train_B_per_step']:,}",
                           f"{r['measured_B_per_step']:,}", f"{r['accounted_B_per_step']:,}",
                           f"{r['measured_over_accounted']:.3f} ({worst:.3f})"))
     out += failed_rows(res.get("failed", []), 10, 200, last_line=True)

@@ -1,4 +1,5 @@
-"""One rank of one bench/cluster.py row (launched by launch/netsim or torchrun): thinwire's Trainer with thinwire's or torch's comm.
+"""One rank of one bench/cluster.py row (launched by launch/netsim or torchrun): thinwire's Trainer
+with thinwire's comm or torch's peers.
 
 The study's code is bench/harness/cluster_peer.py; this file is its command line."""
 import sys

@@ -1,6 +1,6 @@
 """Sync strategies at equal wall time: throughput and val loss of ddp, local, co2,
-torch's PostLocalSGDOptimizer (same H; the peer of harness/cluster_peer.py) and, when installed, DeepSpeed ZeRO-2 with bf16
-communication, 2 gloo ranks on this machine, with a
+torch's PostLocalSGDOptimizer (same H; harness/peers.py's, as in the cluster matrix) and, when
+installed, DeepSpeed ZeRO-2 with bf16 communication, 2 gloo ranks on this machine, with a
 compute-only row (local updates that never synchronise) measured in the same run as the
 reference for "communication hidden".
 

@@ -52,9 +52,8 @@ def run_dir(ov: list[str]) -> str:
 def run(row: str, seed: int, a) -> list[dict]:
     ov = overrides(row, seed, a)
     d = run_dir(ov)
-    rows = rows_of(d)
-    if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
-        return rows
+    if runs.done(d, a.steps):
+        return rows_of(d)
     if time.monotonic() > DEADLINE[0]:
         print(f"  skipped {row!r} seed {seed}: past --deadline", flush=True)
         return []

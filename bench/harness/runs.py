@@ -77,15 +77,6 @@ def done(d: str, steps: int) -> Optional[dict]:
     return rows[-1] if rows and rows[-1]["step"] == steps and "val_loss" in rows[-1] else None
 
 
-def cached(root: str, ov: list[str], complete: Callable[[str], bool], start: Callable[[str], None],
-           kind: str = "") -> str:
-    """The run dir of ``ov`` under ``root``: ``start(d)`` runs it unless ``complete(d)`` already."""
-    d = run_dir(root, ov, kind)
-    if not complete(d):
-        start(d)
-    return d
-
-
 def wait_for(d: str) -> None:
     """Block while another invocation's run holds ``d`` (thinwire's run-dir ``flock``), so
     parallel invocations share runs instead of starting them twice."""

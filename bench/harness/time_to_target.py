@@ -142,8 +142,9 @@ def show(steps: Optional[float], how: str, S: int) -> str:
 
 # -- the runs -------------------------------------------------------------------------------------
 def base(row: str, seed: int, a) -> list[str]:
-    return [*row_overrides(row), *peer_flags(row, a.S), *MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd", f"trainer.seed={seed}",
-            "trainer.sample_chars=0", "trainer.progress=false", "logger=none", f"dist.nproc={a.nproc}"]
+    return [*row_overrides(row), *peer_flags(row, a.S), *MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd",
+            f"trainer.seed={seed}", "trainer.sample_chars=0", "trainer.progress=false", "logger=none",
+            f"dist.nproc={a.nproc}"]
 
 
 def _dir(kind: str, ov: list[str]) -> str:
@@ -178,7 +179,7 @@ def branch(row: str, seed: int, a, const: str, start: int, end: int) -> Optional
         if os.path.exists(d):  # an unfinished attempt: kept aside, the branch starts again
             os.replace(d, f"{d}.previous-{int(time.time())}")
         runs.launch(ov, d, {"row": row, "seed": seed, "kind": "branch", "start": start, "end": end},
-               f"{row!r} branch {start}->{end}", fresh=False)
+                    f"{row!r} branch {start}->{end}", fresh=False)
         rec = done(d, end)
     return rec
 
