@@ -28,11 +28,11 @@ compiled int8 / sign <= 4x memcpy. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
+from harness import manifest
 from thinwire.comm.compressors import build_compressor, fused
 from thinwire.comm.feedback import build_feedback
 
@@ -155,8 +155,7 @@ def main() -> None:
     print(f"- chunk_topk pass within 3x of int8's at n = {big:,}: {'MET' if topk <= 3 * int8 else 'MISSED'} "
           f"({topk / int8:.1f}x)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        manifest.write(args.json, rows, "bench/compress_pass.py")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from harness import manifest
+
 OPTIMIZERS = {
     "adamw": ["optim=adamw", "optim.lr=3e-3", "optim.weight_decay=0.0", "optim.grad_clip=0"],
     "sgd": ["optim=sgd", "optim.lr=0.3", "optim.momentum=0.9", "optim.grad_clip=0"],
@@ -69,8 +71,7 @@ def main() -> None:
                 rows.append({"optim": opt, "method": method, "density": density, "val": val, "s": time.time() - t0})
                 print(f"{opt} {method} {density} {val}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"ef_quality{args.tag}.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    manifest.write(os.path.join(args.out, f"ef_quality{args.tag}.json"), rows, "bench/ef_quality.py")
     steps = sorted({s for r in rows for s in r["val"]})
     lines = ["| optimizer | feedback | density | " + " | ".join(f"val@{s}" for s in steps) + " |",
              "|---|---|---|" + "---|" * len(steps)]
@@ -81,8 +82,7 @@ def main() -> None:
         dens = "-" if r["method"] == "dense" else f"{r['density']:.0%}"
         lines.append(f"| {r['optim']} | {r['method']} | {dens} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, f"ef_quality{args.tag}.md"), "w") as fh:
-        fh.write(table + "\n")
+    manifest.write(os.path.join(args.out, f"ef_quality{args.tag}.md"), table + "\n", "bench/ef_quality.py")
     print(table)
 
 

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 
+from harness import manifest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "bench", "results", "optim.md")
 BASE = ["experiment=minilm_genre", "dist.nproc=1", "logger=none", "trainer.progress=false",
@@ -212,6 +214,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "a") as fh:
         fh.write(text + "\n")
+    manifest.record([OUT], "bench/optim.py", note="each invocation appends its tables; the entry is the latest's")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import sys
 import time
 from datetime import timedelta
 
+from harness import manifest
 from harness.peers import fragments_of
 
 
@@ -157,7 +158,7 @@ def run_torchft(a, out: str) -> dict:
               "H": a.H, "fragments": a.fragments, "delay": a.delay, "replicas_agree": same,
               "manager_steps": [r["manager_step"] for r in recs],
               "per_replica_step_time_s": [r["step_time_s"] for r in recs]}
-    with open(os.path.join(out, "result.json"), "w") as fh:
+    with open(os.path.join(out, "result.json"), "w") as fh:  # a run's own record (compare.json: the study's)
         json.dump(result, fh, indent=1)
     if not same and a.fragments == 1:
         raise SystemExit("torchft replicas hold different models after the last sync")
@@ -229,8 +230,7 @@ def main(argv=None) -> int:
     mean = {k: sum(x["step_time_s"] for x in v) / len(v) for k, v in runs.items()}
     summary = {"runs": runs, "mean_step_time_s": mean, "thinwire_over_torchft": mean["thinwire"] / mean["torchft"],
                "val_loss": {k: v[0]["val_loss"] for k, v in runs.items()}}
-    with open(os.path.join(a.out, "compare.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
+    manifest.write(os.path.join(a.out, "compare.json"), summary, "bench/torchft_peer.py", argv)
     print(json.dumps({k: summary[k] for k in ("mean_step_time_s", "thinwire_over_torchft", "val_loss")}))
     return 0
 
