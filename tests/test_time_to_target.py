@@ -3,7 +3,7 @@ training: branch points, the checkpoint cadence, steps to target by interpolatio
 branches, '<= S' and 'not reached'; the peers' pure parts (``bench/harness/peers.py``)."""
 import pytest
 
-from bench.harness import peers
+from bench.harness import manifest, peers
 from bench.harness import time_to_target as ttt
 from bench.harness.catalogue import period
 
@@ -174,5 +174,9 @@ def test_a_call_naming_some_rows_keeps_the_others_in_the_results_file(tmp_path, 
         saved = json.loads(path.read_text())
         assert saved["target"] == 2.0
         assert list(saved["results"]) == (["dense", "local H=8", "diloco H=8"] if kept else ["dense", "local H=8"])
+        # the results files carry their manifest: this call's command
+        assert manifest.problems(str(tmp_path)) == []
+        entry = json.loads((tmp_path / "MANIFEST.json").read_text())["S160_seed0.md"]
+        assert entry["command"] == "python bench/time_to_target.py --rows 'dense,local H=8' --S 160"
         if kept:
             assert saved["results"]["diloco H=8"] == eager and saved["steps_to_target"]["diloco H=8"][0] is None
