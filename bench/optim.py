@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 
-from harness import manifest
+from harness import manifest, runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "bench", "results", "optim.md")
@@ -146,14 +146,7 @@ def align_table() -> list[str]:
 
 # ---- (2), (3): trainer runs ------------------------------------------------------------
 def train(*overrides: str) -> list[dict]:
-    run_dir = tempfile.mkdtemp(prefix="thinwire-bench-")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"],
-                       capture_output=True, text=True, cwd=REPO, env=env)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+    return runs.train([*BASE, *overrides], tempfile.mkdtemp(prefix="thinwire-bench-"))
 
 
 def smooth(records: list[dict], k: int = 10) -> list[float]:
