@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import RESULTS, manifest, runs
-from .catalogue import MODEL, ROW_LRS, ROWS, SETS
+from .catalogue import MODEL, PEER_ROWS, ROW_LRS, ROWS, SETS
 from .runs import rows_of
 
 OUT = os.path.join(RESULTS, "quality")
@@ -190,6 +190,12 @@ def main(argv=None) -> int:
             names[i], sel = n.split("@")
             seeds_of[names[i]] = [int(x) for x in sel.split("+")]
     names = ["dense", *[n for n in names if n != "dense"]]
+    for n in names:
+        if n not in ROWS:
+            raise SystemExit(f"--rows: unknown row or set {n!r} (sets: {', '.join(SETS)}; rows: the catalogue's, "
+                             "bench/harness/catalogue.py)")
+        if n in PEER_ROWS:
+            raise SystemExit(f"--rows: {n!r} is torch's peer: bench/time_to_target.py and bench/cluster.py run it")
     results: dict = {}
     best_lr: dict = {}
     tasks = []
