@@ -123,8 +123,6 @@ ROWS = {
     "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
     "demo 1-bit k=16 overlap": ["optim=demo", "optim.k=16", "optim.bits=1", "optim.overlap=true"],
 }
-# rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
-# each step, so its best LR is well below AdamW's
 QUALITY_ROWS = tuple(ROWS)  # the quality harness's rows, in its order (its sets are drawn from these)
 NEVER = "never synchronise"
 ROWS.update({
@@ -196,8 +194,12 @@ def period(row: str) -> int:
     if PEER_ROWS.get(row, ("",))[0] == "postlocal":
         return PEER_ROWS[row][1]
     h = [int(o.split("=", 1)[1]) for o in ROWS[row] if o.startswith("sync.local_steps=")]
-    if not h and any(o.startswith("experiment=sparseloco") for o in ROWS[row]):
-        return 15  # configs/experiment/sparseloco.yaml's H
+    for o in ROWS[row]:
+        if not h and o.startswith("experiment="):  # the preset's own H
+            from omegaconf import OmegaConf
+
+            preset = OmegaConf.load(os.path.join(REPO, "configs", "experiment", o.split("=", 1)[1] + ".yaml"))
+            h = [int(OmegaConf.select(preset, "sync.local_steps", default=1))]
     return h[-1] if h and h[-1] < 10 ** 5 else 1
 
 
@@ -210,6 +212,8 @@ def preset_rows() -> dict[str, list[str]]:
     return {"default": [], **{n: [f"experiment={n}"] for n in names}}
 
 
+# rows whose optimizer needs another LR grid than --lrs: Signum moves every parameter by lr
+# each step, so its best LR is well below AdamW's
 SIGNUM_LRS = [1e-3, 3e-3, 6e-3]
 ROW_LRS = {"demo k=32 bf16": SIGNUM_LRS, "demo 1-bit k=16": SIGNUM_LRS, "distro 1-bit k=4": SIGNUM_LRS,
            "demo k=32 bf16 overlap": SIGNUM_LRS, "demo 1-bit k=16 overlap": SIGNUM_LRS,
