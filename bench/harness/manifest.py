@@ -6,8 +6,8 @@ conditions. One ``MANIFEST.json`` per results folder maps each file's name to it
                   "commit": "<sha>", "dirty": false, "date": "2026-12-07T18:00:00Z",
                   "machine_load": "loadavg 1.52 1.40 1.31 over 2 CPUs"}}
 
-``dirty``: the worktree had uncommitted changes under thinwire/, configs/ or bench/ (the run's
-code is then the commit plus them). Files committed before manifests existed carry an entry
+``dirty``: the worktree had uncommitted changes to thinwire/, configs/ or bench's code (the
+run's code is then the commit plus them; results files do not count). Files committed before manifests existed carry an entry
 that says so (``note``; their commit and date from ``git log``, ``machine_load`` "not
 recorded"). ``tests/test_bench_harness.py`` fails for any results file without an entry.
 """
@@ -47,7 +47,7 @@ def entry(script: str = "", argv: Optional[Iterable[str]] = None, command: Optio
         command = " ".join(["python", script, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     return {"command": command,
             "commit": _git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(_git("status", "--porcelain", "--", "thinwire", "configs", "bench")),
+            "dirty": bool(_git("status", "--porcelain", "--", "thinwire", "configs", ":(glob)bench/**/*.py")),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine_load": machine_load()}
 
