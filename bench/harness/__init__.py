@@ -6,6 +6,7 @@
 - ``peers`` and ``cluster_peer``: torch's and torchft's peers, run on thinwire's Trainer
 - ``netclock_*``: the network clock (model, projections, steps to target, report, validation)
 - ``quality``, ``time_to_target``, ``presets``: the studies' logic (their CLIs are bench/*.py)
+- ``tables``: markdown rows shared by the reports
 
 Imports inside the harness are relative, so it imports both as ``harness`` (the CLIs, run as
 ``python bench/<study>.py``) and as ``bench.harness`` (the tests).
