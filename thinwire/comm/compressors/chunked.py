@@ -118,6 +118,13 @@ class ChunkTopKCompressor(Compressor):
 
     name = "chunk_topk"
     sparse = True
+    owner_residual = True   # two_phase: the owner keeps what its re-selection did not send
+
+    @property
+    def owner_chunk(self) -> int:
+        """two_phase owns whole runs (``collectives.owner_ranges``): every sender's selection in
+        an owner's range is its selection of those runs, and the owner re-selects k per run."""
+        return self.chunk
 
     def __init__(self, chunk: int = 4096, k: int = 64, bits: int = 2, mean: str = "contributors",
                  seed: int = 0):
@@ -141,6 +148,13 @@ class ChunkTopKCompressor(Compressor):
         full, r = divmod(n, self.chunk)
         last = min(r, self.k, max(2, math.ceil(self.k * r / self.chunk))) if r else 0
         return full, r, last
+
+    def payload_nbytes(self, n: int) -> int:
+        """``compress(x).nbytes`` for x of n elements, from n alone (the accounting formulas)."""
+        full, _, last = self.kept(n)
+        m = full * self.k + last
+        vals = {16: 2 * m, 1: (m + 7) // 8}.get(self.bits, (m * self.bits + 7) // 8 + 4 * (1 << self.bits))
+        return (m * self.index_bits + 7) // 8 + vals
 
     def _bases(self, n: int, device) -> torch.Tensor:
         """The first element of the run of every kept entry, in payload order (cached)."""
