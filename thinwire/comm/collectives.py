@@ -31,7 +31,10 @@ B = the compressed bytes of what one rank sends, p = the group size:
   averages in fp32, optionally adds/refreshes its server-side error buffer, re-compresses,
   and one ``all_gather`` returns the chunks. Bytes/rank (p-1)/p * p B_c + (p-1) B_c =
   2 (p-1) B_c with B_c = compressed bytes of one chunk ~ n/p * bits/8: O(n), independent of
-  p. Works for any compressor.
+  p. Works for any compressor. For a compressor that selects per run (``chunk_topk``:
+  ``owner_chunk``) ownership is by whole runs instead, the owner averages over the ranks
+  that sent each coordinate if asked (SparseLoCo's ``mean=contributors``), re-selects k per
+  run and keeps an owner-side residual; both phases are alltoallv (:func:`_two_phase_runs`).
 
 Every collective goes through ``thinwire.comm.accounting`` so its bytes are charged.
 ``collective="auto"`` picks by the algebra; an override is allowed where it is correct

@@ -26,7 +26,10 @@ Aggregation (``sparse``: all-gather of every rank's payload): with ``mean="contr
 include_self=False)``) each coordinate is averaged over the ranks that sent it; with
 ``mean="all"`` over all p ranks, as for ``topk``. The collective sums the ranks' payloads
 in rank order into one fp32 buffer (and counts the contributors), so every rank gets
-bitwise the same mean (see ``thinwire.comm.collectives.sparse_mean``).
+bitwise the same mean (see ``thinwire.comm.collectives.sparse_mean``). With
+``comm.collective=two_phase`` (either mean) ownership is by whole runs, each owner re-selects k
+per run of the mean it received and keeps an owner-side residual, and bytes per rank stay about
+2 (p-1)/p of one payload (``collectives._two_phase_runs``, docs/comm.md).
 
 Where this departs from the reference, and why:
 
@@ -120,12 +123,6 @@ class ChunkTopKCompressor(Compressor):
     sparse = True
     owner_residual = True   # two_phase: the owner keeps what its re-selection did not send
 
-    @property
-    def owner_chunk(self) -> int:
-        """two_phase owns whole runs (``collectives.owner_ranges``): every sender's selection in
-        an owner's range is its selection of those runs, and the owner re-selects k per run."""
-        return self.chunk
-
     def __init__(self, chunk: int = 4096, k: int = 64, bits: int = 2, mean: str = "contributors",
                  seed: int = 0):
         super().__init__(seed)
@@ -139,6 +136,9 @@ class ChunkTopKCompressor(Compressor):
         self.chunk, self.k, self.bits = chunk, k, bits
         self.mean = check_choice(self.name, "mean", mean, {"contributors", "all"})
         self.contributors_mean = mean == "contributors"  # read by the sparse all-gather
+        # two_phase owns whole runs (collectives.owner_ranges): every sender's selection in an
+        # owner's range is its selection of those runs, and the owner re-selects k per run
+        self.owner_chunk = chunk
         self.index_bits = uint_width(chunk)
         self._bases_cache: dict = {}     # (numel, device) -> _bases (the same for every call)
 
