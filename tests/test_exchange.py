@@ -15,7 +15,8 @@ from test_collectives import _ref_two_phase
 from thinwire.comm import collectives
 from thinwire.comm.accounting import WireMeter, collective_bytes
 from thinwire.comm.aggregator import CompressedAggregator
-from thinwire.comm.collectives import chunk_numel, launch, owner_ranges, segment_step, select_collective, two_phase_bytes
+from thinwire.comm.collectives import (chunk_numel, launch, owner_ranges, segment_step, select_collective,
+                                       two_phase_bytes)
 from thinwire.comm.compressors import build_compressor
 
 # a partial last run, one run (p - 1 owners get nothing), nine runs, less than a run
@@ -96,7 +97,7 @@ def _check(rank, p):
             measured = _Measured(rank)
             dist.all_to_all_single = measured
             try:
-                sent, fut, extra, nbytes = launch(xs[rank], comp, meter, steps=steps, collective="two_phase",
+                sent, fut, extra, _ = launch(xs[rank], comp, meter, steps=steps, collective="two_phase",
                                                   group=None, group2=group2, server_errors=mine)
                 got = fut.wait()
             finally:
@@ -107,7 +108,8 @@ def _check(rank, p):
                 assert torch.equal(sent[i], ref_sent[rank][i])
                 assert torch.equal(extra.server_errors[i], new[rank][i])
             # the EF invariant at the owner: residual + what it sent == what it aggregated
-            for i, (a, b) in enumerate(r[rank] for r in (owner_ranges(n, 4096, p, s % p) for n, s in zip(SIZES, steps))):
+            mine_ranges = [owner_ranges(n, 4096, p, s % p)[rank] for n, s in zip(SIZES, steps)]
+            for i, (a, b) in enumerate(mine_ranges):
                 torch.testing.assert_close(extra.server_errors[i] + got[i][a:b],
                                            new[rank][i] + want[i][a:b], rtol=0, atol=0)
             charged = meter.take_step()["data"]
@@ -204,16 +206,6 @@ def test_contributors_mean_two_phase_refusals():
             CompressedAggregator("chunk_topk", {"collective": "two_phase", "feedback": fb}, WireMeter())
 
 
-def sparseloco_numels():
-    """The compressed tensors of experiment=sparseloco's model (char-GPT, 4 layers, n_embd 128;
-    docs/sync.md): 802,432 parameters, 18 tensors >= comm.min_numel = 4096, 1,152 dense."""
-    from thinwire.config import compose
-    from thinwire.models import build_model
-    cfg = compose(["experiment=sparseloco"])
-    model = build_model(cfg)
-    return [p.numel() for p in model.parameters()]
-
-
 def bytes_per_rank(numels, comp, p, collective, min_numel=4096):
     big = [n for n in numels if n >= min_numel]
     dense = collective_bytes("all_reduce", sum(n for n in numels if n < min_numel), 4, p)
@@ -262,8 +254,9 @@ def test_sparseloco_two_phase_trains_and_resumes_mid_round_bitwise(pools, tmp_pa
     big = [(k, named[k].numel()) for k in owner[0]]
     small = sum(t.numel() for k, t in {t.untyped_storage().data_ptr(): (k, t) for k, t in model.items()}.values()
                 if t.numel() < 4096)
-    per_round = two_phase_bytes([n for _, n in big], build_compressor("chunk_topk"), 2, 0,
-                                [zlib.crc32(k.encode()) & 0xFFFFF for k, _ in big]) + collective_bytes("all_reduce", small, 4, 2)
+    offsets = [zlib.crc32(k.encode()) & 0xFFFFF for k, _ in big]   # collectives.owner_offset of segment_step
+    per_round = (two_phase_bytes([n for _, n in big], build_compressor("chunk_topk"), 2, 0, offsets)
+                 + collective_bytes("all_reduce", small, 4, 2))
     for x in rows(full):
         if x["step"] % 15 == 0 and "val_loss" not in x:
             assert x["wire_bytes"] - x["control_bytes"] == per_round, x
