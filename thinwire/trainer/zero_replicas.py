@@ -60,6 +60,8 @@ class ReplicaGroups(Replicas):
         alone = [new_group([r]) for r in range(p)]
         self.zero_group, self.cross_group = zero[self.replica], cross[self.index]
         self.cross_group2, self.alone = cross2[self.index], alone[world.rank]
+        # every rank skips and stops together; the ranks holding the same shard agree bitwise
+        self.control_group, self.consensus_group = None, self.cross_group
         self.zero_ranks = list(range(self.replica * size, (self.replica + 1) * size))
 
     def shards(self, model_params: ModuleParams) -> "ZeroShards":
