@@ -307,6 +307,7 @@ EASGD_RUN = ["experiment=tiny", "sync=easgd", "sync.period=2", "dist.nproc=2", "
              "trainer.checkpoint_every=1000", "trainer.sample_chars=0", "trainer.progress=false", "logger=none"]
 
 
+@pytest.mark.extended  # ~25 s
 def test_easgd_trains_300_steps_at_two_ranks_without_a_false_alarm(site, tmp_path):
     """The centre and round counter are checked every period (150 checks): never a false alarm."""
     p = run_train(site, *EASGD_RUN, "trainer.max_steps=300", f"hydra.run.dir={tmp_path / 'run'}")

@@ -51,6 +51,7 @@ class CompressedAggregator:
         self.min_numel = int(fields.get("min_numel", 0))
         self.meter, self.group, self.group2 = meter, group, group2
         self.server_errors: dict[str, torch.Tensor] = {}
+        self.sequencer = collectives.Sequencer()  # orders the second phases issued on group2
         self.staged: dict[str, dict[str, torch.Tensor]] = {}
         self.stats = {"payload_bytes": 0, "raw_bytes": 0, "residual_sq": 0.0}
 
@@ -70,7 +71,7 @@ class CompressedAggregator:
             sent_big, fut_big, extra, nbytes = collectives.launch(
                 [msgs[i] for i in big], compressor, self.meter, collective=self.collective,
                 steps=[collectives.segment_step(iteration, names[i]) for i in big],
-                group=self.group, group2=self.group2, server_errors=errs)
+                group=self.group, group2=self.group2, server_errors=errs, sequencer=self.sequencer)
             for i, s in zip(big, sent_big):
                 sent[i] = s
             futs.append(fut_big)

@@ -43,7 +43,8 @@ need it) and a ``torch.futures.Future`` of the means. Phase 1 is launched at onc
 (async_op); for ``two_phase`` the second collective is launched from phase 1's completion
 callback on ``group2`` - a process group of its own, so collectives launched from callbacks
 never interleave with the ones the main thread issues on ``group`` - and in call order (a
-per-group2 sequencer), so every rank issues them in the same order even when gloo completes
+:class:`Sequencer` owned by the caller: ``CompressedAggregator`` keeps one per second
+group; a direct call without one shares a default per group object), so every rank issues them in the same order even when gloo completes
 phase 1 of several buckets out of order. No callback ever calls ``wait()``.
 
 ``steps``: forwarded to ``compressor.compress`` (rand-k indices, stochastic rounding, sampled
@@ -54,6 +55,7 @@ is compressed with ``step * (p + 1) + j`` and the owner's re-compression with
 from __future__ import annotations
 
 import threading
+import weakref
 import zlib
 
 import torch
@@ -171,9 +173,10 @@ def new_server_error(numel: int, compressor: Compressor, group=None, device=None
     return torch.zeros(chunk_numel(numel, p), dtype=torch.float32, device=device)
 
 
-class _Sequencer:
+class Sequencer:
     """Launches second-phase collectives in ticket (= call) order, whatever order the
-    first-phase completion callbacks run in."""
+    first-phase completion callbacks run in. Owned by whoever issues the calls on one second
+    group (``CompressedAggregator``); a fresh one per group object, never shared by id."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -195,14 +198,19 @@ class _Sequencer:
                 fn()
 
 
-_SEQUENCERS: dict[int, _Sequencer] = {}
+_DEFAULT_SEQUENCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its default
+_NO_GROUP = Sequencer()  # the default group (``group2`` None)
 _SEQ_LOCK = threading.Lock()
 
 
-def _sequencer(group2) -> _Sequencer:
-    key = id(group2) if group2 is not None else 0
+def _default_sequencer(group2) -> Sequencer:
+    """For direct calls of :func:`launch` / :func:`aggregate_async` that bring no sequencer:
+    one per group *object*, held weakly (a new group never inherits the tickets of a
+    destroyed one, as it could when keyed by ``id``)."""
+    if group2 is None:
+        return _NO_GROUP
     with _SEQ_LOCK:
-        return _SEQUENCERS.setdefault(key, _Sequencer())
+        return _DEFAULT_SEQUENCERS.setdefault(group2, Sequencer())
 
 
 # ----------------------------------------------------------------------------- segments
@@ -226,7 +234,7 @@ class TwoPhaseResult:
 
 def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, *,
            steps: list[int | None], collective: str = "auto", group=None, group2=None,
-           server_errors: list[torch.Tensor | None] | None = None):
+           server_errors: list[torch.Tensor | None] | None = None, sequencer: Sequencer | None = None):
     """Start aggregating ``flats`` (1-D tensors) over the ranks of ``group``. Returns
     ``(sent, future, extra, nbytes)``: ``sent[i]`` is C(flats[i]) as this rank sent it
     (decompressed), ``future`` resolves to the list of means (dtype of each flat), ``extra``
@@ -240,7 +248,7 @@ def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, 
         return _allreduce(flats, compressor, meter, steps, group)
     if kind == "allgather":
         return _allgather(flats, compressor, meter, steps, group)
-    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors)
+    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer)
 
 
 def _allreduce(flats, compressor, meter, steps, group):
@@ -288,7 +296,7 @@ def _allgather(flats, compressor, meter, steps, group):
     return sent, then(work.get_future(), means), None, send.numel()
 
 
-def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
+def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer=None):
     p, rank = _world(group)
     n_seg = len(flats)
     server_errors = server_errors or [None] * n_seg
@@ -307,7 +315,7 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     extra = TwoPhaseResult(n_seg)
     result: torch.futures.Future = torch.futures.Future()
     second = group2 if group2 is not None else group  # the group of the all-gather
-    seq = _sequencer(second if p > 1 else None)
+    seq = sequencer if sequencer is not None else _default_sequencer(second if p > 1 else None)
     ticket = seq.ticket()
     ctx: dict = {}
     # the second all-gather is launched from a callback, at a moment no step controls (under

@@ -88,7 +88,8 @@ class OuterStrategy(SyncStrategy):
         self.anchor = self.space.split(self.space.read_flat())
         self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"}, meter,
-                                           group=self.replicas.cross_group, group2=self.replicas.cross_group2)
+                                           group=self.replicas.cross_group, group2=self.replicas.cross_group2,
+                                           timeout_s=getattr(world, "timeout_s", None))
         self.moments = MomentAverager(*self.plan.moments, meter, group=self.replicas.control_group)
         self.flights: dict[int, Flight] = {}
         self.live: torch.Tensor | None = None               # this step's w_i, read once
