@@ -239,3 +239,18 @@ def test_new_compositions_resume_bitwise_with_averages_in_flight(tmp_path):
         for r in range(2):
             for k, v in straight[r][name].items():
                 assert torch.equal(resumed[r][name][k], v), (name, r, k)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["sync.fragment_delay=1"], "sync.fragment_delay=1: sync=co2 merges each fragment one whole round after its "
+                                "launch; the delay tau is sync=local's"),
+    (["sync.fragment_alpha=0.5"], "sync.fragment_alpha=0.5: sync=co2 keeps each rank's progress since the launch "
+                                  "whole (w += a_{t+1} - y_t); the merge weight is sync=local's"),
+])
+def test_co2_with_what_cannot_compose_is_one_line_naming_key_and_value(overrides, line):
+    from thinwire.config import compose, validate
+    from thinwire.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose(["sync=co2", "sync.local_steps=4", "sync.fragments=2", *overrides]))
+    assert str(e.value) == line

@@ -1,34 +1,31 @@
 """The outer loop (``sync=local|diloco|co2``, eager, streaming, SparseLoCo): one strategy that
 runs a :class:`~thinwire.comm.rounds.Round` (plain data: fragments, offsets, delay, merge rule).
-At fragment j's launch, on rank i (a = anchor, identical on every rank; w_i = live parameters)::
+At fragment j's launch, on rank i (a: the anchor, equal on every rank; w_i: live parameters)::
 
     Delta_i = a - w_i ;  launch d = mean_i Delta_i     (one average, through the comm layer)
 
-and ``delay`` steps later, at its merge (Local SGD, Lin et al. 2020; DiLoCo, Douillard et al. 2023;
-Streaming DiLoCo, arXiv 2501.18512, Alg. 1; CO2, Sun et al. 2024, Alg. 1)::
+and ``delay`` steps later, at its merge (Local SGD, Lin et al. 2020; DiLoCo, Douillard et al.
+2023; Streaming DiLoCo, arXiv 2501.18512, Alg. 1; CO2, Sun et al. 2024, Alg. 1)::
 
     sync:   a = OuterOpt(a, d);             w_i = alpha w_i + (1 - alpha) a
     stale:  a' = OuterOpt(a, d / Lambda);   w_i += a' - y_i   (y_i = a - Delta_i: w_i at the launch)
-    eager:  a = OuterOpt(a, d) when d arrives (the consensus c, means only); at the launch
-            w_i = s_i = OuterOpt'(a, Delta_i / p)  with Delta_i = s_i - w_i   (s_i: this rank's anchor)
+    eager:  a = OuterOpt(a, d) as soon as d arrives (the consensus: means only); at the launch,
+            Delta_i = s_i - w_i  and  w_i = s_i = OuterOpt'(a, Delta_i / p)   (s_i: rank i's anchor)
 
-Eager is Kale, Douillard, Donchev 2025 (arXiv 2502.12996) unrolled: each contribution is applied
-once, own at its round, the others' one round later. Departure: with momentum the paper keeps one
-outer optimizer per worker fed with its own estimate; here OuterOpt' is a copy of the consensus's
-state (``OuterOptimizer.trial``), identical on every rank. Lambda_t = 1 + s ||a_t - a_{t-1}|| /
-||d_t|| per layer (CO2 Eq. 4, Gap-Aware form); OuterOpt is any torch optimizer after a clip
-(``outer_optimizer``). The inner moments may be averaged at round ends (``moments``).
+Eager is Kale, Douillard, Donchev 2025 (arXiv 2502.12996) unrolled: own share at its round, the
+others' one round later. Departure: with momentum the paper keeps one outer optimizer per worker;
+OuterOpt' here is a copy of the consensus's state (``OuterOptimizer.trial``), equal on every rank.
+Lambda = 1 + s ||a_t - a_{t-1}|| / ||d|| per layer (CO2 Eq. 4, Gap-Aware form). OuterOpt: any
+torch optimizer after a clip (``outer_optimizer``); inner moments may be averaged at round ends.
 
-Departures from the references: the snapshot Delta_i is a copy (the reference all-reduces live
-parameters from a thread); pseudo-gradients, not parameters, are averaged, so any compressor +
-error feedback applies (``CompressedAverager``). A non-finite Delta anywhere is agreed in one
-control all-reduce before the launch (which also carries Ctrl-C votes, ``carries_stop``): every
-rank restarts that fragment from its anchor, nothing is sent (``outer_skipped``). A checkpoint
-completes the averages in flight and stores their means; merging them later changes timing only,
-so resume is bitwise. While ranks differ the model evaluated is the mean of the live parameters
-(eager: the consensus). Parameters are read and written only through a ``ParamSpace`` and
-averaged only over the ``Replicas`` groups given (``param_space``), so ZeRO shards
-(``thinwire.trainer.zero_replicas``) and subgroups of ranks are implementations, not edits.
+Departures: Delta_i is a copy (the CO2 reference all-reduces live parameters from a thread);
+pseudo-gradients are averaged, so any compressor + error feedback applies. A non-finite Delta
+anywhere is agreed in one control all-reduce before the launch (it also carries Ctrl-C votes):
+every rank restarts that fragment from its anchor and nothing is sent (``outer_skipped``). A
+checkpoint completes the averages in flight and stores their means (resume is bitwise). While
+ranks differ the model evaluated is the mean of the live parameters (eager: the consensus).
+Parameters are read and written only through a ``ParamSpace``, averaged only over the
+``Replicas`` groups given (``param_space``): ZeRO shards and subgroups are implementations.
 On NCCL an overlapped average is launched from a side stream that first waits for compute.
 """
 from __future__ import annotations
@@ -50,17 +47,15 @@ from .rounds import CO2Config, LocalConfig, co2_options, round_of
 from .sync import SYNC_STRATEGIES, SyncStrategy
 
 
-def staleness_penalty(pseudo_grad_norms: list[float], anchor_move_norms: list[float] | None,
-                      strength: float) -> list[float]:
-    """CO2's layer-wise Lambda_t >= 1 (module doc): 1 when off or before the anchor first moved."""
-    if strength <= 0 or anchor_move_norms is None:
-        return [1.0] * len(pseudo_grad_norms)
-    return [1.0 + strength * move / d if d > 0 else 1.0 for d, move in zip(pseudo_grad_norms, anchor_move_norms)]
+def staleness_penalty(d_norms: list[float], move_norms: list[float] | None, strength: float) -> list[float]:
+    """CO2's layer-wise Lambda >= 1 (module doc): 1 when off or before the anchor first moved."""
+    if strength <= 0 or move_norms is None:
+        return [1.0] * len(d_norms)
+    return [1.0 + strength * move / d if d > 0 else 1.0 for d, move in zip(d_norms, move_norms)]
 
 
 @dataclass
-class Flight:
-    """One fragment's average: launched, then waited for (``mean``), then merged."""
+class Flight:  # one fragment's average: launched (snapshot Delta_i), waited for (mean), merged
     snapshot: torch.Tensor | None
     future: torch.futures.Future | None = None
     mean: torch.Tensor | None = None
@@ -101,36 +96,29 @@ class OuterStrategy(SyncStrategy):
 
     @classmethod
     def check_run(cls, cfg) -> None:
-        s = cfg.sync
-        if cfg.engine.name != "ddp":
-            need(s.fragments == 1 and s.fragment_delay == 0, "sync.fragments", s.fragments,
-                 f"engine={cfg.engine.name} shards layers across a replica group's ranks; streaming fragments "
-                 f"need engine=ddp")
-            need(s.moment1_every == 0 and s.moment2_every == 0, "sync.moment1_every",
-                 f"{s.moment1_every} (moment2_every={s.moment2_every})",
-                 f"engine={cfg.engine.name} shards the inner optimizer's state; averaging its moments needs engine=ddp")
-        n_layer = cfg.model.get("n_layer")
-        if isinstance(n_layer, int) and s.fragments > 1:
-            need(s.fragments <= n_layer, "sync.fragments", s.fragments,
-                 f"model.n_layer={n_layer} blocks: at most one fragment per block")
+        s, engine, n_layer = cfg.sync, cfg.engine.name, cfg.model.get("n_layer")
+        need(engine == "ddp" or (s.fragments == 1 and s.fragment_delay == 0), "sync.fragments", s.fragments,
+             f"engine={engine} shards layers across a replica group's ranks; streaming fragments need engine=ddp")
+        need(engine == "ddp" or s.moment1_every == s.moment2_every == 0, "sync.moment1_every",
+             f"{s.moment1_every} (moment2_every={s.moment2_every})",
+             f"engine={engine} shards the inner optimizer's state; averaging its moments needs engine=ddp")
+        need(not isinstance(n_layer, int) or s.fragments <= n_layer, "sync.fragments", s.fragments,
+             f"model.n_layer={n_layer} blocks: at most one fragment per block")
 
     def bind_optimizer(self, plugin) -> None:
         if self.moments.active:
             self.moments.bind(getattr(plugin, "optimizer", None))
 
     # -- pieces of fragment j ---------------------------------------------------------
-    def _idx(self, j: int) -> list[int]:
-        return self.plan.fragments[j]
-
     def _take(self, flat: torch.Tensor, j: int) -> torch.Tensor:
         if len(self.plan.fragments) == 1:
             return flat
         pieces = self.space.split(flat)
-        return torch.cat([pieces[i].reshape(-1) for i in self._idx(j)])
+        return torch.cat([pieces[i].reshape(-1) for i in self.plan.fragments[j]])
 
     def _pieces(self, flat: torch.Tensor, j: int) -> list[torch.Tensor]:
         """Fragment j's flat vector as pieces shaped like its anchor's."""
-        idx = self._idx(j)
+        idx = self.plan.fragments[j]
         return [x.view_as(self.anchor[i]) for x, i in zip(flat.split([self.space.sizes[i] for i in idx]), idx)]
 
     def _live(self) -> torch.Tensor:
@@ -141,7 +129,7 @@ class OuterStrategy(SyncStrategy):
     def _write(self, j: int, pieces: list[torch.Tensor]) -> None:
         """w_i on fragment j's pieces = ``pieces``; the live parameters are written back."""
         live = self.space.split(self._live())
-        for i, x in zip(self._idx(j), pieces):
+        for i, x in zip(self.plan.fragments[j], pieces):
             live[i].copy_(x.reshape(live[i].shape))
         self.space.write_flat(self.live)
 
@@ -177,7 +165,7 @@ class OuterStrategy(SyncStrategy):
             self._write(j, self._pieces(self._take(own, j), j))  # restart the fragment from its anchor
             self.skipped += 1
             return False
-        idx = self._idx(j)
+        idx = self.plan.fragments[j]
         names, sizes = [self.space.names[i] for i in idx], [self.space.sizes[i] for i in idx]
         # co2 counts the round in flight as launched after the round it ends (comm.warmup_steps, seeds)
         it = self.round + self.overlapped
@@ -212,12 +200,13 @@ class OuterStrategy(SyncStrategy):
             hidden = max(0.0, min(f.done_s, consume_s) - f.launched_s)
             out["overlap_fraction"] = min(1.0, hidden / max(f.done_s - f.launched_s, 1e-9))
         if self.plan.merge == "eager":  # the consensus takes every mean as soon as it is waited for
-            self.outer.step([self.anchor[i] for i in self._idx(j)], [x.clone() for x in self._pieces(f.mean, j)])
+            self.outer.step([self.anchor[i] for i in self.plan.fragments[j]],
+                            [x.clone() for x in self._pieces(f.mean, j)])
             del self.flights[j]
         return time.perf_counter() - consume_s
 
     def _merge(self, j: int, out: dict) -> None:
-        f, idx = self.flights.pop(j), self._idx(j)
+        f, idx = self.flights.pop(j), self.plan.fragments[j]
         anchor, d = [self.anchor[i] for i in idx], [x.clone() for x in self._pieces(f.mean, j)]
         if self.plan.merge == "sync":
             self.outer.step(anchor, d)
@@ -240,10 +229,8 @@ class OuterStrategy(SyncStrategy):
                 "outer_momentum_norm": self.space.global_norm(self.outer.momentum()), **extra}
 
     def finite_everywhere(self, delta: torch.Tensor) -> bool:
-        """Whether every rank's Delta is finite: one control all-reduce of a flag over the
-        control group (replica groups included: they must all skip together). The same number
-        carries the Ctrl-C votes (``carries_stop``): a non-finite rank counts 1, a vote p + 1
-        (exact in float32 below 4096 ranks); every rank reads the same sum."""
+        """Every rank's Delta finite? One control all-reduce over the control group, which also
+        counts Ctrl-C votes (``carries_stop``): non-finite counts 1, a vote p + 1 (exact in fp32)."""
         group = self.replicas.control_group
         weight = accounting.group_size(group) + 1
         flag = torch.isfinite(delta).all().logical_not().float().reshape(1) + (weight if self.stop_vote else 0)
@@ -258,8 +245,7 @@ class OuterStrategy(SyncStrategy):
         return self.H
 
     def consensus_state(self) -> dict:
-        """The anchor and the outer optimizer's state: equal on every rank after each round
-        (live parameters legitimately differ)."""
+        """The anchor and the outer optimizer's state (live parameters legitimately differ)."""
         state = {f"anchor.{n}": a for n, a in zip(self.space.names, self.anchor)}
         for n, p in zip(self.space.names, self.outer.params):
             for key, value in sorted(self.outer.optimizer.state.get(p, {}).items()):
@@ -275,19 +261,18 @@ class OuterStrategy(SyncStrategy):
     def eval_model(self):
         """Eager: the consensus (means waited for and applied); else the mean of the ranks' live
         parameters over the control group (one counted all-reduce), swapped in for the duration."""
-        group, params = self.replicas.control_group, self.model_params
-        if self.plan.merge == "eager":
-            self.close()
-            params = self.space
-            live, mean = params.read_flat(), params.flat(self.anchor)
-        elif self.world.world_size == 1 or accounting.group_size(group) == 1:
+        group, eager = self.replicas.control_group, self.plan.merge == "eager"
+        if not eager and (self.world.world_size == 1 or accounting.group_size(group) == 1):
             yield self.model
             return
-        else:
-            live = params.read_flat()
-            mean = live.clone()
+        if eager:  # the means in flight are part of the consensus
+            self.close()
+        params = self.space if eager else self.model_params
+        live = params.read_flat()
+        mean = params.flat(self.anchor) if eager else live.clone()
+        if not eager:  # replica groups: each counts as often as it has ranks
             accounting.all_reduce(self.meter, mean, group=group, kind="eval")
-            mean.div_(accounting.group_size(group))  # replica groups: each counts as often as it has ranks
+            mean.div_(accounting.group_size(group))
         params.write_flat(mean)
         try:
             yield self.model

@@ -76,7 +76,7 @@ OVERLAP_DEFAULTS = {
 @dataclass
 class CO2Config(LocalConfig):
     # stale: the mean of round t is applied at the end of round t+1 (CO2, Algorithm 1);
-    # eager: Kale et al. 2025's eager updates (``thinwire.comm.local``)
+    # eager: Kale et al. 2025's eager updates (see ``thinwire.comm.local``)
     overlap: str = "stale"
     # {} = the overlap's recipe (stale: SGD Nesterov 0.5, lr 1; eager: SGD lr 1, no momentum), updated with the keys given
     outer_optim: dict = field(default_factory=dict)
