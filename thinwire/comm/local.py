@@ -166,17 +166,17 @@ class OuterStrategy(SyncStrategy):
             self.skipped += 1
             return False
         idx = self.plan.fragments[j]
-        names, sizes = [self.space.names[i] for i in idx], [self.space.sizes[i] for i in idx]
         # co2 counts the round in flight as launched after the round it ends (comm.warmup_steps, seeds)
-        it = self.round + self.overlapped
+        self.launching = ([self.space.names[i] for i in idx], [self.space.sizes[i] for i in idx],
+                          self.round + self.overlapped)
         flight = self.flights[j] = Flight(delta, launched_s=time.perf_counter())
         if self.cuda_stream is not None:  # NCCL: launch from the side stream
             self.cuda_stream.wait_stream(torch.cuda.current_stream(self.world.device))
             with torch.cuda.stream(self.cuda_stream):
                 delta.record_stream(self.cuda_stream)
-                fut = self.averager.average_async(names, sizes, delta, it)
+                fut = self.launch(delta)
         else:
-            fut = self.averager.average_async(names, sizes, delta.clone() if self.start is not None else delta, it)
+            fut = self.launch(delta.clone() if self.start is not None else delta)
         flight.future = then(fut, lambda f: (setattr(flight, "done_s", time.perf_counter()), f.value())[1])
         if self.plan.merge == "eager":  # s_i = OuterOpt'(c, Delta_i / p): this rank's fresh share
             n = accounting.group_size(self.replicas.cross_group) if self.world.world_size > 1 else 1
@@ -185,6 +185,11 @@ class OuterStrategy(SyncStrategy):
                 self.space.split(self.start)[i].copy_(x)
             self._write(j, moved)
         return True
+
+    def launch(self, delta: torch.Tensor) -> torch.futures.Future:
+        """Start averaging ``delta``, the fragment being launched (a seam: tests slow it down)."""
+        names, sizes, it = self.launching
+        return self.averager.average_async(names, sizes, delta, it)
 
     def _wait(self, j: int, out: dict) -> float:
         """Wait for fragment j's mean (eager: apply it to the consensus); returns seconds blocked."""
