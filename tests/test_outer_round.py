@@ -30,6 +30,12 @@ CASES = {  # name -> the sync node (clip off, so the reference needs none)
 }
 CASES = {k: {"clip": 1e6, "clip_mode": "norm", **v} for k, v in CASES.items()}
 STEPS, LR = 12, 0.1
+NONE = {"name": "none"}
+# experiment=sparseloco at this scale: local, no clip, chunked top-k with decayed error feedback
+SPARSELOCO = ({"name": "local", "local_steps": 3, "clip": float("inf"), "clip_mode": "norm", "outer_optim": OUTER},
+              {"name": "chunk_topk", "feedback": "ef", "ef_decay": 0.95, "warmup_steps": 0, "min_numel": 0,
+               "collective": "auto", "seed": 0, "eta": 0.1, "init": "dense", "chunk": 16, "k": 4, "bits": 2,
+               "mean": "contributors"})
 
 
 def make_model():
@@ -163,13 +169,13 @@ def reference(case, p, view, member0=0):
 
 
 # -- the strategy on real ranks ----------------------------------------------------------------
-def run_strategy(world, replicas, case, member, steps=STEPS, stop_at=None):
+def run_strategy(world, replicas, case, member, steps=STEPS, stop_at=None, comm=NONE):
     from thinwire.comm.accounting import WireMeter
     from thinwire.comm.sync import build_sync
 
     model, meter = make_model(), WireMeter()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    strategy = build_sync(OmegaConf.create(case), world, meter, model, OmegaConf.create({"name": "none"}), replicas)
+    strategy = build_sync(OmegaConf.create(case), world, meter, model, OmegaConf.create(comm), replicas)
     for step in range(steps):
         if step == stop_at:  # checkpoint, then continue in a fresh process's objects
             saved = io.BytesIO()
@@ -178,8 +184,7 @@ def run_strategy(world, replicas, case, member, steps=STEPS, stop_at=None):
             state = torch.load(saved, weights_only=True)
             model, meter = make_model(), WireMeter()
             opt = torch.optim.SGD(model.parameters(), lr=LR)
-            strategy = build_sync(OmegaConf.create(case), world, meter, model, OmegaConf.create({"name": "none"}),
-                                  replicas)
+            strategy = build_sync(OmegaConf.create(case), world, meter, model, OmegaConf.create(comm), replicas)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             strategy.load_state_dict(state["sync"])
@@ -205,7 +210,15 @@ def subgroup_rank(rank, world_size, cases):
     asyncs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     g = rank // 2
     replicas = DataParallel(world, group=pairs[g], cross_group=asyncs[g])
-    return {name: run_strategy(world, replicas, case, 10 * g + rank % 2) for name, case in cases.items()}
+    out = {name: run_strategy(world, replicas, case, 10 * g + rank % 2) for name, case in cases.items()}
+    return {**out, "sparseloco": run_strategy(world, replicas, SPARSELOCO[0], 10 * g + rank % 2, comm=SPARSELOCO[1])}
+
+
+def sparseloco_rank(rank, world_size, member0):
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, 0, torch.device("cpu"), "gloo", dist.new_group())
+    return run_strategy(world, DataParallel(world), SPARSELOCO[0], member0 + rank, comm=SPARSELOCO[1])
 
 
 def assert_matches(got, want, what):
@@ -229,6 +242,11 @@ def test_every_configuration_on_a_subgroup_of_2_of_4_ranks_equals_the_reference(
             want = reference(case, 2, whole, member0=10 * g)
             for r in range(2):
                 assert_matches(ranks[2 * g + r][name], want[r], f"{name}, group {g}, rank {2 * g + r}")
+    # SparseLoCo (compressed, error feedback): each pair is bitwise the 2-rank world run on its data
+    for g in range(2):
+        world = run_ranks(sparseloco_rank, 2, tmp_path, 10 * g)
+        for r in range(2):
+            assert all(torch.equal(ranks[2 * g + r]["sparseloco"][k], v) for k, v in world[r].items()), (g, r)
 
 
 def test_new_compositions_resume_bitwise_with_averages_in_flight(tmp_path):
