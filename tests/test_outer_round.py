@@ -194,12 +194,12 @@ def run_strategy(world, replicas, case, member, steps=STEPS, stop_at=None, comm=
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def strided_half_rank(rank, world_size, cases, stop_at):
+def strided_half_rank(rank, world_size, cases, stop_at, comms=None):
     from thinwire.trainer.world import World
 
     world = World(rank, world_size, 0, torch.device("cpu"), "gloo", dist.new_group())
-    return {name: run_strategy(world, HalfReplicas(world), case, rank, stop_at=stop_at.get(name))
-            for name, case in cases.items()}
+    return {name: run_strategy(world, HalfReplicas(world), case, rank, stop_at=stop_at.get(name),
+                               comm=(comms or {}).get(name, NONE)) for name, case in cases.items()}
 
 
 def subgroup_rank(rank, world_size, cases):
@@ -251,8 +251,10 @@ def test_every_configuration_on_a_subgroup_of_2_of_4_ranks_equals_the_reference(
 
 def test_new_compositions_resume_bitwise_with_averages_in_flight(tmp_path):
     cases = {k: CASES[k] for k in ("co2+fragments", "eager+streaming")}
-    straight = run_ranks(strided_half_rank, 2, tmp_path, cases, {})
-    resumed = run_ranks(strided_half_rank, 2, tmp_path, cases, {k: 5 for k in cases})  # mid-round, in flight
+    cases["co2+fragments, top-k + EF"] = CASES["co2+fragments"]  # two fragments' feedback staged at once
+    comms = {"co2+fragments, top-k + EF": SPARSELOCO[1]}
+    straight = run_ranks(strided_half_rank, 2, tmp_path, cases, {}, comms)
+    resumed = run_ranks(strided_half_rank, 2, tmp_path, cases, {k: 5 for k in cases}, comms)  # averages in flight
     for name in cases:
         for r in range(2):
             for k, v in straight[r][name].items():

@@ -151,8 +151,13 @@ class CompressedAggregator:
     def _stage(self, name: str, **bufs: torch.Tensor) -> None:
         self.staged.setdefault(name, {}).update(bufs)
 
-    def commit(self) -> None:
-        staged, self.staged = self.staged, {}
+    def commit(self, names: list[str] | None = None) -> None:
+        """Apply the staged buffers (of ``names`` only, when given: other aggregations may still
+        be staging theirs from gloo's thread, e.g. the fragments in flight of the outer loop)."""
+        if names is None:
+            staged, self.staged = self.staged, {}
+        else:
+            staged = {n: self.staged.pop(n) for n in names if n in self.staged}
         for name, bufs in staged.items():
             if "server_e" in bufs:
                 self.server_errors[name] = bufs.pop("server_e")

@@ -60,9 +60,9 @@ class CompressedAverager:
     def average(self, names: list[str], sizes: list[int], flat: torch.Tensor, step: int) -> torch.Tensor:
         return self.average_async(names, sizes, flat, step).wait()
 
-    def commit(self) -> None:
+    def commit(self, names: list[str] | None = None) -> None:
         if self.aggregator is not None:
-            self.aggregator.commit()
+            self.aggregator.commit(names)
 
     def discard(self) -> None:
         if self.aggregator is not None:

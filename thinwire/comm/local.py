@@ -200,7 +200,7 @@ class OuterStrategy(SyncStrategy):
         f.mean, f.future = f.future.wait(), None
         if self.cuda_stream is not None:
             torch.cuda.current_stream(self.world.device).wait_stream(self.cuda_stream)
-        self.averager.commit()
+        self.averager.commit([self.space.names[i] for i in self.plan.fragments[j]])  # only this fragment's
         if self.overlapped and f.done_s:
             hidden = max(0.0, min(f.done_s, consume_s) - f.launched_s)
             out["overlap_fraction"] = min(1.0, hidden / max(f.done_s - f.launched_s, 1e-9))
