@@ -46,7 +46,8 @@ need it) and a ``torch.futures.Future`` of the means. Phase 1 is launched at onc
 (async_op); for ``two_phase`` the second collective is launched from phase 1's completion
 callback on ``group2`` - a process group of its own, so collectives launched from callbacks
 never interleave with the ones the main thread issues on ``group`` - and in call order (a
-per-group2 sequencer), so every rank issues them in the same order even when gloo completes
+:class:`Sequencer` owned by the caller: ``CompressedAggregator`` keeps one per second
+group; a direct call without one shares a default per group object), so every rank issues them in the same order even when gloo completes
 phase 1 of several buckets out of order. No callback ever calls ``wait()``.
 
 ``steps``: forwarded to ``compressor.compress`` (rand-k indices, stochastic rounding, sampled
@@ -58,6 +59,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 import zlib
 
 import torch
@@ -189,9 +191,10 @@ def new_server_error(numel: int, compressor: Compressor, group=None, device=None
     return torch.zeros(chunk_numel(numel, p), dtype=torch.float32, device=device)
 
 
-class _Sequencer:
+class Sequencer:
     """Launches second-phase collectives in ticket (= call) order, whatever order the
-    first-phase completion callbacks run in."""
+    first-phase completion callbacks run in. Owned by whoever issues the calls on one second
+    group (``CompressedAggregator``); a fresh one per group object, never shared by id."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -213,14 +216,19 @@ class _Sequencer:
                 fn()
 
 
-_SEQUENCERS: dict[int, _Sequencer] = {}
+_DEFAULT_SEQUENCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its default
+_NO_GROUP = Sequencer()  # the default group (``group2`` None)
 _SEQ_LOCK = threading.Lock()
 
 
-def _sequencer(group2) -> _Sequencer:
-    key = id(group2) if group2 is not None else 0
+def _default_sequencer(group2) -> Sequencer:
+    """For direct calls of :func:`launch` / :func:`aggregate_async` that bring no sequencer:
+    one per group *object*, held weakly (a new group never inherits the tickets of a
+    destroyed one, as it could when keyed by ``id``)."""
+    if group2 is None:
+        return _NO_GROUP
     with _SEQ_LOCK:
-        return _SEQUENCERS.setdefault(key, _Sequencer())
+        return _DEFAULT_SEQUENCERS.setdefault(group2, Sequencer())
 
 
 # ----------------------------------------------------------------------------- segments
@@ -244,7 +252,7 @@ class TwoPhaseResult:
 
 def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, *,
            steps: list[int | None], collective: str = "auto", group=None, group2=None,
-           server_errors: list[torch.Tensor | None] | None = None):
+           server_errors: list[torch.Tensor | None] | None = None, sequencer: Sequencer | None = None):
     """Start aggregating ``flats`` (1-D tensors) over the ranks of ``group``. Returns
     ``(sent, future, extra, nbytes)``: ``sent[i]`` is C(flats[i]) as this rank sent it
     (decompressed), ``future`` resolves to the list of means (dtype of each flat), ``extra``
@@ -259,8 +267,8 @@ def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, 
     if kind == "allgather":
         return _allgather(flats, compressor, meter, steps, group)
     if owner_chunk(compressor):
-        return _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors)
-    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors)
+        return _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors, sequencer)
+    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer)
 
 
 def _allreduce(flats, compressor, meter, steps, group):
@@ -308,7 +316,7 @@ def _allgather(flats, compressor, meter, steps, group):
     return sent, then(work.get_future(), means), None, send.numel()
 
 
-def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
+def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer=None):
     p, rank = _world(group)
     n_seg = len(flats)
     chunks = [chunk_numel(f.numel(), p) for f in flats]
@@ -328,7 +336,7 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     extra = TwoPhaseResult(n_seg)
     result: torch.futures.Future = torch.futures.Future()
     second = group2 if group2 is not None else group  # the group of the all-gather
-    seq = _sequencer(second if p > 1 else None)
+    seq = sequencer if sequencer is not None else _default_sequencer(second if p > 1 else None)
     ticket = seq.ticket()
     ctx: dict = {}
     # the second all-gather is launched from a callback, at a moment no step controls (under
@@ -454,7 +462,7 @@ def _all_to_all_v(meter, out: torch.Tensor, send: torch.Tensor, in_splits: list[
     return work.get_future()
 
 
-def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors):
+def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors, sequencer=None):
     """two_phase for a compressor that selects per run of ``owner_chunk`` elements (chunk_topk):
     ownership by whole runs (:func:`owner_ranges`), so every sender's selection in an owner's
     range is its selection of those runs, the owner's re-selection keeps k per run, and the
@@ -493,7 +501,7 @@ def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_error
     extra = TwoPhaseResult(n_seg)
     result: torch.futures.Future = torch.futures.Future()
     second = group2 if group2 is not None else group
-    seq = _sequencer(second if p > 1 else None)
+    seq = sequencer if sequencer is not None else _default_sequencer(second if p > 1 else None)
     ticket = seq.ticket()
     # phase 2 is launched from a callback: charge it now (see _two_phase). The owner's
     # re-compressed range has the structure of the range every sender sent it
