@@ -48,35 +48,32 @@ import sys
 import tempfile
 import time
 
+from harness import manifest
+from harness.catalogue import peer_args, spelt
+from harness.tables import failed_rows, md_row
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NETSIM = os.path.join(ROOT, "launch", "netsim")
 PEER = os.path.join(HERE, "cluster_peer.py")
 
-# label, group, peer args, thinwire overrides
-DENSE = ("ddp fp32", "baseline", [], ["comm=none", "sync=ddp"])
-BF16 = ("thinwire comm=bf16", "thinwire", [], ["comm=bf16", "sync=ddp"])
-TOPK = ["comm=topk", "comm.ratio=0.01", "sync=ddp"]
+def _row(label: str, group: str, row: str) -> tuple:
+    return label, group, peer_args(row), spelt(row)
+
+
+# label, group, peer args, thinwire overrides: the catalogue's rows (harness/catalogue.py)
+DENSE = _row("ddp fp32", "baseline", "dense")
+BF16 = _row("thinwire comm=bf16", "thinwire", "bf16")
 ROWS = [
     DENSE,
-    ("torch fp16 hook", "peer", ["--peer", "fp16"], ["comm=none", "sync=ddp"]),
-    ("torch PowerSGD r2", "peer", ["--peer", "powersgd", "--rank-r", "2"], ["comm=none", "sync=ddp"]),
-    ("torch PowerSGD r4", "peer", ["--peer", "powersgd", "--rank-r", "4"], ["comm=none", "sync=ddp"]),
-    ("torch PostLocalSGD H=8", "peer", ["--peer", "postlocal", "--H", "8"], ["comm=none", "sync=ddp"]),
-    ("DeepSpeed ZeRO-2 bf16", "peer", [], ["comm=none", "sync=ddp", "engine=deepspeed",
-                                           "engine.deepspeed.zero_optimization.stage=2",
-                                           "engine.deepspeed.communication_data_type=bf16"]),
+    *[_row(r, "peer", r) for r in ("torch fp16 hook", "torch PowerSGD r2", "torch PowerSGD r4",
+                                   "torch PostLocalSGD H=8", "DeepSpeed ZeRO-2 bf16")],
     BF16,
-    ("thinwire topk 1% + ef", "thinwire", [], [*TOPK, "comm.feedback=ef"]),
-    ("thinwire topk 1% + ef21", "thinwire", [], [*TOPK, "comm.feedback=ef21"]),
-    ("thinwire topk 1% + econtrol", "thinwire", [], [*TOPK, "comm.feedback=econtrol", "comm.eta=0.05"]),
-    ("thinwire int8 two-phase + ef", "thinwire", [], ["comm=int8", "comm.collective=two_phase", "sync=ddp"]),
-    ("thinwire sign1 + ef", "thinwire", [], ["comm=sign1", "comm.feedback=ef", "sync=ddp"]),
-    ("thinwire co2 H=8", "thinwire", [], ["comm=none", "sync=co2", "sync.local_steps=8"]),
-    ("thinwire co2 H=8 + int8", "thinwire", [], ["comm=int8", "sync=co2", "sync.local_steps=8"]),
+    *[_row(f"thinwire {r}", "thinwire", r) for r in ("topk 1% + ef", "topk 1% + ef21", "topk 1% + econtrol",
+                                                     "int8 two-phase + ef", "sign1 + ef", "co2 H=8", "co2 H=8 + int8")],
     # reference for "communication hidden": local steps that never synchronise (evaluation
     # still averages the ranks' parameters)
-    ("compute only (no sync)", "reference", [], ["comm=none", "sync=local", f"sync.local_steps={10 ** 9}"]),
+    _row("compute only (no sync)", "reference", "compute only (no sync)"),
 ]
 FULL_LABELS = [r[0] for r in ROWS if r[1] != "reference"]
 QUICK_LABELS = ["ddp fp32", "thinwire comm=bf16", "thinwire topk 1% + ef", "thinwire co2 H=8", "torch PowerSGD r2",
@@ -194,12 +191,11 @@ def markdown(res: dict) -> str:
         v_s = f"{v:.4f} ({(v / dense['val_at_dense_steps'] - 1) * 100:+.1f}%)" if v is not None else \
             f"- (last: {r['final_val_loss']:.4f} @ {r['steps']})"
         worst = max(r["measured_over_accounted_per_rank"], key=lambda x: abs(x - 1))
-        out.append(f"| {r['label']} | {tt_s} | {r[unit]:.0f} | "
-                   f"{r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f}) | {v_s} | {r['steps']} ({r['stop']}) | "
-                   f"{r['accounted_train_B_per_step']:,} | {r['measured_B_per_step']:,} | "
-                   f"{r['accounted_B_per_step']:,} | {r['measured_over_accounted']:.3f} ({worst:.3f}) |")
-    for f in res.get("failed", []):
-        out.append(f"| {f['label']} | failed: {f['error'].strip().splitlines()[-1][:200]} | | | | | | | | |")
+        out.append(md_row(r["label"], tt_s, f"{r[unit]:.0f}",
+                          f"{r['s_per_step']:.3f} ({r['comm_wait_s_per_step']:.3f})", v_s, f"{r['steps']} ({r['stop']})", f"{r['accounted_train_B_per_step']:,}",
+                          f"{r['measured_B_per_step']:,}", f"{r['accounted_B_per_step']:,}",
+                          f"{r['measured_over_accounted']:.3f} ({worst:.3f})"))
+    out += failed_rows(res.get("failed", []), 10, 200, last_line=True)
     return "\n".join(out) + "\n"
 
 
@@ -309,7 +305,7 @@ def main() -> int:
     a.out = a.out or os.path.join(HERE, "results", "cluster_quick" if a.quick else "cluster")
     if a.report:
         with open(a.out + ".json") as fh:
-            write_report(json.load(fh), a.out)
+            write_report(json.load(fh), a.out, redraw=True)
         return 0
 
     if a.quick and not a.matrix:
@@ -360,8 +356,8 @@ def main() -> int:
                   f"{r['measured_over_accounted_per_rank']} ({time.perf_counter() - t_start:.0f} s so far)",
                   flush=True)
             res["headline"] = headline(res)
-            with open(a.out + ".json", "w") as fh:  # partial results survive an interruption
-                json.dump(document(a, results, t_start), fh, indent=1)
+            doc = document(a, results, t_start)  # partial results survive an interruption
+            manifest.write(a.out + ".json", doc, command=doc["command"])
         res["complete"] = True
     write_report(document(a, results, t_start), a.out)
     return 0 if a.quick or a.no_clock else clock(quick=False)
@@ -371,9 +367,8 @@ def clock(quick: bool) -> int:
     """The network clock (bench/netclock.py): validated against the shaped network, then
     projected to the user-scale presets. Quick: 5 rows of 24 steps (validation skips cleanly
     without root)."""
-    sys.path.insert(0, HERE)
     import netclock
-    import netclock_validate
+    from harness import netclock_validate
 
     rc = netclock_validate.main(["--rows", "ddp fp32,bf16,topk 1% + ef (all-gather),local H=8,co2 H=8",
                                  "--steps", "24", "--out", netclock_validate.OUT + "_quick"] if quick else [])
@@ -387,10 +382,15 @@ def document(a, results: list, t_start: float) -> dict:
            "total_s": round(time.perf_counter() - t_start, 1), "results": results}
 
 
-def write_report(doc: dict, out: str) -> None:
+def write_report(doc: dict, out: str, redraw: bool = False) -> None:
+    """``<out>.json`` (unless ``redraw``: only the table and plots, from it), ``<out>.md`` and the
+    plots, with their manifests."""
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as fh:
-        json.dump(doc, fh, indent=1)
+    if not redraw:
+        manifest.write(out + ".json", doc, command=doc["command"])
+    how = {"command": "python bench/cluster.py --report",
+           "note": f"redrawn from {os.path.basename(out)}.json, measured by `{doc['command']}`"} if redraw else \
+        {"command": doc["command"]}
     md = [f"`{doc['command']}` ({doc['date']}, {doc['machine']}, {doc['total_s']:.0f} s in all)", "",
           f"Overrides on every row: `{' '.join(MODEL)}` (char-GPT 4 layers, d=128, 0.8 M params, "
           "AdamW 3e-3). Budgets were chosen so the whole matrix fits its time slot on this machine.", ""]
@@ -402,8 +402,8 @@ def write_report(doc: dict, out: str) -> None:
         png = f"{out}_{res['rate']}.png"
         plot(res, png)
         md.append(f"![val loss vs time and bytes at {res['rate']}]({os.path.basename(png)})\n")
-    with open(out + ".md", "w") as fh:
-        fh.write("\n".join(md))
+    manifest.write(out + ".md", "\n".join(md), **how)
+    manifest.record([f"{out}_{res['rate']}.png" for res in doc["results"]], **how)
     print("\n".join(md), flush=True)
 
 

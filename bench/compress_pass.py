@@ -21,18 +21,18 @@ read + write), best of ``--reps`` (CUDA events on the GPU, after a warm-up):
 
 Prints a Markdown table per size, the copy bandwidth (GB/s counting read + write) and each
 pass's effective bandwidth as a fraction of it (the "pass efficiency" the network clock of
-``bench/netclock_project.py`` uses for codec time). Goals (issue "prove the NCCL paths"): int8 / sign
+``bench/harness/netclock_project.py`` uses for codec time). Goals (issue "prove the NCCL paths"): int8 / sign
 pass <= 2x a device copy on the GPU; chunked Top-K within 3x of int8; on one CPU thread,
 compiled int8 / sign <= 4x memcpy. Not a test.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
+from harness import manifest
 from thinwire.comm.compressors import build_compressor, fused
 from thinwire.comm.feedback import build_feedback
 
@@ -155,8 +155,7 @@ def main() -> None:
     print(f"- chunk_topk pass within 3x of int8's at n = {big:,}: {'MET' if topk <= 3 * int8 else 'MISSED'} "
           f"({topk / int8:.1f}x)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        manifest.write(args.json, rows, "bench/compress_pass.py")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ README's guide (EF21: dense initial round; EControl: eta = 0.05, dense initial r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from harness import manifest, runs
 
 OPTIMIZERS = {
     "adamw": ["optim=adamw", "optim.lr=3e-3", "optim.weight_decay=0.0", "optim.grad_clip=0"],
@@ -34,14 +33,10 @@ METHODS = {
 def run(overrides: list[str], steps: int) -> dict[int, float]:
     """Run the trainer; return {step: val_loss}."""
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "thinwire.train", "experiment=tiny", f"trainer.max_steps={steps}",
-               "trainer.eval_every=1000", f"trainer.checkpoint_every={steps}", "data.eval_batches=32",
-               "optim.warmup_steps=20", "dist.nproc=2", f"hydra.run.dir={d}", *overrides]
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
-        if p.returncode != 0:
-            raise RuntimeError(p.stderr[-2000:])
-        with open(os.path.join(d, "metrics.jsonl")) as fh:
-            return {r["step"]: r["val_loss"] for r in map(json.loads, fh) if "val_loss" in r}
+        rows = runs.train(["experiment=tiny", f"trainer.max_steps={steps}", "trainer.eval_every=1000",
+                           f"trainer.checkpoint_every={steps}", "data.eval_batches=32", "optim.warmup_steps=20",
+                           "dist.nproc=2", *overrides], d)
+        return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
 
 
 def main() -> None:
@@ -69,8 +64,7 @@ def main() -> None:
                 rows.append({"optim": opt, "method": method, "density": density, "val": val, "s": time.time() - t0})
                 print(f"{opt} {method} {density} {val}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"ef_quality{args.tag}.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    manifest.write(os.path.join(args.out, f"ef_quality{args.tag}.json"), rows, "bench/ef_quality.py")
     steps = sorted({s for r in rows for s in r["val"]})
     lines = ["| optimizer | feedback | density | " + " | ".join(f"val@{s}" for s in steps) + " |",
              "|---|---|---|" + "---|" * len(steps)]
@@ -81,8 +75,7 @@ def main() -> None:
         dens = "-" if r["method"] == "dense" else f"{r['density']:.0%}"
         lines.append(f"| {r['optim']} | {r['method']} | {dens} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(args.out, f"ef_quality{args.tag}.md"), "w") as fh:
-        fh.write(table + "\n")
+    manifest.write(os.path.join(args.out, f"ef_quality{args.tag}.md"), table + "\n", "bench/ef_quality.py")
     print(table)
 
 

@@ -4,22 +4,22 @@ compute/network ratio users run at rather than at this 2-core machine's.
 
 This file is the CLI (``main``: the user-scale projections' report); the clock's parts:
 
-- bench/netclock_model.py: the model (call time, overlap rules per mode, round time)
-- bench/netclock_project.py: the presets, the methods' calls and codec time, the projected rows
-- bench/netclock_ttt.py: steps to target from the 4-rank time-to-target protocol (``--ttt``)
-- bench/netclock_report.py: the tables, the goals and the sweep plot
+- bench/harness/netclock_model.py: the model (call time, overlap rules per mode, round time)
+- bench/harness/netclock_project.py: the presets, the methods' calls and codec time, the projected rows
+- bench/harness/netclock_ttt.py: steps to target from the 4-rank time-to-target protocol (``--ttt``)
+- bench/harness/netclock_report.py: the tables, the goals and the sweep plot
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-from netclock_project import (BUCKET_BYTES, COPY_BANDWIDTH, FUSED_EFFICIENCY, PASS_EFFICIENCY, PRESETS,
-                              TORCHFT_BUCKET_VALUES, methods)
-from netclock_report import goals, preset_table, sweep_plot
-from netclock_ttt import RESULTS, TTT_FILES, run_ttt, steps_to_target, ttt_table
+from harness import RESULTS, manifest
+from harness.netclock_project import (BUCKET_BYTES, COPY_BANDWIDTH, FUSED_EFFICIENCY, PASS_EFFICIENCY, PRESETS,
+                                      TORCHFT_BUCKET_VALUES, methods)
+from harness.netclock_report import goals, preset_table, sweep_plot
+from harness.netclock_ttt import TTT_FILES, run_ttt, steps_to_target, ttt_table
 
 
 def main(argv=None) -> int:
@@ -74,10 +74,9 @@ def main(argv=None) -> int:
     png = a.out + "_sweep.png"
     sweep_plot(rows, opts, png)
     md.append(f"![utilisation vs bandwidth]({os.path.basename(png)})")
-    with open(a.out + ".md", "w") as fh:
-        fh.write("\n".join(md) + "\n")
-    with open(a.out + ".json", "w") as fh:
-        json.dump(doc, fh, indent=1)
+    manifest.write(a.out + ".md", "\n".join(md) + "\n", "bench/netclock.py", argv)
+    manifest.write(a.out + ".json", doc, "bench/netclock.py", argv)
+    manifest.record([png], "bench/netclock.py", argv)
     print("\n".join(md))
     return 0
 

@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 
+from harness import manifest, runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "bench", "results", "optim.md")
 BASE = ["experiment=minilm_genre", "dist.nproc=1", "logger=none", "trainer.progress=false",
@@ -144,14 +146,7 @@ def align_table() -> list[str]:
 
 # ---- (2), (3): trainer runs ------------------------------------------------------------
 def train(*overrides: str) -> list[dict]:
-    run_dir = tempfile.mkdtemp(prefix="thinwire-bench-")
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    p = subprocess.run([sys.executable, "-m", "thinwire.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"],
-                       capture_output=True, text=True, cwd=REPO, env=env)
-    if p.returncode:
-        raise RuntimeError(p.stderr[-3000:])
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+    return runs.train([*BASE, *overrides], tempfile.mkdtemp(prefix="thinwire-bench-"))
 
 
 def smooth(records: list[dict], k: int = 10) -> list[float]:
@@ -212,6 +207,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "a") as fh:
         fh.write(text + "\n")
+    manifest.record([OUT], "bench/optim.py", note="each invocation appends its tables; the entry is the latest's")
 
 
 if __name__ == "__main__":

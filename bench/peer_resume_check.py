@@ -19,9 +19,10 @@ import shutil
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import time_to_target as t  # noqa: E402
-from quality import MODEL, rows_of  # noqa: E402
+from harness import runs
+from harness import time_to_target as t
+from harness.catalogue import MODEL, overrides
+from harness.runs import rows_of
 
 
 def main(argv=None) -> int:
@@ -33,19 +34,19 @@ def main(argv=None) -> int:
     flags = t.peer_flags(a.row, 20)
     if a.start_iter is not None:
         flags = [f for f in flags if not f.startswith("--start-iter=")] + [f"--start-iter={a.start_iter}"]
-    base = [*t.ROWS[a.row], *flags, *MODEL, "optim.lr=0.003", "optim.schedule=wsd", "optim.warmup_steps=4",
+    base = [*overrides(a.row), *flags, *MODEL, "optim.lr=0.003", "optim.schedule=wsd", "optim.warmup_steps=4",
             "trainer.seed=0", "trainer.sample_chars=0", "trainer.progress=false", "logger=none",
             f"dist.nproc={a.nproc}", "trainer.log_every=1"]
     root = tempfile.mkdtemp(prefix="twpeercheck")  # no '=' in the path: Hydra's override grammar
     try:
         const, branch, straight = (os.path.join(root, k) for k in ("const", "branch", "straight"))
-        t.launch([*base, "trainer.max_steps=32", "optim.decay_start=32", "trainer.checkpoint_every=16",
+        runs.launch([*base, "trainer.max_steps=32", "optim.decay_start=32", "trainer.checkpoint_every=16",
                   "trainer.keep_checkpoints=0", "trainer.eval_every=32"], const, {}, "constant to 32")
-        t.launch([*base, "trainer.max_steps=24", "optim.decay_start=16", "trainer.checkpoint_every=24",
-                  f"trainer.resume={const}/checkpoints/step_00000016", "trainer.eval_every=24"],
+        runs.launch([*base, "trainer.max_steps=24", "optim.decay_start=16", "trainer.checkpoint_every=24",
+                     f"trainer.resume={const}/checkpoints/step_00000016", "trainer.eval_every=24"],
                  branch, {}, "branch 16 -> 24", fresh=False)
-        t.launch([*base, "trainer.max_steps=24", "optim.decay_start=16", "trainer.checkpoint_every=24",
-                  "trainer.eval_every=24"], straight, {}, "configured 24")
+        runs.launch([*base, "trainer.max_steps=24", "optim.decay_start=16", "trainer.checkpoint_every=24",
+                     "trainer.eval_every=24"], straight, {}, "configured 24")
         b, s = rows_of(branch), rows_of(straight)
         lb, ls = [r["loss"] for r in b if r["step"] > 16], [r["loss"] for r in s if r["step"] > 16]
         print(f"{a.row} ({' '.join(flags)}), {a.nproc} ranks: resumed branch val {b[-1]['val_loss']!r}, "

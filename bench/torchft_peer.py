@@ -46,41 +46,14 @@ import sys
 import time
 from datetime import timedelta
 
+from harness import manifest
+from harness.peers import fragments_of
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def fragments_of(model, F: int) -> list:
-    """``F`` modules covering every parameter once, as thinwire's streaming splits them
-    (``thinwire.comm.streaming.strided_fragments``: block b in fragment b % F, the k-th
-    parameter outside any block in fragment k % F, in model order: at F = 4 the token
-    embedding (tied to the head) in 0, the position embedding in 1, the final norm in 2), so
-    that torchft's fragments and thinwire's are the same parameters."""
-    import torch.nn as nn
-
-    from thinwire.comm.streaming import block_of, strided_fragments
-
-    if F == 1:
-        return [model]
-    blocks = list(model.blocks)
-    if F > len(blocks):
-        raise SystemExit(f"--fragments={F}: the model has only {len(blocks)} blocks")
-    names = [n for n, _ in model.named_parameters()]
-    parts = []
-    for idx in strided_fragments(names, F):
-        owners = []  # the module owning each parameter: its block, or its own module outside blocks
-        for i in idx:
-            name = names[i]
-            owner = model.get_submodule(block_of(name) or name.rsplit(".", 1)[0])
-            if all(owner is not o for o in owners):
-                owners.append(owner)
-        parts.append(nn.ModuleList(owners))
-    covered = [id(p) for m in parts for p in m.parameters()]
-    assert sorted(covered) == sorted(id(p) for p in model.parameters()), "fragments must cover every parameter once"
-    return parts
 
 
 def replica(i: int, a, lighthouse: str, out: str) -> None:
@@ -185,7 +158,7 @@ def run_torchft(a, out: str) -> dict:
               "H": a.H, "fragments": a.fragments, "delay": a.delay, "replicas_agree": same,
               "manager_steps": [r["manager_step"] for r in recs],
               "per_replica_step_time_s": [r["step_time_s"] for r in recs]}
-    with open(os.path.join(out, "result.json"), "w") as fh:
+    with open(os.path.join(out, "result.json"), "w") as fh:  # a run's own record (compare.json: the study's)
         json.dump(result, fh, indent=1)
     if not same and a.fragments == 1:
         raise SystemExit("torchft replicas hold different models after the last sync")
@@ -196,8 +169,8 @@ def run_thinwire(a, out: str) -> dict:
     """thinwire's ``sync=diloco`` at the same H (and fragments, delay, alpha) on the same
     overrides (fresh run dir), timed as the Trainer times a step (``step_time_s`` of every
     step, rank 0)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from quality import LOCAL, launch, rows_of
+    from harness.catalogue import LOCAL
+    from harness.runs import launch, rows_of
 
     stream = [f"sync.fragments={a.fragments}", f"sync.fragment_delay={a.delay}",
               f"sync.fragment_alpha={a.alpha}"] if a.fragments > 1 else []
@@ -213,8 +186,7 @@ def run_thinwire(a, out: str) -> dict:
 def harness(a) -> list[str]:
     """The shared quality harness's run (``bench/time_to_target.py``'s rows, less the sync):
     model, data, AdamW at ``--lr`` with the wsd schedule over ``--steps``, seed, ranks."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from quality import MODEL
+    from harness.catalogue import MODEL
 
     return [*MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd", f"trainer.seed={a.seed}", "trainer.sample_chars=0", "trainer.progress=false", "logger=none",
             f"dist.nproc={a.nproc}"]
@@ -258,8 +230,7 @@ def main(argv=None) -> int:
     mean = {k: sum(x["step_time_s"] for x in v) / len(v) for k, v in runs.items()}
     summary = {"runs": runs, "mean_step_time_s": mean, "thinwire_over_torchft": mean["thinwire"] / mean["torchft"],
                "val_loss": {k: v[0]["val_loss"] for k, v in runs.items()}}
-    with open(os.path.join(a.out, "compare.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
+    manifest.write(os.path.join(a.out, "compare.json"), summary, "bench/torchft_peer.py", argv)
     print(json.dumps({k: summary[k] for k in ("mean_step_time_s", "thinwire_over_torchft", "val_loss")}))
     return 0
 

@@ -175,7 +175,7 @@ NEW = [
     C(["sync=local", "sync.fragments=2", "engine=deepspeed"], "sync.fragments=2"),
     C(["sync=co2", "sync.overlap=lazy"], "sync.overlap=lazy"),
     C(["sync=co2", "sync.overlap=eager", "sync.staleness_penalty=0.5"], "sync.staleness_penalty=0.5"),
-    C(["sync=co2", "sync.fragments=2"], "sync.fragments=2"),
+    C(["sync=co2", "sync.fragments=2", "sync.fragment_delay=1"], "sync.fragment_delay=1: sync=co2 merges each fragment"),
     C(["optim.lr=-0.1"], "optim.lr=-0.1"),
     C(["optim.lr=inf"], "optim.lr=inf"),
     C(["optim.lr=1e300"], "optim.lr=1e+300"),

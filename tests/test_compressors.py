@@ -55,7 +55,7 @@ def test_algebra_flags():
     assert {n for n, c in COMPRESSORS.items() if c.summable} == {"none", "fp16", "bf16", "randk"}
     assert {n for n, c in COMPRESSORS.items() if c.sparse} == {"topk", "ternary", "chunk_topk"}
     assert {n for n, c in COMPRESSORS.items() if not (c.sparse or c.summable)} == \
-        {"int8", "dynamic8", "sign1"}
+        {"int8", "dynamic8", "sign1", "fp8", "int4"}
 
 
 def test_dense_casts():

@@ -89,3 +89,19 @@ def test_silent_without_a_fault_and_counted_as_control_bytes(tmp_path):
         assert b["control_bytes"] - a["control_bytes"] == (16 if a["step"] % 2 == 0 else 0), (a, b)
         if b["step"] % 2 == 0:  # local: every rank's count of skipped steps, at every check
             assert b["skipped_steps/rank0"] == b["skipped_steps/rank1"] == 0, b
+
+
+def test_a_diverging_strategy_that_declares_nothing_turns_the_guard_off_with_one_line(capsys):
+    from types import SimpleNamespace
+
+    from thinwire.comm.sync import SyncStrategy
+    from thinwire.trainer.drift import DriftGuard
+
+    class Wander(SyncStrategy):  # ranks diverge and nothing is declared: nothing can be checked
+        ranks_diverge = True
+
+    world = SimpleNamespace(rank=0, world_size=2, is_main=True, device=torch.device("cpu"))
+    sync = Wander(SimpleNamespace(name="wander"), world, None, torch.nn.Linear(2, 2))
+    guard = DriftGuard(None, sync, None, world, None)
+    assert guard.period == 0 and not guard.due(100)
+    assert capsys.readouterr().out == "thinwire: drift guard off for sync=wander: it declares no consensus state\n"

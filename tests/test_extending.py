@@ -302,6 +302,26 @@ def test_easgd_elastic_step_on_two_ranks(site, tmp_path):
     assert 0 < quant[0]["bytes"] < exact[0]["bytes"]
 
 
+# ---- EASGD's consensus state under the drift guard --------------------------------------
+EASGD_RUN = ["experiment=tiny", "sync=easgd", "sync.period=2", "dist.nproc=2", "trainer.eval_every=1000",
+             "trainer.checkpoint_every=1000", "trainer.sample_chars=0", "trainer.progress=false", "logger=none"]
+
+
+@pytest.mark.extended  # ~25 s
+def test_easgd_trains_300_steps_at_two_ranks_without_a_false_alarm(site, tmp_path):
+    """The centre and round counter are checked every period (150 checks): never a false alarm."""
+    p = run_train(site, *EASGD_RUN, "trainer.max_steps=300", f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "drift guard off" not in p.stdout + p.stderr
+
+
+def test_one_ulp_drift_of_the_easgd_centre_stops_the_run_naming_it(site, tmp_path):
+    p = run_train(site, *EASGD_RUN, "trainer.max_steps=8", "trainer.faults.drift_at=6", "trainer.faults.rank=1",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert p.returncode != 0
+    assert "replica drift after step 6: centre on rank 1 differs from rank 0" in p.stdout + p.stderr, p.stderr[-3000:]
+
+
 # ---- all three in one run -------------------------------------------------------------
 @pytest.mark.slow
 def test_all_three_in_one_training_run(site, tmp_path):

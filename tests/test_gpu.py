@@ -214,15 +214,13 @@ def _train_modes(rank, world_size, cfg_yamls, cwd, device):
     ``cfg_yamls`` in turn (one spawn for all modes); {mode: the run's last record}."""
     import torch.distributed as dist
 
-    from thinwire.comm import groups
     from thinwire.config import from_yaml
     from thinwire.trainer.loop import train
     from thinwire.trainer.world import current_world
 
     if device == "cuda":
         torch.cuda.set_device(0)
-    groups.set_timeout(120.0)
-    world = current_world(torch.device(device, 0) if device == "cuda" else torch.device(device))
+    world = current_world(torch.device(device, 0) if device == "cuda" else torch.device(device), timeout_s=120.0)
     os.chdir(cwd)
     records = {}
     for mode, cfg_yaml in cfg_yamls.items():

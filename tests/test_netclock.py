@@ -1,17 +1,15 @@
-"""The network clock's pure logic (bench/netclock_model.py, _project.py, _report.py) against hand-computed references."""
+"""The network clock's pure logic (bench/harness/netclock_model.py, _project.py, _report.py)
+against hand-computed references."""
+import dataclasses
 import math
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import netclock_model as clock  # noqa: E402
-import netclock_project as proj  # noqa: E402
-import netclock_report as report  # noqa: E402
-from netclock_validate import predict  # noqa: E402
-
-from thinwire.comm import accounting  # noqa: E402
+from bench.harness import netclock_model as clock
+from bench.harness import netclock_project as proj
+from bench.harness import netclock_report as report
+from bench.harness.netclock_validate import predict
+from thinwire.comm import accounting
 
 
 def test_hops_follow_the_standard_algorithms():
@@ -67,14 +65,18 @@ def test_overlap_rules_per_mode():
         clock.round_time("gossip", link, 1.0, [])
 
 
-def test_presets_are_the_issues():
-    one, seven, seventy = proj.PRESETS
-    assert one.compute_s == pytest.approx(6 * 1e9 * 65536 / (989e12 * 0.4))  # ~1.0 s
-    assert one.compute_s == pytest.approx(0.994, abs=1e-3)
-    assert seven.compute_s == pytest.approx(6 * 7e9 * 524288 / (8 * 989e12 * 0.4))
-    assert (one.replicas, one.gbit, one.latency_s) == (8, 1.0, 0.020)
-    assert (seven.replicas, seven.gpus, seven.gbit) == (32, 8, 10.0)
-    assert (seventy.replicas, seventy.tokens, seventy.latency_s) == (64, 1024 * 1024, 0.050)
+def test_preset_compute_is_6N_flops_per_token_at_40_percent_of_an_h100():
+    """Compute per step against a hand-computed reference (the issue's "~1.0 s" for 1B at 64K tokens on
+    one H100: 6 x 1e9 x 65536 flop / (989 Tflop/s x 0.40) = 0.9941 s), and how it scales: linear in
+    parameters and tokens, inverse in the GPUs a replica shards over; a method that sends nothing
+    projects to compute alone."""
+    one, seven, _ = proj.PRESETS
+    assert one.compute_s == pytest.approx(0.99407, abs=1e-4)
+    assert dataclasses.replace(one, tokens=2 * one.tokens).compute_s == pytest.approx(2 * one.compute_s)
+    assert dataclasses.replace(one, params=7 * one.params).compute_s == pytest.approx(7 * one.compute_s)
+    assert dataclasses.replace(seven, gpus=4).compute_s == pytest.approx(2 * seven.compute_s)
+    r = clock.round_time("local", clock.Link(gbit=1.0, latency_s=0.02), one.compute_s, [], H=8)
+    assert (r.total_s, r.utilisation) == pytest.approx((8 * 0.99407, 1.0), rel=1e-4)
 
 
 def test_projected_bytes_follow_the_accounting_at_the_presets_p():
@@ -129,8 +131,7 @@ def test_validation_prediction_by_hand():
 
 def test_fused_codec_passes_at_their_floor():
     one = proj.PRESETS[0]
-    # docs/gpu.md: the fused EF + int8 pass ran at 2.26x a copy against a floor of 2.25 copies (18 B/value)
-    assert 2.25 / 2.26 == pytest.approx(proj.FUSED_EFFICIENCY, abs=0.01)
+    # a fused pass is charged its floor bytes (18 B/value) at the fused efficiency, the rest at the eager one
     m = proj.Method("int8", "ddp", "two_phase", 1.0, **proj.int8_codec(True))
     rt = proj.project(m, one, efficiency=0.15, fused_efficiency=0.99)
     assert rt.codec_s == pytest.approx(1e9 * (10 / 0.15 + 18 / 0.99) / 3e12)

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
+from bench.harness.presets import CHECK_RANKS, CHECK_STEPS, check_args, fixed_batch_loss
 from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "bench"))
-from presets import CHECK_RANKS, CHECK_STEPS, check_args, fixed_batch_loss  # noqa: E402
 
 PRESETS = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "configs", "experiment")) if f.endswith(".yaml"))
 MINILM = [p for p in PRESETS if p.startswith("minilm")]

@@ -1,15 +1,11 @@
-"""The time-to-target protocol's arithmetic (``bench/time_to_target.py``), without training:
-branch points, the checkpoint cadence, steps to target by interpolation between branches,
-'<= S' and 'not reached'."""
-import importlib.util
-import pathlib
-
+"""The time-to-target protocol's arithmetic (``bench/harness/time_to_target.py``), without
+training: branch points, the checkpoint cadence, steps to target by interpolation between
+branches, '<= S' and 'not reached'; the peers' pure parts (``bench/harness/peers.py``)."""
 import pytest
 
-_path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "time_to_target.py"
-_spec = importlib.util.spec_from_file_location("time_to_target", _path)
-ttt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ttt)
+from bench.harness import manifest, peers
+from bench.harness import time_to_target as ttt
+from bench.harness.catalogue import period
 
 
 def test_branch_points_and_checkpoints():
@@ -48,16 +44,13 @@ def test_reached_at_S_and_not_reached():
 
 
 def test_torchft_fragments_cover_every_parameter_once():
-    """The streaming peer's fragments (``bench/torchft_peer.py``): blocks strided over F, every
+    """The streaming peer's fragments (``bench/harness/peers.py``): blocks strided over F, every
     parameter in exactly one fragment (the head is tied to the token embedding), the same
     parameters as thinwire's fragments."""
     from thinwire.models.gpt import GPT, GPTShape
 
-    spec = importlib.util.spec_from_file_location("torchft_peer", _path.parent / "torchft_peer.py")
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)  # torchft itself is imported only inside the replicas
     model = GPT(GPTShape(vocab_size=16, n_layer=4, n_embd=32, n_head=2, block_size=8))
-    frags = peer.fragments_of(model, 2)
+    frags = peers.fragments_of(model, 2)
     ids = [[id(p) for p in f.parameters()] for f in frags]
     assert sorted(i for f in ids for i in f) == sorted(id(p) for p in model.parameters())
     assert [id(m) for m in frags[0] if m in model.blocks] == [id(model.blocks[0]), id(model.blocks[2])]
@@ -67,11 +60,11 @@ def test_torchft_fragments_cover_every_parameter_once():
 
     names = [n for n, _ in model.named_parameters()]
     by_id = {id(p): n for n, p in model.named_parameters()}
-    assert [sorted(by_id[id(p)] for p in f.parameters()) for f in peer.fragments_of(model, 4)] == \
+    assert [sorted(by_id[id(p)] for p in f.parameters()) for f in peers.fragments_of(model, 4)] == \
         [sorted(names[i] for i in idx) for idx in strided_fragments(names, 4)]
-    assert peer.fragments_of(model, 1) == [model]
+    assert peers.fragments_of(model, 1) == [model]
     with pytest.raises(SystemExit, match="--fragments=5"):
-        peer.fragments_of(model, 5)
+        peers.fragments_of(model, 5)
 
 
 def test_torch_peer_rows_warm_up_fairly():
@@ -82,20 +75,13 @@ def test_torch_peer_rows_warm_up_fairly():
     assert ttt.fair_warmup("torch PostLocalSGD H=8", 160) == 7 == ttt.fair_warmup("torch PostLocalSGD H=8", 960)
     assert ttt.peer_flags("torch PowerSGD r4", 320) == ["--peer=powersgd", "--rank-r=4", "--start-iter=32"]
     assert ttt.peer_flags("dense", 320) == []
-    ttt.check_multiple(160, ttt.H_OF["torch PostLocalSGD H=8"])
-
-
-def _cluster_peer():
-    spec = importlib.util.spec_from_file_location("cluster_peer", _path.parent / "cluster_peer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    ttt.check_multiple(160, period("torch PostLocalSGD H=8"))
 
 
 def test_powersgd_layout_follows_torchs_hook():
     """Where torch's powerSGD_hook keeps each tensor: the error vector in bucket order, Q for
     compressed tensors grouped by (n, m) shape in order of first appearance."""
-    cp = _cluster_peer()
+    cp = peers
     # rank 2, min rate 2: (16, 8) and (8, 16) compress ((n + m) 2 x 2 < n m), vectors do not
     shapes = [(16, 8), (16,), (8, 16), (16, 8), (3,)]
     err, q, p_size, q_size = cp.powersgd_layout(shapes, 2, 2)
@@ -110,7 +96,7 @@ def test_powersgd_state_moves_between_bucket_layouts_by_name():
     import torch
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 
-    cp = _cluster_peer()
+    cp = peers
     params = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in (("a", (16, 8)), ("b", (16,)), ("c", (8, 16)))}
 
     class Bucket:
@@ -188,5 +174,9 @@ def test_a_call_naming_some_rows_keeps_the_others_in_the_results_file(tmp_path, 
         saved = json.loads(path.read_text())
         assert saved["target"] == 2.0
         assert list(saved["results"]) == (["dense", "local H=8", "diloco H=8"] if kept else ["dense", "local H=8"])
+        # the results files carry their manifest: this call's command
+        assert manifest.problems(str(tmp_path)) == []
+        entry = json.loads((tmp_path / "MANIFEST.json").read_text())["S160_seed0.md"]
+        assert entry["command"] == "python bench/time_to_target.py --rows 'dense,local H=8' --S 160"
         if kept:
             assert saved["results"]["diloco H=8"] == eager and saved["steps_to_target"]["diloco H=8"][0] is None

@@ -51,6 +51,7 @@ class CompressedAggregator:
         self.min_numel = int(fields.get("min_numel", 0))
         self.meter, self.group, self.group2 = meter, group, group2
         self.server_errors: dict[str, torch.Tensor] = {}
+        self.sequencer = collectives.Sequencer()  # orders the second phases issued on group2
         self.staged: dict[str, dict[str, torch.Tensor]] = {}
         self.stats = {"payload_bytes": 0, "raw_bytes": 0, "residual_sq": 0.0}
 
@@ -70,7 +71,7 @@ class CompressedAggregator:
             sent_big, fut_big, extra, nbytes = collectives.launch(
                 [msgs[i] for i in big], compressor, self.meter, collective=self.collective,
                 steps=[collectives.segment_step(iteration, names[i]) for i in big],
-                group=self.group, group2=self.group2, server_errors=errs)
+                group=self.group, group2=self.group2, server_errors=errs, sequencer=self.sequencer)
             for i, s in zip(big, sent_big):
                 sent[i] = s
             futs.append(fut_big)
@@ -150,8 +151,13 @@ class CompressedAggregator:
     def _stage(self, name: str, **bufs: torch.Tensor) -> None:
         self.staged.setdefault(name, {}).update(bufs)
 
-    def commit(self) -> None:
-        staged, self.staged = self.staged, {}
+    def commit(self, names: list[str] | None = None) -> None:
+        """Apply the staged buffers (of ``names`` only, when given: other aggregations may still
+        be staging theirs from gloo's thread, e.g. the fragments in flight of the outer loop)."""
+        if names is None:
+            staged, self.staged = self.staged, {}
+        else:
+            staged = {n: self.staged.pop(n) for n in names if n in self.staged}
         for name, bufs in staged.items():
             if "server_e" in bufs:
                 self.server_errors[name] = bufs.pop("server_e")

@@ -27,7 +27,7 @@ class CompressedAverager:
     pseudo-gradient, as the DDP hook does on its first step).
     """
 
-    def __init__(self, comm_cfg, meter: accounting.WireMeter, group=None, group2=None):
+    def __init__(self, comm_cfg, meter: accounting.WireMeter, group=None, group2=None, timeout_s=None):
         fields = OmegaConf.to_container(comm_cfg, resolve=True) if isinstance(comm_cfg, DictConfig) \
             else dict(comm_cfg)
         self.name = fields.pop("name")
@@ -41,7 +41,7 @@ class CompressedAverager:
             if (self.aggregator.collective == "two_phase" and group2 is None
                     and dist.is_initialized() and dist.get_world_size(group) > 1):
                 self.aggregator.group2 = groups.new_group(
-                    ranks=dist.get_process_group_ranks(group) if group else None)
+                    ranks=dist.get_process_group_ranks(group) if group else None, timeout_s=timeout_s)
 
     def average_async(self, names: list[str], sizes: list[int], flat: torch.Tensor,
                       step: int) -> torch.futures.Future:
@@ -60,9 +60,9 @@ class CompressedAverager:
     def average(self, names: list[str], sizes: list[int], flat: torch.Tensor, step: int) -> torch.Tensor:
         return self.average_async(names, sizes, flat, step).wait()
 
-    def commit(self) -> None:
+    def commit(self, names: list[str] | None = None) -> None:
         if self.aggregator is not None:
-            self.aggregator.commit()
+            self.aggregator.commit(names)
 
     def discard(self) -> None:
         if self.aggregator is not None:

@@ -31,7 +31,10 @@ B = the compressed bytes of what one rank sends, p = the group size:
   averages in fp32, optionally adds/refreshes its server-side error buffer, re-compresses,
   and one ``all_gather`` returns the chunks. Bytes/rank (p-1)/p * p B_c + (p-1) B_c =
   2 (p-1) B_c with B_c = compressed bytes of one chunk ~ n/p * bits/8: O(n), independent of
-  p. Works for any compressor.
+  p. Works for any compressor. For a compressor that selects per run (``chunk_topk``:
+  ``owner_chunk``) ownership is by whole runs instead, the owner averages over the ranks
+  that sent each coordinate if asked (SparseLoCo's ``mean=contributors``), re-selects k per
+  run and keeps an owner-side residual; both phases are alltoallv (:func:`_two_phase_runs`).
 
 Every collective goes through ``thinwire.comm.accounting`` so its bytes are charged.
 ``collective="auto"`` picks by the algebra; an override is allowed where it is correct
@@ -43,7 +46,8 @@ need it) and a ``torch.futures.Future`` of the means. Phase 1 is launched at onc
 (async_op); for ``two_phase`` the second collective is launched from phase 1's completion
 callback on ``group2`` - a process group of its own, so collectives launched from callbacks
 never interleave with the ones the main thread issues on ``group`` - and in call order (a
-per-group2 sequencer), so every rank issues them in the same order even when gloo completes
+:class:`Sequencer` owned by the caller: ``CompressedAggregator`` keeps one per second
+group; a direct call without one shares a default per group object), so every rank issues them in the same order even when gloo completes
 phase 1 of several buckets out of order. No callback ever calls ``wait()``.
 
 ``steps``: forwarded to ``compressor.compress`` (rand-k indices, stochastic rounding, sampled
@@ -53,7 +57,9 @@ is compressed with ``step * (p + 1) + j`` and the owner's re-compression with
 """
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 import zlib
 
 import torch
@@ -89,15 +95,29 @@ def contributors_mean(compressor: Compressor) -> bool:
     return bool(compressor.contributors_mean)
 
 
+def owner_chunk(compressor: Compressor | type[Compressor]) -> int:
+    """The granularity of ownership in ``two_phase`` for a compressor that selects per run
+    (``chunk_topk``: its ``chunk``), else 0 (quantisers: :func:`chunk_numel`)."""
+    return int(getattr(compressor, "owner_chunk", 0) or 0)
+
+
+def owner_residual(compressor: Compressor) -> bool:
+    """Whether ``two_phase`` keeps an owner-side error-feedback residual for ``compressor``
+    (its ``server_error_default``, or ``owner_residual``: the sparse compressors, whose
+    owner re-selection drops most of what it received)."""
+    return bool(compressor.server_error_default or getattr(compressor, "owner_residual", False))
+
+
 def select_collective(compressor: Compressor | type[Compressor], collective: str = "auto") -> str:
     """The collective for ``compressor``: by its algebra for ``"auto"``, else validated.
     The algebra flags are class attributes, so a compressor class answers too (nothing is
     built); only an instance can refuse a collective its options rule out
     (``contributors_mean``)."""
-    if collective != "auto" and collective != "allgather" and contributors_mean(compressor):
+    if (collective not in ("auto", "allgather") and contributors_mean(compressor)
+            and not (collective == "two_phase" and owner_chunk(compressor))):
         raise ValueError(f"collective={collective!r} cannot average compressor {compressor.name!r} over "
-                         f"the ranks that sent each coordinate (mean=contributors): only 'allgather' sees "
-                         f"who sent what; use collective=auto or mean=all")
+                         f"the ranks that sent each coordinate (mean=contributors): only 'allgather' and "
+                         f"the chunk-aligned 'two_phase' see who sent what; use collective=auto or mean=all")
     if collective == "auto":
         if compressor.summable:
             return "allreduce"
@@ -171,9 +191,10 @@ def new_server_error(numel: int, compressor: Compressor, group=None, device=None
     return torch.zeros(chunk_numel(numel, p), dtype=torch.float32, device=device)
 
 
-class _Sequencer:
+class Sequencer:
     """Launches second-phase collectives in ticket (= call) order, whatever order the
-    first-phase completion callbacks run in."""
+    first-phase completion callbacks run in. Owned by whoever issues the calls on one second
+    group (``CompressedAggregator``); a fresh one per group object, never shared by id."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -195,14 +216,19 @@ class _Sequencer:
                 fn()
 
 
-_SEQUENCERS: dict[int, _Sequencer] = {}
+_DEFAULT_SEQUENCERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its default
+_NO_GROUP = Sequencer()  # the default group (``group2`` None)
 _SEQ_LOCK = threading.Lock()
 
 
-def _sequencer(group2) -> _Sequencer:
-    key = id(group2) if group2 is not None else 0
+def _default_sequencer(group2) -> Sequencer:
+    """For direct calls of :func:`launch` / :func:`aggregate_async` that bring no sequencer:
+    one per group *object*, held weakly (a new group never inherits the tickets of a
+    destroyed one, as it could when keyed by ``id``)."""
+    if group2 is None:
+        return _NO_GROUP
     with _SEQ_LOCK:
-        return _SEQUENCERS.setdefault(key, _Sequencer())
+        return _DEFAULT_SEQUENCERS.setdefault(group2, Sequencer())
 
 
 # ----------------------------------------------------------------------------- segments
@@ -226,7 +252,7 @@ class TwoPhaseResult:
 
 def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, *,
            steps: list[int | None], collective: str = "auto", group=None, group2=None,
-           server_errors: list[torch.Tensor | None] | None = None):
+           server_errors: list[torch.Tensor | None] | None = None, sequencer: Sequencer | None = None):
     """Start aggregating ``flats`` (1-D tensors) over the ranks of ``group``. Returns
     ``(sent, future, extra, nbytes)``: ``sent[i]`` is C(flats[i]) as this rank sent it
     (decompressed), ``future`` resolves to the list of means (dtype of each flat), ``extra``
@@ -240,7 +266,9 @@ def launch(flats: list[torch.Tensor], compressor: Compressor, meter: WireMeter, 
         return _allreduce(flats, compressor, meter, steps, group)
     if kind == "allgather":
         return _allgather(flats, compressor, meter, steps, group)
-    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors)
+    if owner_chunk(compressor):
+        return _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors, sequencer)
+    return _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer)
 
 
 def _allreduce(flats, compressor, meter, steps, group):
@@ -288,11 +316,12 @@ def _allgather(flats, compressor, meter, steps, group):
     return sent, then(work.get_future(), means), None, send.numel()
 
 
-def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
+def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, sequencer=None):
     p, rank = _world(group)
     n_seg = len(flats)
-    server_errors = server_errors or [None] * n_seg
     chunks = [chunk_numel(f.numel(), p) for f in flats]
+    server_errors = fit_residuals(server_errors or [None] * n_seg, chunks)
+    keep = owner_residual(compressor)
     payloads, sent = [], []  # payloads[i][j]: segment i, chunk j
     for f, c, s in zip(flats, chunks, steps):
         padded = torch.zeros(p * c, dtype=f.dtype, device=f.device)
@@ -307,7 +336,7 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     extra = TwoPhaseResult(n_seg)
     result: torch.futures.Future = torch.futures.Future()
     second = group2 if group2 is not None else group  # the group of the all-gather
-    seq = _sequencer(second if p > 1 else None)
+    seq = sequencer if sequencer is not None else _default_sequencer(second if p > 1 else None)
     ticket = seq.ticket()
     ctx: dict = {}
     # the second all-gather is launched from a callback, at a moment no step controls (under
@@ -330,7 +359,7 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
             if server_errors[i] is not None:
                 acc.add_(server_errors[i])
             pl = compressor.compress(acc, step=_chunk_step(steps[i], p, p))
-            if server_errors[i] is not None:
+            if server_errors[i] is not None or keep:
                 extra.server_errors[i] = acc - compressor.decompress(pl).float()
             firsts.append(pl)
             pieces.append(pack(pl))
@@ -375,6 +404,195 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors):
     return sent, result, extra, send.numel()
 
 
+# ----------------------------------------------------------------------------- two_phase by runs
+def fit_residuals(residuals: list, sizes: list[int]) -> list:
+    """``residuals`` with every buffer whose length is not its owner range's (``sizes``) reset to
+    None (zeros): the world size or the ownership changed since it was kept. One warning line
+    per call names how many were reset and the norm lost."""
+    out, lost, n = list(residuals), 0.0, 0
+    for i, (e, m) in enumerate(zip(residuals, sizes)):
+        if e is not None and e.numel() != m:
+            lost += float(e.double().pow(2).sum())
+            out[i], n = None, n + 1
+    if n and (not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"thinwire: warning: two_phase: {n} owner residual(s) do not match this world size's owner "
+              f"ranges (the world size changed?): reset, norm lost {lost ** 0.5:.6g}", file=sys.stderr, flush=True)
+    return out
+
+
+def owner_offset(step: int | None, index: int) -> int:
+    """Which rank owns a segment's first block of runs: the low 20 bits of its step, which
+    :func:`segment_step` makes a hash of the parameter's name (so ownership does not depend on
+    which bucket or call the parameter travels in, and small parameters spread over the ranks);
+    the segment's position in the call when no step is given (library use)."""
+    return index if step is None else int(step) & 0xFFFFF
+
+
+def owner_ranges(numel: int, chunk: int, p: int, offset: int = 0) -> list[tuple[int, int]]:
+    """``[start, end)`` of every rank's elements of one segment in the run-aligned two_phase:
+    the segment's ceil(numel / chunk) runs (the last one may be partial) in p contiguous
+    blocks of q or q + 1 runs (q = runs // p; the first runs % p blocks get one more), block b
+    owned by rank (offset + b) % p. A rank may own nothing (start == end)."""
+    runs = -(-numel // chunk)
+    q, rem = divmod(runs, p)
+    out: list = [None] * p
+    r = 0
+    for b in range(p):
+        nb = q + (b < rem)
+        out[(offset + b) % p] = (min(r * chunk, numel), min((r + nb) * chunk, numel))
+        r += nb
+    return out
+
+
+def _all_to_all_v(meter, out: torch.Tensor, send: torch.Tensor, in_splits: list[int], out_splits: list[int],
+                  group, rank: int, charge: bool = True):
+    """All-to-all of uint8 pieces of uneven sizes (gloo/NCCL alltoallv: every rank sends
+    ``in_splits[j]`` bytes to rank j). Charged: what leaves this rank, every piece but its own
+    (``collective_bytes('all_to_all', ...)`` for equal splits)."""
+    p = len(in_splits)
+    if charge:
+        meter.charge(sum(in_splits) - in_splits[rank], "data", "all_to_all", p)
+    if not dist.is_initialized():
+        out.copy_(send)
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result([out])
+        return fut
+    work = dist.all_to_all_single(out, send, output_split_sizes=out_splits, input_split_sizes=in_splits,
+                                  group=group, async_op=True)
+    return work.get_future()
+
+
+def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_errors, sequencer=None):
+    """two_phase for a compressor that selects per run of ``owner_chunk`` elements (chunk_topk):
+    ownership by whole runs (:func:`owner_ranges`), so every sender's selection in an owner's
+    range is its selection of those runs, the owner's re-selection keeps k per run, and the
+    contributor counts come with the indices. Phase 1: every rank compresses each owner's range
+    of every segment on its own (one code book per range) and sends it in one alltoallv. The
+    owner adds what it received in rank order in fp32 (counting contributors if the compressor
+    averages over them), divides, adds its residual for the range, re-compresses, and keeps
+    what it did not send as the new residual. Phase 2: one alltoallv sends every owner's
+    selection to every rank; all decode the same bytes, so the result is bitwise equal on all
+    ranks. Payload sizes follow from the shapes alone; empty ranges send nothing."""
+    p, rank = _world(group)
+    C, n_seg = owner_chunk(compressor), len(flats)
+    contrib = contributors_mean(compressor)
+    ranges = [owner_ranges(f.numel(), C, p, owner_offset(s, i) % p) for i, (f, s) in enumerate(zip(flats, steps))]
+    mine = [r[rank] for r in ranges]
+    residuals = fit_residuals(server_errors or [None] * n_seg, [b - a for a, b in mine])
+    keep = owner_residual(compressor)
+    payloads: list = [[None] * p for _ in range(n_seg)]   # payloads[i][j]: segment i, owner j's range
+    sent, packed = [], [[None] * p for _ in range(n_seg)]
+    for i, (f, s) in enumerate(zip(flats, steps)):
+        x = f.reshape(-1)
+        local = torch.zeros(x.numel(), dtype=torch.float32, device=x.device)
+        for j, (a, b) in enumerate(ranges[i]):
+            if b > a:
+                pl = compressor.compress(x[a:b], step=_chunk_step(s, p, j))
+                payloads[i][j], packed[i][j] = pl, pack(pl)
+                local[a:b] = compressor.decompress(pl).float()
+        sent.append(local.to(f.dtype))
+    size = [[0 if packed[i][j] is None else packed[i][j].numel() for j in range(p)] for i in range(n_seg)]
+    to = [sum(size[i][j] for i in range(n_seg)) for j in range(p)]          # bytes to owner j
+    device = flats[0].device if flats else torch.device("cpu")
+    parts = [packed[i][j] for j in range(p) for i in range(n_seg) if packed[i][j] is not None]
+    send = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+    recv = torch.empty(p * to[rank], dtype=torch.uint8, device=device)
+    fut1 = _all_to_all_v(meter, recv, send, to, [to[rank]] * p, group, rank)
+    extra = TwoPhaseResult(n_seg)
+    result: torch.futures.Future = torch.futures.Future()
+    second = group2 if group2 is not None else group
+    seq = sequencer if sequencer is not None else _default_sequencer(second if p > 1 else None)
+    ticket = seq.ticket()
+    # phase 2 is launched from a callback: charge it now (see _two_phase). The owner's
+    # re-compressed range has the structure of the range every sender sent it
+    meter.charge((p - 1) * to[rank], "data", "all_to_all", p)
+    gathered = torch.empty(sum(to), dtype=torch.uint8, device=device)
+
+    def owner_select() -> torch.Tensor:
+        pieces = []
+        for i in range(n_seg):
+            a, b = mine[i]
+            if b == a:
+                if keep:
+                    extra.server_errors[i] = torch.zeros(0, dtype=torch.float32, device=device)
+                continue
+            acc = torch.zeros(b - a, dtype=torch.float32, device=device)
+            counts = torch.zeros(b - a, dtype=torch.float32, device=device) if contrib else None
+            off = sum(size[k][rank] for k in range(i))
+            for row in recv.chunk(p):            # senders in rank order: the same sums on every rank
+                pl = unpack(row[off:off + size[i][rank]], payloads[i][rank])
+                if contrib:
+                    compressor.accumulate(pl, acc, counts=counts)
+                else:
+                    compressor.accumulate(pl, acc)
+            acc.div_(counts.clamp_(min=1) if contrib else p)
+            if residuals[i] is not None:
+                acc.add_(residuals[i])
+            pl = compressor.compress(acc, step=_chunk_step(steps[i], p, p))
+            if keep:
+                extra.server_errors[i] = acc - compressor.decompress(pl).float()
+            pieces.append(pack(pl))
+        buf = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
+        if buf.numel() != to[rank]:
+            raise ValueError(f"two_phase: compressor {compressor.name!r} re-compressed its ranges to "
+                             f"{buf.numel()} bytes, not {to[rank]}: it needs payload sizes fixed by the shape")
+        return buf
+
+    def finish(_f) -> None:
+        try:
+            outs = [torch.zeros(f.numel(), dtype=torch.float32, device=device) for f in flats]
+            off = 0
+            for j in range(p):
+                for i in range(n_seg):
+                    a, b = ranges[i][j]
+                    if b > a:
+                        pl = unpack(gathered[off:off + size[i][j]], payloads[i][j])
+                        outs[i][a:b] = compressor.decompress(pl).float()
+                        off += size[i][j]
+            result.set_result([o.to(f.dtype) for o, f in zip(outs, flats)])
+        except Exception as e:  # noqa: BLE001 - surfaced through the future
+            result.set_exception(e)
+
+    def exchanged(_f) -> None:
+        try:
+            _f.value()
+            buf = owner_select()
+        except Exception as e:  # noqa: BLE001
+            seq.submit(ticket, lambda: None)
+            result.set_exception(e)
+            return
+
+        def second_phase() -> None:
+            try:
+                _all_to_all_v(meter, gathered, buf.repeat(p), [buf.numel()] * p, to, second, rank,
+                              charge=False).add_done_callback(finish)   # charged at launch
+            except Exception as e:  # noqa: BLE001
+                result.set_exception(e)
+        seq.submit(ticket, second_phase)
+
+    fut1.add_done_callback(exchanged)
+    return sent, result, extra, send.numel()
+
+
+def two_phase_bytes(numels: list[int], compressor: Compressor, p: int, rank: int | None = None,
+                    offsets: list[int] | None = None) -> int:
+    """Bytes one rank sends in one run-aligned two_phase call over segments of ``numels``
+    (both phases; what the meter charges), from the shapes alone: ``rank``'s, or with
+    ``rank=None`` the most any rank sends. ``offsets``: each segment's :func:`owner_offset`
+    (default: its position). Needs ``compressor.payload_nbytes(numel)``."""
+    if p <= 1:
+        return 0
+    C = owner_chunk(compressor)
+    offsets = offsets if offsets is not None else list(range(len(numels)))
+    to = [0] * p
+    for n, o in zip(numels, offsets):
+        for j, (a, b) in enumerate(owner_ranges(n, C, p, o % p)):
+            to[j] += compressor.payload_nbytes(b - a) if b > a else 0
+    total = sum(to)
+    per = [total - to[j] + (p - 1) * to[j] for j in range(p)]  # phase 1: all but its own; phase 2: p - 1 copies
+    return max(per) if rank is None else per[rank]
+
+
 # ----------------------------------------------------------------------------- one tensor
 def aggregate_async(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, group=None,
                     group2=None, collective: str = "auto",
@@ -403,17 +621,23 @@ def aggregate(flat: torch.Tensor, compressor: Compressor, meter: WireMeter, grou
 
 
 def _aggregate_one(flat, compressor, meter, group, group2, collective, server_error, step):
+    p, rank = _world(group)
     if select_collective(compressor, collective) != "two_phase":
         server_error = None
-    elif server_error is not None and server_error.numel() != chunk_numel(flat.numel(), _world(group)[0]):
-        raise ValueError(f"server_error has {server_error.numel()} elements; two_phase needs "
-                         f"chunk_numel(numel, p) = {chunk_numel(flat.numel(), _world(group)[0])}")
+    elif server_error is not None:
+        if owner_chunk(compressor):   # the run-aligned two_phase: this rank's owner range
+            a, b = owner_ranges(flat.numel(), owner_chunk(compressor), p, owner_offset(step, 0) % p)[rank]
+            want, what = b - a, "its owner range (owner_ranges)"
+        else:
+            want, what = chunk_numel(flat.numel(), p), "chunk_numel(numel, p)"
+        if server_error.numel() != want:
+            raise ValueError(f"server_error has {server_error.numel()} elements; two_phase needs {what} = {want}")
     _, fut, extra, _ = launch([flat.reshape(-1)], compressor, meter, steps=[step], collective=collective,
                               group=group, group2=group2, server_errors=[server_error])
 
     def finish(f: torch.futures.Future) -> torch.Tensor:
         mean = f.value()[0]
-        if extra is not None and extra.server_errors[0] is not None:
+        if server_error is not None and extra is not None and extra.server_errors[0] is not None:
             server_error.copy_(extra.server_errors[0])
         return mean.reshape(flat.shape).to(flat.dtype)
 

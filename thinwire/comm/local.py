@@ -1,154 +1,232 @@
-"""Local updates (``sync=local``): an outer loop over rounds of H local steps (Local SGD,
-Lin et al. 2020; DiLoCo's outer loop, Douillard et al. 2023)::
+"""The outer loop (``sync=local|diloco|co2``, eager, streaming, SparseLoCo): one strategy that
+runs a :class:`~thinwire.comm.rounds.Round` (plain data: fragments, offsets, delay, merge rule).
+At fragment j's launch, on rank i (a: the anchor, equal on every rank; w_i: live parameters)::
 
-    every rank runs H inner steps on its own optimizer, no gradient all-reduce;
-    Delta_t^i = a_t - w_i                      (this rank's pseudo-gradient)
-    d_t = mean_i Delta_t^i                     (one all-reduce, through the comm layer)
-    a_{t+1} = OuterOpt(a_t, d_t)               (any torch optimizer; SGD by default)
-    w_i = a_{t+1}                              (all ranks identical after the round)
+    Delta_i = a - w_i ;  launch d = mean_i Delta_i     (one average, through the comm layer)
 
-``sync=co2`` (``.co2``) builds on this class: the same round, with the all-reduce overlapping
-the next round. ``sync.fragments`` > 1 or ``sync.fragment_delay`` > 0 is Streaming DiLoCo
-(``.streaming``); ``sync.moment1_every`` / ``moment2_every`` average the inner optimizer's
-moments (``.moments``); the outer optimizer is ``.outer_optimizer``. The snapshot is
-a copy: the collective never touches live parameters (the reference code all-reduces
-them in place from a Python thread). Pseudo-gradients, not parameters, are averaged, so
-any compressor + error feedback of the comm layer applies to them unchanged, with its own
-per-rank state (``CompressedAverager``). Parameters are read and written through a
-:class:`ParamSpace` (``ModuleParams``: the module's parameters; under ZeRO replica groups this
-rank's shard of the fp32 master weights, ``thinwire.trainer.zero_replicas.ZeroShards``).
+and ``delay`` steps later, at its merge (Local SGD, Lin et al. 2020; DiLoCo, Douillard et al.
+2023; Streaming DiLoCo, arXiv 2501.18512, Alg. 1; CO2, Sun et al. 2024, Alg. 1)::
 
-While ranks differ (mid-round for ``local``, always for ``co2``), the model evaluated,
-sampled from and reported is the *mean of the ranks' live parameters* (one exact fp32
-all-reduce per evaluation, counted as control traffic); checkpoints keep every rank's own
-parameters, inner optimizer, anchor, outer momentum and round state.
+    sync:   a = OuterOpt(a, d);             w_i = alpha w_i + (1 - alpha) a
+    stale:  a' = OuterOpt(a, d / Lambda);   w_i += a' - y_i   (y_i = a - Delta_i: w_i at the launch)
+    eager:  a = OuterOpt(a, d) as soon as d arrives (the consensus: means only); at the launch,
+            Delta_i = s_i - w_i  and  w_i = s_i = OuterOpt'(a, Delta_i / p)   (s_i: rank i's anchor)
 
-Non-finite pseudo-gradients are agreed before the exchange: at the end of a round every rank
-puts one flag (its Delta_t^i has a NaN or an infinity) into one small all-reduce, counted as
-control traffic. If any rank raised it, every rank skips the round: nothing is compressed or
-sent, no error-feedback buffer, outer momentum or anchor changes, every rank restarts from
-the anchor (``outer_skipped`` counts such rounds). Without it, one rank's NaN would reach
-every rank through the average (or, with a sparse compressor, only the coordinates it sent).
+Eager is Kale, Douillard, Donchev 2025 (arXiv 2502.12996) unrolled: own share at its round, the
+others' one round later. Departure: with momentum the paper keeps one outer optimizer per worker;
+OuterOpt' here is a copy of the consensus's state (``OuterOptimizer.trial``), equal on every rank.
+Lambda = 1 + s ||a_t - a_{t-1}|| / ||d|| per layer (CO2 Eq. 4, Gap-Aware form). OuterOpt: any
+torch optimizer after a clip (``outer_optimizer``); inner moments may be averaged at round ends.
+
+Departures: Delta_i is a copy (the CO2 reference all-reduces live parameters from a thread);
+pseudo-gradients are averaged, so any compressor + error feedback applies. A non-finite Delta
+anywhere is agreed in one control all-reduce before the launch (it also carries Ctrl-C votes):
+every rank restarts that fragment from its anchor and nothing is sent (``outer_skipped``). A
+checkpoint completes the averages in flight and stores their means (resume is bitwise). While
+ranks differ the model evaluated is the mean of the live parameters (eager: the consensus).
+Parameters are read and written only through a ``ParamSpace``, averaged only over the
+``Replicas`` groups given (``param_space``): ZeRO shards and subgroups are implementations.
+On NCCL an overlapped average is launched from a side stream that first waits for compute.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import need, one_of
+from ..errors import need
 from . import accounting
 from .averager import CompressedAverager
+from .futures import then
 from .moments import MomentAverager
-from .outer_optimizer import OuterOptimizer, build_outer_optimizer, default_outer_optim
-from .param_space import ModuleParams, ParamSpace, Replicas
-from .streaming import FragmentStreaming
+from .outer_optimizer import OuterOptimizer
+from .param_space import DataParallel, ModuleParams, Replicas
+from .rounds import CO2Config, LocalConfig, co2_options, round_of
 from .sync import SYNC_STRATEGIES, SyncStrategy
 
 
-@dataclass
-class LocalConfig:
-    """Options of ``sync=local`` (and, with the staleness penalty, ``sync=co2``)."""
-    local_steps: int = 4             # H: inner steps per round
-    # the outer optimizer on the anchor: any torch optimizer (``_target_`` + its keyword
-    # arguments), as torchft's DiLoCo takes one. lr 1, no momentum = parameter averaging;
-    # DiLoCo: lr 0.7, momentum 0.9, nesterov (``sync=diloco``)
-    outer_optim: dict = field(default_factory=default_outer_optim)
-    clip: float = 1.0                # pseudo-gradient clipping threshold (> 0), before the outer step
-    clip_mode: str = "norm"          # norm (global L2 norm of the pseudo-gradient) | value (per element)
-    # Streaming DiLoCo (arXiv 2501.18512): F fragments of strided blocks, synchronised at staggered steps
-    fragments: int = 1               # F (must divide local_steps; 1 = the whole model at once)
-    fragment_delay: int = 0          # tau: inner steps a fragment's all-reduce overlaps (< local_steps / F)
-    fragment_alpha: float = 0.0      # merge: alpha * local + (1 - alpha) * global (0 = take the global)
-    # DES-LOC (arXiv 2505.22549): average the inner optimizer's moments across ranks
-    moment1_every: int = 0           # K_u: first moment (AdamW exp_avg / SGD momentum) every K_u rounds (0 = never)
-    moment2_every: int = 0           # K_v: second moment (AdamW exp_avg_sq) every K_v rounds (0 = never)
-    allows_inf = ("clip",)           # clip=.inf: no clipping (every other float option must be finite)
+def staleness_penalty(d_norms: list[float], move_norms: list[float] | None, strength: float) -> list[float]:
+    """CO2's layer-wise Lambda >= 1 (module doc): 1 when off or before the anchor first moved."""
+    if strength <= 0 or move_norms is None:
+        return [1.0] * len(d_norms)
+    return [1.0 + strength * move / d if d > 0 else 1.0 for d, move in zip(d_norms, move_norms)]
 
-    def check(self) -> None:
-        need(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
-        need(self.clip > 0, "clip", self.clip, "must be positive (pseudo-gradient clipping threshold)")
-        one_of(self.clip_mode, ("norm", "value"), "clip_mode")
-        build_outer_optimizer([torch.zeros(1)], self.outer_optim)
-        need(self.fragments >= 1, "fragments", self.fragments, "must be >= 1")
-        need(self.local_steps % self.fragments == 0, "fragments", self.fragments,
-             f"must divide local_steps={self.local_steps} (fragments synchronise at staggered steps of a round)")
-        need(0 <= self.fragment_delay < self.local_steps // self.fragments, "fragment_delay", self.fragment_delay,
-             f"must be in [0, local_steps/fragments={self.local_steps // self.fragments}): a fragment's "
-             f"all-reduce must finish before that fragment is reduced again")
-        need(0.0 <= self.fragment_alpha <= 1.0, "fragment_alpha", self.fragment_alpha, "must be in [0, 1]")
-        need(self.moment1_every >= 0, "moment1_every", self.moment1_every, "must be >= 0 (0 = never)")
-        need(self.moment2_every >= 0, "moment2_every", self.moment2_every, "must be >= 0 (0 = never)")
+
+@dataclass
+class Flight:  # one fragment's average: launched (snapshot Delta_i), waited for (mean), merged
+    snapshot: torch.Tensor | None
+    future: torch.futures.Future | None = None
+    mean: torch.Tensor | None = None
+    launched_s: float = 0.0
+    done_s: float = 0.0
 
 
 @SYNC_STRATEGIES.register("local")
-class LocalUpdates(FragmentStreaming, SyncStrategy):
-    """``sync=local``: H local steps, then a synchronous outer step (see module doc); with
-    streaming fragments, ``FragmentStreaming.stream_step`` runs the round instead."""
+class OuterStrategy(SyncStrategy):
+    """Runs the round ``sync.*`` describes (module doc); ``sync=co2`` is :class:`CO2`."""
     Config = LocalConfig
     needs_grad_allreduce = False
     ranks_diverge = True
     carries_stop = True  # in the finiteness all-reduce of each synchronisation (finite_everywhere)
-    supports_replica_groups = True   # averages parameters, so it can run across ZeRO replica groups
+    supports_replica_groups = True   # averages a ParamSpace over the groups it is given
 
     def __init__(self, cfg, world, meter, model, comm_cfg=None, replicas: Replicas | None = None):
+        cfg = co2_options(cfg) if issubclass(self.Config, CO2Config) else cfg
         super().__init__(cfg, world, meter, model, comm_cfg, replicas)
-        self.H = cfg.local_steps
-        self.replicas = replicas
-        self.round = 0
-        self.model_params: ModuleParams = ModuleParams(model)  # the model's parameters: what is evaluated
-        # the space averaged across replicas: the model's parameters, or under ZeRO replica
-        # groups this rank's shard of the fp32 master weights
-        self.space: ParamSpace = replicas.shards(self.model_params) if replicas is not None else self.model_params
-        group, group2 = ((replicas.cross_group, replicas.cross_group2) if replicas is not None
-                         else (world.async_group if world.world_size > 1 else None, None))
+        self.replicas = replicas if replicas is not None else DataParallel(world)
+        self.model_params = ModuleParams(model)  # what is evaluated
+        self.space = self.replicas.shards(self.model_params)  # what is averaged
+        self.plan = round_of(cfg, self.space.names)
+        self.H, self.round, self.skipped = self.plan.steps, 0, 0
         self.anchor = self.space.split(self.space.read_flat())
         self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm)
-        self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"},
-                                           meter, group=group, group2=group2)
-        self.skipped = 0  # rounds skipped because some rank's pseudo-gradient was not finite
-        opt = {f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(LocalConfig)
-               if f.name.startswith(("fragment", "moment"))}  # configs built by hand may leave them out
-        self.moments = MomentAverager(opt["moment1_every"], opt["moment2_every"], meter)
-        # streaming fragments (``thinwire.comm.streaming``): at most one fragment's mean in flight
-        self.init_streaming(opt["fragments"], opt["fragment_delay"], opt["fragment_alpha"])
+        self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"}, meter,
+                                           group=self.replicas.cross_group, group2=self.replicas.cross_group2,
+                                           timeout_s=getattr(world, "timeout_s", None))
+        self.moments = MomentAverager(*self.plan.moments, meter, group=self.replicas.control_group)
+        self.flights: dict[int, Flight] = {}
+        self.live: torch.Tensor | None = None               # this step's w_i, read once
+        self.last_step: dict[int, list[torch.Tensor]] = {}  # stale: fragment's a_t - a_{t-1}, for Lambda
+        self.start = self.space.read_flat() if self.plan.merge == "eager" else None  # eager: s_i
+        self.overlapped = self.plan.delay == self.H and self.plan.merge != "sync"
+        self.cuda_stream = (torch.cuda.Stream(device=world.device)
+                            if self.overlapped and world.device.type == "cuda" else None)
 
     @classmethod
     def check_run(cls, cfg) -> None:
-        s = cfg.sync
-        if cfg.engine.name != "ddp":
-            need(s.fragments == 1 and s.fragment_delay == 0, "sync.fragments", s.fragments,
-                 f"engine={cfg.engine.name} shards layers across a replica group's ranks; streaming fragments "
-                 f"need engine=ddp")
-            need(s.moment1_every == 0 and s.moment2_every == 0, "sync.moment1_every",
-                 f"{s.moment1_every} (moment2_every={s.moment2_every})",
-                 f"engine={cfg.engine.name} shards the inner optimizer's state; averaging its moments needs engine=ddp")
-        n_layer = cfg.model.get("n_layer")
-        if isinstance(n_layer, int) and s.fragments > 1:
-            need(s.fragments <= n_layer, "sync.fragments", s.fragments,
-                 f"model.n_layer={n_layer} blocks: at most one fragment per block")
+        s, engine, n_layer = cfg.sync, cfg.engine.name, cfg.model.get("n_layer")
+        need(engine == "ddp" or (s.fragments == 1 and s.fragment_delay == 0), "sync.fragments", s.fragments,
+             f"engine={engine} shards layers across a replica group's ranks; streaming fragments need engine=ddp")
+        need(engine == "ddp" or s.moment1_every == s.moment2_every == 0, "sync.moment1_every",
+             f"{s.moment1_every} (moment2_every={s.moment2_every})",
+             f"engine={engine} shards the inner optimizer's state; averaging its moments needs engine=ddp")
+        need(not isinstance(n_layer, int) or s.fragments <= n_layer, "sync.fragments", s.fragments,
+             f"model.n_layer={n_layer} blocks: at most one fragment per block")
 
     def bind_optimizer(self, plugin) -> None:
         if self.moments.active:
             self.moments.bind(getattr(plugin, "optimizer", None))
 
-    # -- pieces shared with CO2 ----------------------------------------------------
-    def pseudo_gradient(self, live: torch.Tensor | None = None) -> torch.Tensor:
-        """Delta^i = a - w_i, flattened (a fresh buffer: the snapshot); ``live``: w_i if at hand."""
-        return self.space.flat(self.anchor) - (self.space.read_flat() if live is None else live)
+    # -- pieces of fragment j ---------------------------------------------------------
+    def _take(self, flat: torch.Tensor, j: int) -> torch.Tensor:
+        if len(self.plan.fragments) == 1:
+            return flat
+        pieces = self.space.split(flat)
+        return torch.cat([pieces[i].reshape(-1) for i in self.plan.fragments[j]])
+
+    def _pieces(self, flat: torch.Tensor, j: int) -> list[torch.Tensor]:
+        """Fragment j's flat vector as pieces shaped like its anchor's."""
+        idx = self.plan.fragments[j]
+        return [x.view_as(self.anchor[i]) for x, i in zip(flat.split([self.space.sizes[i] for i in idx]), idx)]
+
+    def _live(self) -> torch.Tensor:
+        if self.live is None:
+            self.live = self.space.read_flat()
+        return self.live
+
+    def _write(self, j: int, pieces: list[torch.Tensor]) -> None:
+        """w_i on fragment j's pieces = ``pieces``; the live parameters are written back."""
+        live = self.space.split(self._live())
+        for i, x in zip(self.plan.fragments[j], pieces):
+            live[i].copy_(x.reshape(live[i].shape))
+        self.space.write_flat(self.live)
+
+    # -- the round ----------------------------------------------------------------------
+    def after_step(self, step: int) -> dict[str, float]:
+        s, self.live = step + 1, None
+        out, wait = {}, 0.0
+        for j in self.plan.merges(s):
+            wait += self._wait(j, out) if j in self.flights else 0.0
+            if j in self.flights:  # eager: merged when waited for
+                self._merge(j, out)
+        for j in self.plan.launches(s):
+            t0 = time.perf_counter()
+            if self._launch(j) and self.plan.delay == 0:
+                self._wait(j, out)
+                self._merge(j, out)
+            wait += time.perf_counter() - t0
+            if self.plan.streaming:
+                out["fragment"] = j
+        if s % self.H:
+            return {**out, "comm_wait_s": wait, **self.averager.take_stats()} if out else {}
+        self.round += 1
+        self.moments.after_round(self.round)
+        if not self.plan.streaming and not self.overlapped:
+            out["overlap_fraction"] = 0.0
+        return self.metrics(wait, **out, **self.averager.take_stats())
+
+    def _launch(self, j: int) -> bool:
+        """Delta_i of fragment j, agreed finite, then launched (False: skipped everywhere)."""
+        own = self.start if self.plan.merge == "eager" else self.space.flat(self.anchor)
+        delta = self._take(own, j) - self._take(self._live(), j)
+        if not self.finite_everywhere(delta):
+            self._write(j, self._pieces(self._take(own, j), j))  # restart the fragment from its anchor
+            self.skipped += 1
+            return False
+        idx = self.plan.fragments[j]
+        # co2 counts the round in flight as launched after the round it ends (comm.warmup_steps, seeds)
+        self.launching = ([self.space.names[i] for i in idx], [self.space.sizes[i] for i in idx],
+                          self.round + self.overlapped)
+        flight = self.flights[j] = Flight(delta, launched_s=time.perf_counter())
+        if self.cuda_stream is not None:  # NCCL: launch from the side stream
+            self.cuda_stream.wait_stream(torch.cuda.current_stream(self.world.device))
+            with torch.cuda.stream(self.cuda_stream):
+                delta.record_stream(self.cuda_stream)
+                fut = self.launch(delta)
+        else:
+            fut = self.launch(delta.clone() if self.start is not None else delta)
+        flight.future = then(fut, lambda f: (setattr(flight, "done_s", time.perf_counter()), f.value())[1])
+        if self.plan.merge == "eager":  # s_i = OuterOpt'(c, Delta_i / p): this rank's fresh share
+            n = accounting.group_size(self.replicas.cross_group) if self.world.world_size > 1 else 1
+            moved = self.outer.trial(self._pieces(delta.div(n), j), [self.anchor[i] for i in idx])
+            for x, i in zip(moved, idx):
+                self.space.split(self.start)[i].copy_(x)
+            self._write(j, moved)
+        return True
 
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
-        return self.averager.average_async(self.space.names, self.space.sizes, delta, self.round)
+        """Start averaging ``delta``, the fragment being launched (a seam: tests slow it down)."""
+        names, sizes, it = self.launching
+        return self.averager.average_async(names, sizes, delta, it)
 
-    def outer_step(self, mean_delta: torch.Tensor, penalty: list[float] | None = None) -> list[torch.Tensor]:
-        d = [x.clone() for x in self.space.split(mean_delta)]
-        if penalty is not None:
-            for x, lam in zip(d, penalty):
-                x.div_(lam)
-        return self.outer.step(self.anchor, d)
+    def _wait(self, j: int, out: dict) -> float:
+        """Wait for fragment j's mean (eager: apply it to the consensus); returns seconds blocked."""
+        f = self.flights[j]
+        if f.future is None:  # restored from a checkpoint, or already waited for
+            return 0.0
+        consume_s = time.perf_counter()
+        f.mean, f.future = f.future.wait(), None
+        if self.cuda_stream is not None:
+            torch.cuda.current_stream(self.world.device).wait_stream(self.cuda_stream)
+        self.averager.commit([self.space.names[i] for i in self.plan.fragments[j]])  # only this fragment's
+        if self.overlapped and f.done_s:
+            hidden = max(0.0, min(f.done_s, consume_s) - f.launched_s)
+            out["overlap_fraction"] = min(1.0, hidden / max(f.done_s - f.launched_s, 1e-9))
+        if self.plan.merge == "eager":  # the consensus takes every mean as soon as it is waited for
+            self.outer.step([self.anchor[i] for i in self.plan.fragments[j]],
+                            [x.clone() for x in self._pieces(f.mean, j)])
+            del self.flights[j]
+        return time.perf_counter() - consume_s
+
+    def _merge(self, j: int, out: dict) -> None:
+        f, idx = self.flights.pop(j), self.plan.fragments[j]
+        anchor, d = [self.anchor[i] for i in idx], [x.clone() for x in self._pieces(f.mean, j)]
+        if self.plan.merge == "sync":
+            self.outer.step(anchor, d)
+            live = self._pieces(self._take(self._live(), j), j)
+            a = self.plan.alpha
+            self._write(j, anchor if a == 0 else [w.mul_(a).add_(x, alpha=1 - a) for w, x in zip(live, anchor)])
+            return
+        last = self.last_step.get(j)
+        penalty = staleness_penalty(self.space.layer_norms(d), None if last is None else self.space.layer_norms(last),
+                                    self.plan.penalty)
+        out.update(staleness_gap_norm=self.space.global_norm(last) if last is not None else 0.0,
+                   staleness_penalty_mean=sum(penalty) / len(penalty))
+        step = self.last_step[j] = self.outer.step(anchor, [x.div_(lam) for x, lam in zip(d, penalty)])
+        live = self._pieces(self._take(self._live(), j), j)  # w_i += a_{t+1} - y_i
+        self._write(j, [w.add_(x).add_(y) for w, x, y in zip(live, step, self._pieces(f.snapshot, j))])
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
@@ -156,55 +234,23 @@ class LocalUpdates(FragmentStreaming, SyncStrategy):
                 "outer_momentum_norm": self.space.global_norm(self.outer.momentum()), **extra}
 
     def finite_everywhere(self, delta: torch.Tensor) -> bool:
-        """Whether every rank's pseudo-gradient is finite: one control all-reduce of a flag
-        over all ranks (replica groups included: they must all skip together). The same
-        number carries the ranks' Ctrl-C votes (``SyncStrategy.carries_stop``): a non-finite
-        rank counts 1, a vote world size + 1 (exact in float32 below 4096 ranks); every rank
-        reads the same sum."""
-        weight = self.world.world_size + 1
-        bad = torch.isfinite(delta).all().logical_not().float().reshape(1)
-        flag = bad + (weight if self.stop_vote else 0)
-        if self.world.world_size > 1:
-            accounting.all_reduce(self.meter, flag, kind="control")
+        """Every rank's Delta finite? One control all-reduce over the control group, which also
+        counts Ctrl-C votes (``carries_stop``): non-finite counts 1, a vote p + 1 (exact in fp32)."""
+        group = self.replicas.control_group
+        weight = accounting.group_size(group) + 1
+        flag = torch.isfinite(delta).all().logical_not().float().reshape(1) + (weight if self.stop_vote else 0)
+        if weight > 2:
+            accounting.all_reduce(self.meter, flag, group=group, kind="control")
         total = int(float(flag))
         self.stop_agreed = self.stop_agreed or total >= weight
         return total % weight == 0
-
-    def skip_round(self) -> None:
-        """A round with a non-finite pseudo-gradient somewhere: every rank restarts from the
-        unchanged anchor; nothing was sent, so error feedback and outer state are untouched."""
-        self.space.write_flat(self.space.flat(self.anchor))
-        self.skipped += 1
-
-    # -- the strategy ----------------------------------------------------------------
-    def after_step(self, step: int) -> dict[str, float]:
-        if self.streaming:
-            return self.stream_step(step)
-        if (step + 1) % self.H != 0:
-            return {}
-        t0 = time.perf_counter()
-        delta = self.pseudo_gradient()
-        if not self.finite_everywhere(delta):
-            self.skip_round()
-            self.round += 1
-            return self.metrics(time.perf_counter() - t0, overlap_fraction=0.0)
-        mean = self.averager.average(self.space.names, self.space.sizes, delta, self.round)
-        self.averager.commit()
-        wait = time.perf_counter() - t0
-        self.outer_step(mean)
-        self.space.write_flat(self.space.flat(self.anchor))
-        self.round += 1
-        self.moments.after_round(self.round)
-        stats = self.averager.take_stats()
-        return self.metrics(wait, overlap_fraction=0.0, **stats)
 
     @property
     def round_steps(self) -> int:
         return self.H
 
     def consensus_state(self) -> dict:
-        """After an outer step every rank holds the same anchor and outer optimizer state
-        (live parameters legitimately differ under CO2)."""
+        """The anchor and the outer optimizer's state (live parameters legitimately differ)."""
         state = {f"anchor.{n}": a for n, a in zip(self.space.names, self.anchor)}
         for n, p in zip(self.space.names, self.outer.params):
             for key, value in sorted(self.outer.optimizer.state.get(p, {}).items()):
@@ -214,42 +260,53 @@ class LocalUpdates(FragmentStreaming, SyncStrategy):
 
     @property
     def consensus_group(self):
-        return self.replicas.cross_group if self.replicas is not None else None
+        return self.replicas.consensus_group
 
     @contextlib.contextmanager
     def eval_model(self):
-        """The mean of the ranks' live parameters, swapped in for the duration."""
-        if self.world.world_size == 1:
+        """Eager: the consensus (means waited for and applied); else the mean of the ranks' live
+        parameters over the control group (one counted all-reduce), swapped in for the duration."""
+        group, eager = self.replicas.control_group, self.plan.merge == "eager"
+        if not eager and (self.world.world_size == 1 or accounting.group_size(group) == 1):
             yield self.model
             return
-        live = self.model_params.read_flat()
-        mean = live.clone()
-        accounting.all_reduce(self.meter, mean, kind="eval")
-        mean.div_(self.world.world_size)  # replica groups: every group counts as often as it has ranks
-        self.model_params.write_flat(mean)
+        if eager:  # the means in flight are part of the consensus
+            self.close()
+        params = self.space if eager else self.model_params
+        live = params.read_flat()
+        mean = params.flat(self.anchor) if eager else live.clone()
+        if not eager:  # replica groups: each counts as often as it has ranks
+            accounting.all_reduce(self.meter, mean, group=group, kind="eval")
+            mean.div_(accounting.group_size(group))
+        params.write_flat(mean)
         try:
             yield self.model
         finally:
-            self.model_params.write_flat(live)
+            params.write_flat(live)
 
     def close(self) -> None:
-        self._complete_fragment()
+        for j in list(self.flights):
+            self._wait(j, {})
 
     def state_dict(self) -> dict:
-        self._complete_fragment()  # a fragment in flight is stored as its finished mean
-        state = {"round": self.round, "anchor": [a.clone() for a in self.anchor], "skipped": self.skipped,
-                 "outer": self.outer.state_dict(), "averager": self.averager.state_dict()}
-        if self.streaming:
-            state["fragment"] = {"pending": self.pending, "mean": self.pending_mean}
-        return state
+        self.close()  # a checkpoint holds finished means, never a live handle
+        return {"round": self.round, "anchor": [a.clone() for a in self.anchor], "skipped": self.skipped,
+                "outer": self.outer.state_dict(), "averager": self.averager.state_dict(),
+                "flights": {j: (f.snapshot, f.mean) for j, f in self.flights.items()},
+                "last_step": {j: [x.clone() for x in s] for j, s in self.last_step.items()},
+                "start": None if self.start is None else self.start.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.round = state["round"]
-        self.skipped = state.get("skipped", 0)  # absent from checkpoints of earlier versions
+        self.round, self.skipped = state["round"], state["skipped"]
         for a, s in zip(self.anchor, state["anchor"]):
             a.copy_(s)
         self.outer.load_state_dict(state["outer"])
         self.averager.load_state_dict(state["averager"])
-        if self.streaming:
-            self.pending, self.pending_mean = state["fragment"]["pending"], state["fragment"]["mean"]
+        self.flights = {j: Flight(snap, mean=mean) for j, (snap, mean) in state["flights"].items()}
+        self.last_step, self.start = state["last_step"], state["start"]
 
+
+@SYNC_STRATEGIES.register("co2")
+class CO2(OuterStrategy):
+    """``sync=co2``: each fragment's average overlaps a round (``sync.overlap``: stale | eager)."""
+    Config = CO2Config

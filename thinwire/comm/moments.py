@@ -1,22 +1,12 @@
 """Inner-optimizer state across syncs: averaging AdamW's moments over the ranks (DES-LOC,
-Iacob et al. 2025, arXiv 2505.22549, Algorithm 1: every rank averages its first moment every
-K_u inner steps and its second every K_v, the parameters every K_x; here K_u, K_v count
-rounds of H inner steps, so the moments are averaged at a round's end, after the outer step).
-
-Why: between syncs each rank's first moment forgets the shared direction (0.9^H of it is left
-after H steps) and is rebuilt from its own batches; averaging puts the shared part back.
-How it combines with the outer optimizer: it does not touch the anchor or the outer
-optimizer's state; the outer step moves the parameters, this moves the inner optimizer's
-state, and the next round's inner steps start from both. How the strategy reaches the inner
-optimizer's state: the trainer hands its optimizer plugin to ``SyncStrategy.bind_optimizer``;
-the averaged buffers are the torch optimizer's per-parameter state (``exp_avg`` /
-``exp_avg_sq`` for AdamW, ``momentum_buffer`` as the first moment for SGD), averaged in place
-with one exact fp32 all-reduce per moment (charged to the meter as data bytes: 4 B per
-parameter per moment, twice the ring factor). MT-DAO (arXiv 2510.05361) is this averaging with
-``optim=mtdao`` (``thinwire.optim.mtdao``), whose ``exp_avg`` is a slow momentum.
-
-Departure from DES-LOC: its moments are averaged on their own clocks between parameter
-syncs; here only at round ends (the moments travel next to the pseudo-gradient's average).
+Iacob et al. 2025, arXiv 2505.22549, Alg. 1: the first moment every K_u inner steps, the second
+every K_v; here K_u, K_v count rounds, so moments are averaged at a round's end, after the outer
+step). Why: after H steps a rank's first moment keeps 0.9^H of the shared direction; averaging
+puts it back. It moves only the inner optimizer's state (reached through ``bind``: the torch
+optimizer's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer`` as the first moment), never
+the anchor; one exact fp32 all-reduce per moment over the group given (4 B per parameter, data
+bytes). MT-DAO (arXiv 2510.05361) is this with ``optim=mtdao`` (``thinwire.optim.mtdao``).
+Departure from DES-LOC: moments are averaged only at round ends, not on their own clocks.
 """
 from __future__ import annotations
 

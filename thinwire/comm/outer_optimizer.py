@@ -1,4 +1,4 @@
-"""The outer optimizer of local updates and CO2: any torch optimizer on the anchor, fed the
+"""The outer optimizer of the outer loop (``thinwire.comm.local``): any torch optimizer on the anchor, fed the
 averaged pseudo-gradient after clipping (:class:`OuterOptimizer`; the equations are in its
 docstring). ``sync.outer_optim`` names it as ``_target_`` + keyword arguments, as torchft's
 ``DiLoCo`` takes the outer optimizer from the user (torchft ``torchft/local_sgd.py``).
@@ -91,17 +91,18 @@ class OuterOptimizer:
         return [a - b for a, b in zip(anchor, before)]
 
     @torch.no_grad()
-    def trial(self, d: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Where ``step`` with ``d`` would move the anchor, as fresh tensors; the anchor, the
-        optimizer's state and the clip counter are left as they were (eager updates' per-rank
-        step from the consensus)."""
-        before = [a.clone() for a in self.params]
+    def trial(self, d: list[torch.Tensor], params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Where ``step`` with ``d`` would move ``params`` (default: the whole anchor), as
+        fresh tensors; the anchor, the optimizer's state and the clip counter are left as they
+        were (eager updates' per-rank step from the consensus)."""
+        params = self.params if params is None else params
+        before = [a.clone() for a in params]
         saved = {p: {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in st.items()}
                  for p, st in self.optimizer.state.items()}
         clipped = self.clipped
-        self.step(self.params, d)
-        moved = [a.clone() for a in self.params]
-        for a, b in zip(self.params, before):
+        self.step(params, d)
+        moved = [a.clone() for a in params]
+        for a, b in zip(params, before):
             a.copy_(b)
         self.optimizer.state.clear()
         self.optimizer.state.update(saved)

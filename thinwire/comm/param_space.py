@@ -1,9 +1,11 @@
-"""The parameters the outer loop works on: the :class:`ParamSpace` protocol (named pieces,
-read and written as one flat fp32 vector), :class:`ModuleParams` (a module's trainable
-parameters) and the :class:`Replicas` protocol of ZeRO replica groups, whose space is this
-rank's shard (``thinwire.trainer.zero_replicas``). Local updates and CO2
-(``thinwire.comm.local``, ``thinwire.comm.co2``) read, average and write parameters only
-through a space, so the same outer loop runs on DDP replicas and on ZeRO shards.
+"""What the outer loop works on and with whom: the :class:`ParamSpace` protocol (named
+pieces, read and written as one flat fp32 vector), :class:`ModuleParams` (a module's trainable
+parameters), and the :class:`Replicas` protocol (the groups it talks over and the space of
+this rank): :class:`DataParallel` (every rank one whole replica) or ZeRO replica groups, whose
+space is this rank's shard (``thinwire.trainer.zero_replicas``). The outer loop
+(``thinwire.comm.local``) reads, averages and writes parameters only through a space and
+talks only over the replicas' groups, so the same code runs on DDP replicas, on ZeRO shards
+and on a subgroup of the ranks.
 """
 from __future__ import annotations
 
@@ -79,17 +81,37 @@ class ModuleParams(ParamSpace):
 
 
 class Replicas(Protocol):
-    """Groups of ranks that each hold one replica of the model, sharded inside the group
-    (``engine=deepspeed`` with ``sync=local|co2``); the outer loop averages across them.
+    """The replicas the outer loop averages over, and this rank's part of one.
 
-    ``cross_group``: the ranks that hold the same shard as this rank, one per replica (the
+    ``cross_group``: the ranks that hold the same part as this rank, one per replica (the
     outer average runs on it); ``cross_group2``: a second group over the same ranks for the
-    two-phase collective's second phase (None when the comm config does not use it);
-    ``shards(model_params)``: the :class:`ParamSpace` of this rank's shard.
+    two-phase collective's second phase (None: the averager makes one when needed);
+    ``control_group``: the ranks that agree on skips and stop votes and whose live parameters
+    are averaged for evaluation (None: the world); ``consensus_group``: the ranks whose
+    consensus state must hash equal (``thinwire.trainer.drift``; None: the world);
+    ``shards(model_params)``: the :class:`ParamSpace` of this rank's part.
 
-    Implemented by ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
+    Implemented by :class:`DataParallel` and ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
 
     cross_group: object
     cross_group2: object
+    control_group: object
+    consensus_group: object
 
     def shards(self, model_params: ModuleParams) -> ParamSpace: ...
+
+
+class DataParallel(Replicas):
+    """Every rank of ``group`` one whole replica (``engine=ddp``): the outer average runs on
+    ``world.async_group`` (its order never interleaves with the per-step control all-reduce),
+    control and consensus on ``group`` (None: the world), the average on ``cross_group`` (a
+    group over the same ranks; default ``world.async_group`` for the world, else ``group``);
+    the space is the module's."""
+
+    def __init__(self, world, group=None, cross_group=None):
+        self.cross_group = cross_group if cross_group is not None else world.async_group if group is None else group
+        self.cross_group2 = None
+        self.control_group = self.consensus_group = group
+
+    def shards(self, model_params: ModuleParams) -> ParamSpace:
+        return model_params

@@ -7,7 +7,9 @@ A strategy declares what the engine must do for it:
   False (local updates, zeroth order) the model is not wrapped in DDP at all, so there
   is no per-step gradient sync and no buffer broadcast the accounting cannot see;
 - ``ranks_diverge``: ranks hold different parameters between synchronisations, so the
-  checkpoint stores model and optimizer per rank;
+  checkpoint stores model and optimizer per rank, and the drift guard
+  (``thinwire.trainer.drift``) checks only what the strategy declares in ``consensus_state``
+  (none declared: the guard is off, with one start-up line);
 - ``supports_replica_groups``: it can average across replica groups that shard the model
   inside themselves (``engine=deepspeed``); it then gets ``replicas``
   (``thinwire.comm.param_space.Replicas``);
@@ -17,8 +19,9 @@ A strategy declares what the engine must do for it:
   ``stop_agreed`` on every rank alike, so all stop after the same step with a checkpoint
   (``thinwire.trainer.progress.StopRequest``; the trainer clears it once read).
 
-The built-in ``local`` and ``co2`` live in ``local.py`` and ``co2.py``, which ``thinwire.comm``
-imports through ``outer.py`` (so they are registered whenever this module is).
+The built-in ``local`` and ``co2`` (one strategy running a plain-data round, ``local.py`` and
+``rounds.py``) are imported by ``thinwire.comm`` through ``outer.py`` (so they are registered
+whenever this module is).
 """
 from __future__ import annotations
 
@@ -75,10 +78,11 @@ class SyncStrategy:
         multiples of it."""
         return 1
 
-    def consensus_state(self) -> dict:
+    def consensus_state(self) -> dict | None:
         """The tensors that must be bitwise equal on every rank of ``consensus_group`` at the
-        end of a round (``thinwire.trainer.drift``): here the parameters."""
-        return dict(self.model.named_parameters())
+        end of a round (``thinwire.trainer.drift``): the parameters when ranks never diverge;
+        None (declares none: the guard is off) when they do, unless the strategy overrides it."""
+        return None if self.ranks_diverge else dict(self.model.named_parameters())
 
     @property
     def consensus_group(self):

@@ -16,6 +16,10 @@ second all-gather of the per-tensor digests finds the first tensor that differs 
 rank(s) that differ from the majority, and every rank stops with one line naming the step,
 the tensor and the rank.
 
+A strategy whose ranks diverge declares what must still agree; one that declares nothing
+(``consensus_state()`` is None) is not checked: the guard prints one start-up line
+(``drift guard off for sync=<name>: it declares no consensus state``) and never alarms.
+
 A hash, not a tolerance: the strategies here are deterministic and bitwise identical across
 ranks by construction (fixed reduction order, the same mean on every rank), so any
 difference, one ulp included, is a bug or a fault (a flipped bit, a rank that missed a
@@ -65,6 +69,11 @@ class DriftGuard:
     def __init__(self, every: int | None, sync, plugin, world, meter):
         self.sync, self.plugin, self.world, self.meter = sync, plugin, world, meter
         self.period = check_period(every, sync.round_steps) if world.world_size > 1 else 0
+        if self.period and sync.consensus_state() is None:
+            self.period = 0
+            if world.is_main:
+                name = getattr(getattr(sync, "cfg", None), "name", type(sync).__name__)
+                print(f"thinwire: drift guard off for sync={name}: it declares no consensus state", flush=True)
 
     def due(self, done: int) -> bool:
         return self.period > 0 and done % self.period == 0

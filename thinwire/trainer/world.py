@@ -66,6 +66,7 @@ class World:
     # callbacks, CO2's outer all-reduce) run on their own group, so every rank issues
     # them in the same order
     async_group: object = None
+    timeout_s: float | None = None  # of every group thinwire creates (``thinwire.comm.groups``)
 
     @property
     def is_main(self) -> bool:
@@ -102,12 +103,11 @@ def init_world(backend: str = "auto", timeout_s: float = 300.0, threads: int = 0
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=attempt_store(rank, world_size, timeout),
                                 device_id=device if backend == "nccl" else None)
-    groups.set_timeout(timeout_s)  # every group thinwire creates gets dist.timeout_s
-    async_group = groups.new_group(backend=backend) if world_size > 1 else None
-    return World(rank, world_size, local_rank, device, backend, async_group)
+    async_group = groups.new_group(backend=backend, timeout_s=timeout_s) if world_size > 1 else None
+    return World(rank, world_size, local_rank, device, backend, async_group, timeout_s)
 
 
-def current_world(device: torch.device | None = None) -> World:
+def current_world(device: torch.device | None = None, timeout_s: float | None = None) -> World:
     """The :class:`World` of a process whose default group someone else initialised (a
     user's loop under torchrun, Lightning, Accelerate): rank and size from the default
     group, ``device`` (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU), and a fresh
@@ -118,8 +118,8 @@ def current_world(device: torch.device | None = None) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
         device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    async_group = groups.new_group(backend=backend) if world_size > 1 else None
-    return World(rank, world_size, local_rank, device, backend, async_group)
+    async_group = groups.new_group(backend=backend, timeout_s=timeout_s) if world_size > 1 else None
+    return World(rank, world_size, local_rank, device, backend, async_group, timeout_s)
 
 
 def attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):

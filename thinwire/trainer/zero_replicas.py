@@ -24,6 +24,7 @@ fp32 masters, never on the rounded module copy.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -47,19 +48,22 @@ class ReplicaGroups(Replicas):
     ``thinwire.comm.param_space.Replicas``, and DeepSpeed's ``mpu`` interface:
     data parallel = this rank's ZeRO group, model parallel = this rank alone. Every rank
     creates every group in the same order, as ``torch.distributed.new_group`` requires (all
-    through ``thinwire.comm.groups.new_group``: with ``dist.timeout_s``)."""
+    through ``thinwire.comm.groups.new_group`` with ``world.timeout_s``)."""
 
     def __init__(self, world, size: int, meter, two_phase: bool):
         p = world.world_size
         self.meter, self.optimizer = meter, None  # DeepSpeed's ZeRO optimizer, once built
         self.size, self.replicas = size, p // size
         self.replica, self.index = divmod(world.rank, size)
-        zero = [new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
-        cross = [new_group(list(range(j, p, size))) for j in range(size)]
-        cross2 = [new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
-        alone = [new_group([r]) for r in range(p)]
+        group = functools.partial(new_group, timeout_s=world.timeout_s)
+        zero = [group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
+        cross = [group(list(range(j, p, size))) for j in range(size)]
+        cross2 = [group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
+        alone = [group([r]) for r in range(p)]
         self.zero_group, self.cross_group = zero[self.replica], cross[self.index]
         self.cross_group2, self.alone = cross2[self.index], alone[world.rank]
+        # every rank skips and stops together; the ranks holding the same shard agree bitwise
+        self.control_group, self.consensus_group = None, self.cross_group
         self.zero_ranks = list(range(self.replica * size, (self.replica + 1) * size))
 
     def shards(self, model_params: ModuleParams) -> "ZeroShards":

@@ -10,11 +10,14 @@ Averaging SGD", Sec. 3: the synchronous update, every tau = ``period`` steps)::
 
 Workers never become equal (``ranks_diverge``); the centre c is identical on every rank
 (it starts at the common initial parameters and moves by the common mean), and it is the
-model that is evaluated, at no communication cost.
+model that is evaluated, at no communication cost. The centre and the round counter are the
+consensus state: the drift guard hashes them on every rank once per period.
 """
 import contextlib
 import time
 from dataclasses import dataclass
+
+import torch
 
 from thinwire.comm.averager import CompressedAverager
 from thinwire.comm.outer import ModuleParams
@@ -59,6 +62,14 @@ class ElasticAveraging(SyncStrategy):
         self.centre.add_(m, alpha=self.cfg.beta)
         self.round += 1
         return {"comm_wait_s": wait, "elastic_distance": float(d.norm()), **self.averager.take_stats()}
+
+    @property
+    def round_steps(self):
+        return self.cfg.period  # the drift guard checks at the end of an elastic round
+
+    def consensus_state(self):
+        """Bitwise equal on every rank at a round's end (the workers legitimately differ)."""
+        return {"centre": self.centre, "round": torch.tensor(self.round)}
 
     @contextlib.contextmanager
     def eval_model(self):

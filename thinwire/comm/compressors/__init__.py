@@ -23,6 +23,10 @@ COMPRESSORS: Registry[type[Compressor]] = Registry("comm", ENTRY_POINT_GROUP)
 for _cls in (NoneCompressor, FP16Compressor, BF16Compressor, TopKCompressor, RandKCompressor,
              Int8Compressor, Dynamic8Compressor, Sign1Compressor, TernaryCompressor, ChunkTopKCompressor):
     COMPRESSORS.register(_cls.name)(_cls)
+# issue 34: low-bit pseudo-gradient quantisers (lowbit.py)
+from .lowbit import FP8Compressor, Int4Compressor  # noqa: E402
+for _cls in (FP8Compressor, Int4Compressor):
+    COMPRESSORS.register(_cls.name)(_cls)
 
 
 def compressor_class(name: str) -> type[Compressor]:

@@ -26,7 +26,10 @@ Aggregation (``sparse``: all-gather of every rank's payload): with ``mean="contr
 include_self=False)``) each coordinate is averaged over the ranks that sent it; with
 ``mean="all"`` over all p ranks, as for ``topk``. The collective sums the ranks' payloads
 in rank order into one fp32 buffer (and counts the contributors), so every rank gets
-bitwise the same mean (see ``thinwire.comm.collectives.sparse_mean``).
+bitwise the same mean (see ``thinwire.comm.collectives.sparse_mean``). With
+``comm.collective=two_phase`` (either mean) ownership is by whole runs, each owner re-selects k
+per run of the mean it received and keeps an owner-side residual, and bytes per rank stay about
+2 (p-1)/p of one payload (``collectives._two_phase_runs``, docs/comm.md).
 
 Where this departs from the reference, and why:
 
@@ -118,6 +121,7 @@ class ChunkTopKCompressor(Compressor):
 
     name = "chunk_topk"
     sparse = True
+    owner_residual = True   # two_phase: the owner keeps what its re-selection did not send
 
     def __init__(self, chunk: int = 4096, k: int = 64, bits: int = 2, mean: str = "contributors",
                  seed: int = 0):
@@ -132,6 +136,9 @@ class ChunkTopKCompressor(Compressor):
         self.chunk, self.k, self.bits = chunk, k, bits
         self.mean = check_choice(self.name, "mean", mean, {"contributors", "all"})
         self.contributors_mean = mean == "contributors"  # read by the sparse all-gather
+        # two_phase owns whole runs (collectives.owner_ranges): every sender's selection in an
+        # owner's range is its selection of those runs, and the owner re-selects k per run
+        self.owner_chunk = chunk
         self.index_bits = uint_width(chunk)
         self._bases_cache: dict = {}     # (numel, device) -> _bases (the same for every call)
 
@@ -141,6 +148,13 @@ class ChunkTopKCompressor(Compressor):
         full, r = divmod(n, self.chunk)
         last = min(r, self.k, max(2, math.ceil(self.k * r / self.chunk))) if r else 0
         return full, r, last
+
+    def payload_nbytes(self, n: int) -> int:
+        """``compress(x).nbytes`` for x of n elements, from n alone (the accounting formulas)."""
+        full, _, last = self.kept(n)
+        m = full * self.k + last
+        vals = {16: 2 * m, 1: (m + 7) // 8}.get(self.bits, (m * self.bits + 7) // 8 + 4 * (1 << self.bits))
+        return (m * self.index_bits + 7) // 8 + vals
 
     def _bases(self, n: int, device) -> torch.Tensor:
         """The first element of the run of every kept entry, in payload order (cached)."""

@@ -140,6 +140,7 @@ class TopKCompressor(Compressor):
 
     name = "topk"
     sparse = True
+    owner_residual = True   # two_phase: the owner keeps what its re-selection did not send
 
     def __init__(self, ratio: float = 0.01, approximate: bool = False,
                  value_dtype: str = "fp32", index_coding: str = "offset16", seed: int = 0):

@@ -1,6 +1,6 @@
 """The network clock's user-scale projections: the issue's presets (1B, 7B, 70B), how a
 method puts a model of N parameters on the wire (``Method``: its calls and codec bytes), one
-round of it at a preset (``project``, on bench/netclock_model.py's clock), and the projected
+round of it at a preset (``project``, on bench/harness/netclock_model.py's clock), and the projected
 rows: DDP, its peers (bf16, torch PowerSGD and PostLocalSGD, torchft DiLoCo and streaming)
 and thinwire's modes (``methods``).
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from netclock_model import Call, Link, RoundTime, round_time
+from .netclock_model import Call, Link, RoundTime, round_time
 
 
 # -- projections: user-scale presets (fixed by the issue, before any measurement) ---------------

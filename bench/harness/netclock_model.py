@@ -1,6 +1,6 @@
 """The network clock's model: the time of one round (H steps) of a data-parallel method from
 its collective calls, a link model and a compute time. The projections are in
-bench/netclock_project.py, the CLI in bench/netclock.py.
+bench/harness/netclock_project.py, the CLI in bench/netclock.py.
 
 The model (issue "time to quality at the scale users run")::
 

@@ -4,8 +4,9 @@ sweep plot (bench/netclock.py writes them).
 """
 from __future__ import annotations
 
-from netclock_project import PRESETS, Method, Preset, data_calls, project
-from netclock_ttt import ASSUMED, _time_to_target
+from .netclock_project import PRESETS, Method, Preset, data_calls, project
+from .netclock_ttt import ASSUMED
+from .time_to_target import fair_warmup
 
 
 # -- the report: python bench/netclock.py [--efficiency E] -------------------------------------
@@ -35,7 +36,7 @@ def preset_table(pre: Preset, rows: list, ttt: dict, opts: dict, gbit: float | N
             f, how = ttt[ASSUMED[m.name][0]]
             note = " (assumed: " + ASSUMED[m.name][1] + ")"
         if m.dense_warmup and prow:
-            warm = _time_to_target().fair_warmup(prow, S) / S
+            warm = fair_warmup(prow, S) / S
             note += f" (first {warm:.3f} S plain DDP fp32, {fp32_step:.3g} s/step)"
         tt = (warm * fp32_step + (f - warm) * rt.step_s) / pre.compute_s if f else None
         res[m.name] = {"group": group, "H": m.H, "F": m.F, "step_s": rt.step_s, "utilisation": rt.utilisation,
