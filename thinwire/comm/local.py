@@ -264,15 +264,16 @@ class OuterStrategy(SyncStrategy):
 
     @contextlib.contextmanager
     def eval_model(self):
-        """Eager: the consensus (means waited for and applied); else the mean of the ranks' live
-        parameters over the control group (one counted all-reduce), swapped in for the duration."""
-        group, eager = self.replicas.control_group, self.plan.merge == "eager"
+        """Eager: the consensus (means waited for and applied); else the replicas' mean of the live
+        parameters (``Replicas.eval_space``: one counted all-reduce), swapped in for the duration."""
+        eager = self.plan.merge == "eager"
+        params, group = self.replicas.eval_space(self.model_params, self.space)
         if not eager and (self.world.world_size == 1 or accounting.group_size(group) == 1):
             yield self.model
             return
         if eager:  # the means in flight are part of the consensus
             self.close()
-        params = self.space if eager else self.model_params
+            params = self.space
         live = params.read_flat()
         mean = params.flat(self.anchor) if eager else live.clone()
         if not eager:  # replica groups: each counts as often as it has ranks

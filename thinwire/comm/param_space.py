@@ -86,12 +86,14 @@ class Replicas(Protocol):
     ``cross_group``: the ranks that hold the same part as this rank, one per replica (the
     outer average runs on it); ``cross_group2``: a second group over the same ranks for the
     two-phase collective's second phase (None: the averager makes one when needed);
-    ``control_group``: the ranks that agree on skips and stop votes and whose live parameters
-    are averaged for evaluation (None: the world); ``consensus_group``: the ranks whose
-    consensus state must hash equal (``thinwire.trainer.drift``; None: the world);
-    ``shards(model_params)``: the :class:`ParamSpace` of this rank's part.
+    ``control_group``: the ranks that agree on skips and stop votes (None: the world);
+    ``consensus_group``: the ranks whose consensus state must hash equal
+    (``thinwire.trainer.drift``; None: the world); ``shards(model_params)``: the
+    :class:`ParamSpace` of this rank's part; ``eval_space(model_params, space)``: what is
+    averaged to evaluate while the replicas differ, and over which group (below).
 
-    Implemented by :class:`DataParallel` and ``thinwire.trainer.zero_replicas.ReplicaGroups``."""
+    Implemented by :class:`DataParallel`, ``thinwire.trainer.zero_replicas.ReplicaGroups`` and
+    ``thinwire.trainer.fsdp2_shards.Islands``."""
 
     cross_group: object
     cross_group2: object
@@ -99,6 +101,13 @@ class Replicas(Protocol):
     consensus_group: object
 
     def shards(self, model_params: ModuleParams) -> ParamSpace: ...
+
+    def eval_space(self, model_params: ModuleParams, space: ParamSpace) -> tuple[ParamSpace, object]:
+        """``(params, group)``: evaluation reads ``params``, writes their mean over ``group``
+        (None: the world; each rank counted once) for the duration, then writes the live values
+        back; that mean must be the replicas' mean. ``model_params`` is the module's,
+        ``space`` is ``shards(model_params)``."""
+        ...
 
 
 class DataParallel(Replicas):
@@ -115,3 +124,7 @@ class DataParallel(Replicas):
 
     def shards(self, model_params: ModuleParams) -> ParamSpace:
         return model_params
+
+    def eval_space(self, model_params: ModuleParams, space: ParamSpace) -> tuple[ParamSpace, object]:
+        """The module's parameters over the control group (every rank one replica)."""
+        return model_params, self.control_group

@@ -16,6 +16,7 @@ the global parameter name (``thinwire.comm.param_space.Replicas``, as ZeRO's
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -55,20 +56,27 @@ def local(p: torch.Tensor) -> torch.Tensor:
 
 class Islands(Replicas):
     """The process groups of the layout (module doc), all through
-    ``thinwire.comm.groups.new_group`` (``dist.timeout_s``), created in the same order on
-    every rank; the outer loop's ``Replicas``. ``mesh(two_d)``: FSDP2's DeviceMesh, 1-D over
-    the island, or 2-D ``("replicate", "shard")`` (native HSDP) built on the same groups."""
+    ``thinwire.comm.groups.new_group`` (``world.timeout_s``), created in the same order on
+    every rank; the outer loop's ``thinwire.comm.param_space.Replicas`` (as ZeRO's
+    ``ReplicaGroups``): the outer average on the cross group; skips and stop votes over the
+    world (an island's ranks step together, and each sees only its own shard of Delta); the
+    consensus (anchor, outer state: this rank's shard) equal across the cross group;
+    evaluation averages the local shards over the cross group (``eval_space``).
+    ``mesh(two_d)``: FSDP2's DeviceMesh, 1-D over the island, or 2-D ``("replicate",
+    "shard")`` (native HSDP) built on the same groups."""
 
     def __init__(self, world, size: int, meter, two_phase: bool):
         p = world.world_size
         self.world, self.meter, self.model = world, meter, None
         self.size, self.replicas = size, p // size
         self.replica, self.index = divmod(world.rank, size)
-        shard = [new_group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
-        cross = [new_group(list(range(j, p, size))) for j in range(size)]
-        cross2 = [new_group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
+        group = functools.partial(new_group, timeout_s=world.timeout_s)
+        shard = [group(list(range(g * size, (g + 1) * size))) for g in range(self.replicas)]
+        cross = [group(list(range(j, p, size))) for j in range(size)]
+        cross2 = [group(list(range(j, p, size))) for j in range(size)] if two_phase else [None] * size
         self.shard_group, self.cross_group = shard[self.replica], cross[self.index]
         self.cross_group2 = cross2[self.index]
+        self.control_group, self.consensus_group = None, self.cross_group
 
     def mesh(self, two_d: bool):
         from torch.distributed.device_mesh import DeviceMesh
@@ -81,13 +89,14 @@ class Islands(Replicas):
         return DeviceMesh.from_group(self.shard_group, dev, mesh_dim_names=("shard",))
 
     def shards(self, model_params: ModuleParams) -> "LocalShards":
-        """The outer loop's space: this rank's local shards. The strategy's ``model_params``
-        (what it evaluates: the mean of the ranks' live parameters, over the world) is
-        switched to whole tensors, gathered in the island, so that world-wide mean is the
-        mean of the replicas (each counted S times, divided by R*S)."""
-        model_params.__class__ = GatheredParams
-        model_params.islands = self
+        """The outer loop's space: this rank's local shards."""
         return LocalShards(model_params, self)
+
+    def eval_space(self, model_params: ModuleParams, space: ParamSpace) -> tuple[ParamSpace, object]:
+        """The local shards over the cross group: rank j's mean is rows j of the replicas'
+        mean, so the module (gathered in the island by each forward) is the replicas' mean.
+        The module's own parameters are DTensors: their world-wide mean is not this."""
+        return space, self.cross_group
 
 
 class LocalShards(ParamSpace):
@@ -130,27 +139,6 @@ class LocalShards(ParamSpace):
 
     def global_norm(self, pieces: list[torch.Tensor]) -> float:
         return math.sqrt(float(self._squares(pieces).sum()))
-
-
-class GatheredParams(ModuleParams):
-    """The strategy's whole-model view under FSDP2 (its evaluation mean): whole tensors,
-    all-gathered in the island on read; a write copies this rank's rows into its shards."""
-
-    islands: Islands
-
-    def read_flat(self) -> torch.Tensor:
-        return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1).float()
-                          for p in self.params])
-
-    @torch.no_grad()
-    def write_flat(self, flat: torch.Tensor) -> None:
-        if self.islands.model is not None:
-            reshard(self.islands.model)
-        for p, x in zip(self.params, flat.split(self.sizes)):
-            t = local(p)
-            rows = x.view(p.shape).chunk(self.islands.size, dim=0) if p.dim() else (x.view(p.shape),)
-            mine = rows[self.islands.index] if self.islands.index < len(rows) else x[:0]
-            t.copy_(mine.reshape(t.shape))
 
 
 # -- Distributed Checkpoint: loading never unpickles anything outside an allowlist -----------

@@ -70,6 +70,11 @@ class ReplicaGroups(Replicas):
         """The outer loop's space: this rank's shard of the fp32 master weights."""
         return ZeroShards(model_params, self.optimizer, self, self.meter)
 
+    def eval_space(self, model_params: ModuleParams, space: ParamSpace) -> tuple[ParamSpace, object]:
+        """The module's (whole, gathered) parameters over the world: each replica counted as
+        often as it has ranks, so the world's mean is the replicas' mean."""
+        return model_params, self.control_group
+
     # DeepSpeed's mpu (Megatron's interface), as deepspeed.utils.groups queries it
     def get_data_parallel_group(self):
         return self.zero_group
