@@ -1,0 +1,97 @@
+"""The membership tape and its single-process replay (the reference of the elastic tests).
+
+Records (one JSON object per line, as each replica writes them; ``kind``):
+- ``round``: a committed round, written by each contributor: ``round``, ``live_replicas``,
+  ``live_slots`` (the contributors, whose mean was taken), ``healed`` ({slot: source slot}:
+  stale replicas that received the consensus state after this round's step), ``retries``,
+  ``stall_s``, ``digest`` (the consensus state after the step);
+- ``lost``: a slot's trained steps that entered no mean (a stale round): ``slot``, ``round``,
+  ``steps`` [first, last];
+- ``healed``: a replica took a peer's consensus state (``slot``, ``round``, ``digest``).
+
+:func:`replay` recomputes the run from the tape alone, in one process and without any
+membership code: per round, every live slot trains its round from the anchor on its own
+batches, the mean over the live slots is summed in slot order, every live slot takes the
+outer step; a healed slot starts the next round from its source's consensus state with a
+fresh inner optimizer. It checks each round's consensus digest on the way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .replica import Replica, ReplicaSpec
+
+
+@dataclass
+class Tape:
+    rounds: list[dict] = field(default_factory=list)   # one per committed round, in order
+    lost: list[dict] = field(default_factory=list)
+    healed: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def merge(cls, records: list[dict]) -> "Tape":
+        """The tape from every replica's records; contributors of a round must agree."""
+        by_round: dict[int, dict] = {}
+        tape = cls()
+        for r in records:
+            if r["kind"] == "round":
+                key = {k: r[k] for k in ("round", "live_slots", "healed", "digest")}
+                seen = by_round.setdefault(r["round"], key)
+                if seen != key:
+                    raise AssertionError(f"replicas disagree on round {r['round']}: {seen} vs {key}")
+            elif r["kind"] == "lost":
+                tape.lost.append(r)
+            elif r["kind"] == "healed":
+                tape.healed.append(r)
+        tape.rounds = [by_round[k] for k in sorted(by_round)]
+        if [e["round"] for e in tape.rounds] != list(range(len(tape.rounds))):
+            raise AssertionError(f"rounds missing from the tape: {sorted(by_round)}")
+        return tape
+
+    @classmethod
+    def read(cls, paths: list[str]) -> "Tape":
+        records = []
+        for p in paths:
+            with open(p) as f:
+                records += [json.loads(line) for line in f if line.strip()]
+        return cls.merge(records)
+
+    def live_sets(self) -> list[list[int]]:
+        return [e["live_slots"] for e in self.rounds]
+
+
+def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True) -> dict[int, Replica]:
+    """The reference: the slots' replicas after the tape's rounds, recomputed in one process.
+    Returns the replicas live at the end (slot -> Replica)."""
+    reps: dict[int, Replica] = {}
+    for i, entry in enumerate(tape.rounds):
+        R, live = entry["round"], entry["live_slots"]
+        for s in live:
+            if R == 0:
+                reps.setdefault(s, Replica(spec, s))
+            if s not in reps or reps[s].round != R:
+                raise AssertionError(f"round {R}: slot {s} is live but neither continued nor healed")
+        deltas = {}
+        for s in live:
+            rep = reps[s]
+            for t in rep.steps_of(R):
+                rep.train_step(t)
+            deltas[s] = rep.pseudo_gradient()
+        acc = deltas[live[0]].clone()
+        for s in live[1:]:
+            acc += deltas[s]
+        mean = acc / len(live)
+        for s in live:
+            reps[s].apply_mean(mean)
+        if check_digests and reps[live[0]].consensus_digest() != entry["digest"]:
+            raise AssertionError(f"round {R}: consensus digest differs from the tape")
+        nxt = {s: reps[s] for s in live}
+        for s, src in entry["healed"].items():
+            joiner = Replica(spec, int(s), joiner=True)
+            joiner.heal(reps[src].consensus_state())
+            nxt[int(s)] = joiner
+        reps = nxt
+    return reps
