@@ -61,6 +61,7 @@ class ElasticRunner:
                  faults=None, log: Optional[Callable[[dict], None]] = None):
         self.replica, self.m, self.rounds = replica, membership, rounds
         self.min_replicas = min_replicas
+        self.retry_sleep_s = 0.05
         self.faults = faults or NoFaults()
         self.records: list[dict] = []
         self._log = log
@@ -117,7 +118,9 @@ class ElasticRunner:
                 m.report_error(e)
                 retries += 1
                 if self.m.timed_out(time.monotonic() - t0):
-                    raise
+                    raise MembershipError(f"slot {rep.slot}: no round committed within the quorum timeout "
+                                          f"after {retries} tries; last: {e}") from None
+                time.sleep(self.retry_sleep_s)
                 continue
             source = contributors[0]
             if mine:

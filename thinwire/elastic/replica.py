@@ -140,7 +140,8 @@ class Replica:
         with torch.no_grad():
             for a, s in zip(self.anchor, state["anchor"]):
                 a.copy_(s)
-        self.outer.load_state_dict(state["outer"])
+        # the optimizer keeps the tensors it is given: copy them, never alias the source's
+        self.outer.load_state_dict(unpack(*pack(state["outer"])))
         self.space.write_flat(self.space.flat(self.anchor))
         self.inner = self.fresh_inner()
 

@@ -24,8 +24,10 @@ def attempt() -> int:
 
 
 class ProcessFaults:
-    def __init__(self, slot: int, kill_at, kill_in_collective, step_sleep: float):
+    def __init__(self, slot: int, kill_at, kill_in_collective, step_sleep: float, wait_at=None,
+                 local_steps: int = 1):
         first = attempt() == 0
+        self.wait_at, self.H = wait_at, local_steps
         self.kill_at = kill_at if first else None
         self.kill_in_collective = kill_in_collective if first else None
         self.step_sleep = step_sleep
@@ -33,6 +35,10 @@ class ProcessFaults:
     def in_training(self, slot: int, rnd: int, step: int) -> None:
         if self.kill_at == (rnd, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.wait_at is not None and step == self.wait_at[0] * self.H:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(self.wait_at[1]) and time.monotonic() < deadline:
+                time.sleep(0.05)
         if self.step_sleep:
             time.sleep(self.step_sleep)
 
@@ -56,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kill-at", default=None, help="ROUND:STEP")
     ap.add_argument("--kill-in-collective", type=int, default=None)
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per inner step (drills)")
+    ap.add_argument("--wait-at", default=None,
+                    help="ROUND:FILE: before that round's first step wait until FILE exists (drill pacing)")
     ap.add_argument("--start-barrier", action="store_true",
                     help="first attempt: wait until every slot's Manager is up before round 0")
     a = ap.parse_args(argv)
@@ -67,14 +75,20 @@ def main(argv=None) -> int:
     spec = ReplicaSpec(**json.loads(a.spec))
     os.makedirs(a.out, exist_ok=True)
     joiner = attempt() > 0
+    rep = Replica(spec, a.slot, joiner=joiner)  # before the Manager: heartbeats start when it can ask
     m = TorchftMembership(a.slot, a.lighthouse, host=a.host, min_replicas=a.min_replicas, timeout_s=a.timeout_s,
                           quorum_timeout_s=a.quorum_timeout_s, heartbeat_ms=a.heartbeat_ms)
+    open(os.path.join(a.out, f"up.{a.slot}.{attempt()}"), "w").close()
     if a.start_barrier and not joiner:
         open(os.path.join(a.out, f"ready.{a.slot}"), "w").close()
         while not all(os.path.exists(os.path.join(a.out, f"ready.{s}")) for s in range(spec.nominal)):
             time.sleep(0.05)
     kill_at = tuple(int(x) for x in a.kill_at.split(":")) if a.kill_at else None
-    faults = ProcessFaults(a.slot, kill_at, a.kill_in_collective, a.step_sleep)
+    wait_at = None
+    if a.wait_at:
+        r, _, path = a.wait_at.partition(":")
+        wait_at = (int(r), path if os.path.isabs(path) else os.path.join(a.out, path))
+    faults = ProcessFaults(a.slot, kill_at, a.kill_in_collective, a.step_sleep, wait_at, spec.local_steps)
     log_path = os.path.join(a.out, f"slot{a.slot}.jsonl")
 
     def log(rec):
@@ -83,7 +97,6 @@ def main(argv=None) -> int:
             f.write(json.dumps(rec) + "\n")
 
     log({"kind": "start", "joiner": joiner})
-    rep = Replica(spec, a.slot, joiner=joiner)
     try:
         ElasticRunner(rep, m, a.rounds, min_replicas=a.min_replicas, faults=faults, log=log).run()
     except Exception as e:  # one line, as the trainer reports
