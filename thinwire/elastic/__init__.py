@@ -17,8 +17,6 @@ Layers:
   kills, restarts and late replicas;
 - :mod:`.config`: ``elastic=torchft`` options and their one-line errors.
 """
-from .config import ElasticConfig, check_elastic
-from .replica import Replica, ReplicaSpec
-from .tape import Tape, replay
+from .config import ElasticConfig, check_elastic  # light: the config schema imports only this
 
-__all__ = ["ElasticConfig", "check_elastic", "Replica", "ReplicaSpec", "Tape", "replay"]
+__all__ = ["ElasticConfig", "check_elastic"]

@@ -124,3 +124,53 @@ def launch(slots: int, rounds: int, out: str, el: Optional[ElasticConfig] = None
         lighthouse.kill()
         lighthouse.wait()
     return res
+
+
+def main(argv=None) -> int:
+    """``python -m thinwire.elastic.launch --slots 3 --rounds 20 --out runs/el``: the lighthouse
+    and one process per slot on this machine; ``--torchrun`` (or ``DRY_RUN=1``) prints the
+    commands instead (the lighthouse, then one ``torchrun --max-restarts`` per slot)."""
+    import argparse
+    import dataclasses
+
+    from ..errors import ConfigError, in_group
+    from .config import check_elastic
+
+    ap = argparse.ArgumentParser(prog="python -m thinwire.elastic.launch")
+    ap.add_argument("--slots", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out", default="outputs/elastic")
+    ap.add_argument("--spec", default="{}", help="ReplicaSpec fields as JSON (sync, local_steps, ...)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--torchrun", action="store_true", help="print the torchrun commands per slot")
+    for f in dataclasses.fields(ElasticConfig):
+        if f.name != "name":
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not False
+                            else lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+    a = ap.parse_args(argv)
+    el = ElasticConfig(name="torchft", **{f.name: getattr(a, f.name) for f in dataclasses.fields(ElasticConfig)
+                                          if f.name != "name"})
+    try:
+        try:
+            el.check()
+        except ConfigError as e:
+            raise in_group("elastic", e) from None
+        spec = json.loads(a.spec)
+        check_elastic(el, sync="local", slots=a.slots, master_addr=a.host)
+    except ConfigError as e:
+        print(f"thinwire.elastic.launch: error: {e}", file=sys.stderr)
+        return 2
+    if a.torchrun:
+        port = el.lighthouse_port
+        lh = el.lighthouse or f"{a.host}:{port}"
+        print(shlex.join(lighthouse_command(el, a.host, port)) + " &")
+        for s in range(a.slots):
+            print(shlex.join(worker_command(s, lh, a.rounds, a.out, el, dict(spec, nominal=a.slots), torchrun=True)))
+        return 0
+    res = launch(a.slots, a.rounds, a.out, el, spec=spec, host=a.host, port=el.lighthouse_port)
+    print(json.dumps({"returncodes": res.returncodes, "restarts": res.restarts}))
+    return 0 if all(rc == 0 for rc in res.returncodes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
