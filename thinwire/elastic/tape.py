@@ -38,10 +38,12 @@ class Tape:
         tape = cls()
         for r in records:
             if r["kind"] == "round":
-                key = {k: r[k] for k in ("round", "live_slots", "healed", "digest")}
-                seen = by_round.setdefault(r["round"], key)
-                if seen != key:
+                key = {k: r[k] for k in ("round", "live_replicas", "live_slots", "healed", "digest")}
+                seen = by_round.setdefault(r["round"], dict(key, retries=0, stall_s=0.0))
+                if {k: seen[k] for k in key} != key:
                     raise AssertionError(f"replicas disagree on round {r['round']}: {seen} vs {key}")
+                seen["retries"] = max(seen["retries"], r.get("retries", 0))   # per writer: the most
+                seen["stall_s"] = max(seen["stall_s"], r.get("stall_s", 0.0))
             elif r["kind"] == "lost":
                 tape.lost.append(r)
             elif r["kind"] == "healed":
@@ -61,6 +63,22 @@ class Tape:
 
     def live_sets(self) -> list[list[int]]:
         return [e["live_slots"] for e in self.rounds]
+
+    def untrained(self, nominal: int, local_steps: int) -> list[tuple[int, int, int]]:
+        """Every (slot, first step, last step) whose batches entered no mean: the rounds a
+        slot was not live in (dead, late, joining), merged into ranges. Lost data is audited
+        from the tape, not from the dead process (which cannot report its partial round)."""
+        out: list[list[int]] = []
+        for s in range(nominal):
+            for e in self.rounds:
+                if s in e["live_slots"]:
+                    continue
+                first, last = e["round"] * local_steps, (e["round"] + 1) * local_steps - 1
+                if out and out[-1][0] == s and out[-1][2] == first - 1:
+                    out[-1][2] = last
+                else:
+                    out.append([s, first, last])
+        return [tuple(x) for x in out]
 
 
 def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True) -> dict[int, Replica]:
