@@ -178,3 +178,14 @@ def test_torchrun_commands(capsys):
     assert len(lines) == 4 and all("--max-restarts=3" in l and f"--slot {i} " in l for i, l in enumerate(lines[1:]))
     assert main(["--slots", "2", "--min-replicas", "3"]) == 2
     assert "elastic.min_replicas=3: above the slot count" in capsys.readouterr().err
+
+
+def test_fewer_live_slots_than_min_replicas_fail_after_the_quorum_timeout():
+    from thinwire.elastic.protocol import MembershipError
+
+    spec = ReplicaSpec(sync="local", nominal=3, local_steps=2)
+    with pytest.raises(MembershipError) as e:
+        simulate(spec, 4, kill_in_training={2: (1, 2)}, min_replicas=3, timeout_s=1.5)
+    msg = str(e.value)
+    assert "no round committed within the quorum timeout" in msg and "\n" not in msg
+    assert "round 1: live slots [0, 1] below min_replicas=3" in msg

@@ -7,7 +7,9 @@ consensus and parameter digests, losses, the addresses it advertised).
 Drills (first attempt only: ``THINWIRE_ELASTIC_ATTEMPT`` from the launcher, or torchrun's
 ``TORCHELASTIC_RESTART_COUNT``): ``--kill-at ROUND:STEP`` SIGKILLs this process before that
 global step of that round; ``--kill-in-collective ROUND`` SIGKILLs it after the header of
-that round's sync, inside its outer collective.
+that round's sync, inside its outer collective; ``--stop-at ROUND:SECONDS`` SIGSTOPs it before
+that round (a helper sends SIGCONT after SECONDS; it then writes ``<out>/cont.<slot>``).
+``--wait-at ROUND:FILE`` paces a survivor (drills on a loaded machine).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -25,9 +28,10 @@ def attempt() -> int:
 
 class ProcessFaults:
     def __init__(self, slot: int, kill_at, kill_in_collective, step_sleep: float, wait_at=None,
-                 local_steps: int = 1):
+                 local_steps: int = 1, stop_at=None, out: str = "."):
         first = attempt() == 0
-        self.wait_at, self.H = wait_at, local_steps
+        self.wait_at, self.H, self.out = wait_at, local_steps, out
+        self.stop_at = stop_at if first else None
         self.kill_at = kill_at if first else None
         self.kill_in_collective = kill_in_collective if first else None
         self.step_sleep = step_sleep
@@ -35,6 +39,12 @@ class ProcessFaults:
     def in_training(self, slot: int, rnd: int, step: int) -> None:
         if self.kill_at == (rnd, step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.stop_at is not None and step == self.stop_at[0] * self.H:
+            # SIGSTOP ourselves (heartbeats stop too); a helper sends SIGCONT after the pause
+            subprocess.Popen(["sh", "-c", f"sleep {self.stop_at[1]}; kill -CONT {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
+            open(os.path.join(self.out, f"cont.{slot}"), "w").close()
+            self.stop_at = None
         if self.wait_at is not None and step == self.wait_at[0] * self.H:
             deadline = time.monotonic() + 300
             while not os.path.exists(self.wait_at[1]) and time.monotonic() < deadline:
@@ -61,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heartbeat-ms", type=int, default=100)
     ap.add_argument("--kill-at", default=None, help="ROUND:STEP")
     ap.add_argument("--kill-in-collective", type=int, default=None)
+    ap.add_argument("--stop-at", default=None, help="ROUND:SECONDS: SIGSTOP before that round, SIGCONT after")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="seconds per inner step (drills)")
     ap.add_argument("--wait-at", default=None,
                     help="ROUND:FILE: before that round's first step wait until FILE exists (drill pacing)")
@@ -88,7 +99,9 @@ def main(argv=None) -> int:
     if a.wait_at:
         r, _, path = a.wait_at.partition(":")
         wait_at = (int(r), path if os.path.isabs(path) else os.path.join(a.out, path))
-    faults = ProcessFaults(a.slot, kill_at, a.kill_in_collective, a.step_sleep, wait_at, spec.local_steps)
+    stop_at = (int(a.stop_at.split(":")[0]), float(a.stop_at.split(":")[1])) if a.stop_at else None
+    faults = ProcessFaults(a.slot, kill_at, a.kill_in_collective, a.step_sleep, wait_at, spec.local_steps,
+                           stop_at, a.out)
     log_path = os.path.join(a.out, f"slot{a.slot}.jsonl")
 
     def log(rec):
