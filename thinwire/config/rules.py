@@ -109,8 +109,9 @@ def _cross_group(cfg: DictConfig) -> None:
             part.check_run(cfg)
     _check_momentum_owner(cfg, plugin, strategy)
     from ..elastic.config import ElasticConfig, check_elastic  # elastic replicas (docs/elastic.md)
-    check_elastic(ElasticConfig(**cfg.elastic), sync=cfg.sync.name, slots=world, master_addr=cfg.dist.master_addr,
-                  engine=cfg.engine.name, optim=cfg.optim.name, fragments=cfg.sync.get("fragments", 1), trainer=True)
+    if cfg.get("elastic") is not None:  # configs saved by earlier versions have no elastic group
+        check_elastic(ElasticConfig(**cfg.elastic), sync=cfg.sync.name, slots=world, master_addr=cfg.dist.master_addr,
+                      engine=cfg.engine.name, optim=cfg.optim.name, fragments=cfg.sync.get("fragments", 1), trainer=True)
 
 
 def _check_momentum_owner(cfg: DictConfig, plugin, strategy) -> None:
