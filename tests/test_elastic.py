@@ -23,7 +23,7 @@ from thinwire.elastic.config import ElasticConfig, check_elastic
 from thinwire.elastic.replica import Replica, ReplicaSpec
 from thinwire.elastic.simulator import simulate
 from thinwire.elastic.state import pack, unpack
-from thinwire.elastic.tape import Tape, replay
+from thinwire.elastic.tape import Tape, planned, replay
 from thinwire.errors import ConfigError
 
 
@@ -89,6 +89,13 @@ def test_local_updates_kill_equals_planned_absence():
     assert tape.live_sets() == [[0, 1, 2], [0, 1, 2], [0, 2], [0, 2], [0, 1, 2], [0, 1, 2]]
     assert tape.rounds[3]["healed"] == {"1": 0}
     ref = assert_equal_to_replay(spec, tape, finished)
+    plan = planned(3, 6, {1: (2, 3)})           # faults.absent_at="1:2..3", no fault at all
+    assert plan.live_sets() == tape.live_sets() and [e["healed"] for e in plan.rounds] == \
+        [e["healed"] for e in tape.rounds]
+    absent = replay(spec, plan, check_digests=False)
+    for s in range(3):
+        assert absent[s].consensus_digest() == finished[s].consensus_digest()
+        assert absent[s].params_digest() == finished[s].params_digest()
     # slots 0 and 2 trained every batch; the joiner trained exactly slot 1's batches from round 4
     assert sorted(ref[1].losses) == list(range(12, 18)) == sorted(finished[1].losses)
 

@@ -81,6 +81,20 @@ class Tape:
         return [tuple(x) for x in out]
 
 
+def planned(nominal: int, rounds: int, absent: dict) -> Tape:
+    """The tape of a fault-free run with planned absences (``absent``: slot -> (first, last)
+    round, as ``trainer.faults.absent_at="SLOT:FIRST..LAST"``): the slot is live in no round of
+    that range and heals from the lowest live slot after the last one (no digests: replay it
+    with ``check_digests=False``)."""
+    tape = Tape()
+    for r in range(rounds):
+        live = [s for s in range(nominal) if not (s in absent and absent[s][0] <= r <= absent[s][1])]
+        healed = {str(s): live[0] for s, (a, b) in sorted(absent.items()) if b == r and r + 1 < rounds}
+        tape.rounds.append({"round": r, "live_replicas": len(live), "live_slots": live, "healed": healed,
+                            "digest": None, "retries": 0, "stall_s": 0.0})
+    return tape
+
+
 def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True) -> dict[int, Replica]:
     """The reference: the slots' replicas after the tape's rounds, recomputed in one process.
     Returns the replicas live at the end (slot -> Replica)."""
