@@ -168,6 +168,8 @@ def main(argv=None) -> int:
             print(shlex.join(worker_command(s, lh, a.rounds, a.out, el, dict(spec, nominal=a.slots), torchrun=True)))
         return 0
     res = launch(a.slots, a.rounds, a.out, el, spec=spec, host=a.host, port=el.lighthouse_port)
+    if not res.returncodes:  # DRY_RUN=1: the commands were printed
+        return 0
     print(json.dumps({"returncodes": res.returncodes, "restarts": res.restarts}))
     return 0 if all(rc == 0 for rc in res.returncodes.values()) else 1
 
