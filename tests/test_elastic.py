@@ -196,3 +196,32 @@ def test_fewer_live_slots_than_min_replicas_fail_after_the_quorum_timeout():
     msg = str(e.value)
     assert "no round committed within the quorum timeout" in msg and "\n" not in msg
     assert "round 1: live slots [0, 1] below min_replicas=3" in msg
+
+
+def test_your_own_model_inner_adamw_and_data():
+    """The library entry point: a model, inner optimizer (AdamW: its state is reset for a
+    joiner), batches keyed by slot and a loss of your own, through the same loop."""
+    spec = ReplicaSpec(sync="diloco", nominal=3, local_steps=2)
+
+    def make(slot, joiner):
+        model = torch.nn.Linear(5, 1)
+        g = torch.Generator().manual_seed(7)  # the same initial parameters in every slot (threads share
+        # the global RNG, so initialise from a generator of our own)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+        def batch(s, t):
+            g = torch.Generator().manual_seed(1000 * s + t)
+            x = torch.randn(8, 5, generator=g)
+            return x, x.sum(1, keepdim=True) * (1 + s)
+
+        return Replica(spec, slot, joiner, model=model, batch=batch, loss=torch.nn.functional.mse_loss,
+                       inner=lambda params: torch.optim.AdamW(params, lr=0.05))
+
+    tape, finished, _ = simulate(spec, 5, kill_in_training={0: (1, 2)}, restart={0: 2}, make_replica=make)
+    assert tape.live_sets() == [[0, 1, 2], [1, 2], [1, 2], [0, 1, 2], [0, 1, 2]]
+    ref = replay(spec, tape, make_replica=make)
+    for s, rep in finished.items():
+        assert rep.consensus_digest() == ref[s].consensus_digest() and rep.params_digest() == ref[s].params_digest()
+    assert isinstance(finished[0].inner, torch.optim.AdamW) and finished[0].inner.state  # fresh at join, then used

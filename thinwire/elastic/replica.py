@@ -81,11 +81,18 @@ def batch(spec: ReplicaSpec, slot: int, step: int) -> tuple[torch.Tensor, torch.
 
 class Replica:
     """Slot ``slot``'s training state. ``round`` is the number of outer rounds committed into
-    its anchor (``-1``: not yet healed, a fresh joiner)."""
+    its anchor (``-1``: not yet healed, a fresh joiner).
 
-    def __init__(self, spec: ReplicaSpec, slot: int, joiner: bool = False):
+    Your own model (the library entry point, docs/elastic.md): ``model`` (every slot builds it
+    with the same initial parameters), ``inner`` (parameters -> a fresh inner optimizer: the
+    joiner rule resets it), ``batch`` ((slot, step) -> (x, y): keyed by slot, never by rank)
+    and ``loss`` ((output, y) -> scalar); the defaults are the tiny MLP task of ``spec``."""
+
+    def __init__(self, spec: ReplicaSpec, slot: int, joiner: bool = False, *, model=None, inner=None,
+                 batch=None, loss=None):
         self.spec, self.slot = spec, slot
-        self.model = build_model(spec)
+        self._inner, self._batch, self._loss = inner, batch, loss or F.cross_entropy
+        self.model = model if model is not None else build_model(spec)
         self.space = ModuleParams(self.model)
         self.anchor = self.space.split(self.space.read_flat())
         self.outer = OuterOptimizer(self.anchor, spec.sync_config(), norm=self.space.global_norm)
@@ -94,13 +101,15 @@ class Replica:
         self.losses: dict[int, float] = {}   # global step -> loss (this slot's)
 
     def fresh_inner(self) -> torch.optim.Optimizer:
+        if self._inner is not None:
+            return self._inner(self.model.parameters())
         return torch.optim.SGD(self.model.parameters(), lr=self.spec.inner_lr, momentum=self.spec.inner_momentum)
 
     # -- local work -------------------------------------------------------------------
     def train_step(self, step: int) -> float:
-        x, y = batch(self.spec, self.slot, step)
+        x, y = self._batch(self.slot, step) if self._batch is not None else batch(self.spec, self.slot, step)
         self.inner.zero_grad()
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self._loss(self.model(x), y)
         loss.backward()
         self.inner.step()
         self.losses[step] = float(loss.detach())

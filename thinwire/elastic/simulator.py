@@ -39,9 +39,12 @@ class ScriptedFaults:
 
 def simulate(spec: ReplicaSpec, rounds: int, *, kill_in_training: Optional[dict] = None,
              kill_in_collective: Optional[dict] = None, late: Optional[dict] = None,
-             restart: Optional[dict] = None, min_replicas: int = 1, timeout_s: float = 30.0):
+             restart: Optional[dict] = None, min_replicas: int = 1, timeout_s: float = 30.0,
+             make_replica=None):
     """Run ``spec.nominal`` slots for ``rounds`` rounds under the schedule; returns
-    (tape, {slot: final Replica} of the replicas that finished, hub)."""
+    (tape, {slot: final Replica} of the replicas that finished, hub). ``make_replica(slot,
+    joiner)``: your own replica (default ``Replica(spec, slot, joiner)``)."""
+    make_replica = make_replica or (lambda slot, joiner: Replica(spec, slot, joiner=joiner))
     faults = ScriptedFaults(kill_in_training, kill_in_collective)
     records: list[dict] = []
     lock = threading.Lock()
@@ -54,7 +57,7 @@ def simulate(spec: ReplicaSpec, rounds: int, *, kill_in_training: Optional[dict]
             records.append(rec)
 
     def body(slot: int, joiner: bool):
-        rep = Replica(spec, slot, joiner=joiner)
+        rep = make_replica(slot, joiner)
         runner = ElasticRunner(rep, HubMembership(hub, slot), rounds, min_replicas=min_replicas,
                                faults=faults, log=log)
         try:

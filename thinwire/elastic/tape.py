@@ -95,15 +95,18 @@ def planned(nominal: int, rounds: int, absent: dict) -> Tape:
     return tape
 
 
-def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True) -> dict[int, Replica]:
+def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True, make_replica=None) -> dict[int, Replica]:
     """The reference: the slots' replicas after the tape's rounds, recomputed in one process.
-    Returns the replicas live at the end (slot -> Replica)."""
+    Returns the replicas live at the end (slot -> Replica); ``make_replica(slot, joiner)`` as
+    in ``simulator.simulate``."""
+    make_replica = make_replica or (lambda slot, joiner: Replica(spec, slot, joiner=joiner))
     reps: dict[int, Replica] = {}
     for i, entry in enumerate(tape.rounds):
         R, live = entry["round"], entry["live_slots"]
         for s in live:
             if R == 0:
-                reps.setdefault(s, Replica(spec, s))
+                if s not in reps:
+                    reps[s] = make_replica(s, False)
             if s not in reps or reps[s].round != R:
                 raise AssertionError(f"round {R}: slot {s} is live but neither continued nor healed")
         deltas = {}
@@ -122,7 +125,7 @@ def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True) -> dict[in
             raise AssertionError(f"round {R}: consensus digest differs from the tape")
         nxt = {s: reps[s] for s in live}
         for s, src in entry["healed"].items():
-            joiner = Replica(spec, int(s), joiner=True)
+            joiner = make_replica(int(s), True)
             joiner.heal(reps[src].consensus_state())
             nxt[int(s)] = joiner
         reps = nxt
