@@ -50,6 +50,8 @@ def live_mean(rows: dict[int, torch.Tensor]) -> torch.Tensor:
 class NoFaults:
     def in_training(self, slot: int, rnd: int, step: int) -> None: ...
 
+    def before_sync(self, slot: int, rnd: int) -> None: ...
+
     def before_data(self, slot: int, rnd: int) -> None: ...
 
 
@@ -87,6 +89,8 @@ class ElasticRunner:
     def sync(self, delta) -> None:
         rep, m, N = self.replica, self.m, self.replica.spec.nominal
         retries, lost_logged, t0 = 0, False, time.monotonic()
+        if hasattr(self.faults, "before_sync"):
+            self.faults.before_sync(rep.slot, rep.round)
         while True:
             try:
                 m.quorum(max(rep.round, 0))

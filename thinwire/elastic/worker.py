@@ -8,7 +8,8 @@ Drills (first attempt only: ``THINWIRE_ELASTIC_ATTEMPT`` from the launcher, or t
 ``TORCHELASTIC_RESTART_COUNT``): ``--kill-at ROUND:STEP`` SIGKILLs this process before that
 global step of that round; ``--kill-in-collective ROUND`` SIGKILLs it after the header of
 that round's sync, inside its outer collective; ``--stop-at ROUND:SECONDS`` SIGSTOPs it before
-that round (a helper sends SIGCONT after SECONDS; it then writes ``<out>/cont.<slot>``).
+that round (a helper sends SIGCONT after SECONDS; it writes ``<out>/cont.<slot>`` when it next
+asks for a quorum).
 ``--wait-at ROUND:FILE`` paces a survivor (drills on a loaded machine).
 """
 from __future__ import annotations
@@ -43,14 +44,18 @@ class ProcessFaults:
             # SIGSTOP ourselves (heartbeats stop too); a helper sends SIGCONT after the pause
             subprocess.Popen(["sh", "-c", f"sleep {self.stop_at[1]}; kill -CONT {os.getpid()}"])
             os.kill(os.getpid(), signal.SIGSTOP)
-            open(os.path.join(self.out, f"cont.{slot}"), "w").close()
-            self.stop_at = None
+            self.stop_at, self.resumed = None, True
         if self.wait_at is not None and step == self.wait_at[0] * self.H:
             deadline = time.monotonic() + 300
             while not os.path.exists(self.wait_at[1]) and time.monotonic() < deadline:
                 time.sleep(0.05)
         if self.step_sleep:
             time.sleep(self.step_sleep)
+
+    def before_sync(self, slot: int, rnd: int) -> None:
+        if getattr(self, "resumed", False):  # back from SIGSTOP and about to ask for a quorum
+            open(os.path.join(self.out, f"cont.{slot}"), "w").close()
+            self.resumed = False
 
     def before_data(self, slot: int, rnd: int) -> None:
         if self.kill_in_collective == rnd:
