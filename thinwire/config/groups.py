@@ -145,7 +145,8 @@ def groups() -> dict[str, Group]:
 
 def fixed_groups() -> dict[str, type]:
     """Groups with one schema whatever the option (their YAMLs are presets of it)."""
+    from ..elastic.config import ElasticConfig
     from ..trainer.loop import TrainerConfig
     from ..trainer.world import DistConfig
 
-    return {"trainer": TrainerConfig, "dist": DistConfig}
+    return {"trainer": TrainerConfig, "dist": DistConfig, "elastic": ElasticConfig}

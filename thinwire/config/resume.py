@@ -37,6 +37,7 @@ from ..errors import ResumeConfigError  # noqa: F401 - raised here, defined in t
 SAFE_TO_CHANGE = (
     "run_dir",
     "dist",
+    "elastic",  # the membership layer of the launch (absent from checkpoints of earlier versions)
     "logger",
     "trainer.max_steps",
     "trainer.eval_every",

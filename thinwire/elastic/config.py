@@ -1,0 +1,89 @@
+"""``elastic=torchft``: its options and their one-line checks (``ConfigError``: exit 2).
+
+``ElasticConfig`` is the schema of the fixed config group ``elastic`` (``configs/elastic/``);
+its own checks name keys relative to the group (the assembler adds ``elastic.``);
+:func:`check_elastic` holds the rules that span groups (``thinwire.config.rules``).
+
+Keys (``elastic.*``): ``name`` (none | torchft), ``lighthouse`` (host:port of a running
+``torchft_lighthouse``; empty: the launcher starts one on ``dist.master_addr`` and
+``lighthouse_port``), ``min_replicas``, ``heartbeat_ms``, ``grace_s`` (the lighthouse's join
+timeout: how long a quorum waits for a live replica that has not asked yet),
+``quorum_timeout_s``, ``timeout_s`` (a collective's timeout on a hung peer), ``max_restarts``,
+``lighthouse_port``, ``private_network``.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ..errors import ConfigError, need, one_of
+
+SUPPORTED_SYNC = ("local",)      # sync=local and its preset sync=diloco
+OWN_EXCHANGE_PLUGINS = ("demo", "adam1bit", "mezo", "zo_dist")
+
+
+@dataclass
+class ElasticConfig:
+    name: str = "none"               # none | torchft
+    lighthouse: str = ""             # host:port of a running lighthouse ("" = the launcher starts one)
+    lighthouse_port: int = 29510     # the lighthouse's port on dist.master_addr when the launcher starts it
+    min_replicas: int = 1            # no round commits with fewer live slots (the lighthouse's quorum size)
+    heartbeat_ms: int = 100          # the Manager's heartbeat interval
+    heartbeat_timeout_ms: int = 1500 # the lighthouse drops a replica silent this long
+    grace_s: float = 1.0             # the lighthouse's join timeout (a late replica's window)
+    quorum_timeout_s: float = 60.0   # a slot fails when no round commits within this
+    timeout_s: float = 10.0          # a collective on a hung peer fails after this
+    max_restarts: int = 3            # restarts of a slot's process by the launcher (or torchrun --max-restarts)
+    private_network: bool = False    # allow a non-loopback dist.master_addr (torchft's Manager binds every interface)
+
+    def check(self) -> None:
+        one_of(self.name, ("none", "torchft"), "name")
+        need(self.min_replicas >= 1, "min_replicas", self.min_replicas, "must be >= 1")
+        for key in ("heartbeat_ms", "heartbeat_timeout_ms", "lighthouse_port"):
+            v = getattr(self, key)
+            need(isinstance(v, int) and v > 0, key, v, "must be a positive integer")
+        need(self.heartbeat_timeout_ms > self.heartbeat_ms, "heartbeat_timeout_ms",
+             self.heartbeat_timeout_ms, f"must exceed heartbeat_ms={self.heartbeat_ms}")
+        for key in ("grace_s", "quorum_timeout_s", "timeout_s"):
+            v = getattr(self, key)
+            need(v > 0, key, v, "must be positive (seconds)")
+        need(self.max_restarts >= 0, "max_restarts", self.max_restarts, "must be >= 0")
+        if self.lighthouse:
+            host, sep, port = self.lighthouse.rpartition(":")
+            need(bool(sep and host and port.isdigit()), "lighthouse", self.lighthouse, "expected host:port")
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_elastic(el: ElasticConfig, *, sync: str, slots: int, master_addr: str = "127.0.0.1",
+                  engine: str = "ddp", optim: str = "", fragments: int = 1, trainer: bool = False) -> None:
+    """The rules of ``elastic=torchft`` that span groups (one line each, naming the key);
+    ``el`` has passed its own ``check``. ``trainer``: called for ``thinwire-train``."""
+    if el.name == "none":
+        return
+    need(sync in SUPPORTED_SYNC, "sync", sync,
+         "elastic=torchft needs replicas that diverge between syncs (sync=local or sync=diloco); "
+         "sync=ddp stays fail-stop")
+    need(fragments == 1, "sync.fragments", fragments, "elastic=torchft: streaming fragments are not elastic yet")
+    need(engine == "ddp", "engine", engine, "elastic=torchft supports engine=ddp only")
+    need(optim not in OWN_EXCHANGE_PLUGINS, "optim", optim,
+         "this optimizer plugin owns its exchange; elastic=torchft cannot retry or heal it")
+    need(el.min_replicas <= slots, "elastic.min_replicas", el.min_replicas,
+         f"above the slot count ({slots}: dist.nproc)")
+    need(el.private_network or is_loopback(master_addr), "dist.master_addr", master_addr,
+         "torchft's Manager listens on all interfaces and advertises its host: a non-loopback address "
+         "needs elastic.private_network=true")
+    try:
+        import torchft  # noqa: F401
+    except ImportError:
+        raise ConfigError("elastic=torchft: torchft is not installed (pip install 'thinwire[elastic]')") from None
+    if trainer:
+        raise ConfigError("elastic=torchft: thinwire-train does not run elastic slots yet (the outer loop is "
+                          "being refactored); launch them with python -m thinwire.elastic.launch (docs/elastic.md)")

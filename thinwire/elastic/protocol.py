@@ -1,0 +1,168 @@
+"""The elastic round: local steps, then the round's sync over a membership, retried with the
+survivors until it commits.
+
+One sync, on every replica in the quorum (``ElasticRunner.sync``)::
+
+    quorum            membership.quorum(): the lighthouse's live set, a fresh process group
+    header            all-reduce of an N x 4 matrix, row = slot: (present, round, has delta,
+                      rank in the group): every member learns the live set and its rounds
+    contributors      the present slots at the highest round R that have a pseudo-gradient;
+                      the others (a joiner, a late replica with a stale round) are *stale*:
+                      they sit the round out (a stale round's steps are logged as lost)
+    data              all-reduce of an N x n matrix whose row s is slot s's Delta (zeros
+                      elsewhere): exact, so the live mean summed in slot order is the same
+                      whatever order the collective adds in
+    commit            membership.should_commit() (torchft's vote); no commit: the same round
+                      is retried from the same Delta with the new quorum (no local work lost)
+    outer step        contributors: a <- OuterOpt(a, mean over contributors); w <- a
+    heal              stale replicas receive the consensus state (anchor, outer state, round)
+                      from the lowest contributing slot by broadcast (JSON schema + raw
+                      tensors, no pickle); parameters = anchor, inner optimizer fresh
+
+Each contributor appends the committed round to its tape: ``{"round", "live_slots", "healed"
+{slot: source}, "retries", "digest"}`` (the consensus digest after the step).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .replica import Replica
+from .state import templates
+
+
+class MembershipError(RuntimeError):
+    """A collective or quorum failed: the round is retried with a new quorum."""
+
+
+def live_mean(rows: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The mean of the live slots' pseudo-gradients, summed in slot order (fp32)."""
+    slots = sorted(rows)
+    acc = rows[slots[0]].clone()
+    for s in slots[1:]:
+        acc += rows[s]
+    return acc / len(slots)
+
+
+class NoFaults:
+    def in_training(self, slot: int, rnd: int, step: int) -> None: ...
+
+    def before_sync(self, slot: int, rnd: int) -> None: ...
+
+    def before_data(self, slot: int, rnd: int) -> None: ...
+
+
+class ElasticRunner:
+    """Slot ``replica.slot``'s round loop over ``membership`` until ``rounds`` rounds are
+    committed. ``log(record)`` receives the tape records (dicts) as they happen."""
+
+    def __init__(self, replica: Replica, membership, rounds: int, *, min_replicas: int = 1,
+                 faults=None, log: Optional[Callable[[dict], None]] = None):
+        self.replica, self.m, self.rounds = replica, membership, rounds
+        self.min_replicas = min_replicas
+        self.retry_sleep_s = 0.05
+        self.faults = faults or NoFaults()
+        self.records: list[dict] = []
+        self._log = log
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self._log is not None:
+            self._log(record)
+
+    def run(self) -> Replica:
+        rep = self.replica
+        while rep.round < self.rounds:
+            delta = None
+            if rep.round >= 0:
+                rnd = rep.round
+                for t in rep.steps_of(rnd):
+                    self.faults.in_training(rep.slot, rnd, t)
+                    rep.train_step(t)
+                delta = (rnd, rep.pseudo_gradient())
+            self.sync(delta)
+        return rep
+
+    def sync(self, delta) -> None:
+        rep, m, N = self.replica, self.m, self.replica.spec.nominal
+        retries, lost_logged, t0 = 0, False, time.monotonic()
+        if hasattr(self.faults, "before_sync"):
+            self.faults.before_sync(rep.slot, rep.round)
+        while True:
+            try:
+                m.quorum(max(rep.round, 0))
+                header = torch.zeros(N, 4, dtype=torch.float64)
+                header[rep.slot] = torch.tensor([1.0, rep.round, float(delta is not None), m.rank()],
+                                                dtype=torch.float64)
+                m.allreduce_sum(header)
+                present = [s for s in range(N) if header[s, 0] == 1]
+                R = int(max(header[s, 1] for s in present))
+                contributors = [s for s in present if int(header[s, 1]) == R and header[s, 2] == 1]
+                stale = [s for s in present if s not in contributors]
+                if not contributors or len(contributors) < self.min_replicas:
+                    raise MembershipError(f"round {R}: live slots {contributors} below min_replicas={self.min_replicas}")
+                mine = rep.slot in contributors
+                if delta is not None and not mine and not lost_logged:
+                    steps = rep.steps_of(delta[0])
+                    self.log({"kind": "lost", "slot": rep.slot, "round": delta[0],
+                              "steps": [steps.start, steps.stop - 1], "reason": "stale round"})
+                    lost_logged = True
+                data = torch.zeros(N, sum(rep.space.sizes))
+                if mine:
+                    data[rep.slot] = delta[1]
+                self.faults.before_data(rep.slot, R)
+                m.allreduce_sum(data)
+                mean = live_mean({s: data[s] for s in contributors})
+                if not m.should_commit():
+                    raise MembershipError(f"round {R}: commit vote failed")
+            except MembershipError as e:
+                m.report_error(e)
+                retries += 1
+                if self.m.timed_out(time.monotonic() - t0):
+                    raise MembershipError(f"slot {rep.slot}: no round committed within the quorum timeout "
+                                          f"after {retries} tries; last: {e}") from None
+                time.sleep(self.retry_sleep_s)
+                continue
+            source = contributors[0]
+            if mine:
+                rep.apply_mean(mean)
+                self.log({"kind": "round", "round": R, "live_replicas": len(contributors),
+                          "live_slots": contributors, "healed": {str(s): source for s in stale},
+                          "retries": retries, "stall_s": round(time.monotonic() - t0, 3),
+                          "digest": rep.consensus_digest()})
+            if stale:
+                try:
+                    self.heal_phase(int(header[source, 3]), rep.slot == source, not mine)
+                except MembershipError as e:  # the round is committed; a stale replica heals next time
+                    m.report_error(e)
+                    if not mine:
+                        continue
+            if mine or rep.round > R:
+                return
+
+    def heal_phase(self, src_rank: int, is_source: bool, receive: bool) -> None:
+        """Broadcast the source's consensus state: schema length, schema (JSON), tensors."""
+        rep, m = self.replica, self.m
+        if is_source:
+            schema, tensors = rep.pack_consensus()
+            raw = torch.tensor(list(schema.encode()), dtype=torch.uint8)
+        else:
+            schema, tensors, raw = None, None, None
+        n = torch.tensor([raw.numel() if raw is not None else 0], dtype=torch.int64)
+        m.broadcast(n, src_rank)
+        if raw is None:
+            raw = torch.zeros(int(n), dtype=torch.uint8)
+        m.broadcast(raw, src_rank)
+        schema = bytes(raw.tolist()).decode()
+        if tensors is None:
+            tensors = templates(schema)
+        for t in tensors:
+            m.broadcast(t, src_rank)
+        if receive:
+            state = rep.unpack_consensus(schema, tensors)
+            rep.heal(state)
+            self.log({"kind": "healed", "slot": rep.slot, "round": rep.round, "source_rank": src_rank,
+                      "digest": rep.consensus_digest()})
