@@ -1,0 +1,61 @@
+"""The commands of docs/*.md, run as a newcomer would.
+
+- ``pip install -e docs/examples`` (docs/extending.md), verbatim, in a fresh virtual
+  environment that sees this interpreter's packages through a ``.pth`` file (thinwire and
+  its dependencies are there, so nothing but the build back-end is fetched: pip builds in
+  isolation, as for a newcomer, from the index that launch/setup_env.sh used, i.e. pip's own
+  configuration); afterwards both example packages import from the installation and the
+  three entry points are found.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+
+from conftest import REPO
+
+INSTALL = "pip install -e docs/examples"
+
+
+def fresh_venv(root) -> tuple[str, dict]:
+    """A venv at ``root`` whose ``pip`` is this interpreter's pip, seeing this interpreter's
+    site-packages after its own; the environment to run commands in it."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    py = root / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "_test_parent_site.pth"), "w") as fh:  # addsitedir: its .pth files too
+        fh.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    pip = root / "bin" / "pip"
+    pip.write_text(f'#!/bin/sh\nexec "{py}" -m pip "$@"\n')
+    pip.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(PATH=f"{root / 'bin'}:{env.get('PATH', '')}", VIRTUAL_ENV=str(root), PIP_RETRIES="0",
+               PIP_TIMEOUT="10", PIP_DISABLE_PIP_VERSION_CHECK="1", WANDB_MODE="disabled")
+    return str(py), env
+
+
+@pytest.mark.extended  # about 100 s: pip fetches the build back-end
+@pytest.mark.slow
+def test_pip_install_e_docs_examples_verbatim_in_a_fresh_venv(tmp_path):
+    assert f"`{INSTALL}`" in open(os.path.join(REPO, "docs", "extending.md")).read()
+    py, env = fresh_venv(tmp_path / "venv")
+    p = subprocess.run(INSTALL, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    check = textwrap.dedent("""
+        import importlib.metadata as md, importlib.resources as res, os
+        import my_project.models, my_project.data, thinwire_examples
+        eps = {(e.group, e.name) for e in md.distribution("thinwire-examples").entry_points}
+        assert eps == {("thinwire.compressors", "qsgd"), ("thinwire.sync", "easgd"), ("thinwire.optim", "lion")}, eps
+        assert res.files("my_project.configs").joinpath("model", "tiny_hf_lm.yaml").is_file()
+        print(os.path.dirname(thinwire_examples.__file__))
+    """)
+    # from another directory: the packages come from the installation, not the working directory
+    q = subprocess.run([py, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert q.stdout.strip() == os.path.join(REPO, "docs", "examples", "thinwire_examples")  # editable
