@@ -106,6 +106,7 @@ def frameworks(tmp_path_factory):
     return run_fresh_ranks(framework_ranks, 2, tmp, HAS_LIGHTNING, str(tmp))
 
 
+@pytest.mark.extended  # fresh ranks importing Accelerate and Lightning: ~15 s; the torchtitan-style loop stays
 def test_accelerate_recipe_equals_a_plain_ddp_loop_with_the_hook(frameworks):
     for r in frameworks:
         assert same(r["acc"], r["acc_ref"])
@@ -113,6 +114,7 @@ def test_accelerate_recipe_equals_a_plain_ddp_loop_with_the_hook(frameworks):
     assert same(frameworks[0]["acc"], frameworks[1]["acc"])
 
 
+@pytest.mark.extended  # shares the fresh ranks of the Accelerate test
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not installed (pip install thinwire[test])")
 def test_lightning_callback_runs_the_hook_on_cpu_and_bytes_go_down(frameworks):
     from thinwire.meter import allreduce_bytes
