@@ -1,4 +1,9 @@
-"""The commands of docs/*.md, run as a newcomer would.
+"""The commands of docs/*.md, run as a newcomer would (the extended tier).
+
+- every command in a ```bash block of docs/*.md, by tests/test_readme.py's rules (with tiny
+  step counts), or skipped for a stated reason (DOC_SKIP: a GPU, root or a cluster, a
+  benchmark, a placeholder, or another test that runs it); a new command fails here until
+  it is covered;
 
 - ``pip install -e docs/examples`` (docs/extending.md), verbatim, in a fresh virtual
   environment that sees this interpreter's packages through a ``.pth`` file (thinwire and
@@ -20,6 +25,22 @@ import pytest
 from conftest import REPO
 
 INSTALL = "pip install -e docs/examples"
+DOCS = sorted(f for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md"))
+DOC_SKIP = {
+    "launch/netsim": "network namespaces as root (tests/test_netsim.py runs launch/netsim)",
+    "PYTHON=$(which python) launch/netsim": "network namespaces as root (tests/test_netsim.py)",
+    "pytest -m gpu": "needs CUDA (the GPU tier)",
+    "bash tools/gpu_check.sh": "needs CUDA (the GPU tier)",
+    "thinwire-train <row>": "a placeholder for a row of the table above it",
+    "thinwire-report multirun/<": "a placeholder for a sweep's timestamped directory",
+    "for c in none topk int8; do sbatch": "SLURM submissions (tests/test_launch.py dry-runs launch/slurm.sbatch)",
+    "cd docs/examples": "docs/your_model.md's commands: tests/test_your_model.py runs them from docs/examples",
+    "thinwire-train model._target_=my_project": "tests/test_your_model.py runs it from docs/examples",
+    "thinwire-train 'hydra.searchpath=[pkg://my_project.configs]'": "tests/test_your_model.py runs it",
+    "thinwire-train experiment=tiny comm=qsgd": "needs the examples installed: tests/test_extending.py",
+    "thinwire-train experiment=tiny sync=easgd": "needs the examples installed: tests/test_extending.py",
+    "thinwire-train experiment=tiny optim=lion": "needs the examples installed: tests/test_extending.py",
+}
 
 
 def fresh_venv(root) -> tuple[str, dict]:
@@ -59,3 +80,13 @@ def test_pip_install_e_docs_examples_verbatim_in_a_fresh_venv(tmp_path):
     q = subprocess.run([py, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr[-3000:]
     assert q.stdout.strip() == os.path.join(REPO, "docs", "examples", "thinwire_examples")  # editable
+
+
+@pytest.mark.extended  # ~20 s: a few dozen commands, two steps each on the pooled ranks
+@pytest.mark.slow
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_commands_run_verbatim(doc, tmp_path, pools, capsys, monkeypatch):
+    from test_readme import SKIP, readme_commands, run_verbatim
+
+    commands = readme_commands(path=os.path.join("docs", doc))
+    run_verbatim(commands, set(), tmp_path, pools, capsys, monkeypatch, skip_rules={**SKIP, **DOC_SKIP})
