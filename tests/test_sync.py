@@ -104,7 +104,7 @@ def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
 def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip, stale=True, batch_of=None):
     """p workers with their own SGD; the outer average of round t is applied at the end of
     round t+1 (Nesterov outer SGD, layer-wise gap penalty, global-norm clip), written out
-    from ALGORITHMS.md with plain tensors. ``stale=False``: sync=local, the average of a
+    from CO2's algorithm (Sun et al. 2024, ICLR) with plain tensors. ``stale=False``: sync=local, the average of a
     round is applied at its own end. ``batch_of(step, i)``: worker i's batch."""
     batch_of = batch_of or (lambda step, i: batch(step, i, p))
     workers = [make_model() for _ in range(p)]
