@@ -9,12 +9,14 @@
   environment that sees this interpreter's packages through a ``.pth`` file (thinwire and
   its dependencies are there, so nothing but the build back-end is fetched: pip builds in
   isolation, as for a newcomer, from the index that launch/setup_env.sh used, i.e. pip's own
-  configuration); afterwards both example packages import from the installation and the
-  three entry points are found.
+  configuration); afterwards both example packages import from the installation, the
+  three entry points are found, and docs/extending.md's commands compose and validate with
+  the package installed (``--cfg job``; the one the doc shows failing exits 2 with its line).
 """
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -37,9 +39,9 @@ DOC_SKIP = {
     "cd docs/examples": "docs/your_model.md's commands: tests/test_your_model.py runs them from docs/examples",
     "thinwire-train model._target_=my_project": "tests/test_your_model.py runs it from docs/examples",
     "thinwire-train 'hydra.searchpath=[pkg://my_project.configs]'": "tests/test_your_model.py runs it",
-    "thinwire-train experiment=tiny comm=qsgd": "needs the examples installed: tests/test_extending.py",
-    "thinwire-train experiment=tiny sync=easgd": "needs the examples installed: tests/test_extending.py",
-    "thinwire-train experiment=tiny optim=lion": "needs the examples installed: tests/test_extending.py",
+    "thinwire-train experiment=tiny comm=qsgd": "needs the examples installed: validated after the install below",
+    "thinwire-train experiment=tiny sync=easgd": "needs the examples installed: validated after the install below",
+    "thinwire-train experiment=tiny optim=lion": "needs the examples installed: validated after the install below",
 }
 
 
@@ -80,6 +82,20 @@ def test_pip_install_e_docs_examples_verbatim_in_a_fresh_venv(tmp_path):
     q = subprocess.run([py, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr[-3000:]
     assert q.stdout.strip() == os.path.join(REPO, "docs", "examples", "thinwire_examples")  # editable
+    # docs/extending.md's commands, with the package installed: each composes and validates
+    # (``--cfg job``: the entry points are found, the options parse); the one the doc shows
+    # failing exits 2 with the doc's line
+    from test_readme import readme_commands
+
+    for cmd in readme_commands(path=os.path.join("docs", "extending.md")):
+        argv = shlex.split(cmd)
+        assert argv[0] == "thinwire-train", cmd
+        r = subprocess.run([py, "-m", "thinwire.train", *argv[1:], "--cfg", "job"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        if "comm.levels=200" in argv:
+            assert r.returncode == 2 and "comm.levels=200: must be an int in [1, 127]" in r.stderr, (cmd, r.stderr)
+        else:
+            assert r.returncode == 0 and "optim:" in r.stdout, (cmd, r.stderr[-2000:])
 
 
 @pytest.mark.extended  # ~20 s: a few dozen commands, two steps each on the pooled ranks
