@@ -190,6 +190,7 @@ def test_keep_checkpoints_retention_and_world_size_change_policy(pools, tmp_path
     assert "saved with another world size" in p.stdout and "per-rank state reset" in p.stdout
 
 
+@pytest.mark.extended  # a CLI launch per rank config: ~7 s
 @pytest.mark.slow
 def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -200,7 +201,7 @@ def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank", [0, pytest.param(1, marks=pytest.mark.extended)])  # a launch each: rank 0 stays
 def test_one_rank_failing_alone_prints_its_own_error_named_by_rank(tmp_path, rank):
     """Rank ``rank`` raises after step 3 while its peer waits in the next step's all-reduce:
     the console gets that rank's own error (not only the peer's "Connection closed by peer"),
