@@ -1,5 +1,27 @@
 """Shared helpers: run a function on p gloo ranks (long-lived ranks from tests/pool.py, or
-fresh spawned ones), train on long-lived ranks (``pools``), run the CLI."""
+fresh spawned ones), train on long-lived ranks (``pools``), run the CLI; and the two tiers.
+
+Tiers. ``bash launch/test.sh`` (the README's test command) runs the **default tier**;
+``bash launch/test.sh --extended`` runs the default and the **extended tier** (``.ci/run``
+runs both, one after the other: ``-m extended`` selects the extended tier alone). The rule
+for where a test goes:
+
+- default: unit and config tests; for each mechanism one representative multi-process test
+  (on the pooled ranks of tests/pool.py wherever it does not need a process of its own); the
+  README's quickstart and plugin commands. Budget: the whole default tier within 10 minutes
+  of a fresh clone on an idle 2-core machine, setup (~95 s) included, with room for a
+  machine 40% slower: pytest itself <= ~270 s there (``--durations=0`` says what each
+  test costs).
+- extended (``@pytest.mark.extended``): long quality and convergence checks (hundreds of
+  training steps), slow end-to-end CLI launches beyond the one per mechanism kept in the
+  default tier, full matrices whose representative is already in the default tier, and the
+  commands of docs/ (tests/test_docs.py). Budget: ``.ci/run`` (both tiers) <= 45 minutes.
+
+A test that costs more than ~5 s and checks what a default-tier test already checks goes to
+the extended tier; a new issue states the seconds it adds to each tier. Moving a test
+between tiers never deletes it. ``-m`` expressions that name neither tier (``-m "not slow"``,
+``-m gpu``) keep the extended tier out unless ``--extended`` is given.
+"""
 from __future__ import annotations
 
 import os
@@ -85,6 +107,23 @@ def cli_error(capsys, *argv):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return exc.value.code, err
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the extended tier (tests marked extended; see tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave the extended tier out unless ``--extended`` is given or ``-m`` names it."""
+    if config.getoption("--extended") or "extended" in (config.getoption("markexpr") or ""):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("extended") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ def test_torchrun_default_run_dir_is_shared_by_ranks(torchrun_run):
     assert (ckpt / "rank00000.pt").exists() and (ckpt / "rank00001.pt").exists()
 
 
+@pytest.mark.extended  # a CLI sweep: ~8 s; tests/test_readme.py trains a sweep on the pooled ranks
 @pytest.mark.slow
 def test_multirun_sweep_gives_one_run_dir_per_combination(tmp_path):
     p = run_cli("--multirun", "experiment=tiny", "trainer.max_steps=4", "trainer.eval_every=2",

@@ -39,12 +39,18 @@ def user_loop(rank, world_size, factory_name, cfg):
         state, hook = compressed_factory(factory_name)(model=model, second_group=dist.new_group(), **cfg)
     ddp.register_comm_hook(state, hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    seen = lambda: sum(float(model(*batch(s, rank))) for s in range(STEPS)) / STEPS  # noqa: E731
+    with torch.no_grad():
+        before = seen()
     for step in range(STEPS):
         x, y = batch(step, rank)
         opt.zero_grad()
         ddp(x, y).backward()
         opt.step()
-    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "state": state.state_dict()}
+    with torch.no_grad():
+        after = seen()
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "state": state.state_dict(),
+            "loss": (before, after)}  # mean loss on this rank's batches, before and after training
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +70,13 @@ def test_identity_compressor_with_every_feedback_equals_plain_allreduce(feedback
 
 def test_topk_ef_in_user_loop_trains_and_ranks_stay_in_sync(tmp_path):
     res = run_ranks(user_loop, 2, tmp_path, "topk", {"ratio": 0.05, "feedback": "ef", "min_numel": 64})
+    plain = run_ranks(user_loop, 2, tmp_path, "plain", {})
+    # it trains: the loss on the batches each rank saw falls, by at least 40% of what the
+    # uncompressed loop gains in the same steps (measured: 0.061 vs 0.075 and 0.060 vs 0.083)
+    for r, ref in zip(res, plain):
+        (before, after), (ref_before, ref_after) = r["loss"], ref["loss"]
+        assert before == ref_before and after < before - 0.02, (r["loss"], ref["loss"])
+        assert before - after >= 0.4 * (ref_before - ref_after), (r["loss"], ref["loss"])
     for k, v in res[0]["params"].items():
         assert torch.equal(v, res[1]["params"][k]), k
     buffers = res[0]["state"]["aggregator"]["feedback"]

@@ -13,12 +13,29 @@ SHAPES = [(1,), (7,), (3, 5), (2049,), (4, 3, 70)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _real_bytes(p):
-    return sum(t.numel() * t.element_size() for t in p.tensors.values())
+def _wire_bytes(name: str, n: int, dt: torch.dtype, kept: int) -> int:
+    """What each format sends for n values of dtype ``dt`` at the defaults, from the format's
+    description (the compressors' docstrings, docs/comm.md), not from the payload: ``kept``,
+    the entries a sparse payload carries, is counted from its decompression."""
+    blocks = math.ceil(n / 2048)  # int8 / dynamic8 / sign1: one fp32 scale per 2048 values
+    return {"none": n * torch.empty(0, dtype=dt).element_size(),
+            "fp16": 2 * n, "bf16": 2 * n,
+            "int8": n + 4 * blocks, "dynamic8": n + 4 * blocks,
+            "sign1": math.ceil(n / 8) + 4 * blocks,
+            # randk: the values only, in the input's dtype (indices come from the shared seed)
+            "randk": kept * torch.empty(0, dtype=dt).element_size(),
+            # topk: fp32 value + 16-bit offset per entry, an int32 count per 65536 positions
+            "topk": kept * (4 + 2) + 4 * math.ceil(n / 65536),
+            # ternary: a sign bit and an int32 index per entry, one fp32 magnitude
+            "ternary": math.ceil(kept / 8) + 4 * kept + 4,
+            # chunk_topk: a 12-bit position and a 2-bit code per entry, a 4-entry fp32 code book
+            "chunk_topk": math.ceil(12 * kept / 8) + math.ceil(2 * kept / 8) + 4 * 4}[name]
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_shape_dtype_nbytes_zero_and_determinism(name):
+    from thinwire.comm.collectives import pack, unpack
+
     g = torch.Generator().manual_seed(1)
     for shape in SHAPES:
         for dt in DTYPES:
@@ -27,7 +44,13 @@ def test_shape_dtype_nbytes_zero_and_determinism(name):
             p = c.compress(t, step=5)
             out = c.decompress(p)
             assert out.shape == t.shape and out.dtype == t.dtype
-            assert p.nbytes == _real_bytes(p) and isinstance(p.nbytes, int)
+            kept = int((out != 0).sum()) if (c.sparse or name == "randk") else t.numel()
+            assert p.nbytes == _wire_bytes(name, t.numel(), dt, kept) and isinstance(p.nbytes, int), \
+                (shape, dt, {k: (v.dtype, v.numel()) for k, v in p.tensors.items()})
+            # the payload serialised as the collectives send it: nbytes bytes, and enough to decode
+            buf = pack(p)
+            assert buf.dtype == torch.uint8 and buf.numel() == p.nbytes
+            assert torch.equal(c.decompress(unpack(buf.clone(), p)), out)
             assert all(x.dim() == 1 and x.is_contiguous() for x in p.tensors.values())
             again = build_compressor(name, seed=3).decompress(
                 build_compressor(name, seed=3).compress(t, step=5))
@@ -88,14 +111,25 @@ def test_index_coding_round_trip_and_scaled_fp16_values():
     n = 300_000
     idx = torch.randperm(n)[:5000]
     assert torch.equal(decode_indices(encode_indices(idx, n, "offset16")), idx.sort().values)
-    c = build_compressor("topk", ratio=0.05)
-    for big, small in ((1e6, 3e5), (1e-7, 4e-8)):  # beyond fp16's range at both ends
-        t = torch.zeros(100)
-        t[3], t[7] = big, -small
+    assert build_compressor("topk").value_dtype == "fp32"  # the default; fp16 is asked for
+    for coding, index_bytes in (("none", 4), ("offset16", 2)):
+        c = build_compressor("topk", ratio=0.05, value_dtype="fp16", index_coding=coding)
+        for big, small in ((1e6, 3e5), (1e-7, 4e-8)):  # beyond fp16's range at both ends
+            t = torch.zeros(100)
+            t[3], t[7] = big, -small
+            p = c.compress(t)
+            assert p.tensors["values"].dtype == torch.float16 and "scale" in p.tensors
+            assert p.tensors["values"].abs().max() == 1  # scaled: the largest |value| maps to 1
+            out = c.decompress(p)
+            torch.testing.assert_close(out, t, rtol=2 ** -11, atol=0)  # fp16 precision, relative to the max
+            # fp16 values + the indices + one fp32 scale (+ one int32 count per 65536 positions)
+            assert p.nbytes == 5 * (2 + index_bytes) + 4 + (4 if coding == "offset16" else 0)
+            # unscaled fp16 would not: 1e6 overflows to inf, 4e-8 falls among fp16's subnormals
+            assert not torch.allclose(t.half().float(), t, rtol=2 ** -11, atol=0)
+        # the fp16 path through accumulate (what the sparse all-gather calls) agrees
+        t = torch.randn(3000)
         p = c.compress(t)
-        out = c.decompress(p)
-        torch.testing.assert_close(out, t, rtol=2 ** -11, atol=0)  # fp16 precision, relative to the max
-        assert p.nbytes == 5 * (2 + 4) + 4  # fp16 values + int32 indices + one fp32 scale
+        assert torch.allclose(c.accumulate(p, torch.ones(3000)), 1 + c.decompress(p))
 
 
 def test_approximate_topk_keeps_true_entries_and_exactly_k():

@@ -17,6 +17,10 @@ from thinwire.options import defaults, option_keys
 COMPATIBLE = {("model", "hf_classifier"): ["data=shakespeare_lines"], ("model", "mlp_digits"): ["data=digits"],
               ("data", "shakespeare_lines"): ["model=hf_classifier"], ("data", "digits"): ["model=mlp_digits"]}
 OPTIONS = [(g, o) for g in groups() for o in groups()[g].options()]
+# the default tier checks the first option of every group; the extended tier all the others
+_FIRST = {g: groups()[g].options()[0] for g in groups() if groups()[g].options()}
+OPTION_CASES = [pytest.param(g, o, id=f"{g}={o}", marks=() if _FIRST[g] == o else pytest.mark.extended)
+                for g, o in OPTIONS]
 
 
 def _value(v) -> str:
@@ -32,7 +36,7 @@ def _select(group: str, option: str) -> list[str]:
     return [f"{group}={option}", *COMPATIBLE.get((group, option), [])]
 
 
-@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+@pytest.mark.parametrize("group,option", OPTION_CASES)
 def test_every_option_key_rules(group, option):
     g = groups()[group]
     cfg = compose(_select(group, option))

@@ -34,11 +34,14 @@ def losses(run_dir) -> list:
         return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
 
 
+EXT = pytest.mark.extended  # a launcher each, ~7 s: ddp's case stays in the default tier
+
+
 @pytest.mark.parametrize("sync, period", [
     ([], 1),
-    (["sync=local", "sync.local_steps=4"], 4),
-    (["sync=co2", "sync.local_steps=4"], 4),                         # a mean in flight at the stop
-    (["sync=local", "sync.local_steps=4", "sync.fragments=2"], 2),   # streaming: a fragment every 2 steps
+    pytest.param(["sync=local", "sync.local_steps=4"], 4, marks=EXT),
+    pytest.param(["sync=co2", "sync.local_steps=4"], 4, marks=EXT),                       # a mean in flight at the stop
+    pytest.param(["sync=local", "sync.local_steps=4", "sync.fragments=2"], 2, marks=EXT),  # streaming: a fragment every 2 steps
 ], ids=["ddp", "local-H4", "co2-H4", "streaming-F2"])
 def test_ctrl_c_on_the_launcher_checkpoints_every_rank_and_resumes_bitwise(pools, tmp_path, sync, period):
     """Under local updates the ranks do not talk between synchronisations: the request rides

@@ -271,6 +271,7 @@ def test_resume_from_deepspeed_checkpoint_continues_bitwise(tmp_path, stage):
         assert torch.equal(pa[k], pb[k]), k
 
 
+@pytest.mark.extended  # 4 ranks, twice; the stage-1/2 resume stays in the default tier
 @pytest.mark.parametrize("overlap", ["stale", "eager"])
 def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path, overlap):
     """4 ranks, ZeRO-2 inside {0,1} and {2,3}, co2 across them (H=4, so step 6 is mid-round
@@ -304,6 +305,7 @@ def test_co2_across_zero_replica_groups_resumes_bitwise(tmp_path, overlap):
 CONTRACT = {"step", "loss", "lr", "step_time_s", "comm_wait_s", "wire_bytes", "dense_bytes", "tokens_per_s"}
 
 
+@pytest.mark.extended  # two CLI launches with DeepSpeed's start-up: ~23 s
 @pytest.mark.slow
 def test_self_launched_then_resumed_under_torchrun(tmp_path):
     """Both launchers: thinwire-train starts its workers and stops after step 4 (bf16

@@ -126,6 +126,7 @@ def test_options_from_the_command_line(site):
     """))
 
 
+@pytest.mark.extended  # a fresh interpreter per case: ~3 s each
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, line", [
     (["comm=qsgd", "comm.levels=200"], "comm.levels=200: must be an int in [1, 127]"),
@@ -323,6 +324,7 @@ def test_one_ulp_drift_of_the_easgd_centre_stops_the_run_naming_it(site, tmp_pat
 
 
 # ---- all three in one run -------------------------------------------------------------
+@pytest.mark.extended  # fresh ranks with the three plugins: ~12 s; each is checked alone in the default tier
 @pytest.mark.slow
 def test_all_three_in_one_training_run(site, tmp_path):
     run = tmp_path / "run"

@@ -135,6 +135,7 @@ def test_stop_after_says_how_to_continue_and_that_command_continues(pools, tmp_p
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.extended  # a quality check of ~10 s
 def test_readme_zo_dist_example_learns(pools, tmp_path):
     """The README's ``optim=zo_dist`` command, as written (its learning rate: zeroth order's
     default 1e-6 is for fine-tuning a pretrained model and leaves a char-GPT from scratch at

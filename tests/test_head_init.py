@@ -111,6 +111,7 @@ def test_head_init_errors_name_the_key(capsys):
         class_means_head(Probe(4, 2), [{"x": torch.zeros(2, 4)}], 2)
 
 
+@pytest.mark.extended  # a pretrained MiniLM, three runs: ~11 s
 @pytest.mark.slow
 def test_resumed_minilm_mezo_equals_the_uninterrupted_run(pools, tmp_path):
     """``minilm_mezo`` (MeZO-LoRA from a class-means head, 2 ranks) resumed from its step-2

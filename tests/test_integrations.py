@@ -106,6 +106,7 @@ def frameworks(tmp_path_factory):
     return run_fresh_ranks(framework_ranks, 2, tmp, HAS_LIGHTNING, str(tmp))
 
 
+@pytest.mark.extended  # fresh ranks importing Accelerate and Lightning: ~15 s; the torchtitan-style loop stays
 def test_accelerate_recipe_equals_a_plain_ddp_loop_with_the_hook(frameworks):
     for r in frameworks:
         assert same(r["acc"], r["acc_ref"])
@@ -113,6 +114,7 @@ def test_accelerate_recipe_equals_a_plain_ddp_loop_with_the_hook(frameworks):
     assert same(frameworks[0]["acc"], frameworks[1]["acc"])
 
 
+@pytest.mark.extended  # shares the fresh ranks of the Accelerate test
 @pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not installed (pip install thinwire[test])")
 def test_lightning_callback_runs_the_hook_on_cpu_and_bytes_go_down(frameworks):
     from thinwire.meter import allreduce_bytes
@@ -133,12 +135,16 @@ def test_lightning_callback_runs_the_hook_on_cpu_and_bytes_go_down(frameworks):
 
 
 def test_torchtitan_style_script_logs_typed_bytes(tmp_path):
-    for log in run_ranks(plain_loop_ranks, 2, tmp_path):
-        assert len(log) == 6 and all(row["comm/data_bytes"] > 0 for row in log)
+    for log in run_ranks(plain_loop_ranks, 2, tmp_path, 30):
+        assert len(log) == 30 and all(row["comm/data_bytes"] > 0 for row in log)
         # int8 values (+ fp32 scales) gathered: about half of a bf16 all-reduce at 2 ranks
         assert all(0.4 < row["comm/ratio_to_bf16"] < 0.6 for row in log[1:]), log
-        assert log[-1]["loss"] < log[0]["loss"] + 1.0
+        # it trains: every step's batch is new, so the loss is averaged over 10 steps; the
+        # last 10 against the first 10 (measured: 0.85x; a run that does not learn stays
+        # near 1x, within the batches' noise of a few %)
+        first, last = (sum(r["loss"] for r in rows) / len(rows) for rows in (log[:10], log[-10:]))
+        assert last < 0.92 * first, [round(r["loss"], 3) for r in log]
 
 
-def plain_loop_ranks(rank, world_size):
-    return example("plain_loop").main()
+def plain_loop_ranks(rank, world_size, steps):
+    return example("plain_loop").main(steps)

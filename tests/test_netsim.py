@@ -77,6 +77,7 @@ def _teardown(tag: str) -> None:
                    capture_output=True, timeout=30)
 
 
+@pytest.mark.extended  # network namespaces and real traffic: ~45 s
 @pytest.mark.slow
 def test_accounted_bytes_match_the_wire(tmp_path):
     t0 = time.perf_counter()

@@ -263,6 +263,7 @@ def test_unknown_optimizer_lists_valid_names():
         OPTIMIZERS.get("nope", "optim")
 
 
+@pytest.mark.extended  # a CLI launch: ~13 s; entry points stay covered by tests/test_plugins.py
 @pytest.mark.slow
 def test_entry_point_plugin_is_found_and_trains(tmp_path):
     """A third-party package registers ``halfsgd`` in the ``thinwire.optim`` group."""

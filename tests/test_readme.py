@@ -1,4 +1,5 @@
-"""Every command in README.md's ```bash blocks works verbatim after the quickstart.
+"""Every command in README.md's ```bash blocks works verbatim after the quickstart: the
+quickstart's in the default tier, the others in the extended tier (docs/: tests/test_docs.py).
 
 The commands are extracted from the README (continuation lines joined, comments dropped) and
 each must match one rule below, so a new README command fails here until it is covered:
@@ -43,15 +44,20 @@ SKIP = {"bash launch/test.sh": "the test suite itself",
         "sudo python bench/": "a benchmark of an hour, as root (network namespaces)"}
 
 
-def readme_commands() -> list[str]:
-    with open(os.path.join(REPO, "README.md")) as fh:
+def readme_commands(section: str | None = None, exclude: str | None = None, path: str = "README.md") -> list[str]:
+    """The commands of the file's ```bash blocks; ``section``: only those under the ``## ``
+    heading of that name; ``exclude``: all but those."""
+    with open(os.path.join(REPO, path)) as fh:
         text = fh.read()
     out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                out.append(line)
+    for head, body in re.findall(r"(?m)^## (.*)\n((?:(?!^## ).*\n?)*)", "## \n" + text):
+        if (section is not None and head != section) or (exclude is not None and head == exclude):
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line and not line.startswith("#"):
+                    out.append(line)
     return out
 
 
@@ -108,14 +114,34 @@ def torchrun_world(argv: list[str]) -> int:
     return int(flags.get("nnodes", "1").split(":")[-1]) * int(flags.get("nproc_per_node", "1"))
 
 
+def test_the_quickstart_is_first_and_every_command_is_in_one_tier():
+    assert readme_commands("Quickstart") == ["bash launch/demo.sh", "bash launch/test.sh", "source .venv/bin/activate"], \
+        "the quickstart activates the venv that the commands below need"
+    assert readme_commands() == readme_commands("Quickstart") + readme_commands(exclude="Quickstart")
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_verbatim(tmp_path, pools, capsys, monkeypatch):
+    """The default tier: the quickstart's demo (a real launch of launch/demo.sh)."""
+    run_verbatim(readme_commands("Quickstart"), {"demo"}, tmp_path, pools, capsys, monkeypatch)
+
+
+@pytest.mark.extended  # ~15 s: every other README command
 @pytest.mark.slow
 def test_readme_commands_run_verbatim(tmp_path, pools, capsys, monkeypatch):
+    run_verbatim(readme_commands(exclude="Quickstart"),
+                 {"launch", "torchrun", "sweep", "multirun", "train", "validated", "report"},
+                 tmp_path, pools, capsys, monkeypatch)
+
+
+def run_verbatim(commands, kinds, tmp_path, pools, capsys, monkeypatch, skip_rules=None):
+    """Run every command by the module docstring's rules; ``kinds``: the rules that must have
+    been used (each command must match one); ``skip_rules``: prefix -> why it is not run
+    (default SKIP)."""
+    skip_rules = SKIP if skip_rules is None else skip_rules
     from thinwire.hydra_app import check as sweep_check
     from thinwire.errors import ConfigError
 
-    commands = readme_commands()
-    assert commands[:3] == ["bash launch/demo.sh", "bash launch/test.sh", "source .venv/bin/activate"], \
-        "the quickstart activates the venv that the commands below need"
     root, venv_python = fake_venv(tmp_path)
     monkeypatch.chdir(tmp_path)
     seen = set()
@@ -125,7 +151,7 @@ def test_readme_commands_run_verbatim(tmp_path, pools, capsys, monkeypatch):
         while argv and re.fullmatch(r"[A-Z_]+=.*", argv[0]):
             k, v = argv.pop(0).split("=", 1)
             env_vars[k] = v
-        skip = next((why for prefix, why in SKIP.items() if cmd.startswith(prefix)
+        skip = next((why for prefix, why in skip_rules.items() if cmd.startswith(prefix)
                      or " ".join(argv).startswith(prefix)), None)
         if skip:
             seen.add("skip")
@@ -190,4 +216,4 @@ def test_readme_commands_run_verbatim(tmp_path, pools, capsys, monkeypatch):
             seen.add("report")
         else:
             pytest.fail(f"README command not covered by tests/test_readme.py: {cmd}")
-    assert {"demo", "launch", "torchrun", "sweep", "multirun", "train", "validated", "report"} <= seen, seen
+    assert kinds <= seen, seen

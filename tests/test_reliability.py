@@ -86,6 +86,7 @@ def final_model(run_dir, co2: bool):
     return [ckpt(run_dir, 16, f"rank{r:05d}.pt")["model"] for r in (0, 1)]
 
 
+@pytest.mark.extended  # torchrun restarts after SIGKILL: 50-90 s each
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", ["ddp-topk-ef21", "co2"])
 def test_sigkill_under_torchrun_restarts_and_matches_uninterrupted_bitwise(pools, tmp_path, sync):
@@ -104,6 +105,7 @@ def test_sigkill_under_torchrun_restarts_and_matches_uninterrupted_bitwise(pools
     assert [r["loss"] for r in rows(tmp_path / "ref")] == [r["loss"] for r in rows(tmp_path / "kill")]
 
 
+@pytest.mark.extended  # a restart through the self-launcher: ~40 s
 @pytest.mark.slow
 def test_self_launched_workers_restart_with_dist_max_restarts(tmp_path):
     p = run_cli(*TINY, "trainer.checkpoint_every=4", "dist.max_restarts=1", "trainer.faults.kill_at=6",
@@ -132,6 +134,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.extended  # waits out dist.timeout_s under a launcher: ~40-90 s each
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", ["ddp", "local", "co2"])
 def test_hung_peer_fails_the_job_after_the_timeout(tmp_path, sync):
@@ -187,6 +190,7 @@ def test_keep_checkpoints_retention_and_world_size_change_policy(pools, tmp_path
     assert "saved with another world size" in p.stdout and "per-rank state reset" in p.stdout
 
 
+@pytest.mark.extended  # a CLI launch per rank config: ~7 s
 @pytest.mark.slow
 def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -197,7 +201,7 @@ def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank", [0, pytest.param(1, marks=pytest.mark.extended)])  # a launch each: rank 0 stays
 def test_one_rank_failing_alone_prints_its_own_error_named_by_rank(tmp_path, rank):
     """Rank ``rank`` raises after step 3 while its peer waits in the next step's all-reduce:
     the console gets that rank's own error (not only the peer's "Connection closed by peer"),

@@ -27,11 +27,15 @@ COMPRESSED = {
     "randk-econtrol": ["comm=randk", "comm.ratio=0.05", "comm.feedback=econtrol", "comm.min_numel=256"],
     "sign1-ef-two-phase": ["comm=sign1", "comm.feedback=ef", "comm.block_size=256", "comm.min_numel=256"],
 }
-CASES = [(1, []), (2, [])] + [(2, v) for v in COMPRESSED.values()]
+# the default tier resumes 2 ranks plain and with sign1 + ef through the two-phase collective
+# (feedback buffers and server-side errors both restored); the extended tier the others
+DEFAULT_TIER = {"ws2", "ws2-sign1-ef-two-phase"}
 IDS = ["ws1", "ws2"] + [f"ws2-{k}" for k in COMPRESSED]
+CASES = [pytest.param(n, c, id=i, marks=() if i in DEFAULT_TIER else pytest.mark.extended)
+         for (n, c), i in zip([(1, []), (2, [])] + [(2, v) for v in COMPRESSED.values()], IDS)]
 
 
-@pytest.mark.parametrize("nproc,comm", CASES, ids=IDS)
+@pytest.mark.parametrize("nproc,comm", CASES)
 def test_stop_and_resume_equals_uninterrupted_bitwise(pools, tmp_path, nproc, comm):
     """Compressed cases: error-feedback buffers (and sign1's server-side errors) must come
     back exactly, and layer-wise compression must not depend on DDP's bucket layout,

@@ -82,6 +82,7 @@ def _leaves(obj, prefix="") -> dict:
     return {prefix: obj} if isinstance(obj, torch.Tensor) else {}
 
 
+@pytest.mark.extended  # three training runs compared bitwise: ~28 s; the schedule's math stays in the default tier
 def test_decay_branch_from_a_constant_run_equals_the_configured_run_bitwise(pools, tmp_path):
     """2 ranks, DiLoCo H=2 (outer Nesterov state and anchors in the checkpoint): the constant
     run to 12 steps checkpoints at 8; the branch resumes it with the decay over [8, 10]."""

@@ -63,6 +63,7 @@ def test_each_job_gets_its_run_dir_and_the_sweep_group(tmp_path, monkeypatch):
     assert [a for a in calls[0] if a.startswith("logger.group=")] == ["logger.group=mine"]
 
 
+@pytest.mark.extended  # a CLI launch through the sweep app
 @pytest.mark.slow
 def test_a_job_really_trains(tmp_path):
     """One job end to end: thinwire-train in a fresh process writes the run dir Hydra chose."""

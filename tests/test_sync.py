@@ -104,7 +104,7 @@ def test_local_h1_outer_lr1_equals_ddp_sgd(tmp_path):
 def co2_reference(p, steps, H, lr, momentum, outer_lr, beta, penalty, clip, stale=True, batch_of=None):
     """p workers with their own SGD; the outer average of round t is applied at the end of
     round t+1 (Nesterov outer SGD, layer-wise gap penalty, global-norm clip), written out
-    from ALGORITHMS.md with plain tensors. ``stale=False``: sync=local, the average of a
+    from CO2's algorithm (Sun et al. 2024, ICLR) with plain tensors. ``stale=False``: sync=local, the average of a
     round is applied at its own end. ``batch_of(step, i)``: worker i's batch."""
     batch_of = batch_of or (lambda step, i: batch(step, i, p))
     workers = [make_model() for _ in range(p)]
@@ -228,18 +228,23 @@ def test_stop_mid_round_and_resume_equals_uninterrupted_bitwise(pools, tmp_path,
         assert all(torch.equal(a[k], b[k]) for k in a), (case, rank)
 
 
-def test_co2_converges_within_5_percent_of_local(pools, tmp_path):
+@pytest.mark.extended  # two runs of 500 steps
+def test_co2_converges_within_15_percent_of_local(pools, tmp_path):
     """2 ranks, tiny char-GPT, 500 steps, AdamW 3e-3, H=4 (docs/sync.md's table: 1000 steps).
-    Measured (bitwise repeatable): co2 +0.5% vs local at 500 steps (-0.1% at 1000); co2
-    without the staleness penalty (sync.staleness_penalty=0) fails the bound, +7.6% (+10.4%).
-    For this seed only: trainer.seed=1 / 2 give +8.9% / +10.8% (+13.2% / +14.3%)."""
+    Measured over trainer.seed=0-4 (the same two runs per seed, on the pooled ranks): co2 vs
+    local at 500 steps +0.5%, +8.9%, +10.8%, +9.0%, +10.4% (val loss 2.363 / 2.352,
+    2.521 / 2.315, 2.578 / 2.326, 2.563 / 2.352, 2.619 / 2.372): seed 0 is the exception. The
+    bound, 15%, is the largest (+10.8%) plus about 4 points; it catches a co2 that stops
+    learning or diverges (an outer step not applied, stale by more than one round), not the
+    staleness penalty's few percent (seed 0 without it, sync.staleness_penalty=0: +7.6%);
+    the update itself is checked against test_co2_equals_single_process_one_round_stale_reference."""
     common = ["experiment=tiny", "trainer.max_steps=500", "trainer.eval_every=500",
               "trainer.checkpoint_every=500", "optim.lr=3e-3", "sync.local_steps=4"]
     final = {}
     for name in ("local", "co2"):
         p = pools.train(*common, f"sync={name}", f"hydra.run.dir={tmp_path / name}", timeout=400)
         final[name] = rows(tmp_path / name)[-1]["val_loss"]
-    assert final["co2"] <= 1.05 * final["local"], final
+    assert final["co2"] <= 1.15 * final["local"], final
 
 
 def test_nonfinite_step_on_one_rank_is_skipped_locally_under_co2(pools, tmp_path):

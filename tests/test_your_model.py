@@ -58,6 +58,7 @@ def test_errors_are_the_pages_lines(in_examples, capsys, tmp_path):
         assert code == 2 and err == line, (argv, err)
 
 
+@pytest.mark.extended  # docs/your_model.md's commands: four runs, one a Hugging Face model
 @pytest.mark.slow  # four short training runs, one a Hugging Face model
 def test_pages_commands_train(in_examples, pools, tmp_path):
     commands = [c for c in page("bash") if not c.startswith("cd ")]

@@ -11,7 +11,10 @@ which keeps resume bitwise exact; it is also the "layer-wise" Top-K / per-tensor
 that DGC and 8-bit schemes use. :func:`aggregate` / :func:`aggregate_async` are the same
 code for one tensor (library use).
 
-Three ways to aggregate (ALGORITHMS.md, "Collectives"), chosen by the compressor's algebra;
+Three ways to aggregate, chosen by the compressor's algebra (summable payloads all-reduced
+as PowerSGD's are, Vogels et al. 2019; sparse ones all-gathered, as in SparCML, Renggli et al.
+2019; quantised ones by 1-bit Adam's two-phase compressed all-reduce, Tang et al. 2021, the
+qgZ collective of ZeRO++, Wang et al. 2023, and DeepSpeed's ``compressed_allreduce``);
 B = the compressed bytes of what one rank sends, p = the group size:
 
 * ``allreduce`` (``compressor.summable``: none/fp16/bf16/randk): the payload tensors of every

@@ -6,7 +6,8 @@ this rank sent, the aggregated mean) that *returns* the new buffers; the hook st
 them and they are committed only when the step is accepted, so a skipped step leaves
 them bit-for-bit untouched.
 
-Notation (ALGORITHMS.md): g = this rank's gradient for one parameter, C(x) the
+Notation (as in EF21, Richtarik et al. 2021, and EControl, Gao et al. 2023): g = this
+rank's gradient for one parameter, C(x) the
 compressed-then-decompressed x as this rank sent it ("local"), mean = mean over ranks
 of what was sent (exact for allreduce/allgather).
 

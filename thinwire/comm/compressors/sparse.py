@@ -101,7 +101,7 @@ def approx_topk_indices(x: torch.Tensor, k: int, gen: torch.Generator,
 def encode_indices(idx: torch.Tensor, n: int, coding: str) -> dict[str, torch.Tensor]:
     """``none``: int32 indices (4 B each).  ``offset16``: indices sorted, sent as 16-bit
     offsets within chunks of 65536 plus one int32 count per chunk (2 B each +
-    4 B per 65536 elements) - the chunked-offset code of ALGORITHMS.md."""
+    4 B per 65536 elements): positions relative to their 64 Ki chunk, so 16 bits suffice."""
     if coding == "none":
         return {"indices": idx.to(torch.int32)}
     idx = torch.sort(idx).values
@@ -127,14 +127,15 @@ class TopKCompressor(Compressor):
     """Top-K sparsification (Stich et al. 2018; Aji & Heafield 2017): keep the
     k = ceil(ratio * n) entries of largest |x|, send (values, indices).
 
-    ``value_dtype`` defaults to ``"fp16"``, *scaled*: values are divided by the largest
-    kept |value| (one fp32 scale per tensor, 4 bytes), so neither fp16's overflow at
-    65504 nor its underflow below 6e-8 can bite - unscaled fp16 made Top-K 10% + EF
-    diverge under SGD momentum (docs/comm.md) - and its 11-bit significand (rel. error
-    <= 2^-11 of the largest entry) is far below the error the dropped 1 - ratio of the
-    tensor already makes; it cuts
-    bytes per entry from 8 to 6 (4 with ``index_coding="offset16"``), the difference
-    between 1/12.5 and 1/16.7 (1/25) of a bf16 all-reduce at 4 ranks and 1 %.
+    ``value_dtype`` defaults to ``"fp32"``; with the default ``index_coding="offset16"`` an
+    entry costs 6 bytes (1/16.7 of a bf16 all-reduce at 4 ranks and 1 %). ``"fp16"`` values
+    are *scaled*: divided by the largest kept |value| (one fp32 scale per tensor, 4 bytes),
+    so neither fp16's overflow at 65504 nor its underflow below 6e-8 can bite - unscaled
+    fp16 made Top-K 10% + EF diverge under SGD momentum (docs/comm.md) - and its 11-bit
+    significand (rel. error <= 2^-11 of the largest entry) is below the error the dropped
+    1 - ratio of the tensor already makes; they cut an entry to 4 bytes (1/25). The
+    default is fp32 because value rounding changed which coordinates error feedback sends
+    and cost quality (docs/comm.md, "Which feedback should I use?").
     ``approximate=True``: DGC-style sampled threshold, see :func:`approx_topk_indices`.
     """
 
