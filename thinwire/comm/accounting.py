@@ -106,7 +106,7 @@ class WireMeter:
     clears the counters since the last take; ``total()`` / ``totals`` accumulate over the whole
     run (and are checkpointed). Setting ``log = []`` records every charge as
     ``(collective, kind, nbytes, group size)`` (collective "" where the caller did not name
-    it): the per-call input of the network clock, ``bench/netclock_model.py``.
+    it): the per-call input of the network clock, ``bench/harness/netclock_model.py``.
     """
 
     def __init__(self) -> None:
