@@ -22,6 +22,9 @@ def _wire_bytes(name: str, n: int, dt: torch.dtype, kept: int) -> int:
             "fp16": 2 * n, "bf16": 2 * n,
             "int8": n + 4 * blocks, "dynamic8": n + 4 * blocks,
             "sign1": math.ceil(n / 8) + 4 * blocks,
+            # fp8: one e4m3 byte per value, an fp32 scale per 2048; int4: two 4-bit codes per
+            # byte, an fp32 scale per 256
+            "fp8": n + 4 * blocks, "int4": math.ceil(n / 2) + 4 * math.ceil(n / 256),
             # randk: the values only, in the input's dtype (indices come from the shared seed)
             "randk": kept * torch.empty(0, dtype=dt).element_size(),
             # topk: fp32 value + 16-bit offset per entry, an int32 count per 65536 positions
