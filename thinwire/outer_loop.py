@@ -31,8 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from .comm.accounting import WireMeter
 from .comm.hooks import check_fingerprint, comm_config
 from .comm.sync import SYNC_STRATEGIES, SyncStrategy, build_sync
-from .config.resume import ResumeConfigError
-from .errors import ConfigError, need
+from .errors import ConfigError, ResumeConfigError, need
 from .options import defaults, option_keys
 from .trainer.world import current_world
 

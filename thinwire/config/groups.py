@@ -145,7 +145,7 @@ def groups() -> dict[str, Group]:
 
 def fixed_groups() -> dict[str, type]:
     """Groups with one schema whatever the option (their YAMLs are presets of it)."""
-    from ..trainer.loop import TrainerConfig
+    from ..trainer.trainer_config import TrainerConfig
     from ..trainer.world import DistConfig
 
     return {"trainer": TrainerConfig, "dist": DistConfig}

@@ -14,9 +14,13 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..configdiff import flatten
 from ..errors import ConfigError, in_group, need
 from ..options import option_keys
 from .groups import fixed_groups, groups
+
+# The parts (thinwire.comm, .optim, .trainer: the layers below this one) are imported where
+# they are used, so that ``import thinwire.config`` does not load torch; none imports config.
 
 
 def chosen_option(cfg: DictConfig, group: str) -> str | None:
@@ -180,8 +184,6 @@ def _check_finite(cfg: DictConfig) -> None:
     ``sync.outer_optim.lr=inf`` inside an open dict) that float32 can hold (``optim.lr=1e300``
     would be inf there), except the keys an option declares as taking inf for "off" (its
     options' ``allows_inf``, e.g. ``sync.clip=.inf``: no clipping)."""
-    from .resume import flatten
-
     allowed = set()
     for name, g in groups().items():
         option = chosen_option(cfg, name)
@@ -198,12 +200,11 @@ def _check_finite(cfg: DictConfig) -> None:
 def _check_resume(cfg: DictConfig) -> None:
     """The run dir, before any process starts (``thinwire.trainer.rundir``): not owned by a
     running job, not a finished run that ``resume=none`` would overwrite, and, when resuming,
-    a checkpoint that loads safely and was written with a compatible config (``.resume``)."""
-    from ..trainer.checkpoint import check_loadable, unusable_reason
+    a checkpoint that loads safely and was written with a compatible config (the same walk
+    as the workers', ``thinwire.trainer.resume``)."""
     from ..trainer.faults import restart_count
-    from ..trainer.loop import no_usable_checkpoint, untrusted_engine_error
-    from ..trainer.rundir import check_rerun, check_writable, effective_resume, probe_lock, step_dirs
-    from .resume import check_resume_config
+    from ..trainer.resume import check_before_start
+    from ..trainer.rundir import check_rerun, check_writable, effective_resume, probe_lock
 
     run_dir, t = cfg.run_dir, cfg.trainer
     check_writable(run_dir)
@@ -211,29 +212,4 @@ def _check_resume(cfg: DictConfig) -> None:
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # a worker's rank 0 takes the lock itself
         probe_lock(run_dir)
     check_rerun(run_dir, r, t.overwrite and restart_count() == 0)
-    if r == "none":
-        return
-    if r == "auto":
-        dirs = step_dirs(run_dir)[::-1]
-        if not dirs:
-            return
-        common, path, reasons = None, None, []
-        for d in dirs:
-            try:
-                common, path = check_loadable(d), d
-                break
-            except ValueError:
-                reasons.append(f"{os.path.basename(d)}: {unusable_reason(d)}")
-        if common is None:
-            raise no_usable_checkpoint(r, run_dir, reasons)
-    else:
-        need(os.path.isdir(r), "trainer.resume", r, "expected none, auto or a checkpoint directory")
-        try:
-            common, path = check_loadable(r), r
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    engine = groups()["engine"].part(cfg.engine.name)
-    if engine.unpickles_checkpoints and not t.trust_checkpoints:
-        raise untrusted_engine_error(r, cfg.engine.name)
-    if isinstance(common, dict) and "config" in common:
-        check_resume_config(common["config"], cfg, path, r, int(common["step"]) if "step" in common else None)
+    check_before_start(cfg, r, groups()["engine"].part(cfg.engine.name).unpickles_checkpoints)
