@@ -104,8 +104,16 @@ LAYERS = [
 ]
 
 
+#: modules kept at an old path for a release, importing their new home: on the top layer
+#: whatever their path (``thinwire.trainer.config`` -> ``thinwire.config``)
+SHIMS = {"thinwire.trainer.config": "shims"}
+LAYERS[-1][1].add("shims")
+
+
 def package_of(module: str, root: str = "thinwire") -> str:
     """``thinwire.comm.hooks`` -> ``comm``; ``thinwire.train`` -> ``train``; ``thinwire`` -> itself."""
+    if module in SHIMS:
+        return SHIMS[module]
     parts = module.split(".")
     return parts[1] if parts[0] == root and len(parts) > 1 else parts[0]
 

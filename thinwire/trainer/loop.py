@@ -208,7 +208,7 @@ class Trainer:
             "comm_wait_s": self.watch.take(),
             "wire_bytes": sent.wire,
             "control_bytes": sent.control,
-            "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
+            "dense_bytes": accounting.allreduce_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
         })
