@@ -1,5 +1,6 @@
-"""No import cycle inside thinwire/comm or thinwire/trainer (tools/import_graph.py), and the
-tool does find a cycle when there is one."""
+"""The import graph of the whole thinwire package (tools/import_graph.py): no module cycle,
+no package cycle, and the layers errors/options <- comm, optim, models, data <- trainer <-
+config <- entry points hold; and the tool does find a cycle or a layering error when there is one."""
 import os
 import sys
 
@@ -14,13 +15,27 @@ def graph(package_dir):
     return {m: import_graph.imports(m, path, set(mods)) for m, path in mods.items()}
 
 
-def test_comm_and_trainer_have_no_cycle():
-    for package in ("thinwire/comm", "thinwire/trainer"):
-        g = graph(package)
-        assert len(g) > 5, package
-        assert import_graph.cycles(g) == [], package
+def test_thinwire_has_no_cycle_and_keeps_its_layers():
+    g = graph("thinwire")
+    assert len(g) > 60
+    assert import_graph.cycles(g) == []
+    pkgs, why = import_graph.package_graph(g)
+    assert {"comm", "optim", "trainer", "config", "train"} <= set(pkgs)
+    assert import_graph.cycles(pkgs) == []
+    assert import_graph.layer_errors(pkgs, why) == []
+    assert "config" not in set().union(*(pkgs[p] for p in ("comm", "optim", "models", "data", "trainer")))
 
 
 def test_a_cycle_is_found():
     assert import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
     assert not import_graph.cycles({"a": {"b"}, "b": {"c"}, "c": set()})
+
+
+def test_a_package_cycle_and_a_layering_error_are_found():
+    g = {"thinwire.trainer.loop": {"thinwire.config.resume"}, "thinwire.config.rules": {"thinwire.trainer.rundir"},
+         "thinwire.config.resume": set(), "thinwire.trainer.rundir": set()}
+    assert import_graph.cycles(g) == []  # no module cycle ...
+    pkgs, why = import_graph.package_graph(g)
+    assert import_graph.cycles(pkgs) == [["config", "trainer"]]  # ... but a package cycle
+    errors = import_graph.layer_errors(pkgs, why)
+    assert errors == ["trainer (trainer) imports config (config): thinwire.trainer.loop -> thinwire.config.resume"]

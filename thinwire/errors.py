@@ -12,7 +12,17 @@ import re
 
 
 class ConfigError(ValueError):
-    """A user error in the config: reported as one line, exit status 2."""
+    """A user error in the config: reported as one line, exit status 2.
+
+    ``agreed=True``: every rank raised the same error from the same inputs (a collective
+    decided it), so the launcher prints it once, not once per rank."""
+
+    def __init__(self, msg: str = "", *, agreed: bool = False):
+        super().__init__(msg)
+        self.agreed = agreed
+
+    def __reduce__(self):  # keep ``agreed`` across processes (pickle passes only args to __init__)
+        return self.__class__, self.args, {"agreed": self.agreed}
 
 
 class ResumeConfigError(ConfigError):

@@ -17,6 +17,12 @@ An options dataclass may define ``check(self)`` (a builder: ``check_options(opti
 (or ``ValueError``) with keys relative to the part (``ratio=2: ...``). ``thinwire.config``
 assembles these per config group (adding the group-wide keys) and registers them with Hydra,
 so entry-point plugins get option schemas of their own.
+
+**One options path.** Every way in resolves a part's options through :func:`resolve` (or,
+for the command line, whose keys and types Hydra has already enforced, through the same
+:func:`check_finite` and :func:`run_checks`): the command line (``thinwire.config``),
+``thinwire.OuterLoop``, ``comm_hook`` and entry-point plugins, so a bad value is refused
+with the same one line (``comm.ratio=2.0: must be a number in (0, 1]``) whichever way it came.
 """
 from __future__ import annotations
 
@@ -26,7 +32,12 @@ import types
 import typing
 from typing import Any, Optional
 
+import math
+import re
+
 from omegaconf import MISSING
+
+from .errors import ConfigError, in_group
 
 _SCALARS = (int, float, bool, str)
 
@@ -96,4 +107,100 @@ def defaults(options: type) -> dict:
             out[f.name] = f.default_factory()
         else:
             out[f.name] = MISSING
+    return out
+
+
+# ---- the one resolver ------------------------------------------------------------------
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def schema_of(group: str, option: str, part, base: type, skip: tuple[str, ...] = (), head: list | None = None) -> type:
+    """The schema of ``option`` in ``group``: the part's own options (:func:`options_of`)
+    plus the group-wide keys of ``base``, with the part's ``group_defaults`` presets of them.
+    ``head``: fields that come first (``name`` or ``_target_``: ``thinwire.config.groups``)."""
+    own = options_of(part, skip)
+    base_fields = {f.name: f for f in dataclasses.fields(base)}
+    clash = [k for k in option_keys(own) if k in base_fields]
+    if clash:
+        raise TypeError(f"{group}={option}: own option(s) {', '.join(clash)} clash with the "
+                        f"group-wide keys of {group}")
+    head = list(head if head is not None else [("name", str, dataclasses.field(default=option))])
+    for key, value in getattr(part, "group_defaults", {}).items():  # the option's presets of group-wide keys
+        if key not in base_fields:
+            raise TypeError(f"{group}={option}: group_defaults key {key!r} is not group-wide in {group}")
+        head.append((key, base_fields[key].type, dataclasses.field(default=value)))
+    cls_name = "".join(w.capitalize() for w in f"{option}_{group}".split("_")) + "Config"
+    return dataclasses.make_dataclass(cls_name, head, bases=(own, base))
+
+
+def _flatten(values, prefix: str):
+    if isinstance(values, dict):
+        for k, v in values.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, values
+
+
+def check_finite(values: dict, prefix: str = "", allows_inf: set[str] | frozenset = frozenset()) -> None:
+    """Every float option is a finite number that float32 can hold (``optim.lr=1e300`` would
+    be inf there), except the keys (full dotted names) an option declares as taking inf for
+    "off" (its options' ``allows_inf``, e.g. ``sync.clip=.inf``: no clipping)."""
+    for key, value in _flatten(values, prefix):
+        if not isinstance(value, float) or (math.isinf(value) and key in allows_inf):
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: must be a finite number")
+        if abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{key}={value}: must be a finite number (at most {FLOAT32_MAX:.3g} in "
+                              f"magnitude: it is used in float32, where it would be inf)")
+
+
+def allows_inf(group: str, own: type) -> set[str]:
+    return {f"{group}.{k}" for k in getattr(own, "allows_inf", ())}
+
+
+def run_checks(group: str, schema: type, base: type | None, own: type, values: dict) -> None:
+    """The group-wide checks on every value of the option (they may need the option's own
+    keys, e.g. comm's feedback/collective rules), then the option's own checks on its keys;
+    a failure is one ConfigError keyed in ``group`` (``comm.ratio=2.0: ...``)."""
+    try:
+        if base is not None and hasattr(base, "check"):
+            base.check(schema(**values))
+        if hasattr(own, "check"):
+            own(**{k: values[k] for k in option_keys(own)}).check()
+    except (ConfigError, ValueError) as e:
+        raise in_group(group, e) from None
+
+
+def typed(group: str, schema: type, values: dict) -> dict:
+    """``values`` over the schema's defaults, converted to the schema's types as the command
+    line's are (``ratio=2`` -> 2.0); a value of the wrong type is one line, as Hydra says it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = OmegaConf.structured(schema)
+    for key, value in values.items():
+        try:
+            node[key] = value
+        except OmegaConfBaseException as e:
+            msg = re.sub(r"\s+", " ", str(e).splitlines()[0]).strip()
+            raise ConfigError(f"{group}.{key}={value}: {msg}") from None
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def resolve(group: str, option: str, part, values: dict, *, base: type, skip: tuple[str, ...] = (),
+            head: list | None = None) -> dict:
+    """The options of ``option`` (``part``: its class or builder) in ``group`` from a
+    library caller's ``values``: every key of the schema, defaults filled in, typed,
+    finite, and checked by the part and by the group (the checks the command line runs).
+    An unknown key is one line naming the valid ones."""
+    schema = schema_of(group, option, part, base, skip, head)
+    valid = option_keys(schema)
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"{group}={option}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
+    out = typed(group, schema, values)
+    own = options_of(part, skip)
+    check_finite(out, group, allows_inf(group, own))
+    run_checks(group, schema, base, own, out)
     return out

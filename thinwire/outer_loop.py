@@ -30,29 +30,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from .comm.accounting import WireMeter
 from .comm.hooks import check_fingerprint, comm_config
-from .comm.sync import SYNC_STRATEGIES, SyncStrategy, build_sync
-from .config.resume import ResumeConfigError
-from .errors import ConfigError, need
-from .options import defaults, option_keys
+from .comm.sync import SYNC_STRATEGIES, SyncConfig, SyncStrategy, build_sync
+from .errors import ConfigError, ResumeConfigError, need
+from .options import resolve
 from .trainer.world import current_world
 
 
 def sync_config(name: str, options: dict) -> DictConfig:
-    """The config node of sync strategy ``name`` (its ``Config`` with ``options``), checked
-    by the strategy's own ``check``; errors name the key as ``sync.<key>=<value>``."""
+    """The config node of sync strategy ``name`` with ``options``, through the one resolver
+    (``thinwire.options.resolve``: defaults filled in, typed, finite, checked as
+    ``thinwire-train sync=<name> sync.<key>=...`` checks it; errors name ``sync.<key>=<value>``)."""
     cls = SYNC_STRATEGIES.get(name, "sync")
-    valid = option_keys(cls.Config)
-    for key in options:
-        if key not in valid:
-            raise ConfigError(f"sync={name}: unknown option {key!r}; valid: {', '.join(valid) or '(none)'}")
-    values = {**defaults(cls.Config), **options}
-    check = getattr(cls.Config, "check", None)
-    if check is not None:
-        try:
-            check(cls.Config(**values))
-        except (ConfigError, ValueError) as e:
-            raise ConfigError(f"sync.{e}") from None
-    return OmegaConf.create({"name": name, **values})
+    return OmegaConf.create(resolve("sync", name, cls, options, base=SyncConfig))
 
 
 class OuterLoop:
@@ -78,6 +67,9 @@ class OuterLoop:
         comm = {"name": comm} if isinstance(comm, str) else dict(comm)
         self.comm_cfg = comm_config(comm.pop("name", "none"), **comm)
         self.cfg = sync_config(sync, options)
+        if hasattr(cls, "check_run"):  # the cross-part rules the command line runs, for a bare module
+            cls.check_run(OmegaConf.create({"sync": self.cfg, "comm": self.comm_cfg, "engine": {"name": "ddp"},
+                                            "model": {}}))
         self.meter = meter if meter is not None else WireMeter()
         self.world = current_world(device or next(model.parameters()).device)
         self.strategy: SyncStrategy = build_sync(self.cfg, self.world, self.meter, model, self.comm_cfg)

@@ -4,9 +4,15 @@ the graph has a cycle. From the repository root::
 
     python tools/import_graph.py                    # thinwire/comm
     python tools/import_graph.py thinwire/trainer   # another package
+    python tools/import_graph.py --packages         # thinwire: its packages, cycles and layers
 
 Prints one line per module (``a -> b, c``) and the cycles found; exits 1 if there is one.
 Imports only needed for type checking (under ``if TYPE_CHECKING:``) count too.
+
+``--packages`` folds the modules of each subpackage of ``thinwire`` (``thinwire.comm.hooks``
+-> ``comm``; a top-level module is its own package) into one node, so that two packages
+importing each other through different modules show as a cycle, and checks the layers
+(:data:`LAYERS`): a package imports only packages of its own layer or below.
 """
 from __future__ import annotations
 
@@ -86,7 +92,85 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+#: thinwire's layers, bottom first: a package imports only its own layer and those below.
+#: ``config`` assembles the parts and nothing below it imports it; the entry points and the
+#: public API facades sit on top.
+LAYERS = [
+    ("base", {"errors", "options", "registry", "tensors", "configdiff"}),
+    ("parts", {"comm", "optim", "models", "data"}),
+    ("trainer", {"trainer", "elastic"}),
+    ("config", {"config"}),
+    ("entry points", {"train", "hydra_app", "report", "outer_loop", "meter", "integrations", "thinwire"}),
+]
+
+
+#: modules kept at an old path for a release, importing their new home: on the top layer
+#: whatever their path (``thinwire.trainer.config`` -> ``thinwire.config``)
+SHIMS = {"thinwire.trainer.config": "shims"}
+LAYERS[-1][1].add("shims")
+
+
+def package_of(module: str, root: str = "thinwire") -> str:
+    """``thinwire.comm.hooks`` -> ``comm``; ``thinwire.train`` -> ``train``; ``thinwire`` -> itself."""
+    if module in SHIMS:
+        return SHIMS[module]
+    parts = module.split(".")
+    return parts[1] if parts[0] == root and len(parts) > 1 else parts[0]
+
+
+def package_graph(graph: dict[str, set[str]]) -> tuple[dict[str, set[str]], dict[tuple[str, str], list[str]]]:
+    """The package-level graph of a module graph, and for each package edge the module
+    imports that make it (``a.x -> b.y``)."""
+    pkgs: dict[str, set[str]] = {}
+    why: dict[tuple[str, str], list[str]] = {}
+    for m, deps in graph.items():
+        pm = package_of(m)
+        pkgs.setdefault(pm, set())
+        for d in deps:
+            pd = package_of(d)
+            if pd != pm:
+                pkgs[pm].add(pd)
+                why.setdefault((pm, pd), []).append(f"{m} -> {d}")
+    return pkgs, why
+
+
+def layer_errors(pkgs: dict[str, set[str]], why: dict, layers=LAYERS) -> list[str]:
+    """Each import of a package from a higher layer (or of a package in no layer)."""
+    level = {p: i for i, (_, members) in enumerate(layers) for p in members}
+    out = []
+    for p in sorted(pkgs):
+        if p not in level:
+            out.append(f"{p}: in no layer (tools/import_graph.py LAYERS)")
+            continue
+        for d in sorted(pkgs[p]):
+            if level.get(d, len(layers)) > level[p]:
+                out.append(f"{p} ({layers[level[p]][0]}) imports {d} "
+                           f"({layers[level[d]][0] if d in level else 'no layer'}): {'; '.join(sorted(why[(p, d)]))}")
+    return out
+
+
+def main_packages(package_dir: str) -> int:
+    mods = modules(package_dir)
+    graph = {m: imports(m, p, set(mods)) for m, p in mods.items()}
+    pkgs, why = package_graph(graph)
+    for p in sorted(pkgs):
+        print(f"{p:24s} -> {', '.join(sorted(pkgs[p])) or '-'}")
+    module_cycles, package_cycles = cycles(graph), cycles(pkgs)
+    errors = layer_errors(pkgs, why)
+    for c in module_cycles:
+        print("module cycle among: " + ", ".join(c))
+    for c in package_cycles:
+        print("package cycle among: " + ", ".join(c))
+    for e in errors:
+        print("layering: " + e)
+    print(f"{len(mods)} modules in {len(pkgs)} packages: {len(module_cycles)} module cycles, "
+          f"{len(package_cycles)} package cycles, {len(errors)} layering errors")
+    return 1 if module_cycles or package_cycles or errors else 0
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--packages":
+        return main_packages(argv[1] if len(argv) > 1 else "thinwire")
     package_dir = argv[0] if argv else os.path.join("thinwire", "comm")
     mods = modules(package_dir)
     graph = {m: imports(m, p, set(mods)) for m, p in mods.items()}

@@ -33,26 +33,15 @@ import torch
 import torch.distributed as dist
 
 
-def ring_allreduce_bytes(numel: int, element_size: int, world_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``numel`` elements."""
-    if world_size <= 1:
-        return 0
-    return int(round(2 * (world_size - 1) / world_size * numel * element_size))
-
-
-def dense_reference_bytes(numel: int, world_size: int) -> int:
-    """What an fp32 ring all-reduce of ``numel`` gradient elements sends per rank."""
-    return ring_allreduce_bytes(numel, 4, world_size)
-
-
 def collective_bytes(kind: str, numel: int, element_size: int, world_size: int) -> int:
-    """Bytes sent per rank by collective ``kind`` (see the module table)."""
+    """Bytes sent per rank by collective ``kind`` (see the module table): the one byte
+    formula; :func:`allreduce_bytes` is its all-reduce for a dtype."""
     p = world_size
     if p <= 1:
         return 0
     n_bytes = numel * element_size
     if kind == "all_reduce":
-        return ring_allreduce_bytes(numel, element_size, p)
+        return int(round(2 * (p - 1) / p * numel * element_size))
     if kind == "all_gather":
         return (p - 1) * n_bytes
     if kind in ("reduce_scatter", "all_to_all", "broadcast"):
@@ -96,7 +85,22 @@ def allreduce_bytes(numel: int, world_size: int, dtype: torch.dtype = torch.floa
     """The reference a byte count is compared with: what one ring all-reduce of ``numel``
     elements of ``dtype`` sends per rank (fp32: the trainer's ``dense_bytes``; bf16: the
     reference of the project's byte claims)."""
-    return ring_allreduce_bytes(numel, torch.empty((), dtype=dtype).element_size(), world_size)
+    return collective_bytes("all_reduce", numel, torch.empty((), dtype=dtype).element_size(), world_size)
+
+
+def __getattr__(name: str):
+    """Earlier names of the same formula, kept for a release (``DeprecationWarning``)."""
+    import warnings
+
+    old = {"ring_allreduce_bytes": ("collective_bytes('all_reduce', numel, element_size, world_size)",
+                                    lambda numel, element_size, world_size:
+                                    collective_bytes("all_reduce", numel, element_size, world_size)),
+           "dense_reference_bytes": ("allreduce_bytes(numel, world_size)", allreduce_bytes)}
+    if name in old:
+        warnings.warn(f"thinwire.comm.accounting.{name} is deprecated: use {old[name][0]}", DeprecationWarning,
+                      stacklevel=2)
+        return old[name][1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class WireMeter:

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -303,18 +304,31 @@ class DGC(Feedback):
 def feedback_options() -> type:
     """The options of every feedback rule, as one dataclass: these keys are group-wide in
     ``comm`` (any compressor can be combined with any rule); a rule's defaults are written
-    once, in its options, and two rules sharing a key must agree on its default."""
-    merged: dict[str, dataclasses.Field] = {}
+    once, in its options. Each rule owns its keys: where two rules share a key with
+    different defaults (a third-party rule reusing ``eta``), the group-wide default is null,
+    meaning "the chosen rule's own default" (:func:`rule_values`)."""
+    merged: dict[str, tuple] = {}
     seen: dict[str, object] = {}
     for name, cls in FEEDBACKS.items():
         for f in dataclasses.fields(cls.Config):
             d = defaults(cls.Config)[f.name]
             if f.name in seen and seen[f.name] != d:
-                raise TypeError(f"comm.feedback={name}: default {f.name}={d!r} disagrees with "
-                                f"another rule's {seen[f.name]!r}")
-            seen[f.name] = d
-            merged[f.name] = (f.name, f.type, dataclasses.field(default=d))
+                merged[f.name] = (f.name, Any, dataclasses.field(default=None))
+                continue
+            seen.setdefault(f.name, d)
+            merged.setdefault(f.name, (f.name, f.type, dataclasses.field(default=d)))
     return dataclasses.make_dataclass("FeedbackOptions", list(merged.values()))
+
+
+def rule_values(cls, values) -> dict:
+    """Rule ``cls``'s own keys from a comm config's ``values``: a null where rules disagree
+    on a key's default (:func:`feedback_options`) is this rule's own default."""
+    own, shared = defaults(cls.Config), defaults(feedback_options())
+    out = {}
+    for k, d in own.items():
+        v = values[k] if k in values else d
+        out[k] = d if v is None and shared.get(k, d) is None else v
+    return out
 
 
 def check_feedback_options(name: str, values) -> None:
@@ -329,10 +343,10 @@ def check_feedback_options(name: str, values) -> None:
                              f"({', '.join(has)} {'has' if len(has) == 1 else 'have'} it)")
     check = getattr(cls.Config, "check", None)
     if check is not None:
-        check(cls.Config(**{k: values[k] for k in own}))
+        check(cls.Config(**rule_values(cls, values)))
 
 
 def build_feedback(name: str, **options) -> Feedback:
     """Feedback rule ``name``; ``options`` may hold any feedback key, each rule takes its own."""
     cls = FEEDBACKS.get(name, "comm.feedback")
-    return cls(cls.Config(**{k: v for k, v in options.items() if k in option_keys(cls.Config)}))
+    return cls(cls.Config(**rule_values(cls, options)))

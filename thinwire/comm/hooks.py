@@ -36,6 +36,7 @@ collective -> decompress -> what the optimizer sees, written back into the bucke
   state written under another config or by another rank, in one line naming the keys.
 """
 # no "from __future__ import annotations": DDP checks the hook's return annotation at runtime
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -45,13 +46,14 @@ import torch.distributed as dist
 
 from ..configdiff import changes, describe_changes
 from ..errors import ResumeConfigError, need, non_negative, one_of
-from ..options import defaults, option_keys, options_of
+from ..errors import ConfigError
+from ..options import defaults, option_keys, options_of, resolve
 from ..registry import Registry
 from . import accounting, collectives
 from .accounting import WireMeter
 from .aggregator import CompressedAggregator, check_combination, compressor_from_config
 from .futures import then
-from .compressors import COMPRESSORS, compressor_class, compressor_options
+from .compressors import COMPRESSORS, NoneCompressor, compressor_class
 from .feedback import FEEDBACKS, check_feedback_options, feedback_options
 
 HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
@@ -77,13 +79,34 @@ class CommConfig:
 def check_comm(values: dict) -> None:
     """Group-wide checks of a comm config (``values``: every key of the chosen option)."""
     one_of(values["feedback"], FEEDBACKS.names(), "feedback")
-    need(values["name"] != "none" or values["feedback"] == "none", "feedback", values["feedback"],
+    need(not is_exact(values["name"]) or values["feedback"] == "none", "feedback", values["feedback"],
          "needs a compressor (comm=none sends exact gradients)")
     non_negative(_Values(values), "warmup_steps", "min_numel")
     one_of(values["collective"], COLLECTIVES, "collective")
     check_feedback_options(values["feedback"], values)
-    if values["name"] != "none" and values["name"] not in HOOKS:
+    if not is_exact(values["name"]) and values["name"] not in HOOKS:
         check_combination(compressor_from_config(values["name"], values), values)
+
+
+def comm_base() -> type:
+    """The group-wide keys of ``comm``: :class:`CommConfig`'s and every feedback rule's."""
+    return dataclasses.make_dataclass("CommConfig", [], bases=(feedback_options(), CommConfig))
+
+
+def comm_parts() -> dict:
+    """``comm`` name -> its part: the registered hooks and every compressor (a compressor's
+    options are its ``__init__``'s parameters, ``seed`` group-wide)."""
+    return {**{n: HOOKS.get(n) for n in HOOKS.names()}, **{n: compressor_class(n) for n in COMPRESSORS.names()}}
+
+
+def resolve_comm(name: str, options: dict) -> dict:
+    """Comm config ``name`` with ``options``, through the one resolver
+    (``thinwire.options.resolve``): every key, defaults filled in, typed, finite and checked
+    as ``thinwire-train comm=<name> comm.<key>=...`` checks it."""
+    parts = comm_parts()
+    if name not in parts:
+        raise ConfigError(f"comm={name!r}: unknown; valid: {', '.join(sorted(parts))}")
+    return resolve("comm", name, parts[name], options, base=comm_base(), skip=("seed",))
 
 
 class _Values:
@@ -266,11 +289,11 @@ def state_kwargs(cfg: dict, name: str = "none") -> dict:
     return out
 
 
-@HOOKS.register("none")
-def _plain(**cfg) -> tuple[HookState, Callable]:
-    """Uncompressed: compression fields (ratio, feedback, ...) do not apply; validation
-    rejects a feedback other than none."""
-    return HookState(**state_kwargs(cfg)), allreduce_hook
+def is_exact(name: str) -> bool:
+    """``comm=<name>`` sends exact fp32 values: the one representation of "no compression"
+    is :class:`~thinwire.comm.compressors.NoneCompressor` (``comm=none``), whose hook is the
+    plain all-reduce and whose engine state, with no hook at all, is a bare :class:`HookState`."""
+    return name in COMPRESSORS and compressor_class(name) is NoneCompressor
 
 
 def comm_names() -> list[str]:
@@ -289,37 +312,19 @@ def comm_hook(name: str = "none", **cfg) -> tuple[HookState, Callable]:
     ``optimizer`` (followed for the learning rate of the error-feedback rescaling, instead
     of calling ``state.set_lr`` every step; docs/library.md).
     """
+    runtime = {k: v for k, v in cfg.items() if k in RUNTIME_KEYS}
+    options = resolve_comm(name, {k: v for k, v in cfg.items() if k not in RUNTIME_KEYS})
+    if is_exact(name):  # comm=none: the plain fp32 all-reduce; no compressor runs
+        return HookState(**state_kwargs({**options, **runtime}, name)), allreduce_hook
     if name in HOOKS:
-        return HOOKS.get(name, "comm")(**cfg)
-    check_keys(name, cfg)
-    return compressed_factory(name)(**cfg)
-
-
-def check_keys(name: str, cfg: dict) -> None:
-    """Every key of ``cfg`` is an option of compressor ``name`` (or group-wide, or a state key)."""
-    try:
-        valid = set(compressor_options(name))
-    except ValueError:
-        raise ValueError(f"comm={name!r}: unknown; valid: {', '.join(comm_names())}") from None
-    valid |= set(option_keys(CommConfig)) | set(option_keys(feedback_options())) | set(STATE_KEYS)
-    for key in cfg:
-        if key not in valid:
-            raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
+        return HOOKS.get(name, "comm")(**options, **runtime)
+    return compressed_factory(name)(**options, **runtime)
 
 
 def comm_config(name: str = "none", **options) -> dict:
     """The whole comm config ``name`` with ``options`` (defaults filled in), checked as the
     trainer checks ``comm.*``: what a sync strategy's averager takes as ``comm_cfg``."""
-    if name not in HOOKS:
-        check_keys(name, options)
-    else:
-        valid = set(option_keys(CommConfig)) | set(option_keys(feedback_options()))
-        for key in options:
-            if key not in valid:
-                raise ValueError(f"comm={name}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
-    values = fingerprint(name, options)
-    check_comm(values)
-    return values
+    return fingerprint(name, {k: v for k, v in resolve_comm(name, options).items() if k != "name"})
 
 
 # ----------------------------------------------------------------------------- compressed

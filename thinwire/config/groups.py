@@ -30,6 +30,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import options as opts
+from ..errors import ConfigError
+
+# The parts are imported where a table needs them (``groups()``, the registries' entries), so
+# that ``import thinwire.config`` does not load torch: downward imports, never a cycle
+# (tests/test_import_graph.py).
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,6 @@ class Group:
     def part(self, option: str):
         entries = self.entries()
         if option not in entries:
-            from ..errors import ConfigError
-
             raise ConfigError(f"{self.name}={option}: unknown option; valid: {', '.join(sorted(entries))}")
         return entries[option]
 
@@ -66,20 +69,9 @@ class Group:
         return self._schema(path.rsplit(".", 1)[-1], builder, target=path)
 
     def _schema(self, option: str, part, target: str | None = None) -> type:
-        own = opts.options_of(part, self.skip)
-        clash = [k for k in opts.option_keys(own) if k in _keys(self.base)]
-        if clash:
-            raise TypeError(f"{self.name}={option}: own option(s) {', '.join(clash)} clash with the "
-                            f"group-wide keys of {self.name}")
         head = [("_target_", str, dataclasses.field(default=target or f"{part.__module__}.{part.__qualname__}"))] \
-            if self.target else [("name", str, dataclasses.field(default=option))]
-        base_fields = {f.name: f for f in dataclasses.fields(self.base)}
-        for key, value in getattr(part, "group_defaults", {}).items():  # the option's presets of group-wide keys
-            if key not in base_fields:
-                raise TypeError(f"{self.name}={option}: group_defaults key {key!r} is not group-wide in {self.name}")
-            head.append((key, base_fields[key].type, dataclasses.field(default=value)))
-        cls_name = "".join(w.capitalize() for w in f"{option}_{self.name}".split("_")) + "Config"
-        return dataclasses.make_dataclass(cls_name, head, bases=(own, self.base))
+            if self.target else None
+        return opts.schema_of(self.name, option, part, self.base, self.skip, head)
 
 
 @dataclass
@@ -106,39 +98,43 @@ def schema_keys(schema: type) -> dict[str, type | None]:
 
 # ---- the table -----------------------------------------------------------------------
 def _comm_entries() -> dict:
-    from ..comm.compressors import COMPRESSORS, compressor_class
-    from ..comm.hooks import HOOKS
+    from ..comm.hooks import comm_parts
 
-    return {**{n: HOOKS.get(n) for n in HOOKS.names()}, **{n: compressor_class(n) for n in COMPRESSORS.names()}}
+    return comm_parts()
 
 
-def _registry(path: str, attr: str) -> Callable[[], dict]:
-    def entries() -> dict:
-        import importlib
+def _models() -> dict:
+    from ..models import MODELS
+    return MODELS.entries()
 
-        return getattr(importlib.import_module(path), attr).entries()
-    return entries
+
+def _datasets() -> dict:
+    from ..data import DATASETS
+    return DATASETS.entries()
+
+
+def _loggers() -> dict:
+    from ..trainer.loggers import LOGGERS
+    return LOGGERS.entries()
 
 
 @functools.cache
 def groups() -> dict[str, Group]:
-    from ..comm.feedback import feedback_options
-    from ..comm.hooks import CommConfig
-    from ..comm.sync import SyncConfig
-    from ..optim.peft import PeftConfig
-    from ..optim.plugins import OptimConfig
-    from ..trainer.engine import EngineConfig
+    from ..comm.hooks import comm_base
+    from ..comm.sync import SYNC_STRATEGIES, SyncConfig
+    from ..optim.peft import PEFT_METHODS, PeftConfig
+    from ..optim.plugins import OPTIMIZERS, OptimConfig
+    from ..trainer.engine import ENGINES, EngineConfig
 
-    comm_base = dataclasses.make_dataclass("CommConfig", [], bases=(feedback_options(), CommConfig))
     table = [
-        Group("model", NoGroupKeys, _registry("thinwire.models", "MODELS"), target=True),
-        Group("data", NoGroupKeys, _registry("thinwire.data", "DATASETS"), target=True),
-        Group("comm", comm_base, _comm_entries, skip=("seed",)),
-        Group("sync", SyncConfig, _registry("thinwire.comm.sync", "SYNC_STRATEGIES")),
-        Group("optim", OptimConfig, _registry("thinwire.optim.plugins", "OPTIMIZERS")),
-        Group("peft", PeftConfig, _registry("thinwire.optim.peft", "PEFT_METHODS")),
-        Group("engine", EngineConfig, _registry("thinwire.trainer.engine", "ENGINES")),
-        Group("logger", NoGroupKeys, _registry("thinwire.trainer.loggers", "LOGGERS"), target=True),
+        Group("model", NoGroupKeys, _models, target=True),
+        Group("data", NoGroupKeys, _datasets, target=True),
+        Group("comm", comm_base(), _comm_entries, skip=("seed",)),
+        Group("sync", SyncConfig, SYNC_STRATEGIES.entries),
+        Group("optim", OptimConfig, OPTIMIZERS.entries),
+        Group("peft", PeftConfig, PEFT_METHODS.entries),
+        Group("engine", EngineConfig, ENGINES.entries),
+        Group("logger", NoGroupKeys, _loggers, target=True),
     ]
     return {g.name: g for g in table}
 
@@ -146,7 +142,7 @@ def groups() -> dict[str, Group]:
 def fixed_groups() -> dict[str, type]:
     """Groups with one schema whatever the option (their YAMLs are presets of it)."""
     from ..elastic.config import ElasticConfig
-    from ..trainer.loop import TrainerConfig
+    from ..trainer.trainer_config import TrainerConfig
     from ..trainer.world import DistConfig
 
     return {"trainer": TrainerConfig, "dist": DistConfig, "elastic": ElasticConfig}

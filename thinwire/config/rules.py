@@ -9,14 +9,16 @@ and the value, printed as one line with exit status 2.
 """
 from __future__ import annotations
 
-import math
 import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError, in_group, need
-from ..options import option_keys
+from ..errors import ConfigError, need
+from ..options import allows_inf, check_finite, run_checks
 from .groups import fixed_groups, groups
+
+# The parts (thinwire.comm, .optim, .trainer: the layers below this one) are imported where
+# they are used, so that ``import thinwire.config`` does not load torch; none imports config.
 
 
 def chosen_option(cfg: DictConfig, group: str) -> str | None:
@@ -32,25 +34,15 @@ def chosen_option(cfg: DictConfig, group: str) -> str | None:
     return None
 
 
-def _run_checks(schema: type, base: type | None, own: type, values: dict) -> None:
-    """The group-wide checks on every value of the option (they may need the option's own
-    keys, e.g. comm's feedback/collective rules), then the option's own checks on its keys."""
-    if base is not None and hasattr(base, "check"):
-        base.check(schema(**values))
-    if hasattr(own, "check"):
-        own(**{k: values[k] for k in option_keys(own)}).check()
-
-
 def check_group(cfg: DictConfig, group: str) -> None:
+    """The chosen option's checks and the group-wide ones (``thinwire.options.run_checks``:
+    the same checks every library entry point runs through ``thinwire.options.resolve``)."""
     g = groups()[group]
     option = chosen_option(cfg, group)
     if option is None:
         return
     values = OmegaConf.to_container(cfg[group], resolve=True)
-    try:
-        _run_checks(g.schema(option), g.base, g.own(option), values)
-    except (ConfigError, ValueError) as e:
-        raise in_group(group, e) from None
+    run_checks(group, g.schema(option), g.base, g.own(option), values)
 
 
 def check_model_data(cfg: DictConfig) -> None:
@@ -73,10 +65,7 @@ def check_model_data(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     _check_finite(cfg)
     for name, schema in fixed_groups().items():
-        try:
-            _run_checks(schema, None, schema, OmegaConf.to_container(cfg[name], resolve=True))
-        except (ConfigError, ValueError) as e:
-            raise in_group(name, e) from None
+        run_checks(name, schema, None, schema, OmegaConf.to_container(cfg[name], resolve=True))
     for group in groups():
         check_group(cfg, group)
     _check_requires(cfg)
@@ -176,38 +165,25 @@ def _check_requires(cfg: DictConfig) -> None:
                  f"install it with: {install}")
 
 
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def _check_finite(cfg: DictConfig) -> None:
-    """Every float option is a finite number (``optim.lr=inf``, ``dist.timeout_s=inf``, a
-    ``sync.outer_optim.lr=inf`` inside an open dict) that float32 can hold (``optim.lr=1e300``
-    would be inf there), except the keys an option declares as taking inf for "off" (its
-    options' ``allows_inf``, e.g. ``sync.clip=.inf``: no clipping)."""
-    from .resume import flatten
-
+    """Every float option is finite (``thinwire.options.check_finite``), except the keys the
+    chosen options declare as taking inf for "off" (``allows_inf``, e.g. ``sync.clip=.inf``)."""
     allowed = set()
     for name, g in groups().items():
         option = chosen_option(cfg, name)
         if option is not None:
-            allowed |= {f"{name}.{k}" for k in getattr(g.own(option), "allows_inf", ())}
-    for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items():
-        if not isinstance(value, float) or (math.isinf(value) and key in allowed):
-            continue
-        need(math.isfinite(value), key, value, "must be a finite number")
-        need(abs(value) <= FLOAT32_MAX, key, value, f"must be a finite number (at most {FLOAT32_MAX:.3g} in "
-             f"magnitude: it is used in float32, where it would be inf)")
+            allowed |= allows_inf(name, g.own(option))
+    check_finite(OmegaConf.to_container(cfg, resolve=True), "", allowed)
 
 
 def _check_resume(cfg: DictConfig) -> None:
     """The run dir, before any process starts (``thinwire.trainer.rundir``): not owned by a
     running job, not a finished run that ``resume=none`` would overwrite, and, when resuming,
-    a checkpoint that loads safely and was written with a compatible config (``.resume``)."""
-    from ..trainer.checkpoint import check_loadable, unusable_reason
+    a checkpoint that loads safely and was written with a compatible config (the same walk
+    as the workers', ``thinwire.trainer.resume``)."""
     from ..trainer.faults import restart_count
-    from ..trainer.loop import no_usable_checkpoint, untrusted_engine_error
-    from ..trainer.rundir import check_rerun, check_writable, effective_resume, probe_lock, step_dirs
-    from .resume import check_resume_config
+    from ..trainer.resume import check_before_start
+    from ..trainer.rundir import check_rerun, check_writable, effective_resume, probe_lock
 
     run_dir, t = cfg.run_dir, cfg.trainer
     check_writable(run_dir)
@@ -215,29 +191,4 @@ def _check_resume(cfg: DictConfig) -> None:
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):  # a worker's rank 0 takes the lock itself
         probe_lock(run_dir)
     check_rerun(run_dir, r, t.overwrite and restart_count() == 0)
-    if r == "none":
-        return
-    if r == "auto":
-        dirs = step_dirs(run_dir)[::-1]
-        if not dirs:
-            return
-        common, path, reasons = None, None, []
-        for d in dirs:
-            try:
-                common, path = check_loadable(d), d
-                break
-            except ValueError:
-                reasons.append(f"{os.path.basename(d)}: {unusable_reason(d)}")
-        if common is None:
-            raise no_usable_checkpoint(r, run_dir, reasons)
-    else:
-        need(os.path.isdir(r), "trainer.resume", r, "expected none, auto or a checkpoint directory")
-        try:
-            common, path = check_loadable(r), r
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    engine = groups()["engine"].part(cfg.engine.name)
-    if engine.unpickles_checkpoints and not t.trust_checkpoints:
-        raise untrusted_engine_error(r, cfg.engine.name)
-    if isinstance(common, dict) and "config" in common:
-        check_resume_config(common["config"], cfg, path, r, int(common["step"]) if "step" in common else None)
+    check_before_start(cfg, r, groups()["engine"].part(cfg.engine.name).unpickles_checkpoints)

@@ -336,5 +336,3 @@ class MeZOPlugin(OptimizerPlugin):
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_zo_state(state)
 
-
-from . import zo_dist  # noqa: E402,F401  registers optim=zo_dist (a subclass, defined after MeZOPlugin)

@@ -71,5 +71,3 @@ def init_head(cfg, model: torch.nn.Module, data, meter) -> float:
     batches = setup_batches(data, cfg.head_init_batches, next(model.parameters()).device)
     return class_means_head(model, batches, data.info.num_classes, meter=meter)
 
-
-from . import lora  # noqa: E402,F401  registers lora and lora_ga (PEFT imported on use)

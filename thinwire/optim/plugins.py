@@ -255,9 +255,3 @@ class AdamWPlugin(BackpropPlugin):
 def build_optimizer(cfg, model, **kw) -> OptimizerPlugin:
     return OPTIMIZERS.get(cfg.name, "optim")(cfg, model, **kw)
 
-
-# built-in forward-only plugins register themselves on import (after the base classes exist)
-from . import mezo  # noqa: E402,F401  (mezo imports zo_dist)
-from . import demo  # noqa: E402,F401  registers optim=demo
-from . import adam1bit  # noqa: E402,F401  registers optim=adam1bit
-from . import mtdao  # noqa: E402,F401  registers optim=mtdao

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..comm import accounting
-from ..comm.hooks import CommHookFactory, comm_hook
+from ..comm.hooks import CommHookFactory, HookState, comm_hook
 from ..errors import positive
 from ..registry import Registry
 from .deepspeed_engine import DeepSpeedEngine  # deepspeed itself is imported on use
@@ -42,30 +42,6 @@ class DDPOptions:
         positive(self, "bucket_cap_mb")
 
 
-class _NoHook:
-    """The comm state of an engine that all-reduces nothing per step: no hook, no state."""
-
-    last_launch_s = float("-inf")
-
-    def set_lr(self, lr: float) -> None:
-        pass
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
-
-    def take_stats(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 @ENGINES.register("ddp")
 class DDPEngine(Engine):
     """``forward_model`` is what the loop calls (DDP or the bare module); ``module`` the model;
@@ -80,7 +56,7 @@ class DDPEngine(Engine):
         self.world = world
         self.meter = meter
         self.replicas = None
-        self.hook_state = _NoHook()
+        self.hook_state = HookState(meter=meter)  # comm=none's state: nothing is all-reduced per step
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if not grad_sync:
             self.forward_model = model

@@ -8,7 +8,10 @@
                rejected: plugin.discard, discard comm state (buffers untouched)
             -> metrics line -> eval every N -> checkpoint every N / at stop_after / Ctrl-C / at the end
 
-The engine is called through ``thinwire.trainer.interface.Engine`` only. What a benchmark
+Beside the loop, each in its own module: the options (``trainer_config.TrainerConfig``),
+saving and resuming (``resume.RunState``), when every rank stops together
+(``stop.StopAgreement``: Ctrl-C, ``trainer.stop_after``) and the run dir's owner
+(``rundir.take_run_dir``). The engine is called through ``thinwire.trainer.interface.Engine`` only. What a benchmark
 or a library user changes without copying the loop: the comm hook (``comm_hook=``, e.g.
 torch's ``ddp_comm_hooks``), the optimizer plugin class (``plugin_cls=``), and, in a
 subclass, when to evaluate (:meth:`Trainer.eval_due`), what an evaluation adds to the
@@ -19,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Type
 
 import torch
@@ -30,75 +32,20 @@ from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.hooks import CommHookFactory, comm_hook
 from ..comm.sync import SYNC_STRATEGIES, build_sync
-from ..config.resume import ResumeConfigError, check_resume_config
-from ..errors import ConfigError, need, non_negative, positive
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS, OptimizerPlugin
-from ..tensors import on_device
-from .checkpoint import Checkpointer, assert_finite, resume_candidates, rng_state, set_rng_state
-from .faults import FaultConfig, FaultInjector, restart_count
-from .rundir import RunDirError, RunDirLock, check_rerun, effective_resume, move_aside, step_dirs
 from .agreement import check_config_agreement
 from .drift import DriftGuard
 from .engine import build_engine
+from .faults import FaultInjector, restart_count
 from .interface import Engine
 from .loggers import MetricsFile, NullLogger
-from .progress import Progress, StopRequest, say_stopped
+from .progress import Progress, say_stopped
+from .resume import NonFiniteError, RunState, no_usable_checkpoint, untrusted_engine_error  # noqa: F401
+from .rundir import take_run_dir
+from .stop import StopAgreement
+from .trainer_config import TrainerConfig  # noqa: F401 - its earlier home
 from .world import World
-
-
-MAX_SEED = 1 << 32                # seeds are mixed (seed * 1_000_003 + ...) into torch's 64-bit seeds
-MAX_SAMPLE_CHARS = 10_000
-
-
-@dataclass
-class TrainerConfig:
-    """``trainer``: the run's length, evaluation, checkpoints and faults."""
-    max_steps: int = 600             # the run's length; fixes the LR schedule
-    seed: int = 0
-    eval_every: int = 100
-    checkpoint_every: int = 200
-    # none: a new run (refused where the run dir already holds one) | auto: continue from the
-    # newest checkpoint that loads | <path to a checkpoint directory>
-    resume: str = "none"
-    overwrite: bool = False          # resume=none over an existing run: move it to <run dir>/previous/ first
-    stop_after: Optional[int] = None  # end the process after this step, with a checkpoint
-    log_every: int = 1
-    progress: bool = True
-    sample_chars: int = 200          # generated at the end (char LM only); 0 = none
-    max_skipped_steps: int = 10      # consecutive non-finite steps before giving up
-    keep_checkpoints: int = 3        # keep only the newest N checkpoints; 0 = keep all
-    # replica-drift guard: hash the state every rank must hold bitwise equal every N steps (at a
-    # round boundary); null = once per outer round, or every 100 steps under sync=ddp; 0 = off
-    drift_check_every: Optional[int] = None
-    # load checkpoint files whose loader unpickles arbitrary objects (engine=deepspeed: DeepSpeed's
-    # own files); only for checkpoints you wrote yourself. thinwire's own files always load safely
-    trust_checkpoints: bool = False
-    faults: FaultConfig = field(default_factory=FaultConfig)
-
-    def check(self) -> None:
-        positive(self, "max_steps", "eval_every", "checkpoint_every", "log_every")
-        need(0 <= self.seed < MAX_SEED, "seed", self.seed, f"must be an int in [0, {MAX_SEED}) (2**32)")
-        need(self.sample_chars <= MAX_SAMPLE_CHARS, "sample_chars", self.sample_chars,
-             f"must be at most {MAX_SAMPLE_CHARS} (one forward pass per character)")
-        need(self.stop_after is None or self.stop_after > 0, "stop_after", self.stop_after, "must be positive or null")
-        non_negative(self, "max_skipped_steps", "sample_chars")
-        need(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 = keep all)")
-        need(self.drift_check_every is None or self.drift_check_every >= 0, "drift_check_every",
-             self.drift_check_every, "must be >= 0 (0 = off) or null (auto)")
-        need(self.resume in ("none", "auto") or os.sep in self.resume or os.path.exists(self.resume), "resume",
-             self.resume, "expected none, auto or a checkpoint directory")
-        need(not self.overwrite or self.resume == "none", "overwrite", self.overwrite,
-             f"starts a new run, so it needs resume=none (not {self.resume})")
-        faults = self.faults if isinstance(self.faults, FaultConfig) else FaultConfig(**self.faults)
-        faults.check()
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-STOP_WEIGHT = 2.0 ** 20  # Ctrl-C's weight in the control packet's flag slot (> any world size)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -170,11 +117,11 @@ class Trainer:
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
         self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
         self.sync.bind_optimizer(self.plugin)
-        self.ckpt = Checkpointer(cfg.run_dir, world)
         self.faults = FaultInjector(t.faults, world.rank)
         self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
+        self.state = RunState(cfg, world, self.model, self.plugin, self.engine, self.sync, self.meter)
         # an elastic restart always continues from the newest checkpoint
-        self.start_step = self.resume("auto" if restart_count() > 0 else t.resume)
+        self.start_step = self.state.resume("auto" if restart_count() > 0 else t.resume)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
@@ -192,151 +139,31 @@ class Trainer:
         return logger_cls(**kwargs, run_dir=self.cfg.run_dir,
                           run_config=OmegaConf.to_container(self.cfg, resolve=True))
 
-    # -- checkpoint --------------------------------------------------------------
-    def save(self, step: int) -> str:
-        self.check_finite(step)
-        per_rank = self.sync.ranks_diverge
-        model_state = {"model": self.model.state_dict(), "optim": self.plugin.state_dict()}
-        if getattr(self.engine, "owns_model_state", False):  # engine=fsdp2: both in the engine's DCP files
-            model_state = {}
-        common = {"config": OmegaConf.to_yaml(self.cfg), "meter": self.meter.state_dict()}
-        shard = {"rng": rng_state(), "comm": self.engine.comm_state_dict(), "sync": self.sync.state_dict()}
-        (shard if per_rank else common).update(model_state)
-        if not per_rank and self.plugin.per_rank_state and model_state:  # e.g. DeMo's momentum
-            shard["optim"] = common.pop("optim")
-        path = self.ckpt.save(step, common, shard, extra=self.engine.save_extra)
-        self.ckpt.prune(self.cfg.trainer.keep_checkpoints)
-        return path
-
-    def check_finite(self, step: int) -> None:
-        """A checkpoint is the last good state: never write one whose parameters hold inf or
-        NaN (finite gradients with an update that overflows, e.g. a huge learning rate).
-        Ranks agree (under local/co2 their parameters differ), so all fail together."""
-        try:
-            assert_finite(self.model.named_parameters(), step)
-            error = None
-        except FloatingPointError as e:
-            error = f"{e} on rank {self.world.rank}"
-        errors = self._gather(error) if self.world.world_size > 1 else [error]
-        first = next((e for e in errors if e), None)
-        if first:
-            newest = step_dirs(self.cfg.run_dir)
-            last = f"the newest checkpoint {newest[-1]} is the last one written" if newest else "no checkpoint was written"
-            raise NonFiniteError(f"{first}: not checkpointed, {last}; the parameters overflowed "
-                                 f"(optim.lr={self.cfg.optim.get('lr', '?')} too large?)")
-
-    def _gather(self, obj) -> list:
-        """Every rank's ``obj`` (control path only: failures and checks at checkpoints)."""
-        out: list = [None] * self.world.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def resume(self, resume: str) -> int:
-        """Load the newest checkpoint that every rank can read; fall back to older ones.
-
-        Before any state is loaded, the checkpoint's config is compared with this run's
-        (``thinwire.config.resume``): a change that a resume cannot take is refused, on every
-        rank with the same line. If checkpoints exist but none loads, the run fails rather
-        than start again from step 0 over them (``trainer.resume=auto``)."""
-        candidates = resume_candidates(self.cfg.run_dir, resume)
-        if candidates and self.engine.unpickles_checkpoints and \
-                not self.cfg.trainer.trust_checkpoints:
-            raise untrusted_engine_error(resume, self.cfg.engine.name)
-        reasons = []
-        for path in candidates:
-            status, error = 0, None  # 0 loaded, 1 unusable, 2 written with another config
-            try:
-                loaded = self.ckpt.load(path)
-                check_resume_config(loaded[0]["config"], self.cfg, path, resume, int(loaded[0]["step"]))
-            except ResumeConfigError as e:
-                status, error = 2, str(e)
-            except Exception as e:  # noqa: BLE001 - truncated, corrupt, crafted, wrong version: "skip it"
-                status, error = 1, f"{e.__class__.__name__}: {str(e)[:200]}" \
-                    if not isinstance(e, ValueError) else str(e)[:200]
-            flag = torch.tensor([float(status)], device=self.world.device)
-            accounting.all_reduce(self.meter, flag, op=torch.distributed.ReduceOp.MAX, kind="setup")
-            if flag.item() == 0.0:
-                return self.load(path, *loaded)
-            errors = self._gather((status, error)) if self.world.world_size > 1 else [(status, error)]
-            worst = max(st for st, _ in errors)
-            rank, reason = next((r, err) for r, (st, err) in enumerate(errors) if st == worst)
-            if worst == 2:
-                e = ResumeConfigError(reason)
-                e.agreed = True
-                raise e
-            reasons.append(f"{os.path.basename(path)}: {reason}")
-            if self.world.is_main:
-                print(f"thinwire: checkpoint {path} is unusable (rank {rank}: {reason}); trying an older one",
-                      flush=True)
-        if resume not in ("auto", "none") or (resume == "auto" and step_dirs(self.cfg.run_dir)):
-            incomplete = [f"{os.path.basename(d)}: no COMPLETE marker" for d in step_dirs(self.cfg.run_dir)
-                          if d not in candidates] if resume == "auto" else []
-            e = no_usable_checkpoint(resume, self.cfg.run_dir, reasons + incomplete)
-            e.agreed = True
-            raise e
-        return 0
-
-    def load(self, path: str, common: dict, shard: dict, same_world: bool) -> int:
-        src = shard if "model" in shard else common
-        if not getattr(self.engine, "owns_model_state", False):  # engine=fsdp2: load_extra restores both
-            self.model.load_state_dict(src["model"])
-            self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
-        self.engine.load_extra(path, same_world)
-        self.meter.load_state_dict(common["meter"])
-        step = int(common["step"])
-        if same_world:
-            self.engine.load_comm_state_dict(on_device(shard["comm"], self.world.device))
-            self.sync.load_state_dict(on_device(shard["sync"], self.world.device))
-            set_rng_state(shard["rng"])
-        else:
-            torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.world.rank + 7919 * step)
-            if self.world.is_main:
-                print(f"thinwire: warning: {path} was saved with another world size; model and "
-                      f"optimizer restored, per-rank state reset (error-feedback buffers, sync state, "
-                      f"RNG streams)", flush=True)
-        if self.world.is_main:
-            print(f"thinwire: resumed from {path} at step {step}", flush=True)
-        return step
-
     # -- one step ------------------------------------------------------------------
+    def save(self, step: int) -> str:
+        return self.state.save(step)
+
     def agree(self, loss: torch.Tensor, finite: bool) -> tuple[float, bool]:
-        """One control all-reduce carries both the loss (for logging) and the non-finite
-        flag, so every rank skips a step together.
+        """One control all-reduce carries the loss (for logging), the non-finite flag (every
+        rank skips a step together) and Ctrl-C (``thinwire.trainer.stop``).
 
         Under local updates / CO2 (``sync.ranks_diverge``) ranks step independently within a
         round, so there is nothing to agree on per step: a rank skips its own non-finite
         step, no per-step collective adds a link round trip, and the loss logged is rank
         0's own."""
         agreed = self.plugin.agreement()  # zeroth order: agreed inside the plugin's own exchange
-        # Ctrl-C: with one rank its own request; with several, one that the packet carried (below)
-        self.stop_agreed = bool(self.interrupt.requested) and self.world.world_size == 1
+        self.stopping.begin_step()
         if agreed is not None:
             return agreed
         if self.sync.ranks_diverge:
             value = float(loss)
             return value, finite and math.isfinite(value)
-        # the second slot counts non-finite ranks plus STOP_WEIGHT per rank that saw Ctrl-C:
-        # every rank reads the same sum, so all stop after this step (no extra byte on the wire)
-        flags = (0.0 if finite else 1.0) + (STOP_WEIGHT if self.interrupt.requested else 0.0)
-        packet = torch.tensor([float(loss), flags], dtype=torch.float64, device=self.world.device)
+        packet = torch.tensor([float(loss), self.stopping.flags(finite)], dtype=torch.float64, device=self.world.device)
         t0 = time.perf_counter()
         accounting.all_reduce(self.meter, packet, kind="control")
         self.watch.add(time.perf_counter() - t0)
-        loss_mean = float(packet[0]) / self.world.world_size
-        flags = int(packet[1])
-        self.stop_agreed = flags >= STOP_WEIGHT
-        return loss_mean, flags % STOP_WEIGHT == 0 and torch.isfinite(packet[0]).item()
-
-    def stops_together(self) -> bool:
-        """Whether Ctrl-C can stop every rank after the same step: one rank, a per-step
-        control all-reduce (:meth:`agree`) to carry the request, or, under local/co2
-        (``sync.ranks_diverge``), the synchronisations' own (``SyncStrategy.carries_stop``:
-        the run stops at the next one). A plugin that agrees inside its own exchange (zeroth
-        order) has none, and adding one would cost a link round trip per step: there Ctrl-C
-        interrupts at once."""
-        own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
-        carried = not self.sync.ranks_diverge or self.sync.carries_stop
-        return self.world.world_size == 1 or (carried and own is OptimizerPlugin.agreement)
+        all_finite = self.stopping.read(float(packet[1]))
+        return float(packet[0]) / self.world.world_size, all_finite and torch.isfinite(packet[0]).item()
 
     def train_step(self, step: int) -> dict:
         batch = to_device(self.data.train_batch(step), self.world.device)
@@ -364,10 +191,9 @@ class Trainer:
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
         # under local updates / CO2 a rank skips a step on its own, and the round's outer
         # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
-        self.sync.stop_vote = bool(self.interrupt.requested)  # carried by a synchronisation (carries_stop)
+        self.stopping.vote()  # carried by a synchronisation (SyncStrategy.carries_stop)
         sync_metrics = self.sync.global_step(step, skipped=not ok)
-        if self.sync.stop_agreed:  # every rank reads the same votes: all stop after this step
-            self.stop_agreed, self.sync.stop_agreed = True, False
+        self.stopping.after_sync()
         self.watch.add(sync_metrics.pop("comm_wait_s", 0.0))  # time blocked on the sync's collectives
         record.update(sync_metrics)
         if self.drift.due(step + 1):
@@ -382,7 +208,7 @@ class Trainer:
             "comm_wait_s": self.watch.take(),
             "wire_bytes": sent.wire,
             "control_bytes": sent.control,
-            "dense_bytes": accounting.dense_reference_bytes(self.engine.numel, self.world.world_size),
+            "dense_bytes": accounting.allreduce_bytes(self.engine.numel, self.world.world_size),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
         })
@@ -390,15 +216,12 @@ class Trainer:
 
     def run(self) -> dict:
         t = self.cfg.trainer
-        last = t.max_steps if t.stop_after is None else min(t.max_steps, t.stop_after)
         self.skipped, self.skipped_total = 0, 0
+        own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement) is not OptimizerPlugin.agreement
+        self.stopping = StopAgreement(self.world, self.sync, own, t.max_steps, t.stop_after)
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
-        at_sync = self.world.world_size > 1 and self.sync.ranks_diverge  # Ctrl-C: progress.StopRequest
-        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main,
-                                                 "at the next synchronisation" if at_sync else "after this step")
-        self.stop_agreed = False
-        for step in range(self.start_step, last):
+        for step in range(self.start_step, self.stopping.last):
             record = self.train_step(step)
             done = step + 1
             if self.skipped > t.max_skipped_steps:
@@ -412,18 +235,18 @@ class Trainer:
                 self.run_eval(record)
             self.log(record)
             self.progress.step(record)
-            ctrl_c = self.stop_agreed or (self.world.world_size == 1 and bool(interrupt.requested))
-            stop = self.stop_early(record) or ctrl_c
-            if done % t.checkpoint_every == 0 or done == last or stop:
+            early = self.stop_early(record)
+            why = self.stopping.why(done, early)
+            if done % t.checkpoint_every == 0 or done == self.stopping.last or why:
                 path = self.save(done)
-            if stop or (done == last < t.max_steps):
+            if why:
                 self.progress.close()
                 if self.world.is_main:
-                    say_stopped(self.cfg.run_dir, done, "Ctrl-C" if ctrl_c else
-                                "trainer.stop_after" if done == t.stop_after else "stopped early", path)
-            if stop:
-                if ctrl_c:  # for thinwire.train.worker (not logged): a sweep starts no further run
-                    record = {**record, "stopped_by": "Ctrl-C"}
+                    say_stopped(self.cfg.run_dir, done, why, path)
+            if why == "Ctrl-C":  # for thinwire.train.worker (not logged): a sweep starts no further run
+                record = {**record, "stopped_by": "Ctrl-C"}
+                break
+            if early:
                 break
             self.faults.after_step(done)
         self.progress.close()
@@ -455,8 +278,8 @@ class Trainer:
             self.logger.log(record, step=record["step"])
 
     def close(self) -> None:
-        if getattr(self, "interrupt", None) is not None:
-            self.interrupt.restore()
+        if getattr(self, "stopping", None) is not None:
+            self.stopping.restore()
         self.progress.close()
         self.sync.close()
         if self.metrics is not None:
@@ -476,51 +299,6 @@ class Trainer:
             gen = torch.Generator(device=self.world.device).manual_seed(self.cfg.trainer.seed)
             out = model.generate(prompt, n_chars, generator=gen)[0].tolist()
             return info.decode(out[1:]) if self.world.is_main else None
-
-
-def untrusted_engine_error(resume: str, engine: str) -> ConfigError:
-    e = ConfigError(f"trainer.resume={resume}: engine={engine} checkpoints are read by the engine's own "
-                    f"loader, which unpickles them (a crafted file could run code); to resume from "
-                    f"checkpoints you wrote yourself, set trainer.trust_checkpoints=true")
-    e.agreed = True  # every rank decides the same, from the same files
-    return e
-
-
-def no_usable_checkpoint(resume: str, run_dir: str, reasons: list[str]) -> RunDirError:
-    where = os.path.join(run_dir, "checkpoints") if resume == "auto" else resume
-    return RunDirError(f"trainer.resume={resume}: no checkpoint in {where} can be loaded "
-                       f"({'; '.join(reasons)[:600]}); not starting over from step 0 on top of them: repair "
-                       f"or move them, or start a new run in another hydra.run.dir")
-
-
-def take_run_dir(cfg: DictConfig, world: World) -> RunDirLock | None:
-    """Rank 0 takes the run dir's lock and checks a rerun cannot overwrite a run
-    (``thinwire.trainer.rundir``); with ``trainer.overwrite=true`` it moves the old run
-    aside. Every rank raises the same error (one line) if that fails."""
-    lock, error = None, None
-    if world.is_main:
-        try:
-            lock = RunDirLock(cfg.run_dir, wait_s=30.0 if restart_count() > 0 else 2.0)
-            resume = effective_resume(cfg.trainer.resume)
-            overwrite = cfg.trainer.get("overwrite", False) and restart_count() == 0
-            check_rerun(cfg.run_dir, resume, overwrite)
-            if overwrite and resume == "none":
-                moved = move_aside(cfg.run_dir)
-                if moved:
-                    print(f"thinwire: trainer.overwrite=true: the previous run is in {moved}", flush=True)
-        except ConfigError as e:
-            error = str(e)
-    if world.world_size > 1:
-        errors: list = [None] * world.world_size
-        torch.distributed.all_gather_object(errors, error)
-        error = errors[0]
-    if error:
-        if lock is not None:
-            lock.release()
-        e = RunDirError(error)
-        e.agreed = True
-        raise e
-    return lock
 
 
 def train(cfg: DictConfig, world: World) -> dict:

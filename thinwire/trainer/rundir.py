@@ -15,7 +15,7 @@ dir is refused: ``trainer.resume=auto`` continues the run, a new ``hydra.run.dir
 another one, and ``trainer.overwrite=true`` starts over after moving the old run's
 checkpoints and metrics aside to ``<run dir>/previous/<time>/`` (nothing is deleted).
 ``trainer.resume=auto`` with checkpoints that all fail to load is refused too (see
-``thinwire.trainer.loop.Trainer.resume``), rather than starting again from step 0 over them.
+``thinwire.trainer.resume``), rather than starting again from step 0 over them.
 
 An elastic restart (``TORCHELASTIC_RESTART_COUNT`` > 0) always resumes (``auto``): the run
 dir then holds this very job's first attempt.
@@ -29,6 +29,8 @@ import os
 import socket
 import tempfile
 import time
+
+import torch
 
 from ..errors import ConfigError
 from .faults import restart_count
@@ -196,3 +198,31 @@ def probe_lock(run_dir: str) -> None:
             raise _busy(run_dir, path) from None
     finally:
         os.close(fd)
+
+
+def take_run_dir(cfg, world) -> RunDirLock | None:
+    """Rank 0 takes the run dir's lock and checks a rerun cannot overwrite a run; with
+    ``trainer.overwrite=true`` it moves the old run aside. Every rank raises the same error
+    (one line, ``agreed``) if that fails."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = RunDirLock(cfg.run_dir, wait_s=30.0 if restart_count() > 0 else 2.0)
+            resume = effective_resume(cfg.trainer.resume)
+            overwrite = cfg.trainer.get("overwrite", False) and restart_count() == 0
+            check_rerun(cfg.run_dir, resume, overwrite)
+            if overwrite and resume == "none":
+                moved = move_aside(cfg.run_dir)
+                if moved:
+                    print(f"thinwire: trainer.overwrite=true: the previous run is in {moved}", flush=True)
+        except ConfigError as e:
+            error = str(e)
+    if world.world_size > 1:
+        errors: list = [None] * world.world_size
+        torch.distributed.all_gather_object(errors, error)
+        error = errors[0]
+    if error:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error, agreed=True)
+    return lock

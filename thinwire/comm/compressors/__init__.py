@@ -14,7 +14,8 @@ from .dense import BF16Compressor, FP16Compressor, NoneCompressor
 from .quant import Dynamic8Compressor, Int8Compressor, Sign1Compressor, dynamic8_codebook
 from .sparse import RandKCompressor, TernaryCompressor, TopKCompressor
 
-from ...options import option_keys, options_of
+from ...errors import ConfigError
+from ...options import check_finite, option_keys, options_of
 from ...registry import Registry
 
 ENTRY_POINT_GROUP = "thinwire.compressors"
@@ -48,13 +49,20 @@ def compressor_options(name: str) -> list[str]:
 
 def build_compressor(name: str, **kwargs) -> Compressor:
     """Build compressor ``name`` with its options.  Unknown name, unknown option or a
-    bad value raise ``ValueError`` naming the compressor, key and value."""
+    bad value raise ``ValueError`` naming the compressor, key and value: the message of
+    ``thinwire.options.resolve`` (the command line's, ``comm_hook``'s), headed by the
+    compressor's name instead of the ``comm.`` group (``topk: ratio=inf: must be a finite
+    number``; ``thinwire.errors.in_group("comm", e)`` turns it into the command line's)."""
     cls = compressor_class(name)
     valid = compressor_options(name)
     for key, value in kwargs.items():
         if key not in valid:
             raise ValueError(f"{name}: unknown option {key}={value!r}; valid options: "
                              f"{', '.join(valid) or '(none)'}")
+    try:
+        check_finite(kwargs, "", set(getattr(options_of(cls), "allows_inf", ())))
+    except ConfigError as e:
+        raise ValueError(f"{name}: {e}") from None
     return cls(**kwargs)
 
 
