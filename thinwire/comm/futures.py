@@ -18,7 +18,10 @@ completes must not hold the exit).
 from __future__ import annotations
 
 import atexit
+import os
+import threading
 import time
+import weakref
 
 DRAIN_S = 2.0
 _live: set[int] = set()   # ids of callbacks not yet released (set.add / discard: atomic under the GIL)
@@ -32,7 +35,10 @@ class _Callback:
         _live.add(id(self))
 
     def __call__(self, fut):
-        return self.fn(fut)
+        out = self.fn(fut)
+        if _TEST_DELAY_S:
+            _delay_release(out)
+        return out
 
     def __del__(self):
         _live.discard(id(self))
@@ -41,6 +47,24 @@ class _Callback:
 def then(fut, fn):
     """``fut.then(fn)``, with ``fn`` counted until the thread that ran it has released it."""
     return fut.then(_Callback(fn))
+
+
+# test only (tests/test_exit_abort.py): a tensor a callback returned sleeps this long (the GIL
+# released) when a thread other than the main one frees it, which makes the exit race certain
+_TEST_DELAY_S = float(os.environ.get("THINWIRE_TEST_RELEASE_DELAY_S", "0") or 0)
+_MAIN_IDENT = threading.main_thread().ident
+
+
+def _slow_release() -> None:
+    if threading.get_ident() != _MAIN_IDENT:
+        time.sleep(_TEST_DELAY_S)
+
+
+def _delay_release(out) -> None:
+    import torch
+    for t in (out if isinstance(out, (list, tuple)) else [out]):
+        if isinstance(t, torch.Tensor):
+            weakref.finalize(t, _slow_release)
 
 
 def live_callbacks() -> int:

@@ -1,0 +1,69 @@
+"""Launch a user-style script many times at 2 ranks under torchrun and count the launches
+that end abnormally (issue 36: "terminate called without an active exception", SIGABRT at
+interpreter exit). Outside CI: each launch is a few seconds.
+
+    python tools/exit_abort_drill.py -n 100                      # tools/exit_abort_user.py
+    python tools/exit_abort_drill.py -n 20 --example ddp_hook    # a docs/examples/library/ one
+    python tools/exit_abort_drill.py -n 20 --example all         # each example, -n launches each
+
+Prints one line per failed launch and a summary (launches, exits 0, aborts, other failures).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+EXAMPLES = ("plain_loop", "ddp_hook", "local_sgd", "accelerate_loop", "mezo", "lora_ga", "lightning_fit")
+
+
+def launch(script_args: list[str], port: int, timeout_s: float) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(port), *script_args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        return -999, (e.stderr or b"")[-2000:].decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)[-2000:]
+    return p.returncode, p.stdout[-1000:] + p.stderr[-3000:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=50, help="launches (per example with --example all)")
+    ap.add_argument("--example", default=None, help="a docs/examples/library/ example, or 'all'")
+    ap.add_argument("--timeout-s", type=float, default=180.0)
+    ap.add_argument("--port", type=int, default=29650)
+    args = ap.parse_args()
+    if args.example is None:
+        targets = [("user", [os.path.join(HERE, "exit_abort_user.py")])]
+    else:
+        names = EXAMPLES if args.example == "all" else [args.example]
+        targets = [(n, [os.path.join(HERE, "exit_abort_example.py"), n]) for n in names]
+    total = {"launches": 0, "ok": 0, "aborts": 0, "other": 0}
+    t0 = time.monotonic()
+    for name, script in targets:
+        counts = {"launches": 0, "ok": 0, "aborts": 0, "other": 0}
+        for i in range(args.n):
+            rc, tail = launch(script, args.port + (i % 50), args.timeout_s)
+            counts["launches"] += 1
+            aborted = "terminate called" in tail or "SIGABRT" in tail or "Signals.SIGABRT" in tail or rc == -6
+            if rc == 0 and not aborted:
+                counts["ok"] += 1
+            else:
+                counts["aborts" if aborted else "other"] += 1
+                print(f"[{name} #{i}] rc={rc} {'ABORT' if aborted else 'FAILED'}\n{tail[-1500:]}", flush=True)
+        print(f"{name}: {counts}", flush=True)
+        for k in total:
+            total[k] += counts[k]
+    print(f"total: {total} in {time.monotonic() - t0:.0f} s", flush=True)
+    sys.exit(1 if total["aborts"] or total["other"] else 0)
+
+
+if __name__ == "__main__":
+    main()
