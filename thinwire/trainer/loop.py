@@ -333,7 +333,13 @@ class Trainer:
         interrupts at once."""
         own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
         carried = not self.sync.ranks_diverge or self.sync.carries_stop
-        return self.world.world_size == 1 or (carried and own is OptimizerPlugin.agreement)
+        return self.world.world_size == 1 or (carried and own is OptimizerPlugin.agreement) or self.drift_votes()
+
+    def drift_votes(self) -> bool:
+        """Zeroth order on several ranks: Ctrl-C rides on the periodic replica check's all-gather
+        (``DriftGuard.check(stop=...)``), so the run stops at the next check, no byte per step."""
+        own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement)
+        return own is not OptimizerPlugin.agreement and self.world.world_size > 1 and self.drift.period > 0
 
     def train_step(self, step: int) -> dict:
         batch = to_device(self.data.train_batch(step), self.world.device)
@@ -369,7 +375,9 @@ class Trainer:
         record.update(sync_metrics)
         if self.drift.due(step + 1):
             self.faults.corrupt(self.drift.state(), step + 1)
-            skipped = self.drift.check(step + 1, self.skipped_total)
+            vote = self.drift_votes() and bool(getattr(self, "interrupt", None) and self.interrupt.requested)
+            skipped = self.drift.check(step + 1, self.skipped_total, stop=vote)
+            self.stop_agreed = self.stop_agreed or self.drift.stop_agreed
             if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
                 record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
@@ -392,8 +400,9 @@ class Trainer:
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
         at_sync = self.world.world_size > 1 and self.sync.ranks_diverge  # Ctrl-C: progress.StopRequest
-        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main,
-                                                 "at the next synchronisation" if at_sync else "after this step")
+        when = ("at the next synchronisation" if at_sync else f"at the next replica check (every "
+                f"{self.drift.period} steps: trainer.drift_check_every)" if self.drift_votes() else "after this step")
+        self.interrupt = interrupt = StopRequest(self.stops_together(), self.world.is_main, when)
         self.stop_agreed = False
         for step in range(self.start_step, last):
             record = self.train_step(step)
