@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 EXAMPLES = ("plain_loop", "ddp_hook", "local_sgd", "accelerate_loop", "mezo", "lora_ga", "lightning_fit")
+
+
+def free_port() -> int:
+    """A port no other process listens on (a fixed range collides with other users' runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(script_args: list[str], port: int, timeout_s: float, thinwire_from: str = REPO,
@@ -55,8 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=50, help="launches (per example with --example all)")
     ap.add_argument("--example", default=None, help="a docs/examples/library/ example, or 'all'")
-    ap.add_argument("--timeout-s", type=float, default=180.0)
-    ap.add_argument("--port", type=int, default=29650)
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+    ap.add_argument("--port", type=int, default=0, help="the master port (0: a free one per launch)")
     ap.add_argument("--thinwire-from", default=REPO, help="the checkout whose thinwire the script imports")
     ap.add_argument("--direct", action="store_true", help="start the 2 ranks without torchrun's agent")
     args = ap.parse_args()
@@ -70,7 +78,7 @@ def main() -> None:
     for name, script in targets:
         counts = {"launches": 0, "ok": 0, "aborts": 0, "other": 0}
         for i in range(args.n):
-            rc, tail = launch(script, args.port + (i % 50), args.timeout_s, args.thinwire_from, args.direct)
+            rc, tail = launch(script, args.port or free_port(), args.timeout_s, args.thinwire_from, args.direct)
             counts["launches"] += 1
             aborted = "terminate called" in tail or "SIGABRT" in tail or "Signals.SIGABRT" in tail or rc == -6
             if rc == 0 and not aborted:
