@@ -52,6 +52,8 @@ HOLD_S = 0.25     # a completed future is released this long after it was first 
 _live: set[int] = set()   # ids of callbacks not yet released (set.add / discard: atomic under the GIL)
 _held: collections.deque = collections.deque()   # [obj, seen_done_at or None], oldest first
 _lock = threading.Lock()
+_last_pass = 0.0  # time.monotonic() of hold()'s last pass
+_pass_len = 64    # hold() passes when this many are held
 _kept: list = []  # what the exit handler keeps alive for good
 
 
@@ -95,27 +97,24 @@ def _done(obj) -> bool:
 
 def hold(*objs) -> None:
     """Keep ``objs`` (futures, works) referenced from Python until they have completed and
-    ``HOLD_S`` has passed, so that the thread that frees them is a Python one."""
+    ``HOLD_S`` has passed, so that the thread that frees them is a Python one. A pass over what
+    is held (marking the completed, releasing those marked ``HOLD_S`` ago) runs when the count
+    has doubled since the last pass or ``HOLD_S`` after it: O(1) per call, amortised."""
+    global _held, _last_pass, _pass_len
     now = time.monotonic()
     with _lock:
-        for o in objs:
-            _held.append([o, None])
-        # release from the oldest: completed ones, seen done at least HOLD_S ago
-        while _held:
-            entry = _held[0]
+        _held.extend([o, None] for o in objs)
+        if len(_held) < _pass_len and now - _last_pass < HOLD_S:
+            return
+        keep: collections.deque = collections.deque()
+        for entry in _held:
             if entry[1] is None:
-                if not _done(entry[0]):
-                    break
-                entry[1] = now
-            if now - entry[1] < HOLD_S:
-                break
-            _held.popleft()
-        # mark the rest that have completed (bounded scan: the oldest few)
-        for i, entry in enumerate(_held):
-            if i >= 64:
-                break
-            if entry[1] is None and _done(entry[0]):
-                entry[1] = now
+                if _done(entry[0]):
+                    entry[1] = now
+                keep.append(entry)
+            elif now - entry[1] < HOLD_S:
+                keep.append(entry)
+        _held, _last_pass, _pass_len = keep, now, max(64, 2 * len(keep))
 
 
 def live_callbacks() -> int:
