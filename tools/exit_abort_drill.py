@@ -83,6 +83,7 @@ def main() -> None:
             aborted = "terminate called" in tail or "SIGABRT" in tail or "Signals.SIGABRT" in tail or rc == -6
             if rc == 0 and not aborted:
                 counts["ok"] += 1
+                print(f"[{name} #{i}] exit 0 ({time.monotonic() - t0:.0f} s so far)", flush=True)
             else:
                 counts["aborts" if aborted else "other"] += 1
                 print(f"[{name} #{i}] rc={rc} {'ABORT' if aborted else 'FAILED'}\n{tail[-1500:]}", flush=True)
