@@ -208,6 +208,7 @@ def test_config_rules():
 
     validate(compose(["optim=adam1bit"]))
     for bad, msg in [(["comm=sign1"], "comm=none"), (["sync=local"], "sync=ddp"), (["optim.freeze_step=0"], "freeze_step"),
+                     (["optim.freeze_step=1"], r"^optim\.freeze_step=1: diverges"),
                      (["optim.compressor=topk"], "compressor"), (["optim.warmup_comm=fp16"], "warmup_comm"),
                      (["optim.var_update_scaler=-1"], "var_update_scaler"),
                      (["engine=deepspeed"], "ZeRO partitions the optimizer state")]:
@@ -260,7 +261,7 @@ def test_stop_and_resume_across_the_freeze_equals_uninterrupted_bitwise(pools, t
 
 
 def test_skipped_nonfinite_step_in_the_compression_stage_leaves_state_untouched(pools, tmp_path):
-    pools.train(*TINY, "optim.freeze_step=1", "trainer.max_steps=4", "trainer.checkpoint_every=1",
+    pools.train(*TINY, "optim.freeze_step=2", "trainer.max_steps=4", "trainer.checkpoint_every=1",
                 "trainer.faults.nan_at=3", "trainer.faults.rank=1", f"hydra.run.dir={tmp_path}")
     rows = _rows(tmp_path)
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .futures import hold
+
 
 def collective_bytes(kind: str, numel: int, element_size: int, world_size: int) -> int:
     """Bytes sent per rank by collective ``kind`` (see the module table): the one byte
@@ -162,7 +164,7 @@ def all_reduce(meter: WireMeter, tensor: torch.Tensor, *, group=None, op=dist.Re
     meter.charge(collective_bytes("all_reduce", tensor.numel(), tensor.element_size(), p), kind, "all_reduce", p)
     if _local_only():
         return _done(tensor) if async_op else None
-    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return _held(dist.all_reduce(tensor, op=op, group=group, async_op=async_op))
 
 
 def all_gather_into(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
@@ -174,7 +176,7 @@ def all_gather_into(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor
         output.copy_(tensor.reshape(-1))
         return _done(output) if async_op else None
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    return gather(output, tensor.reshape(-1), group=group, async_op=async_op)
+    return _held(gather(output, tensor.reshape(-1), group=group, async_op=async_op))
 
 
 def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tensor, *, group=None,
@@ -185,7 +187,15 @@ def all_to_all_single(meter: WireMeter, output: torch.Tensor, tensor: torch.Tens
     if _local_only():
         output.copy_(tensor)
         return _done(output) if async_op else None
-    return dist.all_to_all_single(output, tensor, group=group, async_op=async_op)
+    return _held(dist.all_to_all_single(output, tensor, group=group, async_op=async_op))
+
+
+def _held(work):
+    """An asynchronous work is held from Python until it has completed (thinwire.comm.futures:
+    a gloo thread must not drop its last reference while the interpreter finalises)."""
+    if work is not None:
+        hold(work)
+    return work
 
 
 class _done:

@@ -70,7 +70,7 @@ import torch.distributed as dist
 
 from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single, collective_bytes, group_size
 from .compressors import Compressor, Payload
-from .futures import then
+from .futures import on_done, then
 
 COLLECTIVES = ("allreduce", "allgather", "two_phase")
 
@@ -398,12 +398,12 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, se
         def second_phase() -> None:
             try:
                 w2 = all_gather_into(UNCOUNTED, ctx["out"], buf, group=second, async_op=True)  # charged at launch
-                w2.get_future().add_done_callback(finish)
+                on_done(w2.get_future(), finish)
             except Exception as e:  # noqa: BLE001
                 result.set_exception(e)
         seq.submit(ticket, second_phase)
 
-    work.get_future().add_done_callback(exchanged)
+    on_done(work.get_future(), exchanged)
     return sent, result, extra, send.numel()
 
 

@@ -47,11 +47,14 @@ class GPTOptions:
         n = self.n_params()
         memory = host_memory()
         if memory and n * TRAIN_BYTES_PER_PARAM > memory:
+            fits = (f"parameters, whose training state ({TRAIN_BYTES_PER_PARAM} bytes per parameter) exceeds "
+                    f"this machine's {memory / 2**30:.0f} GiB of memory")
+            if self.block_size * self.n_embd >= n / 2:  # the position table (block_size x n_embd) is most of it
+                need(False, "block_size", self.block_size, f"with n_embd={self.n_embd} makes a position table of "
+                     f"{self.block_size * self.n_embd:.3g} parameters (block_size x n_embd), a model of {n:.3g} {fits}")
             key = "n_layer" if self.n_layer / 4 >= self.n_embd / 128 else "n_embd"  # the one far off its default
             other = "n_embd" if key == "n_layer" else "n_layer"
-            need(False, key, getattr(self, key), f"with {other}={getattr(self, other)} makes a model of {n:.3g} "
-                 f"parameters, whose training state ({TRAIN_BYTES_PER_PARAM} bytes per parameter) exceeds this "
-                 f"machine's {memory / 2**30:.0f} GiB of memory")
+            need(False, key, getattr(self, key), f"with {other}={getattr(self, other)} makes a model of {n:.3g} {fits}")
 
     def n_params(self, vocab_size: int = 256) -> int:
         """Parameters of the network (``vocab_size``: at most 256 characters), from its shape."""

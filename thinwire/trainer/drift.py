@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..comm import accounting
 
 AUTO_EVERY_STEP = 100  # auto period when ranks synchronise every step
+STOP_FLAG = 1 << 40    # added to a rank's skipped count in the check's all-gather: its Ctrl-C (no extra byte)
 
 
 class ReplicaDriftError(RuntimeError):
@@ -83,7 +84,9 @@ class DriftGuard:
         state.update({f"optim.{k}": v for k, v in self.plugin.consensus_state().items()})
         return state
 
-    def check(self, done: int, skipped: int = 0) -> dict[int, int]:
+    stop_agreed = False  # a rank's Ctrl-C rode on the last check (``check(stop=True)``: zeroth order)
+
+    def check(self, done: int, skipped: int = 0, stop: bool = False) -> dict[int, int]:
         """Raise :class:`ReplicaDriftError` unless every rank's consensus state hashes the
         same; returns each rank's ``skipped`` (its count of skipped steps, carried in the same
         all-gather: under local/CO2 ranks skip steps alone, and this is where rank 0 learns
@@ -92,10 +95,11 @@ class DriftGuard:
         names = list(state)
         digests = [tensor_digest(state[n]) for n in names]
         group = self.sync.consensus_group
-        hashes = self._gather([combined_digest(digests), skipped], group)
+        hashes = self._gather([combined_digest(digests), skipped + STOP_FLAG * bool(stop)], group)
+        self.stop_agreed = any(h[1] >= STOP_FLAG for h in hashes)  # the same gathered votes on every rank
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.world.world_size))
         if len({h[0] for h in hashes}) == 1:
-            return {r: h[1] for r, h in zip(ranks, hashes)}
+            return {r: h[1] % STOP_FLAG for r, h in zip(ranks, hashes)}
         per_tensor = self._gather(digests, group)
         for i, name in enumerate(names):
             values = [d[i] for d in per_tensor]

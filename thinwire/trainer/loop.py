@@ -198,7 +198,8 @@ class Trainer:
         record.update(sync_metrics)
         if self.drift.due(step + 1):
             self.faults.corrupt(self.drift.state(), step + 1)
-            skipped = self.drift.check(step + 1, self.skipped_total)
+            skipped = self.drift.check(step + 1, self.skipped_total, stop=self.stopping.drift_vote())
+            self.stopping.after_check(self.drift.stop_agreed)
             if self.sync.ranks_diverge:  # each rank skips alone: every rank's count, not only rank 0's
                 record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
@@ -218,7 +219,7 @@ class Trainer:
         t = self.cfg.trainer
         self.skipped, self.skipped_total = 0, 0
         own = getattr(type(self.plugin), "agreement", OptimizerPlugin.agreement) is not OptimizerPlugin.agreement
-        self.stopping = StopAgreement(self.world, self.sync, own, t.max_steps, t.stop_after)
+        self.stopping = StopAgreement(self.world, self.sync, own, t.max_steps, t.stop_after, self.drift.period)
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
         for step in range(self.start_step, self.stopping.last):

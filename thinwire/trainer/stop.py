@@ -11,8 +11,12 @@ of its own (``progress.StopRequest`` catches the signal):
 - ranks that diverge between synchronisations (``sync=local|co2|...``): as a vote riding on
   the next synchronisation (``SyncStrategy.carries_stop``: :meth:`StopAgreement.vote` before
   ``global_step``, :meth:`StopAgreement.after_sync` after it);
-- a plugin that agrees inside its own exchange (zeroth order) carries nothing: there Ctrl-C
-  interrupts at once and the run continues from its newest periodic checkpoint.
+- a plugin that agrees inside its own exchange (zeroth order, several ranks): on the periodic
+  replica check's all-gather (``DriftGuard.check(stop=...)``, ``trainer.drift_check_every``),
+  so every rank stops at the next check with a checkpoint, no byte per step
+  (:meth:`StopAgreement.drift_vote` / :meth:`StopAgreement.after_check`); with the check
+  off (``trainer.drift_check_every=0``) Ctrl-C interrupts at once and the run continues
+  from its newest periodic checkpoint.
 """
 from __future__ import annotations
 
@@ -25,14 +29,20 @@ class StopAgreement:
     """The stop decision of one worker's run. ``own_agreement``: the optimizer plugin agrees
     the step inside its own exchange (no control packet to carry a request)."""
 
-    def __init__(self, world, sync, own_agreement: bool, max_steps: int, stop_after: int | None):
+    def __init__(self, world, sync, own_agreement: bool, max_steps: int, stop_after: int | None,
+                 check_period: int = 0):
         self.world, self.sync = world, sync
         self.max_steps, self.stop_after = max_steps, stop_after
         self.last = max_steps if stop_after is None else min(max_steps, stop_after)  # the last step this process runs
         carried = not sync.ranks_diverge or sync.carries_stop
-        together = world.world_size == 1 or (carried and not own_agreement)
+        #: zeroth order on several ranks: the request rides on the replica check
+        self.on_check = own_agreement and world.world_size > 1 and check_period > 0
+        together = world.world_size == 1 or (carried and not own_agreement) or self.on_check
         at_sync = world.world_size > 1 and sync.ranks_diverge
-        self.request = StopRequest(together, world.is_main, "at the next synchronisation" if at_sync else "after this step")
+        when = ("at the next synchronisation" if at_sync else
+                f"at the next replica check (every {check_period} steps: trainer.drift_check_every)"
+                if self.on_check else "after this step")
+        self.request = StopRequest(together, world.is_main, when)
         self.ctrl_c = False  # every rank has agreed to stop for Ctrl-C after the current step
 
     @property
@@ -56,6 +66,14 @@ class StopAgreement:
     def vote(self) -> None:
         """Before the sync strategy's step: its next synchronisation carries this rank's vote."""
         self.sync.stop_vote = self.requested
+
+    def drift_vote(self) -> bool:
+        """This rank's vote for the replica check's all-gather (zeroth order only)."""
+        return self.on_check and self.requested
+
+    def after_check(self, agreed: bool) -> None:
+        """``agreed``: some rank voted in the check every rank just read alike."""
+        self.ctrl_c = self.ctrl_c or agreed
 
     def after_sync(self) -> None:
         if self.sync.stop_agreed:  # every rank reads the same votes: all stop after this step
