@@ -70,7 +70,7 @@ import torch.distributed as dist
 
 from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single, collective_bytes, group_size
 from .compressors import Compressor, Payload
-from .futures import on_done, then
+from .futures import hold, on_done, then
 
 COLLECTIVES = ("allreduce", "allgather", "two_phase")
 
@@ -462,6 +462,7 @@ def _all_to_all_v(meter, out: torch.Tensor, send: torch.Tensor, in_splits: list[
         return fut
     work = dist.all_to_all_single(out, send, output_split_sizes=out_splits, input_split_sizes=in_splits,
                                   group=group, async_op=True)
+    hold(work)  # no gloo thread may drop the last reference (thinwire.comm.futures)
     return work.get_future()
 
 
@@ -567,13 +568,13 @@ def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_error
 
         def second_phase() -> None:
             try:
-                _all_to_all_v(meter, gathered, buf.repeat(p), [buf.numel()] * p, to, second, rank,
-                              charge=False).add_done_callback(finish)   # charged at launch
+                on_done(_all_to_all_v(meter, gathered, buf.repeat(p), [buf.numel()] * p, to, second, rank,
+                                      charge=False), finish)   # charged at launch
             except Exception as e:  # noqa: BLE001
                 result.set_exception(e)
         seq.submit(ticket, second_phase)
 
-    fut1.add_done_callback(exchanged)
+    on_done(fut1, exchanged)
     return sent, result, extra, send.numel()
 
 
