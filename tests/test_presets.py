@@ -84,6 +84,7 @@ def untrained(pools, tmp_path, args: list[str]) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~60 s for the three: the default tier checks the char presets the same way
 @pytest.mark.parametrize("preset", MINILM)
 def test_minilm_preset_learns_in_20_steps(pools, tmp_path, preset):
     """20 steps of the preset as shipped (its learning rate, head init, adapters; the batch size

@@ -38,6 +38,9 @@ PUBLIC_MODULES = (
     "thinwire.optim",                       # MeZO, ZODist, lora_ga_init
     "thinwire.optim.plugins",               # OptimizerPlugin, BackpropPlugin, ... (a plugin of your own)
     "thinwire.integrations.lightning",      # ThinwireCommHook
+    "thinwire.elastic.membership",          # TorchftMembership (elastic replicas, docs/elastic.md)
+    "thinwire.elastic.protocol",            # ElasticRunner
+    "thinwire.elastic.replica",             # Replica, ReplicaSpec
 )
 
 

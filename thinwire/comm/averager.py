@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import accounting, groups
 from .aggregator import CompressedAggregator
+from .compressors import is_exact
 from .futures import then
 
 
@@ -34,7 +35,7 @@ class CompressedAverager:
         self.meter, self.group = meter, group
         self.aggregator = None
         self.warmup_rounds = int(fields.get("warmup_steps", 0))
-        if self.name != "none":
+        if not is_exact(self.name):  # comm=none: the plain all-reduce below
             self.aggregator = CompressedAggregator(self.name, fields, meter, group, group2)
             if self.aggregator.feedback.dense_init:
                 self.warmup_rounds = max(self.warmup_rounds, 1)

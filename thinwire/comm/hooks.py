@@ -53,7 +53,7 @@ from . import accounting, collectives
 from .accounting import WireMeter
 from .aggregator import CompressedAggregator, check_combination, compressor_from_config
 from .futures import then
-from .compressors import COMPRESSORS, NoneCompressor, compressor_class
+from .compressors import COMPRESSORS, NoneCompressor, compressor_class, is_exact  # noqa: F401
 from .feedback import FEEDBACKS, check_feedback_options, feedback_options
 
 HOOKS: Registry[Callable] = Registry("comm", "thinwire.comm_hooks")
@@ -287,13 +287,6 @@ def state_kwargs(cfg: dict, name: str = "none") -> dict:
     out = {k: v for k, v in cfg.items() if k in STATE_KEYS}
     out["config"] = fingerprint(name, cfg)
     return out
-
-
-def is_exact(name: str) -> bool:
-    """``comm=<name>`` sends exact fp32 values: the one representation of "no compression"
-    is :class:`~thinwire.comm.compressors.NoneCompressor` (``comm=none``), whose hook is the
-    plain all-reduce and whose engine state, with no hook at all, is a bare :class:`HookState`."""
-    return name in COMPRESSORS and compressor_class(name) is NoneCompressor
 
 
 def comm_names() -> list[str]:

@@ -71,3 +71,10 @@ __all__ = ["COMPRESSORS", "ENTRY_POINT_GROUP", "Compressor", "Payload", "build_c
            "FP16Compressor", "BF16Compressor", "TopKCompressor", "RandKCompressor",
            "TernaryCompressor", "Int8Compressor", "Dynamic8Compressor", "Sign1Compressor",
            "ChunkTopKCompressor"]
+
+
+def is_exact(name: str) -> bool:
+    """``comm=<name>`` sends exact fp32 values: the one representation of "no compression"
+    is :class:`NoneCompressor` (``comm=none``), whose hook is the
+    plain all-reduce and whose engine state, with no hook at all, is a bare ``thinwire.comm.hooks.HookState``."""
+    return name in COMPRESSORS and compressor_class(name) is NoneCompressor
