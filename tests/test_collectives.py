@@ -165,7 +165,7 @@ def _check(rank, p):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("p", [2, pytest.param(3, marks=pytest.mark.extended), 4])  # 3 ranks: extended tier
 def test_collectives_multi_rank(p, tmp_path):
     run_ranks(_check, p, tmp_path)
 

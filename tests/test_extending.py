@@ -316,6 +316,7 @@ def test_easgd_trains_300_steps_at_two_ranks_without_a_false_alarm(site, tmp_pat
     assert "drift guard off" not in p.stdout + p.stderr
 
 
+@pytest.mark.extended  # ~8 s; test_drift.py checks the guard itself in the default tier
 def test_one_ulp_drift_of_the_easgd_centre_stops_the_run_naming_it(site, tmp_path):
     p = run_train(site, *EASGD_RUN, "trainer.max_steps=8", "trainer.faults.drift_at=6", "trainer.faults.rank=1",
                   f"hydra.run.dir={tmp_path / 'run'}")
