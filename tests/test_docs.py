@@ -42,6 +42,8 @@ DOC_SKIP = {
     "thinwire-train experiment=tiny comm=qsgd": "needs the examples installed: validated after the install below",
     "thinwire-train experiment=tiny sync=easgd": "needs the examples installed: validated after the install below",
     "thinwire-train experiment=tiny optim=lion": "needs the examples installed: validated after the install below",
+    "thinwire-train engine=fsdp2 engine.shard_group_size=2": "4 ranks: tests/test_fsdp2.py runs the same through the trainer",
+    "python tools/exit_abort_drill.py": "hundreds of launches, minutes (tests/test_exit_abort.py is its CI check)",
 }
 
 
