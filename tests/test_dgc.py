@@ -131,7 +131,7 @@ def test_config_rules_and_the_start_up_warning(capsys, monkeypatch, tmp_path):
             validate(compose(bad))
     for ov in (["comm=topk"], ["comm=sign1", "comm.feedback=ef"], ["comm=chunk_topk"]):
         (line,) = advice(compose(ov))
-        assert "optim=demo" in line and "experiment=sparseloco" in line and "+28-42%" in line
+        assert "optim=demo" in line and "experiment=sparseloco" in line and "+37-42%" in line
     for ov in (["comm=int8"], ["optim=sgd", "comm=topk"], ["comm=topk", "sync=local"], []):
         assert advice(compose(ov)) == []
     # through the command line, in this process (the launch itself replaced)

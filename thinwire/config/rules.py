@@ -134,7 +134,7 @@ def advice(cfg: DictConfig) -> list[str]:
     every_step = SYNC_STRATEGIES.get(cfg.sync.name, "sync").needs_grad_allreduce
     if cfg.optim.name == "adamw" and every_step and cfg.comm.name in LOSSY_UNDER_ADAMW:
         out.append(f"comm={cfg.comm.name} with optim=adamw every step: Top-K/sign gradients into AdamW were "
-                   f"+28-42% val loss vs dense here (docs/comm.md); compress the momentum instead, optim=adam1bit "
+                   f"+37-42% val loss vs dense at 160 steps here (bench/results/cluster.md); compress the momentum instead, optim=adam1bit "
                    f"(+2.7% at 1/9.9 of bf16's bytes) or optim=demo (+11% at 1/34, docs/optim.md), or use "
                    f"sync=local with experiment=sparseloco (+3.9% at 1/491, docs/quality.md)")
     return out
