@@ -5,7 +5,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from thinwire.comm.accounting import WireMeter, ring_allreduce_bytes
+from thinwire.comm.accounting import WireMeter, collective_bytes
 from thinwire.data.base import DataInfo
 from thinwire.models.gpt import build_gpt
 
@@ -37,7 +37,7 @@ def peer_fp16_factory(name, *, meter, **_):
 
     def hook(st, bucket):
         st.calls += 1
-        st.meter.charge(ring_allreduce_bytes(bucket.buffer().numel(), 2, dist.get_world_size()), "data")
+        st.meter.charge(collective_bytes("all_reduce", bucket.buffer().numel(), 2, dist.get_world_size()), "data")
         st.begin_bucket(bucket)
         return default_hooks.fp16_compress_hook(None, bucket)
     return state, hook
@@ -90,7 +90,7 @@ def test_two_rank_ddp_equals_single_process_on_concatenated_batch(tmp_path):
         for k, v in ref.items():
             torch.testing.assert_close(r["params"][k], v, rtol=1e-5, atol=1e-6)
         # every step: one fp32 ring all-reduce of all gradients, accounted exactly
-        assert r["bytes"] == [ring_allreduce_bytes(r["numel"], 4, 2)] * STEPS
+        assert r["bytes"] == [collective_bytes("all_reduce", r["numel"], 4, 2)] * STEPS
         assert r["iteration"] == STEPS
     for k in ref:
         assert torch.equal(results[0]["params"][k], results[1]["params"][k])
@@ -104,7 +104,7 @@ def test_engine_takes_a_peer_hook_through_its_factory_argument(tmp_path):
     ref = reference_run(2)
     for r in results:
         assert r["calls"] is not None and r["calls"] >= STEPS  # torch's hook ran, every step
-        assert r["bytes"] == [ring_allreduce_bytes(r["numel"], 2, 2)] * STEPS
+        assert r["bytes"] == [collective_bytes("all_reduce", r["numel"], 2, 2)] * STEPS
         for k, v in ref.items():
             torch.testing.assert_close(r["params"][k], v, rtol=1e-2, atol=1e-3)
         assert any(not torch.equal(r["params"][k], v) for k, v in ref.items())  # fp16 did round

@@ -102,7 +102,7 @@ def ddp_and_zero(rank, world_size):
 
 
 def test_zero1_and_zero2_match_ddp_and_skip_nonfinite_steps(tmp_path):
-    from thinwire.comm.accounting import ring_allreduce_bytes
+    from thinwire.comm.accounting import collective_bytes
 
     results = run_ranks(ddp_and_zero, 2, tmp_path)
     for stage in ("zero1", "zero2"):
@@ -117,7 +117,7 @@ def test_zero1_and_zero2_match_ddp_and_skip_nonfinite_steps(tmp_path):
             # the fp32 gradients, zero2 reduces each half to its owner; both all-gather fp32
             # parameters after a step; the skipped step reduced gradients but gathered nothing
             assert z["wire"] == z["measured"], stage
-            ring = ring_allreduce_bytes(z["numel"], 4, 2)
+            ring = collective_bytes("all_reduce", z["numel"], 4, 2)
             grads = ring if stage == "zero1" else ring // 2
             assert z["wire"] == [grads + ring // 2 if s != NAN_STEP else grads for s in range(STEPS)], stage
         assert results[0]["ddp"]["state_numel"] == results[0]["ddp"]["numel"]

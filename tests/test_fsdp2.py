@@ -233,7 +233,7 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     restores each island's own parameters and momentum from replica{r}/, where one
     world-wide DCP save restores a mix. int8 two-phase on the cross-island average: the run
     stays close to the dense one; its outer bytes are about one byte per local element and round."""
-    from thinwire.comm.accounting import ring_allreduce_bytes
+    from thinwire.comm.accounting import collective_bytes
 
     steps = 5
     runs = {"none": (steps, {"name": "none"}),
@@ -244,7 +244,7 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     hsdp = hsdp_reference(4)
     for rank in range(4):
         assert results[rank]["hsdp"]["mesh"] == ("replicate", "shard")
-        assert results[rank]["hsdp"]["bytes"] == ring_allreduce_bytes(results[rank]["hsdp"]["local"], 4, 2)
+        assert results[rank]["hsdp"]["bytes"] == collective_bytes("all_reduce", results[rank]["hsdp"]["local"], 4, 2)
         for k, v in hsdp.items():
             assert torch.equal(results[rank]["hsdp"]["params"][k], v), (rank, k)
     ref = island_reference(steps)

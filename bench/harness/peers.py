@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from thinwire.comm.accounting import ring_allreduce_bytes
+from thinwire.comm.accounting import collective_bytes
 from thinwire.comm.hooks import HookState
 from thinwire.optim.plugins import AdamWPlugin
 
@@ -193,7 +193,7 @@ def powersgd_bytes(st, bucket) -> int:
 
     p = dist.get_world_size()
     if st.iter < st.start_powerSGD_iter:
-        return ring_allreduce_bytes(bucket.buffer().numel(), 4, p)
+        return collective_bytes("all_reduce", bucket.buffer().numel(), 4, p)
     unc = ps = qs = 0
     for g in bucket.gradients():
         n, m = g.shape[0], g.numel() // g.shape[0]
@@ -202,7 +202,7 @@ def powersgd_bytes(st, bucket) -> int:
             ps, qs = ps + n * r, qs + m * r
         else:
             unc += g.numel()
-    return sum(ring_allreduce_bytes(k, 4, p) for k in (unc, ps, qs))
+    return sum(collective_bytes("all_reduce", k, 4, p) for k in (unc, ps, qs))
 
 
 def peer_factory(peer: str, rank_r: int, H: int, start_iter: int | None = None):
@@ -216,7 +216,7 @@ def peer_factory(peer: str, rank_r: int, H: int, start_iter: int | None = None):
     def factory(name, *, meter, model=None, **_):
         p = dist.get_world_size()
         if peer == "fp16":
-            return PeerState(None, meter, lambda st, b: ring_allreduce_bytes(b.buffer().numel(), 2, p)), \
+            return PeerState(None, meter, lambda st, b: collective_bytes("all_reduce", b.buffer().numel(), 2, p)), \
                 wrap(default_hooks.fp16_compress_hook)
         if peer == "powersgd":
             inner = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=rank_r,
@@ -227,7 +227,7 @@ def peer_factory(peer: str, rank_r: int, H: int, start_iter: int | None = None):
             inner = PostLocalSGDState(process_group=None, subgroup=None,
                                       start_localSGD_iter=H - 1 if start_iter is None else start_iter,
                                       post_local_gradient_allreduce=False)
-            return PostLocalPeer(inner, meter, lambda st, b: ring_allreduce_bytes(b.buffer().numel(), 4, p)
+            return PostLocalPeer(inner, meter, lambda st, b: collective_bytes("all_reduce", b.buffer().numel(), 4, p)
                                  if st.iter < st.start_localSGD_iter else 0), wrap(post_localSGD_hook)
         raise ValueError(peer)
     return factory
@@ -247,7 +247,7 @@ def postlocal_plugin(H: int, warmup: int | None = None) -> type[AdamWPlugin]:
         def __init__(self, optim, averager, meter):
             super().__init__(optim=optim, averager=averager)
             numel = sum(q.numel() for g in optim.param_groups for q in g["params"])
-            self.meter, self.nbytes = meter, ring_allreduce_bytes(numel, 4, dist.get_world_size())
+            self.meter, self.nbytes = meter, collective_bytes("all_reduce", numel, 4, dist.get_world_size())
 
         def load_state_dict(self, state_dict):
             # torch's PostLocalSGDOptimizer binds param_groups once, in __init__; the inner
