@@ -194,7 +194,9 @@ def data_calls(m: Method, pre: Preset, bucket_bytes: int = BUCKET_BYTES) -> list
     all-reduce does)."""
     N, p = int(pre.params), pre.replicas
     if m.exchange:
-        return [sparse_calls(m.exchange, pre)] * m.F
+        if m.F != 1 or m.sync == "ddp":
+            raise ValueError(f"{m.name}: exchange={m.exchange!r} is one outer exchange per round (F=1, not sync=ddp)")
+        return [sparse_calls(m.exchange, pre)]
     if m.sync == "ddp":
         B = max(1, math.ceil(N * 4 / bucket_bytes))
         return [bucket_calls(m, N // B, p, pre)] * B
