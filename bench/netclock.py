@@ -18,7 +18,8 @@ import sys
 from harness import RESULTS, manifest
 from harness.netclock_project import (BUCKET_BYTES, COPY_BANDWIDTH, FUSED_EFFICIENCY, PASS_EFFICIENCY, PRESETS,
                                       TORCHFT_BUCKET_VALUES, methods)
-from harness.netclock_report import bytes_plot, bytes_vs_p, formula_checks, goals, preset_table, sparse_goals, sweep_plot
+from harness.netclock_report import (bytes_plot, bytes_vs_p, formula_checks, goals, preset_table, sparse_goals,
+                                     sweep_plot)
 from harness.netclock_ttt import TTT_FILES, run_ttt, steps_to_target, ttt_table
 
 
@@ -78,9 +79,9 @@ def main(argv=None) -> int:
     checks, doc["formula_checks_7B"] = formula_checks(PRESETS[1])
     md += ["### SparseLoCo's exchange against p: all-gather vs two_phase", "",
            "Bytes one rank sends per exchange (two_phase: the busiest rank), by bench/exchange_bytes.py's accounting "
-           "formulas over a LLaMA layout of each preset's shapes (`bench/harness/netclock_project.py`: `shapes`), per parameter times the "
-           "preset's N; the tables above charge the same bytes at the preset's p. Intra-island traffic (FSDP inside "
-           "a replica of 8 GPUs) is not charged.", ""]
+           "formulas over a LLaMA layout of each preset's shapes (`bench/harness/netclock_project.py`: `shapes`), "
+           "per parameter times the preset's N; the tables above charge the same bytes at the preset's p. "
+           "Intra-island traffic (FSDP inside a replica of 8 GPUs) is not charged.", ""]
     for pre in PRESETS:
         md += [f"{pre.name} (N = {pre.params:.3g}):", "", bytes_vs_p(pre)]
     bytes_png = a.out + "_bytes.png"

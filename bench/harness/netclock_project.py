@@ -102,6 +102,7 @@ def exchange_bytes_module():
 
 
 EXCHANGES = ("allgather", "two_phase")   # bench/exchange_bytes.py's "sparseloco <exchange>"
+SPARSELOCO_MIN_NUMEL = 4096   # configs/comm/chunk_topk.yaml's comm.min_numel (bench/exchange_bytes.py's)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,9 +119,6 @@ def sparse_exchange(pre: Preset, exchange: str, p: int | None = None) -> tuple[i
     total, dense = (eb.exchange_bytes(ps, f"sparseloco {exchange}", p) for ps in (params, small))
     scale = pre.params / sum(k for _, k in params)
     return round((total - dense) * scale), round(dense * scale)
-
-
-SPARSELOCO_MIN_NUMEL = 4096   # configs/comm/chunk_topk.yaml's comm.min_numel (bench/exchange_bytes.py's)
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class Method:
     dense_warmup: bool = False  # its protocol row starts with plain fp32 DDP steps (time_to_target.fair_warmup)
     bucket_values: int = 0   # outer syncs: at most this many values per call (0: one flat call per fragment)
     owner_bytes_per_value: float = 0.0  # two_phase's sparse owner: bytes its passes touch per value it owns
-    exchange: str = ""       # SparseLoCo's rows: "allgather" or "two_phase" (``sparse_exchange``); bytes_per_value unused
+    exchange: str = ""       # SparseLoCo's rows: "allgather" | "two_phase" (``sparse_exchange``; not bytes_per_value)
 
 
 def bucket_calls(m: Method, numel: int, p: int, pre: Preset | None = None) -> list[Call]:
