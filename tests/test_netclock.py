@@ -179,7 +179,13 @@ def test_preset_shapes_are_llama_layouts():
     assert [p.engine.split(",")[0] for p in proj.PRESETS] == ["ddp", "fsdp2", "fsdp2"]
 
 
-def test_sparseloco_rows_charge_exchange_bytes_formula():
+@pytest.fixture(scope="module")
+def projected_rows():
+    """The projection's rows by name (built once: their compressors' bytes per value)."""
+    return {m.name: m for _, _, m in proj.methods()}
+
+
+def test_sparseloco_rows_charge_exchange_bytes_formula(projected_rows):
     """SparseLoCo's two_phase and all-gather rows put bench/exchange_bytes.py's accounted bytes
     (per parameter of the preset's shapes, times N) on the wire: two alltoallv phases of p - 1 hops
     (all-gather: one call), the fp32 all-reduce of the tensors below comm.min_numel beside them, and
@@ -193,7 +199,7 @@ def test_sparseloco_rows_charge_exchange_bytes_formula():
     small = [(n, k) for n, k in params if k < 4096]
     assert small and sum(k for _, k in small) == 5 * 256
     dense = collective_bytes("all_reduce", 5 * 256, 4, 4)
-    rows = {m.name: m for _, _, m in proj.methods() if m.exchange}
+    rows = projected_rows
     for name, ex, kinds in (("sparseloco H=15 two_phase", "two_phase", ["all_to_all", "all_to_all", "all_reduce"]),
                             ("sparseloco H=15 all-gather", "allgather", ["all_gather", "all_reduce"])):
         m = rows[name]
@@ -234,11 +240,10 @@ def test_two_phase_formula_checks_at_7b():
     assert "goal <= 2: met" in lines[0] and "goal <= 1/400: met" in lines[1]
 
 
-def test_topk_two_phase_buckets_send_two_phases():
+def test_topk_two_phase_buckets_send_two_phases(projected_rows):
     """topk 1% + ef through two_phase: per DDP bucket an all-to-all of (p-1)/p of the payload and an
     all-gather of p - 1 owner chunks: 2 (p-1)/p of the payload where the all-gather sends p - 1."""
-    one = proj.PRESETS[0]
-    rows = {m.name: m for _, _, m in proj.methods()}
+    one, rows = proj.PRESETS[0], projected_rows
     tp, ag = (proj.data_calls(rows[n], one)[0] for n in ("topk 1% + ef two_phase", "topk 1% + ef"))
     assert [c.collective for c in tp] == ["all_to_all", "all_gather"] and [c.collective for c in ag] == ["all_gather"]
     assert sum(c.nbytes for c in tp) / ag[0].nbytes == pytest.approx(2 / 8, rel=1e-3)  # 2 (p-1)/p / (p-1), p = 8
