@@ -7,7 +7,7 @@ This file is the CLI (``main``: the user-scale projections' report); the clock's
 - bench/harness/netclock_model.py: the model (call time, overlap rules per mode, round time)
 - bench/harness/netclock_project.py: the presets, the methods' calls and codec time, the projected rows
 - bench/harness/netclock_ttt.py: steps to target from the 4-rank time-to-target protocol (``--ttt``)
-- bench/harness/netclock_report.py: the tables, the goals and the sweep plot
+- bench/harness/netclock_report.py: the tables, the goals, SparseLoCo's bytes against p and the plots
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import sys
 from harness import RESULTS, manifest
 from harness.netclock_project import (BUCKET_BYTES, COPY_BANDWIDTH, FUSED_EFFICIENCY, PASS_EFFICIENCY, PRESETS,
                                       TORCHFT_BUCKET_VALUES, methods)
-from harness.netclock_report import goals, preset_table, sweep_plot
+from harness.netclock_report import (bytes_plot, bytes_vs_p, formula_checks, goals, preset_table, sparse_goals,
+                                     sweep_plot)
 from harness.netclock_ttt import TTT_FILES, run_ttt, steps_to_target, ttt_table
 
 
@@ -68,15 +69,28 @@ def main(argv=None) -> int:
         table, res = preset_table(pre, rows, ttt, opts, S=S)
         at1 = res if pre.gbit == 1.0 else preset_table(pre, rows, ttt, opts, 1.0, S=S)[1]
         md += [f"### {pre.name}: {pre.replicas} replicas x {pre.gpus} GPU(s), {pre.tokens // 1024}K tokens/replica/step, "
-               f"{pre.gbit:g} Gbit/s, {pre.latency_s * 1e3:.0f} ms; compute {pre.compute_s:.3g} s/step", "", table]
-        md += goals(pre, res, at1) + [""]
-        doc["presets"][pre.name] = {"table": res, "at_1gbit": at1}
+               f"{pre.gbit:g} Gbit/s, {pre.latency_s * 1e3:.0f} ms; compute {pre.compute_s:.3g} s/step; "
+               f"engine={pre.engine}", "", table]
+        md += goals(pre, res, at1) + sparse_goals(at1) + [""]
+        doc["presets"][pre.name] = {"table": res, "at_1gbit": at1, "engine": pre.engine}
     png = a.out + "_sweep.png"
     sweep_plot(rows, opts, png)
-    md.append(f"![utilisation vs bandwidth]({os.path.basename(png)})")
+    md += [f"![utilisation vs bandwidth]({os.path.basename(png)})", ""]
+    checks, doc["formula_checks_7B"] = formula_checks(PRESETS[1])
+    md += ["### SparseLoCo's exchange against p: all-gather vs two_phase", "",
+           "Bytes one rank sends per exchange (two_phase: the busiest rank), by bench/exchange_bytes.py's accounting "
+           "formulas over a LLaMA layout of each preset's shapes (`bench/harness/netclock_project.py`: `shapes`), "
+           "per parameter times the preset's N; the tables above charge the same bytes at the preset's p. "
+           "Intra-island traffic (FSDP inside a replica of 8 GPUs) is not charged.", ""]
+    for pre in PRESETS:
+        md += [f"{pre.name} (N = {pre.params:.3g}):", "", bytes_vs_p(pre)]
+    bytes_png = a.out + "_bytes.png"
+    bytes_plot(bytes_png)
+    md += ["Checks by formula at the 7B preset's shapes (LLaMA-7B's 291 tensors):", "", *checks, "",
+           f"![bytes per rank vs p]({os.path.basename(bytes_png)})"]
     manifest.write(a.out + ".md", "\n".join(md) + "\n", "bench/netclock.py", argv)
     manifest.write(a.out + ".json", doc, "bench/netclock.py", argv)
-    manifest.record([png], "bench/netclock.py", argv)
+    manifest.record([png, bytes_png], "bench/netclock.py", argv)
     print("\n".join(md))
     return 0
 

@@ -166,3 +166,84 @@ def test_torchft_buckets_each_pay_latency():
     assert sum(c.nbytes for c in frags[0]) == pytest.approx(2 * 63 / 64 * 70e9 / 4, rel=1e-4)  # 1 B/value
     flat = proj.Method("flat", "streaming", "all_reduce", 1.0, H=8, F=4, tau=1, control=False)
     assert [len(f) for f in proj.data_calls(flat, seventy)] == [1, 1, 1, 1]
+
+
+def test_preset_shapes_are_llama_layouts():
+    """The presets' tensor shapes: at 7B exactly bench/exchange_bytes.py's LLaMA-7B list, at 70B
+    LLaMA-2-70B's published size (68,976,648,192 parameters: d 8192, 80 layers, MLP 28672, K/V 1024)."""
+    from bench import exchange_bytes as eb
+
+    one, seven, seventy = proj.PRESETS
+    assert proj.shapes(seven) == eb.llama7b_params()
+    assert sum(n for _, n in proj.shapes(seventy)) == 68_976_648_192
+    assert [p.engine.split(",")[0] for p in proj.PRESETS] == ["ddp", "fsdp2", "fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def projected_rows():
+    """The projection's rows by name (built once: their compressors' bytes per value)."""
+    return {m.name: m for _, _, m in proj.methods()}
+
+
+def test_sparseloco_rows_charge_exchange_bytes_formula(projected_rows):
+    """SparseLoCo's two_phase and all-gather rows put bench/exchange_bytes.py's accounted bytes
+    (per parameter of the preset's shapes, times N) on the wire: two alltoallv phases of p - 1 hops
+    (all-gather: one call), the fp32 all-reduce of the tensors below comm.min_numel beside them, and
+    the round's time is their sum on the clock (sync=local)."""
+    from bench import exchange_bytes as eb
+    from thinwire.comm.accounting import collective_bytes
+
+    pre = proj.Preset("small", 2e7, 4, 1, 4096, 1.0, 0.02, 256, 2)   # norms of 256 < 4096 travel dense
+    params = proj.shapes(pre)
+    scale = pre.params / sum(n for _, n in params)
+    small = [(n, k) for n, k in params if k < 4096]
+    assert small and sum(k for _, k in small) == 5 * 256
+    dense = collective_bytes("all_reduce", 5 * 256, 4, 4)
+    rows = projected_rows
+    for name, ex, kinds in (("sparseloco H=15 two_phase", "two_phase", ["all_to_all", "all_to_all", "all_reduce"]),
+                            ("sparseloco H=15 all-gather", "allgather", ["all_gather", "all_reduce"])):
+        m = rows[name]
+        (calls,) = proj.data_calls(m, pre)
+        assert [c.collective for c in calls] == kinds
+        total = eb.exchange_bytes(params, f"sparseloco {ex}", 4)
+        assert calls[-1].nbytes == round(dense * scale)
+        assert sum(c.nbytes for c in calls) == pytest.approx(total * scale, abs=2)
+        rt = proj.project(m, pre)
+        hops = sum(clock.hops(k, 4) for k in kinds) + clock.hops("all_reduce", 4)  # + the round's 4-byte flag
+        wire = sum(c.nbytes for c in calls) + collective_bytes("all_reduce", 4, 1, 4)
+        assert rt.exposed_s == pytest.approx(hops * 0.02 + wire * 8 / 1e9)
+    # at 7B the two_phase row's bytes are the formula's at p = 32 (no tensor below 4096: no dense call)
+    seven = proj.PRESETS[1]
+    (calls,) = proj.data_calls(rows["sparseloco H=15 two_phase"], seven)
+    assert len(calls) == 2 and all(c.p == 32 and c.messages == 31 for c in calls)
+    ref = eb.exchange_bytes(eb.llama7b_params(), "sparseloco two_phase", 32) * 7e9 / 6_738_415_616
+    assert sum(c.nbytes for c in calls) == pytest.approx(ref, abs=2)
+
+
+def test_two_phase_formula_checks_at_7b():
+    """Issue 34's checks by formula, against bench/exchange_bytes.py evaluated directly: two_phase
+    bytes(p) / bytes(2) <= 2, and at p = 64 per inner step at H = 15 <= 1/400 of a bf16 all-reduce
+    (the all-gather's 1/34)."""
+    from bench import exchange_bytes as eb
+    from thinwire.comm.accounting import collective_bytes
+
+    seven = proj.PRESETS[1]
+    lines, doc = report.formula_checks(seven, ps=(2, 3, 64))
+    params, N = eb.llama7b_params(), 6_738_415_616
+    tp = {p: eb.exchange_bytes(params, "sparseloco two_phase", p) for p in (2, 3, 64)}
+    assert doc["max_growth"] == pytest.approx(tp[64] / tp[2], rel=1e-8) and doc["max_growth_p"] == 64
+    assert 1.9 < doc["max_growth"] <= 2
+    bf16 = 15 * collective_bytes("all_reduce", N, 2, 64)
+    assert doc["per_step_vs_bf16_two_phase"] == pytest.approx(tp[64] / bf16, rel=1e-8) and bf16 / tp[64] > 400
+    ag = eb.exchange_bytes(params, "sparseloco allgather", 64)
+    assert round(bf16 / ag) == 34 and doc["per_step_vs_bf16_allgather"] == pytest.approx(ag / bf16, rel=1e-8)
+    assert "goal <= 2: met" in lines[0] and "goal <= 1/400: met" in lines[1]
+
+
+def test_topk_two_phase_buckets_send_two_phases(projected_rows):
+    """topk 1% + ef through two_phase: per DDP bucket an all-to-all of (p-1)/p of the payload and an
+    all-gather of p - 1 owner chunks: 2 (p-1)/p of the payload where the all-gather sends p - 1."""
+    one, rows = proj.PRESETS[0], projected_rows
+    tp, ag = (proj.data_calls(rows[n], one)[0] for n in ("topk 1% + ef two_phase", "topk 1% + ef"))
+    assert [c.collective for c in tp] == ["all_to_all", "all_gather"] and [c.collective for c in ag] == ["all_gather"]
+    assert sum(c.nbytes for c in tp) / ag[0].nbytes == pytest.approx(2 / 8, rel=1e-3)  # 2 (p-1)/p / (p-1), p = 8

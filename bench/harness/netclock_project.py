@@ -9,9 +9,21 @@ preset's p and N (``bucket_calls``), DDP's 25 MB buckets of fp32 gradients, the 
 own bytes per value (``payload_bytes_per_value``). PowerSGD (Vogels et al. 2019, arXiv
 1905.13727) sends P and Q of rank r per matrix: (n + m) r values, with n, m from a GPT's
 shapes (``Preset.d_model``, ``layers``). torchft's fp8 all-reduce is counted at 1 B/value.
+SparseLoCo's rows (``Method.exchange``) take their bytes per parameter from
+bench/exchange_bytes.py (the accounting's formulas: the sparse all-gather, or the run-aligned
+two_phase's busiest rank, ``collectives.two_phase_bytes``, at the preset's p) over a LLaMA
+layout of the preset's shapes (``shapes``), times the preset's N (``sparse_exchange``).
+
+A replica of several GPUs is one island (``Preset.engine``): thinwire's ``engine=fsdp2`` with
+``engine.shard_group_size`` = its GPUs (HSDP, docs/fsdp2.md); p is the number of islands and
+the replica's link carries the whole exchange (the island's GPUs each send the exchange of
+their local shards, together the model's). Traffic inside an island (FSDP's all-gathers and
+reduce-scatters on NVLink) is not charged: the clock has no term for it.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -45,6 +57,13 @@ class Preset:
     latency_s: float
     d_model: int         # transformer shape for PowerSGD's P/Q sizes (12 L d^2 ~ params)
     layers: int
+    ffn: int = 0         # LLaMA layout (``shapes``): MLP width, 0: LLaMA's 8d/3 rounded up to 256
+    kv_dim: int = 0      # width of the K and V projections (grouped-query attention), 0: d_model
+
+    @property
+    def engine(self) -> str:
+        """thinwire's engine for one replica of ``gpus`` GPUs (module docstring)."""
+        return "ddp" if self.gpus == 1 else f"fsdp2, engine.shard_group_size={self.gpus} (HSDP)"
 
     @property
     def compute_s(self) -> float:
@@ -55,8 +74,51 @@ class Preset:
 PRESETS = (
     Preset("1B", 1e9, 8, 1, 64 * 1024, 1.0, 0.020, 2048, 20),
     Preset("7B", 7e9, 32, 8, 512 * 1024, 10.0, 0.020, 4096, 32),
-    Preset("70B", 70e9, 64, 8, 1024 * 1024, 1.0, 0.050, 8192, 80),
+    Preset("70B", 70e9, 64, 8, 1024 * 1024, 1.0, 0.050, 8192, 80, ffn=28672, kv_dim=1024),  # LLaMA-2-70B's
 )
+VOCAB = 32000  # LLaMA's
+
+
+def shapes(pre: Preset) -> list[tuple[str, int]]:
+    """``(name, numel)`` of every tensor of a LLaMA-layout model (Touvron et al. 2023, arXiv
+    2302.13971: untied embedding and output, per layer q, k, v, o, three MLP matrices and two
+    norms; a final norm) at the preset's d_model and layers: at 7B exactly LLaMA-7B's 6.74e9
+    (bench/exchange_bytes.py's ``llama7b_params``), at 70B LLaMA-2-70B's 6.90e10 (grouped K, V of
+    1024), at 1B 1.16e9 (d 2048, MLP 5632, 20 layers). The names decide two_phase's owners."""
+    d, kv = pre.d_model, pre.kv_dim or pre.d_model
+    f = pre.ffn or -(-(8 * d // 3) // 256) * 256
+    out = [("tok_embeddings.weight", VOCAB * d), ("output.weight", VOCAB * d), ("norm.weight", d)]
+    for i in range(pre.layers):
+        out += [(f"layers.{i}.attention.w{x}.weight", d * (kv if x in "kv" else d)) for x in "qkvo"]
+        out += [(f"layers.{i}.feed_forward.w{x}.weight", d * f) for x in "123"]
+        out += [(f"layers.{i}.{x}_norm.weight", d) for x in ("attention", "ffn")]
+    return out
+
+
+def exchange_bytes_module():
+    """bench/exchange_bytes.py, imported as ``bench.exchange_bytes`` (tests) or, from the CLI
+    (run from bench/), as ``exchange_bytes``."""
+    return importlib.import_module("bench.exchange_bytes" if __package__.startswith("bench.") else "exchange_bytes")
+
+
+EXCHANGES = ("allgather", "two_phase")   # bench/exchange_bytes.py's "sparseloco <exchange>"
+SPARSELOCO_MIN_NUMEL = 4096   # configs/comm/chunk_topk.yaml's comm.min_numel (bench/exchange_bytes.py's)
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_exchange(pre: Preset, exchange: str, p: int | None = None) -> tuple[int, int]:
+    """Bytes one rank (two_phase: the busiest) sends in one SparseLoCo exchange at the preset's
+    N and p (or ``p``): ``(sparse, dense)``, the chunk_topk collective's and the fp32 all-reduce
+    of the tensors below comm.min_numel, from bench/exchange_bytes.py at ``shapes(pre)``, per
+    parameter times ``pre.params``."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}: expected one of {', '.join(EXCHANGES)}")
+    eb, params = exchange_bytes_module(), shapes(pre)
+    p = pre.replicas if p is None else p
+    small = [(n, k) for n, k in params if k < SPARSELOCO_MIN_NUMEL]
+    total, dense = (eb.exchange_bytes(ps, f"sparseloco {exchange}", p) for ps in (params, small))
+    scale = pre.params / sum(k for _, k in params)
+    return round((total - dense) * scale), round(dense * scale)
 
 
 @dataclass(frozen=True)
@@ -83,6 +145,8 @@ class Method:
     fused_bytes_per_value: float = 0.0  # bytes of the passes a fused (Triton) kernel runs, at its floor
     dense_warmup: bool = False  # its protocol row starts with plain fp32 DDP steps (time_to_target.fair_warmup)
     bucket_values: int = 0   # outer syncs: at most this many values per call (0: one flat call per fragment)
+    owner_bytes_per_value: float = 0.0  # two_phase's sparse owner: bytes its passes touch per value it owns
+    exchange: str = ""       # SparseLoCo's rows: "allgather" | "two_phase" (``sparse_exchange``; not bytes_per_value)
 
 
 def bucket_calls(m: Method, numel: int, p: int, pre: Preset | None = None) -> list[Call]:
@@ -127,12 +191,29 @@ def data_calls(m: Method, pre: Preset, bucket_bytes: int = BUCKET_BYTES) -> list
     ``Method.bucket_values``: split into that many values per call, as torchft's bucketized
     all-reduce does)."""
     N, p = int(pre.params), pre.replicas
+    if m.exchange:
+        if m.F != 1 or m.sync == "ddp":
+            raise ValueError(f"{m.name}: exchange={m.exchange!r} is one outer exchange per round (F=1, not sync=ddp)")
+        return [sparse_calls(m.exchange, pre)]
     if m.sync == "ddp":
         B = max(1, math.ceil(N * 4 / bucket_bytes))
         return [bucket_calls(m, N // B, p, pre)] * B
     n = N // m.F
     k = max(1, math.ceil(n / m.bucket_values)) if m.bucket_values else 1
     return [bucket_calls(m, n // k, p, pre) * k] * m.F
+
+
+def sparse_calls(exchange: str, pre: Preset) -> list[Call]:
+    """One SparseLoCo exchange at ``pre`` as the aggregator launches it: the chunk_topk
+    collective (all-gather; or two_phase's two alltoallv phases, p - 1 hops each, charged half
+    the busiest rank's bytes each: equal for balanced owners, and the clock's rules read only
+    their sum) and the fp32 all-reduce of the small tensors, on the same group."""
+    p = pre.replicas
+    sparse, dense = sparse_exchange(pre, exchange, p)
+    ar = [Call("all_reduce", "data", dense, p)] if dense else []
+    if exchange == "allgather":
+        return [Call("all_gather", "data", sparse, p), *ar]
+    return [Call("all_to_all", "data", sparse // 2, p), Call("all_to_all", "data", sparse - sparse // 2, p), *ar]
 
 
 def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float = PASS_EFFICIENCY,
@@ -143,6 +224,7 @@ def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float
     link = Link(gbit or pre.gbit, pre.latency_s)
     codec = N / pre.gpus * (m.codec_bytes_per_value / efficiency + m.fused_bytes_per_value / fused_efficiency) \
         / copy_bandwidth  # sharded over the replica's GPUs
+    codec += N / pre.gpus / p * m.owner_bytes_per_value / efficiency / copy_bandwidth  # on the owner's 1/p
     if m.sync == "ddp":  # thinwire's per-step loss / non-finite agreement
         control = [Call("all_reduce", "control", _cb("all_reduce", CONTROL, p), p)] if m.control else []
     else:  # the outer step's non-finite flag, once per round
@@ -170,12 +252,14 @@ def payload_bytes_per_value(comm: str, n: int = 1 << 20, **kw) -> float:
 #   outer step (local/DiLoCo): delta = anchor - x 12, SGD-Nesterov on momentum,
 #   anchor and delta 20, x = anchor 8                                                40
 #   co2: + the snapshot copy 8; SparseLoCo: + decayed EF 12, chunk top-k 8, residual 8, decode 4
+#   sparse two_phase (SparseLoCo, top-k), per value of the owner's 1/p: sum received 4+4,
+#   + owner residual 4+4+4, (chunk) top-k 8, new residual 8                         36
 #   torchft fp8: + quantise 5, dequantise 5; PowerSGD: M Q and M^T P read M twice (8),
 #   EF 24, P Q^T 4
 #   int8 with the fused EF + int8 pass (comm.compile=true on CUDA): that pass at its floor, 18
 #   (docs/gpu.md), and eager the owner's dequantise-and-sum 1+4 and the final dequantise 1+4   10
 CODEC = {"bf16": 12, "int8_ef": 24 + 15, "topk_ef": 24 + 20, "outer": 40, "co2": 48, "sparseloco": 40 + 32,
-         "torchft_fp8": 50, "powersgd": 36, "int8_rest": 10}
+         "torchft_fp8": 50, "powersgd": 36, "int8_rest": 10, "sparse_owner": 36}
 FUSED = {"int8_ef": 18}
 
 
@@ -210,6 +294,8 @@ def methods(fused: bool = True, torchft_bucket_values: int = TORCHFT_BUCKET_VALU
                        bucket_values=torchft_bucket_values)),
         ("thinwire", "", M("int8 two-phase + ef", "ddp", "two_phase", int8, **int8_codec(fused))),
         ("thinwire", "", M("topk 1% + ef", "ddp", "all_gather", topk, codec_bytes_per_value=CODEC["topk_ef"])),
+        ("thinwire", "", M("topk 1% + ef two_phase", "ddp", "two_phase", topk, codec_bytes_per_value=CODEC["topk_ef"],
+                           owner_bytes_per_value=CODEC["sparse_owner"])),
         ("thinwire", "local H=8", M("local H=8", "local", "all_reduce", 4.0, H=8, control=False,
                                     codec_bytes_per_value=CODEC["outer"])),
         ("thinwire", "diloco H=8", M("diloco H=8", "local", "all_reduce", 4.0, H=8, control=False,
@@ -233,10 +319,11 @@ def methods(fused: bool = True, torchft_bucket_values: int = TORCHFT_BUCKET_VALU
            control=False, **int8_codec(fused, CODEC["outer"]))),
         ("thinwire", "", M("stream H=30 F=3 tau=9 + int8", "streaming", "two_phase", int8, H=30, F=3, tau=9,
                            control=False, **int8_codec(fused, CODEC["outer"]))),
-        ("thinwire", "sparseloco H=8", M("sparseloco H=8", "local", "all_gather", chunk, H=8, control=False,
-                                         codec_bytes_per_value=CODEC["sparseloco"])),
-        ("thinwire", "", M("sparseloco H=15", "local", "all_gather", chunk, H=15, control=False,
-                           codec_bytes_per_value=CODEC["sparseloco"])),
-        ("thinwire", "", M("sparseloco H=30", "local", "all_gather", chunk, H=30, control=False,
-                           codec_bytes_per_value=CODEC["sparseloco"])),
+        ("thinwire", "sparseloco H=8", M("sparseloco H=8 all-gather", "local", "all_gather", chunk, H=8, control=False,
+                                         codec_bytes_per_value=CODEC["sparseloco"], exchange="allgather")),
+        ("thinwire", "", M("sparseloco H=15 all-gather", "local", "all_gather", chunk, H=15, control=False,
+                           codec_bytes_per_value=CODEC["sparseloco"], exchange="allgather")),
+        *[("thinwire", "", M(f"sparseloco H={h} two_phase", "local", "two_phase", chunk, H=h, control=False,
+                             codec_bytes_per_value=CODEC["sparseloco"], owner_bytes_per_value=CODEC["sparse_owner"],
+                             exchange="two_phase")) for h in (8, 15, 30)],
     ]

@@ -24,7 +24,9 @@ ASSUMED = {"torch PostLocalSGD H=8": ("local H=8", "same algorithm as local H=8 
            "torchft DiLoCo H=8 (fp8)": ("diloco H=8", "thinwire diloco H=8's: torchft's DiLoCo at S: val 2.5850 vs "
                                                       "thinwire's 2.5862 (bench/results/time_to_target/"
                                                       "torchft_peer_S160.json)"),
-           "torchft streaming H=8 F=4 tau=1 (fp8)": ("stream H=8 F=4 tau=1 diloco-recipe", TORCHFT_STREAM_NOTE)}
+           "torchft streaming H=8 F=4 tau=1 (fp8)": ("stream H=8 F=4 tau=1 diloco-recipe", TORCHFT_STREAM_NOTE),
+           "sparseloco H=8 two_phase": ("sparseloco H=8", "the all-gather's: two_phase's owners re-select k per run "
+                                                          "and keep a residual; its quality is not measured here")}
 
 
 def run_ttt(rows: list[str], S: int = 160) -> dict:
