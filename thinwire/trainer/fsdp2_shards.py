@@ -26,7 +26,7 @@ import torch
 
 from ..comm import accounting
 from ..comm.groups import new_group
-from ..comm.param_space import ModuleParams, ParamSpace, Replicas
+from ..comm.param_space import ModuleParams, ParamSpace, Replicas, global_norm
 
 
 def shard_group_size(cfg_size, world_size: int) -> int:
@@ -103,7 +103,8 @@ class LocalShards(ParamSpace):
     """This rank's local shards (``DTensor.to_local()``), one piece per trainable parameter,
     named by its global name; a piece may be empty (dim 0 shorter than S). Sizes agree across
     a cross group. ``write_flat`` reshards first, then copies into the shards in place;
-    ``layer_norms``/``global_norm`` add the squares over the island (one small all-reduce)."""
+    ``layer_norms``/``global_norm`` add the squares over the island (one small all-reduce);
+    at S = 1 they are ``ModuleParams``' (fp32 norm per tensor, fp64 sum): engine=ddp's bits."""
 
     def __init__(self, model_params: ModuleParams, islands: Islands):
         self.islands = islands
@@ -135,9 +136,13 @@ class LocalShards(ParamSpace):
         return sq
 
     def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        if self.islands.size == 1:  # whole tensors: ModuleParams' own rule, the same bits as engine=ddp
+            return [float(t.norm()) for t in pieces]
         return [float(x) for x in self._squares(pieces).sqrt()]
 
     def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        if self.islands.size == 1:
+            return global_norm(pieces)
         return math.sqrt(float(self._squares(pieces).sum()))
 
 
