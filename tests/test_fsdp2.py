@@ -2,6 +2,9 @@
 
 - sync=ddp at 2 ranks (FSDP2's reduce-scatter) equals engine=ddp, and resumes bitwise from
   its Distributed Checkpoint (DCP) files;
+- 2 islands of 1 rank (S = 1): every sync strategy x compressor family equals engine=ddp
+  with the same comm (sync=ddp: per-step compression of the gradient shards);
+- sync=ddp comm=topk on 2 islands of 2 equals a per-shard single-process reference;
 - sync=local (DiLoCo's outer Nesterov) across 2 islands of 2 ranks (HSDP layout, 4 ranks)
   equals a single-process reference that averages gradients inside each island, then
   pseudo-gradients across islands; a compressed outer average (int8) keeps the islands'
@@ -141,7 +144,7 @@ def islands_run(rank, world_size, runs, root):
     from test_sync import B, batch
 
     world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
-    out = {"hsdp": hsdp_run(world, 4)}
+    out = {"hsdp": hsdp_run(world, 4), "hsdp_topk": hsdp_run(world, 4, TOPK)}
     for name, (steps, comm) in runs.items():
         model, meter, comm = make_model(), WireMeter(), OmegaConf.create(comm)
         engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, comm, grad_sync=False)
@@ -189,8 +192,13 @@ def islands_run(rank, world_size, runs, root):
     return out
 
 
-def hsdp_run(world, steps):
-    """sync=ddp on 2 islands of 2: native HSDP on the 2-D (replicate, shard) mesh, SGD."""
+TOPK = {"name": "topk", "ratio": 0.1, "feedback": "ef", "warmup_steps": 1, "min_numel": 16}
+
+
+def hsdp_run(world, steps, comm=None):
+    """sync=ddp on 2 islands of 2, SGD, the loop's engine calls by hand: comm=none is native
+    HSDP on the 2-D (replicate, shard) mesh; a compressor compresses the local gradient
+    shards over the replicate group after backward (comm_tail_s), with error feedback."""
     from thinwire.comm.accounting import WireMeter
     from thinwire.optim.plugins import SGDPlugin
     from thinwire.trainer.engine import build_engine
@@ -198,17 +206,72 @@ def hsdp_run(world, steps):
     from test_sync import batch
 
     model, meter = make_model(), WireMeter()
-    engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, OmegaConf.create({"name": "none"}),
+    engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, OmegaConf.create(comm or {"name": "none"}),
                           grad_sync=True)
     plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=steps), 4)
     for step in range(steps):
+        engine.set_lr(plugin.lr(step))
         plugin.compute(engine.forward_model, batch(step, world.rank, world.world_size))
+        if comm:
+            engine.comm_tail_s(0.0, 0.0)
         plugin.apply(step)
+        engine.commit()
     meter.take_step()
-    engine.comm_tail_s(0.0, 0.0)  # once per step: the replicate all-reduce of this rank's gradient shard
+    if not comm:
+        engine.comm_tail_s(0.0, 0.0)  # once per step: the replicate all-reduce of this rank's gradient shard
     return {"bytes": meter.take_step().get("data", 0), "local": sum(p.to_local().numel() for p in model.parameters()),
             "mesh": tuple(engine.mesh.mesh_dim_names), "params": {k: v.full_tensor().clone()
-                                                                   for k, v in model.state_dict().items()}}
+                                                                   for k, v in model.state_dict().items()},
+            "comm_state": engine.comm_state_dict(),
+            "sizes": {n: p.to_local().numel() for n, p in model.named_parameters()}}
+
+
+def compressed_hsdp_reference(steps, comm):
+    """One model (the islands stay equal); each step island i's gradient is its two ranks'
+    mean (FSDP2's reduce-scatter); each parameter is cut on dim 0 into the 2 shards FSDP2
+    keeps (torch.chunk) and each shard j, for each island, is sent as Top-K of
+    m = g + e (k = ceil(ratio * shard numel): the per-shard rule) with e <- m - TopK(m); the
+    optimizer sees the mean (TopK(m_0) + TopK(m_1)) / 2. Shards under min_numel go exact
+    (mean of m); the first warmup_steps are dense means with no residual."""
+    import math
+
+    from test_sync import batch
+
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=INNER["lr"], momentum=INNER["momentum"])
+    residual = {}
+    for step in range(steps):
+        island = []
+        for i in range(2):
+            grads = []
+            for r in (2 * i, 2 * i + 1):
+                m.zero_grad()
+                m(**batch(step, r, 4)).backward()
+                grads.append([p.grad.clone() for p in m.parameters()])
+            island.append([(a + b) / 2 for a, b in zip(*grads)])
+        for (name, p), g0, g1 in zip(m.named_parameters(), *island):
+            shards = []
+            for j, (a, b) in enumerate(zip(g0.chunk(2), g1.chunk(2))):
+                a, b = a.reshape(-1), b.reshape(-1)
+                if step < comm["warmup_steps"]:
+                    shards.append((a + b) / 2)
+                    continue
+                msgs = [x + residual[(name, j, i)] if (name, j, i) in residual else x.clone()
+                        for i, x in enumerate((a, b))]
+                if a.numel() < comm["min_numel"]:
+                    shards.append((msgs[0] + msgs[1]) / 2)
+                    continue
+                sent = []
+                for i, x in enumerate(msgs):
+                    idx = x.abs().topk(math.ceil(comm["ratio"] * x.numel())).indices
+                    s = torch.zeros_like(x)
+                    s[idx] = x[idx]
+                    residual[(name, j, i)] = x - s
+                    sent.append(s)
+                shards.append((sent[0] + sent[1]) / 2)
+            p.grad = torch.cat(shards).view_as(p)
+        opt.step()
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
 def hsdp_reference(steps):
@@ -266,7 +329,9 @@ def island_reference(steps):
 
 @pytest.mark.extended
 def test_local_across_islands_equals_island_first_reference(tmp_path):
-    """4 ranks, islands {0,1} {2,3} (FSDP2 inside, 1-D mesh), sync=local with DiLoCo's outer
+    """4 ranks, islands {0,1} {2,3}. sync=ddp: native HSDP equals the island-first reference,
+    and comm=topk (per-step, per local shard, error feedback) equals its per-shard
+    single-process reference (bitwise). FSDP2 inside, 1-D mesh, sync=local with DiLoCo's outer
     Nesterov across them on local shards: every rank's whole parameters equal the reference's
     replica (bitwise); the evaluated mean is the replicas' mean on every rank; anchor and
     outer state are half of the model per rank. A mid-round checkpoint (replicas diverged)
@@ -287,6 +352,17 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
         assert results[rank]["hsdp"]["bytes"] == collective_bytes("all_reduce", results[rank]["hsdp"]["local"], 4, 2)
         for k, v in hsdp.items():
             assert torch.equal(results[rank]["hsdp"]["params"][k], v), (rank, k)
+    # sync=ddp comm=topk (per-step compression of the local gradient shards over the
+    # replicate group, error feedback) == the per-shard single-process reference, bitwise
+    topk = compressed_hsdp_reference(4, TOPK)
+    for rank in range(4):
+        res = results[rank]["hsdp_topk"]
+        assert res["mesh"] == ("shard",) and res["bytes"] == 0  # no native replicate all-reduce
+        for k, v in topk.items():
+            assert torch.equal(res["params"][k], v), (rank, k)
+        assert not all(torch.equal(v, hsdp[k]) for k, v in topk.items())  # compressed: not the exact mean
+        feedback = res["comm_state"]["aggregator"]["feedback"]
+        assert feedback and all(v["e"].numel() == res["sizes"][n] for n, v in feedback.items()), res["sizes"]
     ref = island_reference(steps)
     for rank in range(4):
         res = results[rank]["none"]
