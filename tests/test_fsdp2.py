@@ -144,7 +144,7 @@ def islands_run(rank, world_size, runs, root):
     from test_sync import B, batch
 
     world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
-    out = {"hsdp": hsdp_run(world, 4), "hsdp_topk": hsdp_run(world, 4, TOPK)}
+    out = {"hsdp": hsdp_run(world, 4), "hsdp_topk": hsdp_run(world, 4, TOPK, os.path.join(root, "topk"))}
     for name, (steps, comm) in runs.items():
         model, meter, comm = make_model(), WireMeter(), OmegaConf.create(comm)
         engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, comm, grad_sync=False)
@@ -195,7 +195,7 @@ def islands_run(rank, world_size, runs, root):
 TOPK = {"name": "topk", "ratio": 0.1, "feedback": "ef", "warmup_steps": 1, "min_numel": 16}
 
 
-def hsdp_run(world, steps, comm=None):
+def hsdp_run(world, steps, comm=None, save=None):
     """sync=ddp on 2 islands of 2, SGD, the loop's engine calls by hand: comm=none is native
     HSDP on the 2-D (replicate, shard) mesh; a compressor compresses the local gradient
     shards over the replicate group after backward (comm_tail_s), with error feedback."""
@@ -219,11 +219,52 @@ def hsdp_run(world, steps, comm=None):
     meter.take_step()
     if not comm:
         engine.comm_tail_s(0.0, 0.0)  # once per step: the replicate all-reduce of this rank's gradient shard
-    return {"bytes": meter.take_step().get("data", 0), "local": sum(p.to_local().numel() for p in model.parameters()),
+    if save:
+        engine.save_extra(save)
+    return {**whole_state(engine, plugin), "bytes": meter.take_step().get("data", 0), "local": sum(p.to_local().numel() for p in model.parameters()),
             "mesh": tuple(engine.mesh.mesh_dim_names), "params": {k: v.full_tensor().clone()
                                                                    for k, v in model.state_dict().items()},
             "comm_state": engine.comm_state_dict(),
             "sizes": {n: p.to_local().numel() for n, p in model.named_parameters()}}
+
+
+def whole_state(engine, plugin) -> dict:
+    """Whole tensors of the inner optimizer's momentum and of the per-step error feedback."""
+    from thinwire.trainer.fsdp2_shards import feedback_dtensors
+
+    model = engine.module
+    out = {"momentum": {n: plugin.optimizer.state[p]["momentum_buffer"].full_tensor().clone()
+                        for n, p in model.named_parameters() if p in plugin.optimizer.state}}
+    if hasattr(engine.hook_state, "aggregator"):
+        store = engine.hook_state.aggregator.feedback.state_dict()
+        out["ef"] = {k: v.full_tensor() for k, v in feedback_dtensors(store, model).items()}
+        out["iteration"] = engine.hook_state.iteration
+    return out
+
+
+def reshard_load(rank, world_size, size, path):
+    """engine=fsdp2 sync=ddp comm=topk on islands of ``size`` ranks, loading the 2x2
+    checkpoint at ``path`` (load_extra, as a resume does): whole parameters, momentum, EF."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    model = make_model()
+    engine = build_engine(OmegaConf.create({**ENGINE, "shard_group_size": size}), model, world, WireMeter(),
+                          OmegaConf.create(TOPK), grad_sync=True)
+    plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=4), 4)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        engine.load_extra(path, same_world=world_size == 4)
+    return {**whole_state(engine, plugin), "said": said.getvalue(),
+            "params": {k: v.full_tensor().clone() for k, v in model.state_dict().items()}}
 
 
 def compressed_hsdp_reference(steps, comm):
@@ -363,6 +404,28 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
         assert not all(torch.equal(v, hsdp[k]) for k, v in topk.items())  # compressed: not the exact mean
         feedback = res["comm_state"]["aggregator"]["feedback"]
         assert feedback and all(v["e"].numel() == res["sizes"][n] for n, v in feedback.items()), res["sizes"]
+    # resharding: the 2x2 checkpoint resumed as 2x1 (same replica count: model, momentum and
+    # error feedback exact) and as 1x4 (one replica: model and momentum exact, EF reset, one line)
+    saved = results[0]["hsdp_topk"]
+    assert saved["ef"] and saved["iteration"] == 4
+    for size, world in ((1, 2), (4, 4)):
+        loaded = run_ranks(reshard_load, world, tmp_path, size, os.path.join(str(tmp_path), "topk"))
+        for rank, got in enumerate(loaded):
+            for k, v in results[0]["hsdp_topk"]["params"].items():
+                assert torch.equal(got["params"][k], v), (size, rank, k)
+            assert got["momentum"].keys() == saved["momentum"].keys()
+            assert all(torch.equal(got["momentum"][k], v) for k, v in saved["momentum"].items()), (size, rank)
+            assert got["iteration"] == 4
+            island = results[2 * rank]["hsdp_topk"] if size == 1 else None  # replica r = old island r
+            if size == 1:
+                assert got["ef"].keys() == island["ef"].keys()
+                assert all(torch.equal(got["ef"][k], v) for k, v in island["ef"].items()), rank
+            else:
+                assert got["ef"] == {}
+        said = loaded[0]["said"].strip().splitlines()
+        assert len(said) == 1 and ("error feedback resharded" if size == 1 else "error feedback reset") in said[0]
+    assert not all(torch.equal(results[0]["hsdp_topk"]["ef"][k], results[2]["hsdp_topk"]["ef"][k])
+                   for k in results[0]["hsdp_topk"]["ef"])  # the islands' residuals differ
     ref = island_reference(steps)
     for rank in range(4):
         res = results[rank]["none"]

@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..comm import accounting, hooks
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeConfigError
 from . import fsdp2_shards
 from .fsdp2_shards import Islands
 from .interface import CommStateMethods, Engine
@@ -208,14 +208,28 @@ class FSDP2Engine(CommStateMethods, Engine):
         r = self.islands.replica if replica is None else replica
         return os.path.join(directory, f"replica{r}"), self.islands.shard_group
 
+    def _layout(self) -> dict:
+        return {"shard_group_size": self.islands.size, "replicas": self.islands.replicas}
+
     def save_extra(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         fsdp2_shards.reshard(self.module)
         path, group = self._where(directory)
-        dcp.save(self._state(), checkpoint_id=path, process_group=group)
+        dcp.save({**self._state(), "layout": self._layout()}, checkpoint_id=path, process_group=group)
+        if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
+            state = self.hook_state
+            dcp.save({"feedback": fsdp2_shards.feedback_dtensors(state.aggregator.feedback.state_dict(), self.module),
+                      "iteration": state.iteration, "lr_prev": state.lr_prev},
+                     checkpoint_id=os.path.join(directory, f"feedback{self.islands.replica}"),
+                     process_group=self.islands.shard_group)
 
     def load_extra(self, directory: str, same_world: bool) -> None:
+        """Model and inner optimizer from DCP (resharded to this layout). A changed layout
+        (``engine.shard_group_size`` or the world size) under ``sync=ddp``: per-step error
+        feedback is resharded from this island's ``feedback{r}/`` when the replica count is
+        the same, else reset with one warning line; the outer loop's per-rank state
+        (local/co2) is not resharded, so such a resume is refused."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -226,7 +240,43 @@ class FSDP2Engine(CommStateMethods, Engine):
             if self.world.is_main:
                 print(f"thinwire: warning: {directory} holds no replica{self.islands.replica}/; every island "
                       f"loads replica0/", flush=True)
+        reader = fsdp2_shards.safe_reader(path)
         state = self._state()
-        dcp.load(state, storage_reader=fsdp2_shards.safe_reader(path), planner=fsdp2_shards.safe_planner(),
-                 process_group=group)
+        if any(k.startswith("layout.") for k in reader.read_metadata().state_dict_metadata):
+            state["layout"] = {"shard_group_size": 0, "replicas": 0}
+        dcp.load(state, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        saved = state.get("layout", self._layout())
+        self.relaid = saved != self._layout() or not same_world
+        if same_world and self.replicas is not None and saved != self._layout():  # rank files: old shapes
+            raise ResumeConfigError(
+                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                f"{saved['shard_group_size']} ranks; the outer loop's per-rank state (anchor, outer momentum, error "
+                f"feedback) is not resharded: resume with engine.shard_group_size={saved['shard_group_size']}")
+        if self.relaid and isinstance(self.hook_state, hooks.CompressedState):
+            self._reshard_feedback(directory, saved)
+
+    def _reshard_feedback(self, directory: str, saved: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.hook_state
+        path = os.path.join(directory, f"feedback{min(self.islands.replica, saved['replicas'] - 1)}")
+        reader = fsdp2_shards.safe_reader(path)
+        keys = [k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("feedback.")]
+        loaded = {"feedback": fsdp2_shards.feedback_templates(keys, self.module), "iteration": 0, "lr_prev": 0.0}
+        dcp.load(loaded, storage_reader=reader, planner=fsdp2_shards.safe_planner(),
+                 process_group=self.islands.shard_group)
+        state.iteration, state.lr_prev = int(loaded["iteration"]), loaded["lr_prev"]
+        state.aggregator.server_errors = {}  # two-phase owners' residuals: sized by the old layout
+        if saved["replicas"] == self.islands.replicas:
+            state.aggregator.feedback.load_state_dict(fsdp2_shards.feedback_store(loaded["feedback"]))
+            why = "error feedback resharded"
+        else:
+            why = f"error feedback reset ({saved['replicas']} replicas saved, {self.islands.replicas} now)"
+        if self.world.is_main:
+            print(f"thinwire: warning: {directory}: islands of {saved['shard_group_size']} ranks saved, "
+                  f"{self.islands.size} now: model and optimizer resharded, {why}", flush=True)
+
+    def load_comm_state_dict(self, state: dict) -> None:
+        if not getattr(self, "relaid", False):  # a new layout took the resharded state in load_extra
+            super().load_comm_state_dict(state)

@@ -202,3 +202,36 @@ def safe_planner():
                 self.state_dict[read_item.dest_index.fqn] = obj
 
     return SafePlanner()
+
+
+# -- error feedback of per-step compression as DTensors: resharded by DCP like the model ----
+def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
+    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors shaped
+    and placed like parameter ``name``, keyed ``"<name>/<buf>"``: saved per island, they
+    reload resharded into another island size (DCP matches them by global offsets)."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, bufs in store.items():
+        p = params[name]
+        for buf, t in bufs.items():
+            out[f"{name}/{buf}"] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements,
+                                                      run_check=False, shape=p.shape, stride=p.stride())
+    return out
+
+
+def feedback_templates(keys, model: torch.nn.Module) -> dict:
+    """Zero fp32 DTensors placed like each key's parameter, for ``dcp.load`` to fill."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        return {k: torch.zeros_like(params[k.rsplit("/", 1)[0]], dtype=torch.float32) for k in keys}
+
+
+def feedback_store(tensors: dict) -> dict:
+    """Inverse of :func:`feedback_dtensors`: this rank's flat local shards by name and buffer."""
+    store: dict = {}
+    for key, t in tensors.items():
+        name, buf = key.rsplit("/", 1)
+        store.setdefault(name, {})[buf] = local(t).reshape(-1).clone()
+    return store
