@@ -74,7 +74,7 @@ SYNCS = {"ddp": [], "local": ["sync=local", "sync.local_steps=2"], "diloco": ["s
          "co2": ["sync=co2", "sync.local_steps=2"], "eager": ["sync=co2", "sync.overlap=eager", "sync.local_steps=2"]}
 COMMS = {"topk": ["comm=topk", "comm.ratio=0.05"], "int8": ["comm=int8"], "randk": ["comm=randk", "comm.ratio=0.1"],
          "chunk_topk": ["comm=chunk_topk", "comm.min_numel=1024", "comm.chunk=256", "comm.k=16"]}
-DEFAULT_TIER = {("ddp", "topk"), ("ddp", "int8"), ("co2", "chunk_topk")}
+DEFAULT_TIER = {("ddp", "topk"), ("co2", "chunk_topk")}
 
 
 @pytest.mark.parametrize("sync,comm", [
