@@ -24,7 +24,9 @@ of diverged replicas would be silently wrong: DCP treats equal names at equal of
 replicated, keeps one writer's copy, and every replica would restore a mix. Loading reads
 DCP's metadata through an allowlist unpickler and its non-tensor items with
 ``weights_only=True`` (``fsdp2_shards.safe_reader``/``safe_planner``). Per-rank state (RNG,
-the outer loop's anchor, outer momentum, error feedback) stays in the rank files.
+the outer loop's anchor, outer momentum, error feedback) stays in the rank files; per-step
+compression's error feedback is also saved per island as DTensors (``feedback{r}/``), so a
+resume under another island size reshards it (``FSDP2Engine.load_extra``).
 """
 from __future__ import annotations
 
