@@ -542,3 +542,19 @@ def test_hsdp_through_the_trainer_resumes_bitwise(tmp_path):
     assert all(3 * (r["wire_bytes"] - r["control_bytes"]) == r["dense_bytes"] for r in a), a[-1]
     x, y = (dcp_params(tmp_path / run / "checkpoints" / "step_00000006" / "dcp") for run in ("full", "split"))
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.extended
+def test_outer_state_under_another_island_size_is_refused(tmp_path):
+    """sync=local on 2 islands of 2, resumed at the same world size with islands of 1: the
+    rank files hold anchor and outer state of the old shard sizes, so the resume stops with
+    one line naming engine.shard_group_size and the size to resume with."""
+    from pool import JobFailed
+
+    args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "sync=local", "sync.local_steps=2",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.eval_batches=4",
+            f"hydra.run.dir={tmp_path}/run"]
+    POOLS.train(*args, "engine.shard_group_size=2", "trainer.stop_after=2")
+    with pytest.raises(JobFailed, match=r"engine.shard_group_size=1: .* was saved with islands of 2 ranks.*"
+                                        r"resume with engine.shard_group_size=2"):
+        POOLS.train(*args, "engine.shard_group_size=1", "trainer.resume=auto")
