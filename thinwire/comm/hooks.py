@@ -358,6 +358,14 @@ class CompressedState(HookState):
     def take_stats(self) -> dict:
         return self.aggregator.take_stats()
 
+    def launch(self, names: list[str], flats: list[torch.Tensor]) -> torch.futures.Future:
+        """Future of the means of the named 1-D gradients: a dense round in warm-up, else
+        compressed with error feedback (staged until ``commit``). DDP's hook calls it per
+        bucket; ``engine=fsdp2`` once per step on the local gradient shards."""
+        if self.in_warmup():
+            return self.aggregator.launch_dense(names, flats)
+        return self.aggregator.launch(names, flats, self.iteration, self.lr_ratio)
+
     def state_dict(self) -> dict:
         base = super().state_dict()  # flushes a pending auto-commit first
         return {**base, "lr_prev": self.lr_prev, "aggregator": self.aggregator.state_dict()}
@@ -374,10 +382,7 @@ def compressed_hook(state: CompressedState, bucket) -> torch.futures.Future[torc
     names = state.bucket_names(bucket)
     sizes = [p.numel() for p in bucket.parameters()]
     views = list(buf.split(sizes))
-    if state.in_warmup():
-        fut = state.aggregator.launch_dense(names, views)
-    else:
-        fut = state.aggregator.launch(names, views, state.iteration, state.lr_ratio)
+    fut = state.launch(names, views)
 
     def write_back(f: torch.futures.Future) -> torch.Tensor:
         for view, out in zip(views, f.value()):

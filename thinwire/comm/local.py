@@ -97,8 +97,9 @@ class OuterStrategy(SyncStrategy):
     @classmethod
     def check_run(cls, cfg) -> None:
         s, engine, n_layer = cfg.sync, cfg.engine.name, cfg.model.get("n_layer")
-        need(engine == "ddp" or (s.fragments == 1 and s.fragment_delay == 0), "sync.fragments", s.fragments,
-             f"engine={engine} shards layers across a replica group's ranks; streaming fragments need engine=ddp")
+        need(engine in ("ddp", "fsdp2") or (s.fragments == 1 and s.fragment_delay == 0), "sync.fragments",
+             s.fragments, f"engine={engine} shards layers across a replica group's ranks; streaming fragments need "
+             f"engine=ddp|fsdp2 (FSDP2: every rank holds a slice of every layer)")
         need(engine == "ddp" or s.moment1_every == s.moment2_every == 0, "sync.moment1_every",
              f"{s.moment1_every} (moment2_every={s.moment2_every})",
              f"engine={engine} shards the inner optimizer's state; averaging its moments needs engine=ddp")

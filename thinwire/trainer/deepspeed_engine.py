@@ -30,11 +30,11 @@ from ..comm import accounting
 from ..comm import hooks
 from . import deepspeed_private, zero_replicas
 from .deepspeed_config import DeepSpeedOptions, check_config, deepspeed_config, is_two_phase
-from .interface import Engine
+from .interface import Engine, CommStateMethods
 from .zero_step import ZeroStep
 
 
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(CommStateMethods, Engine):
     """The loop's engine (``thinwire.trainer.interface.Engine``); ``forward_model`` is the
     DeepSpeed engine once :meth:`attach` has handed it the optimizer, ``ds`` that engine."""
 
@@ -82,28 +82,6 @@ class DeepSpeedEngine(Engine):
         in_group = self.replicas is not None and self.replicas.size > 1
         return ZeroStep(plugin, self.ds, self.ds_config, self.meter, numel=self.numel, dp_size=self.dp_size,
                         zero_group=self.replicas.zero_group if in_group else None, device=self.world.device)
-
-    # the loop's engine interface: DeepSpeed has no thinwire comm hook
-    def comm_tail_s(self, backward_end: float, step_start: float) -> float:
-        return 0.0
-
-    def set_lr(self, lr: float) -> None:
-        pass
-
-    def take_comm_stats(self) -> dict:
-        return {}
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
-
-    def comm_state_dict(self) -> dict:
-        return {}
-
-    def load_comm_state_dict(self, state: dict) -> None:
-        pass
 
     # checkpoint: DeepSpeed's own sharded files inside thinwire's atomic checkpoint directory
     def _ds_dir(self, directory: str) -> str:

@@ -8,6 +8,10 @@ the root (tied embeddings stay in the root).
 - ``sync=ddp`` (``comm=none``): gradients reduce-scattered inside the island and, with R > 1,
   all-reduced across islands: native HSDP on a 2-D ``("replicate", "shard")`` mesh (R = 1:
   plain FSDP2 on a 1-D mesh).
+- ``sync=ddp comm=<compressor>``: FSDP2 on the 1-D island mesh, then after backward each
+  local gradient shard is compressed and averaged over the replicate group with error
+  feedback by the DDP comm hook's own state (:func:`aggregate_shards`; the post-backward
+  design of torchft's HSDP all-reduce hook, without its overlap).
 - ``sync=local|diloco|co2`` (any ``comm=`` for the outer average): FSDP2 on the 1-D island
   mesh (islands step together), thinwire's outer loop across islands on this rank's local
   shards (``fsdp2_shards.Islands`` / ``LocalShards``), unchanged.
@@ -20,23 +24,28 @@ of diverged replicas would be silently wrong: DCP treats equal names at equal of
 replicated, keeps one writer's copy, and every replica would restore a mix. Loading reads
 DCP's metadata through an allowlist unpickler and its non-tensor items with
 ``weights_only=True`` (``fsdp2_shards.safe_reader``/``safe_planner``). Per-rank state (RNG,
-the outer loop's anchor, outer momentum, error feedback) stays in the rank files.
+the outer loop's anchor, outer momentum, error feedback) stays in the rank files; per-step
+compression's error feedback is also saved per island as DTensors (``feedback{r}/``), so a
+resume under another island size reshards it (``FSDP2Engine.load_extra``).
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from ..comm import accounting, hooks
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeConfigError
 from . import fsdp2_shards
 from .fsdp2_shards import Islands
-from .interface import Engine
+from .interface import CommStateMethods, Engine
 
-SUPPORTED = ("engine=fsdp2 works with sync=ddp and comm=none (FSDP2/HSDP), or sync=local|diloco|co2 across islands "
+SUPPORTED = ("engine=fsdp2 works with sync=ddp (comm=none: FSDP2/HSDP; comm=<compressor>: per-step compression "
+             "across islands), or sync=local|diloco|co2 across islands "
              "of engine.shard_group_size ranks (any comm= for the outer average); a backprop optim that steps a "
              "torch optimizer (sgd|adamw); peft=none; torch >= 2.7")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -83,8 +92,8 @@ def check_config(cfg) -> None:
     need(strategy.needs_grad_allreduce or strategy.supports_replica_groups, "sync", cfg.sync.name,
          "this strategy cannot run across islands")
     if strategy.needs_grad_allreduce:
-        need(cfg.comm.name == "none", "comm", cfg.comm.name,
-             "per-step gradient compression under FSDP2 is not implemented (sync=ddp reduces natively)")
+        need(cfg.comm.name not in hooks.HOOKS, "comm", cfg.comm.name,
+             "a DDP bucket hook; FSDP2 compresses its gradient shards with thinwire's compressors only")
     plugin = OPTIMIZERS.get(cfg.optim.name, "optim")
     need(plugin.needs_backprop and plugin.needs_grad_allreduce and plugin.steps_torch_optimizer, "optim",
          cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its state)")
@@ -95,7 +104,26 @@ def check_config(cfg) -> None:
          f"forwards (FSDP2 gathers parameters in each)")
 
 
-class FSDP2Engine(Engine):
+def aggregate_shards(state: "hooks.CompressedState", model: torch.nn.Module) -> None:
+    """Per-step compression under FSDP2, after backward: each trainable parameter's local
+    gradient shard (after the island's reduce-scatter) goes through the DDP comm hook's
+    aggregator (``thinwire.comm.hooks.CompressedState.launch``: compressor, error feedback
+    keyed by the global parameter name, the collective) over the replicate group, and the
+    mean is written back in place. Compression is per local shard: at S = 1 the shard is
+    the whole tensor (the same bits as ``engine=ddp``'s per-parameter compression); at S > 1
+    a per-tensor rule (Top-K's k, a quantiser's scale) applies per shard. Empty shards
+    (dim 0 shorter than S) are skipped (their sizes agree across the replicate group)."""
+    named = [(n, fsdp2_shards.local(p.grad)) for n, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None]
+    named = [(n, g) for n, g in named if g.numel() > 0]
+    flats = [g.view(-1) for _, g in named]
+    means = state.launch([n for n, _ in named], flats).wait()
+    with torch.no_grad():
+        for flat, mean in zip(flats, means):
+            flat.copy_(mean)
+
+
+class FSDP2Engine(CommStateMethods, Engine):
     """The loop's engine (``thinwire.trainer.interface.Engine``) over FSDP2 (module doc)."""
 
     Config = FSDP2Options
@@ -108,6 +136,7 @@ class FSDP2Engine(Engine):
                  comm_hook: hooks.CommHookFactory = hooks.comm_hook):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        from ..comm.compressors import is_exact
         from .deepspeed_config import is_two_phase
 
         if comm_hook is not hooks.comm_hook:
@@ -115,11 +144,14 @@ class FSDP2Engine(Engine):
         self.cfg, self.module, self.world, self.meter = cfg, model, world, meter
         self.numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.grad_sync = grad_sync
+        # sync=ddp comm=<compressor>: FSDP2 inside the island, then the local gradient shards
+        # compressed over the replicate group with error feedback (aggregate_shards)
+        compressed = grad_sync and not is_exact(comm_cfg.name)
         size = fsdp2_shards.shard_group_size(cfg.shard_group_size, world.world_size)
-        self.islands = Islands(world, size, meter, two_phase=not grad_sync and is_two_phase(comm_cfg))
+        self.islands = Islands(world, size, meter, two_phase=(compressed or not grad_sync) and is_two_phase(comm_cfg))
         self.islands.model = model
-        # sync=ddp: native HSDP across islands; local/co2: FSDP2 inside the island only
-        self.mesh = self.islands.mesh(two_d=grad_sync and self.islands.replicas > 1)
+        # sync=ddp comm=none: native HSDP across islands; otherwise FSDP2 inside the island only
+        self.mesh = self.islands.mesh(two_d=grad_sync and not compressed and self.islands.replicas > 1)
         self.replicas = None if grad_sync else self.islands
         param_dtype = DTYPES.get(cfg.param_dtype) if cfg.param_dtype else None
         reduce_dtype = DTYPES.get(cfg.reduce_dtype) if cfg.reduce_dtype else None
@@ -139,36 +171,30 @@ class FSDP2Engine(Engine):
         local_numel = sum(fsdp2_shards.local(p).numel() for p in model.parameters() if p.requires_grad)
         size = (reduce_dtype or param_dtype or torch.float32).itemsize
         self.replicate_bytes = accounting.collective_bytes("all_reduce", local_numel, size, self.islands.replicas) \
-            if grad_sync and self.islands.replicas > 1 else 0
+            if grad_sync and not compressed and self.islands.replicas > 1 else 0
+        if compressed:  # the DDP hook's state: aggregator, EF rescaling, warm-up, staging, checkpoint
+            fields = OmegaConf.to_container(comm_cfg, resolve=True)
+            self.hook_state, _ = comm_hook(fields.pop("name"), process_group=self.islands.cross_group,
+                                           second_group=self.islands.cross_group2 or self.islands.cross_group,
+                                           meter=meter, model=model, auto_commit=False, **fields)
 
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
         return plugin
 
-    # the loop's engine interface: FSDP2 reduces natively, no thinwire comm hook
+    # the loop's engine interface (CommStateMethods: set_lr, commit, ... go to hook_state)
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
-        if self.replicate_bytes:  # called once per step, after backward (accepted or not)
+        """Called once per step after backward (accepted or not): HSDP's replicate all-reduce
+        is charged; with per-step compression the local gradient shards are aggregated over
+        the replicate group here, and the seconds it blocked are the tail."""
+        if self.replicate_bytes:
             self.meter.charge(self.replicate_bytes, kind="data", collective="all_reduce",
                               group_size=self.islands.replicas)
-        return 0.0
-
-    def set_lr(self, lr: float) -> None:
-        pass
-
-    def take_comm_stats(self) -> dict:
-        return {}
-
-    def commit(self) -> None:
-        pass
-
-    def discard(self) -> None:
-        pass
-
-    def comm_state_dict(self) -> dict:
-        return {}
-
-    def load_comm_state_dict(self, state: dict) -> None:
-        pass
+        if not isinstance(self.hook_state, hooks.CompressedState):
+            return 0.0
+        t0 = time.perf_counter()
+        aggregate_shards(self.hook_state, self.module)
+        return time.perf_counter() - t0
 
     # -- checkpoints: Distributed Checkpoint inside thinwire's atomic step directory ----------
     def _state(self) -> dict:
@@ -184,14 +210,28 @@ class FSDP2Engine(Engine):
         r = self.islands.replica if replica is None else replica
         return os.path.join(directory, f"replica{r}"), self.islands.shard_group
 
+    def _layout(self) -> dict:
+        return {"shard_group_size": self.islands.size, "replicas": self.islands.replicas}
+
     def save_extra(self, directory: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         fsdp2_shards.reshard(self.module)
         path, group = self._where(directory)
-        dcp.save(self._state(), checkpoint_id=path, process_group=group)
+        dcp.save({**self._state(), "layout": self._layout()}, checkpoint_id=path, process_group=group)
+        if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
+            state = self.hook_state
+            dcp.save({"feedback": fsdp2_shards.feedback_dtensors(state.aggregator.feedback.state_dict(), self.module),
+                      "iteration": state.iteration, "lr_prev": state.lr_prev},
+                     checkpoint_id=os.path.join(directory, f"feedback{self.islands.replica}"),
+                     process_group=self.islands.shard_group)
 
     def load_extra(self, directory: str, same_world: bool) -> None:
+        """Model and inner optimizer from DCP (resharded to this layout). A changed layout
+        (``engine.shard_group_size`` or the world size) under ``sync=ddp``: per-step error
+        feedback is resharded from this island's ``feedback{r}/`` when the replica count is
+        the same, else reset with one warning line; the outer loop's per-rank state
+        (local/co2) is not resharded, so such a resume is refused."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -202,7 +242,43 @@ class FSDP2Engine(Engine):
             if self.world.is_main:
                 print(f"thinwire: warning: {directory} holds no replica{self.islands.replica}/; every island "
                       f"loads replica0/", flush=True)
+        reader = fsdp2_shards.safe_reader(path)
         state = self._state()
-        dcp.load(state, storage_reader=fsdp2_shards.safe_reader(path), planner=fsdp2_shards.safe_planner(),
-                 process_group=group)
+        if any(k.startswith("layout.") for k in reader.read_metadata().state_dict_metadata):
+            state["layout"] = {"shard_group_size": 0, "replicas": 0}
+        dcp.load(state, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        saved = state.get("layout", self._layout())
+        self.relaid = saved != self._layout() or not same_world
+        if same_world and self.replicas is not None and saved != self._layout():  # rank files: old shapes
+            raise ResumeConfigError(
+                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                f"{saved['shard_group_size']} ranks; the outer loop's per-rank state (anchor, outer momentum, error "
+                f"feedback) is not resharded: resume with engine.shard_group_size={saved['shard_group_size']}")
+        if self.relaid and isinstance(self.hook_state, hooks.CompressedState):
+            self._reshard_feedback(directory, saved)
+
+    def _reshard_feedback(self, directory: str, saved: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state = self.hook_state
+        path = os.path.join(directory, f"feedback{min(self.islands.replica, saved['replicas'] - 1)}")
+        reader = fsdp2_shards.safe_reader(path)
+        keys = [k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("feedback.")]
+        loaded = {"feedback": fsdp2_shards.feedback_templates(keys, self.module), "iteration": 0, "lr_prev": 0.0}
+        dcp.load(loaded, storage_reader=reader, planner=fsdp2_shards.safe_planner(),
+                 process_group=self.islands.shard_group)
+        state.iteration, state.lr_prev = int(loaded["iteration"]), loaded["lr_prev"]
+        state.aggregator.server_errors = {}  # two-phase owners' residuals: sized by the old layout
+        if saved["replicas"] == self.islands.replicas:
+            state.aggregator.feedback.load_state_dict(fsdp2_shards.feedback_store(loaded["feedback"]))
+            why = "error feedback resharded"
+        else:
+            why = f"error feedback reset ({saved['replicas']} replicas saved, {self.islands.replicas} now)"
+        if self.world.is_main:
+            print(f"thinwire: warning: {directory}: islands of {saved['shard_group_size']} ranks saved, "
+                  f"{self.islands.size} now: model and optimizer resharded, {why}", flush=True)
+
+    def load_comm_state_dict(self, state: dict) -> None:
+        if not getattr(self, "relaid", False):  # a new layout took the resharded state in load_extra
+            super().load_comm_state_dict(state)

@@ -26,7 +26,7 @@ import torch
 
 from ..comm import accounting
 from ..comm.groups import new_group
-from ..comm.param_space import ModuleParams, ParamSpace, Replicas
+from ..comm.param_space import ModuleParams, ParamSpace, Replicas, global_norm
 
 
 def shard_group_size(cfg_size, world_size: int) -> int:
@@ -103,7 +103,8 @@ class LocalShards(ParamSpace):
     """This rank's local shards (``DTensor.to_local()``), one piece per trainable parameter,
     named by its global name; a piece may be empty (dim 0 shorter than S). Sizes agree across
     a cross group. ``write_flat`` reshards first, then copies into the shards in place;
-    ``layer_norms``/``global_norm`` add the squares over the island (one small all-reduce)."""
+    ``layer_norms``/``global_norm`` add the squares over the island (one small all-reduce);
+    at S = 1 they are ``ModuleParams``' (fp32 norm per tensor, fp64 sum): engine=ddp's bits."""
 
     def __init__(self, model_params: ModuleParams, islands: Islands):
         self.islands = islands
@@ -135,9 +136,13 @@ class LocalShards(ParamSpace):
         return sq
 
     def layer_norms(self, pieces: list[torch.Tensor]) -> list[float]:
+        if self.islands.size == 1:  # whole tensors: ModuleParams' own rule, the same bits as engine=ddp
+            return [float(t.norm()) for t in pieces]
         return [float(x) for x in self._squares(pieces).sqrt()]
 
     def global_norm(self, pieces: list[torch.Tensor]) -> float:
+        if self.islands.size == 1:
+            return global_norm(pieces)
         return math.sqrt(float(self._squares(pieces).sum()))
 
 
@@ -197,3 +202,36 @@ def safe_planner():
                 self.state_dict[read_item.dest_index.fqn] = obj
 
     return SafePlanner()
+
+
+# -- error feedback of per-step compression as DTensors: resharded by DCP like the model ----
+def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
+    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors shaped
+    and placed like parameter ``name``, keyed ``"<name>/<buf>"``: saved per island, they
+    reload resharded into another island size (DCP matches them by global offsets)."""
+    from torch.distributed.tensor import DTensor
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, bufs in store.items():
+        p = params[name]
+        for buf, t in bufs.items():
+            out[f"{name}/{buf}"] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements,
+                                                      run_check=False, shape=p.shape, stride=p.stride())
+    return out
+
+
+def feedback_templates(keys, model: torch.nn.Module) -> dict:
+    """Zero fp32 DTensors placed like each key's parameter, for ``dcp.load`` to fill."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        return {k: torch.zeros_like(params[k.rsplit("/", 1)[0]], dtype=torch.float32) for k in keys}
+
+
+def feedback_store(tensors: dict) -> dict:
+    """Inverse of :func:`feedback_dtensors`: this rank's flat local shards by name and buffer."""
+    store: dict = {}
+    for key, t in tensors.items():
+        name, buf = key.rsplit("/", 1)
+        store.setdefault(name, {})[buf] = local(t).reshape(-1).clone()
+    return store

@@ -87,3 +87,57 @@ class Engine(Protocol):
 
     def load_extra(self, directory: str, same_world: bool) -> None:
         ...
+
+
+
+class NoCommState:
+    """The comm state of an engine that reduces gradients itself with nothing of thinwire's
+    to follow, stage or checkpoint (DeepSpeed ZeRO; FSDP2 without per-step compression)."""
+
+    def set_lr(self, lr: float) -> None:
+        pass
+
+    def take_stats(self) -> dict:
+        return {}
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class CommStateMethods:
+    """:class:`Engine`'s comm-state methods delegated to ``self.hook_state``: a
+    ``thinwire.comm.hooks.HookState`` (set_lr/take_stats/commit/discard/state_dict), or
+    :class:`NoCommState` by default. ``comm_tail_s`` is 0 here: no hook to wait for."""
+
+    hook_state = NoCommState()
+
+    def comm_tail_s(self, backward_end: float, step_start: float) -> float:
+        return 0.0
+
+    def set_lr(self, lr: float) -> None:
+        self.hook_state.set_lr(lr)
+
+    def take_comm_stats(self) -> dict:
+        return self.hook_state.take_stats()
+
+    def commit(self) -> None:
+        self.hook_state.commit()
+
+    def discard(self) -> None:
+        self.hook_state.discard()
+
+    def comm_state_dict(self) -> dict:
+        return self.hook_state.state_dict()
+
+    def load_comm_state_dict(self, state: dict) -> None:
+        if state:
+            self.hook_state.load_state_dict(state)

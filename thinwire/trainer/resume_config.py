@@ -55,6 +55,7 @@ SAFE_TO_CHANGE = (
     "trainer.max_skipped_steps",
     "trainer.faults",
     "optim.decay_start",  # only at or before the decay: see check_decay_branch
+    "engine.shard_group_size",  # engine=fsdp2 reshards (or refuses, one line) in its load_extra
 )
 
 def is_safe(key: str) -> bool:
