@@ -132,3 +132,20 @@ def test_bad_absent_at_is_one_line_exit_2(capsys, overrides, line):
         base.remove(f"sync.local_steps={H}") if "sync=ddp" in overrides else None
     code, err = cli_error(capsys, *base, *overrides)
     assert code == 2 and line in err, err
+
+
+@pytest.mark.extended  # three runs (158 s on the pooled ranks at load average ~125, pool start included)
+def test_stopped_during_the_absence_resumes_bitwise(pools, tmp_path):
+    """A checkpoint inside the absence (step 10: slot 1 absent in rounds 1-2 = steps 5-12) and
+    ``trainer.resume=auto`` continue the same run: the live mask comes from the config."""
+    args = [*TINY, "sync=diloco", 'trainer.faults.absent_at="1:1..2"']
+    full, split = tmp_path / "full", tmp_path / "split"
+    pools.train(*args, f"hydra.run.dir={full}")
+    pools.train(*args, "trainer.stop_after=10", f"hydra.run.dir={split}")
+    pools.train(*args, "trainer.resume=auto", f"hydra.run.dir={split}")
+    key = ("step", "loss", "live_slots", "lost_steps", "val_loss")
+    assert [[r.get(k) for k in key] for r in rows(full)] == [[r.get(k) for k in key] for r in rows(split)]
+    for slot in (0, 1):
+        a, b = (torch.load(d / "checkpoints" / f"step_{STEPS:08d}" / f"rank{slot:05d}.pt", weights_only=False)["model"]
+                for d in (full, split))
+        assert all(torch.equal(a[k], b[k]) for k in a), slot
