@@ -98,3 +98,56 @@ def test_sigkilled_slot_rejoins_and_the_run_equals_the_tape_replay(tmp_path, fau
     r3 = tape.rounds[3]
     print(f"drill {fault[0]}: {time.monotonic() - t0:.1f}s, live sets {live}; survivors' round 3: "
           f"stall {r3['stall_s']}s, retries {r3['retries']}")
+
+
+JOIN_DRIVER = r'''
+import json, sys, time
+from thinwire.elastic.config import ElasticConfig
+from thinwire.elastic.launch import launch
+out = sys.argv[1]
+el = ElasticConfig(name="torchft", grace_s=10, heartbeat_timeout_ms=3000, timeout_s=5, quorum_timeout_s=60)
+pace = ["--start-barrier", "--step-sleep", "0.5"]  # 4 steps of 0.5 s: a round of ~2 s
+# a safety net, not pacing: should slot 2's restart take longer than 11 rounds (a loaded machine),
+# the survivors wait before round 12 until it is up, so that it can still join before the run ends
+net = ["--wait-at", "12:up.2.1"]
+t_wall = time.time()
+res = launch(3, 16, out, el, spec={"sync": "diloco"}, timeout_s=600,
+             slot_args={0: [*pace, *net], 1: [*pace, *net], 2: [*pace, "--kill-at", "3:13"]})
+print(json.dumps({"returncodes": res.returncodes, "restarts": res.restarts, "events": res.events, "t_wall": t_wall}))
+'''
+
+
+def join_latency(out: str, res: dict, slot: int = 2) -> dict:
+    """G4 from the slots' tape records (each carries its writer, attempt and wall time ``t``): the
+    round in progress when the restarted slot's setup ended (its ``start`` record, written once its
+    replica and torchft Manager are up), the first round it contributed to, and the seconds."""
+    recs = [json.loads(line) for f in sorted(glob.glob(os.path.join(out, "slot?.jsonl"))) for line in open(f)]
+    start = next(r for r in recs if r["kind"] == "start" and r["slot_writer"] == slot and r["attempt"] == 1)
+    survivor = sorted((r["round"], r["t"]) for r in recs if r["kind"] == "round" and r["slot_writer"] == 0)
+    in_progress = 1 + max((k for k, t in survivor if t < start["t"]), default=-1)
+    first = min((r["round"], r["t"]) for r in recs
+                if r["kind"] == "round" and r["slot_writer"] == slot and r["attempt"] == 1)
+    restarted = next(t for t, s, e in res["events"] if s == slot and e == "start attempt 1")
+    gaps = sorted(b[1] - a[1] for a, b in zip(survivor, survivor[1:]))
+    return {"setup_s": round(start["t"] - (res["t_wall"] + restarted), 1), "in_progress": in_progress,
+            "first_contribution": first[0], "rounds_after_setup": first[0] - in_progress,
+            "setup_to_contribution_s": round(first[1] - start["t"], 1), "round_s": round(gaps[len(gaps) // 2], 2),
+            "waited": in_progress == 12}  # the survivors' safety net before round 12 held them
+
+
+def test_a_restarted_slot_contributes_within_one_round_after_its_setup(tmp_path):
+    """G4 (issue 33): slot 2 is SIGKILLed in round 3 and restarted by the launcher while the
+    survivors keep training (rounds of ~2 s; they wait for it before round 12 only if its restart
+    took longer than that: ``waited`` says whether they did). From the end of its
+    setup it contributes to the mean of the round after the one in progress: it joins that
+    round's quorum as stale, heals after it, and contributes to the next."""
+    out = str(tmp_path / "run")
+    proc = subprocess.run([*private_net(), sys.executable, "-c", JOIN_DRIVER, out], cwd=REPO,
+                          capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["restarts"]["2"] == 1 and set(res["returncodes"].values()) == {0}
+    g4 = join_latency(out, res)
+    print(f"G4: {g4}")
+    assert g4["first_contribution"] < 16, g4          # it did contribute before the run ended
+    assert 0 <= g4["rounds_after_setup"] <= 1, g4

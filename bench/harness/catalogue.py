@@ -122,6 +122,11 @@ ROWS = {
     # DeMo with Psyche's look-ahead overlap (optim.overlap=true): the gather hides behind the next step
     "demo k=32 bf16 overlap": ["optim=demo", "optim.overlap=true"],
     "demo 1-bit k=16 overlap": ["optim=demo", "optim.k=16", "optim.bits=1", "optim.overlap=true"],
+    # issue 33's G3 (docs/elastic.md): slot 3 of 4 sits out 10% of the outer rounds, steps 481-600 of 1200
+    # (trainer.faults.absent_at, thinwire/elastic/absence.py); compared with the row without the absence
+    "local H=8 slot 3 absent 10%": ["sync=local", "sync.local_steps=8", *LOCAL, "trainer.faults.absent_at=3:60..74"],
+    "diloco H=15 slot 3 absent 10%": ["sync=diloco", "sync.local_steps=15", *LOCAL,
+                                      "trainer.faults.absent_at=3:32..39"],
 }
 QUALITY_ROWS = tuple(ROWS)  # the quality harness's rows, in its order (its sets are drawn from these)
 NEVER = "never synchronise"

@@ -45,12 +45,16 @@ class CompressedAverager:
                     ranks=dist.get_process_group_ranks(group) if group else None, timeout_s=timeout_s)
 
     def average_async(self, names: list[str], sizes: list[int], flat: torch.Tensor,
-                      step: int) -> torch.futures.Future:
+                      step: int, contributors: int | None = None) -> torch.futures.Future:
+        """``contributors``: how many ranks' values the sum holds (None: all; a planned absence
+        sends zeros from the absent rank, ``thinwire.elastic.absence``; comm=none only)."""
         if self.aggregator is None:
             buf = flat.detach().float().clone()
             work = accounting.all_reduce(self.meter, buf, group=self.group, async_op=True)
-            p = accounting.group_size(self.group)
+            p = accounting.group_size(self.group) if contributors is None else contributors
             return then(work.get_future(), lambda f: f.value()[0].div_(p))
+        if contributors is not None:
+            raise ValueError("a mean over some contributors needs comm=none")
         pieces = list(flat.detach().float().split(sizes))
         if step < self.warmup_rounds:
             fut = self.aggregator.launch_dense(names, pieces)

@@ -93,6 +93,18 @@ class OuterStrategy(SyncStrategy):
         self.overlapped = self.plan.delay == self.H and self.plan.merge != "sync"
         self.cuda_stream = (torch.cuda.Stream(device=world.device)
                             if self.overlapped and world.device.type == "cuda" else None)
+        self.absence = None  # a planned absence (plan_absence)
+
+    def plan_absence(self, absence) -> None:
+        """``trainer.faults.absent_at`` (``thinwire.elastic.absence.PlannedAbsence``, checked there:
+        F = 1, no delay, comm=none): in the rounds its slot is absent, that rank's parameters stay at
+        the anchor (Delta = 0) and each round's mean divides by the live count."""
+        self.absence = absence
+        if absence.absent(self.world.rank, self.round):
+            self.space.write_flat(self.space.flat(self.anchor))
+
+    def _absent(self, rnd: int) -> bool:
+        return self.absence is not None and self.absence.absent(self.world.rank, rnd)
 
     @classmethod
     def check_run(cls, cfg) -> None:
@@ -156,6 +168,10 @@ class OuterStrategy(SyncStrategy):
         self.moments.after_round(self.round)
         if not self.plan.streaming and not self.overlapped:
             out["overlap_fraction"] = 0.0
+        if self.absence is not None:  # the membership tape of the round, and who sits out the next
+            out.update(self.absence.round_metrics(self.round - 1))
+            if self._absent(self.round):
+                self.space.write_flat(self.space.flat(self.anchor))
         return self.metrics(wait, **out, **self.averager.take_stats())
 
     def _launch(self, j: int) -> bool:
@@ -190,6 +206,8 @@ class OuterStrategy(SyncStrategy):
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
         """Start averaging ``delta``, the fragment being launched (a seam: tests slow it down)."""
         names, sizes, it = self.launching
+        if self.absence is not None:  # the mean over the live contributors (the absent one sends zeros)
+            return self.averager.average_async(names, sizes, delta, it, len(self.absence.live(self.round)))
         return self.averager.average_async(names, sizes, delta, it)
 
     def _wait(self, j: int, out: dict) -> float:
@@ -278,8 +296,10 @@ class OuterStrategy(SyncStrategy):
         live = params.read_flat()
         mean = params.flat(self.anchor) if eager else live.clone()
         if not eager:  # replica groups: each counts as often as it has ranks
+            if self._absent(self.round):  # a planned absence: the mean of the live replicas
+                mean.zero_()
             accounting.all_reduce(self.meter, mean, group=group, kind="eval")
-            mean.div_(accounting.group_size(group))
+            mean.div_(accounting.group_size(group) if self.absence is None else len(self.absence.live(self.round)))
         params.write_flat(mean)
         try:
             yield self.model

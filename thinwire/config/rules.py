@@ -92,6 +92,8 @@ def _cross_group(cfg: DictConfig) -> None:
     world = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else cfg.dist.nproc
     need(cfg.trainer.faults.rank < world, "trainer.faults.rank", cfg.trainer.faults.rank,
          f"is not a rank of this run (world size {world}: dist.nproc or torchrun's WORLD_SIZE)")
+    from ..elastic.absence import check_run as check_absence  # trainer.faults.absent_at (docs/elastic.md)
+    check_absence(cfg, world, plugin)
     for group in ("optim", "sync", "engine", "peft"):
         part = g[group].part(cfg[group].name)
         if hasattr(part, "check_run"):

@@ -28,12 +28,18 @@ class FaultConfig:
     stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
     error_at: Optional[int] = None   # raise an error on this rank after that step (one rank fails alone)
     drift_at: Optional[int] = None   # change this rank's consensus state by one ulp after that step
+    # a planned absence, "SLOT:FIRST..LAST": slot SLOT takes no part in outer rounds FIRST..LAST (0-based;
+    # sync=local|diloco; thinwire/elastic/absence.py); unlike the faults above it fires in every attempt
+    absent_at: Optional[str] = None
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
         for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
+        if self.absent_at is not None:
+            from ..elastic.absence import parse
+            parse(self.absent_at, "faults.absent_at")
 
 
 class InjectedFault(RuntimeError):

@@ -32,6 +32,7 @@ from ..comm import accounting
 from ..comm.accounting import Stopwatch, WireMeter
 from ..comm.hooks import CommHookFactory, comm_hook
 from ..comm.sync import SYNC_STRATEGIES, build_sync
+from ..elastic.absence import PlannedAbsence
 from ..optim.peft import apply_peft
 from ..optim.plugins import OPTIMIZERS, OptimizerPlugin
 from .agreement import check_config_agreement
@@ -122,6 +123,10 @@ class Trainer:
         self.state = RunState(cfg, world, self.model, self.plugin, self.engine, self.sync, self.meter)
         # an elastic restart always continues from the newest checkpoint
         self.start_step = self.state.resume("auto" if restart_count() > 0 else t.resume)
+        # trainer.faults.absent_at: a slot sits out some outer rounds (thinwire/elastic/absence.py)
+        self.absence = PlannedAbsence.of(t.faults.get("absent_at"), world.world_size, self.sync.round_steps)
+        if self.absence is not None:
+            self.sync.plan_absence(self.absence)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
             torch.manual_seed(t.seed * 1_000_003 + world.rank)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
@@ -166,6 +171,12 @@ class Trainer:
         return float(packet[0]) / self.world.world_size, all_finite and torch.isfinite(packet[0]).item()
 
     def train_step(self, step: int) -> dict:
+        if self.absence is not None and not self.absence.trains(self.world.rank, step):
+            self.stopping.begin_step()  # absent: no batch, no step; the round's collective still needs it
+            return self.end_step(step, {"step": step + 1, "loss": float("nan"), "lr": self.plugin.lr(step)},
+                                 True, time.perf_counter())
+        if self.absence is not None and self.absence.rejoins(self.world.rank, step):
+            self.plugin.optimizer.state.clear()  # the joiner's inner optimizer is fresh (docs/elastic.md)
         batch = to_device(self.data.train_batch(step), self.world.device)
         t0 = time.perf_counter()
         self.engine.set_lr(self.plugin.lr(step))
@@ -189,6 +200,10 @@ class Trainer:
             if self.sync.ranks_diverge:  # skipped by this rank alone: metrics.jsonl shows rank 0's count only
                 print(f"thinwire: rank {self.world.rank}: step {step + 1} skipped (non-finite loss or gradients "
                       f"on this rank); {self.skipped_total} skipped here so far", flush=True)
+        return self.end_step(step, record, ok, t0)
+
+    def end_step(self, step: int, record: dict, ok: bool, t0: float) -> dict:
+        """The rest of a step, every rank together: the sync, the drift guard, the timings."""
         # under local updates / CO2 a rank skips a step on its own, and the round's outer
         # collective still needs it (SyncStrategy.global_step, as thinwire.OuterLoop calls it)
         self.stopping.vote()  # carried by a synchronisation (SyncStrategy.carries_stop)
@@ -274,7 +289,8 @@ class Trainer:
         return False
 
     def log(self, record: dict) -> None:
-        if self.metrics is not None and (record["step"] % self.cfg.trainer.log_every == 0 or "val_loss" in record):
+        if self.metrics is not None and (record["step"] % self.cfg.trainer.log_every == 0 or "val_loss" in record
+                                         or "live_slots" in record):  # a planned absence's tape: every round
             self.metrics.log(record)
             self.logger.log(record, step=record["step"])
 

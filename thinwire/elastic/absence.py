@@ -1,0 +1,105 @@
+"""A planned absence in ``thinwire-train`` (``trainer.faults.absent_at="SLOT:FIRST..LAST"``):
+slot SLOT takes no part in outer rounds FIRST..LAST (0-based; round r is global steps
+r*H+1 .. (r+1)*H as the metrics' ``step`` counts them). It is the reference the elastic drills
+compare a killed and restarted slot with (issue 33; ``tape.planned`` is its tape).
+
+In those rounds the absent rank trains nothing (its batches are lost and audited in
+``lost_steps``), its parameters stay at the anchor, so its pseudo-gradient is exactly zero, and
+the round's mean is the sum divided by the live count (a live mask every rank derives from the
+same config). It applies the same outer step as the others, so its consensus state (anchor,
+outer optimizer) never leaves the live set's. It rejoins with the state rules of
+docs/elastic.md: parameters = anchor, inner optimizer fresh (its state cleared), no error
+feedback residual (``comm=none`` only), and its first round is round LAST + 1.
+
+Like DiLoCo's adaptive compute pool (Douillard et al. 2023, arXiv 2311.08105, Sec. 3), the
+outer step averages over the replicas present; unlike its dropped-communication experiment,
+the absent replica does no local work that is later thrown away.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import need
+
+KEY = "trainer.faults.absent_at"
+FORMAT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*\.\.\s*(\d+)\s*$")
+
+
+def parse(value: str, key: str = KEY) -> tuple[int, int, int]:
+    """``"SLOT:FIRST..LAST"`` -> (slot, first, last); a ConfigError naming ``key`` otherwise."""
+    m = FORMAT.match(str(value))
+    need(m is not None, key, value, 'expected "SLOT:FIRST..LAST" (a slot and an inclusive range of '
+         'outer rounds, 0-based), e.g. "1:3..5"')
+    slot, first, last = (int(x) for x in m.groups())
+    need(first <= last, key, value, f"the first round {first} is after the last {last}")
+    return slot, first, last
+
+
+def check_run(cfg, world: int, plugin_cls) -> None:
+    """The rules that span groups (``thinwire.config.rules``): one line naming the key, exit 2."""
+    value = cfg.trainer.faults.get("absent_at")
+    if value is None:
+        return
+    slot, first, last = parse(value)
+    s = cfg.sync
+    need(s.name == "local", KEY, value, f"sync={s.name}: a planned absence needs sync=local or sync=diloco "
+         + ("(sync=ddp is fail-stop: every step averages every rank's gradients)" if s.name == "ddp" else
+            "(co2's in-flight mean and its staleness rule for an absent slot are not implemented)"))
+    need(0 < slot < world, KEY, value, f"slot {slot} is not a slot of this run other than 0 (world size {world}; "
+         "slot 0 writes the metrics line and cannot be absent)")
+    rounds = cfg.trainer.max_steps // s.local_steps
+    need(last < rounds, KEY, value, f"round {last} is past the run's last outer round {rounds - 1} "
+         f"(trainer.max_steps={cfg.trainer.max_steps} / sync.local_steps={s.local_steps})")
+    for k in ("fragments", "fragment_delay", "fragment_alpha", "moment1_every", "moment2_every"):
+        plain = 1 if k == "fragments" else 0
+        need(s.get(k, plain) == plain, KEY, value, f"sync.{k}={s.get(k)}: a planned absence runs one whole-model "
+             f"round at a time (sync.{k}={plain})")
+    need(cfg.comm.name == "none", KEY, value, f"comm={cfg.comm.name}: a compressed mean with error feedback has "
+         "no absence rule yet (the absent slot's residual); use comm=none")
+    need(cfg.engine.name == "ddp", KEY, value, f"engine={cfg.engine.name}: replica groups are not covered; use "
+         "engine=ddp")
+    need(getattr(plugin_cls, "steps_torch_optimizer", False), KEY, value, f"optim={cfg.optim.name}: the joiner's "
+         "fresh inner optimizer needs a torch optimizer (sgd, adamw, ...)")
+
+
+@dataclass(frozen=True)
+class PlannedAbsence:
+    slot: int      # the absent slot (a rank of the fixed world)
+    first: int     # its first absent outer round (0-based)
+    last: int      # its last absent outer round
+    slots: int     # N, the nominal slot count (the world size)
+    steps: int     # H, inner steps per round
+
+    @classmethod
+    def of(cls, value, slots: int, steps: int) -> "PlannedAbsence | None":
+        if value is None:
+            return None
+        return cls(*parse(value), slots=slots, steps=steps)
+
+    def absent(self, slot: int, rnd: int) -> bool:
+        return slot == self.slot and self.first <= rnd <= self.last
+
+    def live(self, rnd: int) -> list[int]:
+        """The slots that contribute to round ``rnd``'s mean."""
+        return [s for s in range(self.slots) if not self.absent(s, rnd)]
+
+    def trains(self, slot: int, step: int) -> bool:
+        """Whether ``slot`` trains global step ``step`` (0-based, as the trainer's loop counts)."""
+        return not self.absent(slot, step // self.steps)
+
+    def rejoins(self, slot: int, step: int) -> bool:
+        """``step`` (0-based) is the first step of ``slot``'s first round after its absence."""
+        return slot == self.slot and step == (self.last + 1) * self.steps
+
+    def round_metrics(self, rnd: int) -> dict:
+        """The round's metrics keys: ``live_replicas``, ``live_slots`` and ``lost_steps`` (the
+        untrained [slot, first step, last step], 1-based as the metrics' ``step``)."""
+        live = self.live(rnd)
+        lost = [[s, rnd * self.steps + 1, (rnd + 1) * self.steps] for s in range(self.slots) if s not in live]
+        return {"live_replicas": len(live), "live_slots": live, "lost_steps": lost}
+
+    def lost_tokens(self, tokens_per_step: int) -> int:
+        """Tokens (or samples) the absent slot did not train: its rounds x H x one rank's batch."""
+        return (self.last - self.first + 1) * self.steps * tokens_per_step
+
