@@ -275,9 +275,13 @@ class Drill:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     def go(self, root: str) -> None:
-        n = 0
+        n, t0 = 0, time.perf_counter()
         families = self.a.families
         while self.queue:
+            if self.a.max_minutes and time.perf_counter() - t0 > 60 * self.a.max_minutes:
+                print(f"chaos: --max-minutes={self.a.max_minutes:g} reached: {len(self.queue)} drawn faults "
+                      f"not injected", flush=True)
+                break
             self.run(n, families[n % len(families)], root)
             n += 1
 
@@ -301,7 +305,8 @@ def markdown(doc: dict) -> str:
                      f"{r['steps_redone']} | {r['launch_seconds']} |")
     t = doc["totals"]
     lines.append(f"| **all** | {t['injected']} | {t['survived']} | {t['end_state_equal']} | {t['steps_redone']} | |")
-    return "\n".join(lines) + (f"\n\n{t['runs']} runs ({t['runs_equal']} equal to their reference), "
+    left = f"; {doc['not_injected']} drawn faults not injected (--max-minutes)" if doc["not_injected"] else ""
+    return "\n".join(lines) + (f"\n\n{doc['faults_asked']} faults drawn (seed {doc['seed']}){left}; {t['runs']} runs ({t['runs_equal']} equal to their reference), "
                                f"{t['launches']} launches, {t['seconds']:.0f} s in all; {doc['load']}.\n")
 
 
@@ -314,6 +319,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=20.0, help="dist.timeout_s: how long a stopped rank is waited for")
     ap.add_argument("--runs-dir", default=os.path.join(RESULTS, "chaos", "runs"), help="where the fault-free references are cached")
     ap.add_argument("--out", default=os.path.join(RESULTS, "chaos"), help="results: <out>.json and <out>.md")
+    ap.add_argument("--max-minutes", type=float, default=0, help="start no run after this long (0: no limit)")
     ap.add_argument("--keep", action="store_true", help="keep the drill's run dirs and launch logs")
     a = ap.parse_args(argv)
     a.kinds, a.families = a.kinds.split(","), a.families.split(",")
@@ -336,7 +342,7 @@ def main(argv=None) -> int:
               "end_state_equal": sum(f["equal"] for f in fs), "steps_redone": sum(f["redone"] for f in fs),
               "runs": len(rs), "runs_equal": sum(not r["differences"] for r in rs),
               "launches": sum(r["launches"] for r in rs), "seconds": time.perf_counter() - t0}
-    doc = {"seed": a.seed, "faults_asked": a.faults, "steps": STEPS, "checkpoint_every": EVERY,
+    doc = {"seed": a.seed, "faults_asked": a.faults, "not_injected": len(drill.queue), "steps": STEPS, "checkpoint_every": EVERY,
            "timeout_s": a.timeout_s, "load": f"{load0} at the start, {manifest.machine_load()} at the end",
            "table": table(fs), "totals": totals, "runs": rs, "faults": fs}
     text = markdown(doc)
