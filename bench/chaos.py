@@ -69,6 +69,7 @@ FAMILIES = {
                    "model.block_size=32", "data.batch_size=8", "sync.local_steps=4"],
 }
 KINDS = ("kill", "stop", "ckpt_fail", "nan", "corrupt", "ctrl_c")
+LOOK = 3  # a launch takes a fault from this many drawn next
 TERMINAL = {"kill": "kill_at", "stop": "stop_at", "ckpt_fail": "ckpt_fail_at"}  # end a launch's first attempt
 
 
@@ -174,6 +175,15 @@ class Drill:
         self.faults: list[dict] = []   # one per injected fault
         self.runs: list[dict] = []
 
+    def take(self, fits) -> str | None:
+        """The first of the next ``LOOK`` drawn faults that ``fits`` here, taken from the queue
+        (the seeded order, but a kind that has no place in this launch waits for the next)."""
+        for i, k in enumerate(list(self.queue)[:LOOK]):
+            if fits(k):
+                del self.queue[i]
+                return k
+        return None
+
     # -- one run --------------------------------------------------------------------
     def reference(self, ov: list[str]) -> str:
         d = runs.run_dir(self.a.runs_dir, ov, kind="chaos-ref")
@@ -191,8 +201,7 @@ class Drill:
         while not done:
             corrupt = None
             ckpts = complete_steps(run_dir)
-            if not first and self.queue and self.queue[0] == "corrupt" and len(ckpts) >= 2:
-                self.queue.popleft()
+            if not first and len(ckpts) >= 2 and self.take(lambda k: k == "corrupt"):
                 victim = rng.choice(["common.pt", f"rank{rng.randrange(2):05d}.pt"])
                 with open(os.path.join(run_dir, "checkpoints", f"step_{ckpts[-1]:08d}", victim), "r+b") as fh:
                     fh.truncate(rng.randrange(1, 200))  # a torn write: no zip directory at its end
@@ -200,26 +209,25 @@ class Drill:
                 ckpts = ckpts[:-1]
             start = ckpts[-1] if ckpts and not first else 0
             pos, flt, ctrl_c, stop_after, placed = start, {}, None, None, [corrupt] if corrupt else []
-            if self.queue and self.queue[0] == "nan" and nan is None and pos + 3 < STEPS - 2:
-                self.queue.popleft()
+            if nan is None and pos + 3 < STEPS - 2 and self.take(lambda k: k == "nan"):
                 nan = pos + rng.randint(1, 3)
                 pos = nan
                 placed.append({"kind": "nan", "step": nan})
-            if self.queue and self.queue[0] in TERMINAL:
-                kind = self.queue[0]
+            kind = self.take(lambda k: k in TERMINAL)
+            if kind:
                 lo = max(pos, EVERY)  # past the first checkpoint: the restart must resume from one
                 step = (lo // EVERY + 1) * EVERY if kind == "ckpt_fail" else lo + rng.randint(1, 4)
-                if step <= STEPS - 3:
-                    self.queue.popleft()
+                if step > STEPS - 3:
+                    self.queue.appendleft(kind)  # no room left in this run: the next one takes it
+                else:
                     flt[f"trainer.faults.{TERMINAL[kind]}"] = step
                     pos = step
                     placed.append({"kind": kind, "step": step})
             room = pos <= STEPS - 8 and bool(self.queue)
-            if room and self.queue[0] == "ctrl_c":
-                self.queue.popleft()
+            if room and self.take(lambda k: k == "ctrl_c"):
                 ctrl_c = pos + rng.randint(1, 3)
                 placed.append({"kind": "ctrl_c", "step": ctrl_c})
-            elif room and (placed or self.queue[0] != "nan" or nan is None):
+            elif room and (placed or nan is None or any(k != "nan" for k in list(self.queue)[:LOOK])):
                 stop_after = pos + rng.randint(2, 5)
             ov = [*base, *(["trainer.resume=auto"] if not first else []),
                   *(["trainer.faults.nan_in_restarts=true", f"trainer.faults.nan_at={nan}"] if nan else []),
