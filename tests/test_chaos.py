@@ -11,7 +11,9 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.extended  # three attempts and a reference: ~40 s on 2 idle cores
+# three attempts and a reference: 478 s at load average 100-130 on the shared 2 cores, 45 s of CPU
+# time (user + sys, `/usr/bin/time` around pytest), so about 25-45 s on 2 idle cores (not measured)
+pytestmark = pytest.mark.extended
 
 
 def test_short_drill_survives_every_fault_with_the_reference_end_state(tmp_path):
