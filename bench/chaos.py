@@ -5,9 +5,9 @@ each run's end state checked bitwise against its fault-free reference.
 
 A run is one family's config (``FAMILIES``: 2 ranks, the tests' tiny char-GPT, dropout on, 24
 steps, a checkpoint every 4) trained in several launches of ``thinwire-train ... dist.nproc=2
-dist.max_restarts=1`` in one run dir, ``trainer.resume=auto`` from the second on. Faults, in the
-order the seed draws them, go into the launches in sequence (several per run, one launch
-recovering from the previous one's):
+dist.max_restarts=1`` in one run dir, ``trainer.resume=auto`` from the second on. Faults, drawn
+by the seed, go into the launches in sequence (several per run, one launch recovering from the
+previous one's; a launch takes the first of the next ``LOOK`` drawn faults that fits it):
 
 - ``kill``: SIGKILL of a rank after a step (``trainer.faults.kill_at``): torch elastic restarts
   the workers, which resume from the newest checkpoint;
