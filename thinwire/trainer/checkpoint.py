@@ -96,12 +96,15 @@ class CheckpointWriteError(OSError):
     pass
 
 
-def _atomic_save(obj, path: str) -> None:
+def _atomic_save(obj, path: str, fault: "OSError | None" = None) -> None:
     """Write to a temporary file, then rename. A failed write (a full disk makes torch's zip
-    writer say only "unexpected pos 64 vs 0") is reported with the path and the free space."""
+    writer say only "unexpected pos 64 vs 0") is reported with the path and the free space.
+    ``fault``: an error to meet after the temporary file is written (``trainer.faults.ckpt_fail_at``)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save(obj, tmp)
+        if fault is not None:
+            raise fault
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
@@ -200,6 +203,7 @@ class Checkpointer:
     def __init__(self, run_dir: str, world):
         self.root = os.path.join(run_dir, "checkpoints")
         self.world = world
+        self.write_fault = lambda step: None  # step -> OSError | None (thinwire.trainer.faults)
 
     def save(self, step: int, common: dict, shard: dict, extra=None) -> str:
         """``extra(dir)``, when given, is called on every rank to add its own files (DeepSpeed's
@@ -210,7 +214,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial, exist_ok=True)
         self._barrier()
-        _atomic_save(shard, os.path.join(partial, f"rank{self.world.rank:05d}.pt"))
+        _atomic_save(shard, os.path.join(partial, f"rank{self.world.rank:05d}.pt"), self.write_fault(step))
         if extra is not None:
             extra(partial)
         if self.world.is_main:

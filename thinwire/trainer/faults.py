@@ -6,6 +6,7 @@ is 0), so a restarted job runs clean and can be compared with an uninterrupted r
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -20,21 +21,24 @@ from ..errors import need
 @dataclass
 class FaultConfig:
     """``trainer.faults``: all off by default. A fault fires once, on ``rank``, after step
-    ``*_at`` completes (nan: during that step's backward), and only in the first attempt of
-    an elastic job (restarts run clean)."""
+    ``*_at`` completes (nan: during that step's backward; ckpt_fail: during that step's
+    checkpoint write), and only in the first attempt of an elastic job (restarts run clean;
+    ``nan_in_restarts``: nan_at in restarts too)."""
     rank: int = 0
     nan_at: Optional[int] = None     # poison this rank's gradients in that step
     kill_at: Optional[int] = None    # SIGKILL this rank after that step
     stop_at: Optional[int] = None    # SIGSTOP this rank after that step (a hung peer)
     error_at: Optional[int] = None   # raise an error on this rank after that step (one rank fails alone)
     drift_at: Optional[int] = None   # change this rank's consensus state by one ulp after that step
+    ckpt_fail_at: Optional[int] = None  # this rank's checkpoint write of that step fails (no space left)
+    nan_in_restarts: bool = False    # nan_at fires in restarts too (a bad batch recurs whenever its step is redone)
     # a planned absence, "SLOT:FIRST..LAST": slot SLOT takes no part in outer rounds FIRST..LAST (0-based;
     # sync=local|diloco; thinwire/elastic/absence.py); unlike the faults above it fires in every attempt
     absent_at: Optional[str] = None
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
-        for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at"):
+        for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at", "ckpt_fail_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
         if self.absent_at is not None:
@@ -54,13 +58,14 @@ class FaultInjector:
     def __init__(self, cfg, rank: int):
         self.cfg = cfg
         self.active = rank == cfg.rank and restart_count() == 0
+        self.nan_active = rank == cfg.rank and (restart_count() == 0 or bool(getattr(cfg, "nan_in_restarts", False)))
 
     @contextlib.contextmanager
     def poison_gradients(self, model: torch.nn.Module, step: int, backprop: bool = True):
         """During step ``nan_at``: this rank's gradients become NaN before they are sent
         (a tensor hook runs before DDP's reducer sees the gradient); without backprop
         (zeroth order: the gradient estimate is a difference of losses) its losses do."""
-        if not (self.active and self.cfg.nan_at == step):
+        if not (self.nan_active and self.cfg.nan_at == step):
             yield
             return
         if backprop:
@@ -73,6 +78,13 @@ class FaultInjector:
         finally:
             for h in handles:
                 h.remove()
+
+    def checkpoint_write_error(self, step: int) -> Optional[OSError]:
+        """At step ``ckpt_fail_at``: the error this rank's checkpoint write meets, raised inside
+        the atomic writer (``thinwire.trainer.checkpoint``) as a full disk would (ENOSPC)."""
+        if self.active and getattr(self.cfg, "ckpt_fail_at", None) == step:
+            return OSError(errno.ENOSPC, f"No space left on device (injected: trainer.faults.ckpt_fail_at={step})")
+        return None
 
     @torch.no_grad()
     def corrupt(self, state: dict, step: int) -> None:

@@ -121,6 +121,7 @@ class Trainer:
         self.faults = FaultInjector(t.faults, world.rank)
         self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
         self.state = RunState(cfg, world, self.model, self.plugin, self.engine, self.sync, self.meter)
+        self.state.ckpt.write_fault = self.faults.checkpoint_write_error
         # an elastic restart always continues from the newest checkpoint
         self.start_step = self.state.resume("auto" if restart_count() > 0 else t.resume)
         # trainer.faults.absent_at: a slot sits out some outer rounds (thinwire/elastic/absence.py)
