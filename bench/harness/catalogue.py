@@ -156,6 +156,20 @@ ROWS.update({
     # averages the ranks' parameters)
     "compute only (no sync)": ["comm=none", "sync=local", f"sync.local_steps={10 ** 9}"],
 })
+# issue 35: DiLoCo's outer recipe swept as Charles et al. 2025 (arXiv 2503.09799, Sec. 3) did: outer SGD,
+# Nesterov 0.9, lr over {0.2, 0.4, 0.6, 0.8, 1.0}, at each H; every outer setting spelt out, so a row does not
+# depend on what configs/sync/diloco.yaml resolves
+DILOCO_HS = (8, 15, 30)
+DILOCO_OUTER_LRS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def diloco_row(h: int, outer_lr: float) -> list[str]:
+    """DiLoCo at H inner steps with outer SGD lr ``outer_lr``, Nesterov 0.9, no clipping."""
+    return ["sync=diloco", f"sync.local_steps={h}", *LOCAL, f"sync.outer_optim.lr={outer_lr}",
+            "sync.outer_optim.momentum=0.9", "sync.outer_optim.nesterov=true"]
+
+
+ROWS.update({f"diloco H={h} olr={lr:g}": diloco_row(h, lr) for h in DILOCO_HS for lr in DILOCO_OUTER_LRS})
 # torch's peers: (harness/cluster_peer.py --peer, its --rank-r or --H)
 PEER_ROWS = {"torch fp16 hook": ("fp16", 0), "torch PowerSGD r2": ("powersgd", 2), "torch PowerSGD r4": ("powersgd", 4),
              "torch PostLocalSGD H=8": ("postlocal", 8)}
@@ -246,4 +260,11 @@ SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "adam1bit sign freeze=24 refresh kappa=3",
                      "adam1bit sign 0/1-Adam T_v kappa=6", "adam1bit sign int8 warm-up freeze=96", "sgd m=0.9 dense",
                      "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
+# issue 35 item 2, seed 0 first, the likeliest optima and the references before the grid's edges
+# (a --deadline cuts the tail); 4 ranks, or --nproc 1 / 2
+SETS["diloco_tuned"] = ["dense", "diloco H=15 olr=0.4", "local H=15", "diloco H=8 olr=0.2", "local H=8",
+                        "diloco H=30 olr=0.6", "local H=30", "diloco H=15 olr=0.2", "diloco H=8 olr=0.4",
+                        "diloco H=30 olr=0.4", "diloco H=30 olr=0.8", "diloco H=15 olr=0.6", "diloco H=8 olr=0.6",
+                        "diloco H=30 olr=1", "diloco H=15 olr=0.8", "diloco H=8 olr=0.8", "diloco H=15 olr=1",
+                        "diloco H=8 olr=1"]
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
