@@ -23,16 +23,17 @@ MODEL = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_s
 LOCAL = ["sync.clip=inf"]  # no row clips its pseudo-gradient (SparseLoCo and DiLoCo do not)
 CO2_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.5"]    # CO2's outer Nesterov 0.5, lr 1
 DILOCO_RECIPE = ["sync.outer_optim.lr=0.7", "sync.outer_optim.momentum=0.9"]  # DiLoCo's Nesterov 0.9, lr 0.7
+DILOCO_07 = ["sync.outer_optim.lr=0.7"]  # sync=diloco with Douillard et al.'s lr 0.7 (the preset's own is tuned per H)
 AVG_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.0",  # local's: lr 1, no momentum
               "sync.outer_optim.nesterov=false"]
 ROWS = {
     "dense": ["comm=none", "sync=ddp"],
     "bf16": ["comm=bf16", "sync=ddp"],
     "local H=15": ["sync=local", "sync.local_steps=15", *LOCAL],
-    "diloco H=15": ["sync=diloco", "sync.local_steps=15", *LOCAL],
+    "diloco H=15": ["sync=diloco", "sync.local_steps=15", *LOCAL, *DILOCO_07],
     "sparseloco H=15": ["experiment=sparseloco"],
     "local H=8": ["sync=local", "sync.local_steps=8", *LOCAL],
-    "diloco H=30": ["sync=diloco", "sync.local_steps=30", *LOCAL],
+    "diloco H=30": ["sync=diloco", "sync.local_steps=30", *LOCAL, *DILOCO_07],
     "sparseloco H=8": ["experiment=sparseloco", "sync.local_steps=8"],
     "sparseloco H=30": ["experiment=sparseloco", "sync.local_steps=30"],
     "sparseloco H=15 k=128": ["experiment=sparseloco", "comm.k=128"],
@@ -47,7 +48,7 @@ ROWS = {
     # local's recipe (outer SGD lr 1, no momentum); eager rows spell their outer recipe (the
     # unnamed ones: the shipped default, local's recipe)
     "local H=30": ["sync=local", "sync.local_steps=30", *LOCAL],
-    "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL],
+    "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL, *DILOCO_07],
     "eager H=8 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *CO2_RECIPE],
     "eager H=8 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
     "eager H=30 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
@@ -127,7 +128,7 @@ QUALITY_ROWS = tuple(ROWS)  # the quality harness's rows, in its order (its sets
 NEVER = "never synchronise"
 ROWS.update({
     # the time-to-target protocol's rows (bench/time_to_target.py)
-    "diloco H=8": ["sync=diloco", "sync.local_steps=8", *LOCAL],
+    "diloco H=8": ["sync=diloco", "sync.local_steps=8", *LOCAL, *DILOCO_07],
     NEVER: ["sync=local", "sync.local_steps=1000000", *LOCAL],  # four models that never meet, evaluated as their average
     # torch's peers (PEER_ROWS adds the peer's flags): comm=none, as DDP fp32 is
     "torch fp16 hook": ["comm=none", "sync=ddp"],
@@ -137,11 +138,11 @@ ROWS.update({
     # torchft's Streaming DiLoCo computed by thinwire: DiLoCo's outer recipe (Nesterov 0.9, lr 0.7),
     # the paper's alpha 0.5, H=8 F=4 tau=1 (the fragments of thinwire's "stream H=8 F=4 tau=1")
     "stream H=8 F=4 tau=1 diloco-recipe": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
-                                           "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL],
+                                           "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL, *DILOCO_07],
     # the same with thinwire's int8 (two-phase, error feedback), ~1 B/value as torchft's fp8
     "stream H=8 F=4 tau=1 diloco-recipe + int8": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
                                                   "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL,
-                                                  "comm=int8"],
+                                                  *DILOCO_07, "comm=int8"],
     "stream H=8 F=4 tau=1 + int8": [*ROWS["stream H=8 F=4 tau=1"], "comm=int8"],
     # the cluster matrix's and the clock validation's DDP compressors (bench/cluster.py, bench/netclock_validate.py)
     "int8 two-phase + ef": ["comm=int8", "comm.collective=two_phase", "sync=ddp"],
