@@ -55,3 +55,20 @@ def test_outer_loop_takes_the_table_or_the_explicit_lr(lr, capsys):
         assert f"thinwire: sync.outer_optim.lr={got:g}: DiLoCo's outer lr for H=15 and 1 replicas" in out
     else:
         assert got == 0.7 and "sync.outer_optim.lr=" not in out
+
+
+def test_harness_rows_spell_the_recipe_and_one_replica_reports():
+    """The sweep's rows (bench/harness/catalogue.py) give every outer setting, so they measure the
+    same thing whatever the preset resolves; the harness summarises a one-replica run (no bytes)."""
+    from bench.harness.catalogue import DILOCO_HS, DILOCO_OUTER_LRS, ROWS
+    from bench.harness.quality import summary
+
+    for h in DILOCO_HS:
+        for lr in DILOCO_OUTER_LRS:
+            row = ROWS[f"diloco H={h} olr={lr:g}"]
+            assert {"sync=diloco", f"sync.local_steps={h}", f"sync.outer_optim.lr={lr}",
+                    "sync.outer_optim.momentum=0.9", "sync.outer_optim.nesterov=true"} <= set(row)
+    rows = [{"step": 1, "loss": 3.0, "wire_bytes": 0, "dense_bytes": 0},
+            {"step": 2, "loss": 2.9, "wire_bytes": 0, "dense_bytes": 0, "val_loss": 2.5}]
+    s = summary(rows, 1)
+    assert s["val_loss"] == 2.5 and s["curve"] == [(2, 2.5)] and s["wire_B_per_param_step"] == 0.0
