@@ -20,11 +20,13 @@ def default_outer_optim(momentum: float = 0.0, nesterov: bool = False, lr: float
 
 
 # sync=diloco's outer lr when ``sync.outer_optim.lr`` is null: {replicas: {H: lr}} for SGD with Nesterov momentum
-# 0.9, the best of Charles et al. 2025's grid {0.2, 0.4, 0.6, 0.8, 1.0} (arXiv 2503.09799, Sec. 3: the best outer
-# lr rises with H and with the replica count) on the quality harness's 0.8M char-GPT, seed 0, 1200 steps
-# (bench/results/quality/diloco_tuned.md, docs/sync.md "DiLoCo's outer lr"); between measured points the lr is
-# interpolated linearly in log H and log replicas, outside them it is the nearest measured point's
-DILOCO_OUTER_LR = {4: {8: 0.2, 15: 0.4, 30: 0.6}}
+# 0.9, from Charles et al. 2025's grid {0.2, 0.4, 0.6, 0.8, 1.0} (arXiv 2503.09799, Sec. 3, Figs. 7-8: the best
+# outer lr rises with H and with the replica count), measured on the quality harness's 0.8M char-GPT, 1200 steps,
+# seed 0 (docs/quality.md "Tuned DiLoCo"; bench/results/quality/diloco_tuned.md, diloco_m1.md): 4 replicas one lr
+# per H (H=8 0.2: +0.39% vs plain averaging, where lr 0.7 was +8.19%; H=15 0.4: -1.52%; H=30 0.6: -0.51%, lr 0.7
+# the same within 0.07%); 1 replica at H=30 the best of {0.2, 0.4, 0.6}. Between measured points the lr is
+# linear in log H and log replicas, outside them the nearest measured point's (docs/sync.md "DiLoCo's outer lr")
+DILOCO_OUTER_LR = {4: {8: 0.2, 15: 0.4, 30: 0.6}, 1: {30: 0.4}}
 DILOCO_MOMENTUM = 0.9
 
 
