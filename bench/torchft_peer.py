@@ -174,7 +174,8 @@ def run_thinwire(a, out: str) -> dict:
 
     stream = [f"sync.fragments={a.fragments}", f"sync.fragment_delay={a.delay}",
               f"sync.fragment_alpha={a.alpha}"] if a.fragments > 1 else []
-    ov = [*a.overrides, "sync=diloco", f"sync.local_steps={a.H}", *stream, *LOCAL, f"trainer.eval_every={a.steps}",
+    ov = [*a.overrides, "sync=diloco", f"sync.local_steps={a.H}", f"sync.outer_optim.lr={a.outer_lr}", *stream, *LOCAL,
+          f"trainer.eval_every={a.steps}",
           f"trainer.checkpoint_every={a.steps}", "trainer.log_every=1"]
     name = f"thinwire sync=diloco H={a.H} F={a.fragments}"
     launch(ov, out, {"row": name}, name)

@@ -84,8 +84,8 @@ def test_previously_unreachable_options_are_settable():
 
 def test_diloco_is_a_preset_of_local():
     s = compose(["sync=diloco"]).sync
-    assert s.name == "local" and dict(s.outer_optim) == {"_target_": "torch.optim.SGD", "lr": 0.7,
-                                                          "momentum": 0.9, "nesterov": True}
+    assert s.name == "local" and dict(s.outer_optim) == {"_target_": "torch.optim.SGD", "lr": None,
+                                                          "momentum": 0.9, "nesterov": True}  # lr: tuned per H
     with pytest.raises(ConfigError, match="sync.staleness_penalty: not an option of sync=local"):
         compose(["sync=diloco", "sync.staleness_penalty=1"])
 

@@ -51,8 +51,8 @@ def test_default_outer_step_is_bitwise_the_earlier_outer_sgd(cfg_cls):
 
 
 def test_diloco_recipe_matches_the_equations():
-    """sync=diloco: SGD, Nesterov 0.9, lr 0.7 (Douillard et al. 2023, Alg. 1 outer step)."""
-    cfg = compose(["sync=diloco", "sync.clip=1e9"]).sync
+    """sync=diloco: SGD, Nesterov 0.9, here with Douillard et al. 2023's lr 0.7 (Alg. 1 outer step)."""
+    cfg = compose(["sync=diloco", "sync.clip=1e9", "sync.outer_optim.lr=0.7"]).sync
     anchor = _pieces(1)
     a0 = [a.clone() for a in anchor]
     opt = OuterOptimizer(anchor, cfg)

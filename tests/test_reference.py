@@ -123,7 +123,7 @@ def test_option_file_rows(text):
         "16-bit offset) pairs are all-gathered and summed in fp32. fp32 values + offsets cost the same 6 bytes per "
         "entry as fp16 values + int32 indices, and EF trains more robustly with them (docs/comm.md). |")
     diloco = file_row("sync/diloco.yaml")
-    assert "| preset of `sync=local`: `outer_optim._target_=torch.optim.SGD`, `outer_optim.lr=0.7`, " in diloco
+    assert "| preset of `sync=local`: `outer_optim._target_=torch.optim.SGD`, `outer_optim.lr=null`, " in diloco
     assert file_row("comm/none.yaml").startswith("| `comm/none.yaml` | (nothing) | Plain fp32 all-reduce")
     tiny = file_row("experiment/tiny.yaml")
     assert "`model.n_layer=2`" in tiny and "`logger.mode=disabled`" in tiny and "trains in seconds" in tiny

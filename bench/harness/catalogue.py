@@ -23,16 +23,17 @@ MODEL = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.block_s
 LOCAL = ["sync.clip=inf"]  # no row clips its pseudo-gradient (SparseLoCo and DiLoCo do not)
 CO2_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.5"]    # CO2's outer Nesterov 0.5, lr 1
 DILOCO_RECIPE = ["sync.outer_optim.lr=0.7", "sync.outer_optim.momentum=0.9"]  # DiLoCo's Nesterov 0.9, lr 0.7
+DILOCO_07 = ["sync.outer_optim.lr=0.7"]  # sync=diloco with Douillard et al.'s lr 0.7 (the preset's own is tuned per H)
 AVG_RECIPE = ["sync.outer_optim.lr=1.0", "sync.outer_optim.momentum=0.0",  # local's: lr 1, no momentum
               "sync.outer_optim.nesterov=false"]
 ROWS = {
     "dense": ["comm=none", "sync=ddp"],
     "bf16": ["comm=bf16", "sync=ddp"],
     "local H=15": ["sync=local", "sync.local_steps=15", *LOCAL],
-    "diloco H=15": ["sync=diloco", "sync.local_steps=15", *LOCAL],
+    "diloco H=15": ["sync=diloco", "sync.local_steps=15", *LOCAL, *DILOCO_07],
     "sparseloco H=15": ["experiment=sparseloco"],
     "local H=8": ["sync=local", "sync.local_steps=8", *LOCAL],
-    "diloco H=30": ["sync=diloco", "sync.local_steps=30", *LOCAL],
+    "diloco H=30": ["sync=diloco", "sync.local_steps=30", *LOCAL, *DILOCO_07],
     "sparseloco H=8": ["experiment=sparseloco", "sync.local_steps=8"],
     "sparseloco H=30": ["experiment=sparseloco", "sync.local_steps=30"],
     "sparseloco H=15 k=128": ["experiment=sparseloco", "comm.k=128"],
@@ -47,7 +48,7 @@ ROWS = {
     # local's recipe (outer SGD lr 1, no momentum); eager rows spell their outer recipe (the
     # unnamed ones: the shipped default, local's recipe)
     "local H=30": ["sync=local", "sync.local_steps=30", *LOCAL],
-    "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL],
+    "local H=8 diloco-recipe": ["sync=diloco", "sync.local_steps=8", *LOCAL, *DILOCO_07],
     "eager H=8 co2-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *CO2_RECIPE],
     "eager H=8 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=8", *DILOCO_RECIPE],
     "eager H=30 diloco-recipe": ["sync=co2", "sync.overlap=eager", "sync.local_steps=30", *DILOCO_RECIPE],
@@ -132,7 +133,7 @@ QUALITY_ROWS = tuple(ROWS)  # the quality harness's rows, in its order (its sets
 NEVER = "never synchronise"
 ROWS.update({
     # the time-to-target protocol's rows (bench/time_to_target.py)
-    "diloco H=8": ["sync=diloco", "sync.local_steps=8", *LOCAL],
+    "diloco H=8": ["sync=diloco", "sync.local_steps=8", *LOCAL, *DILOCO_07],
     NEVER: ["sync=local", "sync.local_steps=1000000", *LOCAL],  # four models that never meet, evaluated as their average
     # torch's peers (PEER_ROWS adds the peer's flags): comm=none, as DDP fp32 is
     "torch fp16 hook": ["comm=none", "sync=ddp"],
@@ -142,11 +143,11 @@ ROWS.update({
     # torchft's Streaming DiLoCo computed by thinwire: DiLoCo's outer recipe (Nesterov 0.9, lr 0.7),
     # the paper's alpha 0.5, H=8 F=4 tau=1 (the fragments of thinwire's "stream H=8 F=4 tau=1")
     "stream H=8 F=4 tau=1 diloco-recipe": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
-                                           "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL],
+                                           "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL, *DILOCO_07],
     # the same with thinwire's int8 (two-phase, error feedback), ~1 B/value as torchft's fp8
     "stream H=8 F=4 tau=1 diloco-recipe + int8": ["sync=diloco", "sync.local_steps=8", "sync.fragments=4",
                                                   "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL,
-                                                  "comm=int8"],
+                                                  *DILOCO_07, "comm=int8"],
     "stream H=8 F=4 tau=1 + int8": [*ROWS["stream H=8 F=4 tau=1"], "comm=int8"],
     # the cluster matrix's and the clock validation's DDP compressors (bench/cluster.py, bench/netclock_validate.py)
     "int8 two-phase + ef": ["comm=int8", "comm.collective=two_phase", "sync=ddp"],
@@ -161,6 +162,20 @@ ROWS.update({
     # averages the ranks' parameters)
     "compute only (no sync)": ["comm=none", "sync=local", f"sync.local_steps={10 ** 9}"],
 })
+# issue 35: DiLoCo's outer recipe swept as Charles et al. 2025 (arXiv 2503.09799, Sec. 3) did: outer SGD,
+# Nesterov 0.9, lr over {0.2, 0.4, 0.6, 0.8, 1.0}, at each H; every outer setting spelt out, so a row does not
+# depend on what configs/sync/diloco.yaml resolves
+DILOCO_HS = (8, 15, 30)
+DILOCO_OUTER_LRS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def diloco_row(h: int, outer_lr: float) -> list[str]:
+    """DiLoCo at H inner steps with outer SGD lr ``outer_lr``, Nesterov 0.9, no clipping."""
+    return ["sync=diloco", f"sync.local_steps={h}", *LOCAL, f"sync.outer_optim.lr={outer_lr}",
+            "sync.outer_optim.momentum=0.9", "sync.outer_optim.nesterov=true"]
+
+
+ROWS.update({f"diloco H={h} olr={lr:g}": diloco_row(h, lr) for h in DILOCO_HS for lr in DILOCO_OUTER_LRS})
 # torch's peers: (harness/cluster_peer.py --peer, its --rank-r or --H)
 PEER_ROWS = {"torch fp16 hook": ("fp16", 0), "torch PowerSGD r2": ("powersgd", 2), "torch PowerSGD r4": ("powersgd", 4),
              "torch PostLocalSGD H=8": ("postlocal", 8)}
@@ -251,4 +266,11 @@ SETS = {"goals": ["dense", "local H=15", "diloco H=15", "sparseloco H=15"],
         "momentum": ["adam1bit sign freeze=48", "adam1bit sign freeze=45", "adam1bit sign freeze=24 refresh kappa=3",
                      "adam1bit sign 0/1-Adam T_v kappa=6", "adam1bit sign int8 warm-up freeze=96", "sgd m=0.9 dense",
                      "sgd m=0.9 + topk 1% + ef", "sgd + topk 1% + dgc m=0.9", "sgd + topk 1% + dgc m=0.9 warm-up 120"]}
+# issue 35 item 2, seed 0 first, the likeliest optima and the references before the grid's edges
+# (a --deadline cuts the tail); 4 ranks, or --nproc 1 / 2
+SETS["diloco_tuned"] = ["dense", "diloco H=15 olr=0.4", "local H=15", "diloco H=8 olr=0.2", "local H=8",
+                        "diloco H=30 olr=0.6", "local H=30", "diloco H=15 olr=0.2", "diloco H=8 olr=0.4",
+                        "diloco H=30 olr=0.4", "diloco H=30 olr=0.8", "diloco H=15 olr=0.6", "diloco H=8 olr=0.6",
+                        "diloco H=30 olr=1", "diloco H=15 olr=0.8", "diloco H=8 olr=0.8", "diloco H=15 olr=1",
+                        "diloco H=8 olr=1"]
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum

@@ -68,6 +68,11 @@ def summary(rows: list[dict], nproc: int) -> dict:
             n_params = r["dense_bytes"] / (2 * (nproc - 1) / nproc * 4)
             break
     steps = rows[-1]["step"]
+    if nproc == 1:  # one replica (--nproc 1): nothing is sent, only the loss curve means something
+        return {"val_loss": rows[-1]["val_loss"], "wire_B_per_param_step": 0.0, "peak_of_full": 0.0,
+                "mean_of_full": 0.0, "comm_wait_ms": 0.0, "bf16_ratio": 0.0, "n_params": None,
+                "curve": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r],
+                "cum_wire": [(r["step"], 0) for r in rows if "val_loss" in r]}
     wire = sum(r["wire_bytes"] for r in rows)
     ratios = [r["compression_ratio"] for r in rows if "compression_ratio" in r]
     h = next((r["outer_round"] for r in rows if "outer_round" in r), None)
@@ -147,7 +152,7 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row, per_seed in results.items():
         s0 = per_seed[sorted(per_seed)[0]]
-        xs = [max(b, 1) / s0["n_params"] for _, b in s0["cum_wire"]]
+        xs = [max(b, 1) / (s0["n_params"] or 1) for _, b in s0["cum_wire"]]
         ys = [statistics.mean(per_seed[s]["curve"][i][1] for s in per_seed) for i in range(len(xs))]
         ax.plot(xs, ys, marker="o", label=row)
     ax.set_xscale("log")

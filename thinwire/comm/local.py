@@ -41,7 +41,7 @@ from . import accounting
 from .averager import CompressedAverager
 from .futures import then
 from .moments import MomentAverager
-from .outer_optimizer import OuterOptimizer
+from .outer_optimizer import OuterOptimizer, outer_spec
 from .param_space import DataParallel, ModuleParams, Replicas
 from .rounds import CO2Config, LocalConfig, co2_options, round_of
 from .sync import SYNC_STRATEGIES, SyncStrategy
@@ -81,7 +81,12 @@ class OuterStrategy(SyncStrategy):
         self.plan = round_of(cfg, self.space.names)
         self.H, self.round, self.skipped = self.plan.steps, 0, 0
         self.anchor = self.space.split(self.space.read_flat())
-        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm)
+        spec, tuned = outer_spec(cfg.outer_optim, self.H, accounting.group_size(self.replicas.cross_group))
+        if tuned and getattr(world, "is_main", True):
+            print(f"thinwire: sync.outer_optim.lr={spec['lr']:g}: DiLoCo's outer lr for H={self.H} and "
+                  f"{accounting.group_size(self.replicas.cross_group)} replicas (docs/sync.md); set "
+                  "sync.outer_optim.lr to override", flush=True)
+        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm, spec=spec)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"}, meter,
                                            group=self.replicas.cross_group, group2=self.replicas.cross_group2,
                                            timeout_s=getattr(world, "timeout_s", None))

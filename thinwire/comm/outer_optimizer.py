@@ -6,6 +6,7 @@ docstring). ``sync.outer_optim`` names it as ``_target_`` + keyword arguments, a
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -16,6 +17,55 @@ from .param_space import global_norm
 def default_outer_optim(momentum: float = 0.0, nesterov: bool = False, lr: float = 1.0) -> dict:
     """The spec of outer SGD with these settings (lr 1, no momentum: parameter averaging)."""
     return {"_target_": "torch.optim.SGD", "lr": lr, "momentum": momentum, "nesterov": nesterov}
+
+
+# sync=diloco's outer lr when ``sync.outer_optim.lr`` is null: {replicas: {H: lr}} for SGD with Nesterov momentum
+# 0.9, from Charles et al. 2025's grid {0.2, 0.4, 0.6, 0.8, 1.0} (arXiv 2503.09799, Sec. 3, Figs. 7-8: the best
+# outer lr rises with H and with the replica count), measured on the quality harness's 0.8M char-GPT, 1200 steps,
+# seed 0 (docs/quality.md "Tuned DiLoCo"; bench/results/quality/diloco_tuned.md, diloco_m1.md): 4 replicas one lr
+# per H (H=8 0.2: +0.39% vs plain averaging, where lr 0.7 was +8.19%; H=15 0.4: -1.52%; H=30 0.6: -0.51%, lr 0.7
+# the same within 0.07%); 1 replica at H=30 the best of {0.2, 0.4, 0.6}. Between measured points the lr is
+# linear in log H and log replicas, outside them the nearest measured point's (docs/sync.md "DiLoCo's outer lr")
+DILOCO_OUTER_LR = {4: {8: 0.2, 15: 0.4, 30: 0.6}, 1: {30: 0.4}}
+DILOCO_MOMENTUM = 0.9
+
+
+def _interp(points: dict, x: float) -> float:
+    """The value at ``x`` of ``points`` ({x: y}), linear in log x between them, clamped outside."""
+    xs = sorted(points)
+    if x <= xs[0]:
+        return points[xs[0]]
+    if x >= xs[-1]:
+        return points[xs[-1]]
+    hi = next(i for i, v in enumerate(xs) if v >= x)
+    x0, x1 = xs[hi - 1], xs[hi]
+    t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return points[x0] + t * (points[x1] - points[x0])
+
+
+def tuned_outer_lr(local_steps: int, replicas: int) -> float:
+    """DiLoCo's outer lr (SGD, Nesterov 0.9) for H = ``local_steps`` and ``replicas`` replicas, from
+    :data:`DILOCO_OUTER_LR` (interpolated; rounded to 3 decimals)."""
+    need(local_steps >= 1, "local_steps", local_steps, "must be >= 1")
+    need(replicas >= 1, "replicas", replicas, "must be >= 1")
+    per_m = {m: _interp(by_h, local_steps) for m, by_h in DILOCO_OUTER_LR.items()}
+    return round(_interp(per_m, replicas), 3)
+
+
+def outer_spec(spec, local_steps: int, replicas: int) -> tuple[dict, bool]:
+    """``spec`` (``sync.outer_optim``) as a plain dict with a null ``lr`` replaced by
+    :func:`tuned_outer_lr` for (``local_steps``, ``replicas``), and whether it was: the table
+    holds DiLoCo's outer SGD with Nesterov momentum 0.9 only, so a null lr with another
+    optimizer is a ConfigError naming ``outer_optim.lr``."""
+    spec = dict(spec)
+    if "lr" not in spec or spec["lr"] is not None:
+        return spec, False
+    diloco = (spec.get("_target_") == "torch.optim.SGD" and spec.get("momentum") == DILOCO_MOMENTUM
+              and spec.get("nesterov") is True)
+    need(diloco, "outer_optim.lr", None,
+         "null takes DiLoCo's tuned outer lr, which is for torch.optim.SGD with momentum 0.9 and nesterov=true "
+         f"(got {spec}); give the lr")
+    return {**spec, "lr": tuned_outer_lr(local_steps, replicas)}, True
 
 
 def build_outer_optimizer(params: list[torch.Tensor], spec) -> torch.optim.Optimizer:
@@ -59,11 +109,12 @@ class OuterOptimizer:
     the hand-written outer SGD of earlier versions computed.
     """
 
-    def __init__(self, params: list[torch.Tensor], cfg, norm=None):
+    def __init__(self, params: list[torch.Tensor], cfg, norm=None, spec=None):
         self.norm = norm or global_norm  # the global L2 norm (a sharded space reduces it over its group)
         self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
         self.params = params
-        self.optimizer = build_outer_optimizer(params, cfg.outer_optim)
+        # spec: cfg.outer_optim with its lr resolved (outer_spec), when the caller knows H and the replicas
+        self.optimizer = build_outer_optimizer(params, cfg.outer_optim if spec is None else spec)
         self.clipped = 0
 
     def clip_(self, d: list[torch.Tensor]) -> list[torch.Tensor]:

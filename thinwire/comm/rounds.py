@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError, need, one_of
-from .outer_optimizer import build_outer_optimizer, default_outer_optim
+from .outer_optimizer import build_outer_optimizer, default_outer_optim, outer_spec
 
 
 @dataclass
@@ -30,7 +30,8 @@ class LocalConfig:
     local_steps: int = 4             # H: inner steps per round
     # the outer optimizer on the anchor: any torch optimizer (``_target_`` + its keyword
     # arguments), as torchft's DiLoCo takes one. lr 1, no momentum = parameter averaging;
-    # DiLoCo: lr 0.7, momentum 0.9, nesterov (``sync=diloco``)
+    # DiLoCo: momentum 0.9, nesterov, lr null = tuned for H and the replica count (``sync=diloco``;
+    # ``outer_optimizer.DILOCO_OUTER_LR``)
     outer_optim: dict = field(default_factory=default_outer_optim)
     clip: float = 1.0                # pseudo-gradient clipping threshold (> 0), before the outer step
     clip_mode: str = "norm"          # norm (global L2 norm of the pseudo-gradient) | value (per element)
@@ -47,7 +48,7 @@ class LocalConfig:
         need(self.local_steps >= 1, "local_steps", self.local_steps, "must be >= 1")
         need(self.clip > 0, "clip", self.clip, "must be positive (pseudo-gradient clipping threshold)")
         one_of(self.clip_mode, ("norm", "value"), "clip_mode")
-        build_outer_optimizer([torch.zeros(1)], self.outer_optim)
+        build_outer_optimizer([torch.zeros(1)], outer_spec(self.outer_optim, self.local_steps, 1)[0])
         need(self.fragments >= 1, "fragments", self.fragments, "must be >= 1")
         need(self.local_steps % self.fragments == 0, "fragments", self.fragments,
              f"must divide local_steps={self.local_steps} (fragments synchronise at staggered steps of a round)")
@@ -59,8 +60,8 @@ class LocalConfig:
         need(self.moment2_every >= 0, "moment2_every", self.moment2_every, "must be >= 0 (0 = never)")
 
 
-# CO2's outer recipe (Sun et al. 2024: Nesterov 0.5, lr 1); DiLoCo's (Nesterov 0.9, lr 0.7) is
-# configs/sync/diloco.yaml
+# CO2's outer recipe (Sun et al. 2024: Nesterov 0.5, lr 1); DiLoCo's (Nesterov 0.9, lr tuned per H and
+# replica count) is configs/sync/diloco.yaml
 CO2_RECIPE = default_outer_optim(momentum=0.5, nesterov=True)
 
 # what ``sync=co2`` leaves at null takes its overlap's default: the stale form keeps CO2's
