@@ -19,12 +19,13 @@ would have in its own process. Sums run in a fixed order (``ordered_sum``); at p
 bitwise the same as gloo's (x + y == y + x in IEEE arithmetic); at p > 2 gloo's ring adds in an
 order that depends on the element's chunk, so results may differ in the last bits.
 
-What it cannot model (refused with one line, ``refusal``): rows whose behaviour depends on
-wall-clock overlap of a collective with compute (``sync=co2``: CO2's stale round and eager
-updates in flight), DeMo / DisTrO (``optim=demo|distro``) and 1-bit Adam (``optim=adam1bit``), whose
-collectives are launched and waited on from side threads of their own.
-Speed: the ranks share one process's intra-op threads (``--sim-threads``, default the cores)
-instead of one process and a gloo link each.
+Refused with one line (``refusal``): ``sync=co2`` (CO2's stale rounds and eager updates: means in
+flight across steps, whose overlap and wait times the simulator cannot reproduce, as it completes
+every collective when the last rank joins), and the optimizers that exchange inside the step
+(``optim=demo|distro``, ``optim=adam1bit``), which have not been checked against the real path;
+so are engines other than DDP (ZeRO, FSDP2).
+Speed: the ranks share one process's intra-op threads (``--sim-threads``; by default a real
+rank's count, so that kernels sum in the same order) instead of one process and a gloo link each.
 """
 from __future__ import annotations
 
@@ -40,16 +41,17 @@ from torch._C._distributed_c10d import AllgatherOptions, AllreduceOptions, AllTo
     _create_work_from_future
 
 BACKEND = "thinwire_sim"
-REFUSED = {("sync", "co2"): "CO2's stale rounds and eager updates are in flight across steps",
-           ("optim", "demo"): "DeMo's gathers run from its own side thread", ("optim", "distro"): "DisTrO's gathers "
-           "run from its own side thread", ("optim", "adam1bit"): "1-bit Adam's exchange runs from its own side thread"}
+UNCHECKED = "not checked against the real path (the simulator's checks: dense, local, DiLoCo, SparseLoCo, streaming)"
+REFUSED = {("sync", "co2"): "its means are in flight across steps, and the simulator completes every collective "
+           "when the last rank joins, so overlap and wait times mean nothing; " + UNCHECKED,
+           ("optim", "demo"): UNCHECKED, ("optim", "distro"): UNCHECKED, ("optim", "adam1bit"): UNCHECKED}
 
 
 def refusal(cfg) -> Optional[str]:
     """One line saying why the simulator cannot model ``cfg`` (None: it can)."""
     for (group, name), why in REFUSED.items():
         if cfg[group].name == name:
-            return f"--simulate: {group}={name} is not modelled ({why}); run it without --simulate"
+            return f"--simulate: {group}={name} is refused: {why}; run it without --simulate"
     if cfg.engine.name != "ddp":
         return f"--simulate: engine={cfg.engine.name} is not modelled (only engine=ddp); run it without --simulate"
     return None
@@ -271,9 +273,15 @@ def _install() -> None:
         multi_threaded_pg._install_threaded_pg()
 
 
+def rank_threads(p: int) -> int:
+    """A real rank's intra-op threads (``dist.threads=0``: cores // local ranks, at least 1)."""
+    return max(1, (os.cpu_count() or 1) // p)
+
+
 def run(cfg, threads: int = 0) -> dict:
     """Train ``cfg`` (composed and validated, ``dist.nproc`` = p) with p rank threads in this
-    process; rank 0's last record. ``threads``: torch's intra-op threads (0 = the cores)."""
+    process; rank 0's last record. ``threads``: torch's intra-op threads (0: ``dist.threads``, or
+    a real rank's, :func:`rank_threads`; other counts change the order of sums inside kernels)."""
     from thinwire.trainer.loop import train
     from thinwire.trainer.world import World
 
@@ -282,7 +290,7 @@ def run(cfg, threads: int = 0) -> dict:
         raise SystemExit(why)
     _install()
     p = int(cfg.dist.nproc)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or int(cfg.dist.threads) or rank_threads(p)
     sim = Simulation(p)
     SIM.append(sim)
     store = dist.HashStore()
@@ -335,3 +343,62 @@ def simulate_run(ov: list[str], run_dir: str, threads: int = 0) -> float:
     t0 = time.perf_counter()
     run(cfg, threads)
     return time.perf_counter() - t0
+
+
+def refusal_of(ov: list[str]) -> Optional[str]:
+    """``refusal`` for a run given as overrides (composed here; nothing runs)."""
+    from thinwire.config import compose
+
+    return refusal(compose(list(ov)))
+
+
+def _rows(d: str) -> list[dict]:
+    from .runs import rows_of
+
+    return rows_of(d)
+
+
+def compare(real: list[dict], sim: list[dict]) -> dict:
+    """The real run's metrics rows against the simulated run's: the largest |val loss
+    difference| over the evaluations, whether every logged loss and val loss is bitwise equal,
+    the final val losses and the seconds of training steps (sum of rank 0's ``step_time_s``)."""
+    vals = [(a["val_loss"], b["val_loss"]) for a, b in zip(real, sim) if "val_loss" in a and "val_loss" in b]
+    same = len(real) == len(sim) and all(a.get(k) == b.get(k) for a, b in zip(real, sim) for k in ("loss", "val_loss"))
+    return {"val_real": vals[-1][0], "val_sim": vals[-1][1], "max_abs_val_diff": max(abs(a - b) for a, b in vals),
+            "bitwise": same, "steps_s_real": sum(r["step_time_s"] for r in real),
+            "steps_s_sim": sum(r["step_time_s"] for r in sim)}
+
+
+def check(tasks: list[tuple[str, int, list[str], str]], sim_root: str, threads: int = 0) -> list[dict]:
+    """For each (row, seed, overrides, real run dir): the real run (``thinwire-train``: dist.nproc
+    gloo processes), then the simulated one, both run now and timed in the same invocation;
+    :func:`compare`'s figures plus each one's wall-clock seconds (process start included)."""
+    from . import runs
+
+    out = []
+    for row, seed, ov, real_dir in tasks:
+        os.makedirs(real_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        runs.train([*ov, "trainer.overwrite=true"], real_dir)
+        real_s = time.perf_counter() - t0
+        sim_dir = runs.run_dir(sim_root, ov, kind="sim")
+        sim_s = simulate_run(ov, sim_dir, threads)
+        res = {"row": row, "seed": seed, **compare(_rows(real_dir), _rows(sim_dir)), "wall_s_real": real_s,
+               "wall_s_sim": sim_s, "load": os.getloadavg()[0]}
+        print(f"  {row!r} seed {seed}: |val diff| {res['max_abs_val_diff']:.2e}, bitwise {res['bitwise']}, "
+              f"real {real_s:.0f} s, sim {sim_s:.0f} s", flush=True)
+        out.append(res)
+    return out
+
+
+def check_table(results: list[dict], nproc: int, steps: int, threads: int) -> str:
+    lines = [f"{nproc} ranks, {steps} steps: the real path ({nproc} gloo processes) vs the simulator (one process, "
+             f"{threads} intra-op threads), run one after the other per row; load = 1-min load average after the row.",
+             "", "| row | seed | val real | val sim | max abs val diff | every loss bitwise | wall s real / sim "
+             "| wall ratio | steps s real / sim | steps ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['seed']} | {r['val_real']:.6f} | {r['val_sim']:.6f} | {r['max_abs_val_diff']:.1e} "
+                     f"| {'yes' if r['bitwise'] else 'no'} | {r['wall_s_real']:.0f} / {r['wall_s_sim']:.0f} "
+                     f"| {r['wall_s_real'] / r['wall_s_sim']:.2f} | {r['steps_s_real']:.0f} / {r['steps_s_sim']:.0f} "
+                     f"| {r['steps_s_real'] / r['steps_s_sim']:.2f} | {r['load']:.1f} |")
+    return "\n".join(lines)
