@@ -223,6 +223,7 @@ def main(argv=None) -> int:
         if "@" in n:
             names[i], sel = n.split("@")
             seeds_of[names[i]] = [int(x) for x in sel.split("+")]
+    asked = list(names)
     names = ["dense", *[n for n in names if n != "dense"]]
     for n in names:
         if n not in ROWS:
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
                 print(f"{why} (row {n!r})", file=sys.stderr)
                 return 2
     if a.simulate_check:
-        return simulate_check(names, seeds_of, a, argv)
+        return simulate_check(asked, seeds_of, a, argv)
     results: dict = {}
     best_lr: dict = {}
     tasks = []
