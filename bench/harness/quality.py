@@ -175,7 +175,7 @@ def simulate_check(names: list[str], seeds_of: dict, a, argv) -> int:
     tasks = [(row, seed, overrides(row, seed, a), runs.run_dir(root, overrides(row, seed, a), kind="real"))
              for row in names for seed in seeds_of.get(row, a.seeds)]
     threads = a.sim_threads or simulate.rank_threads(a.nproc)
-    results = simulate.check(tasks, root, threads)
+    results = simulate.checked(tasks, root) if a.report else simulate.check(tasks, root, threads)
     table = simulate.check_table(results, a.nproc, a.steps, threads)
     print(table)
     tag = a.tag or "simulate"
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--simulate", action="store_true", help="run each row's dist.nproc ranks as threads of this "
                     "process, collectives computed in-process (harness/simulate.py); cached apart from real runs")
     ap.add_argument("--simulate-check", action="store_true", help="run every row both ways now (real, then "
-                    "simulated), timed; table of val loss differences and speed ratios (<tag>_simulate.md)")
+                    "simulated), timed; table of val loss differences and speed ratios (<tag>.md; with --report: "
+                    "from the runs already made)")
     ap.add_argument("--sim-threads", type=int, default=0, help="the simulator's intra-op threads (0: a real "
                     "rank's, cores // nproc, at least 1: bitwise as the real path; more threads change the sums' order)")
     a = ap.parse_args(argv)

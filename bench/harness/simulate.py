@@ -29,6 +29,7 @@ rank's count, so that kernels sum in the same order) instead of one process and 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import threading
 import time
@@ -396,10 +397,32 @@ def check(tasks: list[tuple[str, int, list[str], str]], sim_root: str, threads: 
         sim_dir = runs.run_dir(sim_root, ov, kind="sim")
         sim_s = simulate_run(ov, sim_dir, threads)
         res = {"row": row, "seed": seed, **compare(_rows(real_dir), _rows(sim_dir)), "wall_s_real": real_s,
-               "wall_s_sim": sim_s, "load": os.getloadavg()[0]}
+               "wall_s_sim": sim_s, "load": os.getloadavg()[0], "real_dir": real_dir, "sim_dir": sim_dir}
+        with open(os.path.join(sim_root, "check.jsonl"), "a") as fh:  # for --report
+            fh.write(json.dumps(res) + "\n")
         print(f"  {row!r} seed {seed}: |val diff| {res['max_abs_val_diff']:.2e}, bitwise {res['bitwise']}, "
               f"real {real_s:.0f} s, sim {sim_s:.0f} s", flush=True)
         out.append(res)
+    return out
+
+
+def checked(tasks: list[tuple[str, int, list[str], str]], sim_root: str) -> list[dict]:
+    """--report: :func:`check`'s figures from the runs already made (wall-clock seconds from the
+    invocation that ran them, ``<sim_root>/check.jsonl``; None where it did not record them)."""
+    from . import runs
+
+    timed = {}
+    path = os.path.join(sim_root, "check.jsonl")
+    if os.path.exists(path):
+        with open(path) as fh:
+            timed = {r["real_dir"]: r for r in map(json.loads, fh)}
+    out = []
+    for row, seed, ov, real_dir in tasks:
+        real, sim = _rows(real_dir), _rows(runs.run_dir(sim_root, ov, kind="sim"))
+        if real and sim and real[-1]["step"] == sim[-1]["step"] and "val_loss" in real[-1]:
+            t = timed.get(real_dir, {})
+            out.append({"row": row, "seed": seed, **compare(real, sim), "wall_s_real": t.get("wall_s_real"),
+                        "wall_s_sim": t.get("wall_s_sim"), "load": t.get("load")})
     return out
 
 
@@ -409,8 +432,9 @@ def check_table(results: list[dict], nproc: int, steps: int, threads: int) -> st
              "", "| row | seed | val real | val sim | max abs val diff | every loss bitwise | wall s real / sim "
              "| wall ratio | steps s real / sim | steps ratio | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        wall = (f"{r['wall_s_real']:.0f} / {r['wall_s_sim']:.0f} | {r['wall_s_real'] / r['wall_s_sim']:.2f}"
+                if r.get("wall_s_sim") else "- | -")
         lines.append(f"| {r['row']} | {r['seed']} | {r['val_real']:.6f} | {r['val_sim']:.6f} | {r['max_abs_val_diff']:.1e} "
-                     f"| {'yes' if r['bitwise'] else 'no'} | {r['wall_s_real']:.0f} / {r['wall_s_sim']:.0f} "
-                     f"| {r['wall_s_real'] / r['wall_s_sim']:.2f} | {r['steps_s_real']:.0f} / {r['steps_s_sim']:.0f} "
-                     f"| {r['steps_s_real'] / r['steps_s_sim']:.2f} | {r['load']:.1f} |")
+                     f"| {'yes' if r['bitwise'] else 'no'} | {wall} | {r['steps_s_real']:.0f} / {r['steps_s_sim']:.0f} "
+                     f"| {r['steps_s_real'] / r['steps_s_sim']:.2f} | {'-' if r.get('load') is None else '%.1f' % r['load']} |")
     return "\n".join(lines)
