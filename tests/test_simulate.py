@@ -20,6 +20,10 @@ from thinwire.config import compose, validate  # noqa: E402
 # dropout on: the simulator must keep each rank's global RNG stream its own
 TINY = ["experiment=tiny", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=8",
         "model.dropout=0.1", "dist.nproc=2"]
+# SparseLoCo's preset with the tiny preset's model and run keys (experiment=tiny would replace it)
+SPARSELOCO_TINY = ["experiment=sparseloco", "sync.local_steps=4", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
+                   "data.batch_size=8", "optim.warmup_steps=5", "trainer.sample_chars=0", "trainer.progress=false",
+                   "logger=none"]
 KEYS = ("step", "loss", "val_loss", "grad_norm", "wire_bytes")
 
 
@@ -68,12 +72,13 @@ def test_simulator_equals_two_gloo_ranks_bitwise(pools, tmp_path, case):
 @pytest.mark.extended  # four gloo ranks (a pool of its own); sums in gloo's ring order (simulate.ring_sum)
 @pytest.mark.parametrize("case", [["sync=ddp", "comm=none"], ["sync=local", "sync.local_steps=4"],
                                   ["sync=diloco", "sync.local_steps=4"],
-                                  ["experiment=sparseloco", "sync.local_steps=4"],
+                                  SPARSELOCO_TINY,
                                   ["sync=local", "sync.local_steps=4", "sync.fragments=2", "sync.fragment_delay=1",
                                    "sync.fragment_alpha=0.5"]],
                          ids=["dense", "local", "diloco", "sparseloco", "streaming"])
 def test_simulator_equals_four_gloo_ranks_bitwise(pools, tmp_path, case):
-    args = [*case, *TINY, "dist.nproc=4", "trainer.max_steps=16", "trainer.checkpoint_every=16"]
+    tiny = TINY[1:] if case is SPARSELOCO_TINY else TINY  # one experiment= only: the last would win
+    args = [*case, *tiny, "dist.nproc=4", "trainer.max_steps=16", "trainer.checkpoint_every=16"]
     real, sim = str(tmp_path / "real"), str(tmp_path / "sim")
     pools.train(*args, f"hydra.run.dir={real}")
     simulated(*args, f"hydra.run.dir={sim}")
