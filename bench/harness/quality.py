@@ -235,6 +235,10 @@ def main(argv=None) -> int:
     if a.simulate or a.simulate_check:
         from . import simulate
 
+        if a.jobs > 1:  # one simulation at a time per process (harness/simulate.py)
+            print(f"--jobs={a.jobs}: --simulate runs one row at a time (--jobs 1)", file=sys.stderr)
+            return 2
+
         for n in names:
             why = simulate.refusal_of(overrides(n, a.seeds[0], a))
             if why:
