@@ -115,3 +115,11 @@ def test_rows_it_cannot_model_are_refused_in_one_line(row):
     assert why is not None and "\n" not in why and row in why
     with pytest.raises(SystemExit, match=row):
         simulate.run(cfg)
+
+
+def test_quality_refuses_a_row_it_cannot_simulate_with_exit_2(capsys, tmp_path):
+    from harness import quality
+
+    assert quality.main(["--simulate", "--rows", "co2 H=8", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sync=co2" in err and "'co2 H=8'" in err
