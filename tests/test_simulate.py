@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
+
+from bench.harness import quality, simulate
 from conftest import run_ranks
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-from harness import simulate  # noqa: E402
-
-from thinwire.config import compose, validate  # noqa: E402
+from thinwire.config import compose, validate
 
 # dropout on: the simulator must keep each rank's global RNG stream its own
 TINY = ["experiment=tiny", "trainer.max_steps=8", "trainer.eval_every=4", "trainer.checkpoint_every=8",
@@ -118,8 +114,6 @@ def test_rows_it_cannot_model_are_refused_in_one_line(row):
 
 
 def test_quality_refuses_a_row_it_cannot_simulate_with_exit_2(capsys, tmp_path):
-    from harness import quality
-
     assert quality.main(["--simulate", "--rows", "co2 H=8", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "sync=co2" in err and "'co2 H=8'" in err
