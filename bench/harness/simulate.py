@@ -277,13 +277,20 @@ def _register(name, pg) -> None:
 
 
 def _install() -> None:
+    """torch.distributed per thread, for the simulation's length (``_uninstall`` restores it)."""
     if BACKEND not in dist.Backend.backend_list:
         dist.Backend.register_backend(BACKEND, _create, devices=["cpu"])
     dist.distributed_c10d._register_process_group = _register
     from torch.testing._internal.distributed import multi_threaded_pg
 
-    if not isinstance(dist.distributed_c10d._world, multi_threaded_pg.ThreadLocalWorld):
-        multi_threaded_pg._install_threaded_pg()
+    multi_threaded_pg._install_threaded_pg()
+
+
+def _uninstall() -> None:
+    from torch.testing._internal.distributed import multi_threaded_pg
+
+    multi_threaded_pg._uninstall_threaded_pg()
+    dist.distributed_c10d._register_process_group = _REGISTER
 
 
 def rank_threads(p: int) -> int:
@@ -301,11 +308,11 @@ def run(cfg, threads: int = 0) -> dict:
     why = refusal(cfg)
     if why:
         raise SystemExit(why)
-    _install()
+    if SIM:
+        raise RuntimeError("one simulation at a time per process")
     p = int(cfg.dist.nproc)
     threads = threads or int(cfg.dist.threads) or rank_threads(p)
     sim = Simulation(p)
-    SIM.append(sim)
     store = dist.HashStore()
     records: list = [None] * p
 
@@ -328,6 +335,8 @@ def run(cfg, threads: int = 0) -> dict:
                 records[rank] = error
 
     ts = [threading.Thread(target=rank_main, args=(r,), name=f"rank{r}") for r in range(p)]
+    _install()
+    SIM.append(sim)
     try:
         for t in ts:
             t.start()
@@ -337,6 +346,7 @@ def run(cfg, threads: int = 0) -> dict:
         for name in sim.registered:
             dist.distributed_c10d._unregister_process_group(name)
         SIM.remove(sim)
+        _uninstall()
     errors = [r for r in records if isinstance(r, BaseException)]
     if errors:
         raise errors[0]
