@@ -4,6 +4,8 @@ parameter per inner step, on the cluster benchmark's 0.8M char-GPT.
     python bench/quality.py                       # the goal rows, 3 seeds, 4 ranks, 1200 steps
     python bench/quality.py --rows sweep --seeds 0
     python bench/quality.py --report              # tables from the cached runs only
+    python bench/quality.py --simulate --rows "local H=8"   # p replicas in one process (harness/simulate.py)
+    python bench/quality.py --simulate-check --rows ...      # the real path and the simulator, timed, compared
 
 Every row runs ``thinwire-train`` with the same model (n_layer 4, n_embd 128, block 32, batch 8
 per rank), data order, schedule (AdamW, cosine, ``--lr``) and 64 fixed eval batches; seeds are
@@ -25,6 +27,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,10 +46,11 @@ def overrides(row: str, seed: int, a) -> list[str]:
 
 RUNS = os.path.join(OUT, "runs")   # --runs-dir
 DEADLINE = [math.inf]               # --deadline: no run starts after this time.monotonic()
+SIMULATE = [False, 0]               # --simulate: run each row's ranks in this process; --sim-threads
 
 
 def run_dir(ov: list[str]) -> str:
-    return runs.run_dir(RUNS, ov)
+    return runs.run_dir(RUNS, ov, kind="sim" if SIMULATE[0] else "")
 
 
 def run(row: str, seed: int, a) -> list[dict]:
@@ -57,6 +61,11 @@ def run(row: str, seed: int, a) -> list[dict]:
     if time.monotonic() > DEADLINE[0]:
         print(f"  skipped {row!r} seed {seed}: past --deadline", flush=True)
         return []
+    if SIMULATE[0]:
+        from . import simulate
+
+        print(f"  simulated {row!r} seed {seed} in {simulate.simulate_run(ov, d, SIMULATE[1]):.0f} s", flush=True)
+        return rows_of(d)
     runs.launch(ov, d, {"row": row, "seed": seed}, f"{row!r} seed {seed}")
     return rows_of(d)
 
@@ -163,6 +172,24 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def simulate_check(names: list[str], seeds_of: dict, a, argv) -> int:
+    """--simulate-check: every row real and simulated, one after the other (harness/simulate.py)."""
+    from . import simulate
+
+    root = os.path.join(RUNS, "simulate-check")  # run again every time: never the cache's real runs
+    tasks = [(row, seed, overrides(row, seed, a), runs.run_dir(root, overrides(row, seed, a), kind="real"))
+             for row in names for seed in seeds_of.get(row, a.seeds)]
+    threads = a.sim_threads or simulate.rank_threads(a.nproc)
+    results = simulate.checked(tasks, root) if a.report else simulate.check(tasks, root, threads)
+    table = simulate.check_table(results, a.nproc, a.steps, threads)
+    print(table)
+    tag = a.tag or "simulate"
+    os.makedirs(OUT, exist_ok=True)
+    manifest.write(os.path.join(OUT, f"{tag}.json"), {"args": vars(a), "results": results}, "bench/quality.py", argv)
+    manifest.write(os.path.join(OUT, f"{tag}.md"), table + "\n", "bench/quality.py", argv)
+    return 0
+
+
 def main(argv=None) -> int:
     global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -184,8 +211,16 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=math.inf, help="seconds from now after which no run starts")
     ap.add_argument("--runs-dir", default=RUNS, help="where the runs are cached")
     ap.add_argument("--tag", default=None, help="name of the table files (default: the set's name, or 'custom')")
+    ap.add_argument("--simulate", action="store_true", help="run each row's dist.nproc ranks as threads of this "
+                    "process, collectives computed in-process (harness/simulate.py); cached apart from real runs")
+    ap.add_argument("--simulate-check", action="store_true", help="run every row both ways now (real, then "
+                    "simulated), timed; table of val loss differences and speed ratios (<tag>.md; with --report: "
+                    "from the runs already made)")
+    ap.add_argument("--sim-threads", type=int, default=0, help="the simulator's intra-op threads (0: a real "
+                    "rank's, cores // nproc, at least 1: bitwise as the real path; more threads change the sums' order)")
     a = ap.parse_args(argv)
     RUNS = a.runs_dir
+    SIMULATE[:] = [a.simulate, a.sim_threads]
     runs.EXTRA[:] = a.launch
     DEADLINE[0] = time.monotonic() + a.deadline
     names = SETS.get(a.rows) or [r.strip() for r in a.rows.split(",")]
@@ -194,6 +229,7 @@ def main(argv=None) -> int:
         if "@" in n:
             names[i], sel = n.split("@")
             seeds_of[names[i]] = [int(x) for x in sel.split("+")]
+    asked = list(names)
     names = ["dense", *[n for n in names if n != "dense"]]
     for n in names:
         if n not in ROWS:
@@ -201,6 +237,20 @@ def main(argv=None) -> int:
                              "bench/harness/catalogue.py)")
         if n in PEER_ROWS:
             raise SystemExit(f"--rows: {n!r} is torch's peer: bench/time_to_target.py and bench/cluster.py run it")
+    if a.simulate or a.simulate_check:
+        from . import simulate
+
+        if a.jobs > 1:  # one simulation at a time per process (harness/simulate.py)
+            print(f"--jobs={a.jobs}: --simulate runs one row at a time (--jobs 1)", file=sys.stderr)
+            return 2
+
+        for n in names:
+            why = simulate.refusal_of(overrides(n, a.seeds[0], a))
+            if why:
+                print(f"{why} (row {n!r})", file=sys.stderr)
+                return 2
+    if a.simulate_check:
+        return simulate_check(asked, seeds_of, a, argv)
     results: dict = {}
     best_lr: dict = {}
     tasks = []
