@@ -17,7 +17,7 @@ import argparse
 import zlib
 
 from thinwire.comm.accounting import collective_bytes
-from thinwire.comm.collectives import chunk_numel, two_phase_bytes
+from thinwire.comm.collectives import chunk_numel, owner_ranges, two_phase_bytes
 from thinwire.comm.compressors import build_compressor
 
 
@@ -84,6 +84,31 @@ def table(params, ps=(2, 4, 8, 64), h=15) -> str:
     return "\n".join(lines)
 
 
+def ownership(params, p: int = 4) -> str:
+    """Where the two_phase bytes of SparseLoCo at ``p`` go, against the all-gather's: ownership by
+    the names' hash (what the aggregator does), the best a balanced ownership could do (each
+    tensor's first block given, largest tensors first, to the owner that then holds the fewest
+    bytes; ``two_phase_bytes`` of those offsets), and the floor 2 (p - 1) / p of one whole
+    payload (one code book per tensor, not per owner range; perfect balance)."""
+    c = build_compressor("chunk_topk")
+    big = [(nm, n) for nm, n in params if n >= 4096]
+    dense = collective_bytes("all_reduce", sum(n for _, n in params if n < 4096), 4, p)
+    ag = exchange_bytes(params, "sparseloco allgather", p)
+    hashed = exchange_bytes(params, "sparseloco two_phase", p)
+    offsets, held = [0] * len(big), [0] * p
+    for i in sorted(range(len(big)), key=lambda i: -big[i][1]):
+        def held_with(o):
+            return [h + sum(c.payload_nbytes(b - a) for j2, (a, b) in enumerate(owner_ranges(big[i][1], 4096, p, o))
+                            if j2 == j and b > a) for j, h in enumerate(held)]
+        offsets[i] = min(range(p), key=lambda o: max(held_with(o)))
+        held = held_with(offsets[i])
+    balanced = two_phase_bytes([n for _, n in big], c, p, None, offsets) + dense
+    floor = 2 * (p - 1) / p * sum(c.payload_nbytes(n) for _, n in big) + dense
+    return (f"p = {p}, two_phase / all-gather ({ag:,} B): hashed ownership {hashed:,} B ({hashed / ag:.3f}); "
+            f"balanced ownership {balanced:,} B ({balanced / ag:.3f}); floor, one code book per tensor "
+            f"{floor:,.0f} B ({floor / ag:.3f}); the fp32 all-reduce of the small tensors, {dense:,} B, in all")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["sparseloco", "7b"], default="sparseloco")
@@ -91,6 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     params = sparseloco_params() if args.model == "sparseloco" else llama7b_params()
     print(table(params, tuple(args.p)))
+    print(ownership(params))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ ROWS.update({
                                                   "sync.fragment_delay=1", "sync.fragment_alpha=0.5", *LOCAL,
                                                   *DILOCO_07, "comm=int8"],
     "stream H=8 F=4 tau=1 + int8": [*ROWS["stream H=8 F=4 tau=1"], "comm=int8"],
+    # issue 34: SparseLoCo through the run-aligned two-phase collective (owner re-selection and
+    # owner residual), and streaming's pseudo-gradients in fp8 / int4 beside int8 (all two-phase)
+    "sparseloco H=15 two_phase": ["experiment=sparseloco", "comm.collective=two_phase"],
+    "stream H=8 F=4 tau=1 + fp8": [*ROWS["stream H=8 F=4 tau=1"], "comm=fp8"],
+    "stream H=8 F=4 tau=1 + int4": [*ROWS["stream H=8 F=4 tau=1"], "comm=int4"],
     # the cluster matrix's and the clock validation's DDP compressors (bench/cluster.py, bench/netclock_validate.py)
     "int8 two-phase + ef": ["comm=int8", "comm.collective=two_phase", "sync=ddp"],
     "topk 1% + ef": ["comm=topk", "comm.ratio=0.01", "sync=ddp", "comm.feedback=ef"],
@@ -273,4 +278,7 @@ SETS["diloco_tuned"] = ["dense", "diloco H=15 olr=0.4", "local H=15", "diloco H=
                         "diloco H=30 olr=0.4", "diloco H=30 olr=0.8", "diloco H=15 olr=0.6", "diloco H=8 olr=0.6",
                         "diloco H=30 olr=1", "diloco H=15 olr=0.8", "diloco H=8 olr=0.8", "diloco H=15 olr=1",
                         "diloco H=8 olr=1"]
+# issue 34 (docs/quality.md): two_phase SparseLoCo vs the all-gather's, and streaming's fp8 / int4 vs int8
+SETS["exchange"] = ["sparseloco H=15", "sparseloco H=15 two_phase", "stream H=8 F=4 tau=1 + int8",
+                    "stream H=8 F=4 tau=1 + fp8", "stream H=8 F=4 tau=1 + int4"]
 SETS["sweep"] = [r for r in SETS["sweep"] if r not in SETS["momentum"]]  # issue 23's rows: --rows momentum
