@@ -1,7 +1,13 @@
 """Wall time of the config refusals of issue 36 (item 4): each command ``-n`` times (warm
-cache after the first), median per command, and ``python -c "import torch"`` for scale.
+cache after the first: the OS's, and thinwire's snapshot of the schemas, thinwire.config.fast),
+median per command, and ``python -c "import torch"`` for scale.
 
     python tools/config_error_times.py -n 5
+    python tools/config_error_times.py -n 5 --before ../before   # and a checkout of other code, interleaved
+
+With ``--before DIR`` every command also runs with DIR's thinwire (first on ``PYTHONPATH``),
+alternating with this checkout's run by run, so both see the same load; the ratio is
+before / after per command.
 """
 from __future__ import annotations
 
@@ -12,30 +18,43 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSED = ("comm=nosuch", "trainer.max_steps=-5", "optim.lr=inf", "model.block_size=100000000")
 
 
-def wall(cmd: list[str]) -> tuple[float, int]:
+def wall(cmd: list[str], code: str = REPO) -> tuple[float, int]:
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     return time.perf_counter() - t0, p.returncode
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=5)
+    ap.add_argument("--before", default=None, help="a checkout whose thinwire to time too, interleaved")
     args = ap.parse_args()
-    wall([sys.executable, "-m", "thinwire.train", REFUSED[0]])  # warm the caches
+    codes = {"after": REPO, **({"before": os.path.abspath(args.before)} if args.before else {})}
+    for code in codes.values():  # warm the caches (and leave this code's snapshot of the schemas)
+        wall([sys.executable, "-m", "thinwire.train", REFUSED[0]], code)
     rows = [("import torch", [sys.executable, "-c", "import torch"])]
     rows += [(f"thinwire-train {a}", [sys.executable, "-m", "thinwire.train", a]) for a in REFUSED]
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     for name, cmd in rows:
-        times = []
+        times = {k: [] for k in codes}
+        rcs = {}
         for _ in range(args.n):
-            t, rc = wall(cmd)
-            times.append(t)
-        print(f"{name:45s} median {statistics.median(times):6.2f} s  (min {min(times):.2f}, max {max(times):.2f}, "
-              f"exit {rc})", flush=True)
-    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+            for k, code in codes.items():
+                t, rcs[k] = wall(cmd, code)
+                times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        line = "  ".join(f"{k} median {med[k]:6.2f} s (min {min(times[k]):.2f}, max {max(times[k]):.2f}, exit {rcs[k]})"
+                         for k in codes)
+        if "before" in med:
+            line += f"  before/after {med['before'] / med['after']:.2f}x"
+        print(f"{name:45s} {line}", flush=True)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

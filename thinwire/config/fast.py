@@ -282,7 +282,9 @@ class Part:
         self._option, self._attrs = option, attrs
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name not in CACHED_ATTRS:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name not in CACHED_ATTRS:
             raise NeedsParts(f"{self._option}.{name}")
         if name not in self._attrs:
             raise AttributeError(name)
@@ -329,11 +331,11 @@ def load_table():
         return None
 
 
-def refuse(jobs: list[list[str]]) -> None:
+def refuse(jobs: list[list[str]], loaded: tuple | None = None) -> None:
     """Raise the ``ConfigError`` that ``compose`` then ``validate`` raise first for ``jobs``,
     found without torch; return when this pass cannot tell (no snapshot for this code, a part's
-    code needed) or finds no error, and the full path runs."""
-    loaded = load_table()
+    code needed) or finds no error, and the full path runs. ``loaded``: a ``table`` (tests)."""
+    loaded = loaded or load_table()
     if loaded is None:
         return
     from . import groups as tables
