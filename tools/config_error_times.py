@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -22,12 +23,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFUSED = ("comm=nosuch", "trainer.max_steps=-5", "optim.lr=inf", "model.block_size=100000000")
 
 
-def wall(cmd: list[str], code: str = REPO) -> tuple[float, int]:
+def wall(cmd: list[str], code: str = REPO) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + sys: what a loaded machine does not stretch) and the exit code."""
     env = {**os.environ, "WANDB_MODE": "disabled",
            "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return time.perf_counter() - t0, p.returncode
+    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)  # python -m puts cwd first
+    t, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return t, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), p.returncode
 
 
 def main() -> None:
@@ -42,18 +45,20 @@ def main() -> None:
     rows += [(f"thinwire-train {a}", [sys.executable, "-m", "thinwire.train", a]) for a in REFUSED]
     print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     for name, cmd in rows:
-        times = {k: [] for k in codes}
-        rcs = {}
+        which = {"after": REPO} if cmd[1] == "-c" else codes  # import torch: the same for any thinwire
+        times, cpus, rcs = {k: [] for k in which}, {k: [] for k in which}, {}
         for _ in range(args.n):
-            for k, code in codes.items():
-                t, rcs[k] = wall(cmd, code)
+            for k, code in which.items():
+                t, c, rcs[k] = wall(cmd, code)
                 times[k].append(t)
+                cpus[k].append(c)
         med = {k: statistics.median(v) for k, v in times.items()}
-        line = "  ".join(f"{k} median {med[k]:6.2f} s (min {min(times[k]):.2f}, max {max(times[k]):.2f}, exit {rcs[k]})"
-                         for k in codes)
+        cpu = {k: statistics.median(v) for k, v in cpus.items()}
+        line = "  ".join(f"{k}: wall median {med[k]:6.2f} s (min {min(times[k]):.2f}, max {max(times[k]):.2f}), "
+                         f"CPU median {cpu[k]:5.2f} s, exit {rcs[k]}" for k in which)
         if "before" in med:
-            line += f"  before/after {med['before'] / med['after']:.2f}x"
-        print(f"{name:45s} {line}", flush=True)
+            line += f"  before/after: wall {med['before'] / med['after']:.2f}x, CPU {cpu['before'] / cpu['after']:.2f}x"
+        print(f"{name:40s} {line}", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
