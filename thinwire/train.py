@@ -204,13 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     argv = [a for a in argv if a not in ("-m", "--multirun")]
     argv, show = take_cfg_flag(argv)
+    from .config import fast
+
     try:
         jobs = expand_sweep(argv) if multirun else [argv]
+        if fast.enabled():
+            fast.refuse(jobs)  # a bad config refused before torch is imported, where it can be
         cfgs = [compose(job) for job in jobs]
         for cfg in cfgs:
             validate(cfg)
     except ConfigError as e:
+        fast.remember()
         fail(str(e))
+    fast.remember()
     if show:  # Hydra's --cfg job: the config each run would get, nothing started or written
         for n, cfg in enumerate(cfgs):
             print(f"# run {n}: {cfg.run_dir}" if len(cfgs) > 1 else f"# {cfg.run_dir}")

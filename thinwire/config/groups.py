@@ -118,8 +118,27 @@ def _loggers() -> dict:
     return LOGGERS.entries()
 
 
-@functools.cache
+_cached: tuple | None = None  # (groups, fixed groups) from thinwire.config.fast's snapshot, while it refuses
+
+
+def use(table: tuple | None) -> None:
+    """Serve ``groups()`` and ``fixed_groups()`` from a snapshot (``thinwire.config.fast``), or
+    again from the registries (None)."""
+    global _cached
+    _cached = table
+
+
+def loaded() -> bool:
+    """The registries' table is built (its parts imported)."""
+    return _groups.cache_info().currsize > 0
+
+
 def groups() -> dict[str, Group]:
+    return _cached[0] if _cached is not None else _groups()
+
+
+@functools.cache
+def _groups() -> dict[str, Group]:
     from ..comm.hooks import comm_base
     from ..comm.sync import SYNC_STRATEGIES, SyncConfig
     from ..optim.peft import PEFT_METHODS, PeftConfig
@@ -141,8 +160,10 @@ def groups() -> dict[str, Group]:
 
 def fixed_groups() -> dict[str, type]:
     """Groups with one schema whatever the option (their YAMLs are presets of it)."""
+    if _cached is not None:
+        return _cached[1]
     from ..elastic.config import ElasticConfig
     from ..trainer.trainer_config import TrainerConfig
-    from ..trainer.world import DistConfig
+    from ..trainer.dist_config import DistConfig
 
     return {"trainer": TrainerConfig, "dist": DistConfig, "elastic": ElasticConfig}

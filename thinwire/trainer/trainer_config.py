@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import need, non_negative, positive
-from .faults import FaultConfig
+from .fault_config import FaultConfig
 
 MAX_SEED = 1 << 32                # seeds are mixed (seed * 1_000_003 + ...) into torch's 64-bit seeds
 MAX_SAMPLE_CHARS = 10_000

@@ -8,51 +8,14 @@ there is one code path, world size 1 included. NCCL when CUDA is available (devi
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..comm import groups
-from ..errors import need, non_negative, one_of, positive
-
-
-_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
-def is_host(addr: str) -> bool:
-    """``addr`` is an IPv4/IPv6 address or a DNS host name (no port, no spaces)."""
-    try:
-        ipaddress.ip_address(addr)
-        return True
-    except ValueError:
-        pass
-    return 0 < len(addr) <= 253 and all(_HOST_LABEL.match(p) for p in addr.split("."))
-
-
-@dataclass
-class DistConfig:
-    """``dist``: how the processes of a run are started and connected."""
-    nproc: int = 2                   # workers thinwire-train starts when not under torchrun
-    threads: int = 0                 # torch threads per worker; 0 = cores // local workers
-    backend: str = "auto"            # auto (nccl with CUDA, else gloo) | gloo | nccl
-    master_addr: str = "127.0.0.1"
-    timeout_s: float = 300.0         # collective timeout: a hung peer fails the job after this
-    max_restarts: int = 0            # self-launched workers: elastic restarts from the newest checkpoint
-
-    def check(self) -> None:
-        need(self.nproc >= 1, "nproc", self.nproc, "must be >= 1")
-        need(self.threads >= 0, "threads", self.threads, "must be >= 0 (0 = cores / local workers)")
-        one_of(self.backend, ("auto", "gloo", "nccl"), "backend")
-        positive(self, "timeout_s")
-        need(is_host(self.master_addr), "master_addr", self.master_addr,
-             "must be a host name or an IP address, without a port (the port is chosen free)")
-        non_negative(self, "max_restarts")
-        need(self.backend != "nccl" or torch.cuda.is_available(), "backend", self.backend,
-             "needs CUDA, which is not available")
+from .dist_config import DistConfig, is_host  # noqa: F401  (declared without torch: the config path reads them)
 
 
 @dataclass(frozen=True)
