@@ -132,8 +132,11 @@ def test_config_rules_and_the_start_up_warning(capsys, monkeypatch, tmp_path):
     for ov in (["comm=topk"], ["comm=sign1", "comm.feedback=ef"], ["comm=chunk_topk"]):
         (line,) = advice(compose(ov))
         assert "optim=demo" in line and "experiment=sparseloco" in line and "+37-42%" in line
-    for ov in (["comm=int8"], ["optim=sgd", "comm=topk"], ["comm=topk", "sync=local"], []):
+    for ov in (["comm=int8"], ["optim=sgd", "comm=topk"], ["comm=topk", "sync=local"], [],
+               ["experiment=sparseloco"], ["comm=int8", "comm.collective=two_phase", "sync=local"]):
         assert advice(compose(ov)) == []
+    (line,) = advice(compose(["experiment=sparseloco", "comm.collective=two_phase"]))  # issue 34's measured gap
+    assert "comm=chunk_topk comm.collective=two_phase under sync=local" in line and "+15.9%" in line
     # through the command line, in this process (the launch itself replaced)
     monkeypatch.setattr(thinwire.train, "launch_local", lambda cfg, yamls: 0)
     monkeypatch.delenv("RANK", raising=False)

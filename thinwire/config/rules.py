@@ -139,6 +139,12 @@ def advice(cfg: DictConfig) -> list[str]:
                    f"+37-42% val loss vs dense at 160 steps here (bench/results/cluster.md); compress the momentum instead, optim=adam1bit "
                    f"(+2.7% at 1/9.9 of bf16's bytes) or optim=demo (+11% at 1/34, docs/optim.md), or use "
                    f"sync=local with experiment=sparseloco (+3.9% at 1/491, docs/quality.md)")
+    sparse = cfg.comm.name in ("topk", "chunk_topk")
+    if sparse and not every_step and cfg.comm.get("collective") == "two_phase":
+        out.append(f"comm={cfg.comm.name} comm.collective=two_phase under sync={cfg.sync.name}: the owners' re-selection "
+                   f"(top k of the summed entries, the rest kept in an owner residual) measured +15.9% val loss vs dense "
+                   f"against the all-gather's +3.7% for SparseLoCo H=15 (2 seeds, docs/quality.md, issue 34); it sends "
+                   f"0.57x the all-gather's bytes at 4 replicas, so keep the all-gather unless bytes at many replicas matter more")
     return out
 
 
