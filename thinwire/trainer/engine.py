@@ -21,7 +21,7 @@ from ..errors import positive
 from ..registry import Registry
 from .deepspeed_engine import DeepSpeedEngine  # deepspeed itself is imported on use
 from .fsdp2_engine import FSDP2Engine
-from .interface import Engine
+from .interface import CommStateMethods, Engine
 
 ENGINES: Registry[Callable[..., Engine]] = Registry("engine", "thinwire.engines")
 
@@ -43,7 +43,7 @@ class DDPOptions:
 
 
 @ENGINES.register("ddp")
-class DDPEngine(Engine):
+class DDPEngine(CommStateMethods, Engine):
     """``forward_model`` is what the loop calls (DDP or the bare module); ``module`` the model;
     ``hook_state`` the comm hook's state (a ``thinwire.comm.hooks.HookState``) that
     ``comm_hook`` built."""
@@ -95,26 +95,6 @@ class DDPEngine(Engine):
             return 0.0
         return max(0.0, backward_end - self.hook_state.last_launch_s)
 
-    def set_lr(self, lr: float) -> None:
-        """Tell the hook this step's learning rate (error-feedback residual rescaling)."""
-        self.hook_state.set_lr(lr)
-
-    def take_comm_stats(self) -> dict:
-        """Compression ratio and residual norm of the step just finished."""
-        return self.hook_state.take_stats()
-
-    def commit(self) -> None:
-        self.hook_state.commit()
-
-    def discard(self) -> None:
-        self.hook_state.discard()
-
-    def comm_state_dict(self) -> dict:
-        return self.hook_state.state_dict()
-
-    def load_comm_state_dict(self, state: dict) -> None:
-        if state:
-            self.hook_state.load_state_dict(state)
 
 
 ENGINES.register("deepspeed")(DeepSpeedEngine)
