@@ -3,7 +3,8 @@
 The outer step is thinwire's own (``thinwire.comm.outer_optimizer.OuterOptimizer`` on the
 anchor, read and written through ``thinwire.comm.param_space.ModuleParams``), with the options
 of ``sync=local`` (``LocalConfig``: ``outer_optim``, ``clip``, ``clip_mode``); ``sync=diloco``
-is the same with DiLoCo's outer SGD (Nesterov 0.9, lr 0.7).
+is the same with DiLoCo's outer SGD (Nesterov 0.9, the outer lr ``sync=diloco`` resolves for H and
+the nominal slot count: ``thinwire.comm.outer_optimizer.tuned_outer_lr``).
 
 Slots, not ranks: the batch of slot ``s`` at global step ``t`` is a function of
 ``(seed, s, nominal, t)`` only, so a replacement for slot ``s`` trains exactly slot ``s``'s
@@ -22,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from ..comm.local import LocalConfig
-from ..comm.outer_optimizer import OuterOptimizer, default_outer_optim
+from ..comm.outer_optimizer import OuterOptimizer, default_outer_optim, tuned_outer_lr
 from ..comm.param_space import ModuleParams
 from .state import digest, pack, unpack
 
 OUTER_PRESETS = {
     "local": default_outer_optim(),
-    "diloco": default_outer_optim(momentum=0.9, nesterov=True, lr=0.7),
+    "diloco": default_outer_optim(momentum=0.9, nesterov=True, lr=None),  # lr: tuned_outer_lr(H, N)
 }
 
 
@@ -47,8 +48,10 @@ class ReplicaSpec:
     clip: float = 1.0
 
     def sync_config(self) -> LocalConfig:
-        return LocalConfig(local_steps=self.local_steps, outer_optim=dict(OUTER_PRESETS[self.sync]),
-                           clip=self.clip)
+        outer = dict(OUTER_PRESETS[self.sync])
+        if outer["lr"] is None:  # as sync=diloco resolves it in the trainer, with N the nominal slots
+            outer["lr"] = tuned_outer_lr(self.local_steps, self.nominal)
+        return LocalConfig(local_steps=self.local_steps, outer_optim=outer, clip=self.clip)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
