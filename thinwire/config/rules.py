@@ -143,7 +143,7 @@ def advice(cfg: DictConfig) -> list[str]:
     if sparse and not every_step and cfg.comm.get("collective") == "two_phase":
         out.append(f"comm={cfg.comm.name} comm.collective=two_phase under sync={cfg.sync.name}: the owners' re-selection "
                    f"(top k of the summed entries, the rest kept in an owner residual) measured +15.9% val loss vs dense "
-                   f"against the all-gather's +3.7% for SparseLoCo H=15 (2 seeds, docs/quality.md, issue 34); it sends "
+                   f"against the all-gather's +3.9% for SparseLoCo H=15 (3 seeds, docs/quality.md, issue 34); it sends "
                    f"0.57x the all-gather's bytes at 4 replicas, so keep the all-gather unless bytes at many replicas matter more")
     return out
 
