@@ -13,6 +13,7 @@
   (a world-wide DCP save would restore a mix);
 - a crafted DCP metadata file is refused; impossible shapes exit 2 with one line.
 """
+import io
 import json
 import os
 import pickle
@@ -499,6 +500,32 @@ def test_crafted_dcp_metadata_is_refused(tmp_path):
         pickle.dump(Crafted(), fh, protocol=5)
     with pytest.raises(UnsafeDCPError, match="would call posix.system|would call os.system"):
         safe_reader(str(tmp_path)).read_metadata()
+
+
+class EnumByGetattr:  # how some Pythons (Debian 12's 3.11.2) pickle an enum member
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return (getattr, (self.cls, self.name))
+
+
+def test_dcp_enum_pickled_by_getattr_loads_and_other_getattr_is_refused(tmp_path):
+    """An enum member pickled as getattr(Enum, name) (DCP's _MEM_FORMAT_ENCODING under some
+    Pythons) loads; getattr on anything else (a path's unlink) is refused, nothing runs."""
+    from pathlib import PosixPath
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from thinwire.trainer.fsdp2_shards import UnsafeDCPError, _MetadataUnpickler
+
+    member = next(iter(_MEM_FORMAT_ENCODING))
+    blob = pickle.dumps([EnumByGetattr(_MEM_FORMAT_ENCODING, member.name)], protocol=5)
+    assert _MetadataUnpickler(io.BytesIO(blob)).load() == [member]
+    for cls, name in [(PosixPath, "unlink"), (_MEM_FORMAT_ENCODING, "__class__")]:
+        blob = pickle.dumps(EnumByGetattr(cls, name), protocol=5)
+        with pytest.raises(UnsafeDCPError, match="only members of DCP's own enums"):
+            _MetadataUnpickler(io.BytesIO(blob)).load()
 
 
 @pytest.mark.extended

@@ -162,8 +162,22 @@ class UnsafeDCPError(ValueError):
     pass
 
 
+def _enum_member(cls, name: str):
+    """``builtins.getattr`` as some Pythons pickle an enum member (``getattr(Enum, name)``: the
+    3.11.2 of Debian 12 does so for DCP's ``_MEM_FORMAT_ENCODING``), allowed only for a member of
+    an allowlisted enum: a general getattr would reach any method of any allowed object."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    if cls is _MEM_FORMAT_ENCODING and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise UnsafeDCPError(f"DCP metadata is refused: loading it would call getattr({cls!r}, {name!r}) "
+                         f"(only members of DCP's own enums are allowed)")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         torch_dtype = module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))
         if torch_dtype or name in DCP_GLOBALS.get(module, ()):
             return super().find_class(module, name)
