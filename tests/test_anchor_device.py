@@ -115,14 +115,16 @@ def _metrics(run_dir):
 @pytest.mark.parametrize("engine", [["engine=ddp"], ["engine=fsdp2", "engine.shard_group_size=1"]])
 def test_trainer_with_cpu_anchor_is_bitwise(engine, tmp_path):
     """2 ranks, sync=co2 (stale: momentum and the last anchor move at home), int8 average,
-    stopped after step 3 and resumed: every metric bitwise the default placement's."""
+    stopped after step 3 and resumed: every metric bitwise the default placement's but
+    ``residual_norm``, which under co2 counts a round's residuals when gloo's thread finishes it
+    (tests/test_fsdp2.py::test_shard_size_one_equals_ddp excludes it under co2 too)."""
     POOLS.train(*BASE, *engine, f"hydra.run.dir={tmp_path}/ref")
     run = [*BASE, *engine, "sync.anchor_device=cpu", f"hydra.run.dir={tmp_path}/cpu"]
     first = POOLS.train(*run, "trainer.stop_after=3")
     assert "sync.anchor_device=cpu" in first.stdout
     POOLS.train(*run, "trainer.resume=auto")
     ref, cpu = _metrics(tmp_path / "ref"), _metrics(tmp_path / "cpu")
-    keys = {k for r in ref for k in r} - set(TIMING) - {"step_time_s", "tokens_per_s", "samples_per_s"}
+    keys = {k for r in ref for k in r if not k.endswith("_s")} - set(TIMING) - {"residual_norm"}  # no timings
     assert [r["step"] for r in cpu] == list(range(1, 7))
     for key in sorted(keys):
         assert [r.get(key) for r in cpu] == [r.get(key) for r in ref], key

@@ -225,10 +225,14 @@ class Trainer:
             "comm_wait_s": self.watch.take(),
             "wire_bytes": sent.wire,
             "control_bytes": sent.control,
-            "dense_bytes": accounting.allreduce_bytes(self.engine.numel, self.world.world_size),
+            # engine=fsdp2: this rank's shard across the replicas (dense_group_size = R)
+            "dense_bytes": accounting.allreduce_bytes(self.engine.numel,
+                                                      getattr(self.engine, "dense_group_size", self.world.world_size)),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
         })
+        if sent.island:  # engine=fsdp2: inside the island (accounted), never in wire_bytes
+            record["island_bytes"] = sent.island
         return record
 
     def run(self) -> dict:
