@@ -103,7 +103,11 @@ def test_island_bytes_equal_fsdp2s_own_collectives(tmp_path):
 def test_trainer_reports_island_bytes_apart_from_wire_bytes(tmp_path):
     """2 ranks, one island of 2 (R = 1), sync=ddp: island_bytes every step = the accounted
     gathers and reduce-scatters of the tiny model; wire_bytes = control_bytes (nothing crosses
-    islands); dense_bytes = 0 (one replica)."""
+    islands); dense_bytes = 0 (one replica). With comm=topk (error feedback on each local
+    gradient shard), residual_norm is the norm of the whole residuals: both ranks' saved
+    shards together."""
+    import math
+
     from hydra.utils import instantiate
 
     from thinwire.config import compose
@@ -120,3 +124,12 @@ def test_trainer_reports_island_bytes_apart_from_wire_bytes(tmp_path):
     for r in rows:
         assert r["island_bytes"] == want, (r["island_bytes"], want)
         assert r["wire_bytes"] == r["control_bytes"] and r["dense_bytes"] == 0
+    POOLS.train(*overrides, "comm=topk", f"hydra.run.dir={tmp_path}/topk")
+    with open(tmp_path / "topk" / "metrics.jsonl") as fh:
+        last = [json.loads(line) for line in fh][-1]
+    sq = [sum(float(v["e"].double().pow(2).sum()) for v in torch.load(
+        tmp_path / "topk" / "checkpoints" / "step_00000002" / f"rank{r:05d}.pt",
+        weights_only=True)["comm"]["aggregator"]["feedback"].values()) for r in range(2)]
+    assert min(sq) > 0
+    assert last["residual_norm"] == pytest.approx(math.sqrt(sum(sq)), rel=1e-12)
+    assert last["residual_norm"] > math.sqrt(max(sq)) * (1 + 1e-6)  # more than one rank's shard
