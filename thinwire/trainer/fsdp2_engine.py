@@ -200,7 +200,7 @@ class FSDP2Engine(CommStateMethods, Engine):
         self.island_bytes = island_step_bytes(trainable, self.islands.size, cfg.reshard_after_forward, param_dtype,
                                               reduce_dtype)
         # the dense reference (dense_bytes): an fp32 all-reduce of this rank's shard across the R replicas
-        self.numel, self.dense_group_size = local_numel, self.islands.replicas
+        self.dense_reference = (local_numel, self.islands.replicas)
         if compressed:  # the DDP hook's state: aggregator, EF rescaling, warm-up, staging, checkpoint
             fields = OmegaConf.to_container(comm_cfg, resolve=True)
             self.hook_state, _ = comm_hook(fields.pop("name"), process_group=self.islands.cross_group,
