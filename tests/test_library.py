@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import run_ranks
+from thinwire.meter import allreduce_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "docs", "examples", "library")
@@ -375,11 +376,11 @@ def unsharded_islands_reference(steps: int, replicas: int, shards: int, local_st
     return [params(m) for m in models]
 
 
-def fsdp2_ranks(rank, world_size, layouts, steps, local_steps):
+def fsdp2_ranks(rank, world_size, layouts, steps, local_steps, comm="none"):
     out = {}
     for replicas, shards in layouts:
-        model, val, counts = example("fsdp2_outer_loop").train(steps, replicas, shards, local_steps=local_steps,
-                                                               clip=float("inf"))
+        model, val, counts = example("fsdp2_outer_loop").train(steps, replicas, shards, comm=comm,
+                                                               local_steps=local_steps, clip=float("inf"))
         whole = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         local = sum(p.to_local().numel() for p in model.parameters())
         out[replicas, shards] = {"params": whole, "val": val, "counts": counts, "local": local}
@@ -398,8 +399,6 @@ def fsdp2_ranks(rank, world_size, layouts, steps, local_steps):
 
 
 def check_fsdp2_layouts(results, layouts, steps, local_steps):
-    from thinwire.meter import allreduce_bytes
-
     for replicas, shards in layouts:
         ref = unsharded_islands_reference(steps, replicas, shards, local_steps)
         for rank, r in enumerate(results):
@@ -426,7 +425,19 @@ def test_fsdp2_outer_loop_equals_unsharded_islands(tmp_path):
 
 @pytest.mark.extended
 def test_fsdp2_outer_loop_on_two_islands_of_two(tmp_path):
-    """The same on 4 ranks, 2 islands of 2 (the HSDP layout): sharded and averaged at once."""
+    """The same on 4 ranks, 2 islands of 2 (the HSDP layout): sharded and averaged at once. With
+    an int8 outer average (two-phase: a second group per replicate group, made from the mesh on
+    every rank) the islands' ranks hold the same whole parameters, close to the exact run's."""
     layouts, steps, h = ((2, 2),), 5, 2
     check_fsdp2_layouts(run_ranks(fsdp2_ranks, 4, tmp_path, layouts, steps, h), layouts, steps, h)
+    steps = 6  # ends a round: every rank holds the consensus
+    int8 = {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64}
+    q = [r[2, 2] for r in run_ranks(fsdp2_ranks, 4, tmp_path, layouts, steps, h, int8)]
+    exact = unsharded_islands_reference(steps, 2, 2, h)[0]
+    for r in q:
+        assert same(r["params"], q[0]["params"])  # every rank: the same consensus after the last round
+        assert not same(r["params"], exact)
+        for k, v in exact.items():
+            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=0.05)
+        assert 0 < r["counts"].data < (steps // h) * allreduce_bytes(r["local"], 2)  # ~1 byte per value
 
