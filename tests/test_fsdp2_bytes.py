@@ -104,8 +104,8 @@ def test_trainer_reports_island_bytes_apart_from_wire_bytes(tmp_path):
     """2 ranks, one island of 2 (R = 1), sync=ddp: island_bytes every step = the accounted
     gathers and reduce-scatters of the tiny model; wire_bytes = control_bytes (nothing crosses
     islands); dense_bytes = 0 (one replica). With comm=topk (error feedback on each local
-    gradient shard), residual_norm is the norm of the whole residuals: both ranks' saved
-    shards together."""
+    shard: of the gradient every step, or of the pseudo-gradient under sync=local),
+    residual_norm is the norm of the whole residuals: both ranks' saved shards together."""
     import math
 
     from hydra.utils import instantiate
@@ -124,12 +124,19 @@ def test_trainer_reports_island_bytes_apart_from_wire_bytes(tmp_path):
     for r in rows:
         assert r["island_bytes"] == want, (r["island_bytes"], want)
         assert r["wire_bytes"] == r["control_bytes"] and r["dense_bytes"] == 0
-    POOLS.train(*overrides, "comm=topk", f"hydra.run.dir={tmp_path}/topk")
-    with open(tmp_path / "topk" / "metrics.jsonl") as fh:
-        last = [json.loads(line) for line in fh][-1]
-    sq = [sum(float(v["e"].double().pow(2).sum()) for v in torch.load(
-        tmp_path / "topk" / "checkpoints" / "step_00000002" / f"rank{r:05d}.pt",
-        weights_only=True)["comm"]["aggregator"]["feedback"].values()) for r in range(2)]
-    assert min(sq) > 0
-    assert last["residual_norm"] == pytest.approx(math.sqrt(sum(sq)), rel=1e-12)
-    assert last["residual_norm"] > math.sqrt(max(sq)) * (1 + 1e-6)  # more than one rank's shard
+    # per-step compression (sync=ddp) and the outer average (sync=local, H = 2): the saved residuals
+    for name, extra, where in (("topk", [], ("comm", "aggregator")), ("local", LOCAL, ("sync", "averager"))):
+        POOLS.train(*overrides, "comm=topk", *extra, f"hydra.run.dir={tmp_path}/{name}")
+        with open(tmp_path / name / "metrics.jsonl") as fh:
+            last = [json.loads(line) for line in fh][-1]
+        sq = []
+        for r in range(2):
+            state = torch.load(tmp_path / name / "checkpoints" / "step_00000002" / f"rank{r:05d}.pt", weights_only=True)
+            feedback = state[where[0]][where[1]]["feedback"]
+            sq.append(sum(float(v["e"].double().pow(2).sum()) for v in feedback.values()))
+        assert min(sq) > 0, name
+        assert last["residual_norm"] == pytest.approx(math.sqrt(sum(sq)), rel=1e-12), name
+        assert last["residual_norm"] > math.sqrt(max(sq)) * (1 + 1e-6), name  # more than one rank's shard
+
+
+LOCAL = ["sync=local", "sync.local_steps=1", "comm.warmup_steps=0"]

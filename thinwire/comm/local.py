@@ -42,7 +42,7 @@ from .averager import CompressedAverager
 from .futures import then
 from .moments import MomentAverager
 from .outer_optimizer import OuterOptimizer, Placement, outer_spec, per_element
-from .param_space import DataParallel, ModuleParams, Replicas
+from .param_space import DataParallel, ModuleParams, Replicas, group_norm
 from .rounds import CO2Config, LocalConfig, co2_options, round_of
 from .sync import SYNC_STRATEGIES, SyncStrategy
 
@@ -175,7 +175,7 @@ class OuterStrategy(SyncStrategy):
             if self.plan.streaming:
                 out["fragment"] = j
         if s % self.H:
-            return {**out, "comm_wait_s": wait, **self.averager.take_stats()} if out else {}
+            return {**out, "comm_wait_s": wait, **self._averager_stats()} if out else {}
         self.round += 1
         self.moments.after_round(self.round)
         if not self.plan.streaming and not self.overlapped:
@@ -184,7 +184,7 @@ class OuterStrategy(SyncStrategy):
             out.update(self.absence.round_metrics(self.round - 1))
             if self._absent(self.round):
                 self.space.write_flat(self.space.flat(self.anchor))
-        return self.metrics(wait, **out, **self.averager.take_stats())
+        return self.metrics(wait, **out, **self._averager_stats())
 
     def _launch(self, j: int) -> bool:
         """Delta_i of fragment j, agreed finite, then launched (False: skipped everywhere)."""
@@ -261,6 +261,15 @@ class OuterStrategy(SyncStrategy):
         self.last_step[j] = [self.place.store(x) for x in step]
         live = self._pieces(self._take(self._live(), j), j)  # w_i += a_{t+1} - y_i
         self._write(j, [w.add_(x).add_(y) for w, x, y in zip(live, step, self._pieces(f.snapshot, j))])
+
+    def _averager_stats(self) -> dict[str, float]:
+        """The averager's metrics; ``residual_norm`` over whole tensors where each rank holds a
+        shard of every tensor (``Replicas.shard_group``: FSDP2's island)."""
+        stats = self.averager.take_stats()
+        if "residual_norm" in stats:
+            stats["residual_norm"] = group_norm(stats["residual_norm"], getattr(self.replicas, "shard_group", None),
+                                                self.meter, self.place.work)
+        return stats
 
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
         momentum = self.outer.momentum()

@@ -40,6 +40,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..comm import accounting, hooks
+from ..comm.param_space import group_norm
 from ..errors import ConfigError, ResumeConfigError
 from . import fsdp2_shards
 from .fsdp2_shards import Islands
@@ -316,10 +317,9 @@ class FSDP2Engine(CommStateMethods, Engine):
         island's local shards summed (one fp64 scalar all-reduce in the island: control, as the
         local shards' norms are; island_bytes stays FSDP2's accounted collectives alone)."""
         stats = super().take_comm_stats()
-        if "residual_norm" in stats and self.islands.size > 1:
-            sq = torch.tensor([stats["residual_norm"] ** 2], dtype=torch.float64, device=self.world.device)
-            accounting.all_reduce(self.meter, sq, group=self.islands.shard_group, kind="control")
-            stats["residual_norm"] = math.sqrt(float(sq))
+        if "residual_norm" in stats:
+            stats["residual_norm"] = group_norm(stats["residual_norm"], self.islands.shard_group, self.meter,
+                                                self.world.device)
         return stats
 
     def load_comm_state_dict(self, state: dict) -> None:
