@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from conftest import run_ranks
+from thinwire.meter import allreduce_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "docs", "examples", "library")
@@ -332,3 +333,111 @@ def test_outer_loop_presets_of_the_doc_table_run():
             for _ in range(16):
                 outer.step()
             assert outer.strategy.round == rounds and outer.steps == 16
+
+
+# -- FSDP2 + OuterLoop: DiLoCo across islands on local shards -------------------------------------
+def example_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """example_data.batch of ``rank``, in one process (its seed rule: 1000 * step + rank)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(16, 32, generator=g)
+    return x, x[:, :4].argmax(1)
+
+
+def unsharded_islands_reference(steps: int, replicas: int, shards: int, local_steps: int) -> dict:
+    """``replicas`` unsharded copies of the model, one process: each step replica i's gradient
+    is the mean of its island's ranks' gradients (FSDP2's reduce-scatter: g_a / S + g_b / S),
+    then its own AdamW; every ``local_steps`` the pseudo-gradients a - w_i are averaged across
+    the replicas and the anchor takes one Nesterov SGD step; every replica restarts from it."""
+    ex = example("fsdp2_outer_loop")
+    models = [ex.make_residual_mlp() for _ in range(replicas)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    anchor = [p.detach().clone() for p in models[0].parameters()]
+    outer = torch.optim.SGD(anchor, lr=0.7, momentum=0.9, nesterov=True)
+    for step in range(steps):
+        for i, (m, opt) in enumerate(zip(models, opts)):
+            grads = []
+            for r in range(i * shards, (i + 1) * shards):
+                m.zero_grad()
+                x, y = example_batch(step, r)
+                F.cross_entropy(m(x), y).backward()
+                grads.append([p.grad.clone() for p in m.parameters()])
+            for p, *g in zip(m.parameters(), *grads):
+                p.grad = sum(x / shards for x in g) if shards > 1 else g[0]
+            opt.step()
+        if (step + 1) % local_steps == 0:
+            with torch.no_grad():
+                for j, a in enumerate(anchor):
+                    deltas = [a - list(m.parameters())[j] for m in models]
+                    a.grad = sum(deltas) / replicas
+                outer.step()
+                for m in models:
+                    for p, a in zip(m.parameters(), anchor):
+                        p.copy_(a)
+    return [params(m) for m in models]
+
+
+def fsdp2_ranks(rank, world_size, layouts, steps, local_steps, comm="none"):
+    out = {}
+    for replicas, shards in layouts:
+        model, val, counts = example("fsdp2_outer_loop").train(steps, replicas, shards, comm=comm,
+                                                               local_steps=local_steps, clip=float("inf"))
+        whole = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        local = sum(p.to_local().numel() for p in model.parameters())
+        out[replicas, shards] = {"params": whole, "val": val, "counts": counts, "local": local}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from thinwire import OuterLoop
+    from thinwire.errors import ConfigError
+
+    try:  # a mesh without the replicate dimension: one line naming the mesh
+        OuterLoop(example("example_data").make_model(), "local",
+                  mesh=init_device_mesh("cpu", (world_size,), mesh_dim_names=("shard",)))
+        out["bad_mesh"] = None
+    except ConfigError as e:
+        out["bad_mesh"] = str(e)
+    return out
+
+
+def check_fsdp2_layouts(results, layouts, steps, local_steps):
+    for replicas, shards in layouts:
+        ref = unsharded_islands_reference(steps, replicas, shards, local_steps)
+        for rank, r in enumerate(results):
+            got = r[replicas, shards]
+            assert same(got["params"], ref[rank // shards]), (replicas, shards, rank)  # bitwise
+            numel = sum(v.numel() for v in ref[0].values())
+            assert got["local"] * shards >= numel and got["local"] < numel or shards == 1
+            # comm=none: one fp32 all-reduce of this rank's local shard per round, across the replicas
+            assert got["counts"].data == (steps // local_steps) * allreduce_bytes(got["local"], replicas)
+            assert math.isfinite(got["val"])
+    for r in results:
+        assert r["bad_mesh"].startswith("mesh=('shard',): OuterLoop takes a 2-D DeviceMesh"), r["bad_mesh"]
+        assert "\n" not in r["bad_mesh"]
+
+
+def test_fsdp2_outer_loop_equals_unsharded_islands(tmp_path):
+    """docs/examples/library/fsdp2_outer_loop.py on 2 ranks, as one island of 2 (FSDP2 shards,
+    the outer step on local shards) and as 2 islands of 1 (the outer average across them):
+    every rank's whole parameters bitwise those of unsharded replicas whose gradient is the
+    island's mean (5 steps, H = 2: ends mid-round)."""
+    layouts, steps, h = ((1, 2), (2, 1)), 5, 2
+    check_fsdp2_layouts(run_ranks(fsdp2_ranks, 2, tmp_path, layouts, steps, h), layouts, steps, h)
+
+
+@pytest.mark.extended
+def test_fsdp2_outer_loop_on_two_islands_of_two(tmp_path):
+    """The same on 4 ranks, 2 islands of 2 (the HSDP layout): sharded and averaged at once. With
+    an int8 outer average (two-phase: a second group per replicate group, made from the mesh on
+    every rank) the islands' ranks hold the same whole parameters, close to the exact run's."""
+    layouts, steps, h = ((2, 2),), 5, 2
+    check_fsdp2_layouts(run_ranks(fsdp2_ranks, 4, tmp_path, layouts, steps, h), layouts, steps, h)
+    steps = 6  # ends a round: every rank holds the consensus
+    int8 = {"name": "int8", "collective": "two_phase", "feedback": "none", "min_numel": 64}
+    q = [r[2, 2] for r in run_ranks(fsdp2_ranks, 4, tmp_path, layouts, steps, h, int8)]
+    exact = unsharded_islands_reference(steps, 2, 2, h)[0]
+    for r in q:
+        assert same(r["params"], q[0]["params"])  # every rank: the same consensus after the last round
+        assert not same(r["params"], exact)
+        for k, v in exact.items():
+            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=0.05)
+        assert 0 < r["counts"].data < (steps // h) * allreduce_bytes(r["local"], 2)  # ~1 byte per value
+

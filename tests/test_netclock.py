@@ -247,3 +247,53 @@ def test_topk_two_phase_buckets_send_two_phases(projected_rows):
     tp, ag = (proj.data_calls(rows[n], one)[0] for n in ("topk 1% + ef two_phase", "topk 1% + ef"))
     assert [c.collective for c in tp] == ["all_to_all", "all_gather"] and [c.collective for c in ag] == ["all_gather"]
     assert sum(c.nbytes for c in tp) / ag[0].nbytes == pytest.approx(2 / 8, rel=1e-3)  # 2 (p-1)/p / (p-1), p = 8
+
+
+def test_island_traffic_is_overlapped_by_fsdp2_prefetch():
+    """Inside an island: the first unit's all-gather is exposed, the rest of forward's hides
+    behind the forward (1/3 of compute), backward's behind the backward (2/3)."""
+    link = clock.Link(gbit=1.0)
+    fwd, bwd = [_g(1)[0]] * 3, [_g(2)[0]] * 2
+    # compute 3 s: 1 (first) + max(0, 2 - 1) + max(0, 4 - 2) = 4 s exposed
+    assert clock.island_exposed(link, fwd, bwd, 3.0) == pytest.approx(4)
+    # compute 9 s: forward 3 s hides 2 s, backward 6 s hides 4 s: the first gather alone
+    assert clock.island_exposed(link, fwd, bwd, 9.0) == pytest.approx(1)
+    assert clock.island_exposed(link, [], [], 1.0) == 0
+    r = clock.round_time("local", link, 9.0, [_g(10)], H=8, island_s=1.0)
+    assert r.total_s == pytest.approx(8 * 9 + 10 + 8 * 1) and r.island_s == pytest.approx(8)
+
+
+def test_island_charge_of_a_preset_by_hand():
+    """A 2-layer LLaMA layout (d 256, MLP 768) on islands of 2 GPUs: root 2 x 32000 x 256 + 256 =
+    16,384,256 parameters, each layer 4 x 256^2 + 3 x 256 x 768 + 2 x 256 = 852,480. Per GPU and step
+    each unit's shard (half of it) is gathered in bf16 twice (2 x 1/1 x shard x 2 B: S - 1 = 1 peer) and
+    its fp32 gradient reduce-scattered (1/2 x 2 shards x 4 B): 8 B per shard value, 8 x 9,044,608 bytes,
+    the same as the engine's own accounting (island_step_bytes) of those tensors. On a 1 MB/s island
+    link nothing hides it: the step grows by all of it less the compute."""
+    import torch
+
+    from thinwire.trainer.fsdp2_engine import island_step_bytes
+
+    N = 16_384_256 + 2 * 852_480
+    pre = proj.Preset("tiny", N, 4, 2, 4096, 1.0, 0.02, 256, 2)
+    assert sum(n for _, n in proj.shapes(pre)) == N and proj.fsdp_units(pre) == [16_384_256, 852_480, 852_480]
+    forward, backward = proj.island_calls(pre)
+    assert [c.collective for c in forward] == ["all_gather"] * 3
+    assert [c.collective for c in backward] == ["all_gather", "reduce_scatter"] * 3
+    assert all(c.p == 2 and c.kind == "island" for c in forward + backward)
+    total = sum(c.nbytes for c in forward + backward)
+    assert total == 8 * (16_384_256 + 2 * 852_480) // 2
+    engine = island_step_bytes([torch.empty(n, device="meta") for n in proj.fsdp_units(pre)], 2, True,
+                               torch.bfloat16, torch.float32)
+    assert sum(engine.values()) == total
+    dense = proj.Method("dense", "local", "all_reduce", 4.0, H=4, control=False)
+    slow = proj.project(dense, pre, island_gbyte=1e-3, island_latency_s=0.0)
+    free = proj.project(dense, pre, island_gbyte=1e9, island_latency_s=0.0)
+    assert slow.island_s == pytest.approx(4 * (total / 1e6 - pre.compute_s))
+    assert slow.total_s - free.total_s == pytest.approx(slow.island_s - free.island_s)
+    # one GPU per replica: no island, nothing charged
+    one = proj.PRESETS[0]
+    assert proj.island_calls(one) == ([], []) and proj.project(dense, one).island_s == 0
+    # 70B: the forward/backward gathers at 450 GB/s hide behind 139 s of compute but the first
+    assert proj.island_step_s(proj.PRESETS[2]) == pytest.approx(
+        clock.Link(450 * 8, proj.ISLAND_LATENCY_S).time(proj.island_calls(proj.PRESETS[2])[0][0]))

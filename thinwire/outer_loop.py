@@ -15,6 +15,10 @@ optimizer stepped. A rank that skips a step (non-finite gradients, a ``GradScale
 must still reach the round boundary with the others, or the round's collective would pair
 different rounds on different ranks and hang or mix them.
 
+Under FSDP2 (``fully_shard`` inside islands, a 2-D ``("replicate", "shard")`` DeviceMesh as
+torchtitan builds it), pass ``mesh=``: the loop then averages this rank's local shards over
+the mesh's replicate dimension (``mesh_replicas``), as ``thinwire-train engine=fsdp2`` does.
+
 Every rank must build the model with the same initial parameters (the anchor is read from
 them at construction), as ``torch.manual_seed`` before building or loading one checkpoint
 gives. Under local updates ranks hold different parameters between rounds: checkpoint
@@ -36,6 +40,31 @@ from .options import resolve
 from .trainer.world import current_world
 
 
+def mesh_replicas(mesh, world, meter: WireMeter, model: torch.nn.Module, two_phase: bool):
+    """The outer loop's replicas on a user's 2-D DeviceMesh ``("replicate", "shard")``: FSDP2
+    shards over ``mesh["shard"]`` (an island), the outer average runs on ``mesh["replicate"]``
+    over this rank's local shards (``thinwire.trainer.fsdp2_shards.Islands``, with the mesh's
+    groups instead of groups of its own). ``two_phase``: the outer average's collective needs a
+    second group per replicate group, made here on every rank in the same order."""
+    from .comm import groups
+    from .trainer.fsdp2_shards import Islands
+
+    names = getattr(mesh, "mesh_dim_names", None)
+    need(mesh.ndim == 2 and tuple(names or ()) == ("replicate", "shard"), "mesh", names,
+         "OuterLoop takes a 2-D DeviceMesh with mesh_dim_names=('replicate', 'shard') "
+         "(fully_shard on mesh['shard'], the outer loop over mesh['replicate'])")
+    islands = Islands.__new__(Islands)
+    islands.world, islands.meter, islands.model = world, meter, model
+    islands.replicas, islands.size = mesh.size(0), mesh.size(1)
+    islands.replica, islands.index = mesh.get_local_rank("replicate"), mesh.get_local_rank("shard")
+    islands.shard_group, islands.cross_group = mesh.get_group("shard"), mesh.get_group("replicate")
+    second = [groups.new_group(ranks=mesh.mesh[:, j].tolist(), timeout_s=world.timeout_s)
+              for j in range(islands.size)] if two_phase and islands.replicas > 1 else [None] * islands.size
+    islands.cross_group2 = second[islands.index]
+    islands.control_group, islands.consensus_group = None, islands.cross_group
+    return islands
+
+
 def sync_config(name: str, options: dict) -> DictConfig:
     """The config node of sync strategy ``name`` with ``options``, through the one resolver
     (``thinwire.options.resolve``: defaults filled in, typed, finite, checked as
@@ -53,12 +82,15 @@ class OuterLoop:
     trainer's ``comm.*``. ``options``: the strategy's own keys (``local_steps``,
     ``outer_optim``, ``clip``, ``staleness_penalty``, ...; docs/sync.md). ``meter``: where
     wire bytes are counted (a fresh :class:`~thinwire.comm.accounting.WireMeter` by default).
+    ``mesh``: under FSDP2, the 2-D ``("replicate", "shard")`` DeviceMesh the model was sharded
+    on (``fully_shard(..., mesh=mesh["shard"])``): the outer loop averages local shards over
+    ``mesh["replicate"]`` (:func:`mesh_replicas`); None: every rank one whole replica.
     Uses the default process group (all ranks must construct it together).
     """
 
     def __init__(self, model: torch.nn.Module, sync: str = "local", *,
                  comm: Union[str, dict] = "none", meter: Optional[WireMeter] = None,
-                 device: Optional[torch.device] = None, **options):
+                 device: Optional[torch.device] = None, mesh=None, **options):
         need(not isinstance(model, torch.nn.parallel.DistributedDataParallel), "model", type(model).__name__,
              "pass the module itself: local updates all-reduce nothing per step")
         cls = SYNC_STRATEGIES.get(sync, "sync")
@@ -68,11 +100,19 @@ class OuterLoop:
         self.comm_cfg = comm_config(comm.pop("name", "none"), **comm)
         self.cfg = sync_config(sync, options)
         if hasattr(cls, "check_run"):  # the cross-part rules the command line runs, for a bare module
-            cls.check_run(OmegaConf.create({"sync": self.cfg, "comm": self.comm_cfg, "engine": {"name": "ddp"},
+            engine = "ddp" if mesh is None else "fsdp2"
+            cls.check_run(OmegaConf.create({"sync": self.cfg, "comm": self.comm_cfg, "engine": {"name": engine},
                                             "model": {}}))
         self.meter = meter if meter is not None else WireMeter()
         self.world = current_world(device or next(model.parameters()).device)
-        self.strategy: SyncStrategy = build_sync(self.cfg, self.world, self.meter, model, self.comm_cfg)
+        replicas = None
+        if mesh is not None:
+            need(cls.supports_replica_groups, "sync", sync, "cannot average local shards over a mesh's replicate group")
+            from .trainer.deepspeed_config import is_two_phase
+
+            replicas = mesh_replicas(mesh, self.world, self.meter, model, is_two_phase(OmegaConf.create(self.comm_cfg)))
+        self.strategy: SyncStrategy = build_sync(self.cfg, self.world, self.meter, model, self.comm_cfg,
+                                                 replicas=replicas)
         self.steps = 0          # global steps so far (the round clock)
         self.skipped = 0        # of them, skipped by this rank
 

@@ -13,6 +13,7 @@ The model (issue "time to quality at the scale users run")::
     bytes(c)       bytes one rank sends in c, as thinwire's accounting charges them
                    (``collective_bytes``; all-gather grows with p-1)
     round time     H x compute + codec + exposed network        (a round = H steps; H = 1 for DDP)
+                   + H x exposed island traffic                  (FSDP2 inside a replica, below)
     step time      round time / H
 
 ``per_call`` is zero and ``goodput`` one in projections (latency is modelled, the preset's
@@ -35,6 +36,13 @@ Overlap rules, per mode (what "exposed" means):
 - ``streaming`` (Streaming DiLoCo, arXiv 2501.18512, Alg. 1): F fragments of ~N/F values,
   one every H/F steps, each overlapping tau inner steps (tau < H/F: at most one in flight):
   exposed = sum_j max(0, t(fragment j) - tau x compute).
+
+Inside an island (``engine=fsdp2``: a replica of S GPUs, its own fast link, ``island_exposed``),
+FSDP2 all-gathers each unit's parameters in forward and again in backward and reduce-scatters
+its gradient, every step, whatever the sync mode. It prefetches: the first unit's all-gather
+is exposed (nothing computes before it), the rest of forward's gathers overlap the forward
+(1/3 of compute) and backward's gathers and reduce-scatters the backward (2/3); what does not
+fit is exposed. Departure: overlap is credited in aggregate, not unit by unit.
 
 Codec (compress + decompress) time is added serially: it runs on the same device as
 compute (a GPU's copy engine is not modelled), so it is never hidden. In projections it is
@@ -69,7 +77,7 @@ def hops(collective: str, p: int) -> int:
 class Call:
     """One collective call as the accounting logged it: ``nbytes`` this rank sends."""
     collective: str
-    kind: str       # data | control (thinwire.comm.accounting.KINDS)
+    kind: str       # data | control | island (thinwire.comm.accounting.KINDS)
     nbytes: int
     p: int
 
@@ -117,20 +125,34 @@ def ddp_exposed(bucket_s: Sequence[float], backward_s: float) -> float:
     return max(0.0, f - backward_s) if B else 0.0
 
 
+def island_exposed(link: Link, forward: Sequence[Call], backward: Sequence[Call], compute_s: float) -> float:
+    """Seconds per step that FSDP2's traffic inside an island adds to the step (module
+    docstring): ``forward``: the units' all-gathers in forward order; ``backward``: backward's
+    all-gathers and reduce-scatters; on the island's ``link``. Nothing inside: 0."""
+    if not forward and not backward:
+        return 0.0
+    forward_s = (1 - BACKWARD_FRACTION) * compute_s
+    first = link.time(forward[0]) if forward else 0.0
+    rest = link.total(forward[1:])
+    return first + max(0.0, rest - forward_s) + max(0.0, link.total(backward) - BACKWARD_FRACTION * compute_s)
+
+
 @dataclass(frozen=True)
 class RoundTime:
     """One round (H steps) on the clock: compute, codec, the network time of all its calls,
-    the part of it that is exposed, and the part of that which is latency."""
+    the part of it that is exposed, and the part of that which is latency; ``island_s``: the
+    exposed traffic inside the island over the round (``island_exposed`` x H)."""
     H: int
     compute_s: float
     codec_s: float
     network_s: float
     exposed_s: float
     latency_s: float
+    island_s: float = 0.0
 
     @property
     def total_s(self) -> float:
-        return self.H * self.compute_s + self.codec_s + self.exposed_s
+        return self.H * self.compute_s + self.codec_s + self.exposed_s + self.island_s
 
     @property
     def step_s(self) -> float:
@@ -143,10 +165,12 @@ class RoundTime:
 
 
 def round_time(sync: str, link: Link, compute_s: float, data: Sequence[Sequence[Call]],
-               control: Sequence[Call] = (), H: int = 1, tau: int = 0, codec_s: float = 0.0) -> RoundTime:
+               control: Sequence[Call] = (), H: int = 1, tau: int = 0, codec_s: float = 0.0,
+               island_s: float = 0.0) -> RoundTime:
     """Time of one round under ``sync``'s overlap rule (module docstring). ``data``: the round's
     data calls grouped into units that travel together (DDP: buckets; streaming: fragments;
-    local/overlap: usually one group), ``control``: blocking small calls."""
+    local/overlap: usually one group), ``control``: blocking small calls; ``island_s``: the
+    exposed island traffic of one step (``island_exposed``)."""
     if sync not in SYNC_MODES:
         raise ValueError(f"sync={sync!r}: expected one of {', '.join(SYNC_MODES)}")
     if H < 1 or compute_s < 0 or codec_s < 0:
@@ -167,4 +191,4 @@ def round_time(sync: str, link: Link, compute_s: float, data: Sequence[Sequence[
         exposed = sum(max(0.0, g - tau * compute_s) for g in groups)
     calls = [c for g in data for c in g] + list(control)
     return RoundTime(H, compute_s, codec_s, sum(groups) + ctrl, exposed + ctrl,
-                     sum(link.latency_part(c) for c in calls))
+                     sum(link.latency_part(c) for c in calls), H * island_s)

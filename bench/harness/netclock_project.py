@@ -17,8 +17,12 @@ layout of the preset's shapes (``shapes``), times the preset's N (``sparse_excha
 A replica of several GPUs is one island (``Preset.engine``): thinwire's ``engine=fsdp2`` with
 ``engine.shard_group_size`` = its GPUs (HSDP, docs/fsdp2.md); p is the number of islands and
 the replica's link carries the whole exchange (the island's GPUs each send the exchange of
-their local shards, together the model's). Traffic inside an island (FSDP's all-gathers and
-reduce-scatters on NVLink) is not charged: the clock has no term for it.
+their local shards, together the model's). Traffic inside an island is charged on the
+island's own link (``island_calls``: per FSDP2 unit, a layer or the root, an all-gather of
+each GPU's shard in bf16 in forward and again in backward, and a reduce-scatter of the fp32
+gradient; ``island_exposed`` in bench/harness/netclock_model.py says how much of it compute
+hides), at ``island_gbyte`` GB/s per GPU and direction (default NVLink 4's 450) and
+``island_latency_s`` per message (default 5 us, assumed). Every method pays it every step.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import importlib
 import math
 from dataclasses import dataclass
 
-from .netclock_model import Call, Link, RoundTime, round_time
+from .netclock_model import Call, Link, RoundTime, island_exposed, round_time
 
 
 # -- projections: user-scale presets (fixed by the issue, before any measurement) ---------------
@@ -43,6 +47,11 @@ COPY_BANDWIDTH = 3.0e12       # device memory copy bandwidth, B/s (H100 SXM ~3.3
 PASS_EFFICIENCY = 0.15
 FUSED_EFFICIENCY = 0.99
 BUCKET_BYTES = 25 * 2 ** 20   # DDP's default bucket_cap_mb=25, of fp32 gradients
+# the link inside an island (a replica's GPUs): H100 SXM's NVLink 4, 900 GB/s both ways = 450 GB/s per
+# direction (NVIDIA's spec; NCCL's achieved bus bandwidth is lower: a parameter, --island-gbyte); the
+# per-message latency is an assumption (--island-latency-us), not a measurement
+ISLAND_GBYTE = 450.0
+ISLAND_LATENCY_S = 5e-6
 
 
 @dataclass(frozen=True)
@@ -59,11 +68,16 @@ class Preset:
     layers: int
     ffn: int = 0         # LLaMA layout (``shapes``): MLP width, 0: LLaMA's 8d/3 rounded up to 256
     kv_dim: int = 0      # width of the K and V projections (grouped-query attention), 0: d_model
+    # FSDP2's mixed precision inside an island: gathers in bf16, gradients reduced in fp32 (torchtitan's
+    # defaults, torchtitan/config/job_config.py: mixed_precision_param, mixed_precision_reduce)
+    param_bytes: int = 2
+    reduce_bytes: int = 4
 
     @property
     def engine(self) -> str:
         """thinwire's engine for one replica of ``gpus`` GPUs (module docstring)."""
-        return "ddp" if self.gpus == 1 else f"fsdp2, engine.shard_group_size={self.gpus} (HSDP)"
+        return "ddp" if self.gpus == 1 else (f"fsdp2, engine.shard_group_size={self.gpus} engine.param_dtype=bf16 "
+                                             f"engine.reduce_dtype=fp32 (HSDP)")
 
     @property
     def compute_s(self) -> float:
@@ -93,6 +107,45 @@ def shapes(pre: Preset) -> list[tuple[str, int]]:
         out += [(f"layers.{i}.feed_forward.w{x}.weight", d * f) for x in "123"]
         out += [(f"layers.{i}.{x}_norm.weight", d) for x in ("attention", "ffn")]
     return out
+
+
+def fsdp_units(pre: Preset) -> list[int]:
+    """Parameters of each FSDP2 unit in forward order at the preset's N (``shapes`` scaled to
+    ``pre.params``): the root first (embeddings, output, final norm: its all-gather opens the
+    forward), then one unit per layer, as ``engine=fsdp2`` wraps a model."""
+    by_unit: dict[str, int] = {}
+    for name, n in shapes(pre):
+        unit = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "root"
+        by_unit[unit] = by_unit.get(unit, 0) + n
+    scale = pre.params / sum(by_unit.values())
+    return [round(n * scale) for n in by_unit.values()]
+
+
+def island_calls(pre: Preset) -> tuple[list[Call], list[Call]]:
+    """One step's calls inside an island of ``pre.gpus`` GPUs (none for one GPU): forward's
+    all-gathers (each GPU's shard of each unit, ``param_bytes`` per value), then backward's
+    all-gather and reduce-scatter (``reduce_bytes`` per value) of each unit in reverse order;
+    bytes by the accounting's formulas at p = S (thinwire.trainer.fsdp2_engine.island_step_bytes
+    charges the same per parameter: S - 1 shards gathered, (S - 1) / S of the gradient scattered)."""
+    S = pre.gpus
+    if S == 1:
+        return [], []
+    forward, backward = [], []
+    for n in fsdp_units(pre):
+        shard = math.ceil(n / S)
+        forward.append(Call("all_gather", "island", _cb("all_gather", shard * pre.param_bytes, S), S))
+    for n in reversed(fsdp_units(pre)):
+        shard = math.ceil(n / S)
+        backward += [Call("all_gather", "island", _cb("all_gather", shard * pre.param_bytes, S), S),
+                     Call("reduce_scatter", "island", _cb("reduce_scatter", shard * S * pre.reduce_bytes, S), S)]
+    return forward, backward
+
+
+@functools.lru_cache(maxsize=None)
+def island_step_s(pre: Preset, island_gbyte: float = ISLAND_GBYTE, island_latency_s: float = ISLAND_LATENCY_S) -> float:
+    """Exposed seconds per step of the traffic inside one of the preset's islands."""
+    forward, backward = island_calls(pre)
+    return island_exposed(Link(island_gbyte * 8, island_latency_s), forward, backward, pre.compute_s)
 
 
 def exchange_bytes_module():
@@ -218,8 +271,10 @@ def sparse_calls(exchange: str, pre: Preset) -> list[Call]:
 
 def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float = PASS_EFFICIENCY,
             copy_bandwidth: float = COPY_BANDWIDTH, bucket_bytes: int = BUCKET_BYTES,
-            fused_efficiency: float = FUSED_EFFICIENCY) -> RoundTime:
-    """One round of ``m`` at ``pre`` (optionally at another bandwidth)."""
+            fused_efficiency: float = FUSED_EFFICIENCY, island_gbyte: float = ISLAND_GBYTE,
+            island_latency_s: float = ISLAND_LATENCY_S) -> RoundTime:
+    """One round of ``m`` at ``pre`` (optionally at another bandwidth; ``gbit`` is the link
+    between replicas, ``island_gbyte`` the one inside a replica of several GPUs)."""
     p, N = pre.replicas, int(pre.params)
     link = Link(gbit or pre.gbit, pre.latency_s)
     codec = N / pre.gpus * (m.codec_bytes_per_value / efficiency + m.fused_bytes_per_value / fused_efficiency) \
@@ -230,7 +285,8 @@ def project(m: Method, pre: Preset, gbit: float | None = None, efficiency: float
     else:  # the outer step's non-finite flag, once per round
         control = [Call("all_reduce", "control", _cb("all_reduce", 4, p), p)]
     data = data_calls(m, pre, bucket_bytes)
-    return round_time(m.sync, link, pre.compute_s, data, control, m.H, m.tau, codec)
+    return round_time(m.sync, link, pre.compute_s, data, control, m.H, m.tau, codec,
+                      island_step_s(pre, island_gbyte, island_latency_s))
 
 
 def payload_bytes_per_value(comm: str, n: int = 1 << 20, **kw) -> float:

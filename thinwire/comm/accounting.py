@@ -20,6 +20,12 @@ With p == 1 nothing crosses the wire and every formula gives 0.  Control traffic
 ``kind="control"`` so it is counted too; setup traffic (DDP's initial parameter
 broadcast) is charged with ``kind="setup"`` and kept out of the per-step totals, and
 evaluation traffic with ``kind="eval"``, reported as ``eval_bytes``, never in ``wire_bytes``.
+Traffic inside an FSDP2 island (``kind="island"``: the all-gathers and reduce-scatters of
+``engine=fsdp2`` over the fast links between the ranks that shard one replica) is reported
+as ``island_bytes``, never in ``wire_bytes`` (the links between replicas). FSDP2's own
+collectives do not pass through these wrappers: the engine *accounts* them per step from the
+sharded parameters' sizes and dtypes with the same formulas
+(``thinwire.trainer.fsdp2_engine.island_step_bytes``); they are not measured.
 
 ``dense_bytes`` is the reference every report compares against: what an fp32 ring
 all-reduce of ``numel`` gradient elements would have sent, 2 (p-1)/p * numel * 4.
@@ -51,7 +57,7 @@ def collective_bytes(kind: str, numel: int, element_size: int, world_size: int) 
     raise ValueError(f"unknown collective kind {kind!r}")
 
 
-KINDS = ("data", "control", "setup", "eval")
+KINDS = ("data", "control", "setup", "eval", "island")
 
 
 @dataclass(frozen=True)
@@ -59,12 +65,14 @@ class ByteCounts:
     """Bytes this rank sent, by traffic kind (the module docstring's kinds): ``data`` (gradients,
     pseudo-gradients, projected gradients), ``control`` (non-finite flags, loss reductions),
     ``setup`` (once per run: DDP's initial broadcast, LoRA-GA's estimate, a resume's checks),
-    ``eval`` (evaluation), ``other`` (kinds a third-party part invented). ``wire`` is what the
-    trainer reports as ``wire_bytes``: every kind but setup and eval."""
+    ``eval`` (evaluation), ``island`` (inside an FSDP2 island: accounted all-gathers and
+    reduce-scatters), ``other`` (kinds a third-party part invented). ``wire`` is what the
+    trainer reports as ``wire_bytes``: every kind but setup, eval and island."""
     data: int = 0
     control: int = 0
     setup: int = 0
     eval: int = 0
+    island: int = 0
     other: int = 0
 
     @property

@@ -41,8 +41,8 @@ from . import accounting
 from .averager import CompressedAverager
 from .futures import then
 from .moments import MomentAverager
-from .outer_optimizer import OuterOptimizer, outer_spec
-from .param_space import DataParallel, ModuleParams, Replicas
+from .outer_optimizer import OuterOptimizer, Placement, outer_spec, per_element
+from .param_space import DataParallel, ModuleParams, Replicas, group_norm
 from .rounds import CO2Config, LocalConfig, co2_options, round_of
 from .sync import SYNC_STRATEGIES, SyncStrategy
 
@@ -80,13 +80,15 @@ class OuterStrategy(SyncStrategy):
         self.space = self.replicas.shards(self.model_params)  # what is averaged
         self.plan = round_of(cfg, self.space.names)
         self.H, self.round, self.skipped = self.plan.steps, 0, 0
-        self.anchor = self.space.split(self.space.read_flat())
+        live = self.space.read_flat()
+        self.place = Placement(live.device, cfg.get("anchor_device"))  # sync.anchor_device
+        self.anchor = self.space.split(self.place.store(live))
         spec, tuned = outer_spec(cfg.outer_optim, self.H, accounting.group_size(self.replicas.cross_group))
         if tuned and getattr(world, "is_main", True):
             print(f"thinwire: sync.outer_optim.lr={spec['lr']:g}: DiLoCo's outer lr for H={self.H} and "
                   f"{accounting.group_size(self.replicas.cross_group)} replicas (docs/sync.md); set "
                   "sync.outer_optim.lr to override", flush=True)
-        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm, spec=spec)
+        self.outer = OuterOptimizer(self.anchor, cfg, norm=self.space.global_norm, spec=spec, place=self.place)
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"}, meter,
                                            group=self.replicas.cross_group, group2=self.replicas.cross_group2,
                                            timeout_s=getattr(world, "timeout_s", None))
@@ -94,11 +96,16 @@ class OuterStrategy(SyncStrategy):
         self.flights: dict[int, Flight] = {}
         self.live: torch.Tensor | None = None               # this step's w_i, read once
         self.last_step: dict[int, list[torch.Tensor]] = {}  # stale: fragment's a_t - a_{t-1}, for Lambda
-        self.start = self.space.read_flat() if self.plan.merge == "eager" else None  # eager: s_i
+        self.start = self.place.store(self.space.read_flat()) if self.plan.merge == "eager" else None  # eager: s_i
         self.overlapped = self.plan.delay == self.H and self.plan.merge != "sync"
         self.cuda_stream = (torch.cuda.Stream(device=world.device)
                             if self.overlapped and world.device.type == "cuda" else None)
         self.absence = None  # a planned absence (plan_absence)
+        if self.place.staged and getattr(world, "is_main", True):
+            print(f"thinwire: sync.anchor_device={self.place.home}: the outer loop's anchor "
+                  f"({self.place.nbytes(self.anchor):,} bytes per rank), outer-optimizer state and CO2's last "
+                  f"step kept on {self.place.home}{' (pinned)' if self.place.pin else ''} (the model's: "
+                  f"{self.place.work}); metric anchor_device_bytes", flush=True)
 
     def plan_absence(self, absence) -> None:
         """``trainer.faults.absent_at`` (``thinwire.elastic.absence.PlannedAbsence``, checked there:
@@ -168,7 +175,7 @@ class OuterStrategy(SyncStrategy):
             if self.plan.streaming:
                 out["fragment"] = j
         if s % self.H:
-            return {**out, "comm_wait_s": wait, **self.averager.take_stats()} if out else {}
+            return {**out, "comm_wait_s": wait, **self._averager_stats()} if out else {}
         self.round += 1
         self.moments.after_round(self.round)
         if not self.plan.streaming and not self.overlapped:
@@ -177,12 +184,12 @@ class OuterStrategy(SyncStrategy):
             out.update(self.absence.round_metrics(self.round - 1))
             if self._absent(self.round):
                 self.space.write_flat(self.space.flat(self.anchor))
-        return self.metrics(wait, **out, **self.averager.take_stats())
+        return self.metrics(wait, **out, **self._averager_stats())
 
     def _launch(self, j: int) -> bool:
         """Delta_i of fragment j, agreed finite, then launched (False: skipped everywhere)."""
         own = self.start if self.plan.merge == "eager" else self.space.flat(self.anchor)
-        delta = self._take(own, j) - self._take(self._live(), j)
+        delta = self.place.fetch(self._take(own, j)) - self._take(self._live(), j)
         if not self.finite_everywhere(delta):
             self._write(j, self._pieces(self._take(own, j), j))  # restart the fragment from its anchor
             self.skipped += 1
@@ -241,21 +248,44 @@ class OuterStrategy(SyncStrategy):
             self.outer.step(anchor, d)
             live = self._pieces(self._take(self._live(), j), j)
             a = self.plan.alpha
-            self._write(j, anchor if a == 0 else [w.mul_(a).add_(x, alpha=1 - a) for w, x in zip(live, anchor)])
+            self._write(j, anchor if a == 0 else [w.mul_(a).add_(self.place.fetch(x), alpha=1 - a)
+                                                  for w, x in zip(live, anchor)])
             return
         last = self.last_step.get(j)
+        last = None if last is None else [self.place.fetch(x) for x in last]  # norms on the model's device
         penalty = staleness_penalty(self.space.layer_norms(d), None if last is None else self.space.layer_norms(last),
                                     self.plan.penalty)
         out.update(staleness_gap_norm=self.space.global_norm(last) if last is not None else 0.0,
                    staleness_penalty_mean=sum(penalty) / len(penalty))
-        step = self.last_step[j] = self.outer.step(anchor, [x.div_(lam) for x, lam in zip(d, penalty)])
+        step = self.outer.step(anchor, [x.div_(lam) for x, lam in zip(d, penalty)])
+        self.last_step[j] = [self.place.store(x) for x in step]
         live = self._pieces(self._take(self._live(), j), j)  # w_i += a_{t+1} - y_i
         self._write(j, [w.add_(x).add_(y) for w, x, y in zip(live, step, self._pieces(f.snapshot, j))])
 
+    def _averager_stats(self) -> dict[str, float]:
+        """The averager's metrics; ``residual_norm`` over whole tensors where each rank holds a
+        shard of every tensor (``Replicas.shard_group``: FSDP2's island)."""
+        stats = self.averager.take_stats()
+        if "residual_norm" in stats:
+            stats["residual_norm"] = group_norm(stats["residual_norm"], getattr(self.replicas, "shard_group", None),
+                                                self.meter, self.place.work)
+        return stats
+
     def metrics(self, wait_s: float, **extra) -> dict[str, float]:
-        return {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
-                "outer_skipped": self.skipped,
-                "outer_momentum_norm": self.space.global_norm(self.outer.momentum()), **extra}
+        momentum = self.outer.momentum()
+        out = {"comm_wait_s": wait_s, "outer_round": self.round, "outer_clipped": self.outer.clipped,
+               "outer_skipped": self.skipped,
+               "outer_momentum_norm": self.space.global_norm([self.place.fetch(m) for m in momentum]), **extra}
+        if self.place.staged:
+            out["anchor_device_bytes"] = self.anchor_device_bytes()
+        return out
+
+    def anchor_device_bytes(self) -> int:
+        """Bytes this rank keeps on ``sync.anchor_device`` (from tensor sizes): the anchor, the
+        outer optimizer's per-element state, CO2's last steps, eager's start."""
+        state = [v for p, st in self.outer.optimizer.state.items() for k, v in st.items() if per_element(p, k, v)]
+        extra = [x for s in self.last_step.values() for x in s] + ([] if self.start is None else [self.start])
+        return self.place.nbytes([*self.anchor, *state, *extra])
 
     def finite_everywhere(self, delta: torch.Tensor) -> bool:
         """Every rank's Delta finite? One control all-reduce over the control group, which also
@@ -330,7 +360,8 @@ class OuterStrategy(SyncStrategy):
         self.outer.load_state_dict(state["outer"])
         self.averager.load_state_dict(state["averager"])
         self.flights = {j: Flight(snap, mean=mean) for j, (snap, mean) in state["flights"].items()}
-        self.last_step, self.start = state["last_step"], state["start"]
+        self.last_step = {j: [self.place.store(x) for x in s] for j, s in state["last_step"].items()}
+        self.start = None if state["start"] is None else self.place.store(state["start"])
 
 
 @SYNC_STRATEGIES.register("co2")

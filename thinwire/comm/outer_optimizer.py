@@ -5,6 +5,7 @@ docstring). ``sync.outer_optim`` names it as ``_target_`` + keyword arguments, a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -88,6 +89,47 @@ def build_outer_optimizer(params: list[torch.Tensor], spec) -> torch.optim.Optim
         raise ConfigError(f"outer_optim={dict(spec, _target_=target)}: {e}") from None
 
 
+class Placement:
+    """Where the outer loop keeps its state between outer steps (``sync.anchor_device``) and
+    where it computes (``work``: the model's device, where the space's tensors live).
+
+    ``home`` holds the anchor, the outer optimizer's per-element state (SGD's momentum, Adam's
+    moments), CO2's last anchor move and eager's start; ``None`` = ``work`` (nothing moves).
+    Host memory is pinned when ``work`` is CUDA, as torchft's DiLoCo keeps its copy of the
+    parameters (meta-pytorch/torchft ``torchft/local_sgd.py``: ``original_parameters`` on a
+    backup device, pinned). Every computation runs on ``work``: the outer step stages anchor
+    and state in and copies them back (:meth:`OuterOptimizer.step`), norms are taken of work
+    copies, so results are bitwise those of the default placement. With ``home`` given, the
+    state is always a separate copy, also when ``home`` is ``work``'s device (CPU runs)."""
+
+    def __init__(self, work, home: str | None = None):
+        self.work = torch.device(work)
+        self.home = self.work if home is None else torch.device(home)
+        self.staged = home is not None
+        self.pin = self.home.type == "cpu" and self.work.type == "cuda"
+
+    def store(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` kept at home: a (pinned) copy, or ``t`` itself when not staged or already there."""
+        if not self.staged or (t.device == self.home and (not self.pin or t.is_pinned())):
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.home, pin_memory=self.pin)
+        return out.copy_(t)
+
+    def fetch(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the work device: a copy when staged, ``t`` itself otherwise."""
+        return t.to(self.work, copy=True) if self.staged else t
+
+    def nbytes(self, tensors) -> int:
+        """Bytes of ``tensors`` held at home (0 when not staged): ``anchor_device_bytes``."""
+        return sum(t.numel() * t.element_size() for t in tensors if self.staged and t.device == self.home)
+
+
+def per_element(p: torch.Tensor, key: str, value) -> bool:
+    """Is optimizer state ``key`` of ``p`` per element (staged with the anchor)? Scalars such as
+    Adam's ``step`` stay where the optimizer put them, as under the default placement."""
+    return torch.is_tensor(value) and key != "step" and value.shape == p.shape
+
+
 class OuterOptimizer:
     """The outer step on the anchor ``a`` (one fp32 tensor per piece of the space)::
 
@@ -109,8 +151,9 @@ class OuterOptimizer:
     the hand-written outer SGD of earlier versions computed.
     """
 
-    def __init__(self, params: list[torch.Tensor], cfg, norm=None, spec=None):
+    def __init__(self, params: list[torch.Tensor], cfg, norm=None, spec=None, place: Placement | None = None):
         self.norm = norm or global_norm  # the global L2 norm (a sharded space reduces it over its group)
+        self.place = place  # where params and state live between steps (None: where they are)
         self.clip, self.clip_mode = cfg.clip, cfg.clip_mode
         self.params = params
         # spec: cfg.outer_optim with its lr resolved (outer_spec), when the caller knows H and the replicas
@@ -129,17 +172,54 @@ class OuterOptimizer:
                 x.mul_(scale)
         return d
 
+    @contextlib.contextmanager
+    def _on_work(self, params: list[torch.Tensor]):
+        """``params`` and their per-element state on the work device for the duration, then
+        copied back into their home tensors (``Placement``; nothing moves when not staged)."""
+        place = self.place
+        if place is None or not place.staged:
+            yield
+            return
+        homes = [p.data for p in params]
+        moved = {}
+        for p in params:
+            p.data = place.fetch(p.data)
+            st = self.optimizer.state.get(p, {})
+            for k, v in st.items():
+                if per_element(p, k, v):
+                    moved[id(p), k], st[k] = v, place.fetch(v)
+        try:
+            yield
+        finally:
+            for p, home in zip(params, homes):
+                p.data = home.copy_(p.data)
+                st = self.optimizer.state.get(p, {})
+                for k, v in st.items():
+                    if per_element(p, k, v):  # back into its home tensor; new state (first step) stored
+                        old = moved.get((id(p), k))
+                        st[k] = old.copy_(v) if old is not None else place.store(v)
+
+    def rehome(self) -> None:
+        """Every per-element state tensor at home (after a load or a trial replaced them)."""
+        if self.place is not None:
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if per_element(p, k, v):
+                        st[k] = self.place.store(v)
+
     @torch.no_grad()
     def step(self, anchor: list[torch.Tensor], d: list[torch.Tensor]) -> list[torch.Tensor]:
         """Update ``anchor`` (the tensors this optimizer was built on) in place with the
-        pseudo-gradient ``d``; returns the applied step (a_{t+1} - a_t) per tensor."""
-        before = [a.clone() for a in anchor]
-        for a, g in zip(anchor, self.clip_(d)):
-            a.grad = g
-        self.optimizer.step()
-        for a in anchor:
-            a.grad = None
-        return [a - b for a, b in zip(anchor, before)]
+        pseudo-gradient ``d``; returns the applied step (a_{t+1} - a_t) per tensor, on the
+        work device."""
+        with self._on_work(anchor):
+            before = [a.clone() for a in anchor]
+            for a, g in zip(anchor, self.clip_(d)):
+                a.grad = g
+            self.optimizer.step()
+            for a in anchor:
+                a.grad = None
+            return [a - b for a, b in zip(anchor, before)]
 
     @torch.no_grad()
     def trial(self, d: list[torch.Tensor], params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -157,6 +237,7 @@ class OuterOptimizer:
             a.copy_(b)
         self.optimizer.state.clear()
         self.optimizer.state.update(saved)
+        self.rehome()
         self.clipped = clipped
         return moved
 
@@ -173,5 +254,6 @@ class OuterOptimizer:
         return {"optimizer": self.optimizer.state_dict(), "clipped": self.clipped}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moved to the anchor's device by torch
+        self.rehome()
         self.clipped = state["clipped"]

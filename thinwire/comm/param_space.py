@@ -80,6 +80,19 @@ class ModuleParams(ParamSpace):
         return global_norm(pieces)
 
 
+def group_norm(norm: float, group, meter, device) -> float:
+    """The L2 norm over ``group`` of the parts whose norms are ``norm`` on each rank (the squares
+    summed in one fp64 scalar all-reduce, counted as control); ``norm`` itself when ``group`` is
+    None or one rank. E.g. ``residual_norm`` over whole tensors from the local shards' residuals."""
+    from . import accounting
+
+    if group is None or accounting.group_size(group) <= 1:
+        return norm
+    sq = torch.tensor([norm * norm], dtype=torch.float64, device=device)
+    accounting.all_reduce(meter, sq, group=group, kind="control")
+    return math.sqrt(float(sq))
+
+
 class Replicas(Protocol):
     """The replicas the outer loop averages over, and this rank's part of one.
 
@@ -87,6 +100,9 @@ class Replicas(Protocol):
     outer average runs on it); ``cross_group2``: a second group over the same ranks for the
     two-phase collective's second phase (None: the averager makes one when needed);
     ``control_group``: the ranks that agree on skips and stop votes (None: the world);
+    ``shard_group``: the ranks that hold the other parts of this rank's replica, when each holds
+    a shard of every tensor (FSDP2's island; None: the rank's part is whole tensors, or the
+    layout does not say), over which per-tensor metrics are summed (:func:`group_norm`);
     ``consensus_group``: the ranks whose consensus state must hash equal
     (``thinwire.trainer.drift``; None: the world); ``shards(model_params)``: the
     :class:`ParamSpace` of this rank's part; ``eval_space(model_params, space)``: what is
@@ -99,6 +115,7 @@ class Replicas(Protocol):
     cross_group2: object
     control_group: object
     consensus_group: object
+    shard_group: object = None
 
     def shards(self, model_params: ModuleParams) -> ParamSpace: ...
 

@@ -42,6 +42,10 @@ class LocalConfig:
     # DES-LOC (arXiv 2505.22549): average the inner optimizer's moments across ranks
     moment1_every: int = 0           # K_u: first moment (AdamW exp_avg / SGD momentum) every K_u rounds (0 = never)
     moment2_every: int = 0           # K_v: second moment (AdamW exp_avg_sq) every K_v rounds (0 = never)
+    # where the anchor and the outer optimizer's state live between outer steps: null = the model's
+    # device; cpu = host memory (pinned when the model is on CUDA), as torchft's DiLoCo keeps its copy
+    # of the parameters; the outer step still computes on the model's device (bitwise the same results)
+    anchor_device: Optional[str] = None
     allows_inf = ("clip",)           # clip=.inf: no clipping (every other float option must be finite)
 
     def check(self) -> None:
@@ -58,6 +62,8 @@ class LocalConfig:
         need(0.0 <= self.fragment_alpha <= 1.0, "fragment_alpha", self.fragment_alpha, "must be in [0, 1]")
         need(self.moment1_every >= 0, "moment1_every", self.moment1_every, "must be >= 0 (0 = never)")
         need(self.moment2_every >= 0, "moment2_every", self.moment2_every, "must be >= 0 (0 = never)")
+        need(self.anchor_device in (None, "cpu"), "anchor_device", self.anchor_device,
+             "expected cpu or null (null: the model's device)")
 
 
 # CO2's outer recipe (Sun et al. 2024: Nesterov 0.5, lr 1); DiLoCo's (Nesterov 0.9, lr tuned per H and

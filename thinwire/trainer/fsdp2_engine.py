@@ -30,6 +30,7 @@ resume under another island size reshards it (``FSDP2Engine.load_extra``).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..comm import accounting, hooks
+from ..comm.param_space import group_norm
 from ..errors import ConfigError, ResumeConfigError
 from . import fsdp2_shards
 from .fsdp2_shards import Islands
@@ -104,6 +106,28 @@ def check_config(cfg) -> None:
          f"forwards (FSDP2 gathers parameters in each)")
 
 
+def island_step_bytes(params: list[torch.Tensor], size: int, reshard_after_forward: bool,
+                      param_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> dict[str, int]:
+    """Bytes this rank sends inside its island of ``size`` ranks in one training step through
+    FSDP2's own collectives (``{"all_gather": ..., "reduce_scatter": ...}``), accounted from
+    the parameters' shapes and dtypes with ``accounting.collective_bytes``, not measured
+    (FSDP2 calls torch.distributed directly). Per parameter, FSDP2 pads dim 0 to a multiple
+    of S (``torch.distributed.fsdp``'s ``_get_dim0_padded_size``), so each rank's shard is
+    ``ceil(dim0 / S)`` rows: it is all-gathered in ``param_dtype`` (null: the parameter's) in
+    forward and again in backward when ``reshard_after_forward`` (every unit, the root too: the
+    engine sets the flag explicitly), and the padded gradient is reduce-scattered in
+    ``reduce_dtype`` (null: ``param_dtype``). The sums are the same whatever the units'
+    grouping. HSDP's all-reduce across islands is not here (``FSDP2Engine.replicate_bytes``)."""
+    gather = scatter = 0
+    for p in params:
+        dim0 = p.shape[0] if p.dim() else 1
+        shard = math.ceil(dim0 / size) * (p.numel() // max(dim0, 1))
+        compute = param_dtype or p.dtype
+        gather += accounting.collective_bytes("all_gather", shard, compute.itemsize, size)
+        scatter += accounting.collective_bytes("reduce_scatter", shard * size, (reduce_dtype or compute).itemsize, size)
+    return {"all_gather": gather * (2 if reshard_after_forward else 1), "reduce_scatter": scatter}
+
+
 def aggregate_shards(state: "hooks.CompressedState", model: torch.nn.Module) -> None:
     """Per-step compression under FSDP2, after backward: each trainable parameter's local
     gradient shard (after the island's reduce-scatter) goes through the DDP comm hook's
@@ -167,11 +191,17 @@ class FSDP2Engine(CommStateMethods, Engine):
         self.optimizer = None
         # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
         # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
-        # reduce-scatter inside the island are not counted (docs/fsdp2.md)
-        local_numel = sum(fsdp2_shards.local(p).numel() for p in model.parameters() if p.requires_grad)
+        # reduce-scatter inside the island: accounted likewise, charged as kind "island"
+        # (island_bytes, never in wire_bytes; docs/fsdp2.md "Bytes")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        local_numel = sum(fsdp2_shards.local(p).numel() for p in trainable)
         size = (reduce_dtype or param_dtype or torch.float32).itemsize
         self.replicate_bytes = accounting.collective_bytes("all_reduce", local_numel, size, self.islands.replicas) \
             if grad_sync and not compressed and self.islands.replicas > 1 else 0
+        self.island_bytes = island_step_bytes(trainable, self.islands.size, cfg.reshard_after_forward, param_dtype,
+                                              reduce_dtype)
+        # the dense reference (dense_bytes): an fp32 all-reduce of this rank's shard across the R replicas
+        self.dense_reference = (local_numel, self.islands.replicas)
         if compressed:  # the DDP hook's state: aggregator, EF rescaling, warm-up, staging, checkpoint
             fields = OmegaConf.to_container(comm_cfg, resolve=True)
             self.hook_state, _ = comm_hook(fields.pop("name"), process_group=self.islands.cross_group,
@@ -190,6 +220,9 @@ class FSDP2Engine(CommStateMethods, Engine):
         if self.replicate_bytes:
             self.meter.charge(self.replicate_bytes, kind="data", collective="all_reduce",
                               group_size=self.islands.replicas)
+        for collective, nbytes in self.island_bytes.items():
+            if nbytes:
+                self.meter.charge(nbytes, kind="island", collective=collective, group_size=self.islands.size)
         if not isinstance(self.hook_state, hooks.CompressedState):
             return 0.0
         t0 = time.perf_counter()
@@ -278,6 +311,16 @@ class FSDP2Engine(CommStateMethods, Engine):
         if self.world.is_main:
             print(f"thinwire: warning: {directory}: islands of {saved['shard_group_size']} ranks saved, "
                   f"{self.islands.size} now: model and optimizer resharded, {why}", flush=True)
+
+    def take_comm_stats(self) -> dict:
+        """The comm hook's metrics; ``residual_norm`` over the whole tensors: the squares of the
+        island's local shards summed (one fp64 scalar all-reduce in the island: control, as the
+        local shards' norms are; island_bytes stays FSDP2's accounted collectives alone)."""
+        stats = super().take_comm_stats()
+        if "residual_norm" in stats:
+            stats["residual_norm"] = group_norm(stats["residual_norm"], self.islands.shard_group, self.meter,
+                                                self.world.device)
+        return stats
 
     def load_comm_state_dict(self, state: dict) -> None:
         if not getattr(self, "relaid", False):  # a new layout took the resharded state in load_extra

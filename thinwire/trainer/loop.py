@@ -220,15 +220,19 @@ class Trainer:
                 record.update({f"skipped_steps/rank{r}": n for r, n in skipped.items()})
         dt = time.perf_counter() - t0
         sent = self.meter.take()  # thinwire.meter.ByteCounts, as a library user reads it
+        # (numel, ranks) of the dense reference; engine=fsdp2: this rank's shard across the R replicas
+        dense = getattr(self.engine, "dense_reference", (self.engine.numel, self.world.world_size))
         record.update({
             "step_time_s": dt,
             "comm_wait_s": self.watch.take(),
             "wire_bytes": sent.wire,
             "control_bytes": sent.control,
-            "dense_bytes": accounting.allreduce_bytes(self.engine.numel, self.world.world_size),
+            "dense_bytes": accounting.allreduce_bytes(*dense),
             f"{self.unit}_per_s": self.data.info.items_per_batch * self.world.world_size / max(dt, 1e-9),
             "skipped_steps": self.skipped_total,
         })
+        if sent.island:  # engine=fsdp2: inside the island (accounted), never in wire_bytes
+            record["island_bytes"] = sent.island
         return record
 
     def run(self) -> dict:
