@@ -1,0 +1,125 @@
+"""engine=fsdp2 across islands (HSDP layout, 4 ranks, CPU, gloo, pooled ranks): what the
+outer loop does on local shards at S > 1, against the same strategy on two unsharded replicas.
+
+- streaming fragments (sync.fragments=2, a fragment in flight) with chunk Top-K + error
+  feedback on chunk-aligned shards: every rank's whole parameters bitwise == the same
+  strategy run by ``engine=ddp``'s code on two unsharded replicas (each replica's gradient the
+  mean of its island's two ranks, as FSDP2's reduce-scatter computes it);
+- resumed with a fragment in flight (same layout): every metric and each island's parameters
+  bitwise == the uninterrupted run.
+"""
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import run_ranks
+from pool import POOLS
+from test_fsdp2 import ENGINE, INNER, OUTER, dcp_params, make_model, metrics
+
+# Streaming DiLoCo: 2 fragments (one per block), H = 4, each fragment's average overlaps 1 step
+STREAMING = {**OUTER, "local_steps": 4, "fragments": 2, "fragment_delay": 1}
+# chunks of 8 elements: every local shard of the test model (rows of 16 or 64, 21 = 11 + 10
+# embedding rows) is a whole number of chunks, so per-shard chunk Top-K == per-tensor; values
+# in bf16 (bits=16): the 2-bit code book is one per tensor, so one per local shard under FSDP2
+# (measured: not bitwise, 0.06 apart on the embedding after 7 steps)
+CHUNK = {"name": "chunk_topk", "chunk": 8, "k": 2, "bits": 16, "feedback": "ef", "min_numel": 8}
+
+
+def outer_run(world, model, strategy, steps, island_batches):
+    """Inner SGD steps of ``model`` (its gradient: the mean of ``island_batches(step)``'s
+    gradients, as FSDP2's reduce-scatter inside an island), each followed by the strategy."""
+    opt = torch.optim.SGD(model.parameters(), lr=INNER["lr"], momentum=INNER["momentum"])
+    for step in range(steps):
+        grads = []
+        for b in island_batches(step):
+            model.zero_grad()
+            model(**b).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, ga, gb in zip(model.parameters(), *grads):
+            p.grad = ga / 2 + gb / 2
+        opt.step()
+        strategy.after_step(step)
+
+
+def streaming_run(rank, world_size, steps, comm=CHUNK, outer=STREAMING):
+    """Rank ``rank`` of 2 islands of 2 (engine=fsdp2, the loop's calls by hand), then the same
+    strategy on two unsharded replicas (``DataParallel`` over ranks {j, j + 2}: rank r plays
+    replica r // 2, whose gradient is the mean of its island's two ranks')."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.comm.param_space import DataParallel
+    from thinwire.comm.sync import build_sync
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    from test_sync import B, batch
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    comm = OmegaConf.create(comm)
+    model, meter = make_model(), WireMeter()
+    engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, comm, grad_sync=False)
+    plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=steps), B)
+    strategy = build_sync(OmegaConf.create(outer), world, meter, model, comm, replicas=engine.replicas)
+    for step in range(steps):
+        plugin.compute(engine.forward_model, batch(step, rank, world_size))
+        plugin.apply(step)
+        strategy.after_step(step)
+    out = {"fsdp2": {k: v.full_tensor().clone() for k, v in model.state_dict().items()},
+           "in_flight": sorted(strategy.flights), "feedback": strategy.averager.state_dict().get("feedback")}
+    strategy.close()
+    pairs = [dist.new_group([j, j + 2]) for j in range(2)]
+    pairs2 = [dist.new_group([j, j + 2]) for j in range(2)]
+    ref, island = make_model(), rank // 2
+    replicas = DataParallel(world, group=pairs[rank % 2], cross_group=pairs2[rank % 2])
+    strategy = build_sync(OmegaConf.create(outer), world, WireMeter(), ref, comm, replicas=replicas)
+    outer_run(world, ref, strategy, steps, lambda s: [batch(s, r, world_size) for r in (2 * island, 2 * island + 1)])
+    out["ref"] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    out["ref_in_flight"] = sorted(strategy.flights)
+    strategy.close()
+    return out
+
+
+@pytest.mark.extended
+def test_streaming_across_islands_equals_unsharded_replicas(tmp_path):
+    """4 ranks, islands {0,1} {2,3}; sync=local with 2 fragments, a 1-step delay (Streaming
+    DiLoCo), outer Nesterov, chunk Top-K + error feedback on chunk-aligned local shards; 7
+    steps (fragment 1 in flight at the end): every rank's whole parameters bitwise == the same
+    strategy on two unsharded replicas; the islands differ; residuals are per local shard."""
+    results = run_ranks(streaming_run, 4, tmp_path, 7)
+    for rank, res in enumerate(results):
+        assert res["in_flight"] == res["ref_in_flight"] == [1]
+        for k, v in res["ref"].items():
+            assert torch.equal(res["fsdp2"][k], v), (rank, k)
+        assert all(torch.equal(v, results[rank ^ 1]["fsdp2"][k]) for k, v in res["fsdp2"].items())
+        assert res["feedback"] and all(x.abs().sum() > 0 for bufs in res["feedback"].values() for x in bufs.values())
+    assert not all(torch.equal(results[0]["fsdp2"][k], results[2]["fsdp2"][k]) for k in results[0]["fsdp2"])
+    emb = [results[r]["feedback"]["tok_emb.weight"]["e"].numel() for r in (0, 1)]
+    assert emb == [11 * 16, 10 * 16], emb  # uneven shards: 21 rows as 11 + 10
+
+
+@pytest.mark.extended
+def test_streaming_across_islands_resumes_bitwise_with_a_fragment_in_flight(tmp_path):
+    """4 ranks, 2 islands of 2, sync=diloco with 2 fragments and a 1-step delay (H = 4:
+    fragment 1 launches at step 3 and merges at 4), int8 outer average: stopped after step 3
+    (fragment 1 in flight) and resumed, every metric and each island's step-6 parameters
+    bitwise == the uninterrupted run."""
+    args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "engine.shard_group_size=2", "sync=diloco",
+            "sync.local_steps=4", "sync.fragments=2", "sync.fragment_delay=1", "comm=int8", "trainer.max_steps=6",
+            "trainer.eval_every=3", "trainer.checkpoint_every=3", "data.eval_batches=4"]
+    POOLS.train(*args, f"hydra.run.dir={tmp_path}/full")
+    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=3")
+    assert "resumed from" in POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto").stdout
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "val_loss", "lr", "wire_bytes"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    last = [dcp_params(tmp_path / run / "checkpoints" / "step_00000006" / f"replica{r}")
+            for run in ("full", "split") for r in (0, 1)]
+    for k in last[0]:
+        assert torch.equal(last[0][k], last[2][k]) and torch.equal(last[1][k], last[3][k]), k
+    assert not all(torch.equal(last[0][k], last[1][k]) for k in last[0])  # two replicas
+    assert os.path.isdir(tmp_path / "split" / "checkpoints" / "step_00000003" / "replica1")
