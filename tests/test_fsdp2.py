@@ -572,16 +572,26 @@ def test_hsdp_through_the_trainer_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.extended
-def test_outer_state_under_another_island_size_is_refused(tmp_path):
-    """sync=local on 2 islands of 2, resumed at the same world size with islands of 1: the
-    rank files hold anchor and outer state of the old shard sizes, so the resume stops with
-    one line naming engine.shard_group_size and the size to resume with."""
-    from pool import JobFailed
+def test_outer_state_resumes_under_another_island_size(tmp_path):
+    """sync=diloco comm=topk on 2 islands of 2, stopped after step 2 (one round), resumed with
+    islands of 1: at the same world size (4 islands: another replica count) and on 2 ranks (2
+    islands: the same replica count). The rank files hold the old shard sizes, so the trainer
+    must take the engine's resharded state (loading the rank files' fails on the shapes): both
+    runs finish, round 2 ends at step 4, and the engine says in one line what it did with the
+    error feedback (tensors: tests/test_fsdp2_outer.py)."""
+    import shutil
 
-    args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "sync=local", "sync.local_steps=2",
-            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.eval_batches=4",
-            f"hydra.run.dir={tmp_path}/run"]
-    POOLS.train(*args, "engine.shard_group_size=2", "trainer.stop_after=2")
-    with pytest.raises(JobFailed, match=r"engine.shard_group_size=1: .* was saved with islands of 2 ranks.*"
-                                        r"resume with engine.shard_group_size=2"):
-        POOLS.train(*args, "engine.shard_group_size=1", "trainer.resume=auto")
+    args = ["experiment=tiny", "engine=fsdp2", "sync=diloco", "sync.local_steps=2", "comm=topk",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.eval_batches=4"]
+    POOLS.train(*args, "dist.nproc=4", "engine.shard_group_size=2", "trainer.stop_after=2",
+                f"hydra.run.dir={tmp_path}/same")
+    shutil.copytree(tmp_path / "same", tmp_path / "fewer")
+    for run, nproc, why in (("same", 4, "error feedback reset (2 replicas saved, 4 now)"),
+                            ("fewer", 2, "error feedback resharded")):
+        out = POOLS.train(*args, f"dist.nproc={nproc}", "engine.shard_group_size=1", "trainer.resume=auto",
+                          f"hydra.run.dir={tmp_path}/{run}").stdout
+        said = [line for line in out.splitlines() if "outer loop's state resharded" in line]
+        assert len(said) == 1 and why in said[0], out
+        assert ("per-rank state reset (RNG streams)" in out) == (nproc == 2), out
+        rows = metrics(tmp_path / run)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["outer_round"] == 2, rows[-1]

@@ -123,3 +123,108 @@ def test_streaming_across_islands_resumes_bitwise_with_a_fragment_in_flight(tmp_
         assert torch.equal(last[0][k], last[2][k]) and torch.equal(last[1][k], last[3][k]), k
     assert not all(torch.equal(last[0][k], last[1][k]) for k in last[0])  # two replicas
     assert os.path.isdir(tmp_path / "split" / "checkpoints" / "step_00000003" / "replica1")
+
+
+# -- the outer loop's state resharded on resume (another island size) ----------------------
+CO2 = {**OUTER, "name": "co2", "local_steps": 2, "staleness_penalty": 0.5}
+EF = {"name": "topk", "ratio": 0.25, "feedback": "ef", "min_numel": 8}
+
+
+def outer_engine(rank, world_size, size, overlap):
+    """engine=fsdp2 on islands of ``size`` ranks, SGD inner, sync=co2 (``overlap``) with Top-K +
+    error feedback on the outer average, bound as the trainer binds them."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.comm.sync import build_sync
+    from thinwire.optim.plugins import SGDPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    model, meter, comm = make_model(), WireMeter(), OmegaConf.create(EF)
+    engine = build_engine(OmegaConf.create({**ENGINE, "shard_group_size": size}), model, world, meter, comm,
+                          grad_sync=False)
+    plugin = engine.attach(SGDPlugin(OmegaConf.create(INNER), model, max_steps=8), 4)
+    strategy = build_sync(OmegaConf.create({**CO2, "overlap": overlap}), world, meter, model, comm,
+                          replicas=engine.replicas)
+    engine.bind_sync(strategy)
+    return engine, plugin, strategy
+
+
+def whole_outer_state(engine, strategy) -> dict:
+    """Every per-piece tensor of the strategy's state as the whole tensor of its island."""
+    from thinwire.trainer import fsdp2_outer_state, fsdp2_shards
+
+    state = strategy.state_dict()
+    pieces = fsdp2_outer_state.pieces(state, strategy.space.names, strategy.space.sizes, strategy.plan.fragments)
+    whole = {k: v.full_tensor().clone() for k, v in fsdp2_shards.as_dtensors(pieces, engine.module).items()}
+    return {"tensors": whole, "round": state["round"], "flights": sorted(state["flights"]),
+            "last_step": sorted(state["last_step"]), "sizes": list(strategy.space.sizes)}
+
+
+def outer_save(rank, world_size, root, overlap, steps):
+    """2 islands of 2, ``steps`` steps (H = 2: a mean in flight), checkpointed as the trainer
+    does (the rank files, then the engine's DCP files); the state's whole tensors."""
+    from test_sync import batch
+
+    engine, plugin, strategy = outer_engine(rank, world_size, 2, overlap)
+    for step in range(steps):
+        plugin.compute(engine.forward_model, batch(step, rank, world_size))
+        plugin.apply(step)
+        strategy.after_step(step)
+    path = os.path.join(root, overlap)
+    os.makedirs(path, exist_ok=True)
+    torch.save({"sync": strategy.state_dict()}, os.path.join(path, f"rank{rank:05d}.pt"))
+    engine.save_extra(path)
+    out = whole_outer_state(engine, strategy)
+    strategy.close()
+    return out
+
+
+def outer_load(rank, world_size, size, root, overlap):
+    """Islands of ``size`` ranks resuming the 2x2 checkpoint (load_extra, as the trainer does)."""
+    import contextlib
+    import io
+
+    engine, plugin, strategy = outer_engine(rank, world_size, size, overlap)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        took = engine.load_extra(os.path.join(root, overlap), same_world=world_size == 4)
+    out = {**whole_outer_state(engine, strategy), "took": took, "said": said.getvalue()}
+    strategy.close()
+    return out
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("overlap", ["stale", "eager"])
+def test_outer_state_reshards_to_another_island_size(tmp_path, overlap):
+    """sync=co2 (H = 2, 5 steps; stale: round 2's mean in flight, round 1's anchor step kept
+    for the staleness gap; eager: the start s_i), Top-K + error feedback, saved on 2 islands of 2.
+    Resumed as 2 islands of 1 (2 ranks): every tensor of the outer loop's state (anchor, outer
+    momentum, snapshot and mean in flight, last step, residuals) is the saved island's whole
+    tensor, exactly. As 1 island of 4 (4 ranks, another replica count): the same, replica 0's,
+    with the error feedback reset and one warning line saying so."""
+    saved = run_ranks(outer_save, 4, tmp_path, str(tmp_path), overlap, 5)
+    keys = saved[0]["tensors"]
+    kinds = {k.split("/")[0] for k in keys}
+    stale = overlap == "stale"  # eager applies a mean to the consensus when it is waited for: none in flight
+    assert {"anchor", "outer:momentum_buffer", "feedback:e"} <= kinds, kinds
+    assert {"snapshot0", "mean0", "last0"} <= kinds if stale else "start" in kinds, kinds
+    flights = [0] if stale else []
+    assert saved[0]["flights"] == flights and saved[0]["round"] == 2
+    assert not all(torch.equal(v, saved[2]["tensors"][k]) for k, v in keys.items())  # the islands differ
+    for size, world in ((1, 2), (4, 4)):
+        loaded = run_ranks(outer_load, world, tmp_path, size, str(tmp_path), overlap)
+        for rank, got in enumerate(loaded):
+            island = saved[2 * rank if size == 1 else 0]
+            assert got["took"] is True and got["round"] == 2 and got["flights"] == flights
+            want = {k: v for k, v in island["tensors"].items() if size == 1 or not k.startswith("feedback:")}
+            assert got["tensors"].keys() == want.keys(), (size, set(got["tensors"]) ^ set(want))
+            for k, v in want.items():
+                assert torch.equal(got["tensors"][k], v), (size, rank, k)
+        said = loaded[0]["said"].strip().splitlines()
+        assert len(said) == 1, said
+        assert ("error feedback resharded" if size == 1 else "error feedback reset (2 replicas saved, 1 now)") \
+            in said[0], said
+    assert saved[0]["sizes"][0] == 11 * 16 and loaded[0]["sizes"][0] == 6 * 16  # torch.chunk: 6, 6, 6, 3 rows

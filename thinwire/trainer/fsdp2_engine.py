@@ -24,9 +24,11 @@ of diverged replicas would be silently wrong: DCP treats equal names at equal of
 replicated, keeps one writer's copy, and every replica would restore a mix. Loading reads
 DCP's metadata through an allowlist unpickler and its non-tensor items with
 ``weights_only=True`` (``fsdp2_shards.safe_reader``/``safe_planner``). Per-rank state (RNG,
-the outer loop's anchor, outer momentum, error feedback) stays in the rank files; per-step
-compression's error feedback is also saved per island as DTensors (``feedback{r}/``), so a
-resume under another island size reshards it (``FSDP2Engine.load_extra``).
+the outer loop's anchor, outer momentum, error feedback) stays in the rank files. For a resume
+under another island size the divergent per-rank state is also saved per island as DTensors
+placed like the parameters, which DCP reshards by global offsets (``FSDP2Engine.load_extra``):
+per-step compression's error feedback in ``feedback{r}/``, the outer loop's state
+(``fsdp2_outer_state``) under ``outer`` in ``replica{r}/``.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ from omegaconf import OmegaConf
 
 from ..comm import accounting, hooks
 from ..errors import ConfigError, ResumeConfigError
-from . import fsdp2_shards
+from ..tensors import on_device
+from . import fsdp2_outer_state, fsdp2_shards
+from .checkpoint import safe_load
 from .fsdp2_shards import Islands
 from .interface import CommStateMethods, Engine
 
@@ -165,6 +169,7 @@ class FSDP2Engine(CommStateMethods, Engine):
                 register_fsdp_forward_method(model, method)
         self.forward_model = model
         self.optimizer = None
+        self.sync = None  # the outer loop (bind_sync): its state is saved resharding-ready with the model
         # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
         # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
         # reduce-scatter inside the island are not counted (docs/fsdp2.md)
@@ -181,6 +186,11 @@ class FSDP2Engine(CommStateMethods, Engine):
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
         return plugin
+
+    def bind_sync(self, sync) -> None:
+        """The run's sync strategy: under local/co2 its per-rank state goes into ``replica{r}/``
+        as DTensors too, so a resume under another island size reshards it."""
+        self.sync = sync
 
     # the loop's engine interface (CommStateMethods: set_lr, commit, ... go to hook_state)
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
@@ -218,7 +228,12 @@ class FSDP2Engine(CommStateMethods, Engine):
 
         fsdp2_shards.reshard(self.module)
         path, group = self._where(directory)
-        dcp.save({**self._state(), "layout": self._layout()}, checkpoint_id=path, process_group=group)
+        state = {**self._state(), "layout": self._layout()}
+        if self.replicas is not None and self.sync is not None:
+            space = self.sync.space
+            state["outer"] = fsdp2_shards.as_dtensors(fsdp2_outer_state.pieces(
+                self.sync.state_dict(), space.names, space.sizes, self.sync.plan.fragments), self.module)
+        dcp.save(state, checkpoint_id=path, process_group=group)
         if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
             state = self.hook_state
             dcp.save({"feedback": fsdp2_shards.feedback_dtensors(state.aggregator.feedback.state_dict(), self.module),
@@ -226,12 +241,14 @@ class FSDP2Engine(CommStateMethods, Engine):
                      checkpoint_id=os.path.join(directory, f"feedback{self.islands.replica}"),
                      process_group=self.islands.shard_group)
 
-    def load_extra(self, directory: str, same_world: bool) -> None:
+    def load_extra(self, directory: str, same_world: bool) -> bool:
         """Model and inner optimizer from DCP (resharded to this layout). A changed layout
-        (``engine.shard_group_size`` or the world size) under ``sync=ddp``: per-step error
-        feedback is resharded from this island's ``feedback{r}/`` when the replica count is
-        the same, else reset with one warning line; the outer loop's per-rank state
-        (local/co2) is not resharded, so such a resume is refused."""
+        (``engine.shard_group_size`` or the world size) reshards the divergent per-rank state:
+        under ``sync=ddp`` per-step error feedback from this island's ``feedback{r}/``; under
+        local/co2 the outer loop's whole state (anchor, outer optimizer, CO2's state in flight,
+        error feedback) from ``replica{r}/``, loaded into the bound strategy here (returns True:
+        the rank files' sync state is not for this layout). Error feedback is kept when the
+        replica count is the same, else reset; one warning line says which."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -250,13 +267,37 @@ class FSDP2Engine(CommStateMethods, Engine):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         saved = state.get("layout", self._layout())
         self.relaid = saved != self._layout() or not same_world
-        if same_world and self.replicas is not None and saved != self._layout():  # rank files: old shapes
-            raise ResumeConfigError(
-                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
-                f"{saved['shard_group_size']} ranks; the outer loop's per-rank state (anchor, outer momentum, error "
-                f"feedback) is not resharded: resume with engine.shard_group_size={saved['shard_group_size']}")
         if self.relaid and isinstance(self.hook_state, hooks.CompressedState):
             self._reshard_feedback(directory, saved)
+        if self.relaid and self.replicas is not None and self.sync is not None:
+            self._reshard_outer(directory, path, group, saved)
+            return True
+        return False
+
+    def _reshard_outer(self, directory: str, path: str, group, saved: dict) -> None:
+        """The outer loop's state of ``path`` (``replica{r}/``), resharded to this layout."""
+        import torch.distributed.checkpoint as dcp
+
+        reader = fsdp2_shards.safe_reader(path)
+        keys = [k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("outer.")]
+        if not keys:
+            raise ResumeConfigError(
+                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                f"{saved['shard_group_size']} ranks by a version that kept the outer loop's state in the rank "
+                f"files only: resume with engine.shard_group_size={saved['shard_group_size']}")
+        loaded = {"outer": fsdp2_shards.templates({k: k.split("/", 1)[1] for k in keys}, self.module)}
+        dcp.load(loaded, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
+        same = saved["replicas"] == self.islands.replicas
+        rank_file = safe_load(os.path.join(directory, "rank00000.pt"))["sync"]  # consensus scalars
+        state = fsdp2_outer_state.restore(rank_file, fsdp2_shards.local_flats(loaded["outer"]), self.sync.space.names,
+                                          self.sync.plan.fragments, keep_feedback=same)
+        self.sync.load_state_dict(on_device(state, self.world.device))
+        why = "error feedback resharded" if same else \
+            f"error feedback reset ({saved['replicas']} replicas saved, {self.islands.replicas} now)"
+        if self.world.is_main:
+            print(f"thinwire: warning: {directory}: islands of {saved['shard_group_size']} ranks saved, "
+                  f"{self.islands.size} now: model, optimizer and the outer loop's state resharded, {why}",
+                  flush=True)
 
     def _reshard_feedback(self, directory: str, saved: dict) -> None:
         import torch.distributed.checkpoint as dcp

@@ -218,34 +218,49 @@ def safe_planner():
     return SafePlanner()
 
 
-# -- error feedback of per-step compression as DTensors: resharded by DCP like the model ----
-def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
-    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors shaped
-    and placed like parameter ``name``, keyed ``"<name>/<buf>"``: saved per island, they
-    reload resharded into another island size (DCP matches them by global offsets)."""
+# -- per-rank state as DTensors placed like the parameters: DCP reshards it by global offsets --
+def as_dtensors(pieces: dict, model: torch.nn.Module) -> dict:
+    """``{key: (parameter name, flat local shard)}`` -> ``{key: DTensor}`` shaped and placed like
+    that parameter: saved per island, they reload resharded into another island size."""
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters())
     out = {}
-    for name, bufs in store.items():
+    for key, (name, t) in pieces.items():
         p = params[name]
-        for buf, t in bufs.items():
-            out[f"{name}/{buf}"] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements,
-                                                      run_check=False, shape=p.shape, stride=p.stride())
+        out[key] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
     return out
 
 
-def feedback_templates(keys, model: torch.nn.Module) -> dict:
-    """Zero fp32 DTensors placed like each key's parameter, for ``dcp.load`` to fill."""
+def templates(names: dict, model: torch.nn.Module) -> dict:
+    """``{key: parameter name}`` -> zero fp32 DTensors placed like that parameter, for
+    ``dcp.load`` to fill."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        return {k: torch.zeros_like(params[k.rsplit("/", 1)[0]], dtype=torch.float32) for k in keys}
+        return {k: torch.zeros_like(params[n], dtype=torch.float32) for k, n in names.items()}
+
+
+def local_flats(tensors: dict) -> dict:
+    """This rank's flat local shard of each DTensor."""
+    return {k: local(t).reshape(-1).clone() for k, t in tensors.items()}
+
+
+# error feedback of per-step compression, keyed "<name>/<buffer>"
+def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
+    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors keyed
+    ``"<name>/<buf>"`` (:func:`as_dtensors`)."""
+    return as_dtensors({f"{n}/{b}": (n, t) for n, bufs in store.items() for b, t in bufs.items()}, model)
+
+
+def feedback_templates(keys, model: torch.nn.Module) -> dict:
+    return templates({k: k.rsplit("/", 1)[0] for k in keys}, model)
 
 
 def feedback_store(tensors: dict) -> dict:
     """Inverse of :func:`feedback_dtensors`: this rank's flat local shards by name and buffer."""
     store: dict = {}
-    for key, t in tensors.items():
+    for key, t in local_flats(tensors).items():
         name, buf = key.rsplit("/", 1)
-        store.setdefault(name, {})[buf] = local(t).reshape(-1).clone()
+        store.setdefault(name, {})[buf] = t
     return store
