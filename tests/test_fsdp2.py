@@ -73,10 +73,11 @@ def test_fsdp2_equals_ddp_and_resumes_bitwise_from_dcp(tmp_path):
 # -- 2 islands of 1 rank (S = 1: each local shard is the whole tensor) == engine=ddp ---------
 SYNCS = {"ddp": [], "local": ["sync=local", "sync.local_steps=2"], "diloco": ["sync=diloco", "sync.local_steps=2"],
          "co2": ["sync=co2", "sync.local_steps=2"], "eager": ["sync=co2", "sync.overlap=eager", "sync.local_steps=2"],
-         "streaming": ["sync=diloco", "sync.local_steps=2", "sync.fragments=2"]}
+         "streaming": ["sync=diloco", "sync.local_steps=2", "sync.fragments=2"],
+         "moments": ["sync=local", "sync.local_steps=2", "sync.moment1_every=1", "sync.moment2_every=2"]}
 COMMS = {"topk": ["comm=topk", "comm.ratio=0.05"], "int8": ["comm=int8"], "randk": ["comm=randk", "comm.ratio=0.1"],
          "chunk_topk": ["comm=chunk_topk", "comm.min_numel=1024", "comm.chunk=256", "comm.k=16"]}
-DEFAULT_TIER = {("ddp", "topk"), ("co2", "chunk_topk")}
+DEFAULT_TIER = {("ddp", "topk"), ("co2", "chunk_topk"), ("moments", "int8")}
 
 
 @pytest.mark.parametrize("sync,comm", [
@@ -473,7 +474,6 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     (["optim=mezo"], "optim=mezo"),
     (["peft=lora"], "peft=lora"),
     (["data.eval_batches=3"], "data.eval_batches=3"),
-    (["sync=local", "sync.moment1_every=1"], "sync.moment1_every=1"),
 ])
 def test_impossible_shapes_exit_2_with_one_line(overrides, needle, capsys, tmp_path):
     from thinwire.train import main

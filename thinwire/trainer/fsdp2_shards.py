@@ -61,7 +61,8 @@ class Islands(Replicas):
     ``ReplicaGroups``): the outer average on the cross group; skips and stop votes over the
     world (an island's ranks step together, and each sees only its own shard of Delta); the
     consensus (anchor, outer state: this rank's shard) equal across the cross group;
-    evaluation averages the local shards over the cross group (``eval_space``).
+    evaluation averages the local shards over the cross group (``eval_space``); inner
+    moments over a copy of the cross group (``moment_group``).
     ``mesh(two_d)``: FSDP2's DeviceMesh, 1-D over the island, or 2-D ``("replicate",
     "shard")`` (native HSDP) built on the same groups."""
 
@@ -77,6 +78,17 @@ class Islands(Replicas):
         self.shard_group, self.cross_group = shard[self.replica], cross[self.index]
         self.cross_group2 = cross2[self.index]
         self.control_group, self.consensus_group = None, self.cross_group
+        self._moment_groups = None
+
+    def moment_group(self):
+        """The cross group's ranks in a group of their own, for averaging the inner optimizer's
+        moments (local shards) while co2's average may be in flight on the cross group. Made on
+        first call, which every rank makes (the strategy's construction)."""
+        if self._moment_groups is None:
+            p = self.world.world_size
+            self._moment_groups = [new_group(list(range(j, p, self.size)), timeout_s=self.world.timeout_s)
+                                   for j in range(self.size)]
+        return self._moment_groups[self.index]
 
     def mesh(self, two_d: bool):
         from torch.distributed.device_mesh import DeviceMesh
