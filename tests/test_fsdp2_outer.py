@@ -254,3 +254,107 @@ def test_moments_across_islands_equal_unsharded_replicas(tmp_path):
             torch.testing.assert_close(penalised[rank]["fsdp2"][k], penalised[rank]["ref"][k], rtol=1e-6, atol=1e-7)
         assert not all(torch.equal(v, plain[rank]["fsdp2"][k]) for k, v in res["fsdp2"].items())
     assert not all(torch.equal(results[0]["fsdp2"][k], results[2]["fsdp2"][k]) for k in results[0]["fsdp2"])
+
+
+# -- optim=demo on local shards, all-gathering over the replicate group ----------------------
+def demo_model():
+    """A tiny GPT whose every dimension is a multiple of 8, in whole and in halves (vocab 32,
+    16 positions, width 16): with optim.chunk=8 each local shard's DCT tiles are 8 x 8 (1-D:
+    8), the unsharded tensor's tiles, and its chunks a contiguous run of the tensor's."""
+    from thinwire.data.base import DataInfo
+    from thinwire.models.gpt import build_gpt
+
+    torch.manual_seed(0)
+    return build_gpt(info=DataInfo("tokens", 0, vocab_size=32), n_layer=2, n_head=2, n_embd=16, block_size=16)
+
+
+def demo_batch(step, rank):
+    g = torch.Generator().manual_seed(500 + step)
+    x = torch.randint(0, 32, (4 * 4, 16), generator=g)[rank * 4:(rank + 1) * 4]
+    return {"x": x, "y": torch.roll(x, -1, dims=1)}
+
+
+def demo_run(rank, world_size, steps):
+    """optim=demo (Signum, chunk 8, k 4, bf16 values) on 2 islands of 2 (the loop's calls by
+    hand), then on two unsharded replicas: rank r plays replica r // 2 (gradient: the mean of
+    its island's two ranks'), all-gathering over ranks {j, j + 2}."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.optim.demo import DeMoOptions, DeMoPlugin
+    from thinwire.optim.plugins import OptimConfig
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    cfg = SimpleNamespace(**{**asdict(OptimConfig()), **asdict(DeMoOptions()), "name": "demo", "lr": 0.01,
+                             "weight_decay": 0.1, "schedule": "constant", "grad_clip": 0.0, "chunk": 8, "k": 4})
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    model, meter = demo_model(), WireMeter()
+    engine = build_engine(OmegaConf.create(ENGINE), model, world, meter, OmegaConf.create({"name": "none"}),
+                          grad_sync=False)
+    plugin = engine.attach(DeMoPlugin(cfg, model, max_steps=steps, world=world, meter=meter), 4)
+    for step in range(steps):
+        plugin.compute(engine.forward_model, demo_batch(step, rank))
+        plugin.apply(step)
+    out = {"fsdp2": {k: v.full_tensor().clone() for k, v in model.state_dict().items()},
+           "bytes": meter.take_step().get("data", 0), "tiles": [t.tile for t in plugin.tiles]}
+    pairs = [dist.new_group([j, j + 2]) for j in range(2)]
+    ref, island = demo_model(), rank // 2
+    ref_plugin = DeMoPlugin(cfg, ref, max_steps=steps, world=world, meter=WireMeter())
+    ref_plugin.exchange_over(pairs[rank % 2])
+    for step in range(steps):
+        grads = []
+        for r in (2 * island, 2 * island + 1):
+            ref.zero_grad()
+            ref(**demo_batch(step, r)).backward()
+            grads.append([p.grad.clone() for p in ref.parameters()])
+        for p, ga, gb in zip(ref.parameters(), *grads):
+            p.grad = ga / 2 + gb / 2
+        ref_plugin.apply(step)
+    out["ref"] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    out["ref_tiles"] = [t.tile for t in ref_plugin.tiles]
+    return out
+
+
+@pytest.mark.extended
+def test_demo_across_islands_equals_unsharded_replicas(tmp_path):
+    """4 ranks, 2 islands of 2, optim=demo (Signum) on local shards, all-gathering over the
+    replicate group, 4 steps: every rank's whole parameters bitwise == DeMo on two unsharded
+    replicas (each replica's gradient its island's mean), where every shard's rows are a whole
+    number of the tensor's 8 x 8 DCT tiles; all ranks equal (DeMo's update is the same
+    everywhere)."""
+    results = run_ranks(demo_run, 4, tmp_path, 4)
+    for rank, res in enumerate(results):
+        assert res["tiles"] == res["ref_tiles"]  # per-shard tiles == the tensor's
+        for k, v in res["ref"].items():
+            assert torch.equal(res["fsdp2"][k], v), (rank, k)
+            assert torch.equal(res["fsdp2"][k], results[0]["fsdp2"][k]), (rank, k)
+    assert not torch.equal(results[0]["fsdp2"]["tok_emb.weight"], demo_model().tok_emb.weight.detach())
+
+
+@pytest.mark.extended
+def test_demo_on_islands_of_one_equals_ddp_and_resumes(tmp_path):
+    """2 ranks, optim=demo (Signum): engine=fsdp2 with islands of 1 (each local shard the whole
+    tensor, the all-gather over both ranks), stopped after step 3 and resumed (the momentum
+    from the engine's optim{rank}.pt), gives the uninterrupted engine=ddp run's every metric
+    bitwise; resuming it under another island size is refused in one line."""
+    from pool import JobFailed
+
+    common = ["experiment=tiny", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+              "data.eval_batches=4", "dist.nproc=2", "optim=demo", "optim.grad_clip=0"]
+    POOLS.train(*common, "engine=ddp", f"hydra.run.dir={tmp_path}/ddp")
+    fsdp = [*common, "engine=fsdp2", f"hydra.run.dir={tmp_path}/fsdp2"]
+    POOLS.train(*fsdp, "engine.shard_group_size=1", "trainer.stop_after=3")
+    assert (tmp_path / "fsdp2" / "checkpoints" / "step_00000003" / "optim00001.pt").exists()
+    assert "resumed from" in POOLS.train(*fsdp, "engine.shard_group_size=1", "trainer.resume=auto").stdout
+    d, f = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp2")
+    assert [r["step"] for r in f] == list(range(1, 7))
+    assert max(r["compression_ratio"] for r in d) > 1.5
+    for key in ("loss", "val_loss", "lr", "wire_bytes", "compression_ratio"):
+        assert [r.get(key) for r in f] == [r.get(key) for r in d], key
+    with pytest.raises(JobFailed, match=r"engine.shard_group_size=2: .*not resharded: resume with "
+                                        r"engine.shard_group_size=1"):
+        POOLS.train(*fsdp, "engine.shard_group_size=2", "trainer.max_steps=9", "trainer.resume=auto")

@@ -6,7 +6,8 @@ puts it back. It moves only the inner optimizer's state (reached through ``bind`
 optimizer's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer`` as the first moment), never
 the anchor; one exact fp32 all-reduce per moment over the group given (4 B per parameter, data
 bytes). Sharded moments (FSDP2's DTensors) are averaged as this rank's local shards, over a
-group of the ranks that hold the same shard (``engine=fsdp2``: the replicate group). MT-DAO (arXiv 2510.05361) is this with ``optim=mtdao`` (``thinwire.optim.mtdao``).
+group of the ranks that hold the same shard (``engine=fsdp2``: the replicate group).
+MT-DAO (arXiv 2510.05361) is this with ``optim=mtdao`` (``thinwire.optim.mtdao``).
 Departure from DES-LOC: moments are averaged only at round ends, not on their own clocks.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..tensors import local_shard
 from . import accounting
 
 FIRST, SECOND = ("exp_avg", "momentum_buffer"), ("exp_avg_sq",)
@@ -42,7 +44,7 @@ class MomentAverager:
                 st = self.optimizer.state.get(p, {})
                 buf = next((st[k] for k in keys if k in st and torch.is_tensor(st[k])), None)
                 if buf is not None:  # a DTensor: this rank's local shard, written in place
-                    out.append(buf.to_local() if hasattr(buf, "to_local") else buf)
+                    out.append(local_shard(buf))
         return out
 
     @torch.no_grad()

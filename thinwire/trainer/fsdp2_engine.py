@@ -51,7 +51,7 @@ from .interface import CommStateMethods, Engine
 SUPPORTED = ("engine=fsdp2 works with sync=ddp (comm=none: FSDP2/HSDP; comm=<compressor>: per-step compression "
              "across islands), or sync=local|diloco|co2 across islands "
              "of engine.shard_group_size ranks (any comm= for the outer average); a backprop optim that steps a "
-             "torch optimizer (sgd|adamw); peft=none; torch >= 2.7")
+             "torch optimizer (sgd|adamw) or optim=demo (update_rule=sign); peft=none; torch >= 2.7")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -99,8 +99,13 @@ def check_config(cfg) -> None:
         need(cfg.comm.name not in hooks.HOOKS, "comm", cfg.comm.name,
              "a DDP bucket hook; FSDP2 compresses its gradient shards with thinwire's compressors only")
     plugin = OPTIMIZERS.get(cfg.optim.name, "optim")
-    need(plugin.needs_backprop and plugin.needs_grad_allreduce and plugin.steps_torch_optimizer, "optim",
-         cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its state)")
+    on_shards = getattr(plugin, "exchanges_on_shards", False)  # e.g. DeMo: its own exchange, on local shards
+    need(plugin.needs_backprop and (on_shards or plugin.needs_grad_allreduce and plugin.steps_torch_optimizer),
+         "optim", cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its "
+         "state) or a plugin that exchanges on local shards")
+    refusal = plugin.shard_refusal(cfg.optim) if on_shards else None
+    if refusal:
+        need(False, *refusal)
     need(cfg.peft.name == "none", "peft", cfg.peft.name, "adapters on sharded parameters are not implemented")
     eval_batches = cfg.data.get("eval_batches")
     need(not isinstance(eval_batches, int) or eval_batches % world == 0, "data.eval_batches", eval_batches,
@@ -185,6 +190,9 @@ class FSDP2Engine(CommStateMethods, Engine):
 
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
+        self.plugin = plugin
+        if getattr(plugin, "exchanges_on_shards", False):  # DeMo: its all-gather runs across islands
+            plugin.exchange_over(self.islands.cross_group)
         return plugin
 
     def bind_sync(self, sync) -> None:
@@ -210,7 +218,7 @@ class FSDP2Engine(CommStateMethods, Engine):
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer or [])
         return {"model": model_sd, "optim": optim_sd}
 
     def _where(self, directory: str, replica: int | None = None) -> tuple[str, object]:
@@ -219,6 +227,17 @@ class FSDP2Engine(CommStateMethods, Engine):
             return os.path.join(directory, "dcp"), None
         r = self.islands.replica if replica is None else replica
         return os.path.join(directory, f"replica{r}"), self.islands.shard_group
+
+    def _outer_loop(self) -> bool:
+        """An outer loop across islands is bound (sync=local|co2; not sync=ddp under optim=demo)."""
+        return self.replicas is not None and getattr(self.sync, "supports_replica_groups", False)
+
+    def _plugin_file(self, directory: str) -> str | None:
+        """Where an optimizer plugin's per-rank state outside any torch optimizer goes (DeMo)."""
+        plugin = getattr(self, "plugin", None)
+        if plugin is None or not getattr(plugin, "exchanges_on_shards", False):
+            return None
+        return os.path.join(directory, f"optim{self.world.rank:05d}.pt")
 
     def _layout(self) -> dict:
         return {"shard_group_size": self.islands.size, "replicas": self.islands.replicas}
@@ -229,11 +248,13 @@ class FSDP2Engine(CommStateMethods, Engine):
         fsdp2_shards.reshard(self.module)
         path, group = self._where(directory)
         state = {**self._state(), "layout": self._layout()}
-        if self.replicas is not None and self.sync is not None:
+        if self._outer_loop():
             space = self.sync.space
             state["outer"] = fsdp2_shards.as_dtensors(fsdp2_outer_state.pieces(
                 self.sync.state_dict(), space.names, space.sizes, self.sync.plan.fragments), self.module)
         dcp.save(state, checkpoint_id=path, process_group=group)
+        if self._plugin_file(directory):  # DeMo's momentum: per rank, its tiles' shapes (same layout only)
+            torch.save(self.plugin.state_dict(), self._plugin_file(directory))
         if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
             state = self.hook_state
             dcp.save({"feedback": fsdp2_shards.feedback_dtensors(state.aggregator.feedback.state_dict(), self.module),
@@ -264,12 +285,22 @@ class FSDP2Engine(CommStateMethods, Engine):
         if any(k.startswith("layout.") for k in reader.read_metadata().state_dict_metadata):
             state["layout"] = {"shard_group_size": 0, "replicas": 0}
         dcp.load(state, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizer or [], model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
         saved = state.get("layout", self._layout())
         self.relaid = saved != self._layout() or not same_world
+        if self._plugin_file(directory):
+            if self.relaid:
+                raise ResumeConfigError(
+                    f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                    f"{saved['shard_group_size']} ranks; optim={self.plugin.__class__.__name__}'s per-rank state is "
+                    f"shaped by the local shards and is not resharded: resume with "
+                    f"engine.shard_group_size={saved['shard_group_size']} on the same world size")
+            self.plugin.load_state_dict(on_device(torch.load(self._plugin_file(directory), weights_only=True),
+                                                  self.world.device))
         if self.relaid and isinstance(self.hook_state, hooks.CompressedState):
             self._reshard_feedback(directory, saved)
-        if self.relaid and self.replicas is not None and self.sync is not None:
+        if self.relaid and self._outer_loop():
             self._reshard_outer(directory, path, group, saved)
             return True
         return False

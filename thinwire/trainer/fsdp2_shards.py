@@ -27,6 +27,7 @@ import torch
 from ..comm import accounting
 from ..comm.groups import new_group
 from ..comm.param_space import ModuleParams, ParamSpace, Replicas, global_norm
+from ..tensors import local_shard as local
 
 
 def shard_group_size(cfg_size, world_size: int) -> int:
@@ -49,9 +50,6 @@ def reshard(model: torch.nn.Module) -> None:
         m.reshard()
 
 
-def local(p: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds of ``p``: a DTensor's local shard, else ``p`` itself."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class Islands(Replicas):
