@@ -472,7 +472,7 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     (["engine.shard_group_size=0"], "shard_group_size=0"),
     (["engine=ddp", "engine.shard_group_size=2"], "engine.shard_group_size: not an option of engine=ddp"),
     (["optim=mezo"], "optim=mezo"),
-    (["optim=adam1bit"], "optim=adam1bit"),
+    (["optim=zo_dist"], "optim=zo_dist"),
     (["optim=demo", "optim.update_rule=adamw"], "optim.update_rule=adamw"),
     (["peft=lora"], "peft=lora"),
     (["data.eval_batches=3"], "data.eval_batches=3"),

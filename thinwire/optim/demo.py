@@ -136,7 +136,7 @@ class DeMoPlugin(OwnUpdatePlugin):
     Config = DeMoOptions
     needs_grad_allreduce = False     # the plugin exchanges compressed momentum itself
     per_rank_state = True            # the momentum (error feedback) differs between ranks
-    exchanges_on_shards = True       # runs on local shards, exchanging over a group given (exchange_over)
+    exchanges_on_shards = True       # runs on local shards, exchanging over the groups given (exchange_over)
 
     @staticmethod
     def shard_refusal(cfg) -> tuple | None:
@@ -171,11 +171,12 @@ class DeMoPlugin(OwnUpdatePlugin):
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                                                betas=tuple(cfg.betas), eps=cfg.eps)
 
-    def exchange_over(self, group) -> None:
-        """All-gather over ``group`` (``engine=fsdp2``: the replicate group; the tensors are
-        this rank's local shards, the same rows of every parameter on every rank of it)."""
-        self.group = group
-        self.world_size = accounting.group_size(group)
+    def exchange_over(self, replicas) -> None:
+        """All-gather over ``replicas.cross_group`` (``engine=fsdp2``'s ``Islands``: the
+        replicate group; the tensors are this rank's local shards, the same rows of every
+        parameter on every rank of it)."""
+        self.group = replicas.cross_group
+        self.world_size = accounting.group_size(self.group)
 
     # -- bytes -----------------------------------------------------------------------
     def payload_bytes(self) -> list[int]:

@@ -51,7 +51,7 @@ from .interface import CommStateMethods, Engine
 SUPPORTED = ("engine=fsdp2 works with sync=ddp (comm=none: FSDP2/HSDP; comm=<compressor>: per-step compression "
              "across islands), or sync=local|diloco|co2 across islands "
              "of engine.shard_group_size ranks (any comm= for the outer average); a backprop optim that steps a "
-             "torch optimizer (sgd|adamw) or optim=demo (update_rule=sign); peft=none; torch >= 2.7")
+             "torch optimizer (sgd|adamw), optim=demo (update_rule=sign) or optim=adam1bit; peft=none; torch >= 2.7")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -191,8 +191,8 @@ class FSDP2Engine(CommStateMethods, Engine):
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
         self.plugin = plugin
-        if getattr(plugin, "exchanges_on_shards", False):  # DeMo: its all-gather runs across islands
-            plugin.exchange_over(self.islands.cross_group)
+        if getattr(plugin, "exchanges_on_shards", False):  # DeMo, 1-bit Adam: their exchange runs across islands
+            plugin.exchange_over(self.islands)
         return plugin
 
     def bind_sync(self, sync) -> None:
@@ -233,7 +233,8 @@ class FSDP2Engine(CommStateMethods, Engine):
         return self.replicas is not None and getattr(self.sync, "supports_replica_groups", False)
 
     def _plugin_file(self, directory: str) -> str | None:
-        """Where an optimizer plugin's per-rank state outside any torch optimizer goes (DeMo)."""
+        """Where an optimizer plugin's per-rank state outside any torch optimizer goes (DeMo,
+        1-bit Adam: shaped by the local shards)."""
         plugin = getattr(self, "plugin", None)
         if plugin is None or not getattr(plugin, "exchanges_on_shards", False):
             return None
@@ -253,7 +254,7 @@ class FSDP2Engine(CommStateMethods, Engine):
             state["outer"] = fsdp2_shards.as_dtensors(fsdp2_outer_state.pieces(
                 self.sync.state_dict(), space.names, space.sizes, self.sync.plan.fragments), self.module)
         dcp.save(state, checkpoint_id=path, process_group=group)
-        if self._plugin_file(directory):  # DeMo's momentum: per rank, its tiles' shapes (same layout only)
+        if self._plugin_file(directory):  # DeMo's momentum, 1-bit Adam's: per rank, local shapes (same layout only)
             torch.save(self.plugin.state_dict(), self._plugin_file(directory))
         if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
             state = self.hook_state
