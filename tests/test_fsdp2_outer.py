@@ -390,3 +390,34 @@ def test_own_exchange_on_islands_of_one_equals_ddp_and_resumes(tmp_path, optim):
     with pytest.raises(JobFailed, match=r"engine.shard_group_size=2: .*not resharded: resume with "
                                         r"engine.shard_group_size=1"):
         POOLS.train(*fsdp, "engine.shard_group_size=2", "trainer.max_steps=9", "trainer.resume=auto")
+
+
+def empty_shard_run(rank, world_size):
+    """optim=demo on one island of 4 over a 2-row weight: ranks 2 and 3 hold none of it."""
+    import torch.distributed as dist
+
+    from thinwire.comm.accounting import WireMeter
+    from thinwire.errors import ConfigError
+    from thinwire.optim.demo import DeMoPlugin
+    from thinwire.trainer.engine import build_engine
+    from thinwire.trainer.world import World
+
+    world = World(rank, world_size, rank, torch.device("cpu"), "gloo", dist.new_group())
+    model = torch.nn.Sequential(torch.nn.Linear(16, 2, bias=False))
+    build_engine(OmegaConf.create({**ENGINE, "shard_group_size": 4}), model, world, WireMeter(),
+                 OmegaConf.create({"name": "none"}), grad_sync=False)
+    try:
+        DeMoPlugin(own_exchange_cfg("demo"), model, max_steps=1, world=world)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.extended
+def test_own_exchange_refuses_an_empty_local_shard(tmp_path):
+    """A parameter with fewer rows than an island's ranks leaves some rank an empty local
+    shard: optim=demo refuses it in one line naming engine.shard_group_size and the parameter,
+    on every rank (from the global shape, so no rank goes on alone)."""
+    said = run_ranks(empty_shard_run, 4, tmp_path)
+    assert all(s and s.startswith("engine.shard_group_size: 0.weight has fewer rows") and "\n" not in s
+               for s in said), said
