@@ -539,14 +539,21 @@ def test_co2_across_islands_resumes_bitwise(tmp_path, overlap):
     args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "engine.shard_group_size=2", "sync=co2",
             f"sync.overlap={overlap}", "sync.local_steps=4", "comm=int8", "trainer.max_steps=12",
             "trainer.eval_every=6", "trainer.checkpoint_every=6", "data.eval_batches=4"]
+    assert_islands_resume_bitwise(tmp_path, args, 6, 12)
+
+
+def assert_islands_resume_bitwise(tmp_path, args, stop: int, steps: int) -> None:
+    """``args`` (2 islands, ``steps`` steps, a checkpoint at ``steps``) run uninterrupted, and
+    stopped after ``stop`` then resumed: every metric and each island's final parameters (its
+    own replica{r}/ DCP files) equal; the two islands differ."""
     POOLS.train(*args, f"hydra.run.dir={tmp_path}/full")
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=6")
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto")
+    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", f"trainer.stop_after={stop}")
+    assert "resumed from" in POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto").stdout
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for key in ("loss", "val_loss", "lr", "wire_bytes"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
-    last = [dcp_params(tmp_path / run / "checkpoints" / "step_00000012" / f"replica{r}")
+    last = [dcp_params(tmp_path / run / "checkpoints" / f"step_{steps:08d}" / f"replica{r}")
             for run in ("full", "split") for r in (0, 1)]
     for k in last[0]:
         assert torch.equal(last[0][k], last[2][k]) and torch.equal(last[1][k], last[3][k]), k

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import run_ranks
 from pool import POOLS
-from test_fsdp2 import ENGINE, INNER, OUTER, dcp_params, make_model, metrics
+from test_fsdp2 import ENGINE, INNER, OUTER, assert_islands_resume_bitwise, make_model, metrics
 
 # Streaming DiLoCo: 2 fragments (one per block), H = 4, each fragment's average overlaps 1 step
 STREAMING = {**OUTER, "local_steps": 4, "fragments": 2, "fragment_delay": 1}
@@ -114,18 +114,7 @@ def test_streaming_across_islands_resumes_bitwise_with_a_fragment_in_flight(tmp_
     args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "engine.shard_group_size=2", "sync=diloco",
             "sync.local_steps=4", "sync.fragments=2", "sync.fragment_delay=1", "comm=int8", "trainer.max_steps=6",
             "trainer.eval_every=3", "trainer.checkpoint_every=3", "data.eval_batches=4"]
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/full")
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=3")
-    assert "resumed from" in POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto").stdout
-    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for key in ("loss", "val_loss", "lr", "wire_bytes"):
-        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
-    last = [dcp_params(tmp_path / run / "checkpoints" / "step_00000006" / f"replica{r}")
-            for run in ("full", "split") for r in (0, 1)]
-    for k in last[0]:
-        assert torch.equal(last[0][k], last[2][k]) and torch.equal(last[1][k], last[3][k]), k
-    assert not all(torch.equal(last[0][k], last[1][k]) for k in last[0])  # two replicas
+    assert_islands_resume_bitwise(tmp_path, args, 3, 6)
     assert os.path.isdir(tmp_path / "split" / "checkpoints" / "step_00000003" / "replica1")
 
 
