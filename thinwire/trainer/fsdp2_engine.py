@@ -173,7 +173,7 @@ class FSDP2Engine(CommStateMethods, Engine):
             if callable(getattr(model, method, None)):
                 register_fsdp_forward_method(model, method)
         self.forward_model = model
-        self.optimizer = None
+        self.optimizer, self.plugin = None, None
         self.sync = None  # the outer loop (bind_sync): its state is saved resharding-ready with the model
         # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
         # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
@@ -235,8 +235,7 @@ class FSDP2Engine(CommStateMethods, Engine):
     def _plugin_file(self, directory: str) -> str | None:
         """Where an optimizer plugin's per-rank state outside any torch optimizer goes (DeMo,
         1-bit Adam: shaped by the local shards)."""
-        plugin = getattr(self, "plugin", None)
-        if plugin is None or not getattr(plugin, "exchanges_on_shards", False):
+        if not getattr(self.plugin, "exchanges_on_shards", False):
             return None
         return os.path.join(directory, f"optim{self.world.rank:05d}.pt")
 

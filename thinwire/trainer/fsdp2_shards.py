@@ -50,8 +50,6 @@ def reshard(model: torch.nn.Module) -> None:
         m.reshard()
 
 
-
-
 class Islands(Replicas):
     """The process groups of the layout (module doc), all through
     ``thinwire.comm.groups.new_group`` (``world.timeout_s``), created in the same order on
