@@ -229,15 +229,17 @@ def safe_planner():
 # -- per-rank state as DTensors placed like the parameters: DCP reshards it by global offsets --
 def as_dtensors(pieces: dict, model: torch.nn.Module) -> dict:
     """``{key: (parameter name, flat local shard)}`` -> ``{key: DTensor}`` shaped and placed like
-    that parameter: saved per island, they reload resharded into another island size."""
+    that parameter (on its device: state kept elsewhere, e.g. anchors on the host, is copied):
+    saved per island, they reload resharded into another island size."""
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters())
     out = {}
     for key, (name, t) in pieces.items():
         p = params[name]
-        out[key] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements, run_check=False,
-                                      shape=p.shape, stride=p.stride())
+        t = t.reshape(local(p).shape).to(local(p).device)
+        out[key] = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
     return out
 
 
