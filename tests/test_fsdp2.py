@@ -73,10 +73,11 @@ def test_fsdp2_equals_ddp_and_resumes_bitwise_from_dcp(tmp_path):
 # -- 2 islands of 1 rank (S = 1: each local shard is the whole tensor) == engine=ddp ---------
 SYNCS = {"ddp": [], "local": ["sync=local", "sync.local_steps=2"], "diloco": ["sync=diloco", "sync.local_steps=2"],
          "co2": ["sync=co2", "sync.local_steps=2"], "eager": ["sync=co2", "sync.overlap=eager", "sync.local_steps=2"],
-         "streaming": ["sync=diloco", "sync.local_steps=2", "sync.fragments=2"]}
+         "streaming": ["sync=diloco", "sync.local_steps=2", "sync.fragments=2"],
+         "moments": ["sync=local", "sync.local_steps=2", "sync.moment1_every=1", "sync.moment2_every=2"]}
 COMMS = {"topk": ["comm=topk", "comm.ratio=0.05"], "int8": ["comm=int8"], "randk": ["comm=randk", "comm.ratio=0.1"],
          "chunk_topk": ["comm=chunk_topk", "comm.min_numel=1024", "comm.chunk=256", "comm.k=16"]}
-DEFAULT_TIER = {("ddp", "topk"), ("co2", "chunk_topk")}
+DEFAULT_TIER = {("ddp", "topk"), ("co2", "chunk_topk"), ("moments", "int8")}
 
 
 @pytest.mark.parametrize("sync,comm", [
@@ -471,9 +472,10 @@ def test_local_across_islands_equals_island_first_reference(tmp_path):
     (["engine.shard_group_size=0"], "shard_group_size=0"),
     (["engine=ddp", "engine.shard_group_size=2"], "engine.shard_group_size: not an option of engine=ddp"),
     (["optim=mezo"], "optim=mezo"),
+    (["optim=zo_dist"], "optim=zo_dist"),
+    (["optim=demo", "optim.update_rule=adamw"], "optim.update_rule=adamw"),
     (["peft=lora"], "peft=lora"),
     (["data.eval_batches=3"], "data.eval_batches=3"),
-    (["sync=local", "sync.moment1_every=1"], "sync.moment1_every=1"),
 ])
 def test_impossible_shapes_exit_2_with_one_line(overrides, needle, capsys, tmp_path):
     from thinwire.train import main
@@ -537,14 +539,21 @@ def test_co2_across_islands_resumes_bitwise(tmp_path, overlap):
     args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "engine.shard_group_size=2", "sync=co2",
             f"sync.overlap={overlap}", "sync.local_steps=4", "comm=int8", "trainer.max_steps=12",
             "trainer.eval_every=6", "trainer.checkpoint_every=6", "data.eval_batches=4"]
+    assert_islands_resume_bitwise(tmp_path, args, 6, 12)
+
+
+def assert_islands_resume_bitwise(tmp_path, args, stop: int, steps: int) -> None:
+    """``args`` (2 islands, ``steps`` steps, a checkpoint at ``steps``) run uninterrupted, and
+    stopped after ``stop`` then resumed: every metric and each island's final parameters (its
+    own replica{r}/ DCP files) equal; the two islands differ."""
     POOLS.train(*args, f"hydra.run.dir={tmp_path}/full")
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.stop_after=6")
-    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto")
+    POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", f"trainer.stop_after={stop}")
+    assert "resumed from" in POOLS.train(*args, f"hydra.run.dir={tmp_path}/split", "trainer.resume=auto").stdout
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "split")
-    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for key in ("loss", "val_loss", "lr", "wire_bytes"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
-    last = [dcp_params(tmp_path / run / "checkpoints" / "step_00000012" / f"replica{r}")
+    last = [dcp_params(tmp_path / run / "checkpoints" / f"step_{steps:08d}" / f"replica{r}")
             for run in ("full", "split") for r in (0, 1)]
     for k in last[0]:
         assert torch.equal(last[0][k], last[2][k]) and torch.equal(last[1][k], last[3][k]), k
@@ -572,16 +581,26 @@ def test_hsdp_through_the_trainer_resumes_bitwise(tmp_path):
 
 
 @pytest.mark.extended
-def test_outer_state_under_another_island_size_is_refused(tmp_path):
-    """sync=local on 2 islands of 2, resumed at the same world size with islands of 1: the
-    rank files hold anchor and outer state of the old shard sizes, so the resume stops with
-    one line naming engine.shard_group_size and the size to resume with."""
-    from pool import JobFailed
+def test_outer_state_resumes_under_another_island_size(tmp_path):
+    """sync=diloco comm=topk on 2 islands of 2, stopped after step 2 (one round), resumed with
+    islands of 1: at the same world size (4 islands: another replica count) and on 2 ranks (2
+    islands: the same replica count). The rank files hold the old shard sizes, so the trainer
+    must take the engine's resharded state (loading the rank files' fails on the shapes): both
+    runs finish, round 2 ends at step 4, and the engine says in one line what it did with the
+    error feedback (tensors: tests/test_fsdp2_outer.py)."""
+    import shutil
 
-    args = ["experiment=tiny", "dist.nproc=4", "engine=fsdp2", "sync=local", "sync.local_steps=2",
-            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.eval_batches=4",
-            f"hydra.run.dir={tmp_path}/run"]
-    POOLS.train(*args, "engine.shard_group_size=2", "trainer.stop_after=2")
-    with pytest.raises(JobFailed, match=r"engine.shard_group_size=1: .* was saved with islands of 2 ranks.*"
-                                        r"resume with engine.shard_group_size=2"):
-        POOLS.train(*args, "engine.shard_group_size=1", "trainer.resume=auto")
+    args = ["experiment=tiny", "engine=fsdp2", "sync=diloco", "sync.local_steps=2", "comm=topk",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.eval_batches=4"]
+    POOLS.train(*args, "dist.nproc=4", "engine.shard_group_size=2", "trainer.stop_after=2",
+                f"hydra.run.dir={tmp_path}/same")
+    shutil.copytree(tmp_path / "same", tmp_path / "fewer")
+    for run, nproc, why in (("same", 4, "error feedback reset (2 replicas saved, 4 now)"),
+                            ("fewer", 2, "error feedback resharded")):
+        out = POOLS.train(*args, f"dist.nproc={nproc}", "engine.shard_group_size=1", "trainer.resume=auto",
+                          f"hydra.run.dir={tmp_path}/{run}").stdout
+        said = [line for line in out.splitlines() if "outer loop's state resharded" in line]
+        assert len(said) == 1 and why in said[0], out
+        assert ("per-rank state reset (RNG streams)" in out) == (nproc == 2), out
+        rows = metrics(tmp_path / run)
+        assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["outer_round"] == 2, rows[-1]

@@ -17,3 +17,9 @@ def on_device(state, device: torch.device):
     if isinstance(state, (list, tuple)):
         return type(state)(on_device(v, device) for v in state)
     return state
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds: a DTensor's local shard (FSDP2), else ``t`` itself.
+    Writes into it in place reach the DTensor."""
+    return t.to_local() if hasattr(t, "to_local") else t

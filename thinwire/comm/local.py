@@ -92,7 +92,11 @@ class OuterStrategy(SyncStrategy):
         self.averager = CompressedAverager(comm_cfg if comm_cfg is not None else {"name": "none"}, meter,
                                            group=self.replicas.cross_group, group2=self.replicas.cross_group2,
                                            timeout_s=getattr(world, "timeout_s", None))
-        self.moments = MomentAverager(*self.plan.moments, meter, group=self.replicas.control_group)
+        # inner moments: over the control group, or where the replicas shard them (engine=fsdp2) over
+        # a group of the ranks holding the same shard, of its own (the cross group carries co2's average)
+        moment_group = getattr(self.replicas, "moment_group", None)
+        self.moments = MomentAverager(*self.plan.moments, meter, group=moment_group() if moment_group and any(
+            self.plan.moments) else self.replicas.control_group)
         self.flights: dict[int, Flight] = {}
         self.live: torch.Tensor | None = None               # this step's w_i, read once
         self.last_step: dict[int, list[torch.Tensor]] = {}  # stale: fragment's a_t - a_{t-1}, for Lambda
@@ -124,9 +128,10 @@ class OuterStrategy(SyncStrategy):
         need(engine in ("ddp", "fsdp2") or (s.fragments == 1 and s.fragment_delay == 0), "sync.fragments",
              s.fragments, f"engine={engine} shards layers across a replica group's ranks; streaming fragments need "
              f"engine=ddp|fsdp2 (FSDP2: every rank holds a slice of every layer)")
-        need(engine == "ddp" or s.moment1_every == s.moment2_every == 0, "sync.moment1_every",
+        need(engine in ("ddp", "fsdp2") or s.moment1_every == s.moment2_every == 0, "sync.moment1_every",
              f"{s.moment1_every} (moment2_every={s.moment2_every})",
-             f"engine={engine} shards the inner optimizer's state; averaging its moments needs engine=ddp")
+             f"engine={engine} shards the inner optimizer's state across a replica's ranks; averaging its moments "
+             f"needs engine=ddp|fsdp2 (FSDP2: rank j of every island holds the same shard)")
         need(not isinstance(n_layer, int) or s.fragments <= n_layer, "sync.fragments", s.fragments,
              f"model.n_layer={n_layer} blocks: at most one fragment per block")
 

@@ -5,7 +5,9 @@ step). Why: after H steps a rank's first moment keeps 0.9^H of the shared direct
 puts it back. It moves only the inner optimizer's state (reached through ``bind``: the torch
 optimizer's ``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer`` as the first moment), never
 the anchor; one exact fp32 all-reduce per moment over the group given (4 B per parameter, data
-bytes). MT-DAO (arXiv 2510.05361) is this with ``optim=mtdao`` (``thinwire.optim.mtdao``).
+bytes). Sharded moments (FSDP2's DTensors) are averaged as this rank's local shards, over a
+group of the ranks that hold the same shard (``engine=fsdp2``: the replicate group).
+MT-DAO (arXiv 2510.05361) is this with ``optim=mtdao`` (``thinwire.optim.mtdao``).
 Departure from DES-LOC: moments are averaged only at round ends, not on their own clocks.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..tensors import local_shard
 from . import accounting
 
 FIRST, SECOND = ("exp_avg", "momentum_buffer"), ("exp_avg_sq",)
@@ -40,8 +43,8 @@ class MomentAverager:
             for p in group["params"]:
                 st = self.optimizer.state.get(p, {})
                 buf = next((st[k] for k in keys if k in st and torch.is_tensor(st[k])), None)
-                if buf is not None:
-                    out.append(buf)
+                if buf is not None:  # a DTensor: this rank's local shard, written in place
+                    out.append(local_shard(buf))
         return out
 
     @torch.no_grad()

@@ -70,6 +70,14 @@ the compression stage's two-phase collective, 2 (p-1) x B_c with B_c one chunk's
 of a bf16 all-reduce at any p. The metrics carry ``variance_frozen`` (0 during the warm-up,
 1 after), so the two phases' bytes can be told apart in ``metrics.jsonl``.
 
+Under ``engine=fsdp2`` (``exchange_over``) each rank runs the above on its local shards (the
+island's mean gradient, FSDP2's reduce-scatter) and the averages run over the replicate group:
+m, v and the errors are 1/S of the model per rank; per-block scales and the two-phase chunks
+are those of the local shard (the unsharded tensor's where shard sizes are multiples of
+``block_size`` x the replica count); ``optim.grad_clip`` takes the island's norm (the shards'
+squares added over the island: not bitwise the unsharded norm). The moments then differ between
+an island's ranks, so they are not offered to the drift guard.
+
 State (``state_dict``, per rank: the worker and server errors differ between ranks): m, v,
 the step count, the errors. A skipped (non-finite) step never reaches ``apply``, so nothing
 changes.
@@ -84,7 +92,7 @@ import torch
 from ..comm import accounting
 from ..comm.aggregator import CompressedAggregator
 from ..errors import ConfigError, need, one_of
-from ..tensors import on_device
+from ..tensors import local_shard, on_device
 from .plugins import OPTIMIZERS, AdamWOptions, OwnUpdatePlugin
 
 # optim.warmup_comm -> the compressor of the dense steps' gradient average and its collective
@@ -150,6 +158,11 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
     Config = OneBitAdamOptions
     needs_grad_allreduce = False     # the plugin all-reduces gradients (warm-up) or momentum itself
     per_rank_state = True            # worker and server errors differ between ranks
+    exchanges_on_shards = True       # runs on local shards, averaging over the groups given (exchange_over)
+
+    @staticmethod
+    def shard_refusal(cfg) -> tuple | None:
+        return None
 
     @classmethod
     def check_run(cls, cfg) -> None:
@@ -161,17 +174,26 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()
-        group2 = getattr(self.world, "async_group", None)
-        name, collective = WARMUP_COMM[cfg.warmup_comm]
-        self.dense = CompressedAggregator(name, {"feedback": "none", "collective": collective,
-                                                 "block_size": cfg.block_size}, self.meter, None, group2)
-        self.compressed = CompressedAggregator(cfg.compressor, {"feedback": "ef", "collective": "two_phase",
-                                                                "block_size": cfg.block_size}, self.meter,
-                                               None, group2)
-        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.island = None  # exchange_over: the ranks whose local shards make one gradient
+        self._aggregators(None, getattr(self.world, "async_group", None))
+        self.exp_avg = [torch.zeros_like(local_shard(p), dtype=torch.float32) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(local_shard(p), dtype=torch.float32) for p in self.params]
         self.t = 0                   # accepted steps (the bias corrections' t)
         self.n_var = 0               # variance updates so far (its bias correction's t)
+
+    def _aggregators(self, group, group2) -> None:
+        c = self.cfg
+        name, collective = WARMUP_COMM[c.warmup_comm]
+        self.dense = CompressedAggregator(name, {"feedback": "none", "collective": collective,
+                                                 "block_size": c.block_size}, self.meter, group, group2)
+        self.compressed = CompressedAggregator(c.compressor, {"feedback": "ef", "collective": "two_phase",
+                                                              "block_size": c.block_size}, self.meter, group, group2)
+
+    def exchange_over(self, replicas) -> None:
+        """Average over ``replicas.cross_group`` (second phases on ``cross_group2``) and take the
+        gradient norm over ``replicas.shard_group`` (``engine=fsdp2``'s ``Islands``)."""
+        self.island = replicas.shard_group
+        self._aggregators(replicas.cross_group, replicas.cross_group2)
 
     # -- one step --------------------------------------------------------------------
     @property
@@ -181,12 +203,17 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         return not dense_step(self.t, c.freeze_step, c.var_update_scaler, c.var_max_interval)
 
     def _grads(self) -> list[torch.Tensor]:
-        return [p.grad.detach().float().reshape(-1) if p.grad is not None
-                else torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in self.params]
+        return [local_shard(p.grad).detach().float().reshape(-1) if p.grad is not None
+                else torch.zeros(local_shard(p).numel(), dtype=torch.float32, device=p.device) for p in self.params]
 
     def _clip(self, grads: list[torch.Tensor]) -> float:
         """Scale ``grads`` in place to global norm <= grad_clip (torch's clip_grad_norm_ rule)."""
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if self.island is not None and accounting.group_size(self.island) > 1:  # local shards: the island's norm
+            sq = torch.stack([g.double().pow(2).sum() for g in grads]).sum().reshape(1)
+            accounting.all_reduce(self.meter, sq, group=self.island, kind="control")
+            norm = sq.sqrt().float()[0]
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         coef = torch.clamp(self.cfg.grad_clip / (norm + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef)
@@ -223,6 +250,7 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
         bc1 = 1 - b1 ** self.t
         bc2_sqrt = math.sqrt(1 - b2 ** self.n_var)
         for p, m, v, decay in zip(self.params, self.exp_avg, self.exp_avg_sq, self.decay):
+            p = local_shard(p)
             if decay and c.weight_decay:
                 p.mul_(1 - lr * c.weight_decay)
             denom = (v.sqrt() / bc2_sqrt).add_(c.eps)
@@ -233,7 +261,10 @@ class OneBitAdamPlugin(OwnUpdatePlugin):
     # -- state ---------------------------------------------------------------------------
     def consensus_state(self) -> dict:
         """Both moments are identical on every rank (the warm-up steps on the mean gradient,
-        the compressed stage on the decompressed mean first moment; the variance is frozen)."""
+        the compressed stage on the decompressed mean first moment; the variance is frozen);
+        on local shards (``exchange_over``) they differ inside an island: none offered."""
+        if self.island is not None:
+            return {}
         state = {f"exp_avg.{n}": m for n, m in zip(self.names, self.exp_avg)}
         state.update({f"exp_avg_sq.{n}": v for n, v in zip(self.names, self.exp_avg_sq)})
         return state

@@ -46,6 +46,13 @@ reference keeps its state outside ``state_dict`` and sends int64 indices.
 Gradient clipping (``optim.grad_clip``) is per rank, on the local gradient, before it
 enters the momentum (there is no averaged gradient to clip).
 
+Under ``engine=fsdp2`` (``update_rule=sign``, no overlap) each rank runs the above on its
+local shards (FSDP2's island mean of the gradient) and all-gathers over the replicate group
+(``exchange_over``): the DCT tiles are those of the local shard's shape, so a shard's
+coefficients are the unsharded tensor's exactly when its rows are a whole number of tiles of
+the same side (tested bitwise at 2x2 on such a model); otherwise the tiling, and so the
+update, is per shard. Its momentum is then checkpointed per rank by the engine (same layout).
+
 ``optim.overlap=true`` (Signum only): Psyche's look-ahead. Step t's all-gather runs on the
 world's second process group during step t + 1's forward/backward, which is taken at this
 rank's look-ahead x - lr_t sign(m_t); U_t is applied (with step t's decay and LR) when step
@@ -68,6 +75,7 @@ from ..comm.futures import then
 from ..comm.compressors.chunked import ChunkTopKCompressor
 from ..comm.compressors.dct import DCTTiles
 from ..errors import need, one_of, positive
+from ..tensors import local_shard
 from .demo_overlap import Gather, Lookahead
 from .plugins import OPTIMIZERS, BackpropOptions, OwnUpdatePlugin
 
@@ -128,13 +136,23 @@ class DeMoPlugin(OwnUpdatePlugin):
     Config = DeMoOptions
     needs_grad_allreduce = False     # the plugin exchanges compressed momentum itself
     per_rank_state = True            # the momentum (error feedback) differs between ranks
+    exchanges_on_shards = True       # runs on local shards, exchanging over the groups given (exchange_over)
+
+    @staticmethod
+    def shard_refusal(cfg) -> tuple | None:
+        """(key, value, why) of an option that cannot run on local shards, else None."""
+        if cfg.update_rule != "sign":
+            return "optim.update_rule", cfg.update_rule, "on local shards DeMo runs update_rule=sign only"
+        if cfg.overlap:
+            return "optim.overlap", cfg.overlap, "the look-ahead is not built for local shards"
+        return None
 
     def __init__(self, cfg, model, **kw):
         super().__init__(cfg, model, **kw)
-        self.rank = self.world.rank if self.world is not None else 0
         self.world_size = self.world.world_size if self.world is not None else 1
+        self.group = None  # the exchange's group (None: the world; exchange_over)
         self.meter = self.meter if self.meter is not None else accounting.WireMeter()
-        self.tiles = [DCTTiles(p.shape, cfg.chunk) for p in self.params]
+        self.tiles = [DCTTiles(local_shard(p).shape, cfg.chunk) for p in self.params]
         self.coders: list = []
         for t in self.tiles:
             if cfg.k >= t.chunk:
@@ -152,6 +170,13 @@ class DeMoPlugin(OwnUpdatePlugin):
                       {"params": [p for p, d in zip(self.params, self.decay) if not d], "weight_decay": 0.0}]
             self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                                                betas=tuple(cfg.betas), eps=cfg.eps)
+
+    def exchange_over(self, replicas) -> None:
+        """All-gather over ``replicas.cross_group`` (``engine=fsdp2``'s ``Islands``: the
+        replicate group; the tensors are this rank's local shards, the same rows of every
+        parameter on every rank of it)."""
+        self.group = replicas.cross_group
+        self.world_size = accounting.group_size(self.group)
 
     # -- bytes -----------------------------------------------------------------------
     def payload_bytes(self) -> list[int]:
@@ -174,7 +199,7 @@ class DeMoPlugin(OwnUpdatePlugin):
         for i, (p, m, tiles, coder) in enumerate(zip(self.params, self.momentum, self.tiles, self.coders)):
             m.mul_(c.beta)
             if p.grad is not None:
-                m.add_(tiles.encode(p.grad), alpha=lr)
+                m.add_(tiles.encode(local_shard(p.grad)), alpha=lr)
             if self.look is not None:
                 self.look.direction[i].copy_(torch.sign(tiles.decode(m)))
             if isinstance(coder, _DenseCoefficients):
@@ -206,7 +231,7 @@ class DeMoPlugin(OwnUpdatePlugin):
         gathered = torch.empty(self.world_size * mine.numel(), dtype=torch.uint8, device=mine.device)
         g = Gather(payloads, [b.numel() for b in bufs], gathered, time.perf_counter())
         if self.look is None:         # synchronous: the whole gather is time blocked
-            accounting.all_gather_into(self.meter, gathered, mine, kind="data")
+            accounting.all_gather_into(self.meter, gathered, mine, kind="data", group=self.group)
             g.done_at = time.perf_counter()
             self.timers["gather_wait_s"] += g.done_at - g.started
         else:
@@ -257,6 +282,7 @@ class DeMoPlugin(OwnUpdatePlugin):
         """p <- p (1 - lr wd) (matrices); p <- p - lr sign(U)."""
         wd = self.cfg.weight_decay
         for p, u, decay in zip(self.params, updates, self.decay):
+            p = local_shard(p)
             if decay and wd:
                 p.mul_(1.0 - lr * wd)
             p.add_(torch.sign(u).to(p.dtype), alpha=-lr)

@@ -28,13 +28,14 @@ packet of its own.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from ..errors import need, non_negative, one_of, positive
+from ..errors import ConfigError, need, non_negative, one_of, positive
 from ..registry import Registry
 from .schedule import SCHEDULES, lr_at
 
@@ -155,6 +156,15 @@ class OptimizerPlugin(ABC):
         pass
 
 
+def some_rank_holds_none(p: torch.Tensor) -> bool:
+    """Whether FSDP2 (``torch.chunk`` of dim 0 over the mesh) leaves some rank none of ``p``:
+    the same answer on every rank (from the global shape)."""
+    if not hasattr(p, "device_mesh") or p.dim() == 0:
+        return False
+    n, s = p.shape[0], p.device_mesh.size()
+    return n == 0 or math.ceil(n / math.ceil(n / s)) < s
+
+
 class OwnUpdatePlugin(OptimizerPlugin):
     """A backprop plugin that updates ``self.params`` itself from their gradients, with no
     torch optimizer behind it (DeMo, adam1bit): the forward/backward, the finiteness check
@@ -165,6 +175,11 @@ class OwnUpdatePlugin(OptimizerPlugin):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.decay = [p.dim() >= 2 for p in self.params]  # decoupled weight decay on matrices only
+        empty = [n for n, p in named if some_rank_holds_none(p)]
+        if empty:
+            raise ConfigError(f"engine.shard_group_size: {empty[0]} has fewer rows than an island has ranks, so "
+                              f"some rank holds none of it; optim={getattr(cfg, 'name', '?')} runs on every rank's "
+                              f"rows of every parameter: use a smaller engine.shard_group_size")
 
     def _zero_grads(self) -> None:
         for p in self.params:

@@ -24,9 +24,11 @@ of diverged replicas would be silently wrong: DCP treats equal names at equal of
 replicated, keeps one writer's copy, and every replica would restore a mix. Loading reads
 DCP's metadata through an allowlist unpickler and its non-tensor items with
 ``weights_only=True`` (``fsdp2_shards.safe_reader``/``safe_planner``). Per-rank state (RNG,
-the outer loop's anchor, outer momentum, error feedback) stays in the rank files; per-step
-compression's error feedback is also saved per island as DTensors (``feedback{r}/``), so a
-resume under another island size reshards it (``FSDP2Engine.load_extra``).
+the outer loop's anchor, outer momentum, error feedback) stays in the rank files. For a resume
+under another island size the divergent per-rank state is also saved per island as DTensors
+placed like the parameters, which DCP reshards by global offsets (``FSDP2Engine.load_extra``):
+per-step compression's error feedback in ``feedback{r}/``, the outer loop's state
+(``fsdp2_outer_state``) under ``outer`` in ``replica{r}/``.
 """
 from __future__ import annotations
 
@@ -42,14 +44,16 @@ from omegaconf import OmegaConf
 from ..comm import accounting, hooks
 from ..comm.param_space import group_norm
 from ..errors import ConfigError, ResumeConfigError
-from . import fsdp2_shards
+from ..tensors import on_device
+from . import fsdp2_outer_state, fsdp2_shards
+from .checkpoint import safe_load
 from .fsdp2_shards import Islands
 from .interface import CommStateMethods, Engine
 
 SUPPORTED = ("engine=fsdp2 works with sync=ddp (comm=none: FSDP2/HSDP; comm=<compressor>: per-step compression "
              "across islands), or sync=local|diloco|co2 across islands "
              "of engine.shard_group_size ranks (any comm= for the outer average); a backprop optim that steps a "
-             "torch optimizer (sgd|adamw); peft=none; torch >= 2.7")
+             "torch optimizer (sgd|adamw), optim=demo (update_rule=sign) or optim=adam1bit; peft=none; torch >= 2.7")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -97,8 +101,13 @@ def check_config(cfg) -> None:
         need(cfg.comm.name not in hooks.HOOKS, "comm", cfg.comm.name,
              "a DDP bucket hook; FSDP2 compresses its gradient shards with thinwire's compressors only")
     plugin = OPTIMIZERS.get(cfg.optim.name, "optim")
-    need(plugin.needs_backprop and plugin.needs_grad_allreduce and plugin.steps_torch_optimizer, "optim",
-         cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its state)")
+    on_shards = getattr(plugin, "exchanges_on_shards", False)  # e.g. DeMo: its own exchange, on local shards
+    need(plugin.needs_backprop and (on_shards or plugin.needs_grad_allreduce and plugin.steps_torch_optimizer),
+         "optim", cfg.optim.name, "FSDP2 reduces backprop gradients for a torch optimizer (DCP checkpoints its "
+         "state) or a plugin that exchanges on local shards")
+    refusal = plugin.shard_refusal(cfg.optim) if on_shards else None
+    if refusal:
+        need(False, *refusal)
     need(cfg.peft.name == "none", "peft", cfg.peft.name, "adapters on sharded parameters are not implemented")
     eval_batches = cfg.data.get("eval_batches")
     need(not isinstance(eval_batches, int) or eval_batches % world == 0, "data.eval_batches", eval_batches,
@@ -188,7 +197,8 @@ class FSDP2Engine(CommStateMethods, Engine):
             if callable(getattr(model, method, None)):
                 register_fsdp_forward_method(model, method)
         self.forward_model = model
-        self.optimizer = None
+        self.optimizer, self.plugin = None, None
+        self.sync = None  # the outer loop (bind_sync): its state is saved resharding-ready with the model
         # HSDP's per-step all-reduce of this rank's gradient shard across islands (the slow links):
         # estimated from tensor sizes, charged as data once per step. FSDP2's own all-gather and
         # reduce-scatter inside the island: accounted likewise, charged as kind "island"
@@ -210,7 +220,15 @@ class FSDP2Engine(CommStateMethods, Engine):
 
     def attach(self, plugin, batch_size: int):
         self.optimizer = getattr(plugin, "optimizer", None)
+        self.plugin = plugin
+        if getattr(plugin, "exchanges_on_shards", False):  # DeMo, 1-bit Adam: their exchange runs across islands
+            plugin.exchange_over(self.islands)
         return plugin
+
+    def bind_sync(self, sync) -> None:
+        """The run's sync strategy: under local/co2 its per-rank state goes into ``replica{r}/``
+        as DTensors too, so a resume under another island size reshards it."""
+        self.sync = sync
 
     # the loop's engine interface (CommStateMethods: set_lr, commit, ... go to hook_state)
     def comm_tail_s(self, backward_end: float, step_start: float) -> float:
@@ -233,7 +251,7 @@ class FSDP2Engine(CommStateMethods, Engine):
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer or [])
         return {"model": model_sd, "optim": optim_sd}
 
     def _where(self, directory: str, replica: int | None = None) -> tuple[str, object]:
@@ -243,6 +261,17 @@ class FSDP2Engine(CommStateMethods, Engine):
         r = self.islands.replica if replica is None else replica
         return os.path.join(directory, f"replica{r}"), self.islands.shard_group
 
+    def _outer_loop(self) -> bool:
+        """An outer loop across islands is bound (sync=local|co2; not sync=ddp under optim=demo)."""
+        return self.replicas is not None and getattr(self.sync, "supports_replica_groups", False)
+
+    def _plugin_file(self, directory: str) -> str | None:
+        """Where an optimizer plugin's per-rank state outside any torch optimizer goes (DeMo,
+        1-bit Adam: shaped by the local shards)."""
+        if not getattr(self.plugin, "exchanges_on_shards", False):
+            return None
+        return os.path.join(directory, f"optim{self.world.rank:05d}.pt")
+
     def _layout(self) -> dict:
         return {"shard_group_size": self.islands.size, "replicas": self.islands.replicas}
 
@@ -251,7 +280,14 @@ class FSDP2Engine(CommStateMethods, Engine):
 
         fsdp2_shards.reshard(self.module)
         path, group = self._where(directory)
-        dcp.save({**self._state(), "layout": self._layout()}, checkpoint_id=path, process_group=group)
+        state = {**self._state(), "layout": self._layout()}
+        if self._outer_loop():
+            space = self.sync.space
+            state["outer"] = fsdp2_shards.as_dtensors(fsdp2_outer_state.pieces(
+                self.sync.state_dict(), space.names, space.sizes, self.sync.plan.fragments), self.module)
+        dcp.save(state, checkpoint_id=path, process_group=group)
+        if self._plugin_file(directory):  # DeMo's momentum, 1-bit Adam's: per rank, local shapes (same layout only)
+            torch.save(self.plugin.state_dict(), self._plugin_file(directory))
         if isinstance(self.hook_state, hooks.CompressedState):  # per-step EF: divergent, one save per island
             state = self.hook_state
             dcp.save({"feedback": fsdp2_shards.feedback_dtensors(state.aggregator.feedback.state_dict(), self.module),
@@ -259,12 +295,14 @@ class FSDP2Engine(CommStateMethods, Engine):
                      checkpoint_id=os.path.join(directory, f"feedback{self.islands.replica}"),
                      process_group=self.islands.shard_group)
 
-    def load_extra(self, directory: str, same_world: bool) -> None:
+    def load_extra(self, directory: str, same_world: bool) -> bool:
         """Model and inner optimizer from DCP (resharded to this layout). A changed layout
-        (``engine.shard_group_size`` or the world size) under ``sync=ddp``: per-step error
-        feedback is resharded from this island's ``feedback{r}/`` when the replica count is
-        the same, else reset with one warning line; the outer loop's per-rank state
-        (local/co2) is not resharded, so such a resume is refused."""
+        (``engine.shard_group_size`` or the world size) reshards the divergent per-rank state:
+        under ``sync=ddp`` per-step error feedback from this island's ``feedback{r}/``; under
+        local/co2 the outer loop's whole state (anchor, outer optimizer, CO2's state in flight,
+        error feedback) from ``replica{r}/``, loaded into the bound strategy here (returns True:
+        the rank files' sync state is not for this layout). Error feedback is kept when the
+        replica count is the same, else reset; one warning line says which."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -280,16 +318,50 @@ class FSDP2Engine(CommStateMethods, Engine):
         if any(k.startswith("layout.") for k in reader.read_metadata().state_dict_metadata):
             state["layout"] = {"shard_group_size": 0, "replicas": 0}
         dcp.load(state, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizer or [], model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
         saved = state.get("layout", self._layout())
         self.relaid = saved != self._layout() or not same_world
-        if same_world and self.replicas is not None and saved != self._layout():  # rank files: old shapes
-            raise ResumeConfigError(
-                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
-                f"{saved['shard_group_size']} ranks; the outer loop's per-rank state (anchor, outer momentum, error "
-                f"feedback) is not resharded: resume with engine.shard_group_size={saved['shard_group_size']}")
+        if self._plugin_file(directory):
+            if self.relaid:
+                raise ResumeConfigError(
+                    f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                    f"{saved['shard_group_size']} ranks; optim={self.plugin.__class__.__name__}'s per-rank state is "
+                    f"shaped by the local shards and is not resharded: resume with "
+                    f"engine.shard_group_size={saved['shard_group_size']} on the same world size")
+            self.plugin.load_state_dict(on_device(torch.load(self._plugin_file(directory), weights_only=True),
+                                                  self.world.device))
         if self.relaid and isinstance(self.hook_state, hooks.CompressedState):
             self._reshard_feedback(directory, saved)
+        if self.relaid and self._outer_loop():
+            self._reshard_outer(directory, path, group, saved)
+            return True
+        return False
+
+    def _reshard_outer(self, directory: str, path: str, group, saved: dict) -> None:
+        """The outer loop's state of ``path`` (``replica{r}/``), resharded to this layout."""
+        import torch.distributed.checkpoint as dcp
+
+        reader = fsdp2_shards.safe_reader(path)
+        keys = [k.split(".", 1)[1] for k in reader.read_metadata().state_dict_metadata if k.startswith("outer.")]
+        if not keys:
+            raise ResumeConfigError(
+                f"engine.shard_group_size={self.islands.size}: {directory} was saved with islands of "
+                f"{saved['shard_group_size']} ranks by a version that kept the outer loop's state in the rank "
+                f"files only: resume with engine.shard_group_size={saved['shard_group_size']}")
+        loaded = {"outer": fsdp2_shards.templates({k: k.split("/", 1)[1] for k in keys}, self.module)}
+        dcp.load(loaded, storage_reader=reader, planner=fsdp2_shards.safe_planner(), process_group=group)
+        same = saved["replicas"] == self.islands.replicas
+        rank_file = safe_load(os.path.join(directory, "rank00000.pt"))["sync"]  # consensus scalars
+        state = fsdp2_outer_state.restore(rank_file, fsdp2_shards.local_flats(loaded["outer"]), self.sync.space.names,
+                                          self.sync.plan.fragments, keep_feedback=same)
+        self.sync.load_state_dict(on_device(state, self.world.device))
+        why = "error feedback resharded" if same else \
+            f"error feedback reset ({saved['replicas']} replicas saved, {self.islands.replicas} now)"
+        if self.world.is_main:
+            print(f"thinwire: warning: {directory}: islands of {saved['shard_group_size']} ranks saved, "
+                  f"{self.islands.size} now: model, optimizer and the outer loop's state resharded, {why}",
+                  flush=True)
 
     def _reshard_feedback(self, directory: str, saved: dict) -> None:
         import torch.distributed.checkpoint as dcp

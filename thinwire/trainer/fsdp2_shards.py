@@ -27,6 +27,7 @@ import torch
 from ..comm import accounting
 from ..comm.groups import new_group
 from ..comm.param_space import ModuleParams, ParamSpace, Replicas, global_norm
+from ..tensors import local_shard as local
 
 
 def shard_group_size(cfg_size, world_size: int) -> int:
@@ -49,11 +50,6 @@ def reshard(model: torch.nn.Module) -> None:
         m.reshard()
 
 
-def local(p: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds of ``p``: a DTensor's local shard, else ``p`` itself."""
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
 class Islands(Replicas):
     """The process groups of the layout (module doc), all through
     ``thinwire.comm.groups.new_group`` (``world.timeout_s``), created in the same order on
@@ -61,7 +57,8 @@ class Islands(Replicas):
     ``ReplicaGroups``): the outer average on the cross group; skips and stop votes over the
     world (an island's ranks step together, and each sees only its own shard of Delta); the
     consensus (anchor, outer state: this rank's shard) equal across the cross group;
-    evaluation averages the local shards over the cross group (``eval_space``).
+    evaluation averages the local shards over the cross group (``eval_space``); inner
+    moments over a copy of the cross group (``moment_group``).
     ``mesh(two_d)``: FSDP2's DeviceMesh, 1-D over the island, or 2-D ``("replicate",
     "shard")`` (native HSDP) built on the same groups."""
 
@@ -77,6 +74,17 @@ class Islands(Replicas):
         self.shard_group, self.cross_group = shard[self.replica], cross[self.index]
         self.cross_group2 = cross2[self.index]
         self.control_group, self.consensus_group = None, self.cross_group
+        self._moment_groups = None
+
+    def moment_group(self):
+        """The cross group's ranks in a group of their own, for averaging the inner optimizer's
+        moments (local shards) while co2's average may be in flight on the cross group. Made on
+        first call, which every rank makes (the strategy's construction)."""
+        if self._moment_groups is None:
+            p = self.world.world_size
+            self._moment_groups = [new_group(list(range(j, p, self.size)), timeout_s=self.world.timeout_s)
+                                   for j in range(self.size)]
+        return self._moment_groups[self.index]
 
     def mesh(self, two_d: bool):
         from torch.distributed.device_mesh import DeviceMesh
@@ -218,34 +226,51 @@ def safe_planner():
     return SafePlanner()
 
 
-# -- error feedback of per-step compression as DTensors: resharded by DCP like the model ----
-def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
-    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors shaped
-    and placed like parameter ``name``, keyed ``"<name>/<buf>"``: saved per island, they
-    reload resharded into another island size (DCP matches them by global offsets)."""
+# -- per-rank state as DTensors placed like the parameters: DCP reshards it by global offsets --
+def as_dtensors(pieces: dict, model: torch.nn.Module) -> dict:
+    """``{key: (parameter name, flat local shard)}`` -> ``{key: DTensor}`` shaped and placed like
+    that parameter (on its device: state kept elsewhere, e.g. anchors on the host, is copied):
+    saved per island, they reload resharded into another island size."""
     from torch.distributed.tensor import DTensor
 
     params = dict(model.named_parameters())
     out = {}
-    for name, bufs in store.items():
+    for key, (name, t) in pieces.items():
         p = params[name]
-        for buf, t in bufs.items():
-            out[f"{name}/{buf}"] = DTensor.from_local(t.reshape(local(p).shape), p.device_mesh, p.placements,
-                                                      run_check=False, shape=p.shape, stride=p.stride())
+        t = t.reshape(local(p).shape).to(local(p).device)
+        out[key] = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
     return out
 
 
-def feedback_templates(keys, model: torch.nn.Module) -> dict:
-    """Zero fp32 DTensors placed like each key's parameter, for ``dcp.load`` to fill."""
+def templates(names: dict, model: torch.nn.Module) -> dict:
+    """``{key: parameter name}`` -> zero fp32 DTensors placed like that parameter, for
+    ``dcp.load`` to fill."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        return {k: torch.zeros_like(params[k.rsplit("/", 1)[0]], dtype=torch.float32) for k in keys}
+        return {k: torch.zeros_like(params[n], dtype=torch.float32) for k, n in names.items()}
+
+
+def local_flats(tensors: dict) -> dict:
+    """This rank's flat local shard of each DTensor."""
+    return {k: local(t).reshape(-1).clone() for k, t in tensors.items()}
+
+
+# error feedback of per-step compression, keyed "<name>/<buffer>"
+def feedback_dtensors(store: dict, model: torch.nn.Module) -> dict:
+    """The feedback rule's buffers (``{name: {buf: flat local shard}}``) as DTensors keyed
+    ``"<name>/<buf>"`` (:func:`as_dtensors`)."""
+    return as_dtensors({f"{n}/{b}": (n, t) for n, bufs in store.items() for b, t in bufs.items()}, model)
+
+
+def feedback_templates(keys, model: torch.nn.Module) -> dict:
+    return templates({k: k.rsplit("/", 1)[0] for k in keys}, model)
 
 
 def feedback_store(tensors: dict) -> dict:
     """Inverse of :func:`feedback_dtensors`: this rank's flat local shards by name and buffer."""
     store: dict = {}
-    for key, t in tensors.items():
+    for key, t in local_flats(tensors).items():
         name, buf = key.rsplit("/", 1)
-        store.setdefault(name, {})[buf] = local(t).reshape(-1).clone()
+        store.setdefault(name, {})[buf] = t
     return store

@@ -85,7 +85,9 @@ class Engine(Protocol):
         """Engine-owned files written into the checkpoint directory (DeepSpeed's shards)."""
         ...
 
-    def load_extra(self, directory: str, same_world: bool) -> None:
+    def load_extra(self, directory: str, same_world: bool) -> bool | None:
+        """Engine-owned files read back; True: it also restored the sync strategy's state
+        (``engine=fsdp2`` under another island size), so the rank files' is not loaded."""
         ...
 
 

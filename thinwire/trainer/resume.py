@@ -144,6 +144,8 @@ class RunState:
         self.cfg, self.world = cfg, world
         self.model, self.plugin, self.engine, self.sync, self.meter = model, plugin, engine, sync, meter
         self.ckpt = Checkpointer(cfg.run_dir, world)
+        if hasattr(engine, "bind_sync"):  # engine=fsdp2 checkpoints the outer loop's state reshardable
+            engine.bind_sync(sync)
 
     def save(self, step: int) -> str:
         self.check_finite(step)
@@ -207,19 +209,20 @@ class RunState:
         if not getattr(self.engine, "owns_model_state", False):  # engine=fsdp2: load_extra restores both
             self.model.load_state_dict(src["model"])
             self.plugin.load_state_dict(shard["optim"] if "optim" in shard else src["optim"])
-        self.engine.load_extra(path, same_world)
+        resharded_sync = self.engine.load_extra(path, same_world)  # True: the engine restored the sync's state
         self.meter.load_state_dict(common["meter"])
         step = int(common["step"])
         if same_world:
             self.engine.load_comm_state_dict(on_device(shard["comm"], self.world.device))
-            self.sync.load_state_dict(on_device(shard["sync"], self.world.device))
+            if not resharded_sync:
+                self.sync.load_state_dict(on_device(shard["sync"], self.world.device))
             set_rng_state(shard["rng"])
         else:
             torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.world.rank + 7919 * step)
+            reset = "RNG streams" if resharded_sync else "error-feedback buffers, sync state, RNG streams"
             if self.world.is_main:
                 print(f"thinwire: warning: {path} was saved with another world size; model and "
-                      f"optimizer restored, per-rank state reset (error-feedback buffers, sync state, "
-                      f"RNG streams)", flush=True)
+                      f"optimizer restored, per-rank state reset ({reset})", flush=True)
         if self.world.is_main:
             print(f"thinwire: resumed from {path} at step {step}", flush=True)
         return step
