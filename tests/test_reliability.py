@@ -190,6 +190,25 @@ def test_keep_checkpoints_retention_and_world_size_change_policy(pools, tmp_path
     assert "saved with another world size" in p.stdout and "per-rank state reset" in p.stdout
 
 
+def test_diloco_resumed_on_another_world_size_keeps_its_anchor_and_outer_momentum(pools, tmp_path):
+    """2 ranks to 1: the anchor, the outer momentum and the round counter carry over (a fresh
+    anchor would make DiLoCo's next outer step pull the model back to its initialisation).
+    Reference: torch's SGD-Nesterov rule, m' = 0.9 m + g, a' = a - lr (g + 0.9 m'), solved for the
+    round's pseudo-gradient g from the two checkpoints' momenta."""
+    args = ["experiment=tiny", "sync=diloco", "sync.local_steps=4", "sync.outer_optim.lr=0.5", "trainer.max_steps=8",
+            "trainer.eval_every=100", "trainer.checkpoint_every=4", f"hydra.run.dir={tmp_path}"]
+    pools.train(*args, "trainer.stop_after=4")
+    p = pools.train(*args, "trainer.resume=auto", "dist.nproc=1")
+    assert "outer-optimizer state carry over" in p.stdout, p.stdout[-2000:]
+    a4, a8 = (torch.load(tmp_path / "checkpoints" / f"step_0000000{s}" / "rank00000.pt", weights_only=True)["sync"]
+              for s in (4, 8))
+    assert (a4["round"], a8["round"]) == (1, 2)
+    m4, m8 = ([st["momentum_buffer"] for _, st in sorted(x["outer"]["optimizer"]["state"].items())] for x in (a4, a8))
+    for anchor4, anchor8, b4, b8 in zip(a4["anchor"], a8["anchor"], m4, m8):
+        g = b8 - 0.9 * b4
+        torch.testing.assert_close(anchor8, anchor4 - 0.5 * (g + 0.9 * b8), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.extended  # a CLI launch per rank config: ~7 s
 @pytest.mark.slow
 def test_ranks_with_different_configs_are_stopped_naming_the_keys(tmp_path):

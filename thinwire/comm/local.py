@@ -368,6 +368,22 @@ class OuterStrategy(SyncStrategy):
         self.last_step = {j: [self.place.store(x) for x in s] for j, s in state["last_step"].items()}
         self.start = None if state["start"] is None else self.place.store(state["start"])
 
+    def load_consensus_state(self, state: dict) -> bool:
+        """Another world size (``SyncStrategy.load_consensus_state``): the round counters, the
+        anchor and the outer optimizer's state carry over (DiLoCo's outer step from a fresh
+        anchor would pull the model back to its initialisation); error feedback, means in flight,
+        CO2's last step and eager's start stay fresh. Not when the averaged space is sharded by
+        the world (its shapes changed): then nothing is restored."""
+        if [a.shape for a in self.anchor] != [s.shape for s in state["anchor"]]:
+            return False
+        self.round, self.skipped = state["round"], state["skipped"]
+        for a, s in zip(self.anchor, state["anchor"]):
+            a.copy_(s)
+        self.outer.load_state_dict(state["outer"])
+        if self.start is not None:  # eager: this round's start is where the replicas restart
+            self.start = self.place.store(self.space.read_flat())
+        return True
+
 
 @SYNC_STRATEGIES.register("co2")
 class CO2(OuterStrategy):

@@ -103,6 +103,12 @@ class SyncStrategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def load_consensus_state(self, state: dict) -> bool:
+        """Resuming on another world size: restore from one rank's ``state_dict`` what every rank
+        holds alike (an outer loop's round counter, anchor and outer-optimizer state) and leave
+        the per-rank rest at its fresh value; True if anything was restored."""
+        return False
+
 
 @SYNC_STRATEGIES.register("ddp")
 class EveryStep(SyncStrategy):

@@ -219,7 +219,10 @@ class RunState:
             set_rng_state(shard["rng"])
         else:
             torch.manual_seed(self.cfg.trainer.seed * 1_000_003 + self.world.rank + 7919 * step)
-            reset = "RNG streams" if resharded_sync else "error-feedback buffers, sync state, RNG streams"
+            carried = not resharded_sync and self.sync.load_consensus_state(on_device(shard["sync"], self.world.device))
+            reset = ("RNG streams" if resharded_sync else
+                     "error-feedback buffers, the sync's per-rank state (its anchor and outer-optimizer state "
+                     "carry over), RNG streams" if carried else "error-feedback buffers, sync state, RNG streams")
             if self.world.is_main:
                 print(f"thinwire: warning: {path} was saved with another world size; model and "
                       f"optimizer restored, per-rank state reset ({reset})", flush=True)
