@@ -190,6 +190,7 @@ def test_keep_checkpoints_retention_and_world_size_change_policy(pools, tmp_path
     assert "saved with another world size" in p.stdout and "per-rank state reset" in p.stdout
 
 
+@pytest.mark.extended  # two pooled trainings (~10 s); the world-size policy itself is in the default tier
 def test_diloco_resumed_on_another_world_size_keeps_its_anchor_and_outer_momentum(pools, tmp_path):
     """2 ranks to 1: the anchor, the outer momentum and the round counter carry over (a fresh
     anchor would make DiLoCo's next outer step pull the model back to its initialisation).
