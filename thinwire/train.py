@@ -25,7 +25,7 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def worker(cfg_yamls: list[str]) -> None:
+def worker(cfg_yamls: list[str], trainer_cls=None) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
     sequence on one process group."""
     from .trainer.agreement import ConfigMismatchError
@@ -41,7 +41,7 @@ def worker(cfg_yamls: list[str]) -> None:
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     try:
         for cfg in cfgs:
-            if train(cfg, world).get("stopped_by") == "Ctrl-C":  # checkpointed on every rank, said by rank 0
+            if train(cfg, world, trainer_cls).get("stopped_by") == "Ctrl-C":  # checkpointed on every rank, said by rank 0
                 os._exit(130)  # a sweep's later runs are not started
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         if not torchrun or os.environ["RANK"] == "0":  # first, so the user knows where to look
             print(f"thinwire: run dir {cfg.run_dir}", flush=True)
             record_job(cfg, job)
+    if cfgs[0].get("elastic") is not None and cfgs[0].elastic.name != "none":  # docs/elastic.md
+        if torchrun or len(cfgs) > 1:
+            fail("elastic=torchft: " + ("one run at a time (no --multirun)" if len(cfgs) > 1 else
+                 "under torchrun start one slot per torchrun: python -m thinwire.elastic.slot (DRY_RUN=1 "
+                 "thinwire-train ... prints the commands)"))
+        from .elastic.launch import launch_trainer
+        return launch_trainer(cfgs[0], jobs[0])
     yamls = [to_yaml(cfg) for cfg in cfgs]
     if torchrun:
         worker(yamls)

@@ -25,6 +25,8 @@ class FaultConfig:
     # a planned absence, "SLOT:FIRST..LAST": slot SLOT takes no part in outer rounds FIRST..LAST (0-based;
     # sync=local|diloco; thinwire/elastic/absence.py); unlike the faults above it fires in every attempt
     absent_at: Optional[str] = None
+    # elastic=torchft: SIGKILL slot ``rank`` inside outer round ROUND's collective (0-based; first attempt only)
+    kill_in_collective_at: Optional[int] = None
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
