@@ -66,6 +66,8 @@ class FaultInjector:
             x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
 
     def after_step(self, step: int) -> None:
+        if getattr(self.cfg, "step_sleep_s", 0):  # drill pacing: slow survivors let a restarted slot rejoin
+            time.sleep(self.cfg.step_sleep_s)
         if not self.active:
             return
         if self.cfg.error_at == step:
