@@ -98,6 +98,21 @@ def test_fault_free_elastic_run_equals_the_ordinary_run(torchft_only, tmp_path):
     assert [r["live_slots"] for r in rounds] == [[0, 1]] * (n // H)
 
 
+@pytest.mark.extended  # three elastic runs, ~60 s each at load average ~12
+def test_full_slot_resume_equals_the_uninterrupted_run(torchft_only, tmp_path):
+    """Every slot stops at step 10 (mid round 2) with its checkpoint; ``trainer.resume=auto``
+    restarts all of them from theirs: the consensus state, the inner optimizer, the RNG."""
+    n, args = 20, [*steps(20), "sync=diloco", "dist.nproc=2"]
+    thinwire_train(tmp_path / "full", *args, elastic=True)
+    thinwire_train(tmp_path / "split", *args, "trainer.stop_after=10", elastic=True)
+    thinwire_train(tmp_path / "split", *args, "trainer.resume=auto", elastic=True)
+    key = ("step", "loss", "live_slots", "lost_steps", "val_loss")
+    full, split = (rows(tmp_path / d / "metrics.jsonl") for d in ("full", "split"))
+    assert [[r.get(k) for k in key] for r in split] == [[r.get(k) for k in key] for r in full]
+    for s in (0, 1):
+        assert same(params(ckpt(tmp_path / "split", s, n, True)), params(ckpt(tmp_path / "full", s, n, True))), s
+
+
 @pytest.mark.extended  # two runs: ~40 s (ordinary) + ~100 s (elastic) at load average ~12
 def test_death_inside_the_collective_equals_a_planned_absence_from_that_round(torchft_only, tmp_path):
     """2 slots, diloco: slot 1 SIGKILLed inside round 2's outer collective; slot 0's collective
