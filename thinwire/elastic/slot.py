@@ -65,7 +65,7 @@ class ElasticSync(SyncStrategy):
     needs_grad_allreduce = False
     ranks_diverge = True
 
-    def __init__(self, trainer: "SlotTrainer", membership, tape_path: str):
+    def __init__(self, trainer: "SlotTrainer", tape_path: str):
         cfg = trainer.cfg
         super().__init__(cfg.sync, trainer.world, trainer.meter, trainer.model, cfg.comm)
         self.H, self.N, self.slot = cfg.sync.local_steps, trainer.slots, trainer.slot
@@ -79,11 +79,15 @@ class ElasticSync(SyncStrategy):
         self.replica = Replica(ReplicaSpec(local_steps=self.H, nominal=self.N, seed=cfg.trainer.seed), self.slot,
                                model=trainer.model, inner=fresh_inner,
                                outer=lambda anchor, norm: OuterOptimizer(anchor, cfg.sync, norm=norm, spec=spec))
-        self.tape_path = tape_path
+        self.tape_path, self.cfg_all = tape_path, cfg
+        self.runner = None  # connect(): once the slot is ready to ask for a quorum
+        self.writer = self.slot == 0  # writes the run's metrics.jsonl: the lowest live slot
+
+    def connect(self, membership) -> None:
+        cfg = self.cfg_all
         self.runner = ElasticRunner(self.replica, membership, cfg.trainer.max_steps // self.H,
                                     min_replicas=cfg.elastic.min_replicas,
                                     faults=CollectiveFault(cfg.trainer.faults, self.slot), log=self.tape)
-        self.writer = self.slot == 0  # writes the run's metrics.jsonl: the lowest live slot
 
     def tape(self, record: dict) -> None:
         with open(self.tape_path, "a") as fh:
@@ -172,8 +176,12 @@ class SlotTrainer(Trainer):
     directory, ``run_dir`` the run's."""
 
     def __init__(self, cfg, world, *, slot: int, run_dir: str, membership):
-        self._slot, self.run_dir, self.membership = slot, run_dir, membership
+        self._slot, self.run_dir = slot, run_dir
         super().__init__(cfg, world)
+        # the Manager last: its heartbeats say "alive", and a quorum waits elastic.grace_s for a
+        # live slot that has not asked yet (a slot still building its trainer would stall the others)
+        self.membership = membership()
+        self.sync.connect(self.membership)
         self.eval_data = instantiate(cfg.data, seed=cfg.trainer.seed, rank=0, world_size=1)  # the whole set
         if self.metrics is not None:
             self.metrics = RunMetrics(self.metrics, run_dir, self.sync)
@@ -189,14 +197,15 @@ class SlotTrainer(Trainer):
         return self._slot, self.cfg.dist.nproc
 
     def make_sync(self):
-        return ElasticSync(self, self.membership, os.path.join(self.run_dir, "elastic", f"slot{self._slot}.jsonl"))
+        return ElasticSync(self, os.path.join(self.run_dir, "elastic", f"slot{self._slot}.jsonl"))
 
     def next_step(self, done: int) -> int:
         return self.sync.next_step(done)
 
     def close(self) -> None:
         super().close()
-        self.membership.shutdown()
+        if getattr(self, "membership", None) is not None:
+            self.membership.shutdown()
 
 
 def slot_dir(run_dir: str, slot: int) -> str:
@@ -230,10 +239,12 @@ def main(argv=None) -> int:
         cfg.run_dir = slot_dir(run_dir, a.slot)
         cfg.dist.threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
     os.makedirs(cfg.run_dir, exist_ok=True)
-    # before the trainer is built: the Manager's heartbeats start once it can answer a quorum
-    membership = TorchftMembership(a.slot, a.lighthouse, host=a.host or cfg.dist.master_addr,
-                                   min_replicas=el.min_replicas, timeout_s=el.timeout_s,
-                                   quorum_timeout_s=el.quorum_timeout_s, heartbeat_ms=el.heartbeat_ms)
+
+    def membership():
+        return TorchftMembership(a.slot, a.lighthouse, host=a.host or cfg.dist.master_addr,
+                                 min_replicas=el.min_replicas, timeout_s=el.timeout_s,
+                                 quorum_timeout_s=el.quorum_timeout_s, heartbeat_ms=el.heartbeat_ms)
+
     worker([to_yaml(cfg)], trainer_cls=lambda c, w: SlotTrainer(c, w, slot=a.slot, run_dir=run_dir,
                                                                  membership=membership))
     return 0
