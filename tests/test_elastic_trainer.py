@@ -191,7 +191,8 @@ def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
     assert main([*BASE, *steps(8), "sync=local", "dist.nproc=3", "elastic=torchft", "elastic.max_restarts=5",
                  f"hydra.run.dir={tmp_path}"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("thinwire:")]
-    assert len(lines) == 4 and "--bind 127.0.0.1:29510" in lines[0] and lines[0].endswith(" &")
+    assert len(lines) == 4 and lines[0].split()[0].endswith("torchft_lighthouse") and lines[0].endswith(" &")
+    assert "--bind 127.0.0.1:29510" in lines[0]
     for s, line in enumerate(lines[1:]):
         assert line.startswith("torchrun --nnodes=1 --nproc-per-node=1 --max-restarts=5 ")
         assert f"-m thinwire.elastic.slot --slot {s} --lighthouse 127.0.0.1:29510 " in line
@@ -206,6 +207,8 @@ def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
                                                   "run (0..1)"),
     (['trainer.faults.absent_at="1:0..0"'], "trainer.faults.absent_at=1:0..0: a planned absence is the reference"),
     (["elastic=none", "trainer.faults.kill_in_collective_at=0"], "needs elastic=torchft"),
+    (["elastic.min_replicas=4"], "elastic.min_replicas=4: above the slot count (3: dist.nproc)"),
+    (["dist.master_addr=10.1.2.3"], "dist.master_addr=10.1.2.3: torchft's Manager listens on all interfaces"),
 ])
 def test_bad_elastic_trainer_runs_are_one_line_exit_2(capsys, overrides, line):
     from test_elastic import need_torchft

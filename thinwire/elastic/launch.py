@@ -32,9 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def lighthouse_command(el: ElasticConfig, host: str, port: int) -> list[str]:
     exe = shutil.which("torchft_lighthouse") or os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
-    if not os.path.exists(exe):  # torchft's script not installed here: its entry point by this package's file
-        exe = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lighthouse.py")]
-    return [*([exe] if isinstance(exe, str) else exe), "--bind", f"{host}:{port}", "--min_replicas", str(el.min_replicas),
+    return [exe if os.path.exists(exe) else "torchft_lighthouse", "--bind", f"{host}:{port}", "--min_replicas", str(el.min_replicas),
             "--join_timeout_ms", str(int(el.grace_s * 1000)), "--quorum_tick_ms", "50",
             "--heartbeat_timeout_ms", str(el.heartbeat_timeout_ms)]
 
@@ -88,7 +86,10 @@ def supervise(cmds: dict, out: str, el: ElasticConfig, host: str, port: int, *, 
     os.makedirs(out, exist_ok=True)
     res = LaunchResult(lighthouse=f"{host}:{port}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lighthouse = (subprocess.Popen(lighthouse_command(el, host, port), stdout=subprocess.DEVNULL,
+    cmd = lighthouse_command(el, host, port)
+    if not os.path.exists(cmd[0]):  # torchft's script is not installed here: its entry point, by file
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lighthouse.py"), *cmd[1:]]
+    lighthouse = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                    stderr=open(os.path.join(out, "lighthouse.log"), "w"))
                   if start_lighthouse else None)
     procs: dict[int, subprocess.Popen] = {}
