@@ -1,5 +1,5 @@
 """``thinwire-train ... elastic=torchft`` (issue 33): slots as processes over torchft, each running
-the trainer's own loop (``thinwire.elastic.slot``), against independent references:
+the trainer's own loop (``thinwire.trainer.elastic_slot``), against independent references:
 
 - a fault-free elastic run with 2 slots equals the ordinary ``thinwire-train dist.nproc=2`` run;
 - a death inside round k's outer collective (2 slots) equals the ordinary run with
@@ -181,7 +181,7 @@ def test_killed_slot_rejoins_and_equals_the_tape_replay(torchft_only, tmp_path, 
 
 def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
     """``DRY_RUN=1 thinwire-train ... elastic=torchft``: the lighthouse on dist.master_addr, then
-    one ``torchrun --max-restarts`` per slot running ``thinwire.elastic.slot`` with the run's
+    one ``torchrun --max-restarts`` per slot running ``thinwire-train --slot s`` with the run's
     overrides and its resolved run dir."""
     from test_elastic import need_torchft
     from thinwire.train import main
@@ -195,7 +195,7 @@ def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
     assert "--bind 127.0.0.1:29510" in lines[0]
     for s, line in enumerate(lines[1:]):
         assert line.startswith("torchrun --nnodes=1 --nproc-per-node=1 --max-restarts=5 ")
-        assert f"-m thinwire.elastic.slot --slot {s} --lighthouse 127.0.0.1:29510 " in line
+        assert f"-m thinwire.train --slot {s} --lighthouse 127.0.0.1:29510 " in line
         assert "sync=local" in line and f"hydra.run.dir={tmp_path}" in line
 
 

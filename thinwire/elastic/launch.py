@@ -155,13 +155,13 @@ def start_barrier(out: str, slot: int, slots: int, timeout_s: float) -> None:
 
 
 def slot_commands(cfg, job: list[str], lighthouse: str, torchrun: bool = False) -> dict[int, list[str]]:
-    """``thinwire-train elastic=torchft``'s slots: ``python -m thinwire.elastic.slot`` with the
+    """``thinwire-train elastic=torchft``'s slots: ``thinwire-train --slot s`` with the
     run's overrides and its resolved run dir (every slot, every attempt, writes there), or one
     ``torchrun --max-restarts`` per slot (``torchrun``: the commands for several machines)."""
     overrides = [o for o in job if not o.startswith("hydra.run.dir=")] + [f"hydra.run.dir={cfg.run_dir}"]
     out = {}
     for s in range(cfg.dist.nproc):
-        args = ["-m", "thinwire.elastic.slot", "--slot", str(s), "--lighthouse", lighthouse, *overrides]
+        args = ["-m", "thinwire.train", "--slot", str(s), "--lighthouse", lighthouse, *overrides]
         out[s] = (["torchrun", "--nnodes=1", "--nproc-per-node=1", f"--max-restarts={cfg.elastic.max_restarts}",
                    "--rdzv-backend=c10d", f"--rdzv-id=thinwire-slot{s}", "--rdzv-endpoint=127.0.0.1:0", *args]
                   if torchrun else [sys.executable, *args])

@@ -276,7 +276,7 @@ class Trainer:
     # -- what a subclass may change (module docstring) ---------------------------------
     def place(self) -> tuple[int, int]:
         """(whose batches this worker trains, out of how many): its rank and the world size; an
-        elastic slot (``thinwire.elastic.slot``) is one process training slot s of N."""
+        elastic slot (``thinwire.trainer.elastic_slot``) is one process training slot s of N."""
         return self.world.rank, self.world.world_size
 
     def make_sync(self):

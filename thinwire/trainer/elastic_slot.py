@@ -1,8 +1,8 @@
 """``thinwire-train ... elastic=torchft``: one slot of an elastic run, as a process of its own.
 
-The launcher (``thinwire.elastic.trainer_launch``) starts the lighthouse and one process per
-slot (``python -m thinwire.elastic.slot --slot s --lighthouse host:port <overrides>``, or one
-``torchrun --max-restarts`` per slot). Each is a world of size 1: slots meet only through
+The launcher (``thinwire.elastic.launch.launch_trainer``) starts the lighthouse and one process
+per slot (``thinwire-train --slot s --lighthouse host:port <overrides>``: ``thinwire.train.slot_main``,
+or one ``torchrun --max-restarts`` per slot). Each is a world of size 1: slots meet only through
 torchft's quorum and process groups. The slot runs the trainer's own loop
 (``thinwire.trainer.loop.Trainer``) with three changes, all here:
 
@@ -26,12 +26,10 @@ out (late, stale) heals and jumps the same way (``next_step``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import signal
-import sys
 import time
 
 import torch
@@ -39,12 +37,12 @@ from hydra.utils import instantiate
 
 from ..comm.outer_optimizer import OuterOptimizer, outer_spec
 from ..comm.sync import SyncStrategy
-from ..trainer.loop import Trainer
-from .absence import round_metrics
-from .launch import start_barrier
-from .protocol import ElasticRunner, NoFaults
-from .replica import Replica, ReplicaSpec
-from .worker import attempt
+from ..elastic.absence import round_metrics
+from ..elastic.launch import start_barrier
+from ..elastic.protocol import ElasticRunner, NoFaults
+from ..elastic.replica import Replica, ReplicaSpec
+from ..elastic.worker import attempt
+from .loop import Trainer
 
 
 class CollectiveFault(NoFaults):
@@ -210,45 +208,3 @@ class SlotTrainer(Trainer):
 
 def slot_dir(run_dir: str, slot: int) -> str:
     return os.path.join(run_dir, f"slot{slot}")
-
-
-def main(argv=None) -> int:
-    """``python -m thinwire.elastic.slot --slot S --lighthouse HOST:PORT [--host ADDR] <overrides>``."""
-    ap = argparse.ArgumentParser(prog="python -m thinwire.elastic.slot")
-    ap.add_argument("--slot", type=int, required=True)
-    ap.add_argument("--lighthouse", required=True, help="host:port of torchft_lighthouse")
-    ap.add_argument("--host", default=None, help="the address this slot advertises (default: dist.master_addr)")
-    a, overrides = ap.parse_known_args(argv)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # torchrun's: a world of 1
-        os.environ.pop(k, None)
-    from omegaconf import open_dict
-
-    from ..config import ConfigError, compose, to_yaml, validate
-    from ..train import worker
-    from .membership import TorchftMembership
-
-    try:
-        cfg = compose(overrides)
-        validate(cfg)
-    except ConfigError as e:
-        print(f"thinwire: slot {a.slot}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    run_dir, el = cfg.run_dir, cfg.elastic
-    os.makedirs(os.path.join(run_dir, "elastic"), exist_ok=True)
-    with open_dict(cfg):
-        cfg.run_dir = slot_dir(run_dir, a.slot)
-        cfg.dist.threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-
-    def membership():
-        return TorchftMembership(a.slot, a.lighthouse, host=a.host or cfg.dist.master_addr,
-                                 min_replicas=el.min_replicas, timeout_s=el.timeout_s,
-                                 quorum_timeout_s=el.quorum_timeout_s, heartbeat_ms=el.heartbeat_ms)
-
-    worker([to_yaml(cfg)], trainer_cls=lambda c, w: SlotTrainer(c, w, slot=a.slot, run_dir=run_dir,
-                                                                 membership=membership))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
