@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,6 +73,15 @@ def ckpt(run_dir, slot: int, step: int, elastic: bool):
     return d / "checkpoints" / f"step_{step:08d}" / f"rank{0 if elastic else slot:05d}.pt"
 
 
+def advertised_loopback_only(run_dir) -> None:
+    """Every address the slots advertised to the lighthouse (their Manager servers, their
+    stores), as its log records each quorum's members, is 127.0.0.1."""
+    with open(run_dir / "elastic" / "lighthouse.log") as fh:
+        text = fh.read()
+    hosts = set(re.findall(r'address: "(?:http://)?([^":]+):\d+"', text))
+    assert hosts == {"127.0.0.1"}, hosts
+
+
 def tape_of(run_dir):
     from thinwire.elastic.tape import Tape
 
@@ -123,6 +133,7 @@ def test_death_inside_the_collective_equals_a_planned_absence_from_that_round(to
     args = [*steps(n), "sync=diloco", "dist.nproc=2", "trainer.faults.step_sleep_s=0.3"]
     thinwire_train(tmp_path / "el", *args, "trainer.faults.rank=1", "trainer.faults.kill_in_collective_at=2",
                    elastic=True)
+    advertised_loopback_only(tmp_path / "el")
     tape = tape_of(tmp_path / "el")
     live = tape.live_sets()
     absent = [r for r, ls in enumerate(live) if 1 not in ls]
@@ -177,6 +188,7 @@ def test_killed_slot_rejoins_and_equals_the_tape_replay(torchft_only, tmp_path, 
          [(r * H, r * H + H - 1) for r in range(a0 // H, b0 // H + 1)]]
     assert not [k for r in rows(run / "metrics.jsonl") for k in r if "live" in k
                 and k not in ("live_replicas", "live_slots")]
+    advertised_loopback_only(run)
 
 
 def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
