@@ -39,7 +39,7 @@ def plot(run_dir: str, out: str, title: str = "") -> None:
     ax2.set_ylabel("loss")
     lines = ax.get_legend_handles_labels()
     more = ax2.get_legend_handles_labels()
-    ax2.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right", fontsize=8)
+    ax2.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
     ax.set_title(title or os.path.basename(os.path.normpath(run_dir)) + " (shaded: lost steps)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
