@@ -82,6 +82,21 @@ def advertised_loopback_only(run_dir) -> None:
     assert hosts == {"127.0.0.1"}, hosts
 
 
+def joined_after_setup(run_dir, slot: int) -> dict:
+    """G4 from the tape records (each carries its writer, attempt and wall time): the round in
+    progress when the restarted slot's setup ended (its ``start`` record: trainer built, Manager
+    up), and the first round whose mean it entered."""
+    recs = [r for s in range(3) if (run_dir / "elastic" / f"slot{s}.jsonl").exists()
+            for r in rows(run_dir / "elastic" / f"slot{s}.jsonl")]
+    start = next(r for r in recs if r["kind"] == "start" and r["slot_writer"] == slot and r["attempt"] == 1)
+    survivor = [(r["round"], r["t"]) for r in recs if r["kind"] == "round" and r["slot_writer"] == 0]
+    in_progress = 1 + max((k for k, t in survivor if t < start["t"]), default=-1)
+    first = min((r["round"], r["t"]) for r in recs if r["kind"] == "round" and r["slot_writer"] == slot
+                and r["attempt"] == 1)
+    return {"in_progress": in_progress, "first_contribution": first[0], "rounds_after_setup": first[0] - in_progress,
+            "setup_to_contribution_s": round(first[1] - start["t"], 1)}
+
+
 def tape_of(run_dir):
     from thinwire.elastic.tape import Tape
 
@@ -189,6 +204,9 @@ def test_killed_slot_rejoins_and_equals_the_tape_replay(torchft_only, tmp_path, 
     assert not [k for r in rows(run / "metrics.jsonl") for k in r if "live" in k
                 and k not in ("live_replicas", "live_slots")]
     advertised_loopback_only(run)
+    g4 = joined_after_setup(run, slot=2)
+    print(f"G4: {g4}")
+    assert g4["rounds_after_setup"] <= 1, g4
 
 
 def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):

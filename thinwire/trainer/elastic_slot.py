@@ -176,14 +176,15 @@ class SlotTrainer(Trainer):
     def __init__(self, cfg, world, *, slot: int, run_dir: str, membership):
         self._slot, self.run_dir = slot, run_dir
         super().__init__(cfg, world)
-        # the Manager last: its heartbeats say "alive", and a quorum waits elastic.grace_s for a
-        # live slot that has not asked yet (a slot still building its trainer would stall the others)
-        self.membership = membership()
-        self.sync.connect(self.membership)
         self.eval_data = instantiate(cfg.data, seed=cfg.trainer.seed, rank=0, world_size=1)  # the whole set
         if self.metrics is not None:
             self.metrics = RunMetrics(self.metrics, run_dir, self.sync)
         out = os.path.join(run_dir, "elastic")
+        # the Manager last: its heartbeats say "alive", and a quorum waits elastic.grace_s for a
+        # live slot that has not asked yet (a slot still building its trainer would stall the others)
+        self.membership = membership()
+        self.sync.connect(self.membership)
+        self.sync.tape({"kind": "start", "joiner": attempt() > 0})  # setup done (G4: a joiner's first round after it)
         if attempt() > 0:  # a restarted slot heals (its own checkpoint, if loaded, is replaced)
             self.start_step = self.sync.join()
             if self.metrics is not None:
