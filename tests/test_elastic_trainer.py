@@ -170,20 +170,50 @@ def test_death_inside_the_collective_equals_a_planned_absence_from_that_round(to
 def test_killed_slot_rejoins_and_equals_the_tape_replay(torchft_only, tmp_path, sync):
     """3 slots: slot 2 SIGKILLed after step 6 (mid round 1), restarted by the launcher; it heals
     from slot 0 and trains exactly its own batches from the round after its heal."""
+    args = [*steps(96), f"sync={sync}", "dist.nproc=3", "trainer.faults.step_sleep_s=0.3"]
+    run = tmp_path / "el"
+    thinwire_train(run, *args, "trainer.faults.rank=2", "trainer.faults.kill_at=6", "elastic.min_replicas=2",
+                   elastic=True)  # min_replicas 2 of 3: a slot that lags past the others' end forms no quorum alone
+    live = equals_the_tape_replay(run, args, 96)
+    assert 2 not in live[1], live  # it died in round 1 and came back
+    g4 = joined_after_setup(run, slot=2)
+    print(f"G4: {g4}")
+    assert g4["rounds_after_setup"] <= 1, g4
+
+
+@pytest.mark.extended  # ~100 s at load average ~12
+def test_late_slot_sits_its_stale_round_out_heals_and_equals_the_tape_replay(torchft_only, tmp_path):
+    """3 slots, diloco: slot 2 SIGSTOPped after step 10 for 6 s (past the 1.5 s heartbeat
+    timeout): the others go on without it; after SIGCONT it ends round 2, is stale in the
+    others' quorum (its round logged lost), heals in its own process (inner optimizer state
+    cleared, parameters = anchor) and continues at the consensus round's first step."""
+    n = 48
+    args = [*steps(n), "sync=diloco", "dist.nproc=3", "trainer.faults.step_sleep_s=0.3"]
+    run = tmp_path / "el"
+    thinwire_train(run, *args, "trainer.faults.rank=2", "trainer.faults.stop_at=10", "trainer.faults.stop_for_s=6",
+                   "elastic.min_replicas=2", elastic=True)
+    live = equals_the_tape_replay(run, args, n)
+    assert 2 not in live[2], live
+    mine = rows(run / "elastic" / "slot2.jsonl")
+    assert {"kind": "lost", "round": 2, "steps": [8, 11], "attempt": 0} in \
+        [{k: r.get(k) for k in ("kind", "round", "steps", "attempt")} for r in mine], mine  # its stale round
+    assert [r["attempt"] for r in mine if r["kind"] == "healed"] == [0]  # healed in its own process
+
+
+def equals_the_tape_replay(run, args, n: int) -> list:
+    """The elastic run in ``run`` against the single-process replay of its tape with the
+    trainer's parts (bitwise: slots 0-1's loss at every step, slot 2's after its heal, all three
+    slots' final parameters; the run's round lines against the tape). Returns the live sets."""
     from hydra.utils import instantiate
 
     from test_elastic_absent import TrainerSlot
     from thinwire.config import compose
     from thinwire.elastic.tape import replay
 
-    n = 96
-    args = [*steps(n), f"sync={sync}", "dist.nproc=3", "trainer.faults.step_sleep_s=0.3"]
-    run = tmp_path / "el"
-    thinwire_train(run, *args, "trainer.faults.rank=2", "trainer.faults.kill_at=6", "elastic.min_replicas=2",
-                   elastic=True)  # min_replicas 2 of 3: a slot that lags past the others' end forms no quorum alone
     tape = tape_of(run)
     live = tape.live_sets()
-    assert live[0] == [0, 1, 2] and 2 not in live[1] and live[-1] == [0, 1, 2], live  # it died and came back
+    assert live[0] == [0, 1, 2] and live[-1] == [0, 1, 2] and [e["round"] for e in tape.rounds] == \
+        list(range(n // H)), live
     torch.set_num_threads(1)
     cfg = compose([*BASE, *args])
     data = [instantiate(cfg.data, seed=cfg.trainer.seed, rank=r, world_size=3) for r in range(3)]
@@ -204,9 +234,7 @@ def test_killed_slot_rejoins_and_equals_the_tape_replay(torchft_only, tmp_path, 
     assert not [k for r in rows(run / "metrics.jsonl") for k in r if "live" in k
                 and k not in ("live_replicas", "live_slots")]
     advertised_loopback_only(run)
-    g4 = joined_after_setup(run, slot=2)
-    print(f"G4: {g4}")
-    assert g4["rounds_after_setup"] <= 1, g4
+    return live
 
 
 def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):

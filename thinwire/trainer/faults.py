@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
 import time
 
 import torch
@@ -77,4 +78,6 @@ class FaultInjector:
         if self.cfg.stop_at == step:
             print(f"thinwire: fault: rank {self.cfg.rank} stops (SIGSTOP) after step {step} at "
                   f"t={time.time():.3f}", flush=True)
+            if getattr(self.cfg, "stop_for_s", 0):  # a late peer rather than a hung one: continued later
+                subprocess.Popen(["sh", "-c", f"sleep {self.cfg.stop_for_s}; kill -CONT {os.getpid()}"])
             os.kill(os.getpid(), signal.SIGSTOP)
