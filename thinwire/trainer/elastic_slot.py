@@ -77,12 +77,12 @@ class ElasticSync(SyncStrategy):
         self.replica = Replica(ReplicaSpec(local_steps=self.H, nominal=self.N, seed=cfg.trainer.seed), self.slot,
                                model=trainer.model, inner=fresh_inner,
                                outer=lambda anchor, norm: OuterOptimizer(anchor, cfg.sync, norm=norm, spec=spec))
-        self.tape_path, self.cfg_all = tape_path, cfg
+        self.tape_path, self.trainer_cfg = tape_path, cfg
         self.runner = None  # connect(): once the slot is ready to ask for a quorum
         self.writer = self.slot == 0  # writes the run's metrics.jsonl: the lowest live slot
 
     def connect(self, membership) -> None:
-        cfg = self.cfg_all
+        cfg = self.trainer_cfg
         self.runner = ElasticRunner(self.replica, membership, cfg.trainer.max_steps // self.H,
                                     min_replicas=cfg.elastic.min_replicas,
                                     faults=CollectiveFault(cfg.trainer.faults, self.slot), log=self.tape)
