@@ -200,6 +200,25 @@ def test_late_slot_sits_its_stale_round_out_heals_and_equals_the_tape_replay(tor
     assert [r["attempt"] for r in mine if r["kind"] == "healed"] == [0]  # healed in its own process
 
 
+@pytest.mark.extended  # two elastic runs, ~150 s in all at load average ~12
+def test_a_slot_absent_at_the_checkpoint_heals_when_the_run_resumes(torchft_only, tmp_path):
+    """3 slots: slot 2 SIGKILLed after step 6 and not restarted (``elastic.max_restarts=0``); the
+    others stop at step 24 with their checkpoints. ``trainer.resume=auto`` restarts all three:
+    slots 0-1 from their checkpoints, slot 2 (none of its own) from the start; its round 0 is
+    stale against the others' round 6, it heals and trains from round 7. Against the replay of
+    the tape of both launches."""
+    n = 48
+    args = [*steps(n), "sync=diloco", "dist.nproc=3", "trainer.faults.step_sleep_s=0.3", "elastic.min_replicas=2"]
+    run = tmp_path / "el"
+    thinwire_train(run, *args, "trainer.faults.rank=2", "trainer.faults.kill_at=6", "elastic.max_restarts=0",
+                   "trainer.stop_after=24", elastic=True)
+    thinwire_train(run, *args, "trainer.resume=auto", elastic=True)
+    live = equals_the_tape_replay(run, args, n)
+    assert live[1:6] == [[0, 1]] * 5 and live[7:] == [[0, 1, 2]] * 5, live
+    healed = [r for r in rows(run / "elastic" / "slot2.jsonl") if r["kind"] == "healed"]
+    assert [r["round"] for r in healed] == [7], healed
+
+
 def equals_the_tape_replay(run, args, n: int) -> list:
     """The elastic run in ``run`` against the single-process replay of its tape with the
     trainer's parts (bitwise: slots 0-1's loss at every step, slot 2's after its heal, all three
