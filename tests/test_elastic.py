@@ -169,9 +169,7 @@ def test_bad_values_fail_in_one_line(field, value, msg):
 
 def test_private_network_allows_a_routable_address():
     need_torchft()
-    with pytest.raises(ConfigError, match="thinwire-train does not run elastic slots yet"):
-        check_elastic(ElasticConfig(name="torchft", private_network=True), sync="local", slots=3,
-                      master_addr="10.1.2.3", trainer=True)
+    check_elastic(ElasticConfig(name="torchft", private_network=True), sync="local", slots=3, master_addr="10.1.2.3")
     check_elastic(ElasticConfig(name="none"), sync="ddp", slots=3)  # off: nothing to check
 
 

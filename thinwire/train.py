@@ -25,9 +25,10 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def worker(cfg_yamls: list[str]) -> None:
+def worker(cfg_yamls: list[str], trainer_cls=None) -> None:
     """Entry point of every rank (self-started or torchrun): one run, or a sweep's runs in
-    sequence on one process group."""
+    sequence on one process group. ``trainer_cls``: (cfg, world) -> the trainer (an elastic
+    slot's, ``slot_main``); default ``thinwire.trainer.loop.Trainer``."""
     from .trainer.agreement import ConfigMismatchError
     from .trainer.checkpoint import CheckpointWriteError
     from .trainer.drift import ReplicaDriftError
@@ -41,7 +42,7 @@ def worker(cfg_yamls: list[str]) -> None:
     world = init_world(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.threads)
     try:
         for cfg in cfgs:
-            if train(cfg, world).get("stopped_by") == "Ctrl-C":  # checkpointed on every rank, said by rank 0
+            if train(cfg, world, trainer_cls).get("stopped_by") == "Ctrl-C":  # checkpointed on every rank, said by rank 0
                 os._exit(130)  # a sweep's later runs are not started
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
@@ -189,8 +190,53 @@ def take_cfg_flag(argv: list[str]) -> tuple[list[str], bool]:
     return out, show
 
 
+def slot_main(argv: list[str]) -> int:
+    """``thinwire-train --slot S --lighthouse HOST:PORT [--host ADDR] <overrides>``: slot S of an
+    ``elastic=torchft`` run as a process of its own (a world of size 1), as the elastic launcher
+    (``thinwire.elastic.launch.launch_trainer``) or one ``torchrun --max-restarts`` per slot starts
+    it; ``--host``: the address it advertises (default ``dist.master_addr``). docs/elastic.md."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="thinwire-train --slot")
+    ap.add_argument("--slot", type=int, required=True)
+    ap.add_argument("--lighthouse", required=True, help="host:port of torchft_lighthouse")
+    ap.add_argument("--host", default=None, help="the address this slot advertises (default: dist.master_addr)")
+    a, overrides = ap.parse_known_args(argv)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # torchrun's: a world of 1
+        os.environ.pop(k, None)
+    from omegaconf import open_dict
+
+    from .config import ConfigError, compose, to_yaml, validate
+    from .elastic.membership import TorchftMembership
+    from .trainer.elastic_slot import SlotTrainer, slot_dir
+
+    try:
+        cfg = compose(overrides)
+        validate(cfg)
+    except ConfigError as e:
+        print(f"thinwire: slot {a.slot}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    run_dir, el = cfg.run_dir, cfg.elastic
+    os.makedirs(os.path.join(run_dir, "elastic"), exist_ok=True)
+    with open_dict(cfg):
+        cfg.run_dir = slot_dir(run_dir, a.slot)
+        cfg.dist.threads = cfg.dist.threads or max(1, (os.cpu_count() or 1) // cfg.dist.nproc)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+
+    def membership():  # started once the slot's trainer is built (SlotTrainer)
+        return TorchftMembership(a.slot, a.lighthouse, host=a.host or cfg.dist.master_addr,
+                                 min_replicas=el.min_replicas, timeout_s=el.timeout_s,
+                                 quorum_timeout_s=el.quorum_timeout_s, heartbeat_ms=el.heartbeat_ms)
+
+    worker([to_yaml(cfg)], trainer_cls=lambda c, w: SlotTrainer(c, w, slot=a.slot, run_dir=run_dir,
+                                                                 membership=membership))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--slot"] or any(a.startswith("--slot=") for a in argv[:1]):  # an elastic slot
+        return slot_main(argv)
     # the deepspeed launcher adds --local_rank=N (LOCAL_RANK is in the environment too)
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if any(a in ("-h", "--help") for a in argv):
@@ -232,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         if not torchrun or os.environ["RANK"] == "0":  # first, so the user knows where to look
             print(f"thinwire: run dir {cfg.run_dir}", flush=True)
             record_job(cfg, job)
+    if cfgs[0].get("elastic") is not None and cfgs[0].elastic.name != "none":  # docs/elastic.md
+        if torchrun or len(cfgs) > 1:
+            fail("elastic=torchft: " + ("one run at a time (no --multirun)" if len(cfgs) > 1 else
+                 "under torchrun start one slot per torchrun: thinwire-train --slot S --lighthouse HOST:PORT ... "
+                 "(DRY_RUN=1 thinwire-train ... prints the commands)"))
+        from .elastic.launch import launch_trainer
+        return launch_trainer(cfgs[0], jobs[0])
     yamls = [to_yaml(cfg) for cfg in cfgs]
     if torchrun:
         worker(yamls)

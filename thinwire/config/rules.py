@@ -99,10 +99,11 @@ def _cross_group(cfg: DictConfig) -> None:
         if hasattr(part, "check_run"):
             part.check_run(cfg)
     _check_momentum_owner(cfg, plugin, strategy)
-    from ..elastic.config import ElasticConfig, check_elastic  # elastic replicas (docs/elastic.md)
+    from ..elastic.config import ElasticConfig, check_elastic, check_trainer  # elastic replicas (docs/elastic.md)
     if cfg.get("elastic") is not None:  # configs saved by earlier versions have no elastic group
         check_elastic(ElasticConfig(**cfg.elastic), sync=cfg.sync.name, slots=world, master_addr=cfg.dist.master_addr,
-                      engine=cfg.engine.name, optim=cfg.optim.name, fragments=cfg.sync.get("fragments", 1), trainer=True)
+                      engine=cfg.engine.name, optim=cfg.optim.name, fragments=cfg.sync.get("fragments", 1))
+        check_trainer(cfg, plugin)
 
 
 def _check_momentum_owner(cfg: DictConfig, plugin, strategy) -> None:

@@ -63,6 +63,14 @@ def check_run(cfg, world: int, plugin_cls) -> None:
          "fresh inner optimizer needs a torch optimizer (sgd, adamw, ...)")
 
 
+def round_metrics(rnd: int, live: list[int], slots: int, steps: int) -> dict:
+    """Outer round ``rnd``'s metrics keys (a planned absence's and ``elastic=torchft``'s):
+    ``live_replicas``, ``live_slots`` and ``lost_steps`` (the untrained [slot, first step, last
+    step] of the slots not live, 1-based as the metrics' ``step``)."""
+    lost = [[s, rnd * steps + 1, (rnd + 1) * steps] for s in range(slots) if s not in live]
+    return {"live_replicas": len(live), "live_slots": list(live), "lost_steps": lost}
+
+
 @dataclass(frozen=True)
 class PlannedAbsence:
     slot: int      # the absent slot (a rank of the fixed world)
@@ -93,11 +101,7 @@ class PlannedAbsence:
         return slot == self.slot and step == (self.last + 1) * self.steps
 
     def round_metrics(self, rnd: int) -> dict:
-        """The round's metrics keys: ``live_replicas``, ``live_slots`` and ``lost_steps`` (the
-        untrained [slot, first step, last step], 1-based as the metrics' ``step``)."""
-        live = self.live(rnd)
-        lost = [[s, rnd * self.steps + 1, (rnd + 1) * self.steps] for s in range(self.slots) if s not in live]
-        return {"live_replicas": len(live), "live_slots": live, "lost_steps": lost}
+        return round_metrics(rnd, self.live(rnd), self.slots, self.steps)
 
     def lost_tokens(self, tokens_per_step: int) -> int:
         """Tokens (or samples) the absent slot did not train: its rounds x H x one rank's batch."""

@@ -63,9 +63,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_elastic(el: ElasticConfig, *, sync: str, slots: int, master_addr: str = "127.0.0.1",
-                  engine: str = "ddp", optim: str = "", fragments: int = 1, trainer: bool = False) -> None:
+                  engine: str = "ddp", optim: str = "", fragments: int = 1) -> None:
     """The rules of ``elastic=torchft`` that span groups (one line each, naming the key);
-    ``el`` has passed its own ``check``. ``trainer``: called for ``thinwire-train``."""
+    ``el`` has passed its own ``check``."""
     if el.name == "none":
         return
     need(sync in SUPPORTED_SYNC, "sync", sync,
@@ -84,6 +84,30 @@ def check_elastic(el: ElasticConfig, *, sync: str, slots: int, master_addr: str 
         import torchft  # noqa: F401
     except ImportError:
         raise ConfigError("elastic=torchft: torchft is not installed (pip install 'thinwire[elastic]')") from None
-    if trainer:
-        raise ConfigError("elastic=torchft: thinwire-train does not run elastic slots yet (the outer loop is "
-                          "being refactored); launch them with python -m thinwire.elastic.launch (docs/elastic.md)")
+
+
+def check_trainer(cfg, plugin_cls) -> None:
+    """What ``thinwire-train elastic=torchft`` runs (docs/elastic.md), one line each (exit 2):
+    whole-model rounds of ``sync=local|diloco`` with ``comm=none``, a torch inner optimizer (the
+    joiner rule clears its state), a run of whole rounds; ``trainer.faults.kill_in_collective_at``
+    only under ``elastic=torchft``."""
+    s, t = cfg.sync, cfg.trainer
+    at = t.faults.get("kill_in_collective_at")
+    if cfg.elastic.name == "none":
+        need(at is None, "trainer.faults.kill_in_collective_at", at, "a death inside the outer collective is an "
+             "elastic drill: it needs elastic=torchft")
+        return
+    need(t.faults.get("absent_at") is None, "trainer.faults.absent_at", t.faults.get("absent_at"),
+         "a planned absence is the reference of elastic=torchft, not a fault of it; use elastic=none")
+    for k in ("fragment_delay", "moment1_every", "moment2_every"):
+        need(s.get(k, 0) == 0, f"sync.{k}", s.get(k), "elastic=torchft runs one whole-model round at a time")
+    need(cfg.comm.name == "none", "comm", cfg.comm.name, "elastic=torchft: compressed pseudo-gradients with error "
+         "feedback have no joiner rule yet (the residual); use comm=none")
+    need(getattr(plugin_cls, "steps_torch_optimizer", False), "optim", cfg.optim.name,
+         "elastic=torchft: the joiner's fresh inner optimizer needs a torch optimizer (sgd, adamw, ...)")
+    need(t.max_steps % s.local_steps == 0, "trainer.max_steps", t.max_steps,
+         f"elastic=torchft runs whole rounds: a multiple of sync.local_steps={s.local_steps}")
+    need(t.eval_every % s.local_steps == 0, "trainer.eval_every", t.eval_every,
+         f"elastic=torchft evaluates the consensus at a round's end: a multiple of sync.local_steps={s.local_steps}")
+    need(at is None or 0 <= at < t.max_steps // s.local_steps, "trainer.faults.kill_in_collective_at", at,
+         f"an outer round of this run (0..{t.max_steps // s.local_steps - 1})")

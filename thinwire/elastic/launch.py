@@ -32,7 +32,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def lighthouse_command(el: ElasticConfig, host: str, port: int) -> list[str]:
     exe = shutil.which("torchft_lighthouse") or os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")
-    return [exe, "--bind", f"{host}:{port}", "--min_replicas", str(el.min_replicas),
+    return [exe if os.path.exists(exe) else "torchft_lighthouse", "--bind", f"{host}:{port}", "--min_replicas", str(el.min_replicas),
             "--join_timeout_ms", str(int(el.grace_s * 1000)), "--quorum_tick_ms", "50",
             "--heartbeat_timeout_ms", str(el.heartbeat_timeout_ms)]
 
@@ -73,25 +73,40 @@ def launch(slots: int, rounds: int, out: str, el: Optional[ElasticConfig] = None
         for s in range(slots):
             print(shlex.join(cmds[s]) + " &")
         return LaunchResult(lighthouse=lh)
+    return supervise(cmds, out, el, host, port, timeout_s=timeout_s, finish_grace_s=finish_grace_s)
+
+
+def supervise(cmds: dict, out: str, el: ElasticConfig, host: str, port: int, *, timeout_s: Optional[float] = None,
+              finish_grace_s: float = 30.0, start_lighthouse: bool = True) -> LaunchResult:
+    """Start the lighthouse on ``host:port`` (unless ``start_lighthouse`` is False: one runs
+    already) and ``cmds[s]`` for every slot s; restart a slot whose process exits non-zero
+    up to ``el.max_restarts`` times (attempt k sees ``THINWIRE_ELASTIC_ATTEMPT=k`` and, for the
+    trainer's fault injection, ``TORCHELASTIC_RESTART_COUNT=k``); once a slot has finished
+    (exit 0) the others get ``finish_grace_s`` to finish, then are killed."""
     os.makedirs(out, exist_ok=True)
-    res = LaunchResult(lighthouse=lh)
+    res = LaunchResult(lighthouse=f"{host}:{port}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    lighthouse = subprocess.Popen(lighthouse_command(el, host, port), stdout=subprocess.DEVNULL,
-                                  stderr=open(os.path.join(out, "lighthouse.log"), "w"))
+    cmd = lighthouse_command(el, host, port)
+    if not os.path.exists(cmd[0]):  # torchft's script is not installed here: its entry point, by file
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lighthouse.py"), *cmd[1:]]
+    lighthouse = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                   stderr=open(os.path.join(out, "lighthouse.log"), "w"))
+                  if start_lighthouse else None)
     procs: dict[int, subprocess.Popen] = {}
     t0 = time.monotonic()
 
     def start(s: int, attempt: int):
         log = open(os.path.join(out, f"slot{s}.attempt{attempt}.log"), "w")
-        procs[s] = subprocess.Popen(cmds[s], env=dict(env, THINWIRE_ELASTIC_ATTEMPT=str(attempt)),
+        procs[s] = subprocess.Popen(cmds[s], env=dict(env, THINWIRE_ELASTIC_ATTEMPT=str(attempt),
+                                                      TORCHELASTIC_RESTART_COUNT=str(attempt)),
                                     stdout=log, stderr=subprocess.STDOUT)
         res.events.append((round(time.monotonic() - t0, 3), s, f"start attempt {attempt}"))
 
     try:
-        for s in range(slots):
+        for s in sorted(cmds):
             res.restarts[s] = 0
             start(s, 0)
-        running = set(range(slots))
+        running = set(cmds)
         done_at = None   # when the first slot finished: the others get finish_grace_s
         while running:
             if done_at is not None and time.monotonic() - done_at > finish_grace_s:
@@ -100,7 +115,7 @@ def launch(slots: int, rounds: int, out: str, el: Optional[ElasticConfig] = None
                     res.returncodes[s] = procs[s].wait()
                     res.events.append((round(time.monotonic() - t0, 3), s, "killed: training had completed"))
                 break
-            if time.monotonic() - t0 > timeout_s:
+            if timeout_s is not None and time.monotonic() - t0 > timeout_s:
                 raise TimeoutError(f"elastic launch: slots {sorted(running)} still running after {timeout_s}s")
             for s in sorted(running):
                 rc = procs[s].poll()
@@ -110,6 +125,8 @@ def launch(slots: int, rounds: int, out: str, el: Optional[ElasticConfig] = None
                 if rc == 0 and done_at is None:
                     done_at = time.monotonic()
                 res.events.append((round(time.monotonic() - t0, 3), s, f"exit {rc}"))
+                if rc == 2:  # a config error (said in one line by the slot): the others cannot do better
+                    return res
                 if rc != 0 and res.restarts[s] < el.max_restarts:
                     res.restarts[s] += 1
                     start(s, res.restarts[s])
@@ -121,9 +138,72 @@ def launch(slots: int, rounds: int, out: str, el: Optional[ElasticConfig] = None
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        lighthouse.kill()
-        lighthouse.wait()
+        if lighthouse is not None:
+            lighthouse.kill()
+            lighthouse.wait()
     return res
+
+
+def start_barrier(out: str, slot: int, slots: int, timeout_s: float) -> None:
+    """A first attempt's start: mark this slot ready and wait until every slot is (so round 0's
+    quorum holds them all), or ``timeout_s`` passed (then the late ones join as joiners do)."""
+    open(os.path.join(out, f"ready.{slot}"), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while (not all(os.path.exists(os.path.join(out, f"ready.{s}")) for s in range(slots))
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+
+
+def slot_commands(cfg, job: list[str], lighthouse: str, torchrun: bool = False) -> dict[int, list[str]]:
+    """``thinwire-train elastic=torchft``'s slots: ``thinwire-train --slot s`` with the
+    run's overrides and its resolved run dir (every slot, every attempt, writes there), or one
+    ``torchrun --max-restarts`` per slot (``torchrun``: the commands for several machines)."""
+    overrides = [o for o in job if not o.startswith("hydra.run.dir=")] + [f"hydra.run.dir={cfg.run_dir}"]
+    out = {}
+    for s in range(cfg.dist.nproc):
+        args = ["-m", "thinwire.train", "--slot", str(s), "--lighthouse", lighthouse, *overrides]
+        out[s] = (["torchrun", "--nnodes=1", "--nproc-per-node=1", f"--max-restarts={cfg.elastic.max_restarts}",
+                   "--rdzv-backend=c10d", f"--rdzv-id=thinwire-slot{s}", "--rdzv-endpoint=127.0.0.1:0", *args]
+                  if torchrun else [sys.executable, *args])
+    return out
+
+
+def launch_trainer(cfg, job: list[str]) -> int:
+    """``thinwire-train ... elastic=torchft dist.nproc=N``: the lighthouse on ``dist.master_addr``
+    (unless ``elastic.lighthouse`` names a running one) and N slot processes, each restarted up to
+    ``elastic.max_restarts`` times; 0 once training has completed. ``DRY_RUN=1`` prints the
+    torchrun-style commands (the lighthouse, then one ``torchrun`` per slot) instead."""
+    from omegaconf import OmegaConf
+
+    el = ElasticConfig(**OmegaConf.to_container(cfg.elastic, resolve=True))
+    host, port = cfg.dist.master_addr, el.lighthouse_port
+    if el.lighthouse:
+        host, _, p = el.lighthouse.rpartition(":")
+        port = int(p)
+    lh = f"{host}:{port}"
+    if os.environ.get("DRY_RUN") == "1":
+        if not el.lighthouse:
+            print(shlex.join(lighthouse_command(el, host, port)) + " &")
+        for cmd in slot_commands(cfg, job, lh, torchrun=True).values():
+            print(shlex.join(cmd))
+        return 0
+    out = os.path.join(cfg.run_dir, "elastic")
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(out):  # a resumed run's start barrier starts afresh
+        if f.startswith("ready."):
+            os.remove(os.path.join(out, f))
+    print(f"thinwire: elastic=torchft: lighthouse {lh}, {cfg.dist.nproc} slots; their logs: "
+          f"{out}/slot<s>.attempt<k>.log", flush=True)
+    res = supervise(slot_commands(cfg, job, lh), out, el, host, port, start_lighthouse=not el.lighthouse)
+    if 2 in res.returncodes.values():
+        return 2  # a config error, said by the slot in one line
+    if 0 not in res.returncodes.values():
+        print(f"thinwire-train: elastic=torchft: no slot completed the training (exit statuses "
+              f"{res.returncodes}, restarts {res.restarts}; see {out}/slot<s>.attempt<k>.log)", file=sys.stderr)
+        return 1
+    print(f"thinwire: elastic=torchft: training complete (exit statuses {res.returncodes}, restarts "
+          f"{res.restarts})", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:

@@ -89,16 +89,19 @@ class Replica:
     Your own model (the library entry point, docs/elastic.md): ``model`` (every slot builds it
     with the same initial parameters), ``inner`` (parameters -> a fresh inner optimizer: the
     joiner rule resets it), ``batch`` ((slot, step) -> (x, y): keyed by slot, never by rank)
-    and ``loss`` ((output, y) -> scalar); the defaults are the tiny MLP task of ``spec``."""
+    and ``loss`` ((output, y) -> scalar); the defaults are the tiny MLP task of ``spec``.
+    ``outer`` ((anchor, norm) -> ``OuterOptimizer``): the outer optimizer, default
+    ``spec.sync_config()``'s (``thinwire-train`` passes the one ``sync.*`` configures)."""
 
     def __init__(self, spec: ReplicaSpec, slot: int, joiner: bool = False, *, model=None, inner=None,
-                 batch=None, loss=None):
+                 batch=None, loss=None, outer=None):
         self.spec, self.slot = spec, slot
         self._inner, self._batch, self._loss = inner, batch, loss or F.cross_entropy
         self.model = model if model is not None else build_model(spec)
         self.space = ModuleParams(self.model)
         self.anchor = self.space.split(self.space.read_flat())
-        self.outer = OuterOptimizer(self.anchor, spec.sync_config(), norm=self.space.global_norm)
+        self.outer = (outer or (lambda anchor, norm: OuterOptimizer(anchor, spec.sync_config(), norm=norm)))(
+            self.anchor, self.space.global_norm)
         self.inner = self.fresh_inner()
         self.round = -1 if joiner else 0
         self.losses: dict[int, float] = {}   # global step -> loss (this slot's)

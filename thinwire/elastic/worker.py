@@ -84,6 +84,7 @@ def main(argv=None) -> int:
                     help="first attempt: wait until every slot's Manager is up before round 0")
     a = ap.parse_args(argv)
 
+    from .launch import start_barrier
     from .membership import TorchftMembership
     from .protocol import ElasticRunner
     from .replica import Replica, ReplicaSpec
@@ -96,9 +97,7 @@ def main(argv=None) -> int:
                           quorum_timeout_s=a.quorum_timeout_s, heartbeat_ms=a.heartbeat_ms)
     open(os.path.join(a.out, f"up.{a.slot}.{attempt()}"), "w").close()
     if a.start_barrier and not joiner:
-        open(os.path.join(a.out, f"ready.{a.slot}"), "w").close()
-        while not all(os.path.exists(os.path.join(a.out, f"ready.{s}")) for s in range(spec.nominal)):
-            time.sleep(0.05)
+        start_barrier(a.out, a.slot, spec.nominal, float("inf"))
     kill_at = tuple(int(x) for x in a.kill_at.split(":")) if a.kill_at else None
     wait_at = None
     if a.wait_at:

@@ -25,12 +25,20 @@ class FaultConfig:
     # a planned absence, "SLOT:FIRST..LAST": slot SLOT takes no part in outer rounds FIRST..LAST (0-based;
     # sync=local|diloco; thinwire/elastic/absence.py); unlike the faults above it fires in every attempt
     absent_at: Optional[str] = None
+    # elastic=torchft: SIGKILL slot ``rank`` inside outer round ROUND's collective (0-based; first attempt only)
+    kill_in_collective_at: Optional[int] = None
+    stop_for_s: float = 0.0          # stop_at: a helper sends SIGCONT after this many seconds (0: stopped for good)
+    step_sleep_s: float = 0.0        # every rank (slot) sleeps this long after each step, in every attempt (drill pacing)
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
         for k in ("nan_at", "kill_at", "stop_at", "error_at", "drift_at", "ckpt_fail_at"):
             v = getattr(self, k)
             need(v is None or v > 0, f"faults.{k}", v, "must be a positive step or null")
+        need(self.stop_for_s >= 0, "faults.stop_for_s", self.stop_for_s, "must be >= 0 (seconds; 0: stopped for good)")
+        need(self.step_sleep_s >= 0, "faults.step_sleep_s", self.step_sleep_s, "must be >= 0 (seconds)")
+        need(self.kill_in_collective_at is None or self.kill_in_collective_at >= 0, "faults.kill_in_collective_at",
+             self.kill_in_collective_at, "must be an outer round (>= 0) or null")
         if self.absent_at is not None:
             from ..elastic.absence import parse
             parse(self.absent_at, "faults.absent_at")

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import signal
+import subprocess
 import time
 
 import torch
@@ -66,6 +67,8 @@ class FaultInjector:
             x.copy_(torch.nextafter(x, torch.full_like(x, float("inf"))))
 
     def after_step(self, step: int) -> None:
+        if getattr(self.cfg, "step_sleep_s", 0):  # drill pacing: slow survivors let a restarted slot rejoin
+            time.sleep(self.cfg.step_sleep_s)
         if not self.active:
             return
         if self.cfg.error_at == step:
@@ -75,4 +78,6 @@ class FaultInjector:
         if self.cfg.stop_at == step:
             print(f"thinwire: fault: rank {self.cfg.rank} stops (SIGSTOP) after step {step} at "
                   f"t={time.time():.3f}", flush=True)
+            if getattr(self.cfg, "stop_for_s", 0):  # a late peer rather than a hung one: continued later
+                subprocess.Popen(["sh", "-c", f"sleep {self.cfg.stop_for_s}; kill -CONT {os.getpid()}"])
             os.kill(os.getpid(), signal.SIGSTOP)

@@ -99,7 +99,9 @@ class Trainer:
         self.meter, self.watch = WireMeter(), Stopwatch()
         self.progress = Progress(t.max_steps, world.is_main, t.progress)
         self.progress.phase(f"loading data={cfg.data._target_.rsplit('.', 1)[-1]}")
-        self.data = instantiate(cfg.data, seed=t.seed, rank=world.rank, world_size=world.world_size)
+        self.slot, self.slots = self.place()  # whose batches this worker trains: rank of world size
+        self.data = instantiate(cfg.data, seed=t.seed, rank=self.slot, world_size=self.slots)
+        self.eval_data = self.data  # whose share of the validation batches it evaluates
         torch.manual_seed(t.seed)  # identical initial parameters on every rank
         self.progress.phase(f"building the model ({cfg.model._target_})")
         model = instantiate(cfg.model, info=self.data.info).to(world.device)
@@ -116,9 +118,9 @@ class Trainer:
                                            grad_sync=grad_sync, comm_hook=comm_hook)
         plugin = plugin_cls(cfg.optim, self.model, max_steps=t.max_steps, world=world, meter=self.meter)
         self.plugin: OptimizerPlugin = self.engine.attach(plugin, cfg.data.batch_size)  # DeepSpeed takes the step
-        self.sync = build_sync(cfg.sync, world, self.meter, self.model, cfg.comm, replicas=self.engine.replicas)
+        self.sync = self.make_sync()
         self.sync.bind_optimizer(self.plugin)
-        self.faults = FaultInjector(t.faults, world.rank)
+        self.faults = FaultInjector(t.faults, self.slot)
         self.drift = DriftGuard(t.get("drift_check_every"), self.sync, self.plugin, world, self.meter)
         self.state = RunState(cfg, world, self.model, self.plugin, self.engine, self.sync, self.meter)
         self.state.ckpt.write_fault = self.faults.checkpoint_write_error
@@ -129,7 +131,7 @@ class Trainer:
         if self.absence is not None:
             self.sync.plan_absence(self.absence)
         if self.start_step == 0:  # per-rank stream for dropout; a resume restores it instead
-            torch.manual_seed(t.seed * 1_000_003 + world.rank)
+            torch.manual_seed(t.seed * 1_000_003 + self.slot)
         self.metrics = MetricsFile(cfg.run_dir, self.start_step) if world.is_main else None
         wandb_on = cfg.logger._target_.endswith("WandbLogger") and cfg.logger.get("mode") != "disabled"
         if world.is_main and wandb_on:
@@ -242,7 +244,8 @@ class Trainer:
         self.stopping = StopAgreement(self.world, self.sync, own, t.max_steps, t.stop_after, self.drift.period)
         self.progress.start(self.start_step, self.unit)
         record: dict = {}
-        for step in range(self.start_step, self.stopping.last):
+        step = self.start_step
+        while step < self.stopping.last:
             record = self.train_step(step)
             done = step + 1
             if self.skipped > t.max_skipped_steps:
@@ -270,10 +273,26 @@ class Trainer:
             if early:
                 break
             self.faults.after_step(done)
+            step = self.next_step(done)
         self.progress.close()
         return record
 
     # -- what a subclass may change (module docstring) ---------------------------------
+    def place(self) -> tuple[int, int]:
+        """(whose batches this worker trains, out of how many): its rank and the world size; an
+        elastic slot (``thinwire.trainer.elastic_slot``) is one process training slot s of N."""
+        return self.world.rank, self.world.world_size
+
+    def make_sync(self):
+        """The sync strategy ``sync.*`` names (an elastic slot's is the elastic round)."""
+        return build_sync(self.cfg.sync, self.world, self.meter, self.model, self.cfg.comm,
+                          replicas=self.engine.replicas)
+
+    def next_step(self, done: int) -> int:
+        """The step to train after ``done`` steps: the next one (an elastic slot that sat a round
+        out and healed continues at the consensus round's first step)."""
+        return done
+
     def eval_due(self, done: int) -> bool:
         """Whether to evaluate after ``done`` steps: every ``trainer.eval_every`` and at the end."""
         t = self.cfg.trainer
@@ -283,7 +302,7 @@ class Trainer:
         """Evaluate (every rank together) into the step's ``record``: ``val_loss`` and
         ``eval_bytes``, the evaluation's traffic (never part of ``wire_bytes``)."""
         with self.sync.eval_model() as model:
-            record.update(evaluate_metrics(model, self.data, self.world, self.meter))
+            record.update(evaluate_metrics(model, self.eval_data, self.world, self.meter))
         sent = self.meter.take()
         record["eval_bytes"] = sent.eval
         record["wire_bytes"] += sent.wire
@@ -323,12 +342,12 @@ class Trainer:
             return info.decode(out[1:]) if self.world.is_main else None
 
 
-def train(cfg: DictConfig, world: World) -> dict:
+def train(cfg: DictConfig, world: World, trainer_cls=None) -> dict:
     os.makedirs(cfg.run_dir, exist_ok=True)
     check_config_agreement(cfg, world)
     lock = take_run_dir(cfg, world)
     try:
-        trainer = Trainer(cfg, world)
+        trainer = (trainer_cls or Trainer)(cfg, world)
         try:
             record = trainer.run()
             if world.is_main and "val_loss" in record:
