@@ -33,7 +33,8 @@ state equals it when every metrics line (step, loss, val loss) and every tensor 
 checkpoint (``common.pt`` and each rank's file: parameters, optimizer, error-feedback and
 outer state, RNG states) are bitwise equal, as tests/test_ctrl_c.py compares them. A fault
 counts as survived when its launch ended as it should (exit 0, or 130 after Ctrl-C; for a
-kill, stop or failed write a restart that resumed; for a corrupt checkpoint the fall-back) and
+kill, stop or failed write a restart that resumed; for a corrupt checkpoint the fall-back to
+the newest one the drill has not torn, ``usable_steps``) and
 the run reached its last step. Steps redone: the steps between the checkpoint resumed from and
 the last step reached before the fault. ``--faults`` is a lower bound: the last run finishes.
 
@@ -126,6 +127,26 @@ def complete_steps(run_dir: str) -> list[int]:
     return sorted(int(n[5:]) for n in names if re.fullmatch(r"step_\d{8}", n) and os.path.exists(os.path.join(d, n, "COMPLETE")))
 
 
+def signature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def usable_steps(run_dir: str, torn: dict[str, tuple]) -> list[int]:
+    """The complete checkpoints whose files the drill has not truncated: ``torn`` maps each file
+    it truncated to its signature then. A torn checkpoint stays complete on disk until a launch
+    writes its step again (a launch that falls back past it may never reach that step's write:
+    a ``stop_after`` checkpoint is off the ``checkpoint_every`` grid), so the next corrupt fault
+    must expect the fall-back to go past it too."""
+    def intact(step: int) -> bool:
+        d = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
+        return not any(os.path.dirname(f) == d and signature(f) == sig for f, sig in torn.items())
+    return [s for s in complete_steps(run_dir) if intact(s)]
+
+
 def last_step(run_dir: str) -> int:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fh:
@@ -198,13 +219,16 @@ class Drill:
         run_dir = os.path.join(root, f"run{n:03d}-{family}")
         t0 = time.perf_counter()
         nan, first, done, mine, launches, outs = None, True, False, [], 0, []
+        torn: dict[str, tuple] = {}  # the files this run's corrupt faults truncated
         while not done:
             corrupt = None
-            ckpts = complete_steps(run_dir)
+            ckpts = usable_steps(run_dir, torn)
             if not first and len(ckpts) >= 2 and self.take(lambda k: k == "corrupt"):
                 victim = rng.choice(["common.pt", f"rank{rng.randrange(2):05d}.pt"])
-                with open(os.path.join(run_dir, "checkpoints", f"step_{ckpts[-1]:08d}", victim), "r+b") as fh:
+                path = os.path.join(run_dir, "checkpoints", f"step_{ckpts[-1]:08d}", victim)
+                with open(path, "r+b") as fh:
                     fh.truncate(rng.randrange(1, 200))  # a torn write: no zip directory at its end
+                torn[path] = signature(path)
                 corrupt = {"kind": "corrupt", "step": ckpts[-1], "file": victim, "expect": ckpts[-2]}
                 ckpts = ckpts[:-1]
             start = ckpts[-1] if ckpts and not first else 0
