@@ -147,8 +147,14 @@ def usable_steps(run_dir: str, torn: dict[str, tuple]) -> list[int]:
     return [s for s in complete_steps(run_dir) if intact(s)]
 
 
-def last_step(run_dir: str) -> int:
+def last_step(run_dir: str, since_ns: int = 0) -> int:
+    """The step of the last metrics line, 0 when there is none or the file was not written since
+    ``since_ns`` (a launch's start: until its first line, the file still holds the lines a
+    previous launch wrote past the checkpoint this one resumes from; thinwire drops them when it
+    writes its first, ``MetricsFile``)."""
     try:
+        if since_ns and os.stat(os.path.join(run_dir, "metrics.jsonl")).st_mtime_ns < since_ns:
+            return 0
         with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fh:
             lines = fh.read().splitlines()
         return json.loads(lines[-1])["step"] if lines else 0
@@ -156,8 +162,15 @@ def last_step(run_dir: str) -> int:
         return 0
 
 
-def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool, float]:
-    """One launch of the run: (exit code, its output, whether SIGINT was sent, seconds)."""
+def launch(ov: list[str], run_dir: str, ctrl_c_at, log, restarts_first: int = 0) -> tuple[int, str, bool, float]:
+    """One launch of the run: (exit code, its output, whether SIGINT was sent, seconds). SIGINT
+    goes once the metrics lines written since its output said "resumed from" ``restarts_first``
+    times (0: since its start) reach ``ctrl_c_at``: a Ctrl-C drawn after a kill, stop or failed
+    write lands after the restart (under local updates rank 0 logs steps past a stopped peer's
+    until the next synchronisation times out: a Ctrl-C there interrupted the restart instead),
+    and never on the lines a previous launch wrote past the checkpoint this one resumes from
+    (run 9 of the second seed-0 drill: SIGINT while Python was still starting, exit 1)."""
+    armed = time.time_ns() if not restarts_first else None  # when the metrics lines start to count
     cmd = [sys.executable, "-c", LAUNCHER, *ov, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -166,7 +179,9 @@ def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool,
         sent = False
         try:
             while p.poll() is None:
-                if ctrl_c_at is not None and not sent and last_step(run_dir) >= ctrl_c_at:
+                if ctrl_c_at is not None and armed is None and len(resumed_at(read(log))) >= restarts_first:
+                    armed = time.time_ns()  # the restart resumed: its lines count from its first on
+                if ctrl_c_at is not None and not sent and armed and last_step(run_dir, armed) >= ctrl_c_at:
                     p.send_signal(signal.SIGINT)  # the launcher only, as `kill -INT <pid>` does
                     sent = True
                 time.sleep(0.05)
@@ -176,6 +191,11 @@ def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool,
                 p.wait()
     with open(log) as fh:
         return p.returncode, fh.read(), sent, time.perf_counter() - t0
+
+
+def read(path: str) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()
 
 
 def skipped_nan(run_dir: str, step: int, out: str) -> bool:
@@ -257,7 +277,7 @@ class Drill:
                   *(["trainer.faults.nan_in_restarts=true", f"trainer.faults.nan_at={nan}"] if nan else []),
                   *(f"{k}={v}" for k, v in flt.items()), *([f"trainer.stop_after={stop_after}"] if stop_after else [])]
             log = os.path.join(root, f"run{n:03d}-launch{launches}.log")
-            code, out, sent, secs = launch(ov, run_dir, ctrl_c, log)
+            code, out, sent, secs = launch(ov, run_dir, ctrl_c, log, (1 if first else 2) if flt else 0)
             launches += 1
             outs.append(out)
             resumes = resumed_at(out)
