@@ -33,7 +33,8 @@ state equals it when every metrics line (step, loss, val loss) and every tensor 
 checkpoint (``common.pt`` and each rank's file: parameters, optimizer, error-feedback and
 outer state, RNG states) are bitwise equal, as tests/test_ctrl_c.py compares them. A fault
 counts as survived when its launch ended as it should (exit 0, or 130 after Ctrl-C; for a
-kill, stop or failed write a restart that resumed; for a corrupt checkpoint the fall-back) and
+kill, stop or failed write a restart that resumed; for a corrupt checkpoint the fall-back to
+the newest one the drill has not torn, ``usable_steps``) and
 the run reached its last step. Steps redone: the steps between the checkpoint resumed from and
 the last step reached before the fault. ``--faults`` is a lower bound: the last run finishes.
 
@@ -126,8 +127,34 @@ def complete_steps(run_dir: str) -> list[int]:
     return sorted(int(n[5:]) for n in names if re.fullmatch(r"step_\d{8}", n) and os.path.exists(os.path.join(d, n, "COMPLETE")))
 
 
-def last_step(run_dir: str) -> int:
+def signature(path: str) -> tuple | None:
     try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def usable_steps(run_dir: str, torn: dict[str, tuple]) -> list[int]:
+    """The complete checkpoints whose files the drill has not truncated: ``torn`` maps each file
+    it truncated to its signature then. A torn checkpoint stays complete on disk until a launch
+    writes its step again (a launch that falls back past it may never reach that step's write:
+    a ``stop_after`` checkpoint is off the ``checkpoint_every`` grid), so the next corrupt fault
+    must expect the fall-back to go past it too."""
+    def intact(step: int) -> bool:
+        d = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
+        return not any(os.path.dirname(f) == d and signature(f) == sig for f, sig in torn.items())
+    return [s for s in complete_steps(run_dir) if intact(s)]
+
+
+def last_step(run_dir: str, since_ns: int = 0) -> int:
+    """The step of the last metrics line, 0 when there is none or the file was not written since
+    ``since_ns`` (a launch's start: until its first line, the file still holds the lines a
+    previous launch wrote past the checkpoint this one resumes from; thinwire drops them when it
+    writes its first, ``MetricsFile``)."""
+    try:
+        if since_ns and os.stat(os.path.join(run_dir, "metrics.jsonl")).st_mtime_ns < since_ns:
+            return 0
         with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as fh:
             lines = fh.read().splitlines()
         return json.loads(lines[-1])["step"] if lines else 0
@@ -135,8 +162,15 @@ def last_step(run_dir: str) -> int:
         return 0
 
 
-def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool, float]:
-    """One launch of the run: (exit code, its output, whether SIGINT was sent, seconds)."""
+def launch(ov: list[str], run_dir: str, ctrl_c_at, log, restarts_first: int = 0) -> tuple[int, str, bool, float]:
+    """One launch of the run: (exit code, its output, whether SIGINT was sent, seconds). SIGINT
+    goes once the metrics lines written since its output said "resumed from" ``restarts_first``
+    times (0: since its start) reach ``ctrl_c_at``: a Ctrl-C drawn after a kill, stop or failed
+    write lands after the restart (under local updates rank 0 logs steps past a stopped peer's
+    until the next synchronisation times out: a Ctrl-C there interrupted the restart instead),
+    and never on the lines a previous launch wrote past the checkpoint this one resumes from
+    (run 9 of the second seed-0 drill: SIGINT while Python was still starting, exit 1)."""
+    armed = time.time_ns() if not restarts_first else None  # when the metrics lines start to count
     cmd = [sys.executable, "-c", LAUNCHER, *ov, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
@@ -145,7 +179,9 @@ def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool,
         sent = False
         try:
             while p.poll() is None:
-                if ctrl_c_at is not None and not sent and last_step(run_dir) >= ctrl_c_at:
+                if ctrl_c_at is not None and armed is None and len(resumed_at(read(log))) >= restarts_first:
+                    armed = time.time_ns()  # the restart resumed: its lines count from its first on
+                if ctrl_c_at is not None and not sent and armed and last_step(run_dir, armed) >= ctrl_c_at:
                     p.send_signal(signal.SIGINT)  # the launcher only, as `kill -INT <pid>` does
                     sent = True
                 time.sleep(0.05)
@@ -155,6 +191,11 @@ def launch(ov: list[str], run_dir: str, ctrl_c_at, log) -> tuple[int, str, bool,
                 p.wait()
     with open(log) as fh:
         return p.returncode, fh.read(), sent, time.perf_counter() - t0
+
+
+def read(path: str) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()
 
 
 def skipped_nan(run_dir: str, step: int, out: str) -> bool:
@@ -198,13 +239,16 @@ class Drill:
         run_dir = os.path.join(root, f"run{n:03d}-{family}")
         t0 = time.perf_counter()
         nan, first, done, mine, launches, outs = None, True, False, [], 0, []
+        torn: dict[str, tuple] = {}  # the files this run's corrupt faults truncated
         while not done:
             corrupt = None
-            ckpts = complete_steps(run_dir)
+            ckpts = usable_steps(run_dir, torn)
             if not first and len(ckpts) >= 2 and self.take(lambda k: k == "corrupt"):
                 victim = rng.choice(["common.pt", f"rank{rng.randrange(2):05d}.pt"])
-                with open(os.path.join(run_dir, "checkpoints", f"step_{ckpts[-1]:08d}", victim), "r+b") as fh:
+                path = os.path.join(run_dir, "checkpoints", f"step_{ckpts[-1]:08d}", victim)
+                with open(path, "r+b") as fh:
                     fh.truncate(rng.randrange(1, 200))  # a torn write: no zip directory at its end
+                torn[path] = signature(path)
                 corrupt = {"kind": "corrupt", "step": ckpts[-1], "file": victim, "expect": ckpts[-2]}
                 ckpts = ckpts[:-1]
             start = ckpts[-1] if ckpts and not first else 0
@@ -233,7 +277,7 @@ class Drill:
                   *(["trainer.faults.nan_in_restarts=true", f"trainer.faults.nan_at={nan}"] if nan else []),
                   *(f"{k}={v}" for k, v in flt.items()), *([f"trainer.stop_after={stop_after}"] if stop_after else [])]
             log = os.path.join(root, f"run{n:03d}-launch{launches}.log")
-            code, out, sent, secs = launch(ov, run_dir, ctrl_c, log)
+            code, out, sent, secs = launch(ov, run_dir, ctrl_c, log, (1 if first else 2) if flt else 0)
             launches += 1
             outs.append(out)
             resumes = resumed_at(out)

@@ -4,6 +4,7 @@ reference. Seed 12 draws NaN gradients, a failed checkpoint write (restart from 
 before), Ctrl-C on the launcher and a corrupt newest checkpoint before the resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +31,36 @@ def test_short_drill_survives_every_fault_with_the_reference_end_state(tmp_path)
     assert [r["differences"] for r in doc["runs"]] == [[]]
     # a failed write and a corrupt checkpoint each redo the steps since the checkpoint before
     assert all(f["redone"] > 0 for f in doc["faults"] if f["kind"] in ("ckpt_fail", "corrupt")), doc["faults"]
+
+
+def test_a_checkpoint_the_drill_tore_earlier_is_not_the_fall_back_it_expects(tmp_path):
+    """Run 16 of the measured drill (seed 0, DiLoCo): a launch had fallen back past step 13 (its
+    common.pt torn by the drill) and never wrote step 13 again (a stop_after step); the next
+    corrupt fault tore step 16 and expected the resume from 13, where thinwire rightly went on to
+    12. The drill now expects the newest checkpoint it has not torn, until a launch rewrites it."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import chaos
+
+    ckpts = tmp_path / "checkpoints"
+
+    def write(step: int) -> None:
+        d = ckpts / f"step_{step:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("COMPLETE", "common.pt", "rank00000.pt", "rank00001.pt"):
+            (d / name).write_bytes(b"x" * 1000)
+
+    for step in (12, 13, 16):
+        write(step)
+    torn = {}
+    for step, name in ((13, "common.pt"), (16, "rank00001.pt")):
+        path = str(ckpts / f"step_{step:08d}" / name)
+        os.truncate(path, 100)
+        torn[path] = chaos.signature(path)
+    assert chaos.complete_steps(str(tmp_path)) == [12, 13, 16]
+    assert chaos.usable_steps(str(tmp_path), torn) == [12]
+    shutil.rmtree(ckpts / "step_00000013")
+    write(13)  # a later launch writes step 13 again
+    assert chaos.usable_steps(str(tmp_path), torn) == [12, 13]
 
 
 def test_ckpt_fail_at_fails_that_rank_s_write_in_the_first_attempt_only(tmp_path, monkeypatch):

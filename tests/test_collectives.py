@@ -194,3 +194,52 @@ def test_select_collective():
     with pytest.raises(ValueError, match="ring"):
         select_collective(build_compressor("topk"), "ring")
     assert aggregate(torch.ones(5), build_compressor("none"), WireMeter(), collective="allgather").eq(1).all()
+
+
+class _FailedWork:
+    """A collective a peer's death failed: gloo's error in the future, the output never written."""
+
+    def __init__(self):
+        self.fut = torch.futures.Future()
+        self.fut.set_exception(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"))
+
+    def get_future(self):
+        return self.fut
+
+    def is_completed(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("name,collective,failing", [
+    ("randk", "allreduce", 0), ("topk", "allgather", 0), ("int8", "two_phase", 0), ("int8", "two_phase", 1),
+    ("chunk_topk", "two_phase", 0), ("chunk_topk", "two_phase", 1)])
+def test_a_failed_collective_raises_its_own_error_not_one_of_decoding(monkeypatch, name, collective, failing):
+    """Seen in the chaos drill: a peer SIGKILLed mid all-gather made Top-K's decoding of the
+    unwritten buffer raise "The size of tensor a (0) must match ..." (a traceback) instead of the
+    collective's error, which thinwire.train turns into its one line "a collective failed or timed
+    out". Every callback reads its future's value first. ``failing``: which of the collective's
+    calls (two_phase: the first or the second phase) fails."""
+    import thinwire.comm.collectives as C
+
+    calls = []
+
+    def failing_at(fn):
+        real = getattr(C, fn)
+
+        def call(*args, **kwargs):
+            calls.append(fn)
+            if len(calls) - 1 != failing:
+                return real(*args, **kwargs)
+            work = _FailedWork()
+            return work.fut if fn == "_all_to_all_v" else work  # that one returns the future
+        return call
+
+    for fn in ("all_reduce", "all_gather_into", "all_to_all_single", "_all_to_all_v"):
+        monkeypatch.setattr(C, fn, failing_at(fn))
+    comp = build_compressor(name, **({"chunk": 64} if name == "chunk_topk" else {}))
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    errs = [new_server_error(x.numel(), comp)] if collective == "two_phase" else None
+    _, fut, _, _ = launch([x], comp, WireMeter(), steps=[3], collective=collective, server_errors=errs)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        fut.wait()
+    assert len(calls) == failing + 1

@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import time
+import weakref
 
 import torch
 
@@ -52,6 +53,26 @@ def test_futures_are_held_until_done_then_released_after_hold_s():
     time.sleep(futures.HOLD_S + 0.05)
     futures.hold()  # a pass: seen done HOLD_S ago, released
     assert not held()
+
+
+def test_a_callbacks_function_is_released_by_a_later_pass_not_by_the_thread_that_ran_it():
+    """What a callback's closure owns (the averager's process group, in docs/examples/library/
+    local_sgd.py) must not be freed by the collective's thread that ran it: a gloo group freed
+    on its own worker thread aborts ("Resource deadlock avoided", tests/test_exit_abort.py)."""
+    class Owner:  # stands for the process group a closure owns
+        pass
+    owner = Owner()
+    alive = weakref.ref(owner)
+    fut = torch.futures.Future()
+    futures.then(fut, lambda f, o=owner: None)
+    del owner
+    thread = threading.Thread(target=fut.set_result, args=(1,))
+    thread.start()
+    thread.join()
+    assert alive() is not None  # run and dropped by that thread: still held
+    time.sleep(futures.HOLD_S + 0.05)
+    futures.hold()  # a pass on this thread, HOLD_S after the callback ran: released here
+    assert alive() is None
 
 
 def test_thinwire_attaches_no_uncounted_callback():

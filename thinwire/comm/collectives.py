@@ -284,7 +284,8 @@ def _allreduce(flats, compressor, meter, steps, group):
     buf = torch.cat(parts).div_(p)  # divide before summing so fp16 cannot overflow
     work = all_reduce(meter, buf, group=group, async_op=True)
 
-    def means(_f) -> list[torch.Tensor]:
+    def means(fut) -> list[torch.Tensor]:
+        fut.value()  # a failed collective (a peer died) raises its own error, not one of decoding garbage
         out, off = [], 0
         for pl in payloads:
             tensors = {}
@@ -307,7 +308,8 @@ def _allgather(flats, compressor, meter, steps, group):
     out = torch.empty(p * send.numel(), dtype=torch.uint8, device=send.device)
     work = all_gather_into(meter, out, send, group=group, async_op=True)
 
-    def means(_f) -> list[torch.Tensor]:
+    def means(fut) -> list[torch.Tensor]:
+        fut.value()  # as in _allreduce: out holds garbage when a peer died mid all-gather
         rows = out.chunk(p)
         result, off = [], 0
         for f, pl, size in zip(flats, payloads, sizes):
@@ -372,8 +374,9 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, se
                              f"{sum(ctx['sizes2'])} bytes, not {second_bytes}: it needs a fixed payload size")
         return torch.cat(pieces)
 
-    def finish(_f) -> None:
+    def finish(fut) -> None:
         try:
+            fut.value()  # the second all-gather's own error, if it failed
             outs = [torch.empty(p * c, dtype=torch.float32, device=send.device) for c in chunks]
             for j, row in enumerate(ctx["out"].chunk(p)):
                 off = 0
@@ -386,8 +389,9 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, se
         except Exception as e:  # noqa: BLE001 - surfaced through the future
             result.set_exception(e)
 
-    def exchanged(_f) -> None:
+    def exchanged(fut) -> None:
         try:
+            fut.value()  # the first phase's own error, if it failed
             buf = owner_average()
             ctx["out"] = torch.empty(p * buf.numel(), dtype=torch.uint8, device=buf.device)
         except Exception as e:  # noqa: BLE001
@@ -542,8 +546,9 @@ def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_error
                              f"{buf.numel()} bytes, not {to[rank]}: it needs payload sizes fixed by the shape")
         return buf
 
-    def finish(_f) -> None:
+    def finish(fut) -> None:
         try:
+            fut.value()  # phase 2's own error, if it failed
             outs = [torch.zeros(f.numel(), dtype=torch.float32, device=device) for f in flats]
             off = 0
             for j in range(p):

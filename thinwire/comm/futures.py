@@ -22,20 +22,27 @@ for hooks registered on the group itself) and does not fix it for ``Future.then`
 What thinwire does (no call in the user's script):
 
 - every thinwire callback goes through :func:`then`, which counts the callbacks not yet
-  released (``_live``);
+  released (``_live``); once run, a callback's function is held as a completed future is
+  (:func:`_keep_released`), so the thread that ran it never frees its closure: a closure may own
+  the last reference to a process group, and a gloo group freed on one of its own worker threads
+  joins that thread ("Resource deadlock avoided", SIGABRT; seen at the exit of
+  docs/examples/library/local_sgd.py, whose averager's ``finish`` closure owned the OuterLoop's
+  group after ``dist.destroy_process_group()``);
 - every asynchronous collective (``accounting``) and every future :func:`then` chains from or
   returns is *held* from Python (:func:`hold`), so a gloo thread never drops the last reference
-  to a Python-owning object: the main thread does, a while after the future completed
-  (``HOLD_S``), or never (at exit);
+  to a Python-owning object: a thread that runs no callback does (no release pass runs inside
+  one), a while after the future completed (``HOLD_S``), or nothing does (at exit);
 - an ``atexit`` handler (run before CPython starts finalising; registered at import, so it runs
   after the handlers that user code registers later) waits until every held future has
   completed and every callback has been released (at most ``DRAIN_S`` for a future that never
   completes: a dead peer must not hold the exit), then keeps what is held alive for good, so
   that finalisation frees nothing a gloo thread may still be dropping.
 
-``THINWIRE_TEST_RELEASE_DELAY_S`` (tests only) makes a gloo thread that frees a tensor a
-callback returned sleep that long with the GIL released, which makes the race certain
-(tests/test_exit_abort.py).
+Tests only (tests/test_exit_abort.py), each making one race certain:
+``THINWIRE_TEST_RELEASE_DELAY_S`` makes a gloo thread that frees a tensor a callback returned
+sleep that long with the GIL released; ``THINWIRE_TEST_CALLBACK_RELEASE_DELAY_S`` makes a
+thread other than the main one that releases a callback wait until the default process group
+is destroyed (at most that many seconds).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ _lock = threading.Lock()
 _last_pass = 0.0  # time.monotonic() of hold()'s last pass
 _pass_len = 64    # hold() passes when this many are held
 _kept: list = []  # what the exit handler keeps alive for good
+_in_callback = threading.local()  # .depth: > 0 while this thread runs a callback (a gloo thread)
 
 
 class _Callback:
@@ -65,12 +73,20 @@ class _Callback:
         _live.add(id(self))
 
     def __call__(self, fut):
-        out = self.fn(fut)
+        _in_callback.depth = getattr(_in_callback, "depth", 0) + 1
+        try:
+            out = self.fn(fut)  # no frame variable holds fn: the one reference left is _held's
+        finally:
+            _in_callback.depth -= 1
+            _keep_released(self.fn)
+            self.fn = None
         if _TEST_DELAY_S:
             _delay_release(out)
         return out
 
     def __del__(self):
+        if _TEST_CALLBACK_DELAY_S:
+            _release_after_destroy()
         _live.discard(id(self))
 
 
@@ -99,12 +115,29 @@ def hold(*objs) -> None:
     """Keep ``objs`` (futures, works) referenced from Python until they have completed and
     ``HOLD_S`` has passed, so that the thread that frees them is a Python one. A pass over what
     is held (marking the completed, releasing those marked ``HOLD_S`` ago) runs when the count
-    has doubled since the last pass or ``HOLD_S`` after it: O(1) per call, amortised."""
+    has doubled since the last pass or ``HOLD_S`` after it: O(1) per call, amortised. No pass
+    runs inside a callback: a collective's thread must never be the one that releases."""
+    _add([o, None] for o in objs)
+
+
+def _keep_released(fn) -> None:
+    """A callback's function, once run, is released as a completed held object is (a while
+    later, by a thread that runs no callback), never by the collective's thread that ran it: its
+    closure may own the last reference to a process group (the averager's ``self.group``, after
+    the user's loop and ``dist.destroy_process_group()`` dropped the others), and a gloo
+    ``ProcessGroup`` destroyed on one of its own worker threads joins that thread ("terminate
+    called after throwing an instance of 'std::system_error' what(): Resource deadlock
+    avoided", SIGABRT)."""
+    _add([[fn, time.monotonic()]])
+
+
+def _add(entries) -> None:
     global _held, _last_pass, _pass_len
     now = time.monotonic()
+    released = None
     with _lock:
-        _held.extend([o, None] for o in objs)
-        if len(_held) < _pass_len and now - _last_pass < HOLD_S:
+        _held.extend(entries)
+        if getattr(_in_callback, "depth", 0) or (len(_held) < _pass_len and now - _last_pass < HOLD_S):
             return
         keep: collections.deque = collections.deque()
         for entry in _held:
@@ -114,7 +147,9 @@ def hold(*objs) -> None:
                 keep.append(entry)
             elif now - entry[1] < HOLD_S:
                 keep.append(entry)
-        _held, _last_pass, _pass_len = keep, now, max(64, 2 * len(keep))
+        released, _held = _held, keep  # released: freed below, outside the lock
+        _last_pass, _pass_len = now, max(64, 2 * len(keep))
+    del released
 
 
 def live_callbacks() -> int:
@@ -125,15 +160,26 @@ def held() -> int:
     return len(_held)
 
 
-# test only (tests/test_exit_abort.py): a tensor a callback returned sleeps this long (the GIL
-# released) when a thread other than the main one frees it, which makes the exit race certain
+# test only (tests/test_exit_abort.py, the module doc): the two exit races made certain
 _TEST_DELAY_S = float(os.environ.get("THINWIRE_TEST_RELEASE_DELAY_S", "0") or 0)
+_TEST_CALLBACK_DELAY_S = float(os.environ.get("THINWIRE_TEST_CALLBACK_RELEASE_DELAY_S", "0") or 0)
 _MAIN_IDENT = threading.main_thread().ident
 
 
 def _slow_release() -> None:
     if threading.get_ident() != _MAIN_IDENT:
         time.sleep(_TEST_DELAY_S)
+
+
+def _release_after_destroy() -> None:
+    """A callback released by a non-main thread waits (the GIL released) until the main thread
+    has destroyed the default process group, or ``_TEST_CALLBACK_DELAY_S``."""
+    if threading.get_ident() == _MAIN_IDENT:
+        return
+    import torch.distributed as dist
+    deadline = time.monotonic() + _TEST_CALLBACK_DELAY_S
+    while dist.is_initialized() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _delay_release(out) -> None:
@@ -149,7 +195,7 @@ def drain(timeout_s: float = DRAIN_S) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with _lock:
-            pending = any(not _done(e[0]) for e in _held)
+            pending = any(e[1] is None and not _done(e[0]) for e in _held)
         if not pending and not _live:
             return
         time.sleep(0.001)
