@@ -96,13 +96,25 @@ class CheckpointWriteError(OSError):
     pass
 
 
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (the files renamed into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_save(obj, path: str, fault: "OSError | None" = None) -> None:
     """Write to a temporary file, then rename. A failed write (a full disk makes torch's zip
     writer say only "unexpected pos 64 vs 0") is reported with the path and the free space.
     ``fault``: an error to meet after the temporary file is written (``trainer.faults.ckpt_fail_at``)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:  # on disk before the rename makes it visible (power loss)
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         if fault is not None:
             raise fault
         os.replace(tmp, path)
@@ -223,9 +235,13 @@ class Checkpointer:
         if self.world.is_main:
             with open(os.path.join(partial, "COMPLETE"), "w") as fh:
                 json.dump({"version": FORMAT_VERSION, "step": step, "world_size": self.world.world_size}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            fsync_dir(partial)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(partial, final)
+            fsync_dir(os.path.dirname(final))
         self._barrier()
         return final
 
