@@ -28,10 +28,16 @@ def test_tuned_lr_at_measured_points_between_and_beyond():
     for h in (1, 4, 8, 10, 11, 15, 20, 30, 64, 500):
         for m in (1, 2, 3, 4, 8, 16):
             assert tuned_outer_lr(h, m) == pytest.approx(reference_lr(h, m), abs=5e-4), (h, m)
-    hs = sorted(DILOCO_OUTER_LR[4])
-    mid = math.sqrt(hs[0] * hs[1])  # halfway in log H: the mean of the two measured lrs
-    assert tuned_outer_lr(mid, 4) == pytest.approx((DILOCO_OUTER_LR[4][hs[0]] + DILOCO_OUTER_LR[4][hs[1]]) / 2,
-                                                   abs=5e-4)
+    for m, by_h in DILOCO_OUTER_LR.items():  # halfway in log H between two different lrs: their mean
+        hs = sorted(by_h)
+        for lo, hi in zip(hs, hs[1:]):
+            if by_h[lo] != by_h[hi]:
+                assert tuned_outer_lr(math.sqrt(lo * hi), m) == pytest.approx((by_h[lo] + by_h[hi]) / 2, abs=5e-4)
+    counts = sorted(DILOCO_OUTER_LR)  # halfway in log replicas, at an H both counts measured
+    for m0, m1 in zip(counts, counts[1:]):
+        for h in set(DILOCO_OUTER_LR[m0]) & set(DILOCO_OUTER_LR[m1]):
+            want = (DILOCO_OUTER_LR[m0][h] + DILOCO_OUTER_LR[m1][h]) / 2
+            assert tuned_outer_lr(h, math.sqrt(m0 * m1)) == pytest.approx(want, abs=5e-4), (h, m0, m1)
 
 
 def test_preset_leaves_lr_null_and_other_optimizers_must_give_one():

@@ -21,13 +21,14 @@ def default_outer_optim(momentum: float = 0.0, nesterov: bool = False, lr: float
 
 
 # sync=diloco's outer lr when ``sync.outer_optim.lr`` is null: {replicas: {H: lr}} for SGD with Nesterov momentum
-# 0.9, from Charles et al. 2025's grid {0.2, 0.4, 0.6, 0.8, 1.0} (arXiv 2503.09799, Sec. 3, Figs. 7-8: the best
-# outer lr rises with H and with the replica count), measured on the quality harness's 0.8M char-GPT, 1200 steps,
-# seed 0 (docs/quality.md "Tuned DiLoCo"; bench/results/quality/diloco_tuned.md, diloco_m1.md): 4 replicas one lr
-# per H (H=8 0.2: +0.39% vs plain averaging, where lr 0.7 was +8.19%; H=15 0.4: -1.52%; H=30 0.6: -0.51%, lr 0.7
-# the same within 0.07%); 1 replica at H=30 the best of {0.2, 0.4, 0.6}. Between measured points the lr is
+# 0.9, searched as Charles et al. 2025 do (arXiv 2503.09799, Sec. 3, Figs. 7-8: the best outer lr rises with H and
+# with the replica count), the best measured on the quality harness's 0.8M char-GPT, 1200 steps (docs/quality.md
+# "Tuned DiLoCo"; bench/results/quality/diloco_grid.md, diloco_seeds.md, diloco_m2.md, diloco_m1.md). 4 replicas:
+# of {0.1, 0.2, 0.4, 0.7} at H=8, {0.2, 0.4, 0.6, 0.7} at H=15, {0.4, 0.6, 0.7, 0.8, 1.0} at H=30 on seed 0; on
+# seeds 0-2 -0.32%, -1.35%, -0.51% vs plain averaging. 2 replicas, seed 0: of {0.1, 0.2, 0.4} at H=8, {0.2, 0.4}
+# at H=15, {0.4, 0.6, 0.8} at H=30. 1 replica: H=30 only, of {0.2, 0.4, 0.6}. Between measured points the lr is
 # linear in log H and log replicas, outside them the nearest measured point's (docs/sync.md "DiLoCo's outer lr")
-DILOCO_OUTER_LR = {4: {8: 0.2, 15: 0.4, 30: 0.6}, 1: {30: 0.4}}
+DILOCO_OUTER_LR = {4: {8: 0.4, 15: 0.4, 30: 0.8}, 2: {8: 0.2, 15: 0.4, 30: 0.6}, 1: {30: 0.4}}
 DILOCO_MOMENTUM = 0.9
 
 
