@@ -24,6 +24,7 @@ def check_metrics(run_dir, steps, nproc):
     return rows
 
 
+@pytest.mark.extended  # ~10 s; the README quickstart (default tier) self-launches 2 workers too
 @pytest.mark.slow
 def test_self_launched_two_workers(tmp_path):
     p = run_cli("experiment=tiny", "trainer.max_steps=20", "trainer.eval_every=10", "dist.nproc=2",

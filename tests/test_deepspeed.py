@@ -179,6 +179,7 @@ OUTER = {"local_steps": 3, "clip": 0.05, "clip_mode": "norm",
          "outer_optim": {"_target_": "torch.optim.SGD", "lr": 0.8, "momentum": 0.6, "nesterov": True}}
 
 
+@pytest.mark.extended  # ~10 s; ZeRO-1/2 against DDP stays in the default tier
 def test_local_and_co2_across_zero_replica_groups_equal_two_worker_reference(tmp_path):
     """ZeRO-1 + local and ZeRO-2 + co2 at 4 ranks (2 groups x 2) against the single-process
     2-worker reference of tests/test_sync.py, where worker i's batch is its group's two

@@ -61,6 +61,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere_and_leaves_state_untouched(po
                                                      ckpt(tmp_path, 7)["model"].values()))
 
 
+@pytest.mark.extended  # ~8 s, a CLI launch; non-finite steps at every round position stay in the default tier (test_sync)
 @pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_with_a_clear_error(pools, tmp_path):
     p = run_cli(*TINY, "trainer.faults.nan_at=3", "trainer.max_skipped_steps=0", "trainer.checkpoint_every=2",
