@@ -17,7 +17,7 @@ import argparse
 import zlib
 
 from thinwire.comm.accounting import collective_bytes
-from thinwire.comm.collectives import chunk_numel, owner_ranges, two_phase_bytes
+from thinwire.comm.ownership import chunk_numel, owner_ranges, two_phase_bytes
 from thinwire.comm.compressors import build_compressor
 
 
@@ -58,7 +58,7 @@ def exchange_bytes(params, method: str, p: int) -> int:
         return (p - 1) * sum(c.payload_nbytes(n) for _, n in big) + dense
     if method == "sparseloco two_phase":
         c = build_compressor("chunk_topk")
-        offsets = [zlib.crc32(nm.encode()) & 0xFFFFF for nm, _ in big]   # collectives.owner_offset
+        offsets = [zlib.crc32(nm.encode()) & 0xFFFFF for nm, _ in big]   # ownership.owner_offset
         return two_phase_bytes([n for _, n in big], c, p, None, offsets) + dense
     q = method.split()[0]
     return sum(2 * (p - 1) * quant_nbytes(q, chunk_numel(n, p)) for _, n in big) + dense

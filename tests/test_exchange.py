@@ -3,7 +3,7 @@
 owner-side residual; against a single-process reference of the same algorithm written here
 from the description (not from the collective's code), at 2, 3 and 4 gloo ranks. Bytes: what
 the meter charges == what the alltoallv calls really carried == the formula
-(``collectives.two_phase_bytes``), and bytes per rank stay flat in p."""
+(``ownership.two_phase_bytes``), and bytes per rank stay flat in p."""
 import zlib
 
 import pytest
@@ -254,7 +254,7 @@ def test_sparseloco_two_phase_trains_and_resumes_mid_round_bitwise(pools, tmp_pa
     big = [(k, named[k].numel()) for k in owner[0]]
     small = sum(t.numel() for k, t in {t.untyped_storage().data_ptr(): (k, t) for k, t in model.items()}.values()
                 if t.numel() < 4096)
-    offsets = [zlib.crc32(k.encode()) & 0xFFFFF for k, _ in big]   # collectives.owner_offset of segment_step
+    offsets = [zlib.crc32(k.encode()) & 0xFFFFF for k, _ in big]   # ownership.owner_offset of segment_step
     per_round = (two_phase_bytes([n for _, n in big], build_compressor("chunk_topk"), 2, 0, offsets)
                  + collective_bytes("all_reduce", small, 4, 2))
     for x in rows(full):

@@ -11,7 +11,7 @@ own bytes per value (``payload_bytes_per_value``). PowerSGD (Vogels et al. 2019,
 shapes (``Preset.d_model``, ``layers``). torchft's fp8 all-reduce is counted at 1 B/value.
 SparseLoCo's rows (``Method.exchange``) take their bytes per parameter from
 bench/exchange_bytes.py (the accounting's formulas: the sparse all-gather, or the run-aligned
-two_phase's busiest rank, ``collectives.two_phase_bytes``, at the preset's p) over a LLaMA
+two_phase's busiest rank, ``ownership.two_phase_bytes``, at the preset's p) over a LLaMA
 layout of the preset's shapes (``shapes``), times the preset's N (``sparse_exchange``).
 
 A replica of several GPUs is one island (``Preset.engine``): thinwire's ``engine=fsdp2`` with

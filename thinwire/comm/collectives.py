@@ -39,7 +39,8 @@ B = the compressed bytes of what one rank sends, p = the group size:
   that sent each coordinate if asked (SparseLoCo's ``mean=contributors``), re-selects k per
   run and keeps an owner-side residual; both phases are alltoallv (:func:`_two_phase_runs`).
 
-Every collective goes through ``thinwire.comm.accounting`` so its bytes are charged.
+Every collective goes through ``thinwire.comm.accounting`` so its bytes are charged. Who owns
+which chunk or run, and the bytes of a call from shapes alone: ``thinwire.comm.ownership``.
 ``collective="auto"`` picks by the algebra; an override is allowed where it is correct
 (allgather and two_phase work for any compressor); ``allreduce`` of a non-summable payload
 raises ``ValueError``.
@@ -60,7 +61,6 @@ is compressed with ``step * (p + 1) + j`` and the owner's re-compression with
 """
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 import zlib
@@ -70,6 +70,8 @@ import torch.distributed as dist
 
 from .accounting import WireMeter, all_gather_into, all_reduce, all_to_all_single, collective_bytes, group_size
 from .compressors import Compressor, Payload
+from .ownership import (chunk_numel, fit_residuals, owner_chunk, owner_offset,  # noqa: F401 (re-exported)
+                        owner_ranges, two_phase_bytes)
 from .futures import hold, on_done, then
 
 COLLECTIVES = ("allreduce", "allgather", "two_phase")
@@ -96,12 +98,6 @@ def contributors_mean(compressor: Compressor) -> bool:
     """Whether ``compressor`` asks the sparse all-gather for the mean over contributing ranks
     (``Compressor.contributors_mean``; its ``accumulate`` then takes ``counts``)."""
     return bool(compressor.contributors_mean)
-
-
-def owner_chunk(compressor: Compressor | type[Compressor]) -> int:
-    """The granularity of ownership in ``two_phase`` for a compressor that selects per run
-    (``chunk_topk``: its ``chunk``), else 0 (quantisers: :func:`chunk_numel`)."""
-    return int(getattr(compressor, "owner_chunk", 0) or 0)
 
 
 def owner_residual(compressor: Compressor) -> bool:
@@ -154,13 +150,6 @@ def unpack(buf: torch.Tensor, template: Payload) -> Payload:
         out[key] = piece.view(t.dtype).view(t.shape)
         off += nb
     return Payload(out, template.shape, template.dtype, dict(template.meta))
-
-
-def chunk_numel(numel: int, world_size: int) -> int:
-    """Elements per rank's chunk in ``two_phase``: ceil(numel / p), rounded up to a multiple
-    of 8 so packed sign bits of different chunks never share a byte."""
-    c = -(-numel // max(1, world_size))
-    return max(8, -(-c // 8) * 8)
 
 
 def sparse_mean(compressor: Compressor, payloads, numel: int, p: int, device) -> torch.Tensor:
@@ -412,45 +401,6 @@ def _two_phase(flats, compressor, meter, steps, group, group2, server_errors, se
 
 
 # ----------------------------------------------------------------------------- two_phase by runs
-def fit_residuals(residuals: list, sizes: list[int]) -> list:
-    """``residuals`` with every buffer whose length is not its owner range's (``sizes``) reset to
-    None (zeros): the world size or the ownership changed since it was kept. One warning line
-    per call names how many were reset and the norm lost."""
-    out, lost, n = list(residuals), 0.0, 0
-    for i, (e, m) in enumerate(zip(residuals, sizes)):
-        if e is not None and e.numel() != m:
-            lost += float(e.double().pow(2).sum())
-            out[i], n = None, n + 1
-    if n and (not dist.is_initialized() or dist.get_rank() == 0):
-        print(f"thinwire: warning: two_phase: {n} owner residual(s) do not match this world size's owner "
-              f"ranges (the world size changed?): reset, norm lost {lost ** 0.5:.6g}", file=sys.stderr, flush=True)
-    return out
-
-
-def owner_offset(step: int | None, index: int) -> int:
-    """Which rank owns a segment's first block of runs: the low 20 bits of its step, which
-    :func:`segment_step` makes a hash of the parameter's name (so ownership does not depend on
-    which bucket or call the parameter travels in, and small parameters spread over the ranks);
-    the segment's position in the call when no step is given (library use)."""
-    return index if step is None else int(step) & 0xFFFFF
-
-
-def owner_ranges(numel: int, chunk: int, p: int, offset: int = 0) -> list[tuple[int, int]]:
-    """``[start, end)`` of every rank's elements of one segment in the run-aligned two_phase:
-    the segment's ceil(numel / chunk) runs (the last one may be partial) in p contiguous
-    blocks of q or q + 1 runs (q = runs // p; the first runs % p blocks get one more), block b
-    owned by rank (offset + b) % p. A rank may own nothing (start == end)."""
-    runs = -(-numel // chunk)
-    q, rem = divmod(runs, p)
-    out: list = [None] * p
-    r = 0
-    for b in range(p):
-        nb = q + (b < rem)
-        out[(offset + b) % p] = (min(r * chunk, numel), min((r + nb) * chunk, numel))
-        r += nb
-    return out
-
-
 def _all_to_all_v(meter, out: torch.Tensor, send: torch.Tensor, in_splits: list[int], out_splits: list[int],
                   group, rank: int, charge: bool = True):
     """All-to-all of uint8 pieces of uneven sizes (gloo/NCCL alltoallv: every rank sends
@@ -581,25 +531,6 @@ def _two_phase_runs(flats, compressor, meter, steps, group, group2, server_error
 
     on_done(fut1, exchanged)
     return sent, result, extra, send.numel()
-
-
-def two_phase_bytes(numels: list[int], compressor: Compressor, p: int, rank: int | None = None,
-                    offsets: list[int] | None = None) -> int:
-    """Bytes one rank sends in one run-aligned two_phase call over segments of ``numels``
-    (both phases; what the meter charges), from the shapes alone: ``rank``'s, or with
-    ``rank=None`` the most any rank sends. ``offsets``: each segment's :func:`owner_offset`
-    (default: its position). Needs ``compressor.payload_nbytes(numel)``."""
-    if p <= 1:
-        return 0
-    C = owner_chunk(compressor)
-    offsets = offsets if offsets is not None else list(range(len(numels)))
-    to = [0] * p
-    for n, o in zip(numels, offsets):
-        for j, (a, b) in enumerate(owner_ranges(n, C, p, o % p)):
-            to[j] += compressor.payload_nbytes(b - a) if b > a else 0
-    total = sum(to)
-    per = [total - to[j] + (p - 1) * to[j] for j in range(p)]  # phase 1: all but its own; phase 2: p - 1 copies
-    return max(per) if rank is None else per[rank]
 
 
 # ----------------------------------------------------------------------------- one tensor

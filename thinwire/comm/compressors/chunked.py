@@ -136,7 +136,7 @@ class ChunkTopKCompressor(Compressor):
         self.chunk, self.k, self.bits = chunk, k, bits
         self.mean = check_choice(self.name, "mean", mean, {"contributors", "all"})
         self.contributors_mean = mean == "contributors"  # read by the sparse all-gather
-        # two_phase owns whole runs (collectives.owner_ranges): every sender's selection in an
+        # two_phase owns whole runs (ownership.owner_ranges): every sender's selection in an
         # owner's range is its selection of those runs, and the owner re-selects k per run
         self.owner_chunk = chunk
         self.index_bits = uint_width(chunk)
