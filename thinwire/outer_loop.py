@@ -44,25 +44,14 @@ def mesh_replicas(mesh, world, meter: WireMeter, model: torch.nn.Module, two_pha
     """The outer loop's replicas on a user's 2-D DeviceMesh ``("replicate", "shard")``: FSDP2
     shards over ``mesh["shard"]`` (an island), the outer average runs on ``mesh["replicate"]``
     over this rank's local shards (``thinwire.trainer.fsdp2_shards.Islands``, with the mesh's
-    groups instead of groups of its own). ``two_phase``: the outer average's collective needs a
-    second group per replicate group, made here on every rank in the same order."""
-    from .comm import groups
+    groups instead of groups of its own: ``Islands.from_mesh``)."""
     from .trainer.fsdp2_shards import Islands
 
     names = getattr(mesh, "mesh_dim_names", None)
     need(mesh.ndim == 2 and tuple(names or ()) == ("replicate", "shard"), "mesh", names,
          "OuterLoop takes a 2-D DeviceMesh with mesh_dim_names=('replicate', 'shard') "
          "(fully_shard on mesh['shard'], the outer loop over mesh['replicate'])")
-    islands = Islands.__new__(Islands)
-    islands.world, islands.meter, islands.model = world, meter, model
-    islands.replicas, islands.size = mesh.size(0), mesh.size(1)
-    islands.replica, islands.index = mesh.get_local_rank("replicate"), mesh.get_local_rank("shard")
-    islands.shard_group, islands.cross_group = mesh.get_group("shard"), mesh.get_group("replicate")
-    second = [groups.new_group(ranks=mesh.mesh[:, j].tolist(), timeout_s=world.timeout_s)
-              for j in range(islands.size)] if two_phase and islands.replicas > 1 else [None] * islands.size
-    islands.cross_group2 = second[islands.index]
-    islands.control_group, islands.consensus_group = None, islands.cross_group
-    return islands
+    return Islands.from_mesh(mesh, world, meter, model, two_phase)
 
 
 def sync_config(name: str, options: dict) -> DictConfig:

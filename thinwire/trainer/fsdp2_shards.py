@@ -74,16 +74,32 @@ class Islands(Replicas):
         self.shard_group, self.cross_group = shard[self.replica], cross[self.index]
         self.cross_group2 = cross2[self.index]
         self.control_group, self.consensus_group = None, self.cross_group
+        self._cross_ranks, self._moment_groups = [list(range(j, p, size)) for j in range(size)], None
+
+    @classmethod
+    def from_mesh(cls, mesh, world, meter, model, two_phase: bool) -> "Islands":
+        """The layout of a user's 2-D DeviceMesh ``("replicate", "shard")`` (``thinwire.OuterLoop``):
+        the mesh's own groups; a second replicate group per shard index for two_phase's second
+        phase (made here, on every rank in the same order)."""
+        self = cls.__new__(cls)
+        self.world, self.meter, self.model = world, meter, model
+        self.replicas, self.size = mesh.size(0), mesh.size(1)
+        self.replica, self.index = mesh.get_local_rank("replicate"), mesh.get_local_rank("shard")
+        self.shard_group, self.cross_group = mesh.get_group("shard"), mesh.get_group("replicate")
+        self._cross_ranks = [mesh.mesh[:, j].tolist() for j in range(self.size)]
+        second = [new_group(ranks, timeout_s=world.timeout_s) for ranks in self._cross_ranks] \
+            if two_phase and self.replicas > 1 else [None] * self.size
+        self.cross_group2 = second[self.index]
+        self.control_group, self.consensus_group = None, self.cross_group
         self._moment_groups = None
+        return self
 
     def moment_group(self):
         """The cross group's ranks in a group of their own, for averaging the inner optimizer's
         moments (local shards) while co2's average may be in flight on the cross group. Made on
         first call, which every rank makes (the strategy's construction)."""
         if self._moment_groups is None:
-            p = self.world.world_size
-            self._moment_groups = [new_group(list(range(j, p, self.size)), timeout_s=self.world.timeout_s)
-                                   for j in range(self.size)]
+            self._moment_groups = [new_group(ranks, timeout_s=self.world.timeout_s) for ranks in self._cross_ranks]
         return self._moment_groups[self.index]
 
     def mesh(self, two_d: bool):
