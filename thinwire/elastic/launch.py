@@ -190,7 +190,7 @@ def launch_trainer(cfg, job: list[str]) -> int:
     out = os.path.join(cfg.run_dir, "elastic")
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(out):  # a resumed run's start barrier starts afresh
-        if f.startswith("ready."):
+        if f.startswith(("ready.", "up.")):
             os.remove(os.path.join(out, f))
     print(f"thinwire: elastic=torchft: lighthouse {lh}, {cfg.dist.nproc} slots; their logs: "
           f"{out}/slot<s>.attempt<k>.log", flush=True)
