@@ -47,7 +47,7 @@ def worker(cfg_yamls: list[str], trainer_cls=None) -> None:
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError, ReplicaDriftError) as e:
-        fail_worker(world.rank, str(e))
+        fail_worker(world.rank, str(e), code=getattr(e, "exit_code", 1))  # elastic: LiveDriftError's status
     except KeyboardInterrupt:  # a second Ctrl-C, or one where the ranks cannot stop together (progress.StopRequest)
         if world.rank == 0:
             from .trainer.progress import say_stopped

@@ -111,7 +111,7 @@ class ElasticSync(SyncStrategy):
         r = done[-1]
         self.writer = r["live_slots"][0] == self.slot
         return {**round_metrics(r["round"], r["live_slots"], self.N, self.H), "outer_round": rep.round,
-                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"]}
+                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"], **skipped_round(r, self.N, self.H)}
 
     def next_step(self, done: int) -> int:
         return max(done, self.replica.round * self.H) if done % self.H == 0 else done
@@ -141,6 +141,15 @@ class ElasticSync(SyncStrategy):
 
     def close(self) -> None:
         pass
+
+
+def skipped_round(r: dict, slots: int, steps: int) -> dict:
+    """A round the finiteness vote skipped (``r["nonfinite"]``): ``outer_skipped`` (as the
+    non-elastic sync=local) and every slot's steps of the round in ``lost_steps``."""
+    if not r.get("nonfinite"):
+        return {}
+    return {"outer_skipped": 1, "outer_skipped_slots": r["nonfinite"],
+            "lost_steps": round_metrics(r["round"], [], slots, steps)["lost_steps"]}
 
 
 class RejoinWait:
@@ -227,6 +236,9 @@ class SlotTrainer(Trainer):
         return ElasticSync(self, os.path.join(self.run_dir, "elastic", f"slot{self._slot}.jsonl"))
 
     def next_step(self, done: int) -> int:
+        # trainer.faults.drift_at: one ulp on this slot's anchor; the next round's header (the
+        # drift guard over the live set, thinwire.elastic.protocol) stops the run
+        self.faults.corrupt(self.sync.consensus_state(), done)
         self.rejoin.before(done)
         return self.sync.next_step(done)
 
