@@ -71,3 +71,33 @@ def test_a_non_finite_pseudo_gradient_skips_the_round_everywhere_as_the_replay()
         assert all(torch.equal(p, q) for p, q in zip(finished[s].model.parameters(), ref[s].model.parameters())), s
         assert finished[s].losses == ref[s].losses, s
         assert all(torch.isfinite(p).all() for p in finished[s].model.parameters()), s
+
+
+@pytest.mark.extended  # one elastic run of 2 slots, ~30-50 s at load average ~10 (process start-up)
+def test_drift_at_in_a_slot_process_stops_the_run_and_no_slot_is_restarted(tmp_path):
+    """``thinwire-train elastic=torchft``: one ulp on slot 1's anchor after step 4 (the end of round
+    0, ``trainer.faults.drift_at``): both slots stop at round 1's header with the one line, exit
+    status 4, and the launcher restarts neither (a restart would heal from a copy of unknown
+    truth) and exits 1."""
+    import subprocess
+    import sys
+
+    from test_elastic import need_torchft
+    from test_elastic_drill import private_net
+    from test_elastic_trainer import BASE, REPO, free_port, steps
+
+    need_torchft()
+    run = tmp_path / "el"
+    proc = subprocess.run([*private_net(), sys.executable, "-m", "thinwire.train", *BASE, *steps(12), "sync=local",
+                           "dist.nproc=2", "elastic=torchft", f"elastic.lighthouse_port={free_port()}",
+                           "elastic.grace_s=5", "trainer.faults.rank=1", "trainer.faults.drift_at=4",
+                           f"hydra.run.dir={run}"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stopped: replica drift over the live set" in proc.stderr, proc.stderr[-2000:]
+    assert "restarts" not in proc.stdout  # no "training complete"
+    for s in (0, 1):
+        assert not (run / "elastic" / f"slot{s}.attempt1.log").exists(), s  # restarted neither
+        log = (run / "elastic" / f"slot{s}.attempt0.log").read_text()
+        lines = [ln for ln in log.splitlines() if "replica drift" in ln]
+        assert len(lines) == 1 and lines[0].startswith("thinwire: rank 0: error: replica drift over the live set at "
+                                                       "round 1: ") and "of slot 1 differs from slot 0's" in lines[0], log
