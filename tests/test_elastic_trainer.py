@@ -313,6 +313,8 @@ def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
                                                   "run (0..1)"),
     (['trainer.faults.absent_at="1:0..0"'], "trainer.faults.absent_at=1:0..0: a planned absence is the reference"),
     (["elastic=none", "trainer.faults.kill_in_collective_at=0"], "needs elastic=torchft"),
+    (["elastic=none", "trainer.faults.rejoin_wait_at=1"], "trainer.faults.rejoin_wait_at=1: waiting for a restarted "
+                                                          "slot is an elastic drill's pacing: it needs elastic=torchft"),
     (["elastic.min_replicas=4"], "elastic.min_replicas=4: above the slot count (3: dist.nproc)"),
     (["dist.master_addr=10.1.2.3"], "dist.master_addr=10.1.2.3: torchft's Manager listens on all interfaces"),
 ])
