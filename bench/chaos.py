@@ -405,15 +405,20 @@ def main(argv=None) -> int:
            "table": table(fs), "totals": totals, "runs": rs, "faults": fs}
     text = markdown(doc)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    manifest.write(a.out + ".json", doc, "bench/chaos.py", argv)
-    manifest.write(a.out + ".md", text, "bench/chaos.py", argv)
+    record(a, argv, a.out, doc, text, root)
+    ok = totals["injected"] == totals["survived"] == totals["end_state_equal"] and totals["runs"] == totals["runs_equal"]
+    return 0 if ok else 1
+
+
+def record(a, argv, out: str, doc: dict, text: str, root: str) -> None:
+    """``<out>.json`` and ``<out>.md`` with their manifest entries; the run dirs removed unless ``--keep``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    manifest.write(out + ".json", doc, "bench/chaos.py", argv)
+    manifest.write(out + ".md", text, "bench/chaos.py", argv)
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
         print(f"chaos: run dirs and logs kept in {root}")
-    ok = totals["injected"] == totals["survived"] == totals["end_state_equal"] and totals["runs"] == totals["runs_equal"]
-    return 0 if ok else 1
 
 
 def elastic_drill(a, argv) -> int:
@@ -427,12 +432,7 @@ def elastic_drill(a, argv) -> int:
     text = chaos_elastic.markdown(results, load, time.perf_counter() - t0)
     print(text)
     doc = {"cases": results, "load": load, "seconds": round(time.perf_counter() - t0, 1)}
-    manifest.write(a.out + "_elastic.json", doc, "bench/chaos.py", argv)
-    manifest.write(a.out + "_elastic.md", text, "bench/chaos.py", argv)
-    if not a.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    else:
-        print(f"chaos: run dirs and logs kept in {root}")
+    record(a, argv, a.out + "_elastic", doc, text, root)
     return 0 if all(r["survived"] and r["equal"] for r in results) else 1
 
 
