@@ -38,7 +38,10 @@ the newest one the drill has not torn, ``usable_steps``) and
 the run reached its last step. Steps redone: the steps between the checkpoint resumed from and
 the last step reached before the fault. ``--faults`` is a lower bound: the last run finishes.
 
-Elastic faults (``elastic=torchft``) are not here: thinwire-train does not launch it yet.
+Elastic faults (``elastic=torchft``): ``python bench/chaos.py --elastic`` runs the cases of
+``bench/chaos_elastic.py`` instead (a slot SIGKILLed mid-round, SIGKILLed inside the outer
+collective, SIGSTOPped beyond the grace window and continued), each against its planned-absence
+reference, into ``<out>_elastic.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -373,7 +376,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(RESULTS, "chaos"), help="results: <out>.json and <out>.md")
     ap.add_argument("--max-minutes", type=float, default=0, help="start no run after this long (0: no limit)")
     ap.add_argument("--keep", action="store_true", help="keep the drill's run dirs and launch logs")
+    ap.add_argument("--elastic", action="store_true", help="the elastic cases (bench/chaos_elastic.py) instead")
     a = ap.parse_args(argv)
+    if a.elastic:
+        return elastic_drill(a, argv)
     a.kinds, a.families = a.kinds.split(","), a.families.split(",")
     for key, vals, known in (("--kinds", a.kinds, KINDS), ("--families", a.families, FAMILIES)):
         bad = [v for v in vals if v not in known]
@@ -399,15 +405,35 @@ def main(argv=None) -> int:
            "table": table(fs), "totals": totals, "runs": rs, "faults": fs}
     text = markdown(doc)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    manifest.write(a.out + ".json", doc, "bench/chaos.py", argv)
-    manifest.write(a.out + ".md", text, "bench/chaos.py", argv)
+    record(a, argv, a.out, doc, text, root)
+    ok = totals["injected"] == totals["survived"] == totals["end_state_equal"] and totals["runs"] == totals["runs_equal"]
+    return 0 if ok else 1
+
+
+def record(a, argv, out: str, doc: dict, text: str, root: str) -> None:
+    """``<out>.json`` and ``<out>.md`` with their manifest entries; the run dirs removed unless ``--keep``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    manifest.write(out + ".json", doc, "bench/chaos.py", argv)
+    manifest.write(out + ".md", text, "bench/chaos.py", argv)
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
     else:
         print(f"chaos: run dirs and logs kept in {root}")
-    ok = totals["injected"] == totals["survived"] == totals["end_state_equal"] and totals["runs"] == totals["runs_equal"]
-    return 0 if ok else 1
+
+
+def elastic_drill(a, argv) -> int:
+    import chaos_elastic
+
+    load0, t0 = manifest.machine_load(), time.perf_counter()
+    root = tempfile.mkdtemp(prefix="twchaos-elastic")
+    print(f"chaos: elastic cases into {root}; {load0}", flush=True)
+    results = chaos_elastic.drill(root)
+    load = f"{load0} at the start, {manifest.machine_load()} at the end"
+    text = chaos_elastic.markdown(results, load, time.perf_counter() - t0)
+    print(text)
+    doc = {"cases": results, "load": load, "seconds": round(time.perf_counter() - t0, 1)}
+    record(a, argv, a.out + "_elastic", doc, text, root)
+    return 0 if all(r["survived"] and r["equal"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def worker(cfg_yamls: list[str], trainer_cls=None) -> None:
     except ConfigError as e:  # a run dir or resume the run cannot use: nothing was written
         fail_config(world.rank, e)
     except (NonFiniteError, ConfigMismatchError, ReplicaDriftError) as e:
-        fail_worker(world.rank, str(e))
+        fail_worker(world.rank, str(e), code=getattr(e, "exit_code", 1))  # elastic: LiveDriftError's status
     except KeyboardInterrupt:  # a second Ctrl-C, or one where the ranks cannot stop together (progress.StopRequest)
         if world.rank == 0:
             from .trainer.progress import say_stopped
@@ -230,7 +230,12 @@ def slot_main(argv: list[str]) -> int:
 
     worker([to_yaml(cfg)], trainer_cls=lambda c, w: SlotTrainer(c, w, slot=a.slot, run_dir=run_dir,
                                                                  membership=membership))
-    return 0
+    # everything is written (metrics, tape, checkpoints are synchronous): exit now, because the
+    # interpreter's teardown of torchft's Manager and process group took ~7 s a slot (measured at
+    # load average ~10), which every run, test and drill paid at its end
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

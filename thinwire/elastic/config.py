@@ -96,6 +96,9 @@ def check_trainer(cfg, plugin_cls) -> None:
     if cfg.elastic.name == "none":
         need(at is None, "trainer.faults.kill_in_collective_at", at, "a death inside the outer collective is an "
              "elastic drill: it needs elastic=torchft")
+        wait = t.faults.get("rejoin_wait_at")
+        need(wait is None, "trainer.faults.rejoin_wait_at", wait, "waiting for a restarted slot is an elastic "
+             "drill's pacing: it needs elastic=torchft")
         return
     need(t.faults.get("absent_at") is None, "trainer.faults.absent_at", t.faults.get("absent_at"),
          "a planned absence is the reference of elastic=torchft, not a fault of it; use elastic=none")

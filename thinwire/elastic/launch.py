@@ -23,6 +23,8 @@ from typing import Optional
 
 from .config import ElasticConfig
 
+DRIFT_EXIT = 4  # a slot's exit status after replica drift over the live set: no slot is restarted, the run stops
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -125,8 +127,8 @@ def supervise(cmds: dict, out: str, el: ElasticConfig, host: str, port: int, *, 
                 if rc == 0 and done_at is None:
                     done_at = time.monotonic()
                 res.events.append((round(time.monotonic() - t0, 3), s, f"exit {rc}"))
-                if rc == 2:  # a config error (said in one line by the slot): the others cannot do better
-                    return res
+                if rc in (2, DRIFT_EXIT):  # a config error, replica drift (said in one line by the slot):
+                    return res             # the others cannot do better
                 if rc != 0 and res.restarts[s] < el.max_restarts:
                     res.restarts[s] += 1
                     start(s, res.restarts[s])
@@ -190,13 +192,17 @@ def launch_trainer(cfg, job: list[str]) -> int:
     out = os.path.join(cfg.run_dir, "elastic")
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(out):  # a resumed run's start barrier starts afresh
-        if f.startswith("ready."):
+        if f.startswith(("ready.", "up.")):
             os.remove(os.path.join(out, f))
     print(f"thinwire: elastic=torchft: lighthouse {lh}, {cfg.dist.nproc} slots; their logs: "
           f"{out}/slot<s>.attempt<k>.log", flush=True)
     res = supervise(slot_commands(cfg, job, lh), out, el, host, port, start_lighthouse=not el.lighthouse)
     if 2 in res.returncodes.values():
         return 2  # a config error, said by the slot in one line
+    if DRIFT_EXIT in res.returncodes.values():
+        print(f"thinwire-train: elastic=torchft: stopped: replica drift over the live set (the line above; "
+              f"{out}/slot<s>.attempt<k>.log)", file=sys.stderr)
+        return 1
     if 0 not in res.returncodes.values():
         print(f"thinwire-train: elastic=torchft: no slot completed the training (exit statuses "
               f"{res.returncodes}, restarts {res.restarts}; see {out}/slot<s>.attempt<k>.log)", file=sys.stderr)

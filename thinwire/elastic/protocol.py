@@ -4,11 +4,20 @@ survivors until it commits.
 One sync, on every replica in the quorum (``ElasticRunner.sync``)::
 
     quorum            membership.quorum(): the lighthouse's live set, a fresh process group
-    header            all-reduce of an N x 4 matrix, row = slot: (present, round, has delta,
-                      rank in the group): every member learns the live set and its rounds
+    header            all-reduce of an N x 7 matrix, row = slot: (present, round, has delta,
+                      rank in the group, consensus digest as two exact 32-bit words, Delta
+                      finite): every member learns the live set, its rounds and its votes
     contributors      the present slots at the highest round R that have a pseudo-gradient;
                       the others (a joiner, a late replica with a stale round) are *stale*:
                       they sit the round out (a stale round's steps are logged as lost)
+    drift guard       the contributors' consensus digests (anchor, outer state, round: the state
+                      round R starts from, i.e. round R-1's commit or a heal) must be equal;
+                      otherwise every member stops with one line naming the slots
+                      (:class:`LiveDriftError`, as the non-elastic guard stops: a hash, not a
+                      tolerance, and no heal: which copy is right is unknown)
+    finiteness vote   a non-finite Delta of any contributor skips the round everywhere, as the
+                      non-elastic ``sync=local`` does: nothing is sent, every contributor
+                      restarts from its anchor (parameters := anchor, no outer step), round + 1
     data              all-reduce of an N x n matrix whose row s is slot s's Delta (zeros
                       elsewhere): exact, so the live mean summed in slot order is the same
                       whatever order the collective adds in
@@ -20,22 +29,60 @@ One sync, on every replica in the quorum (``ElasticRunner.sync``)::
                       tensors, no pickle); parameters = anchor, inner optimizer fresh
 
 Each contributor appends the committed round to its tape: ``{"round", "live_slots", "healed"
-{slot: source}, "retries", "digest"}`` (the consensus digest after the step).
+{slot: source}, "retries", "digest"}`` (the consensus digest after the step), and
+``"nonfinite": [slots]`` for a round skipped by the finiteness vote.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Callable, Optional
 
 import torch
 
+from ..trainer.drift import ReplicaDriftError
+from .launch import DRIFT_EXIT
 from .replica import Replica
 from .state import templates
+
+HEADER = 7  # present, round, has delta, rank, digest high 32 bits, digest low 32 bits, Delta finite
 
 
 class MembershipError(RuntimeError):
     """A collective or quorum failed: the round is retried with a new quorum."""
+
+
+class LiveDriftError(ReplicaDriftError):
+    """The live contributors of a round start it from different consensus states: every member
+    stops (exit status ``DRIFT_EXIT``), no slot is restarted."""
+    exit_code = DRIFT_EXIT
+
+
+def digest_words(digest: str) -> tuple[float, float]:
+    """A 64-bit hex digest as two 32-bit words, each exact in float64 (a row of the header
+    all-reduce has one non-zero addend per element, so the sum carries it unchanged)."""
+    v = int(digest[:16], 16)
+    return float(v >> 32), float(v & 0xFFFFFFFF)
+
+
+def check_live_drift(header: torch.Tensor, contributors: list[int], rnd: int) -> None:
+    """Raise :class:`LiveDriftError` unless every contributor's digest (header columns 4-5) is
+    equal; the slots that differ from the majority (or from the lowest slot, without one)."""
+    words = {s: (int(header[s, 4]), int(header[s, 5])) for s in contributors}
+    if len(set(words.values())) <= 1:
+        return
+    counts = Counter(words.values())
+    top, n = counts.most_common(1)[0]
+    ref = top if n > len(contributors) // 2 else words[contributors[0]]
+    odd = [s for s in contributors if words[s] != ref]
+    ref_slot = next(s for s in contributors if words[s] == ref)
+    hexd = {s: f"{(w[0] << 32) | w[1]:016x}" for s, w in words.items()}
+    raise LiveDriftError(
+        f"replica drift over the live set at round {rnd}: the consensus state (anchor, outer state, round) of "
+        f"slot{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} differs from slot {ref_slot}'s "
+        f"(digests {', '.join(hexd[s] for s in odd)} vs {hexd[ref_slot]}); the replicas no longer train one "
+        f"model: resume from a checkpoint written before round {rnd}")
 
 
 def live_mean(rows: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -91,11 +138,14 @@ class ElasticRunner:
         retries, lost_logged, t0 = 0, False, time.monotonic()
         if hasattr(self.faults, "before_sync"):
             self.faults.before_sync(rep.slot, rep.round)
+        # this slot's votes, the same in every try of the round: its consensus digest, Delta finite
+        votes = [*digest_words(rep.consensus_digest()),
+                 float(delta is None or bool(torch.isfinite(delta[1]).all()))]
         while True:
             try:
                 m.quorum(max(rep.round, 0))
-                header = torch.zeros(N, 4, dtype=torch.float64)
-                header[rep.slot] = torch.tensor([1.0, rep.round, float(delta is not None), m.rank()],
+                header = torch.zeros(N, HEADER, dtype=torch.float64)
+                header[rep.slot] = torch.tensor([1.0, rep.round, float(delta is not None), m.rank(), *votes],
                                                 dtype=torch.float64)
                 m.allreduce_sum(header)
                 present = [s for s in range(N) if header[s, 0] == 1]
@@ -104,18 +154,22 @@ class ElasticRunner:
                 stale = [s for s in present if s not in contributors]
                 if not contributors or len(contributors) < self.min_replicas:
                     raise MembershipError(f"round {R}: live slots {contributors} below min_replicas={self.min_replicas}")
+                check_live_drift(header, contributors, R)
+                nonfinite = [s for s in contributors if header[s, 6] == 0]
                 mine = rep.slot in contributors
                 if delta is not None and not mine and not lost_logged:
                     steps = rep.steps_of(delta[0])
                     self.log({"kind": "lost", "slot": rep.slot, "round": delta[0],
                               "steps": [steps.start, steps.stop - 1], "reason": "stale round"})
                     lost_logged = True
-                data = torch.zeros(N, sum(rep.space.sizes))
-                if mine:
-                    data[rep.slot] = delta[1]
-                self.faults.before_data(rep.slot, R)
-                m.allreduce_sum(data)
-                mean = live_mean({s: data[s] for s in contributors})
+                mean = None  # a non-finite Delta: the round is skipped everywhere, nothing is sent
+                if not nonfinite:
+                    data = torch.zeros(N, sum(rep.space.sizes))
+                    if mine:
+                        data[rep.slot] = delta[1]
+                    self.faults.before_data(rep.slot, R)
+                    m.allreduce_sum(data)
+                    mean = live_mean({s: data[s] for s in contributors})
                 if not m.should_commit():
                     raise MembershipError(f"round {R}: commit vote failed")
             except MembershipError as e:
@@ -128,11 +182,15 @@ class ElasticRunner:
                 continue
             source = contributors[0]
             if mine:
-                rep.apply_mean(mean)
+                if nonfinite:
+                    rep.restart_round()
+                    rep.round += 1
+                else:
+                    rep.apply_mean(mean)
                 self.log({"kind": "round", "round": R, "live_replicas": len(contributors),
                           "live_slots": contributors, "healed": {str(s): source for s in stale},
                           "retries": retries, "stall_s": round(time.monotonic() - t0, 3),
-                          "digest": rep.consensus_digest()})
+                          "digest": rep.consensus_digest(), **({"nonfinite": nonfinite} if nonfinite else {})})
             if stale:
                 try:
                     self.heal_phase(int(header[source, 3]), rep.slot == source, not mine)

@@ -4,7 +4,8 @@ Records (one JSON object per line, as each replica writes them; ``kind``):
 - ``round``: a committed round, written by each contributor: ``round``, ``live_replicas``,
   ``live_slots`` (the contributors, whose mean was taken), ``healed`` ({slot: source slot}:
   stale replicas that received the consensus state after this round's step), ``retries``,
-  ``stall_s``, ``digest`` (the consensus state after the step);
+  ``stall_s``, ``digest`` (the consensus state after the step), ``nonfinite`` (the slots whose
+  non-finite pseudo-gradient skipped the round everywhere, when any);
 - ``lost``: a slot's trained steps that entered no mean (a stale round): ``slot``, ``round``,
   ``steps`` [first, last];
 - ``healed``: a replica took a peer's consensus state (``slot``, ``round``, ``digest``).
@@ -12,7 +13,8 @@ Records (one JSON object per line, as each replica writes them; ``kind``):
 :func:`replay` recomputes the run from the tape alone, in one process and without any
 membership code: per round, every live slot trains its round from the anchor on its own
 batches, the mean over the live slots is summed in slot order, every live slot takes the
-outer step; a healed slot starts the next round from its source's consensus state with a
+outer step (unless a pseudo-gradient is non-finite: every live slot goes back to its
+anchor, as the finiteness vote decides); a healed slot starts the next round from its source's consensus state with a
 fresh inner optimizer. It checks each round's consensus digest on the way.
 """
 from __future__ import annotations
@@ -38,7 +40,8 @@ class Tape:
         tape = cls()
         for r in records:
             if r["kind"] == "round":
-                key = {k: r[k] for k in ("round", "live_replicas", "live_slots", "healed", "digest")}
+                key = {k: r[k] for k in ("round", "live_replicas", "live_slots", "healed", "digest", "nonfinite")
+                       if k in r}
                 seen = by_round.setdefault(r["round"], dict(key, retries=0, stall_s=0.0))
                 if {k: seen[k] for k in key} != key:
                     raise AssertionError(f"replicas disagree on round {r['round']}: {seen} vs {key}")
@@ -66,12 +69,13 @@ class Tape:
 
     def untrained(self, nominal: int, local_steps: int) -> list[tuple[int, int, int]]:
         """Every (slot, first step, last step) whose batches entered no mean: the rounds a
-        slot was not live in (dead, late, joining), merged into ranges. Lost data is audited
+        slot was not live in (dead, late, joining) and the rounds a non-finite pseudo-gradient
+        skipped, merged into ranges. Lost data is audited
         from the tape, not from the dead process (which cannot report its partial round)."""
         out: list[list[int]] = []
         for s in range(nominal):
             for e in self.rounds:
-                if s in e["live_slots"]:
+                if s in e["live_slots"] and not e.get("nonfinite"):  # a skipped round: no slot's batches count
                     continue
                 first, last = e["round"] * local_steps, (e["round"] + 1) * local_steps - 1
                 if out and out[-1][0] == s and out[-1][2] == first - 1:
@@ -115,12 +119,21 @@ def replay(spec: ReplicaSpec, tape: Tape, check_digests: bool = True, make_repli
             for t in rep.steps_of(R):
                 rep.train_step(t)
             deltas[s] = rep.pseudo_gradient()
-        acc = deltas[live[0]].clone()
-        for s in live[1:]:
-            acc += deltas[s]
-        mean = acc / len(live)
-        for s in live:
-            reps[s].apply_mean(mean)
+        nonfinite = [s for s in live if not torch.isfinite(deltas[s]).all()]
+        if nonfinite != entry.get("nonfinite", []):
+            raise AssertionError(f"round {R}: non-finite pseudo-gradients of slots {nonfinite}, the tape says "
+                                 f"{entry.get('nonfinite', [])}")
+        if nonfinite:  # skipped everywhere: back to the anchor, no outer step
+            for s in live:
+                reps[s].restart_round()
+                reps[s].round += 1
+        else:
+            acc = deltas[live[0]].clone()
+            for s in live[1:]:
+                acc += deltas[s]
+            mean = acc / len(live)
+            for s in live:
+                reps[s].apply_mean(mean)
         if check_digests and reps[live[0]].consensus_digest() != entry["digest"]:
             raise AssertionError(f"round {R}: consensus digest differs from the tape")
         nxt = {s: reps[s] for s in live}

@@ -111,7 +111,7 @@ class ElasticSync(SyncStrategy):
         r = done[-1]
         self.writer = r["live_slots"][0] == self.slot
         return {**round_metrics(r["round"], r["live_slots"], self.N, self.H), "outer_round": rep.round,
-                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"]}
+                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"], **skipped_round(r, self.N, self.H)}
 
     def next_step(self, done: int) -> int:
         return max(done, self.replica.round * self.H) if done % self.H == 0 else done
@@ -141,6 +141,41 @@ class ElasticSync(SyncStrategy):
 
     def close(self) -> None:
         pass
+
+
+def skipped_round(r: dict, slots: int, steps: int) -> dict:
+    """A round the finiteness vote skipped (``r["nonfinite"]``): ``outer_skipped`` (as the
+    non-elastic sync=local) and every slot's steps of the round in ``lost_steps``."""
+    if not r.get("nonfinite"):
+        return {}
+    return {"outer_skipped": 1, "outer_skipped_slots": r["nonfinite"],
+            "lost_steps": round_metrics(r["round"], [], slots, steps)["lost_steps"]}
+
+
+class RejoinWait:
+    """``trainer.faults.rejoin_wait_at=ROUND`` (drill pacing): in their first attempt, the slots
+    other than ``trainer.faults.rank`` wait before round ROUND's first step until that slot's
+    restarted process is up (``<run>/elastic/up.<slot>``, written once its Manager is up), at most
+    ``elastic.quorum_timeout_s``. A drill's kill and restart then end in a rejoin however long the
+    machine takes to start a process, without pacing every step."""
+
+    def __init__(self, cfg, out: str, slot: int):
+        f = cfg.trainer.faults
+        at = f.get("rejoin_wait_at")
+        self.path = os.path.join(out, f"up.{f.rank}")
+        self.step = at * cfg.sync.local_steps if at is not None and slot != f.rank and attempt() == 0 else None
+        self.mine = os.path.join(out, f"up.{slot}")
+        self.timeout_s = cfg.elastic.quorum_timeout_s
+
+    def up(self) -> None:
+        open(self.mine, "w").close()
+
+    def before(self, done: int) -> None:
+        if done != self.step:
+            return
+        deadline = time.monotonic() + self.timeout_s
+        while not os.path.exists(self.path) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 class RunMetrics:
@@ -185,7 +220,9 @@ class SlotTrainer(Trainer):
         self.membership = membership()
         self.sync.connect(self.membership)
         self.sync.tape({"kind": "start", "joiner": attempt() > 0})  # setup done (G4: a joiner's first round after it)
+        self.rejoin = RejoinWait(cfg, out, slot)
         if attempt() > 0:  # a restarted slot heals (its own checkpoint, if loaded, is replaced)
+            self.rejoin.up()
             self.start_step = self.sync.join()
             if self.metrics is not None:
                 self.metrics.resume_step = self.start_step
@@ -199,6 +236,10 @@ class SlotTrainer(Trainer):
         return ElasticSync(self, os.path.join(self.run_dir, "elastic", f"slot{self._slot}.jsonl"))
 
     def next_step(self, done: int) -> int:
+        # trainer.faults.drift_at: one ulp on this slot's anchor; the next round's header (the
+        # drift guard over the live set, thinwire.elastic.protocol) stops the run
+        self.faults.corrupt(self.sync.consensus_state(), done)
+        self.rejoin.before(done)
         return self.sync.next_step(done)
 
     def close(self) -> None:

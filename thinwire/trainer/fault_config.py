@@ -29,6 +29,9 @@ class FaultConfig:
     kill_in_collective_at: Optional[int] = None
     stop_for_s: float = 0.0          # stop_at: a helper sends SIGCONT after this many seconds (0: stopped for good)
     step_sleep_s: float = 0.0        # every rank (slot) sleeps this long after each step, in every attempt (drill pacing)
+    # elastic=torchft drill pacing: before outer round ROUND every other slot waits (up to elastic.quorum_timeout_s)
+    # until slot ``rank``'s restarted process is up, so that it rejoins whatever the machine's start-up time
+    rejoin_wait_at: Optional[int] = None
 
     def check(self) -> None:
         need(0 <= self.rank < 1_000_000, "faults.rank", self.rank, "must be >= 0")
@@ -39,6 +42,8 @@ class FaultConfig:
         need(self.step_sleep_s >= 0, "faults.step_sleep_s", self.step_sleep_s, "must be >= 0 (seconds)")
         need(self.kill_in_collective_at is None or self.kill_in_collective_at >= 0, "faults.kill_in_collective_at",
              self.kill_in_collective_at, "must be an outer round (>= 0) or null")
+        need(self.rejoin_wait_at is None or self.rejoin_wait_at > 0, "faults.rejoin_wait_at", self.rejoin_wait_at,
+             "must be an outer round (> 0) or null")
         if self.absent_at is not None:
             from ..elastic.absence import parse
             parse(self.absent_at, "faults.absent_at")
