@@ -66,6 +66,8 @@ class ElasticRunner:
         self.retry_sleep_s = 0.05
         self.faults = faults or NoFaults()
         self.records: list[dict] = []
+        self.residual_sq: dict[int, float] = {}   # compressed exchange: each contributor's last residual norm^2
+        self.last_contributors: list[int] = []
         self._log = log
 
     def log(self, record: dict) -> None:
@@ -110,12 +112,7 @@ class ElasticRunner:
                     self.log({"kind": "lost", "slot": rep.slot, "round": delta[0],
                               "steps": [steps.start, steps.stop - 1], "reason": "stale round"})
                     lost_logged = True
-                data = torch.zeros(N, sum(rep.space.sizes))
-                if mine:
-                    data[rep.slot] = delta[1]
-                self.faults.before_data(rep.slot, R)
-                m.allreduce_sum(data)
-                mean = live_mean({s: data[s] for s in contributors})
+                mean, sent, rows = self.data_phase(delta, mine, contributors, R)
                 if not m.should_commit():
                     raise MembershipError(f"round {R}: commit vote failed")
             except MembershipError as e:
@@ -127,6 +124,7 @@ class ElasticRunner:
                 time.sleep(self.retry_sleep_s)
                 continue
             source = contributors[0]
+            self.residuals(sent, rows, contributors, R, mine and rep.slot == source)
             if mine:
                 rep.apply_mean(mean)
                 self.log({"kind": "round", "round": R, "live_replicas": len(contributors),
@@ -142,6 +140,48 @@ class ElasticRunner:
                         continue
             if mine or rep.round > R:
                 return
+
+    def data_phase(self, delta, mine: bool, contributors: list[int], R: int):
+        """The round's data collective and its live mean: (mean, what this slot sent or None, the
+        rows). Dense (``comm=none``, a warm-up round): an N x n fp32 all-reduce, row = slot;
+        compressed (``replica.exchange``, ``thinwire.elastic.exchange``): an N x B uint8
+        all-reduce of the contributors' payload rows. Either way each element has one non-zero
+        addend, so the mean, summed in slot order, does not depend on the collective's order."""
+        rep, N, ex = self.replica, self.replica.spec.nominal, self.replica.exchange
+        dense = ex is None or ex.dense(R)
+        if dense:
+            data, sent = torch.zeros(N, sum(rep.space.sizes)), None
+            if mine:
+                data[rep.slot] = delta[1]
+        else:
+            data = torch.zeros(N, ex.row_bytes, dtype=torch.uint8)
+            sent = ex.encode(delta[1], R) if mine else None
+            if mine:
+                data[rep.slot] = sent.row
+        self.faults.before_data(rep.slot, R)
+        self.m.allreduce_sum(data)
+        rows = {s: data[s] for s in contributors}
+        return (live_mean(rows) if dense else ex.mean(rows)), sent, rows
+
+    def residuals(self, sent, rows, contributors: list[int], R: int, writer: bool) -> None:
+        """After a committed round (compressed exchange only): the sender's feedback step, the
+        contributors' residual norms (their rows' trailers), and, written by the round's source,
+        a ``lost`` record (``reason: residual``) for each slot that contributed to the last round
+        this slot committed and does not to this one (dead, late or stale): the norm of the
+        residual it takes out of the mean (its steps are audited by the round records)."""
+        ex = self.replica.exchange
+        if ex is None:
+            return
+        if sent is not None:
+            ex.commit(sent)
+        if not ex.dense(R):
+            self.residual_sq.update({s: ex.residual_sq(row) for s, row in rows.items()})
+        if writer:
+            for s in self.last_contributors:
+                if s not in contributors:
+                    self.log({"kind": "lost", "slot": s, "round": R, "reason": "residual",
+                              "residual_norm": self.residual_sq.get(s, 0.0) ** 0.5})
+        self.last_contributors = list(contributors)
 
     def heal_phase(self, src_rank: int, is_source: bool, receive: bool) -> None:
         """Broadcast the source's consensus state: schema length, schema (JSON), tensors."""
