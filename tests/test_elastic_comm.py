@@ -138,3 +138,88 @@ def test_a_retried_round_sends_from_the_committed_residual_and_rows_have_their_f
     comp = codec.compressor
     want = sum(comp.compress(torch.zeros(n), step=0).nbytes if n >= 64 else 4 * n for n in codec.sizes) + 8
     assert codec.row_bytes == want < 4 * sum(codec.sizes)
+
+
+# -- thinwire-train elastic=torchft comm=chunk_topk (processes) --------------------------------
+def sync_state(path) -> dict:
+    """The outer loop's anchor and outer-optimizer state in a checkpoint file, by parameter order."""
+    state = torch.load(path, weights_only=False)["sync"]
+    anchor = state["anchor"]
+    anchor = list(anchor.values()) if isinstance(anchor, dict) else list(anchor)
+    return {"anchor": anchor, "outer": state["outer"]}
+
+
+@pytest.mark.extended  # two runs: ~35 s (ordinary, 3 ranks) + ~100 s (elastic, a restart) at load average ~10
+@pytest.mark.parametrize("sync", ["local", "diloco"])
+def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_only, tmp_path, sync):
+    """3 slots, ``comm=chunk_topk`` (SparseLoCo's compressor, error feedback): slot 2 SIGKILLed after
+    step 10 (mid round 2), restarted by the launcher, healed with residual 0. Equals, bitwise, the
+    ordinary 3-rank run with slot 2 planned absent for the rounds the tape recorded (its residual
+    dropped at its first absent round): slot 0's loss at every step, the round lines, every slot's
+    final parameters, anchor and outer state; the tape's live sets and heals are the plan's."""
+    from test_elastic_trainer import H, ckpt, params, rows, same, steps, tape_of, thinwire_train
+
+    from thinwire.elastic.tape import planned
+
+    n = 64
+    args = [*steps(n), f"sync={sync}", "dist.nproc=3", "comm=chunk_topk"]
+    run, ref = tmp_path / "el", tmp_path / "ref"
+    thinwire_train(run, *args, "trainer.faults.step_sleep_s=0.3", "trainer.faults.rank=2", "trainer.faults.kill_at=10",
+                   "elastic.min_replicas=2", elastic=True)
+    tape = tape_of(run)
+    live = tape.live_sets()
+    absent = [r for r, ls in enumerate(live) if 2 not in ls]
+    assert absent and absent[0] == 2 and absent == list(range(2, absent[-1] + 1)) and absent[-1] < n // H - 1, live
+    plan = planned(3, n // H, {2: (2, absent[-1])})
+    assert live == plan.live_sets() and [e["healed"] for e in tape.rounds] == [e["healed"] for e in plan.rounds]
+    residual = [r for r in tape.lost if r.get("reason") == "residual"]
+    assert [(r["slot"], r["round"]) for r in residual] == [(2, 2)] and residual[0]["residual_norm"] > 0
+    thinwire_train(ref, *args, f'trainer.faults.absent_at="2:2..{absent[-1]}"', elastic=False)
+    el, want = rows(run / "slot0" / "metrics.jsonl"), rows(ref / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in el] == [(r["step"], r["loss"]) for r in want]  # slot 0, every step
+    got = [r for r in rows(run / "metrics.jsonl") if "live_slots" in r]
+    want = [r for r in want if "live_slots" in r]
+    assert [(r["live_slots"], r["lost_steps"]) for r in got] == [(r["live_slots"], r["lost_steps"]) for r in want]
+    for s in range(3):
+        assert same(params(ckpt(run, s, n, True)), params(ckpt(ref, s, n, False))), s
+        a, b = sync_state(ckpt(run, s, n, True)), sync_state(ckpt(ref, s, n, False))
+        assert all(torch.equal(x, y) for x, y in zip(a["anchor"], b["anchor"])) and len(a["anchor"]) == len(b["anchor"])
+        assert state_equal(a["outer"], b["outer"]), s
+    assert all(r["elastic_row_bytes"] < 4 * sum(p.numel() for p in params(ckpt(run, 0, n, True)).values())
+               for r in got)
+
+
+def state_equal(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture
+def torchft_only():
+    from test_elastic import need_torchft
+
+    need_torchft()
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["comm=int8"], "comm=int8: elastic=torchft: compressed pseudo-gradients have a joiner rule"),
+    (["comm=chunk_topk", "comm.feedback=ef21"], "comm.feedback=ef21: elastic=torchft: EF21/EControl-style rules "
+                                                "need one dense round after every membership change"),
+    (["comm=chunk_topk", "comm.collective=two_phase"], "comm.collective=two_phase: elastic=torchft: two_phase "
+                                                       "keeps server residuals"),
+    (["elastic=none", "comm=chunk_topk", "comm.feedback=econtrol", 'trainer.faults.absent_at="1:0..0"'],
+     "trainer.faults.absent_at=1:0..0: comm.feedback=econtrol: a compressed mean under a planned absence: EF21"),
+])
+def test_what_stays_refused_is_one_line_exit_2(capsys, overrides, line):
+    from conftest import cli_error
+    from test_elastic import need_torchft
+    from test_elastic_trainer import BASE, steps
+
+    need_torchft()
+    code, err = cli_error(capsys, *BASE, *steps(8), "sync=local", "dist.nproc=3", "elastic=torchft", *overrides)
+    assert code == 2 and line in err, err

@@ -48,16 +48,17 @@ class Encoded:
 class RowCodec:
     """The codec of one model's pseudo-gradient (``names``/``sizes``: the flat vector's
     parameters) for ``comm_cfg`` (a comm config: its name and fields, as ``comm=...`` gives them);
-    it owns the sender's feedback buffers (``state_dict``/``reset``)."""
+    it owns the sender's feedback buffers (``state_dict``/``reset``), or uses ``feedback``'s."""
 
-    def __init__(self, comm_cfg: dict, names: list[str], sizes: list[int]):
+    def __init__(self, comm_cfg: dict, names: list[str], sizes: list[int], feedback=None):
         fields = dict(comm_cfg)
         self.name = fields.pop("name")
         agg = CompressedAggregator(self.name, fields, meter=None)
         if fields.get("feedback", "none") not in FEEDBACKS:
             raise ValueError(f"comm.feedback={fields.get('feedback')}: the live-row exchange takes "
                              f"{' or '.join(FEEDBACKS)}")
-        self.compressor, self.feedback, self.min_numel = agg.compressor, agg.feedback, agg.min_numel
+        self.compressor, self.min_numel = agg.compressor, agg.min_numel
+        self.feedback = feedback if feedback is not None else agg.feedback   # feedback: buffers kept elsewhere
         self.warmup_rounds = int(fields.get("warmup_steps", 0))
         self.names, self.sizes = list(names), list(sizes)
         self.templates: list[Payload | None] = []
