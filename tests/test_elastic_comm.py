@@ -28,10 +28,23 @@ COMM = {"name": "chunk_topk", "chunk": 32, "k": 4, "bits": 2, "mean": "all", "fe
         "min_numel": 64, "warmup_steps": 1}
 
 
+class Traced(RowCodec):
+    """The codec, noting each feedback step it takes: D (dense round), C (compressed)."""
+    kinds = ""
+
+    def dense_step(self, delta, mean):
+        self.kinds += "D"
+        return super().dense_step(delta, mean)
+
+    def step(self, enc, mean):
+        self.kinds += "C"
+        return super().step(enc, mean)
+
+
 def with_codec(spec, comm=COMM):
     def make(slot, joiner):
         rep = Replica(spec, slot, joiner=joiner)
-        rep.exchange = RowCodec(comm, rep.space.names, rep.space.sizes)
+        rep.exchange = Traced(comm, rep.space.names, rep.space.sizes)
         return rep
     return make
 
@@ -86,6 +99,76 @@ def reference(spec, tape, comm=COMM):
             nxt[int(s)], e[int(s)] = joiner, {}
         reps = nxt
     return reps, norms
+
+
+EF21 = {"name": "topk", "ratio": 0.1, "feedback": "ef21", "init": "dense", "min_numel": 64, "warmup_steps": 1}
+
+
+def reference_ef21(spec, tape, comm=EF21):
+    """EF21 (Richtarik, Sokolov, Fatkhullin 2021, Alg. 1) over the tape, in one process: a dense
+    round (the warm-up, and the first round of every new set of live slots) sets g_i = Delta_i and
+    G = the slot-order mean of the Delta_i; any other round sends c_i = C(Delta_i - g_i) per
+    parameter (exact under ``min_numel``), g_i += c_i, G += the slot-order mean of the c_i. The
+    outer step takes G."""
+    comp = compressor_from_config(comm["name"], comm)
+    from thinwire.comm.collectives import segment_step
+    reps, g, G, prev = {}, {}, None, None
+    for entry in tape.rounds:
+        R, live = entry["round"], entry["live_slots"]
+        for s in live:
+            if R == 0 and s not in reps:
+                reps[s] = Replica(spec, s)
+            assert reps[s].round == R
+        deltas = {}
+        for s in live:
+            for t in reps[s].steps_of(R):
+                reps[s].train_step(t)
+            deltas[s] = reps[s].pseudo_gradient()
+        sizes, names = reps[live[0]].space.sizes, reps[live[0]].space.names
+        if R < comm["warmup_steps"] or live != prev:
+            acc = deltas[live[0]].clone()
+            for s in live[1:]:
+                acc += deltas[s]
+            G = acc / len(live)
+            g = {s: deltas[s].clone() for s in live}
+        else:
+            c = {}
+            for s in live:
+                out = []
+                for name, d, gi, size in zip(names, deltas[s].split(sizes), g[s].split(sizes), sizes):
+                    x = d - gi
+                    out.append(comp.decompress(comp.compress(x, step=segment_step(R, name))) if size >= 64 else x)
+                c[s] = torch.cat(out)
+                g[s] = g[s] + c[s]
+            acc = c[live[0]].clone()
+            for s in live[1:]:
+                acc += c[s]
+            G = G + acc / len(live)
+        for s in live:
+            reps[s].apply_mean(G)
+        nxt = {s: reps[s] for s in live}
+        for s, src in entry["healed"].items():
+            joiner = Replica(spec, int(s), joiner=True)
+            joiner.heal(reps[src].consensus_state())
+            nxt[int(s)] = joiner
+        reps, prev = nxt, live
+    return reps
+
+
+def test_ef21_takes_one_dense_round_after_every_membership_change():
+    """topk + EF21, 3 slots, 8 rounds: slot 2 dies in round 2's training, is restarted at round 3's
+    quorum and contributes from round 4. Rounds 0 (warm-up), 2 (slot 2 gone) and 4 (slot 2 back) are
+    dense and reset every g_i and G; the others send C(Delta_i - g_i). Bitwise equal to EF21 over
+    the tape in one process, and to it over the planned absence's tape."""
+    spec = ReplicaSpec(sync="diloco", nominal=3, local_steps=3)
+    tape, finished, _ = simulate(spec, 8, kill_in_training={2: (2, 7)}, restart={2: 3}, make_replica=with_codec(spec, EF21))
+    assert tape.live_sets() == [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    assert finished[0].exchange.kinds == "DCDCDCCC", finished[0].exchange.kinds  # slot 0: dense / compressed
+    ref = reference_ef21(spec, tape)
+    absent = reference_ef21(spec, planned(3, 8, {2: (2, 3)}))
+    for s in range(3):
+        same_replica(finished[s], ref[s])
+        same_replica(finished[s], absent[s])
 
 
 def same_replica(a, b) -> None:
@@ -150,10 +233,13 @@ def sync_state(path) -> dict:
 
 
 @pytest.mark.extended  # two runs: ~35 s (ordinary, 3 ranks) + ~100 s (elastic, a restart) at load average ~10
-@pytest.mark.parametrize("sync", ["local", "diloco"])
-def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_only, tmp_path, sync):
-    """3 slots, ``comm=chunk_topk`` (SparseLoCo's compressor, error feedback): slot 2 SIGKILLed after
-    step 10 (mid round 2), restarted by the launcher, healed with residual 0. Equals, bitwise, the
+@pytest.mark.parametrize("sync, comm", [("local", ["comm=chunk_topk"]), ("diloco", ["comm=chunk_topk"]),
+                                        ("diloco", ["comm=topk", "comm.feedback=ef21"])],
+                         ids=["local-chunk_topk-ef", "diloco-chunk_topk-ef", "diloco-topk-ef21"])
+def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_only, tmp_path, sync, comm):
+    """3 slots, ``comm=chunk_topk`` (SparseLoCo's compressor, error feedback) or ``comm=topk`` with
+    EF21: slot 2 SIGKILLed after step 10 (mid round 2), restarted by the launcher, healed with
+    residual 0 (EF21: a dense round when it left and one when it is back). Equals, bitwise, the
     ordinary 3-rank run with slot 2 planned absent for the rounds the tape recorded (its residual
     dropped at its first absent round): slot 0's loss at every step, the round lines, every slot's
     final parameters, anchor and outer state; the tape's live sets and heals are the plan's."""
@@ -162,7 +248,7 @@ def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_o
     from thinwire.elastic.tape import planned
 
     n = 64
-    args = [*steps(n), f"sync={sync}", "dist.nproc=3", "comm=chunk_topk"]
+    args = [*steps(n), f"sync={sync}", "dist.nproc=3", *comm]
     run, ref = tmp_path / "el", tmp_path / "ref"
     thinwire_train(run, *args, "trainer.faults.step_sleep_s=0.3", "trainer.faults.rank=2", "trainer.faults.kill_at=10",
                    "elastic.min_replicas=2", elastic=True)
@@ -173,7 +259,8 @@ def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_o
     plan = planned(3, n // H, {2: (2, absent[-1])})
     assert live == plan.live_sets() and [e["healed"] for e in tape.rounds] == [e["healed"] for e in plan.rounds]
     residual = [r for r in tape.lost if r.get("reason") == "residual"]
-    assert [(r["slot"], r["round"]) for r in residual] == [(2, 2)] and residual[0]["residual_norm"] > 0
+    assert [(r["slot"], r["round"]) for r in residual] == [(2, 2)]
+    assert (residual[0]["residual_norm"] > 0) == ("comm.feedback=ef21" not in comm)  # EF21 keeps no residual
     thinwire_train(ref, *args, f'trainer.faults.absent_at="2:2..{absent[-1]}"', elastic=False)
     el, want = rows(run / "slot0" / "metrics.jsonl"), rows(ref / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in el] == [(r["step"], r["loss"]) for r in want]  # slot 0, every step
@@ -208,12 +295,14 @@ def torchft_only():
 
 @pytest.mark.parametrize("overrides, line", [
     (["comm=int8"], "comm=int8: elastic=torchft: compressed pseudo-gradients have a joiner rule"),
-    (["comm=chunk_topk", "comm.feedback=ef21"], "comm.feedback=ef21: elastic=torchft: EF21/EControl-style rules "
-                                                "need one dense round after every membership change"),
+    (["comm=chunk_topk", "comm.feedback=ef21"], "comm.feedback=ef21: elastic=torchft: comm=chunk_topk has a joiner "
+                                                "rule for comm.feedback=ef | none only"),
+    (["comm=topk", "comm.feedback=econtrol"], "comm.feedback=econtrol: elastic=torchft: comm=topk has a joiner rule"),
+    (["comm=topk", "comm.feedback=ef21", "comm.init=zero"], "comm.init=zero: elastic=torchft: elastic EF21 restarts"),
     (["comm=chunk_topk", "comm.collective=two_phase"], "comm.collective=two_phase: elastic=torchft: two_phase "
                                                        "keeps server residuals"),
-    (["elastic=none", "comm=chunk_topk", "comm.feedback=econtrol", 'trainer.faults.absent_at="1:0..0"'],
-     "trainer.faults.absent_at=1:0..0: comm.feedback=econtrol: a compressed mean under a planned absence: EF21"),
+    (["elastic=none", "comm=topk", "comm.feedback=econtrol", 'trainer.faults.absent_at="1:0..0"'],
+     "trainer.faults.absent_at=1:0..0: comm.feedback=econtrol: a compressed mean under a planned absence: comm=topk"),
 ])
 def test_what_stays_refused_is_one_line_exit_2(capsys, overrides, line):
     from conftest import cli_error

@@ -143,22 +143,28 @@ class LiveRows:
         self.codec = RowCodec(fields, names, sizes, feedback=averager.aggregator.feedback)
 
     def average(self, rank: int, rnd: int, delta: torch.Tensor, meter, group) -> torch.futures.Future:
+        """Round ``rnd``'s mean (what the outer step takes) over the live ranks, as a done future."""
         from .protocol import live_mean
 
         live, N, codec = self.absence.live(rnd), self.absence.slots, self.codec
+        codec.live = self.absence.live(rnd - 1) if rnd > 0 else None   # from the plan: nothing to checkpoint
         if rank not in live:
             codec.reset()
-        dense = codec.dense(rnd)
+        dense = codec.dense(rnd, live)
         rows = torch.zeros(N, delta.numel() if dense else codec.row_bytes, dtype=torch.float32 if dense else torch.uint8)
-        sent = None
+        enc = None
         if rank in live:
-            sent = None if dense else codec.encode(delta, rnd)
-            rows[rank] = delta if dense else sent.row
+            enc = None if dense else codec.encode(delta, rnd)
+            rows[rank] = delta if dense else enc.row
         accounting.all_reduce(meter, rows, group=group)
         mine = {s: rows[s] for s in live}
         mean = live_mean(mine) if dense else codec.mean(mine)
-        if sent is not None:
-            codec.commit(sent)
+        if rank in live:
+            if dense:
+                enc = codec.dense_step(delta, mean)
+            else:
+                mean = codec.step(enc, mean)
+            codec.commit(enc)
         fut = torch.futures.Future()
         fut.set_result(mean)
         return fut

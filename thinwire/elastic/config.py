@@ -86,22 +86,28 @@ def check_elastic(el: ElasticConfig, *, sync: str, slots: int, master_addr: str 
         raise ConfigError("elastic=torchft: torchft is not installed (pip install 'thinwire[elastic]')") from None
 
 
-COMPRESSED = ("chunk_topk",)     # comm=... with a joiner rule for its residual (thinwire.elastic.exchange)
+# comm=... with a joiner rule for its feedback buffers (thinwire.elastic.exchange): compressor -> rules
+COMPRESSED = {"chunk_topk": ("ef", "none"), "topk": ("ef", "none", "ef21")}
 
 
 def comm_refusal(comm) -> tuple[str, object, str] | None:
     """Why ``comm`` has no joiner rule (docs/elastic.md, "Compressed pseudo-gradients"), as
-    (key, value, reason), or None: ``comm=none``, or ``chunk_topk`` with ``feedback=ef|none`` over its
-    sparse all-gather's algebra (``thinwire.elastic.exchange``)."""
+    (key, value, reason), or None: ``comm=none``; ``chunk_topk`` or ``topk`` with ``feedback=ef|none``
+    (residual 0); ``topk`` with ``feedback=ef21`` (one dense round after every change: topk's mean
+    is exactly mean_i C(x_i), as EF21 needs); over the sparse all-gather's algebra."""
     if comm.name == "none":
         return None
     fb, coll = comm.get("feedback", "none"), comm.get("collective", "auto")
     if comm.name not in COMPRESSED:
-        return "comm", comm.name, (f"compressed pseudo-gradients have a joiner rule (the residual) for "
-                                   f"comm={' | '.join(COMPRESSED)} only; use comm=none or comm=chunk_topk")
-    if fb not in ("ef", "none"):
-        return "comm.feedback", fb, ("EF21/EControl-style rules need one dense round after every membership "
-                                     "change, which is not implemented; use comm.feedback=ef")
+        return "comm", comm.name, (f"compressed pseudo-gradients have a joiner rule for comm="
+                                   f"{' | '.join(COMPRESSED)} only; use comm=none, chunk_topk or topk")
+    if fb not in COMPRESSED[comm.name]:
+        return "comm.feedback", fb, (f"comm={comm.name} has a joiner rule for comm.feedback="
+                                     f"{' | '.join(COMPRESSED[comm.name])} only (ef21: comm=topk, one dense round "
+                                     "after every membership change; EControl, EF21-SGDM and DGC have none yet)")
+    if fb == "ef21" and comm.get("init", "dense") != "dense":
+        return "comm.init", comm.get("init"), "elastic EF21 restarts g_i and G from a dense round after every " \
+                                              "membership change; use comm.init=dense"
     if coll not in ("auto", "allgather"):
         return "comm.collective", coll, ("two_phase keeps server residuals with no reset rule for a membership "
                                          "change; use comm.collective=auto")
@@ -110,7 +116,7 @@ def comm_refusal(comm) -> tuple[str, object, str] | None:
 
 def check_trainer(cfg, plugin_cls) -> None:
     """What ``thinwire-train elastic=torchft`` runs (docs/elastic.md), one line each (exit 2):
-    whole-model rounds of ``sync=local|diloco`` with ``comm=none|chunk_topk`` (:func:`comm_refusal`), a torch inner optimizer (the
+    whole-model rounds of ``sync=local|diloco`` with ``comm=none|chunk_topk|topk`` (:func:`comm_refusal`), a torch inner optimizer (the
     joiner rule clears its state), a run of whole rounds; ``trainer.faults.kill_in_collective_at``
     only under ``elastic=torchft``."""
     s, t = cfg.sync, cfg.trainer

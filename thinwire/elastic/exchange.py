@@ -34,21 +34,23 @@ from ..comm import collectives
 from ..comm.aggregator import CompressedAggregator
 from ..comm.compressors import Payload
 
-FEEDBACKS = ("ef", "none")     # rules whose new buffers do not depend on the mean (EF21/EControl do)
+FEEDBACKS = ("ef", "none", "ef21")   # with a joiner rule: residual 0 (ef), a dense round after a change (ef21)
 TRAILER = 8                    # the residual norm^2 (fp64) after each row's payloads
 
 
 class Encoded:
-    """One contributor's round: its byte row and what the feedback step needs once it commits."""
+    """One contributor's round: its byte row, and per parameter (Delta, q, C(q)) for the feedback
+    step once the mean is known (``step``)."""
 
-    def __init__(self, row: torch.Tensor, staged: dict, residual_sq: float):
-        self.row, self.staged, self.residual_sq = row, staged, residual_sq
+    def __init__(self, row: torch.Tensor, parts: list[tuple]):
+        self.row, self.parts, self.staged = row, parts, {}
 
 
 class RowCodec:
     """The codec of one model's pseudo-gradient (``names``/``sizes``: the flat vector's
     parameters) for ``comm_cfg`` (a comm config: its name and fields, as ``comm=...`` gives them);
-    it owns the sender's feedback buffers (``state_dict``/``reset``), or uses ``feedback``'s."""
+    it owns the sender's feedback buffers (``state_dict``/``reset``), or uses ``feedback``'s.
+    ``live``: the contributors of the last round this slot took part in (EF21's dense rounds)."""
 
     def __init__(self, comm_cfg: dict, names: list[str], sizes: list[int], feedback=None):
         fields = dict(comm_cfg)
@@ -61,6 +63,7 @@ class RowCodec:
         self.feedback = feedback if feedback is not None else agg.feedback   # feedback: buffers kept elsewhere
         self.warmup_rounds = int(fields.get("warmup_steps", 0))
         self.names, self.sizes = list(names), list(sizes)
+        self.live: list[int] | None = None
         self.templates: list[Payload | None] = []
         self.widths: list[int] = []
         for n, size in zip(self.names, self.sizes):
@@ -73,27 +76,44 @@ class RowCodec:
                 self.widths.append(4 * size)
         self.row_bytes = sum(self.widths) + TRAILER
 
-    def dense(self, rnd: int) -> bool:
-        """Round ``rnd`` is a warm-up round (``comm.warmup_steps``): exact fp32 rows, no feedback."""
-        return rnd < self.warmup_rounds
+    def dense(self, rnd: int, contributors: list[int]) -> bool:
+        """Round ``rnd`` travels as exact fp32 rows: a warm-up round (``comm.warmup_steps``), or,
+        for a rule that starts from a dense round (EF21: every g_i and the shared G from the round's
+        own pseudo-gradients), the first round of every new set of contributors."""
+        return rnd < self.warmup_rounds or (self.feedback.dense_init and list(contributors) != self.live)
 
     # -- the sender ---------------------------------------------------------------------
     def encode(self, delta: torch.Tensor, rnd: int) -> Encoded:
-        fb, parts, staged, res_sq = self.feedback, [], {}, 0.0
+        fb, rows, parts, res_sq = self.feedback, [], [], 0.0
         for n, g, tmpl in zip(self.names, delta.detach().float().split(self.sizes), self.templates):
             q = fb.message(n, g)
             if tmpl is not None:
                 pl = self.compressor.compress(q, step=collectives.segment_step(rnd, n))
                 sent = self.compressor.decompress(pl)
-                parts.append(collectives.pack(pl))
+                rows.append(collectives.pack(pl))
             else:
                 sent = q
-                parts.append(q.contiguous().view(torch.uint8).clone())
-            _, bufs = fb.result(n, g, q, sent, None)   # ef: e <- q - C(q); none: nothing
-            staged[n] = bufs
-            res_sq += fb.residual_sq(bufs)
-        parts.append(torch.tensor([res_sq], dtype=torch.float64).view(torch.uint8))
-        return Encoded(torch.cat(parts), staged, res_sq)
+                rows.append(q.contiguous().view(torch.uint8).clone())
+            parts.append((n, g, q, sent))
+            res_sq += fb.residual_sq(fb.result(n, g, q, sent, torch.zeros_like(g))[1])  # ef: |q - C(q)|^2
+        rows.append(torch.tensor([res_sq], dtype=torch.float64).view(torch.uint8))
+        return Encoded(torch.cat(rows), parts)
+
+    def step(self, enc: Encoded, mean: torch.Tensor) -> torch.Tensor:
+        """The feedback step of a compressed round: what the outer optimizer takes (ef: the mean;
+        EF21: G + the mean), the new buffers staged in ``enc`` until the round commits."""
+        out = []
+        for (n, g, q, sent), m in zip(enc.parts, mean.split(self.sizes)):
+            o, enc.staged[n] = self.feedback.result(n, g, q, sent, m)
+            out.append(o)
+        return torch.cat(out)
+
+    def dense_step(self, delta: torch.Tensor, mean: torch.Tensor) -> Encoded:
+        """The buffers after a dense round (EF21: g_i = Delta_i, G = the mean; ef: unchanged)."""
+        enc = Encoded(torch.empty(0, dtype=torch.uint8), [])
+        for n, g, m in zip(self.names, delta.detach().float().split(self.sizes), mean.split(self.sizes)):
+            enc.staged[n] = self.feedback.dense(n, g, m)
+        return enc
 
     def commit(self, enc: Encoded) -> None:
         """The round committed: the sender's residual is the one its row was encoded with."""
@@ -103,16 +123,18 @@ class RowCodec:
         return math.sqrt(sum(self.feedback.residual_sq(bufs) for bufs in self.feedback.store.values()))
 
     def reset(self) -> float:
-        """The joiner rule: residual 0. Returns the norm of the residual dropped (logged as lost)."""
+        """The joiner rule: residual 0 (EF21: g_i and G go too; the next round is dense). Returns
+        the norm of the residual dropped (logged as lost)."""
         lost = self.residual_norm()
         self.feedback.store = {}
         return lost
 
     def state_dict(self) -> dict:
-        return self.feedback.state_dict()
+        return {"feedback": self.feedback.state_dict(), "live": self.live}
 
     def load_state_dict(self, state: dict) -> None:
-        self.feedback.load_state_dict(state)
+        self.feedback.load_state_dict(state.get("feedback", {}))
+        self.live = state.get("live")
 
     # -- every member ---------------------------------------------------------------------
     def mean(self, rows: dict[int, torch.Tensor]) -> torch.Tensor:

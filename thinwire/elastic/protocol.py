@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..comm.accounting import collective_bytes
 from .replica import Replica
 from .state import templates
 
@@ -67,7 +68,7 @@ class ElasticRunner:
         self.faults = faults or NoFaults()
         self.records: list[dict] = []
         self.residual_sq: dict[int, float] = {}   # compressed exchange: each contributor's last residual norm^2
-        self.last_contributors: list[int] = []
+        self.data_bytes = 0                       # this slot's bytes in the last data collective (ring all-reduce)
         self._log = log
 
     def log(self, record: dict) -> None:
@@ -112,7 +113,7 @@ class ElasticRunner:
                     self.log({"kind": "lost", "slot": rep.slot, "round": delta[0],
                               "steps": [steps.start, steps.stop - 1], "reason": "stale round"})
                     lost_logged = True
-                mean, sent, rows = self.data_phase(delta, mine, contributors, R)
+                mean, sent, rows = self.data_phase(delta, mine, contributors, R, len(present))
                 if not m.should_commit():
                     raise MembershipError(f"round {R}: commit vote failed")
             except MembershipError as e:
@@ -130,6 +131,7 @@ class ElasticRunner:
                 self.log({"kind": "round", "round": R, "live_replicas": len(contributors),
                           "live_slots": contributors, "healed": {str(s): source for s in stale},
                           "retries": retries, "stall_s": round(time.monotonic() - t0, 3),
+                          "data_bytes": self.data_bytes,
                           "digest": rep.consensus_digest()})
             if stale:
                 try:
@@ -141,47 +143,62 @@ class ElasticRunner:
             if mine or rep.round > R:
                 return
 
-    def data_phase(self, delta, mine: bool, contributors: list[int], R: int):
-        """The round's data collective and its live mean: (mean, what this slot sent or None, the
-        rows). Dense (``comm=none``, a warm-up round): an N x n fp32 all-reduce, row = slot;
-        compressed (``replica.exchange``, ``thinwire.elastic.exchange``): an N x B uint8
-        all-reduce of the contributors' payload rows. Either way each element has one non-zero
-        addend, so the mean, summed in slot order, does not depend on the collective's order."""
+    def data_phase(self, delta, mine: bool, contributors: list[int], R: int, present: int):
+        """The round's data collective and its live mean: (what the outer step takes, this slot's
+        staged feedback step or None, the compressed rows or {}). Dense (``comm=none``, a warm-up
+        round, EF21's round after a change, voted on by the contributors first: a stale member does
+        not know the last live set): an N x n fp32 all-reduce, row = slot; compressed
+        (``replica.exchange``, ``thinwire.elastic.exchange``): an N x B uint8 all-reduce of the
+        contributors' payload rows. Either way each element has one non-zero addend, so the mean,
+        summed in slot order, does not depend on the collective's order."""
         rep, N, ex = self.replica, self.replica.spec.nominal, self.replica.exchange
-        dense = ex is None or ex.dense(R)
+        dense, vote_bytes = ex is None or ex.dense(R, contributors), 0
+        if ex is not None and ex.feedback.dense_init:  # EF21: only the contributors know the last live set
+            vote = torch.zeros(N, dtype=torch.float64)
+            vote[rep.slot] = float(mine and dense)
+            vote_bytes = collective_bytes("all_reduce", N, 8, present)
+            self.m.allreduce_sum(vote)
+            dense = bool(vote.sum() > 0)
+        enc = None
         if dense:
-            data, sent = torch.zeros(N, sum(rep.space.sizes)), None
+            data = torch.zeros(N, sum(rep.space.sizes))
             if mine:
                 data[rep.slot] = delta[1]
         else:
             data = torch.zeros(N, ex.row_bytes, dtype=torch.uint8)
-            sent = ex.encode(delta[1], R) if mine else None
             if mine:
-                data[rep.slot] = sent.row
+                enc = ex.encode(delta[1], R)
+                data[rep.slot] = enc.row
+        self.data_bytes = vote_bytes + collective_bytes("all_reduce", data.numel(), data.element_size(), present)
         self.faults.before_data(rep.slot, R)
         self.m.allreduce_sum(data)
         rows = {s: data[s] for s in contributors}
-        return (live_mean(rows) if dense else ex.mean(rows)), sent, rows
+        mean = live_mean(rows) if dense else ex.mean(rows)
+        if ex is None or not mine:
+            return mean, None, {} if dense else rows
+        if dense:
+            return mean, ex.dense_step(delta[1], mean), {}
+        return ex.step(enc, mean), enc, rows
 
-    def residuals(self, sent, rows, contributors: list[int], R: int, writer: bool) -> None:
-        """After a committed round (compressed exchange only): the sender's feedback step, the
-        contributors' residual norms (their rows' trailers), and, written by the round's source,
-        a ``lost`` record (``reason: residual``) for each slot that contributed to the last round
-        this slot committed and does not to this one (dead, late or stale): the norm of the
-        residual it takes out of the mean (its steps are audited by the round records)."""
+    def residuals(self, staged, rows, contributors: list[int], R: int, writer: bool) -> None:
+        """After a committed round (compressed exchange only): this slot's feedback step, the
+        contributors' residual norms (their rows' trailers), the round's contributors (EF21's next
+        round is dense when they change), and, written by the round's source, a ``lost`` record
+        (``reason: residual``) for each slot that contributed to the last round this slot took part
+        in and does not to this one (dead, late or stale): the norm of the residual it takes out of
+        the mean (its steps are audited by the round records)."""
         ex = self.replica.exchange
         if ex is None:
             return
-        if sent is not None:
-            ex.commit(sent)
-        if not ex.dense(R):
-            self.residual_sq.update({s: ex.residual_sq(row) for s, row in rows.items()})
+        if staged is not None:
+            ex.commit(staged)
+        self.residual_sq.update({s: ex.residual_sq(row) for s, row in rows.items()})
         if writer:
-            for s in self.last_contributors:
+            for s in ex.live or []:
                 if s not in contributors:
                     self.log({"kind": "lost", "slot": s, "round": R, "reason": "residual",
                               "residual_norm": self.residual_sq.get(s, 0.0) ** 0.5})
-        self.last_contributors = list(contributors)
+        ex.live = list(contributors)
 
     def heal_phase(self, src_rank: int, is_source: bool, receive: bool) -> None:
         """Broadcast the source's consensus state: schema length, schema (JSON), tensors."""
