@@ -16,7 +16,9 @@ the elastic data phase's exchange (``thinwire.elastic.exchange``): each live ran
 an N x B all-reduce, decoded in slot order over the live ranks, so the mean is bitwise the one an
 elastic run with the same live sets takes (gloo's ring would add 3 ranks in another order). The
 absent rank sends nothing and its error-feedback residual is dropped at its first absent round
-(the rule of a dead slot, whose residual dies with it); it rejoins with residual 0.
+(the rule of a dead slot, whose residual dies with it); it rejoins with residual 0. It takes the
+feedback step of a slot that sent zeros, so that the shared state (EF21's G) and with it its
+outer step stay equal to the live ranks'.
 
 Like DiLoCo's adaptive compute pool (Douillard et al. 2023, arXiv 2311.08105, Sec. 3), the
 outer step averages over the replicas present; unlike its dropped-communication experiment,
@@ -148,8 +150,8 @@ class LiveRows:
 
         live, N, codec = self.absence.live(rnd), self.absence.slots, self.codec
         codec.live = self.absence.live(rnd - 1) if rnd > 0 else None   # from the plan: nothing to checkpoint
-        if rank not in live:
-            codec.reset()
+        if rank not in live and rnd == self.absence.first:
+            codec.reset()   # a dead slot's residual dies with it
         dense = codec.dense(rnd, live)
         rows = torch.zeros(N, delta.numel() if dense else codec.row_bytes, dtype=torch.float32 if dense else torch.uint8)
         enc = None
@@ -159,12 +161,11 @@ class LiveRows:
         accounting.all_reduce(meter, rows, group=group)
         mine = {s: rows[s] for s in live}
         mean = live_mean(mine) if dense else codec.mean(mine)
-        if rank in live:
-            if dense:
-                enc = codec.dense_step(delta, mean)
-            else:
-                mean = codec.step(enc, mean)
-            codec.commit(enc)
+        if dense:  # the absent rank takes the shared part of the step too (EF21's G), its own part from zeros
+            enc = codec.dense_step(delta, mean)
+        else:
+            mean = codec.step(enc if enc is not None else codec.idle(), mean)
+        codec.commit(enc)
         fut = torch.futures.Future()
         fut.set_result(mean)
         return fut

@@ -108,6 +108,12 @@ class RowCodec:
             out.append(o)
         return torch.cat(out)
 
+    def idle(self) -> Encoded:
+        """What a slot that sends nothing feeds into ``step`` (Delta = q = C(q) = 0 per parameter):
+        the shared part of the step (EF21's G += mean) without a message of its own."""
+        zero = [torch.zeros(n) for n in self.sizes]
+        return Encoded(torch.empty(0, dtype=torch.uint8), [(n, z, z, z) for n, z in zip(self.names, zero)])
+
     def dense_step(self, delta: torch.Tensor, mean: torch.Tensor) -> Encoded:
         """The buffers after a dense round (EF21: g_i = Delta_i, G = the mean; ef: unchanged)."""
         enc = Encoded(torch.empty(0, dtype=torch.uint8), [])
