@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from thinwire.comm.aggregator import compressor_from_config
+from thinwire.comm.collectives import segment_step
 from thinwire.elastic.exchange import RowCodec
 from thinwire.elastic.replica import Replica, ReplicaSpec
 from thinwire.elastic.simulator import simulate
@@ -77,7 +78,6 @@ def reference(spec, tape, comm=COMM):
             for name, g, size in zip(rep.space.names, delta.split(rep.space.sizes), rep.space.sizes):
                 q = g + e[s][name] if name in e[s] else g.clone()
                 if size >= comm["min_numel"]:
-                    from thinwire.comm.collectives import segment_step
                     c = comp.decompress(comp.compress(q, step=segment_step(R, name)))
                 else:
                     c = q
@@ -86,19 +86,29 @@ def reference(spec, tape, comm=COMM):
                 out.append(c)
             sent[s] = torch.cat(out)
             norms.setdefault(s, {})[R] = sq ** 0.5
-        acc = sent[live[0]].clone()
-        for s in live[1:]:
-            acc += sent[s]
-        mean = acc / len(live)
-        for s in live:
-            reps[s].apply_mean(mean)
-        nxt = {s: reps[s] for s in live}
-        for s, src in entry["healed"].items():
-            joiner = Replica(spec, int(s), joiner=True)
-            joiner.heal(reps[src].consensus_state())
-            nxt[int(s)], e[int(s)] = joiner, {}
-        reps = nxt
+        reps = outer_step_and_heal(spec, reps, entry, slot_order_mean(sent, live))
+        for s in entry["healed"]:
+            e[int(s)] = {}
     return reps, norms
+
+
+def slot_order_mean(vectors: dict, live: list[int]) -> torch.Tensor:
+    acc = vectors[live[0]].clone()
+    for s in live[1:]:
+        acc += vectors[s]
+    return acc / len(live)
+
+
+def outer_step_and_heal(spec, reps: dict, entry: dict, mean: torch.Tensor) -> dict:
+    """Every live slot takes the outer step with ``mean``; the round's healed slots start from their
+    source's consensus state (fresh inner optimizer). The replicas of the next round."""
+    for s in entry["live_slots"]:
+        reps[s].apply_mean(mean)
+    nxt = {s: reps[s] for s in entry["live_slots"]}
+    for s, src in entry["healed"].items():
+        nxt[int(s)] = Replica(spec, int(s), joiner=True)
+        nxt[int(s)].heal(reps[src].consensus_state())
+    return nxt
 
 
 EF21 = {"name": "topk", "ratio": 0.1, "feedback": "ef21", "init": "dense", "min_numel": 64, "warmup_steps": 1}
@@ -111,7 +121,6 @@ def reference_ef21(spec, tape, comm=EF21):
     parameter (exact under ``min_numel``), g_i += c_i, G += the slot-order mean of the c_i. The
     outer step takes G."""
     comp = compressor_from_config(comm["name"], comm)
-    from thinwire.comm.collectives import segment_step
     reps, g, G, prev = {}, {}, None, None
     for entry in tape.rounds:
         R, live = entry["round"], entry["live_slots"]
@@ -126,10 +135,7 @@ def reference_ef21(spec, tape, comm=EF21):
             deltas[s] = reps[s].pseudo_gradient()
         sizes, names = reps[live[0]].space.sizes, reps[live[0]].space.names
         if R < comm["warmup_steps"] or live != prev:
-            acc = deltas[live[0]].clone()
-            for s in live[1:]:
-                acc += deltas[s]
-            G = acc / len(live)
+            G = slot_order_mean(deltas, live)
             g = {s: deltas[s].clone() for s in live}
         else:
             c = {}
@@ -140,18 +146,8 @@ def reference_ef21(spec, tape, comm=EF21):
                     out.append(comp.decompress(comp.compress(x, step=segment_step(R, name))) if size >= 64 else x)
                 c[s] = torch.cat(out)
                 g[s] = g[s] + c[s]
-            acc = c[live[0]].clone()
-            for s in live[1:]:
-                acc += c[s]
-            G = G + acc / len(live)
-        for s in live:
-            reps[s].apply_mean(G)
-        nxt = {s: reps[s] for s in live}
-        for s, src in entry["healed"].items():
-            joiner = Replica(spec, int(s), joiner=True)
-            joiner.heal(reps[src].consensus_state())
-            nxt[int(s)] = joiner
-        reps, prev = nxt, live
+            G = G + slot_order_mean(c, live)
+        reps, prev = outer_step_and_heal(spec, reps, entry, G), live
     return reps
 
 

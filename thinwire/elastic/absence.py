@@ -164,7 +164,8 @@ class LiveRows:
         if dense:  # the absent rank takes the shared part of the step too (EF21's G), its own part from zeros
             enc = codec.dense_step(delta, mean)
         else:
-            mean = codec.step(enc if enc is not None else codec.idle(), mean)
+            enc = enc if enc is not None else codec.idle()
+            mean = codec.step(enc, mean)
         codec.commit(enc)
         fut = torch.futures.Future()
         fut.set_result(mean)
