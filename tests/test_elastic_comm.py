@@ -157,7 +157,8 @@ def test_ef21_takes_one_dense_round_after_every_membership_change():
     dense and reset every g_i and G; the others send C(Delta_i - g_i). Bitwise equal to EF21 over
     the tape in one process, and to it over the planned absence's tape."""
     spec = ReplicaSpec(sync="diloco", nominal=3, local_steps=3)
-    tape, finished, _ = simulate(spec, 8, kill_in_training={2: (2, 7)}, restart={2: 3}, make_replica=with_codec(spec, EF21))
+    tape, finished, _ = simulate(spec, 8, kill_in_training={2: (2, 7)}, restart={2: 3},
+                                 make_replica=with_codec(spec, EF21))
     assert tape.live_sets() == [[0, 1, 2], [0, 1, 2], [0, 1], [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2]]
     assert finished[0].exchange.kinds == "DCDCDCCC", finished[0].exchange.kinds  # slot 0: dense / compressed
     ref = reference_ef21(spec, tape)
@@ -251,7 +252,8 @@ def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_o
     tape = tape_of(run)
     live = tape.live_sets()
     absent = [r for r, ls in enumerate(live) if 2 not in ls]
-    assert absent and absent[0] == 2 and absent == list(range(2, absent[-1] + 1)) and absent[-1] < n // H - 1, live
+    assert absent and absent[0] == 2 and absent == list(range(2, absent[-1] + 1)), live
+    assert absent[-1] < n // H - 1, live  # it came back
     plan = planned(3, n // H, {2: (2, absent[-1])})
     assert live == plan.live_sets() and [e["healed"] for e in tape.rounds] == [e["healed"] for e in plan.rounds]
     residual = [r for r in tape.lost if r.get("reason") == "residual"]
@@ -270,6 +272,24 @@ def test_killed_slot_with_compressed_deltas_equals_the_planned_absence(torchft_o
         assert state_equal(a["outer"], b["outer"]), s
     assert all(r["elastic_row_bytes"] < 4 * sum(p.numel() for p in params(ckpt(run, 0, n, True)).values())
                for r in got)
+
+
+@pytest.mark.extended  # three elastic runs, ~60 s each at load average ~10
+def test_full_slot_resume_with_compressed_deltas_equals_the_uninterrupted_run(torchft_only, tmp_path):
+    """2 slots, ``comm=chunk_topk`` + ef: every slot stops at step 10 (mid round 2) with its
+    checkpoint (its residual with it); ``trainer.resume=auto`` continues bitwise."""
+    from test_elastic_trainer import ckpt, params, rows, same, steps, thinwire_train
+
+    n, args = 20, [*steps(20), "sync=diloco", "dist.nproc=2", "comm=chunk_topk"]
+    thinwire_train(tmp_path / "full", *args, elastic=True)
+    thinwire_train(tmp_path / "split", *args, "trainer.stop_after=10", elastic=True)
+    thinwire_train(tmp_path / "split", *args, "trainer.resume=auto", elastic=True)
+    key = ("step", "loss", "live_slots", "lost_steps", "residual_norm", "val_loss")
+    full, split = (rows(tmp_path / d / "metrics.jsonl") for d in ("full", "split"))
+    assert [[r.get(k) for k in key] for r in split] == [[r.get(k) for k in key] for r in full]
+    assert any(r.get("residual_norm", 0) > 0 for r in full)
+    for s in (0, 1):
+        assert same(params(ckpt(tmp_path / "split", s, n, True)), params(ckpt(tmp_path / "full", s, n, True))), s
 
 
 def state_equal(a, b) -> bool:

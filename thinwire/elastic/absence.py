@@ -130,7 +130,6 @@ class PlannedAbsence:
         return (self.last - self.first + 1) * self.steps * tokens_per_step
 
 
-
 class LiveRows:
     """The planned absence's round mean under a compressed comm (module docstring): the elastic
     data phase over the world's group, with the trainer's own compressor and feedback buffers
@@ -153,7 +152,7 @@ class LiveRows:
         if rank not in live and rnd == self.absence.first:
             codec.reset()   # a dead slot's residual dies with it
         dense = codec.dense(rnd, live)
-        rows = torch.zeros(N, delta.numel() if dense else codec.row_bytes, dtype=torch.float32 if dense else torch.uint8)
+        rows = (torch.zeros(N, delta.numel()) if dense else torch.zeros(N, codec.row_bytes, dtype=torch.uint8))
         enc = None
         if rank in live:
             enc = None if dense else codec.encode(delta, rnd)

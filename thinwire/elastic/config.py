@@ -116,9 +116,9 @@ def comm_refusal(comm) -> tuple[str, object, str] | None:
 
 def check_trainer(cfg, plugin_cls) -> None:
     """What ``thinwire-train elastic=torchft`` runs (docs/elastic.md), one line each (exit 2):
-    whole-model rounds of ``sync=local|diloco`` with ``comm=none|chunk_topk|topk`` (:func:`comm_refusal`), a torch inner optimizer (the
-    joiner rule clears its state), a run of whole rounds; ``trainer.faults.kill_in_collective_at``
-    only under ``elastic=torchft``."""
+    whole-model rounds of ``sync=local|diloco`` with ``comm=none|chunk_topk|topk``
+    (:func:`comm_refusal`), a torch inner optimizer (the joiner rule clears its state), a run of
+    whole rounds; ``trainer.faults.kill_in_collective_at`` only under ``elastic=torchft``."""
     s, t = cfg.sync, cfg.trainer
     at = t.faults.get("kill_in_collective_at")
     if cfg.elastic.name == "none":

@@ -1,9 +1,9 @@
 """Compressed pseudo-gradients with error feedback over a live set, exact whatever the
 collective's order: the data phase of ``elastic=torchft`` (``protocol.ElasticRunner``) and of
-its reference, the planned absence (``absence.LiveRows``) under ``comm=chunk_topk``.
+its reference, the planned absence (``absence.LiveRows``), under ``comm=chunk_topk|topk``.
 
-Each contributor s compresses its message q_s = Delta_s + e_s (the trainer's own feedback rule:
-``thinwire.comm.feedback``, ``ef`` or ``none``) with the trainer's own compressor, parameter by
+Each contributor s compresses its message (q_s = Delta_s + e_s under ``ef``; Delta_s - g_s under
+``ef21``: the trainer's own rule, ``thinwire.comm.feedback``) with the trainer's own compressor, parameter by
 parameter as the ordinary outer all-reduce does (``thinwire.comm.aggregator``: a parameter under
 ``comm.min_numel`` travels as fp32, the compressor's step is ``collectives.segment_step``), and
 packs the payloads into one byte row of a size fixed by the model's shapes. The rows travel as an
@@ -13,7 +13,10 @@ in slot order: ``collectives.sparse_mean`` (the sparse all-gather's own decoding
 given order, divided by the contributors, or per coordinate by the contributors that sent it for
 ``mean=contributors``, SparseLoCo, arXiv 2508.15706, Algorithm 1) for the compressed parameters,
 a slot-order fp32 sum divided by the contributors for the dense ones. Only contributors take the
-feedback step (e_s <- q_s - C(q_s)), and only once the round commits.
+feedback step (ef: e_s <- q_s - C(q_s); ef21: g_s += C(q_s), G += the mean, the outer step takes
+G), and only once the round commits. EF21 starts from a dense round (``RowCodec.dense``): the
+warm-up, and the first round of every new set of contributors (arXiv 2106.05203, Alg. 1's
+g_i^0 = grad f_i(x^0) after each change).
 
 Each row ends with 8 bytes: the sender's residual norm^2 after this round (fp64), so the live set
 knows the norm of the residual a slot takes with it when it leaves (the tape's ``lost`` record).
