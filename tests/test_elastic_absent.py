@@ -122,7 +122,7 @@ def test_planned_absence_equals_the_tape_replay_bitwise(pools, tmp_path, sync):
     (["sync=ddp", 'trainer.faults.absent_at="1:1..2"'], "sync=ddp: a planned absence needs sync=local or "
                                                         "sync=diloco (sync=ddp is fail-stop"),
     (["sync=co2", 'trainer.faults.absent_at="1:1..2"'], "sync=co2: a planned absence needs"),
-    (["comm=topk", 'trainer.faults.absent_at="1:1..2"'], "comm=topk: a compressed mean"),
+    (["comm=int8", 'trainer.faults.absent_at="1:1..2"'], "comm=int8: a compressed mean"),
     (["sync.fragments=2", 'trainer.faults.absent_at="1:1..2"'], "sync.fragments=2: a planned absence runs one"),
 ])
 def test_bad_absent_at_is_one_line_exit_2(capsys, overrides, line):

@@ -307,7 +307,7 @@ def test_torchrun_commands_under_dry_run(capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, line", [
-    (["comm=topk"], "comm=topk: elastic=torchft: compressed pseudo-gradients"),
+    (["comm=int8"], "comm=int8: elastic=torchft: compressed pseudo-gradients"),
     (["trainer.max_steps=10"], "trainer.max_steps=10: elastic=torchft runs whole rounds"),
     (["trainer.eval_every=6"], "trainer.eval_every=6: elastic=torchft evaluates the consensus"),
     (["trainer.faults.kill_in_collective_at=2"], "trainer.faults.kill_in_collective_at=2: an outer round of this "

@@ -223,6 +223,8 @@ class OuterStrategy(SyncStrategy):
     def launch(self, delta: torch.Tensor) -> torch.futures.Future:
         """Start averaging ``delta``, the fragment being launched (a seam: tests slow it down)."""
         names, sizes, it = self.launching
+        if self.absence is not None and self.averager.aggregator is not None:  # compressed: absence.LiveRows
+            return self.absence.rows(self).average(self.world.rank, it, delta, self.meter, self.replicas.cross_group)
         if self.absence is not None:  # the mean over the live contributors (the absent one sends zeros)
             return self.averager.average_async(names, sizes, delta, it, len(self.absence.live(self.round)))
         return self.averager.average_async(names, sizes, delta, it)

@@ -8,8 +8,17 @@ In those rounds the absent rank trains nothing (its batches are lost and audited
 the round's mean is the sum divided by the live count (a live mask every rank derives from the
 same config). It applies the same outer step as the others, so its consensus state (anchor,
 outer optimizer) never leaves the live set's. It rejoins with the state rules of
-docs/elastic.md: parameters = anchor, inner optimizer fresh (its state cleared), no error
-feedback residual (``comm=none`` only), and its first round is round LAST + 1.
+docs/elastic.md: parameters = anchor, inner optimizer fresh (its state cleared), and its first
+round is round LAST + 1.
+
+Under a compressed comm (``comm=chunk_topk``, :class:`LiveRows`) every round's mean goes through
+the elastic data phase's exchange (``thinwire.elastic.exchange``): each live rank's payload row in
+an N x B all-reduce, decoded in slot order over the live ranks, so the mean is bitwise the one an
+elastic run with the same live sets takes (gloo's ring would add 3 ranks in another order). The
+absent rank sends nothing and its error-feedback residual is dropped at its first absent round
+(the rule of a dead slot, whose residual dies with it); it rejoins with residual 0. It takes the
+feedback step of a slot that sent zeros, so that the shared state (EF21's G) and with it its
+outer step stay equal to the live ranks'.
 
 Like DiLoCo's adaptive compute pool (Douillard et al. 2023, arXiv 2311.08105, Sec. 3), the
 outer step averages over the replicas present; unlike its dropped-communication experiment,
@@ -20,6 +29,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
+
+from ..comm import accounting
 from ..errors import need
 
 KEY = "trainer.faults.absent_at"
@@ -55,8 +67,9 @@ def check_run(cfg, world: int, plugin_cls) -> None:
         plain = 1 if k == "fragments" else 0
         need(s.get(k, plain) == plain, KEY, value, f"sync.{k}={s.get(k)}: a planned absence runs one whole-model "
              f"round at a time (sync.{k}={plain})")
-    need(cfg.comm.name == "none", KEY, value, f"comm={cfg.comm.name}: a compressed mean with error feedback has "
-         "no absence rule yet (the absent slot's residual); use comm=none")
+    from .config import comm_refusal
+    bad = comm_refusal(cfg.comm)
+    need(bad is None, KEY, value, bad and f"{bad[0]}={bad[1]}: a compressed mean under a planned absence: {bad[2]}")
     need(cfg.engine.name == "ddp", KEY, value, f"engine={cfg.engine.name}: replica groups are not covered; use "
          "engine=ddp")
     need(getattr(plugin_cls, "steps_torch_optimizer", False), KEY, value, f"optim={cfg.optim.name}: the joiner's "
@@ -103,7 +116,56 @@ class PlannedAbsence:
     def round_metrics(self, rnd: int) -> dict:
         return round_metrics(rnd, self.live(rnd), self.slots, self.steps)
 
+    def rows(self, strategy) -> "LiveRows":
+        """The compressed round mean of ``strategy`` (the outer loop, ``thinwire.comm.local``),
+        built on first use and kept on it."""
+        rows = getattr(strategy, "live_rows", None)
+        if rows is None:
+            rows = strategy.live_rows = LiveRows(self, strategy.averager, strategy.space.names,
+                                                 strategy.space.sizes, strategy.comm_cfg)
+        return rows
+
     def lost_tokens(self, tokens_per_step: int) -> int:
         """Tokens (or samples) the absent slot did not train: its rounds x H x one rank's batch."""
         return (self.last - self.first + 1) * self.steps * tokens_per_step
 
+
+class LiveRows:
+    """The planned absence's round mean under a compressed comm (module docstring): the elastic
+    data phase over the world's group, with the trainer's own compressor and feedback buffers
+    (those of ``averager``'s aggregator: checkpointed with it)."""
+
+    def __init__(self, absence: PlannedAbsence, averager, names: list[str], sizes: list[int], comm_cfg):
+        from omegaconf import OmegaConf
+
+        from .exchange import RowCodec
+        fields = OmegaConf.to_container(comm_cfg, resolve=True) if not isinstance(comm_cfg, dict) else dict(comm_cfg)
+        self.absence = absence
+        self.codec = RowCodec(fields, names, sizes, feedback=averager.aggregator.feedback)
+
+    def average(self, rank: int, rnd: int, delta: torch.Tensor, meter, group) -> torch.futures.Future:
+        """Round ``rnd``'s mean (what the outer step takes) over the live ranks, as a done future."""
+        from .protocol import live_mean
+
+        live, N, codec = self.absence.live(rnd), self.absence.slots, self.codec
+        codec.live = self.absence.live(rnd - 1) if rnd > 0 else None   # from the plan: nothing to checkpoint
+        if rank not in live and rnd == self.absence.first:
+            codec.reset()   # a dead slot's residual dies with it
+        dense = codec.dense(rnd, live)
+        rows = (torch.zeros(N, delta.numel()) if dense else torch.zeros(N, codec.row_bytes, dtype=torch.uint8))
+        enc = None
+        if rank in live:
+            enc = None if dense else codec.encode(delta, rnd)
+            rows[rank] = delta if dense else enc.row
+        accounting.all_reduce(meter, rows, group=group)
+        mine = {s: rows[s] for s in live}
+        mean = live_mean(mine) if dense else codec.mean(mine)
+        if dense:  # the absent rank takes the shared part of the step too (EF21's G), its own part from zeros
+            enc = codec.dense_step(delta, mean)
+        else:
+            enc = enc if enc is not None else codec.idle()
+            mean = codec.step(enc, mean)
+        codec.commit(enc)
+        fut = torch.futures.Future()
+        fut.set_result(mean)
+        return fut

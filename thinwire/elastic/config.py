@@ -86,11 +86,39 @@ def check_elastic(el: ElasticConfig, *, sync: str, slots: int, master_addr: str 
         raise ConfigError("elastic=torchft: torchft is not installed (pip install 'thinwire[elastic]')") from None
 
 
+# comm=... with a joiner rule for its feedback buffers (thinwire.elastic.exchange): compressor -> rules
+COMPRESSED = {"chunk_topk": ("ef", "none"), "topk": ("ef", "none", "ef21")}
+
+
+def comm_refusal(comm) -> tuple[str, object, str] | None:
+    """Why ``comm`` has no joiner rule (docs/elastic.md, "Compressed pseudo-gradients"), as
+    (key, value, reason), or None: ``comm=none``; ``chunk_topk`` or ``topk`` with ``feedback=ef|none``
+    (residual 0); ``topk`` with ``feedback=ef21`` (one dense round after every change: topk's mean
+    is exactly mean_i C(x_i), as EF21 needs); over the sparse all-gather's algebra."""
+    if comm.name == "none":
+        return None
+    fb, coll = comm.get("feedback", "none"), comm.get("collective", "auto")
+    if comm.name not in COMPRESSED:
+        return "comm", comm.name, (f"compressed pseudo-gradients have a joiner rule for comm="
+                                   f"{' | '.join(COMPRESSED)} only; use comm=none, chunk_topk or topk")
+    if fb not in COMPRESSED[comm.name]:
+        return "comm.feedback", fb, (f"comm={comm.name} has a joiner rule for comm.feedback="
+                                     f"{' | '.join(COMPRESSED[comm.name])} only (ef21: comm=topk, one dense round "
+                                     "after every membership change; EControl, EF21-SGDM and DGC have none yet)")
+    if fb == "ef21" and comm.get("init", "dense") != "dense":
+        return "comm.init", comm.get("init"), "elastic EF21 restarts g_i and G from a dense round after every " \
+                                              "membership change; use comm.init=dense"
+    if coll not in ("auto", "allgather"):
+        return "comm.collective", coll, ("two_phase keeps server residuals with no reset rule for a membership "
+                                         "change; use comm.collective=auto")
+    return None
+
+
 def check_trainer(cfg, plugin_cls) -> None:
     """What ``thinwire-train elastic=torchft`` runs (docs/elastic.md), one line each (exit 2):
-    whole-model rounds of ``sync=local|diloco`` with ``comm=none``, a torch inner optimizer (the
-    joiner rule clears its state), a run of whole rounds; ``trainer.faults.kill_in_collective_at``
-    only under ``elastic=torchft``."""
+    whole-model rounds of ``sync=local|diloco`` with ``comm=none|chunk_topk|topk``
+    (:func:`comm_refusal`), a torch inner optimizer (the joiner rule clears its state), a run of
+    whole rounds; ``trainer.faults.kill_in_collective_at`` only under ``elastic=torchft``."""
     s, t = cfg.sync, cfg.trainer
     at = t.faults.get("kill_in_collective_at")
     if cfg.elastic.name == "none":
@@ -104,8 +132,9 @@ def check_trainer(cfg, plugin_cls) -> None:
          "a planned absence is the reference of elastic=torchft, not a fault of it; use elastic=none")
     for k in ("fragment_delay", "moment1_every", "moment2_every"):
         need(s.get(k, 0) == 0, f"sync.{k}", s.get(k), "elastic=torchft runs one whole-model round at a time")
-    need(cfg.comm.name == "none", "comm", cfg.comm.name, "elastic=torchft: compressed pseudo-gradients with error "
-         "feedback have no joiner rule yet (the residual); use comm=none")
+    bad = comm_refusal(cfg.comm)
+    if bad is not None:
+        raise ConfigError(f"{bad[0]}={bad[1]}: elastic=torchft: {bad[2]}")
     need(getattr(plugin_cls, "steps_torch_optimizer", False), "optim", cfg.optim.name,
          "elastic=torchft: the joiner's fresh inner optimizer needs a torch optimizer (sgd, adamw, ...)")
     need(t.max_steps % s.local_steps == 0, "trainer.max_steps", t.max_steps,

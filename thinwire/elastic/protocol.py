@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..comm.accounting import collective_bytes
 from ..trainer.drift import ReplicaDriftError
 from .launch import DRIFT_EXIT
 from .replica import Replica
@@ -113,6 +114,8 @@ class ElasticRunner:
         self.retry_sleep_s = 0.05
         self.faults = faults or NoFaults()
         self.records: list[dict] = []
+        self.residual_sq: dict[int, float] = {}   # compressed exchange: each contributor's last residual norm^2
+        self.data_bytes = 0                       # this slot's bytes in the last data collective (ring all-reduce)
         self._log = log
 
     def log(self, record: dict) -> None:
@@ -162,14 +165,10 @@ class ElasticRunner:
                     self.log({"kind": "lost", "slot": rep.slot, "round": delta[0],
                               "steps": [steps.start, steps.stop - 1], "reason": "stale round"})
                     lost_logged = True
-                mean = None  # a non-finite Delta: the round is skipped everywhere, nothing is sent
+                mean, sent, rows = None, None, {}  # a non-finite Delta: the round is skipped everywhere, nothing is sent
+                self.data_bytes = 0
                 if not nonfinite:
-                    data = torch.zeros(N, sum(rep.space.sizes))
-                    if mine:
-                        data[rep.slot] = delta[1]
-                    self.faults.before_data(rep.slot, R)
-                    m.allreduce_sum(data)
-                    mean = live_mean({s: data[s] for s in contributors})
+                    mean, sent, rows = self.data_phase(delta, mine, contributors, R, len(present))
                 if not m.should_commit():
                     raise MembershipError(f"round {R}: commit vote failed")
             except MembershipError as e:
@@ -181,6 +180,7 @@ class ElasticRunner:
                 time.sleep(self.retry_sleep_s)
                 continue
             source = contributors[0]
+            self.residuals(sent, rows, contributors, R, mine and rep.slot == source)
             if mine:
                 if nonfinite:
                     rep.restart_round()
@@ -190,7 +190,8 @@ class ElasticRunner:
                 self.log({"kind": "round", "round": R, "live_replicas": len(contributors),
                           "live_slots": contributors, "healed": {str(s): source for s in stale},
                           "retries": retries, "stall_s": round(time.monotonic() - t0, 3),
-                          "digest": rep.consensus_digest(), **({"nonfinite": nonfinite} if nonfinite else {})})
+                          "data_bytes": self.data_bytes, "digest": rep.consensus_digest(),
+                          **({"nonfinite": nonfinite} if nonfinite else {})})
             if stale:
                 try:
                     self.heal_phase(int(header[source, 3]), rep.slot == source, not mine)
@@ -200,6 +201,63 @@ class ElasticRunner:
                         continue
             if mine or rep.round > R:
                 return
+
+    def data_phase(self, delta, mine: bool, contributors: list[int], R: int, present: int):
+        """The round's data collective and its live mean: (what the outer step takes, this slot's
+        staged feedback step or None, the compressed rows or {}). Dense (``comm=none``, a warm-up
+        round, EF21's round after a change, voted on by the contributors first: a stale member does
+        not know the last live set): an N x n fp32 all-reduce, row = slot; compressed
+        (``replica.exchange``, ``thinwire.elastic.exchange``): an N x B uint8 all-reduce of the
+        contributors' payload rows. Either way each element has one non-zero addend, so the mean,
+        summed in slot order, does not depend on the collective's order."""
+        rep, N, ex = self.replica, self.replica.spec.nominal, self.replica.exchange
+        dense, vote_bytes = ex is None or ex.dense(R, contributors), 0
+        if ex is not None and ex.feedback.dense_init:  # EF21: only the contributors know the last live set
+            vote = torch.zeros(N, dtype=torch.float64)
+            vote[rep.slot] = float(mine and dense)
+            vote_bytes = collective_bytes("all_reduce", N, 8, present)
+            self.m.allreduce_sum(vote)
+            dense = bool(vote.sum() > 0)
+        enc = None
+        if dense:
+            data = torch.zeros(N, sum(rep.space.sizes))
+            if mine:
+                data[rep.slot] = delta[1]
+        else:
+            data = torch.zeros(N, ex.row_bytes, dtype=torch.uint8)
+            if mine:
+                enc = ex.encode(delta[1], R)
+                data[rep.slot] = enc.row
+        self.data_bytes = vote_bytes + collective_bytes("all_reduce", data.numel(), data.element_size(), present)
+        self.faults.before_data(rep.slot, R)
+        self.m.allreduce_sum(data)
+        rows = {s: data[s] for s in contributors}
+        mean = live_mean(rows) if dense else ex.mean(rows)
+        if ex is None or not mine:
+            return mean, None, {} if dense else rows
+        if dense:
+            return mean, ex.dense_step(delta[1], mean), {}
+        return ex.step(enc, mean), enc, rows
+
+    def residuals(self, staged, rows, contributors: list[int], R: int, writer: bool) -> None:
+        """After a committed round (compressed exchange only): this slot's feedback step, the
+        contributors' residual norms (their rows' trailers), the round's contributors (EF21's next
+        round is dense when they change), and, written by the round's source, a ``lost`` record
+        (``reason: residual``) for each slot that contributed to the last round this slot took part
+        in and does not to this one (dead, late or stale): the norm of the residual it takes out of
+        the mean (its steps are audited by the round records)."""
+        ex = self.replica.exchange
+        if ex is None:
+            return
+        if staged is not None:
+            ex.commit(staged)
+        self.residual_sq.update({s: ex.residual_sq(row) for s, row in rows.items()})
+        if writer:
+            for s in ex.live or []:
+                if s not in contributors:
+                    self.log({"kind": "lost", "slot": s, "round": R, "reason": "residual",
+                              "residual_norm": self.residual_sq.get(s, 0.0) ** 0.5})
+        ex.live = list(contributors)
 
     def heal_phase(self, src_rank: int, is_source: bool, receive: bool) -> None:
         """Broadcast the source's consensus state: schema length, schema (JSON), tensors."""

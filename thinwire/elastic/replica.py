@@ -12,7 +12,8 @@ batches, whatever the live set.
 
 State rules for a joiner (a restarted or late replica that heals): consensus state (anchor,
 outer-optimizer state, round counter) from the source; parameters = anchor; inner optimizer
-fresh (its state reset: a fixed rule the reference replays from the tape).
+fresh (its state reset: a fixed rule the reference replays from the tape); under a compressed
+exchange (``exchange``) its error-feedback residual 0.
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class Replica:
             self.anchor, self.space.global_norm)
         self.inner = self.fresh_inner()
         self.round = -1 if joiner else 0
+        self.exchange = None   # a compressed exchange (thinwire.elastic.exchange.RowCodec): its residual is this slot's
         self.losses: dict[int, float] = {}   # global step -> loss (this slot's)
 
     def fresh_inner(self) -> torch.optim.Optimizer:
@@ -150,7 +152,8 @@ class Replica:
         return digest(tensors, schema)
 
     def heal(self, state: dict) -> None:
-        """Take a live peer's consensus state; parameters = anchor; inner optimizer fresh."""
+        """Take a live peer's consensus state; parameters = anchor; inner optimizer fresh; error
+        feedback residual 0 (the one it held is logged lost by ``protocol``)."""
         self.round = int(state["round"])
         with torch.no_grad():
             for a, s in zip(self.anchor, state["anchor"]):
@@ -159,6 +162,8 @@ class Replica:
         self.outer.load_state_dict(unpack(*pack(state["outer"])))
         self.space.write_flat(self.space.flat(self.anchor))
         self.inner = self.fresh_inner()
+        if self.exchange is not None:
+            self.exchange.reset()
 
     def params_digest(self) -> str:
         return digest([p.detach() for p in self.model.parameters()])

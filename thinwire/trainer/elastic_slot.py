@@ -11,7 +11,8 @@ torchft's quorum and process groups. The slot runs the trainer's own loop
   slot; it evaluates the whole validation set (the consensus after each round: every live slot's
   parameters are the anchor);
 - **sync**: :class:`ElasticSync`, the round's sync of ``thinwire.elastic.protocol.ElasticRunner``
-  (live mean, commit vote, retry with the survivors, heal by broadcast) on a
+  (live mean, commit vote, retry with the survivors, heal by broadcast; under ``comm=chunk_topk``
+  the compressed exchange with error feedback of ``thinwire.elastic.exchange``) on a
   ``thinwire.elastic.replica.Replica`` built from the trainer's model, its inner optimizer (the
   joiner rule clears its state) and the outer optimizer ``sync.*`` configures (with the nominal
   N for ``sync=diloco``'s tuned outer lr, as the ordinary trainer resolves it);
@@ -34,10 +35,12 @@ import time
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ..comm.outer_optimizer import OuterOptimizer, outer_spec
 from ..comm.sync import SyncStrategy
 from ..elastic.absence import round_metrics
+from ..elastic.exchange import RowCodec
 from ..elastic.launch import start_barrier
 from ..elastic.protocol import ElasticRunner, NoFaults
 from ..elastic.replica import Replica, ReplicaSpec
@@ -77,6 +80,9 @@ class ElasticSync(SyncStrategy):
         self.replica = Replica(ReplicaSpec(local_steps=self.H, nominal=self.N, seed=cfg.trainer.seed), self.slot,
                                model=trainer.model, inner=fresh_inner,
                                outer=lambda anchor, norm: OuterOptimizer(anchor, cfg.sync, norm=norm, spec=spec))
+        if cfg.comm.name != "none":  # compressed pseudo-gradients with error feedback (thinwire.elastic.exchange)
+            self.replica.exchange = RowCodec(OmegaConf.to_container(cfg.comm, resolve=True),
+                                             self.replica.space.names, self.replica.space.sizes)
         self.tape_path, self.trainer_cfg = tape_path, cfg
         self.runner = None  # connect(): once the slot is ready to ask for a quorum
         self.writer = self.slot == 0  # writes the run's metrics.jsonl: the lowest live slot
@@ -110,8 +116,11 @@ class ElasticSync(SyncStrategy):
             return {"outer_round": rep.round, "elastic_stale_round": rnd}
         r = done[-1]
         self.writer = r["live_slots"][0] == self.slot
+        ex = {} if rep.exchange is None else {"elastic_row_bytes": rep.exchange.row_bytes,
+                                              "residual_norm": rep.exchange.residual_norm()}
         return {**round_metrics(r["round"], r["live_slots"], self.N, self.H), "outer_round": rep.round,
-                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"], **skipped_round(r, self.N, self.H)}
+                "elastic_retries": r["retries"], "elastic_stall_s": r["stall_s"], **skipped_round(r, self.N, self.H),
+                **ex}
 
     def next_step(self, done: int) -> int:
         return max(done, self.replica.round * self.H) if done % self.H == 0 else done
@@ -129,7 +138,8 @@ class ElasticSync(SyncStrategy):
         yield self.model  # at a round's end the slot's parameters are the consensus anchor
 
     def state_dict(self) -> dict:
-        return self.replica.consensus_state()
+        rep = self.replica
+        return {**rep.consensus_state(), **({} if rep.exchange is None else {"residual": rep.exchange.state_dict()})}
 
     def load_state_dict(self, state: dict) -> None:
         rep = self.replica
@@ -138,6 +148,8 @@ class ElasticSync(SyncStrategy):
             for a, s in zip(rep.anchor, state["anchor"]):
                 a.copy_(s)
         rep.outer.load_state_dict(state["outer"])
+        if rep.exchange is not None:
+            rep.exchange.load_state_dict(state.get("residual", {}))
 
     def close(self) -> None:
         pass
