@@ -165,7 +165,8 @@ def _check(rank, p):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("p", [2, pytest.param(3, marks=pytest.mark.extended), 4])  # 3 ranks: extended tier
+@pytest.mark.parametrize("p", [2, pytest.param(3, marks=pytest.mark.extended),
+                               pytest.param(4, marks=pytest.mark.extended)])  # 3 and 4 ranks: extended tier
 def test_collectives_multi_rank(p, tmp_path):
     run_ranks(_check, p, tmp_path)
 

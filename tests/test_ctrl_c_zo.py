@@ -22,8 +22,8 @@ CHECK = 3  # trainer.drift_check_every: where the run may stop
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", [["optim=mezo"], pytest.param(["optim=zo_dist"], marks=pytest.mark.extended)],
-                         ids=["mezo", "zo_dist"])  # zo_dist: the same vote, extended tier
+@pytest.mark.extended  # ~11 s each; the launcher's Ctrl-C is in the default tier (tests/test_ctrl_c.py)
+@pytest.mark.parametrize("optim", [["optim=mezo"], ["optim=zo_dist"]], ids=["mezo", "zo_dist"])
 def test_ctrl_c_under_zeroth_order_stops_at_a_replica_check_and_resumes_bitwise(pools, tmp_path, optim):
     run, full = tmp_path / "run", tmp_path / "full"
     args = [*BASE, *optim, f"trainer.drift_check_every={CHECK}"]
