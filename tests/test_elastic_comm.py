@@ -33,9 +33,9 @@ class Traced(RowCodec):
     """The codec, noting each feedback step it takes: D (dense round), C (compressed)."""
     kinds = ""
 
-    def dense_step(self, delta, mean):
+    def dense_step(self, delta, mean, rnd):
         self.kinds += "D"
-        return super().dense_step(delta, mean)
+        return super().dense_step(delta, mean, rnd)
 
     def step(self, enc, mean):
         self.kinds += "C"
@@ -116,10 +116,11 @@ EF21 = {"name": "topk", "ratio": 0.1, "feedback": "ef21", "init": "dense", "min_
 
 def reference_ef21(spec, tape, comm=EF21):
     """EF21 (Richtarik, Sokolov, Fatkhullin 2021, Alg. 1) over the tape, in one process: a dense
-    round (the warm-up, and the first round of every new set of live slots) sets g_i = Delta_i and
-    G = the slot-order mean of the Delta_i; any other round sends c_i = C(Delta_i - g_i) per
-    parameter (exact under ``min_numel``), g_i += c_i, G += the slot-order mean of the c_i. The
-    outer step takes G."""
+    round (the warm-up, and the first round of every new set of live slots) steps with the
+    slot-order mean of the Delta_i; after it, g_i = Delta_i and G = that mean (warm-up) or
+    g_i = G = 0 (a change: Alg. 1's zero start over the new set). Any other round sends
+    c_i = C(Delta_i - g_i) per parameter (exact under ``min_numel``), g_i += c_i, G += the
+    slot-order mean of the c_i, and steps with G."""
     comp = compressor_from_config(comm["name"], comm)
     reps, g, G, prev = {}, {}, None, None
     for entry in tape.rounds:
@@ -135,8 +136,10 @@ def reference_ef21(spec, tape, comm=EF21):
             deltas[s] = reps[s].pseudo_gradient()
         sizes, names = reps[live[0]].space.sizes, reps[live[0]].space.names
         if R < comm["warmup_steps"] or live != prev:
-            G = slot_order_mean(deltas, live)
-            g = {s: deltas[s].clone() for s in live}
+            step = slot_order_mean(deltas, live)
+            warm = R < comm["warmup_steps"]
+            G = step.clone() if warm else torch.zeros_like(step)
+            g = {s: deltas[s].clone() if warm else torch.zeros_like(deltas[s]) for s in live}
         else:
             c = {}
             for s in live:
@@ -147,15 +150,16 @@ def reference_ef21(spec, tape, comm=EF21):
                 c[s] = torch.cat(out)
                 g[s] = g[s] + c[s]
             G = G + slot_order_mean(c, live)
-        reps, prev = outer_step_and_heal(spec, reps, entry, G), live
+            step = G
+        reps, prev = outer_step_and_heal(spec, reps, entry, step), live
     return reps
 
 
 def test_ef21_takes_one_dense_round_after_every_membership_change():
     """topk + EF21, 3 slots, 8 rounds: slot 2 dies in round 2's training, is restarted at round 3's
     quorum and contributes from round 4. Rounds 0 (warm-up), 2 (slot 2 gone) and 4 (slot 2 back) are
-    dense and reset every g_i and G; the others send C(Delta_i - g_i). Bitwise equal to EF21 over
-    the tape in one process, and to it over the planned absence's tape."""
+    dense (after 2 and 4 every g_i and G restart from 0); the others send C(Delta_i - g_i).
+    Bitwise equal to EF21 over the tape in one process, and to it over the planned absence's tape."""
     spec = ReplicaSpec(sync="diloco", nominal=3, local_steps=3)
     tape, finished, _ = simulate(spec, 8, kill_in_training={2: (2, 7)}, restart={2: 3},
                                  make_replica=with_codec(spec, EF21))
