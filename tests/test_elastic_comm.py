@@ -172,6 +172,41 @@ def test_ef21_takes_one_dense_round_after_every_membership_change():
         same_replica(finished[s], absent[s])
 
 
+
+def test_ef21_round_after_a_rejoin_steps_with_its_own_compressed_mean():
+    """The codec alone (no model), slots 0-1 then slot 2 back: round 0 warm-up (dense), round 1
+    compressed, round 2 a change (dense: the step is the exact mean), round 3 compressed with
+    pseudo-gradients a tenth of round 2's (an inner lr decaying). EF21 restarts from g_i = G = 0
+    after the change, so round 3's outer step is the slot-order mean of C(Delta_i) (Delta_i itself
+    under ``min_numel``), computed here from the compressor; not round 2's mean a second time."""
+    names, sizes = ["w", "b"], [128, 8]
+    comp = compressor_from_config("topk", EF21)
+    codecs = {s: RowCodec(EF21, names, sizes) for s in range(3)}
+    gen = torch.Generator().manual_seed(0)
+    deltas = {r: {s: torch.randn(136, generator=gen) * (0.1 if r == 3 else 1.0) for s in range(3)} for r in range(4)}
+    steps = {}
+    for rnd, live in enumerate([[0, 1], [0, 1], [0, 1, 2], [0, 1, 2]]):
+        dense = codecs[live[0]].dense(rnd, live)
+        assert dense == (rnd in (0, 2))
+        if dense:
+            steps[rnd] = slot_order_mean(deltas[rnd], live)
+            encs = {s: codecs[s].dense_step(deltas[rnd][s], steps[rnd], rnd) for s in live}
+        else:
+            encs = {s: codecs[s].encode(deltas[rnd][s], rnd) for s in live}
+            mean = codecs[live[0]].mean({s: encs[s].row for s in live})
+            outs = {s: codecs[s].step(encs[s], mean) for s in live}
+            assert all(torch.equal(outs[s], outs[live[0]]) for s in live)
+            steps[rnd] = outs[live[0]]
+        for s in live:
+            codecs[s].commit(encs[s])
+            codecs[s].live = list(live)
+    sent = {}
+    for s in range(3):
+        w, b = deltas[3][s].split(sizes)
+        sent[s] = torch.cat([comp.decompress(comp.compress(w, step=segment_step(3, "w"))), b])
+    assert torch.equal(steps[3], slot_order_mean(sent, [0, 1, 2]))
+    assert steps[3].norm() < 0.2 * steps[2].norm()
+
 def same_replica(a, b) -> None:
     assert a.round == b.round
     assert a.consensus_digest() == b.consensus_digest()
