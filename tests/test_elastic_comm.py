@@ -33,9 +33,9 @@ class Traced(RowCodec):
     """The codec, noting each feedback step it takes: D (dense round), C (compressed)."""
     kinds = ""
 
-    def dense_step(self, delta, mean):
+    def dense_step(self, delta, mean, rnd):
         self.kinds += "D"
-        return super().dense_step(delta, mean)
+        return super().dense_step(delta, mean, rnd)
 
     def step(self, enc, mean):
         self.kinds += "C"
@@ -116,10 +116,11 @@ EF21 = {"name": "topk", "ratio": 0.1, "feedback": "ef21", "init": "dense", "min_
 
 def reference_ef21(spec, tape, comm=EF21):
     """EF21 (Richtarik, Sokolov, Fatkhullin 2021, Alg. 1) over the tape, in one process: a dense
-    round (the warm-up, and the first round of every new set of live slots) sets g_i = Delta_i and
-    G = the slot-order mean of the Delta_i; any other round sends c_i = C(Delta_i - g_i) per
-    parameter (exact under ``min_numel``), g_i += c_i, G += the slot-order mean of the c_i. The
-    outer step takes G."""
+    round (the warm-up, and the first round of every new set of live slots) steps with the
+    slot-order mean of the Delta_i; after it, g_i = Delta_i and G = that mean (warm-up) or
+    g_i = G = 0 (a change: Alg. 1's zero start over the new set). Any other round sends
+    c_i = C(Delta_i - g_i) per parameter (exact under ``min_numel``), g_i += c_i, G += the
+    slot-order mean of the c_i, and steps with G."""
     comp = compressor_from_config(comm["name"], comm)
     reps, g, G, prev = {}, {}, None, None
     for entry in tape.rounds:
@@ -135,8 +136,10 @@ def reference_ef21(spec, tape, comm=EF21):
             deltas[s] = reps[s].pseudo_gradient()
         sizes, names = reps[live[0]].space.sizes, reps[live[0]].space.names
         if R < comm["warmup_steps"] or live != prev:
-            G = slot_order_mean(deltas, live)
-            g = {s: deltas[s].clone() for s in live}
+            step = slot_order_mean(deltas, live)
+            warm = R < comm["warmup_steps"]
+            G = step.clone() if warm else torch.zeros_like(step)
+            g = {s: deltas[s].clone() if warm else torch.zeros_like(deltas[s]) for s in live}
         else:
             c = {}
             for s in live:
@@ -147,15 +150,16 @@ def reference_ef21(spec, tape, comm=EF21):
                 c[s] = torch.cat(out)
                 g[s] = g[s] + c[s]
             G = G + slot_order_mean(c, live)
-        reps, prev = outer_step_and_heal(spec, reps, entry, G), live
+            step = G
+        reps, prev = outer_step_and_heal(spec, reps, entry, step), live
     return reps
 
 
 def test_ef21_takes_one_dense_round_after_every_membership_change():
     """topk + EF21, 3 slots, 8 rounds: slot 2 dies in round 2's training, is restarted at round 3's
     quorum and contributes from round 4. Rounds 0 (warm-up), 2 (slot 2 gone) and 4 (slot 2 back) are
-    dense and reset every g_i and G; the others send C(Delta_i - g_i). Bitwise equal to EF21 over
-    the tape in one process, and to it over the planned absence's tape."""
+    dense (after 2 and 4 every g_i and G restart from 0); the others send C(Delta_i - g_i).
+    Bitwise equal to EF21 over the tape in one process, and to it over the planned absence's tape."""
     spec = ReplicaSpec(sync="diloco", nominal=3, local_steps=3)
     tape, finished, _ = simulate(spec, 8, kill_in_training={2: (2, 7)}, restart={2: 3},
                                  make_replica=with_codec(spec, EF21))
@@ -167,6 +171,41 @@ def test_ef21_takes_one_dense_round_after_every_membership_change():
         same_replica(finished[s], ref[s])
         same_replica(finished[s], absent[s])
 
+
+
+def test_ef21_round_after_a_rejoin_steps_with_its_own_compressed_mean():
+    """The codec alone (no model), slots 0-1 then slot 2 back: round 0 warm-up (dense), round 1
+    compressed, round 2 a change (dense: the step is the exact mean), round 3 compressed with
+    pseudo-gradients a tenth of round 2's (an inner lr decaying). EF21 restarts from g_i = G = 0
+    after the change, so round 3's outer step is the slot-order mean of C(Delta_i) (Delta_i itself
+    under ``min_numel``), computed here from the compressor; not round 2's mean a second time."""
+    names, sizes = ["w", "b"], [128, 8]
+    comp = compressor_from_config("topk", EF21)
+    codecs = {s: RowCodec(EF21, names, sizes) for s in range(3)}
+    gen = torch.Generator().manual_seed(0)
+    deltas = {r: {s: torch.randn(136, generator=gen) * (0.1 if r == 3 else 1.0) for s in range(3)} for r in range(4)}
+    steps = {}
+    for rnd, live in enumerate([[0, 1], [0, 1], [0, 1, 2], [0, 1, 2]]):
+        dense = codecs[live[0]].dense(rnd, live)
+        assert dense == (rnd in (0, 2))
+        if dense:
+            steps[rnd] = slot_order_mean(deltas[rnd], live)
+            encs = {s: codecs[s].dense_step(deltas[rnd][s], steps[rnd], rnd) for s in live}
+        else:
+            encs = {s: codecs[s].encode(deltas[rnd][s], rnd) for s in live}
+            mean = codecs[live[0]].mean({s: encs[s].row for s in live})
+            outs = {s: codecs[s].step(encs[s], mean) for s in live}
+            assert all(torch.equal(outs[s], outs[live[0]]) for s in live)
+            steps[rnd] = outs[live[0]]
+        for s in live:
+            codecs[s].commit(encs[s])
+            codecs[s].live = list(live)
+    sent = {}
+    for s in range(3):
+        w, b = deltas[3][s].split(sizes)
+        sent[s] = torch.cat([comp.decompress(comp.compress(w, step=segment_step(3, "w"))), b])
+    assert torch.equal(steps[3], slot_order_mean(sent, [0, 1, 2]))
+    assert steps[3].norm() < 0.2 * steps[2].norm()
 
 def same_replica(a, b) -> None:
     assert a.round == b.round

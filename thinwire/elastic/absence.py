@@ -160,8 +160,8 @@ class LiveRows:
         accounting.all_reduce(meter, rows, group=group)
         mine = {s: rows[s] for s in live}
         mean = live_mean(mine) if dense else codec.mean(mine)
-        if dense:  # the absent rank takes the shared part of the step too (EF21's G), its own part from zeros
-            enc = codec.dense_step(delta, mean)
+        if dense:  # the absent rank takes the dense step too (EF21's restart), its own part from zeros
+            enc = codec.dense_step(delta, mean, rnd)
         else:
             enc = enc if enc is not None else codec.idle()
             mean = codec.step(enc, mean)

@@ -14,9 +14,13 @@ given order, divided by the contributors, or per coordinate by the contributors 
 ``mean=contributors``, SparseLoCo, arXiv 2508.15706, Algorithm 1) for the compressed parameters,
 a slot-order fp32 sum divided by the contributors for the dense ones. Only contributors take the
 feedback step (ef: e_s <- q_s - C(q_s); ef21: g_s += C(q_s), G += the mean, the outer step takes
-G), and only once the round commits. EF21 starts from a dense round (``RowCodec.dense``): the
-warm-up, and the first round of every new set of contributors (arXiv 2106.05203, Alg. 1's
-g_i^0 = grad f_i(x^0) after each change).
+G), and only once the round commits. EF21 has dense rounds (``RowCodec.dense``): the warm-up
+(g_i = Delta_i, G = the mean, as the ordinary run initialises it), and the first round of every
+new set of contributors, whose exact mean the outer step takes once, after which EF21 restarts
+from g_i = G = 0 (arXiv 2106.05203, Alg. 1 with g_i^0 = 0; ``RowCodec.restarts``). Setting
+g_i = Delta_i, G = the mean there instead made the next round's G the change round's mean plus a
+Top-K correction, so the outer step applied that round's displacement a second time (val loss
+7.26 against 3.33 without the absence, docs/elastic.md).
 
 Each row ends with 8 bytes: the sender's residual norm^2 after this round (fp64), so the live set
 knows the norm of the residual a slot takes with it when it leaves (the tape's ``lost`` record).
@@ -81,8 +85,8 @@ class RowCodec:
 
     def dense(self, rnd: int, contributors: list[int]) -> bool:
         """Round ``rnd`` travels as exact fp32 rows: a warm-up round (``comm.warmup_steps``), or,
-        for a rule that starts from a dense round (EF21: every g_i and the shared G from the round's
-        own pseudo-gradients), the first round of every new set of contributors."""
+        for a rule that starts from a dense round (EF21), the first round of every new set of
+        contributors (``dense_step``: its buffers after)."""
         return rnd < self.warmup_rounds or (self.feedback.dense_init and list(contributors) != self.live)
 
     # -- the sender ---------------------------------------------------------------------
@@ -117,12 +121,23 @@ class RowCodec:
         zero = [torch.zeros(n) for n in self.sizes]
         return Encoded(torch.empty(0, dtype=torch.uint8), [(n, z, z, z) for n, z in zip(self.names, zero)])
 
-    def dense_step(self, delta: torch.Tensor, mean: torch.Tensor) -> Encoded:
-        """The buffers after a dense round (EF21: g_i = Delta_i, G = the mean; ef: unchanged)."""
+    def dense_step(self, delta: torch.Tensor, mean: torch.Tensor, rnd: int) -> Encoded:
+        """The buffers after dense round ``rnd`` (the outer step takes its exact mean). A warm-up
+        round: EF21's g_i = Delta_i, G = the mean, as in the ordinary run; the round of a change
+        (``restarts``): EF21 restarts from g_i = G = 0 over the new contributors. ef: unchanged."""
         enc = Encoded(torch.empty(0, dtype=torch.uint8), [])
+        zero = self.restarts(rnd)
         for n, g, m in zip(self.names, delta.detach().float().split(self.sizes), mean.split(self.sizes)):
-            enc.staged[n] = self.feedback.dense(n, g, m)
+            bufs = self.feedback.dense(n, g, m)
+            enc.staged[n] = {k: torch.zeros_like(v) for k, v in bufs.items()} if zero else bufs
         return enc
+
+    def restarts(self, rnd: int) -> bool:
+        """A dense round ``rnd`` past the warm-up is a change's: EF21 restarts from g_i^0 = 0,
+        G^0 = 0 (arXiv 2106.05203, Alg. 1 with the zero start), so that the next round's step is
+        mean_i C(Delta_i), not the change round's mean a second time (G = the mean + a Top-K
+        correction: the outer step would apply the change round's displacement twice)."""
+        return rnd >= self.warmup_rounds
 
     def commit(self, enc: Encoded) -> None:
         """The round committed: the sender's residual is the one its row was encoded with."""

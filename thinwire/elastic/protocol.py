@@ -236,7 +236,7 @@ class ElasticRunner:
         if ex is None or not mine:
             return mean, None, {} if dense else rows
         if dense:
-            return mean, ex.dense_step(delta[1], mean), {}
+            return mean, ex.dense_step(delta[1], mean, R), {}
         return ex.step(enc, mean), enc, rows
 
     def residuals(self, staged, rows, contributors: list[int], R: int, writer: bool) -> None:
