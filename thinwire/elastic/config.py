@@ -93,8 +93,9 @@ COMPRESSED = {"chunk_topk": ("ef", "none"), "topk": ("ef", "none", "ef21")}
 def comm_refusal(comm) -> tuple[str, object, str] | None:
     """Why ``comm`` has no joiner rule (docs/elastic.md, "Compressed pseudo-gradients"), as
     (key, value, reason), or None: ``comm=none``; ``chunk_topk`` or ``topk`` with ``feedback=ef|none``
-    (residual 0); ``topk`` with ``feedback=ef21`` (one dense round after every change: topk's mean
-    is exactly mean_i C(x_i), as EF21 needs); over the sparse all-gather's algebra."""
+    (residual 0); ``topk`` with ``feedback=ef21`` (after every change one dense round, whose exact
+    live mean the outer step takes, then EF21 restarts from g_i = G = 0: topk's mean is exactly
+    mean_i C(x_i), as EF21 needs); over the sparse all-gather's algebra."""
     if comm.name == "none":
         return None
     fb, coll = comm.get("feedback", "none"), comm.get("collective", "auto")
@@ -106,8 +107,8 @@ def comm_refusal(comm) -> tuple[str, object, str] | None:
                                      f"{' | '.join(COMPRESSED[comm.name])} only (ef21: comm=topk, one dense round "
                                      "after every membership change; EControl, EF21-SGDM and DGC have none yet)")
     if fb == "ef21" and comm.get("init", "dense") != "dense":
-        return "comm.init", comm.get("init"), "elastic EF21 restarts g_i and G from a dense round after every " \
-                                              "membership change; use comm.init=dense"
+        return "comm.init", comm.get("init"), "elastic EF21 takes a dense round after every membership change " \
+                                              "(and at the start); use comm.init=dense"
     if coll not in ("auto", "allgather"):
         return "comm.collective", coll, ("two_phase keeps server residuals with no reset rule for a membership "
                                          "change; use comm.collective=auto")
