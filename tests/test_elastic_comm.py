@@ -353,7 +353,7 @@ def torchft_only():
     (["comm=chunk_topk", "comm.feedback=ef21"], "comm.feedback=ef21: elastic=torchft: comm=chunk_topk has a joiner "
                                                 "rule for comm.feedback=ef | none only"),
     (["comm=topk", "comm.feedback=econtrol"], "comm.feedback=econtrol: elastic=torchft: comm=topk has a joiner rule"),
-    (["comm=topk", "comm.feedback=ef21", "comm.init=zero"], "comm.init=zero: elastic=torchft: elastic EF21 restarts"),
+    (["comm=topk", "comm.feedback=ef21", "comm.init=zero"], "comm.init=zero: elastic=torchft: elastic EF21 takes a dense round"),
     (["comm=chunk_topk", "comm.collective=two_phase"], "comm.collective=two_phase: elastic=torchft: two_phase "
                                                        "keeps server residuals"),
     (["elastic=none", "comm=topk", "comm.feedback=econtrol", 'trainer.faults.absent_at="1:0..0"'],
