@@ -25,8 +25,9 @@ One sync, on every replica in the quorum (``ElasticRunner.sync``)::
                       is retried from the same Delta with the new quorum (no local work lost)
     outer step        contributors: a <- OuterOpt(a, mean over contributors); w <- a
     heal              stale replicas receive the consensus state (anchor, outer state, round)
-                      from the lowest contributing slot by broadcast (JSON schema + raw
-                      tensors, no pickle); parameters = anchor, inner optimizer fresh
+                      from the lowest contributing slot by digest: JSON schema + per-tensor
+                      digests, then only the tensors some stale replica lacks (no pickle);
+                      parameters = anchor, inner optimizer fresh
 
 Each contributor appends the committed round to its tape: ``{"round", "live_slots", "healed"
 {slot: source}, "retries", "digest"}`` (the consensus digest after the step), and
