@@ -276,7 +276,8 @@ class ElasticRunner:
         sizes = torch.tensor([raw.numel(), len(tensors)] if is_source else [0, 0], dtype=torch.int64)
         m.broadcast(sizes, src_rank)
         if not is_source:
-            raw, digests = torch.zeros(int(sizes[0]), dtype=torch.uint8), torch.zeros(int(sizes[1]) + 1, dtype=torch.int64)
+            raw = torch.zeros(int(sizes[0]), dtype=torch.uint8)
+            digests = torch.zeros(int(sizes[1]) + 1, dtype=torch.int64)
         m.broadcast(raw, src_rank)
         m.broadcast(digests, src_rank)
         schema = bytes(raw.tolist()).decode()
