@@ -25,8 +25,9 @@ One sync, on every replica in the quorum (``ElasticRunner.sync``)::
                       is retried from the same Delta with the new quorum (no local work lost)
     outer step        contributors: a <- OuterOpt(a, mean over contributors); w <- a
     heal              stale replicas receive the consensus state (anchor, outer state, round)
-                      from the lowest contributing slot by broadcast (JSON schema + raw
-                      tensors, no pickle); parameters = anchor, inner optimizer fresh
+                      from the lowest contributing slot by digest: JSON schema + per-tensor
+                      digests, then only the tensors some stale replica lacks (no pickle);
+                      parameters = anchor, inner optimizer fresh
 
 Each contributor appends the committed round to its tape: ``{"round", "live_slots", "healed"
 {slot: source}, "retries", "digest"}`` (the consensus digest after the step), and
@@ -45,7 +46,7 @@ from ..comm.accounting import collective_bytes
 from ..trainer.drift import ReplicaDriftError
 from .launch import DRIFT_EXIT
 from .replica import Replica
-from .state import templates
+from .state import digest, layout, signed64, templates, tensor_digests
 
 HEADER = 7  # present, round, has delta, rank, digest high 32 bits, digest low 32 bits, Delta finite
 
@@ -260,25 +261,47 @@ class ElasticRunner:
         ex.live = list(contributors)
 
     def heal_phase(self, src_rank: int, is_source: bool, receive: bool) -> None:
-        """Broadcast the source's consensus state: schema length, schema (JSON), tensors."""
+        """Heal by digest: the source broadcasts its schema (JSON) and its consensus digest plus
+        one 64-bit digest per tensor (int64, exact); each receiver marks the tensors it lacks
+        (all of them when its layout differs, e.g. a fresh joiner without outer state); one
+        all-reduce of the need mask (the source and the contributors add zeros) gives their union,
+        and only those tensors are broadcast. A receiver keeps its own copy of every other tensor
+        (equal by digest) and must end on the source's consensus digest."""
         rep, m = self.replica, self.m
+        schema, tensors, raw, digests = None, None, None, None
         if is_source:
             schema, tensors = rep.pack_consensus()
             raw = torch.tensor(list(schema.encode()), dtype=torch.uint8)
-        else:
-            schema, tensors, raw = None, None, None
-        n = torch.tensor([raw.numel() if raw is not None else 0], dtype=torch.int64)
-        m.broadcast(n, src_rank)
-        if raw is None:
-            raw = torch.zeros(int(n), dtype=torch.uint8)
+            digests = torch.tensor([signed64(digest(tensors, schema)), *tensor_digests(tensors)], dtype=torch.int64)
+        sizes = torch.tensor([raw.numel(), len(tensors)] if is_source else [0, 0], dtype=torch.int64)
+        m.broadcast(sizes, src_rank)
+        if not is_source:
+            raw = torch.zeros(int(sizes[0]), dtype=torch.uint8)
+            digests = torch.zeros(int(sizes[1]) + 1, dtype=torch.int64)
         m.broadcast(raw, src_rank)
+        m.broadcast(digests, src_rank)
         schema = bytes(raw.tolist()).decode()
+        need = torch.zeros(int(sizes[1]), dtype=torch.int64)
+        own = None
+        if receive:
+            own_schema, own = rep.pack_consensus()
+            if layout(own_schema) == layout(schema):
+                need = (torch.tensor(tensor_digests(own), dtype=torch.int64) != digests[1:]).to(torch.int64)
+            else:
+                need.fill_(1)
+        m.allreduce_sum(need)
+        sent = [i for i in range(len(need)) if need[i] > 0]
         if tensors is None:
             tensors = templates(schema)
-        for t in tensors:
-            m.broadcast(t, src_rank)
+        for i in sent:
+            m.broadcast(tensors[i], src_rank)
         if receive:
-            state = rep.unpack_consensus(schema, tensors)
+            state = rep.unpack_consensus(schema, [t if need[i] > 0 else own[i] for i, t in enumerate(tensors)])
             rep.heal(state)
+            healed = rep.consensus_digest()
+            assert signed64(healed) == int(digests[0]), f"slot {rep.slot}: healed digest {healed} is not the source's"
+            nbytes = [t.numel() * t.element_size() for t in tensors]
             self.log({"kind": "healed", "slot": rep.slot, "round": rep.round, "source_rank": src_rank,
-                      "digest": rep.consensus_digest()})
+                      "digest": healed, "tensors_sent": len(sent), "tensors_skipped": len(tensors) - len(sent),
+                      "bytes_sent": sum(nbytes[i] for i in sent),
+                      "bytes_skipped": sum(nbytes) - sum(nbytes[i] for i in sent)})

@@ -2,6 +2,10 @@
 process group instead of a pickle (torchft's HTTP and PG transports unpickle; thinwire
 never does). ``pack(tree)`` -> (schema, tensors); ``unpack(schema, tensors)`` inverts it.
 Dict keys keep their type (optimizer state is keyed by int), tuples come back as lists.
+
+A partial heal compares ``tensor_digests`` of two states with the same ``layout`` and sends
+only the tensors that differ, as PCCL's shared-state sync fetches only the keys whose hash
+differs (PrimeIntellect-ai/pccl, docs/md/3_CoreConcepts_and_Architecture.md).
 """
 from __future__ import annotations
 
@@ -71,3 +75,26 @@ def digest(tensors: list[torch.Tensor], extra: str = "") -> str:
         h.update(repr((str(t.dtype), tuple(t.shape))).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def signed64(hexdigest: str) -> int:
+    """A 64-bit hex digest as a signed int: an exact int64 element of a collective."""
+    return int.from_bytes(bytes.fromhex(hexdigest), "big", signed=True)
+
+
+def tensor_digests(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's ``digest`` (dtype, shape, bytes) as ``signed64``."""
+    return [signed64(digest([t])) for t in tensors]
+
+
+def layout(schema: str) -> str:
+    """The schema without its plain values (round counters, hyper-parameters): two states of
+    one layout hold tensors of the same paths, dtypes and shapes in the same order."""
+    def strip(node):
+        if "d" in node:
+            return {"d": [[k, strip(v)] for k, v in node["d"]]}
+        if "l" in node:
+            return {"l": [strip(v) for v in node["l"]]}
+        return node if "t" in node else {"v": None}
+
+    return json.dumps(strip(json.loads(schema)))
