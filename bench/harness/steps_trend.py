@@ -133,3 +133,61 @@ def run_trend(a, names: list[str], argv) -> int:
     manifest.write(os.path.join(out, "steps_trend.json"), doc, "bench/time_to_target.py", argv)
     manifest.write(os.path.join(out, "steps_trend.md"), text + "\n", "bench/time_to_target.py", argv)
     return 0
+
+
+# -- k beside val-loss % in the quality harness's tables (item 1) -------------------------------
+K_HEAD = "k (seed 0)"
+
+
+def dense_curve(path: Optional[str] = None) -> dict:
+    """Dense's seed-0 WSD curve ``{steps: val loss}`` from ``steps_trend.json`` (written by
+    ``--trend``); {} when it is not there yet."""
+    import json
+    import os
+
+    from . import RESULTS
+
+    path = path or os.path.join(RESULTS, "quality", "steps_trend.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        doc = json.load(fh)
+    return {int(n): v for n, v in doc["val_loss"]["dense"].items() if v is not None}
+
+
+def k_cell(per_seed: dict, steps: int, curve: dict) -> str:
+    """A quality row's k: its seed-0 val loss after ``steps`` against dense's seed-0 curve
+    (paired as the harness pairs seeds); '-' without seed 0 or without a curve."""
+    rec = per_seed.get(0, per_seed.get("0"))
+    if rec is None or not curve:
+        return "-"
+    return k_factor(steps, curve, rec["val_loss"])[1]
+
+
+def with_k(md: str, results: dict, steps: int, curve: dict) -> str:
+    """``md`` (a quality table, bench/harness/quality.py's ``report``) with the column
+    ``K_HEAD`` after 'vs dense' (replaced if there already), each row's from ``results``
+    (``{row: {seed: {"val_loss": ...}}}``); other lines unchanged."""
+    from .tables import md_row
+
+    out, col, has = [], None, False
+    for line in md.split("\n"):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            col = col if line.strip() else None  # a blank line ends the table
+            out.append(line)
+            continue
+        if "vs dense" in cells:  # a header: the column goes after 'vs dense'
+            col = cells.index("vs dense") + 1
+            has = cells[col:col + 1] == [K_HEAD]
+            new = K_HEAD
+        elif col is None:
+            out.append(line)
+            continue
+        elif all(c and set(c) <= set("-") for c in cells):
+            new = "---"
+        else:
+            new = k_cell(results[cells[0]], steps, curve) if cells[0] in results else "-"
+        cells[col:col + has] = [new]
+        out.append("|" + "|".join(cells) + "|" if new == "---" else md_row(*cells))
+    return "\n".join(out)
