@@ -212,9 +212,11 @@ def add_k(tags: list[str], argv) -> int:
         with open(os.path.join(OUT, f"{tag}.md")) as fh:
             md = fh.read()
         was = old.get(f"{tag}.md", {})
+        note = was.get("note") if "--add-k" in was.get("command", "") else (  # redrawn again: the same source
+            f"column k added to the table measured by `{was.get('command')}` at {was.get('commit', '?')[:10]} "
+            f"({tag}.json); dense's curve: steps_trend.json")
         manifest.write(os.path.join(OUT, f"{tag}.md"), with_k(md, doc["results"], doc["args"]["steps"], curve),
-                       "bench/quality.py", argv, note=f"column k added to the table measured by `{was.get('command')}` "
-                       f"at {was.get('commit', '?')[:10]} ({tag}.json); dense's curve: steps_trend.json")
+                       "bench/quality.py", argv, note=note)
     return 0
 
 
