@@ -5,6 +5,7 @@ schedule that does not fix the run's length in advance.
     python bench/time_to_target.py --S 480 --rows "dense,local H=8"
     python bench/time_to_target.py --S 480 --rows "diloco H=8"      # target from dense's cached runs
     python bench/time_to_target.py --report           # the table from the cached runs only
+    python bench/time_to_target.py --trend            # branch ends per row, k in steps (harness/steps_trend.py)
 
 The protocol (issue: overlap; reused by the time-to-target benchmark):
 
