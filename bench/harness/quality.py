@@ -190,6 +190,36 @@ def simulate_check(names: list[str], seeds_of: dict, a, argv) -> int:
     return 0
 
 
+def add_k(tags: list[str], argv) -> int:
+    """--add-k: each committed table ``<tag>.md`` redrawn with the column k (harness/steps_trend.py)
+    from ``<tag>.json``'s seed-0 val losses and dense's seed-0 WSD curve (steps_trend.json); no runs.
+    Tables of another rank count than the curve's 4 are refused (their dense is another)."""
+    from .steps_trend import dense_curve, with_k
+
+    curve = dense_curve()
+    if not curve:
+        print("--add-k: no dense curve yet (bench/results/quality/steps_trend.json: "
+              "python bench/time_to_target.py --trend)", file=sys.stderr)
+        return 2
+    with open(os.path.join(OUT, manifest.NAME)) as fh:
+        old = json.load(fh)
+    for tag in tags:
+        with open(os.path.join(OUT, f"{tag}.json")) as fh:
+            doc = json.load(fh)
+        if doc["args"].get("nproc") != 4:
+            print(f"--add-k: {tag}: dist.nproc={doc['args'].get('nproc')}, dense's curve is 4 ranks'", file=sys.stderr)
+            return 2
+        with open(os.path.join(OUT, f"{tag}.md")) as fh:
+            md = fh.read()
+        was = old.get(f"{tag}.md", {})
+        note = was.get("note") if "--add-k" in was.get("command", "") else (  # redrawn again: the same source
+            f"column k added to the table measured by `{was.get('command')}` at {was.get('commit', '?')[:10]} "
+            f"({tag}.json); dense's curve: steps_trend.json")
+        manifest.write(os.path.join(OUT, f"{tag}.md"), with_k(md, doc["results"], doc["args"]["steps"], curve),
+                       "bench/quality.py", argv, note=note)
+    return 0
+
+
 def main(argv=None) -> int:
     global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -218,7 +248,11 @@ def main(argv=None) -> int:
                     "from the runs already made)")
     ap.add_argument("--sim-threads", type=int, default=0, help="the simulator's intra-op threads (0: a real "
                     "rank's, cores // nproc, at least 1: bitwise as the real path; more threads change the sums' order)")
+    ap.add_argument("--add-k", nargs="+", metavar="TAG", default=None, help="redraw the committed tables <TAG>.md "
+                    "with the column k (steps to dense's loss, harness/steps_trend.py) from <TAG>.json; no runs")
     a = ap.parse_args(argv)
+    if a.add_k:
+        return add_k(a.add_k, argv)
     RUNS = a.runs_dir
     SIMULATE[:] = [a.simulate, a.sim_threads]
     runs.EXTRA[:] = a.launch
@@ -276,7 +310,9 @@ def main(argv=None) -> int:
         for (row, seed, row_args), rows in zip(tasks, pool.map(one, tasks)):
             if rows and rows[-1]["step"] == a.steps and "val_loss" in rows[-1]:
                 results.setdefault(row, {})[seed] = {**summary(rows, a.nproc), "lr": row_args.lr}
-    table = report(results, a)
+    from .steps_trend import dense_curve, with_k
+
+    table = with_k(report(results, a), results, a.steps, dense_curve()) if a.nproc == 4 else report(results, a)
     if best_lr:
         table += "\n\nLR sweep (first seed, val loss): " + "; ".join(
             f"{row}: " + ", ".join(f"{lr:g} {v:.4f}" for lr, v in b["sweep"].items()) + f" (best {b['best']:g})"

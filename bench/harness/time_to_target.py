@@ -5,6 +5,7 @@ schedule that does not fix the run's length in advance.
     python bench/time_to_target.py --S 480 --rows "dense,local H=8"
     python bench/time_to_target.py --S 480 --rows "diloco H=8"      # target from dense's cached runs
     python bench/time_to_target.py --report           # the table from the cached runs only
+    python bench/time_to_target.py --trend            # branch ends per row, k in steps (harness/steps_trend.py)
 
 The protocol (issue: overlap; reused by the time-to-target benchmark):
 
@@ -40,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from fractions import Fraction
 from functools import reduce
@@ -69,11 +71,39 @@ def branch_points(S: int, fs=FS) -> list[tuple[float, int, int]]:
     return out
 
 
-def check_multiple(S: int, H: int, fs=FS) -> None:
-    """Every branch starts and ends on a completed outer round of H inner steps."""
-    bad = [n for _, a, b in branch_points(S, fs) for n in (a, b, constant_steps(S)) if n % H]
+def trend_points(ends) -> list[tuple[int, int, int]]:
+    """``--branches``: ``(end, decay start 0.8 end, end)`` per branch end, in increasing order;
+    each must be a whole step (the trunk is constant to 0.8 x the last end, :func:`trunk_steps`)."""
+    out = []
+    for end in sorted(set(ends)):
+        start = Fraction(4, 5) * end
+        if end <= 0 or start.denominator != 1:
+            raise ValueError(f"--branches: {end}: 0.8 x {end} must be a whole step (take a multiple of 5)")
+        out.append((end, int(start), end))
+    return out
+
+
+def points(a) -> list[tuple]:
+    """The invocation's branches: ``--branches`` ends, else the f S of ``FS``."""
+    return trend_points(a.branches) if getattr(a, "branches", None) else branch_points(a.S)
+
+
+def trunk_steps(a) -> int:
+    """The constant-LR trunk's length: the last branch's decay start."""
+    return max(start for _, start, _ in points(a)) if getattr(a, "branches", None) else constant_steps(a.S)
+
+
+def check_multiple(S: int, H: int, fs=FS, ends=None) -> None:
+    """Every branch starts and ends on a completed outer round of H inner steps (``ends``: the
+    ``--branches`` protocol's branch ends instead of ``S`` x ``fs``)."""
+    if ends:
+        pts, trunk, flag = trend_points(ends), Fraction(4, 5) * max(ends), "--branches"
+    else:
+        pts, trunk, flag = branch_points(S, fs), constant_steps(S), f"--S={S}"
+    bad = [n for _, a, b in pts for n in (a, b, trunk) if n % H]
     if bad:
-        raise ValueError(f"--S={S}: step {bad[0]} is not a multiple of H={H} (take S a multiple of 160 at H=8)")
+        hint = "" if ends else " (take S a multiple of 160 at H=8)"
+        raise ValueError(f"{flag}: step {bad[0]} is not a multiple of H={H}{hint}")
 
 
 def constant_steps(S: int) -> int:
@@ -83,9 +113,10 @@ def constant_steps(S: int) -> int:
     return int(n)
 
 
-def checkpoint_every(S: int, fs=FS) -> int:
-    """One cadence that writes a checkpoint at every branch start (their gcd)."""
-    return reduce(math.gcd, [a for _, a, _ in branch_points(S, fs)])
+def checkpoint_every(S: int, fs=FS, pts=None) -> int:
+    """One cadence that writes a checkpoint at every branch start (their gcd; ``pts``: these
+    branch points instead of ``S`` x ``fs``'s)."""
+    return reduce(math.gcd, [a for _, a, _ in (pts or branch_points(S, fs))])
 
 
 def steps_to_target(S: int, losses: dict, target: float) -> tuple[Optional[float], str]:
@@ -154,12 +185,13 @@ def _dir(kind: str, ov: list[str]) -> str:
 def constant_run(row: str, seed: int, a) -> str:
     """The constant-LR run to 1.6 S, its checkpoints kept at every branch start (run unless
     cached or ``a.report``)."""
-    n = constant_steps(a.S)
+    n = trunk_steps(a)
     ov = [*base(row, seed, a), f"trainer.max_steps={n}", f"optim.decay_start={n}",
-          f"trainer.checkpoint_every={checkpoint_every(a.S)}", "trainer.keep_checkpoints=0",
+          f"trainer.checkpoint_every={checkpoint_every(a.S, pts=points(a))}", "trainer.keep_checkpoints=0",
           f"trainer.eval_every={n}"]
     d = _dir("const", ov)
-    wait_for(d)
+    if not a.report:  # a report reads the cache as it is, never waits for a run in flight
+        wait_for(d)
     if not done(d, n) and not a.report:
         runs.launch(ov, d, {"row": row, "seed": seed, "kind": "constant"}, f"{row!r} constant to {n}")
     return d
@@ -185,17 +217,18 @@ def branch(row: str, seed: int, a, const: str, start: int, end: int) -> Optional
 
 
 def protocol(row: str, seed: int, a) -> dict:
-    """``{f: final val loss}`` of the row's branches (None: not run)."""
+    """``{f: final val loss}`` of the row's branches (``--branches``: ``{end: ...}``; None: not run)."""
     from concurrent.futures import ThreadPoolExecutor
 
     const = constant_run(row, seed, a)
-    points = branch_points(a.S)
+    pts = points(a)
+    chosen = set(a.branches) if getattr(a, "branches", None) else set(a.fs)
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each branch is its own subprocess
-        recs = dict(zip([f for f, _, _ in points], pool.map(
-            lambda p: branch(row, seed, a, const, p[1], p[2]) if p[0] in a.fs or a.report else None, points)))
+        recs = dict(zip([f for f, _, _ in pts], pool.map(
+            lambda p: branch(row, seed, a, const, p[1], p[2]) if p[0] in chosen or a.report else None, pts)))
     cached = argparse.Namespace(**{**vars(a), "report": True})  # branches not selected: from the cache
     recs = {f: r if r is not None or a.report else branch(row, seed, cached, const, s, e)
-            for (f, s, e), r in zip(points, recs.values())}
+            for (f, s, e), r in zip(pts, recs.values())}
     return {f: None if r is None else r["val_loss"] for f, r in recs.items()}
 
 
@@ -250,7 +283,15 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="only tabulate the cached runs")
     ap.add_argument("--jobs", type=int, default=1, help="branches of a row run at once")
     ap.add_argument("--fs", type=float, nargs="*", default=list(FS), help="the branches to run (others: cached)")
+    ap.add_argument("--trend", action="store_true",
+                    help="the trend in steps (harness/steps_trend.py): dense's curve and the rows' k at 1200, 2400, "
+                         "4800 steps; --rows default: its rows")
     a = ap.parse_args(argv)
+    if a.trend:
+        from .steps_trend import TREND_ROWS, run_trend
+
+        rows = a.rows if any(o.startswith("--rows") for o in (sys.argv[1:] if argv is None else argv)) else ""
+        return run_trend(a, [r.strip() for r in rows.split(",") if r.strip()] or list(TREND_ROWS), argv)
     names = [r.strip() for r in a.rows.split(",") if r.strip()]
     for r in names:
         if r not in ROWS:
