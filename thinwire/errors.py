@@ -30,6 +30,12 @@ class ResumeConfigError(ConfigError):
     keys that cannot change on resume."""
 
 
+class ReplicaDriftError(RuntimeError):
+    """Replicas that must hold the same consensus state do not (the drift guard,
+    ``thinwire.trainer.drift``; over an elastic run's live set, ``thinwire.elastic.protocol``):
+    not a config error, and no rank knows which copy is right, so the run stops."""
+
+
 def one_line(msg) -> str:
     """Collapse a multi-line library message (Hydra, OmegaConf) into one line."""
     msg = re.sub(r"\s*\n\s*", " ", str(msg)).strip()

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from ..comm.accounting import collective_bytes
-from ..trainer.drift import ReplicaDriftError
+from ..errors import ReplicaDriftError
 from .launch import DRIFT_EXIT
 from .replica import Replica
 from .state import digest, layout, signed64, templates, tensor_digests

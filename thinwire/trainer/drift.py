@@ -34,13 +34,10 @@ import torch
 import torch.distributed as dist
 
 from ..comm import accounting
+from ..errors import ReplicaDriftError
 
 AUTO_EVERY_STEP = 100  # auto period when ranks synchronise every step
 STOP_FLAG = 1 << 40    # added to a rank's skipped count in the check's all-gather: its Ctrl-C (no extra byte)
-
-
-class ReplicaDriftError(RuntimeError):
-    pass
 
 
 def tensor_digest(t: torch.Tensor) -> int:
