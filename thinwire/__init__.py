@@ -41,6 +41,7 @@ PUBLIC_MODULES = (
     "thinwire.elastic.membership",          # TorchftMembership (elastic replicas, docs/elastic.md)
     "thinwire.elastic.protocol",            # ElasticRunner
     "thinwire.elastic.replica",             # Replica, ReplicaSpec
+    "thinwire.elastic.exchange",            # RowCodec (compressed pseudo-gradient rows)
 )
 
 
