@@ -68,3 +68,46 @@ def test_k_column_in_a_quality_table():
                                "| dense | 0.003 |  | 1.00 | 6.0 |", "| local H=8 | 0.003 | +5.00% | 1.41 | 0.75 |",
                                "| other | 0.003 | +1% | - | 1 |", "", "note"]
     assert st.with_k(out, results, 1200, CURVE) == out  # a second pass replaces the column
+
+
+def test_batch_trend_ends_overrides_and_table(capsys):
+    import argparse
+
+    # 4x the batch for a quarter of the steps: 1200 steps (the tokens of 4800 at batch 8); dense's curve to 1200
+    assert st.batch_ends(32) == ((300, 600, 900, 1200), (1200,))
+    assert st.batch_ends(16) == ((600, 1200, 1800, 2400), (2400,))
+    with pytest.raises(ValueError, match="--batch=7"):
+        st.batch_ends(7)
+    a = argparse.Namespace(batch=32, S=960, seed=0, nproc=4, lr=3e-3, report=True)
+    assert st.study(a) == ((300, 600, 900, 1200), (1200,), "batch_trend")
+    assert st.study(argparse.Namespace(**{**vars(a), "batch": 8}))[2] == "steps_trend"  # the base batch
+    assert st.study(argparse.Namespace(**{**vars(a), "batch": None})) == (st.DENSE_ENDS, st.ENDS, "steps_trend")
+    # every run of the study gets the batch once, in MODEL's place; the base batch keeps its overrides (cache keys)
+    ov = ttt.base("local H=8", 0, a)
+    assert [o for o in ov if o.startswith("data.batch_size=")] == ["data.batch_size=32"]
+    plain = ttt.base("local H=8", 0, argparse.Namespace(**{**vars(a), "batch": None}))
+    assert [o for o in plain if o.startswith("data.batch_size=")] == ["data.batch_size=8"]
+    assert ttt.base("local H=8", 0, argparse.Namespace(**{**vars(a), "batch": 8})) == plain
+    assert [o for o in ov if o != "data.batch_size=32"] == [o for o in plain if o != "data.batch_size=8"]
+    # branch starts 240..960 (checkpoints every 240), all on completed rounds of every trend row's H
+    assert ttt.checkpoint_every(0, pts=ttt.trend_points((300, 600, 900, 1200))) == 240
+    for row in st.TREND_ROWS:
+        ttt.check_multiple(0, period(row), ends=(1200,))
+    # the table: k at batch 32 against dense's batch-32 curve, beside the base batch's k at 1200 and 4800
+    res = {"dense": {300: 2.4, 600: 2.1, 900: 2.0, 1200: 1.9}, "local H=8": {1200: 2.0}}
+    base = {"val_loss": {"dense": {"4800": 1.5}, "local H=8": {"4800": 1.53}},
+            "k": {"dense": {"1200": 1.0, "4800": 1.0}, "local H=8": {"1200": 1.31, "4800": 1.17}}}
+    rows = st.batch_table(res, a, base).split("\n")[-2:]
+    assert rows[0] == "| dense | 1.9000 |  | 1.00 | 1.00 | 1.5000 |  | 1.00 | (the reference) |"
+    # D(2.0) = 900 (dense's own branch): k = 1200 / 900
+    assert rows[1] == ("| local H=8 | 2.0000 | +5.26% | 1.33 | 1.31 | 1.5300 | +2.00% | 1.17 | "
+                       "does not shrink: k 1.17 -> 1.33 (+0.16) |")
+    assert st.gap_cell(1.1, 1.17) == "shrinks: k 1.17 -> 1.10 (-0.07)"
+    assert st.gap_cell(None, 1.17) == "not measured"
+    # bad input: one line, exit 2, before any run
+    assert ttt.main(["--trend", "--batch", "7", "--rows", "dense"]) == 2
+    assert "--batch=7" in capsys.readouterr().err
+    for argv in (["--batch", "32"], ["--trend", "--batch", "0"]):
+        with pytest.raises(SystemExit) as e:
+            ttt.main(argv)
+        assert e.value.code == 2

@@ -22,12 +22,14 @@ with steps, as the literature finds it does with scale).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Optional
 
 DENSE_ENDS = (300, 450, 600, 900, 1200, 1800, 2400, 3600, 4800)   # dense's curve D(L)
 ENDS = (1200, 2400, 4800)                                         # the rows' S
 TREND_ROWS = ("local H=8", "sparseloco H=15", "stream H=8 F=4 tau=1")  # the catalogue's rows, in run order
 GOAL = 0.10  # k(4800) <= k(1200) - GOAL
+BASE_BATCH = 8  # the harness's per-rank batch (catalogue.MODEL's data.batch_size)
 
 
 # -- the arithmetic (pure; tests/test_steps_trend.py) -----------------------------------------------
@@ -76,17 +78,88 @@ def goal(k1: Optional[float], k2: Optional[float]) -> str:
     return f"{verdict}: k falls by {k1 - k2:+.2f} (goal >= {GOAL:.2f})"
 
 
+# -- the trend in batch at equal tokens (item 4) -------------------------------------------------
+def batch_ends(batch: int) -> tuple[tuple, tuple]:
+    """``(dense's ends, the rows' ends)`` at ``batch`` per rank: the rows' one S is the base
+    study's last (``ENDS[-1]``) x BASE_BATCH / batch, the same tokens; dense's curve ends at S/4,
+    S/2, 3S/4 and S (trunk to 0.8 S). At 32: S = 1200, dense 300, 600, 900, 1200."""
+    S = Fraction(ENDS[-1] * BASE_BATCH, batch)
+    dense = [S * i / 4 for i in (1, 2, 3, 4)]
+    if any(n.denominator != 1 for n in dense):
+        raise ValueError(f"--batch={batch}: {ENDS[-1]} x {BASE_BATCH} / {batch} / 4 must be a whole step")
+    return tuple(int(n) for n in dense), (int(S),)
+
+
+def study(a) -> tuple[tuple, tuple, str]:
+    """``(dense's ends, the rows' ends, the results' stem)``: the trend in steps, or with
+    ``--batch`` (other than BASE_BATCH) the trend in batch (:func:`batch_ends`, batch_trend.*)."""
+    batch = getattr(a, "batch", None)
+    if batch is None or batch == BASE_BATCH:
+        return DENSE_ENDS, ENDS, "steps_trend"
+    return (*batch_ends(batch), "batch_trend")
+
+
+def gap_cell(k_big: Optional[float], k_base: Optional[float]) -> str:
+    """Whether the local-update gap shrinks at the larger batch: k there against k at the
+    base batch with the same tokens."""
+    if k_big is None or k_base is None:
+        return "not measured"
+    return f"{'shrinks' if k_big < k_base else 'does not shrink'}: k {k_base:.2f} -> {k_big:.2f} ({k_big - k_base:+.2f})"
+
+
+def pct(loss: Optional[float], ref: Optional[float]) -> str:
+    return "-" if loss is None or ref is None else f"{100 * (loss / ref - 1):+.2f}%"
+
+
+def batch_table(res: dict, a, base: dict) -> str:
+    """The batch study's table: each row at ``a.batch`` (k against dense's curve at that batch)
+    beside the base batch's ``base`` (steps_trend.json's doc) at the same steps and the same tokens."""
+    from .catalogue import MODEL
+
+    dense_ends, (S,), _ = study(a)
+    block = int(next(o.split("=")[1] for o in MODEL if o.startswith("model.block_size=")))
+    S0, tokens = ENDS[-1], a.batch * block * a.nproc
+    dense = res["dense"]
+    bval, bk = base.get("val_loss", {}), base.get("k", {})
+    lines = [f"{a.nproc} ranks, seed {a.seed}, batch {a.batch} per rank ({tokens} tokens per step, "
+             f"{a.batch / BASE_BATCH:g}x the base batch of {BASE_BATCH}) for {S} steps: the tokens of {S0} steps at "
+             f"the base batch. AdamW lr {a.lr}, the base batch's (not retuned: a larger batch usually wants a larger "
+             f"LR), wsd (20 warm-up steps, constant LR, linear decay over each branch's last 20%), val loss on 64 "
+             f"fixed batches. Dense's curve at batch {a.batch}: branches ending at {', '.join(map(str, dense_ends))} "
+             f"steps (trunk constant to {4 * max(dense_ends) // 5}); k = S / D(L) against it. The base batch's "
+             f"columns: steps_trend.json (dense's own curve at batch {BASE_BATCH}).", "",
+             f"Dense's curve at batch {a.batch}: " + ", ".join(f"{n}: {'-' if v is None else f'{v:.4f}'}"
+                                                              for n, v in sorted(dense.items())), "",
+             f"| row | val, batch {a.batch}, {S} steps | vs dense | k, batch {a.batch} | k({S}), batch {BASE_BATCH} "
+             f"(equal steps) | val, batch {BASE_BATCH}, {S0} steps | vs dense | k({S0}), batch {BASE_BATCH} "
+             f"(equal tokens) | the gap at equal tokens |", "|---|" + "---|" * 8]
+    for row, losses in res.items():
+        k, cell = k_factor(S, dense, losses.get(S))
+        b = bval.get(row, {})
+        k_eq = bk.get(row, {}).get(str(S))
+        k_tok = bk.get(row, {}).get(str(S0))
+        lines.append(f"| {row} | {'-' if losses.get(S) is None else f'{losses[S]:.4f}'} | "
+                     f"{pct(losses.get(S), dense.get(S)) if row != 'dense' else ''} | {cell or '-'} | "
+                     f"{'-' if k_eq is None else f'{k_eq:.2f}'} | "
+                     f"{'-' if b.get(str(S0)) is None else f'{b[str(S0)]:.4f}'} | "
+                     f"{pct(b.get(str(S0)), bval.get('dense', {}).get(str(S0))) if row != 'dense' else ''} | "
+                     f"{'-' if k_tok is None else f'{k_tok:.2f}'} | "
+                     f"{'(the reference)' if row == 'dense' else gap_cell(k, k_tok)} |")
+    return "\n".join(lines)
+
+
 # -- the runs and the table ---------------------------------------------------------------------
 def curves(a, names: list[str]) -> dict:
-    """``{row: {end: val loss}}``: dense's ``DENSE_ENDS`` branches, then each row's ``ENDS``
-    (run unless cached or ``a.report``), one row at a time."""
+    """``{row: {end: val loss}}``: dense's branches, then each row's (:func:`study`; run unless
+    cached or ``a.report``), one row at a time."""
     import argparse
 
     from .time_to_target import protocol
 
+    dense_ends, row_ends, _ = study(a)
     out = {}
     for row in ["dense", *[r for r in names if r != "dense"]]:
-        ends = DENSE_ENDS if row == "dense" else ENDS
+        ends = dense_ends if row == "dense" else row_ends
         out[row] = protocol(row, a.seed, argparse.Namespace(**{**vars(a), "branches": list(ends)}))
     return out
 
@@ -110,29 +183,49 @@ def table(res: dict, a) -> str:
 
 def run_trend(a, names: list[str], argv) -> int:
     """``--trend``: the runs (or the cache, ``--report``), the table in
-    bench/results/quality/steps_trend.{md,json}."""
+    bench/results/quality/steps_trend.{md,json} (``--batch``: batch_trend.{md,json})."""
     import os
+    import sys
 
     from . import RESULTS, manifest
     from .catalogue import ROWS, period
     from .time_to_target import check_multiple
 
-    for r in names:
-        if r not in ROWS:
-            raise SystemExit(f"--rows: unknown row {r!r} (the catalogue, bench/harness/catalogue.py)")
-        check_multiple(0, period(r), ends=DENSE_ENDS if r == "dense" else ENDS)
+    try:
+        dense_ends, row_ends, stem = study(a)
+        for r in names:
+            if r not in ROWS:
+                raise SystemExit(f"--rows: unknown row {r!r} (the catalogue, bench/harness/catalogue.py)")
+            check_multiple(0, period(r), ends=dense_ends if r == "dense" else row_ends)
+    except ValueError as e:  # before any run: one line, exit 2
+        print(e, file=sys.stderr)
+        return 2
     res = curves(a, names)
-    text = table(res, a)
-    print(text)
     out = os.path.join(RESULTS, "quality")
-    ks = {r: {s: k_factor(s, res["dense"], v.get(s)) for s in ENDS} for r, v in res.items()}
-    doc = {"args": vars(a), "dense_ends": list(DENSE_ENDS), "ends": list(ENDS),
+    if stem == "batch_trend":
+        base = _load(os.path.join(out, "steps_trend.json"))
+        text = batch_table(res, a, base)
+    else:
+        text = table(res, a)
+    print(text)
+    ks = {r: {s: k_factor(s, res["dense"], v.get(s)) for s in row_ends} for r, v in res.items()}
+    doc = {"args": vars(a), "dense_ends": list(dense_ends), "ends": list(row_ends),
            "val_loss": {r: {str(n): v for n, v in c.items()} for r, c in res.items()},
            "k": {r: {str(s): k for s, (k, _) in v.items()} for r, v in ks.items()},
            "k_cell": {r: {str(s): t for s, (_, t) in v.items()} for r, v in ks.items()}}
-    manifest.write(os.path.join(out, "steps_trend.json"), doc, "bench/time_to_target.py", argv)
-    manifest.write(os.path.join(out, "steps_trend.md"), text + "\n", "bench/time_to_target.py", argv)
+    manifest.write(os.path.join(out, f"{stem}.json"), doc, "bench/time_to_target.py", argv)
+    manifest.write(os.path.join(out, f"{stem}.md"), text + "\n", "bench/time_to_target.py", argv)
     return 0
+
+
+def _load(path: str) -> dict:
+    import json
+    import os
+
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh)
 
 
 # -- k beside val-loss % in the quality harness's tables (item 1) -------------------------------
@@ -142,17 +235,12 @@ K_HEAD = "k (seed 0)"
 def dense_curve(path: Optional[str] = None) -> dict:
     """Dense's seed-0 WSD curve ``{steps: val loss}`` from ``steps_trend.json`` (written by
     ``--trend``); {} when it is not there yet."""
-    import json
     import os
 
     from . import RESULTS
 
-    path = path or os.path.join(RESULTS, "quality", "steps_trend.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as fh:
-        doc = json.load(fh)
-    return {int(n): v for n, v in doc["val_loss"]["dense"].items() if v is not None}
+    doc = _load(path or os.path.join(RESULTS, "quality", "steps_trend.json"))
+    return {int(n): v for n, v in doc["val_loss"]["dense"].items() if v is not None} if doc else {}
 
 
 def k_cell(per_seed: dict, steps: int, curve: dict) -> str:

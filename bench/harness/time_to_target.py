@@ -6,6 +6,7 @@ schedule that does not fix the run's length in advance.
     python bench/time_to_target.py --S 480 --rows "diloco H=8"      # target from dense's cached runs
     python bench/time_to_target.py --report           # the table from the cached runs only
     python bench/time_to_target.py --trend            # branch ends per row, k in steps (harness/steps_trend.py)
+    python bench/time_to_target.py --trend --batch 32 # 4x the batch for a quarter of the steps: k in batch
 
 The protocol (issue: overlap; reused by the time-to-target benchmark):
 
@@ -172,8 +173,18 @@ def show(steps: Optional[float], how: str, S: int) -> str:
 
 
 # -- the runs -------------------------------------------------------------------------------------
+def model(batch: Optional[int] = None) -> list[str]:
+    """The harness's model and data overrides; ``batch`` (``--batch``): that per-rank batch in
+    place of ``MODEL``'s ``data.batch_size`` (None: ``MODEL`` as it is, so the base batch's
+    cached runs keep their keys)."""
+    if batch is None:
+        return list(MODEL)
+    return [o if not o.startswith("data.batch_size=") else f"data.batch_size={batch}" for o in MODEL]
+
+
 def base(row: str, seed: int, a) -> list[str]:
-    return [*row_overrides(row), *peer_flags(row, a.S), *MODEL, f"optim.lr={a.lr}", "optim.schedule=wsd",
+    return [*row_overrides(row), *peer_flags(row, a.S), *model(getattr(a, "batch", None)), f"optim.lr={a.lr}",
+            "optim.schedule=wsd",
             f"trainer.seed={seed}", "trainer.sample_chars=0", "trainer.progress=false", "logger=none",
             f"dist.nproc={a.nproc}"]
 
@@ -286,7 +297,14 @@ def main(argv=None) -> int:
     ap.add_argument("--trend", action="store_true",
                     help="the trend in steps (harness/steps_trend.py): dense's curve and the rows' k at 1200, 2400, "
                          "4800 steps; --rows default: its rows")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="with --trend: the per-rank batch of every run (data.batch_size, part of the runs' cache "
+                         "keys); the trend in batch at equal tokens (harness/steps_trend.py's BATCH_STUDY)")
     a = ap.parse_args(argv)
+    if a.batch is not None and not a.trend:
+        ap.error(f"--batch={a.batch}: only with --trend (the trend in batch)")
+    if a.batch is not None and a.batch <= 0:
+        ap.error(f"--batch={a.batch}: must be a positive number of sequences per rank")
     if a.trend:
         from .steps_trend import TREND_ROWS, run_trend
 
